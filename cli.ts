@@ -1,0 +1,1955 @@
+#!/bin/sh
+":" //; d=$(dirname "$(readlink -f "$0")"); exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript)await import('file://$d/node_modules/tsx/dist/loader.mjs')" "$0" "$@"
+/*
+ * djs — a distributed job scheduler for the machines you can ssh into.
+ *
+ * One file is both the background server and its client. The server keeps a list of
+ * workers (hosts with slots) and a queue of jobs, and starts each waiting job on a free
+ * slot by running the user's job script here with JOB_ID, SLAVE_IP and SLAVE_SLOT set;
+ * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
+ *
+ * SYNOPSIS
+ *   cli.ts start [DATA_DIR] [LOG_DIR]         run the server in the foreground
+ *   cli.ts stop                               stop it; running jobs keep running
+ *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...
+ *   cli.ts remove_slave [--wait|--kill] HOST...
+ *   cli.ts add_job [--retries N] [--timeout S] SCRIPT [ARGS...]
+ *   cli.ts add_jobs [--retries N] [--timeout S] FILE|-
+ *   cli.ts remove_job SCRIPT [ARGS...] | --id ID...
+ *   cli.ts kill ID... | --all            cli.ts retry ID... | --failed
+ *   cli.ts status [--json]               cli.ts list [--state S] [--json]
+ *   cli.ts log ID [-f]                   cli.ts wait [ID...]
+ *   cli.ts clean [--logs]
+ *   Every command takes --data-dir DIR (env DJS_DATA_DIR, default ./.data).
+ *
+ * FILES in the data dir (mode 0700)
+ *   journal       one JSON event per line, appended and fsynced before a reply
+ *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
+ *   server.sock   the Unix socket clients talk to (mode 0600)
+ *   server.pid    "PID STARTTIME" of the server that owns the dir
+ *   run/ID.R.pid  written by the wrapper of start R of job ID as it starts the job
+ *   run/ID.R.exit written by that wrapper with the job's exit code as it ends
+ *   Job output goes to LOG_DIR/ID.log (default ./logs).
+ *
+ * STATE MACHINES
+ *   job:    waiting -> running -> done (exit 0) | failed (exit != 0, timeout) | killed
+ *           running -> waiting  when the worker failed (exit 255), a retry is due,
+ *                               or the worker was removed with --kill
+ *           done|failed|killed -> waiting  by `retry`
+ *   worker: up -> down (probe failed) -> up (probe answered, with backoff);
+ *           up|down -> draining (remove --wait) -> gone when its last job ends
+ *
+ * DESIGN
+ *   All state changes are events applied by one pure function, applyEvent. The server
+ *   appends each event to the journal and applies it; at start-up it loads the snapshot
+ *   and replays the journal through the same function, so recovery is not a second
+ *   code path. Scheduling is a pure function of the state (planStarts) that says which
+ *   job to start on which slot; timers come from another (dueActions) that names the
+ *   next deadline. The shell carries the decisions out and feeds outcomes (a process
+ *   exited, a probe answered) back as events.
+ *
+ *   Group commit: requests that arrive together are applied, written with one write
+ *   and one fdatasync, and only then answered; effects (starting a process, signals)
+ *   also wait for that flush, so nothing happens that the journal does not know of.
+ *   If the write fails, the journal is cut back, the state reloaded from disk, the
+ *   clients of that batch get an error, and the outcomes that were lost are retried.
+ *
+ *   Exactly once: "start job J, attempt N" is durable before J's process is spawned.
+ *   The process is a small sh wrapper that first creates run/J.N.pid exclusively
+ *   (O_EXCL), then runs the script, then writes run/J.N.exit. A server that finds J
+ *   running in its journal after a crash looks there: an exit file means J ended
+ *   (record its code); a pid file whose process is alive, and started when the file
+ *   was written (so a reused pid is not taken for it), means J runs (adopt it); no pid
+ *   file means the wrapper never started the job: the server creates the pid file
+ *   itself, exclusively, so a late wrapper finds it taken and exits without running
+ *   the job, and J goes back to the queue. Either the wrapper or the server wins that
+ *   file; never both, so J is neither lost nor run twice.
+ *
+ * EXIT CODES of the client
+ *   0 success, 1 the operation failed, 2 usage error, 3 no server on that data dir.
+ */
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
+
+// ============================================================================
+// Vocabulary: states, events, limits
+// ============================================================================
+
+export const JOB_STATES = ['waiting', 'running', 'done', 'failed', 'killed'] as const;
+export type JobState = (typeof JOB_STATES)[number];
+export type WorkerState = 'up' | 'down' | 'draining';
+/** Why a running job is being stopped: by the user, by its --timeout, or to requeue it. */
+export type StopReason = 'user' | 'timeout' | 'requeue';
+
+const FORMAT_VERSION = 1;
+const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
+/** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
+export const WORKER_FAILED_EXIT = 255;
+/** Worker failures (exit 255) one job may suffer before it is failed for good. */
+export const MAX_REQUEUES = 5;
+export const PROBE_BACKOFF_MIN_MS = 5_000;
+export const PROBE_BACKOFF_MAX_MS = 300_000;
+const QUEUE_HEAD = 10;
+const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
+const MAX_HOST_LENGTH = 255;
+
+export type Attempt = {
+  n: number; worker: string; slot: number; startedAt: number; endedAt: number;
+  exitCode: number | null; reason: string | null;
+};
+
+export type Job = {
+  id: number; script: string; args: string[]; cwd: string;
+  retries: number; timeout: number;      // timeout in seconds, 0 = none
+  state: JobState;
+  queuedAt: number;
+  attempts: number;                      // attempts started so far
+  runs: number;                          // starts ever made; names the run files, never reused
+  retriesUsed: number;                   // failed attempts charged to --retries
+  requeues: number;                      // worker failures, not charged to --retries
+  worker: string | null; slot: number;   // of the current or last attempt
+  startedAt: number; endedAt: number;
+  exitCode: number | null; reason: string | null;
+  stopping: StopReason | null; killAt: number;
+  avoid: string[] | null;                // workers this job failed on
+  history: Attempt[] | null;             // earlier attempts, oldest first
+  qtok: number;                          // which queue entry is this job's live one
+};
+
+export type Worker = {
+  host: string; slots: number; state: WorkerState;
+  ssh: boolean;                          // probed over ssh (not added with --skip_ssh_auth_check)
+  running: number[];                     // job id per slot, 0 = free
+  probeAt: number;                       // when to probe next, 0 = no probe due
+  probeDelay: number;                    // current backoff
+  error: string | null; since: number;
+};
+
+/** The queue of waiting jobs: requeued ones in front (a stack), new ones behind. */
+export type Queue = { front: number[]; frontTok: number[]; ids: number[]; toks: number[]; head: number };
+
+export type State = {
+  seq: number; nextId: number; tok: number;
+  jobs: Map<number, Job>;
+  workers: Map<string, Worker>;
+  queue: Queue;
+  counts: Record<JobState, number>;
+};
+
+export type JobSpec = string[]; // [script, ...args]
+export type Event =
+  | { e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[] }
+  | { e: 'remove'; t: number; ids: number[] }
+  | { e: 'start'; t: number; id: number; w: string; s: number }
+  | { e: 'unstart'; t: number; id: number }
+  | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string }
+  | { e: 'stop'; t: number; ids: number[]; why: StopReason; grace: number }
+  | { e: 'retry'; t: number; ids: number[] }
+  | { e: 'clean'; t: number }
+  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean }
+  | { e: 'drain'; t: number; host: string }
+  | { e: 'unworker'; t: number; host: string }
+  | { e: 'probe'; t: number; host: string; ok: boolean; err?: string };
+
+/** The one error type: a user-facing message, the exit code it maps to, and a hint. */
+export class UserError extends Error {
+  code: number;
+  hint: string | undefined;
+  constructor(code: number, message: string, hint?: string) {
+    super(message);
+    this.code = code;
+    this.hint = hint;
+  }
+}
+const usage = (msg: string, hint?: string) => new UserError(EXIT_USAGE, msg, hint);
+const failure = (msg: string, hint?: string) => new UserError(EXIT_FAILED, msg, hint);
+
+// ============================================================================
+// The core: pure functions of the state. No fs, net, processes or clock here.
+// ============================================================================
+
+export function newState(): State {
+  return {
+    seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(),
+    queue: { front: [], frontTok: [], ids: [], toks: [], head: 0 },
+    counts: { waiting: 0, running: 0, done: 0, failed: 0, killed: 0 },
+  };
+}
+
+export const isFinished = (s: JobState) => s === 'done' || s === 'failed' || s === 'killed';
+
+function setJobState(st: State, job: Job, to: JobState): void {
+  st.counts[job.state]--;
+  st.counts[to]++;
+  job.state = to;
+}
+
+/** Puts a waiting job in the queue: behind the others, or in front (requeued jobs). */
+function enqueue(st: State, job: Job, inFront: boolean): void {
+  job.qtok = ++st.tok;
+  const q = st.queue;
+  if (inFront) { q.front.push(job.id); q.frontTok.push(job.qtok); }
+  else { q.ids.push(job.id); q.toks.push(job.qtok); }
+}
+
+const liveEntry = (st: State, id: number, tok: number) => {
+  const j = st.jobs.get(id);
+  return j !== undefined && j.state === 'waiting' && j.qtok === tok ? j : undefined;
+};
+
+/** Drops entries of jobs that left the queue from both ends, so the head stays cheap. */
+function trimQueue(st: State): void {
+  const q = st.queue;
+  while (q.front.length && !liveEntry(st, q.front[q.front.length - 1], q.frontTok[q.frontTok.length - 1])) {
+    q.front.pop(); q.frontTok.pop();
+  }
+  while (q.head < q.ids.length && !liveEntry(st, q.ids[q.head], q.toks[q.head])) q.head++;
+  if (q.head > 4096 && q.head * 2 > q.ids.length) {
+    q.ids = q.ids.slice(q.head); q.toks = q.toks.slice(q.head); q.head = 0;
+  }
+}
+
+/** Waiting jobs in the order they start: requeued ones first, then first come first served. */
+export function* waitingJobs(st: State): Generator<Job> {
+  const q = st.queue;
+  for (let i = q.front.length - 1; i >= 0; i--) {
+    const j = liveEntry(st, q.front[i], q.frontTok[i]);
+    if (j) yield j;
+  }
+  for (let i = q.head; i < q.ids.length; i++) {
+    const j = liveEntry(st, q.ids[i], q.toks[i]);
+    if (j) yield j;
+  }
+}
+
+function newJob(id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>): Job {
+  return {
+    id, script: spec[0], args: spec.length > 1 ? spec.slice(1) : NO_ARGS, cwd: ev.cwd,
+    retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
+    attempts: 0, runs: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
+    exitCode: null, reason: null, stopping: null, killAt: 0, avoid: null, history: null, qtok: 0,
+  };
+}
+const NO_ARGS: string[] = [];
+
+function newWorker(host: string, slots: number, ssh: boolean, t: number): Worker {
+  return { host, slots, state: 'up', ssh, running: new Array(slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: t };
+}
+
+function freeSlot(st: State, job: Job): void {
+  const w = job.worker === null ? undefined : st.workers.get(job.worker);
+  if (!w || w.running[job.slot] !== job.id) return;
+  w.running[job.slot] = 0;
+  while (w.running.length > w.slots && w.running[w.running.length - 1] === 0) w.running.pop();
+  if (w.state === 'draining' && w.running.every((id) => id === 0)) st.workers.delete(w.host);
+}
+
+/** Sends a job whose attempt ended back to the queue, or ends it in `to`. */
+function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | null, t: number): void {
+  job.reason = reason;
+  job.endedAt = t;
+  if (to === 'requeue') {
+    setJobState(st, job, 'waiting');
+    enqueue(st, job, true);
+  } else {
+    setJobState(st, job, to);
+  }
+}
+
+function avoidWorker(job: Job, host: string | null): void {
+  if (host === null) return;
+  if (!job.avoid) job.avoid = [host];
+  else if (!job.avoid.includes(host)) job.avoid.push(host);
+}
+
+/** Decides how an attempt that ended counts: done, failed, killed, or back to the queue. */
+function endAttempt(st: State, job: Job, code: number | null, why: string | undefined, t: number): void {
+  const host = job.worker;
+  (job.history ??= []).push({
+    n: job.attempts, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
+    exitCode: code, reason: job.stopping === 'timeout' ? 'timeout' : job.stopping === 'user' ? 'killed' : (why ?? null),
+  });
+  job.exitCode = code;
+  freeSlot(st, job);
+  const stopping = job.stopping;
+  job.stopping = null;
+  job.killAt = 0;
+  const failOrRetry = (reason: string | null) => {
+    avoidWorker(job, host);
+    if (job.retriesUsed < job.retries) { job.retriesUsed++; settle(st, job, 'requeue', reason, t); }
+    else settle(st, job, 'failed', reason, t);
+  };
+  if (stopping === 'user') settle(st, job, 'killed', 'killed', t);
+  else if (stopping === 'requeue') settle(st, job, 'requeue', 'worker removed', t);
+  else if (stopping === 'timeout') failOrRetry(`timeout after ${job.timeout}s`);
+  else if (why !== undefined) failOrRetry(why);
+  else if (code === 0) settle(st, job, 'done', null, t);
+  else if (code === WORKER_FAILED_EXIT) {
+    job.requeues++;
+    avoidWorker(job, host);
+    const w = host === null ? undefined : st.workers.get(host);
+    if (w && w.ssh && w.state === 'up' && w.probeAt === 0) w.probeAt = t;
+    if (job.requeues >= MAX_REQUEUES) settle(st, job, 'failed', `exit 255 (worker failure) ${job.requeues} times`, t);
+    else settle(st, job, 'requeue', 'exit 255: worker failure', t);
+  } else failOrRetry(null);
+}
+
+/** Applies one event to the state. The only place state changes, live and at replay.
+ *  Events that no longer fit (a job that is not running any more) change nothing. */
+export function applyEvent(st: State, ev: Event): void {
+  switch (ev.e) {
+    case 'add': {
+      for (let i = 0; i < ev.jobs.length; i++) {
+        const job = newJob(ev.id + i, ev.jobs[i], ev);
+        st.jobs.set(job.id, job);
+        st.counts.waiting++;
+        enqueue(st, job, false);
+      }
+      st.nextId = Math.max(st.nextId, ev.id + ev.jobs.length);
+      break;
+    }
+    case 'remove':
+      for (const id of ev.ids) {
+        const job = st.jobs.get(id);
+        if (job && job.state === 'waiting') { st.counts.waiting--; st.jobs.delete(id); }
+      }
+      trimQueue(st);
+      break;
+    case 'start': {
+      const job = st.jobs.get(ev.id), w = st.workers.get(ev.w);
+      if (!job || job.state !== 'waiting' || !w) break;
+      setJobState(st, job, 'running');
+      job.attempts++;
+      job.runs++;
+      job.worker = ev.w; job.slot = ev.s; job.startedAt = ev.t; job.endedAt = 0;
+      job.exitCode = null; job.reason = null; job.stopping = null; job.killAt = 0;
+      while (w.running.length <= ev.s) w.running.push(0);
+      w.running[ev.s] = job.id;
+      trimQueue(st);
+      break;
+    }
+    case 'unstart': {
+      const job = st.jobs.get(ev.id);
+      if (!job || job.state !== 'running') break;
+      freeSlot(st, job);
+      job.attempts--;
+      job.stopping = null; job.killAt = 0;
+      setJobState(st, job, 'waiting');
+      enqueue(st, job, true);
+      break;
+    }
+    case 'end': {
+      const job = st.jobs.get(ev.id);
+      if (job && job.state === 'running' && job.runs === ev.run) endAttempt(st, job, ev.code, ev.why, ev.t);
+      break;
+    }
+    case 'stop':
+      for (const id of ev.ids) {
+        const job = st.jobs.get(id);
+        if (!job) continue;
+        if (job.state === 'running' && job.stopping !== 'user') {
+          job.stopping = ev.why;
+          job.killAt = ev.t + ev.grace;
+        } else if (job.state === 'waiting' && ev.why === 'user') {
+          settle(st, job, 'killed', 'killed before it started', ev.t);
+        }
+      }
+      trimQueue(st);
+      break;
+    case 'retry':
+      for (const id of ev.ids) {
+        const job = st.jobs.get(id);
+        if (!job || !isFinished(job.state)) continue;
+        job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
+        job.queuedAt = ev.t;
+        setJobState(st, job, 'waiting');
+        enqueue(st, job, false);
+      }
+      break;
+    case 'clean':
+      for (const [id, job] of st.jobs) {
+        if (isFinished(job.state)) { st.counts[job.state]--; st.jobs.delete(id); }
+      }
+      break;
+    case 'worker': {
+      const w = st.workers.get(ev.host);
+      if (!w) { st.workers.set(ev.host, newWorker(ev.host, ev.slots, ev.ssh, ev.t)); break; }
+      w.slots = ev.slots; w.ssh = ev.ssh;
+      while (w.running.length < ev.slots) w.running.push(0);
+      while (w.running.length > w.slots && w.running[w.running.length - 1] === 0) w.running.pop();
+      if (w.state === 'draining') { w.state = 'up'; w.since = ev.t; }
+      if (!ev.ssh && w.state === 'down') { w.state = 'up'; w.probeAt = 0; w.error = null; w.since = ev.t; }
+      break;
+    }
+    case 'drain': {
+      const w = st.workers.get(ev.host);
+      if (!w) break;
+      w.state = 'draining'; w.since = ev.t;
+      if (w.running.every((id) => id === 0)) st.workers.delete(ev.host);
+      break;
+    }
+    case 'unworker':
+      st.workers.delete(ev.host);
+      break;
+    case 'probe': {
+      const w = st.workers.get(ev.host);
+      if (!w) break;
+      if (ev.ok) {
+        if (w.state === 'down') { w.state = 'up'; w.since = ev.t; }
+        w.probeAt = 0; w.probeDelay = 0; w.error = null;
+      } else {
+        if (w.state === 'up') { w.state = 'down'; w.since = ev.t; }
+        w.error = ev.err ?? 'unreachable';
+        w.probeDelay = Math.min(PROBE_BACKOFF_MAX_MS, w.probeDelay ? w.probeDelay * 2 : PROBE_BACKOFF_MIN_MS);
+        w.probeAt = ev.t + w.probeDelay;
+      }
+      break;
+    }
+    default:
+      throw new Error(`unknown event '${(ev as { e: unknown }).e}'`);
+  }
+}
+
+/** A worker takes new jobs when it is up and not waiting for a probe's answer. */
+const schedulable = (w: Worker) => w.state === 'up' && w.probeAt === 0;
+
+export type Start = { id: number; host: string; slot: number };
+
+/** Which waiting jobs to start on which free slots now: first come, first served;
+ *  slots are taken across workers before a second slot of the same worker, and a job
+ *  avoids workers it failed on when another slot is free. Reads the state only. */
+export function planStarts(st: State): Start[] {
+  const free: { host: string; slot: number }[] = [];
+  const workers = [...st.workers.values()].filter(schedulable);
+  let maxSlots = 0;
+  for (const w of workers) maxSlots = Math.max(maxSlots, w.slots);
+  for (let s = 0; s < maxSlots; s++) {
+    for (const w of workers) if (s < w.slots && !w.running[s]) free.push({ host: w.host, slot: s });
+  }
+  const starts: Start[] = [];
+  if (free.length === 0) return starts;
+  for (const job of waitingJobs(st)) {
+    let pick = 0;
+    if (job.avoid) {
+      const better = free.findIndex((f) => !job.avoid!.includes(f.host));
+      if (better >= 0) pick = better;
+    }
+    const [slot] = free.splice(pick, 1);
+    starts.push({ id: job.id, host: slot.host, slot: slot.slot });
+    if (free.length === 0) break;
+  }
+  return starts;
+}
+
+export type Due = { kind: 'timeout'; id: number } | { kind: 'sigkill'; id: number } | { kind: 'probe'; host: string };
+
+/** What is due at `now` (timeouts, SIGKILLs after the grace period, probes) and when
+ *  the next thing falls due. `busy` names what the shell is already doing. */
+export function dueActions(
+  st: State, now: number, busy: { probing: ReadonlySet<string>; sigkilled: ReadonlySet<number> },
+): { due: Due[]; next: number } {
+  const due: Due[] = [];
+  let next = Infinity;
+  const at = (t: number, d: Due) => { if (t <= now) due.push(d); else next = Math.min(next, t); };
+  for (const w of st.workers.values()) {
+    if (w.ssh && w.probeAt > 0 && !busy.probing.has(w.host)) at(w.probeAt, { kind: 'probe', host: w.host });
+    for (const id of w.running) {
+      const job = id ? st.jobs.get(id) : undefined;
+      if (!job || job.state !== 'running') continue;
+      if (job.stopping) { if (!busy.sigkilled.has(id)) at(job.killAt, { kind: 'sigkill', id }); }
+      else if (job.timeout > 0) at(job.startedAt + job.timeout * 1000, { kind: 'timeout', id });
+    }
+  }
+  return { due, next };
+}
+
+/** Host strings reach ssh and scripts: a user@ prefix, a name or address, nothing a
+ *  shell or ssh could read as an option or interpret. */
+const HOST_RE = /^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\])$/;
+
+export function validateHost(host: string): void {
+  if (host.length === 0) throw usage(`empty host name`);
+  if (host.length > MAX_HOST_LENGTH || !HOST_RE.test(host)) {
+    throw usage(`invalid host ${quoteForError(host)}`, 'a host is a name or address with an optional user@, like node7 or alice@10.0.0.5');
+  }
+}
+
+/** Splits HOST[:SLOTS] into its parts; `[v6]:SLOTS` keeps the brackets on the host. */
+export function parseWorkerArg(arg: string, defaultSlots: number): { host: string; slots: number } {
+  const m = /^(.*?)(?::(\d+))?$/.exec(arg)!;
+  const host = m[1], slots = m[2] === undefined ? defaultSlots : Number(m[2]);
+  validateHost(host);
+  if (!Number.isSafeInteger(slots) || slots < 1 || slots > 10_000) throw usage(`invalid slot count in ${quoteForError(arg)}`);
+  return { host, slots };
+}
+
+/** Splits one line of an add_jobs file into words like a POSIX shell would, without
+ *  expansions: 'single', "double" (with \" \\ \$ \` escapes), backslash escapes, and
+ *  # comments at the start of a word. A blank or comment-only line gives []. */
+export function splitWords(line: string): string[] {
+  const words: string[] = [];
+  let cur = '', inWord = false, i = 0;
+  while (i < line.length) {
+    const c = line[i];
+    if (c === ' ' || c === '\t' || c === '\r') {
+      if (inWord) { words.push(cur); cur = ''; inWord = false; }
+      i++;
+    } else if (c === '#' && !inWord) {
+      break;
+    } else if (c === "'") {
+      const end = line.indexOf("'", i + 1);
+      if (end < 0) throw new Error('unterminated single quote');
+      cur += line.slice(i + 1, end); inWord = true; i = end + 1;
+    } else if (c === '"') {
+      i++; inWord = true;
+      for (;;) {
+        if (i >= line.length) throw new Error('unterminated double quote');
+        const d = line[i];
+        if (d === '"') { i++; break; }
+        if (d === '\\' && i + 1 < line.length && '"\\$`'.includes(line[i + 1])) { cur += line[i + 1]; i += 2; }
+        else { cur += d; i++; }
+      }
+    } else if (c === '\\') {
+      if (i + 1 >= line.length) throw new Error('backslash at end of line');
+      cur += line[i + 1]; inWord = true; i += 2;
+    } else {
+      cur += c; inWord = true; i++;
+    }
+  }
+  if (inWord) words.push(cur);
+  return words;
+}
+
+/** Quotes a word for a shell only when it needs it, for showing commands to people. */
+export function shellQuote(word: string): string {
+  return /^[A-Za-z0-9_./:=@%+,-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+function quoteForError(value: string): string {
+  return `'${value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)}'`;
+}
+
+/** The public view of a job (list --json, status --json); field names are stable. */
+export function jobView(job: Job, now: number) {
+  const end = job.state === 'running' ? now : job.endedAt;
+  return {
+    id: job.id, state: job.state, worker: job.worker, slot: job.slot >= 0 ? job.slot : null,
+    exitCode: job.exitCode, reason: job.reason, attempts: job.attempts,
+    retries: job.retries, timeout: job.timeout || null,
+    queuedAt: iso(job.queuedAt), startedAt: job.startedAt ? iso(job.startedAt) : null,
+    endedAt: job.endedAt ? iso(job.endedAt) : null,
+    runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
+    script: job.script, args: job.args, cwd: job.cwd,
+    history: (job.history ?? []).map((a) => ({
+      attempt: a.n, worker: a.worker, slot: a.slot, exitCode: a.exitCode, reason: a.reason,
+      startedAt: iso(a.startedAt), endedAt: iso(a.endedAt),
+    })),
+  };
+}
+export type JobView = ReturnType<typeof jobView>;
+
+function workerView(st: State, w: Worker) {
+  return {
+    host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0,
+    error: w.error, since: iso(w.since), nextProbeAt: w.state === 'down' && w.probeAt ? iso(w.probeAt) : null,
+    running: w.running.flatMap((id, slot) => (id ? [{ slot, id, command: commandOf(st.jobs.get(id)) }] : [])),
+  };
+}
+
+const commandOf = (job: Job | undefined) => (job ? [job.script, ...job.args].map(shellQuote).join(' ') : '');
+const iso = (t: number) => new Date(t).toISOString();
+
+/** The status reply: counts, every worker with its slots, and the head of the queue. */
+export function statusView(st: State) {
+  const queue: { id: number; command: string; queuedAt: string; attempts: number }[] = [];
+  for (const job of waitingJobs(st)) {
+    if (queue.length >= QUEUE_HEAD) break;
+    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: job.attempts });
+  }
+  return {
+    counts: { ...st.counts, total: st.jobs.size },
+    workers: [...st.workers.values()].map((w) => workerView(st, w)),
+    queue,
+  };
+}
+export type StatusView = ReturnType<typeof statusView>;
+
+// ============================================================================
+// The journal: the state on disk
+// ============================================================================
+
+export type LoadResult = { state: State; warnings: string[]; journalSize: number; snapshotSize: number };
+
+class DamagedState extends UserError {}
+const damaged = (file: string, line: number, what: string) =>
+  new DamagedState(EXIT_FAILED, `damaged state file '${file}' line ${line}: ${what}`,
+    'nothing was changed; move the file aside or repair it, then start again');
+
+/** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line of a file, without
+ *  holding the file in memory; returns the bytes after the last newline, if any. */
+function forEachLine(file: string, fn: (line: string, no: number, end: number) => void): { tail: Buffer; tailAt: number } {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const chunk = Buffer.allocUnsafe(1 << 20);
+    let carry: Buffer = Buffer.alloc(0), offset = 0, no = 0, n: number;
+    while ((n = fs.readSync(fd, chunk, 0, chunk.length, null)) > 0) {
+      const buf: Buffer = carry.length ? Buffer.concat([carry, chunk.subarray(0, n)]) : chunk.subarray(0, n);
+      let start = 0, nl: number;
+      while ((nl = buf.indexOf(10, start)) >= 0) {
+        offset += nl + 1 - start;
+        fn(buf.toString('utf8', start, nl), ++no, offset);
+        start = nl + 1;
+      }
+      carry = Buffer.from(buf.subarray(start));
+    }
+    return { tail: carry, tailAt: offset };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function parseLine(file: string, line: string, no: number): Record<string, unknown> {
+  try {
+    const v = JSON.parse(line);
+    if (v && typeof v === 'object' && !Array.isArray(v)) return v;
+  } catch { /* reported below */ }
+  throw damaged(file, no, 'not a JSON object');
+}
+
+function checkHeader(file: string, header: Record<string, unknown>, format: string): void {
+  if (header.format !== format) throw damaged(file, 1, `not a ${format} file`);
+  if (typeof header.version !== 'number' || header.version > FORMAT_VERSION) {
+    throw new DamagedState(EXIT_FAILED, `state file '${file}' has format version ${String(header.version)}, newer than this program's ${FORMAT_VERSION}`, 'use a newer cli.ts; nothing was changed');
+  }
+}
+
+/** Loads the snapshot, then replays the journal after it. A journal whose last line
+ *  was cut off by a crash loads up to there (with a warning); any other damage throws,
+ *  naming the file and line, and nothing is written. */
+export function loadState(dataDir: string): LoadResult {
+  const st = newState();
+  const warnings: string[] = [];
+  const snapFile = path.join(dataDir, 'snapshot'), journalFile = path.join(dataDir, 'journal');
+  let snapshotSize = 0, journalSize = 0;
+  if (fs.existsSync(snapFile)) {
+    snapshotSize = fs.statSync(snapFile).size;
+    let complete = false;
+    const { tail } = forEachLine(snapFile, (line, no) => {
+      const rec = parseLine(snapFile, line, no);
+      if (no === 1) {
+        checkHeader(snapFile, rec, 'djs-snapshot');
+        st.seq = Number(rec.seq); st.nextId = Number(rec.nextId);
+        if (!Number.isSafeInteger(st.seq) || !Number.isSafeInteger(st.nextId)) throw damaged(snapFile, 1, 'bad header');
+      } else if (rec.w) {
+        const w = rec.w as Worker;
+        if (typeof w.host !== 'string' || !Array.isArray(w.running)) throw damaged(snapFile, no, 'bad worker');
+        st.workers.set(w.host, w);
+      } else if (rec.j) {
+        const job = rec.j as Job;
+        if (typeof job.id !== 'number' || !JOB_STATES.includes(job.state) || typeof job.script !== 'string') throw damaged(snapFile, no, 'bad job');
+        if (job.args.length === 0) job.args = NO_ARGS;
+        st.jobs.set(job.id, job);
+        st.counts[job.state]++;
+        if (job.state === 'waiting') enqueue(st, job, false);
+      } else if (rec.end) {
+        if (rec.jobs !== st.jobs.size) throw damaged(snapFile, no, 'job count does not match');
+        complete = true;
+      } else throw damaged(snapFile, no, 'unknown record');
+    });
+    if (tail.length || !complete) throw damaged(snapFile, 0, 'incomplete snapshot (no end record)');
+  }
+  if (fs.existsSync(journalFile)) {
+    let lastNo = 0;
+    const { tail, tailAt } = forEachLine(journalFile, (line, no, end) => {
+      lastNo = no;
+      const rec = parseLine(journalFile, line, no);
+      if (no === 1) {
+        checkHeader(journalFile, rec, 'djs-journal');
+        if (Number(rec.after) > st.seq) throw damaged(journalFile, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
+      } else {
+        const n = rec.n;
+        if (typeof n !== 'number') throw damaged(journalFile, no, 'event without a sequence number');
+        if (n <= st.seq) { journalSize = end; return; }
+        if (n !== st.seq + 1) throw damaged(journalFile, no, `event ${n} follows event ${st.seq}`);
+        try { applyEvent(st, rec as unknown as Event); } catch (e) { throw damaged(journalFile, no, (e as Error).message); }
+        st.seq = n;
+      }
+      journalSize = end;
+    });
+    if (lastNo === 0 && tail.length === 0) journalSize = 0;
+    if (tail.length) {
+      if (lastNo === 0) throw damaged(journalFile, 1, 'cut-off header');
+      warnings.push(`journal '${journalFile}' ends in a cut-off line ${lastNo + 1} (${tail.length} bytes, from a crash during a write); loaded everything before it`);
+      journalSize = tailAt;
+    }
+  }
+  return { state: st, warnings, journalSize, snapshotSize };
+}
+
+function fsyncDir(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try { fs.fsyncSync(fd); } finally { fs.closeSync(fd); }
+}
+
+/** Writes data to fd completely (writeSync may write less than asked). */
+function writeAll(fd: number, data: string | Buffer): void {
+  const buf = typeof data === 'string' ? Buffer.from(data) : data;
+  let off = 0;
+  while (off < buf.length) off += fs.writeSync(fd, buf, off, buf.length - off);
+}
+
+/** Writes a file by temp-write, fsync, rename, fsync of the directory. */
+function replaceFile(file: string, write: (fd: number) => void): void {
+  const tmp = `${file}.tmp`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try { write(fd); fs.fsyncSync(fd); } finally { fs.closeSync(fd); }
+  fs.renameSync(tmp, file);
+  fsyncDir(path.dirname(file));
+}
+
+/** The append-only event log of a data dir, with its snapshot. */
+export class Journal {
+  dir: string;
+  fd: number;
+  size: number;
+  snapshotSize: number;
+  constructor(dir: string, size: number, snapshotSize: number) {
+    this.dir = dir;
+    const file = path.join(dir, 'journal');
+    if (!fs.existsSync(file) || size === 0) replaceFile(file, (fd) => writeAll(fd, journalHeader(0)));
+    this.fd = fs.openSync(file, 'r+');
+    this.size = size || fs.fstatSync(this.fd).size;
+    if (fs.fstatSync(this.fd).size > this.size) { fs.ftruncateSync(this.fd, this.size); fs.fdatasyncSync(this.fd); }
+    this.snapshotSize = snapshotSize;
+  }
+
+  /** Appends lines and flushes them to disk. On failure, cuts the journal back to where
+   *  it was, so a half-written batch never stays on disk, and throws. */
+  append(text: string): void {
+    const buf = Buffer.from(text);
+    try {
+      let off = 0;
+      while (off < buf.length) off += fs.writeSync(this.fd, buf, off, buf.length - off, this.size + off);
+      fs.fdatasyncSync(this.fd);
+      this.size += buf.length;
+    } catch (e) {
+      try { fs.ftruncateSync(this.fd, this.size); } catch { /* the next append cuts it back */ }
+      throw e;
+    }
+  }
+
+  needsSnapshot(): boolean {
+    return this.size > SNAPSHOT_MIN_JOURNAL_BYTES && this.size > this.snapshotSize / 2;
+  }
+
+  /** Writes the whole state as a new snapshot, then starts an empty journal after it.
+   *  A crash between the two renames leaves a snapshot and an old journal whose events
+   *  it already holds; loadState skips them by sequence number. */
+  snapshot(st: State): void {
+    const file = path.join(this.dir, 'snapshot');
+    let written = 0;
+    replaceFile(file, (fd) => {
+      let buf = JSON.stringify({ format: 'djs-snapshot', version: FORMAT_VERSION, seq: st.seq, nextId: st.nextId }) + '\n';
+      const put = (rec: unknown) => {
+        buf += JSON.stringify(rec) + '\n';
+        if (buf.length > 1 << 20) { writeAll(fd, buf); written += Buffer.byteLength(buf); buf = ''; }
+      };
+      for (const w of st.workers.values()) put({ w });
+      for (const j of waitingJobs(st)) put({ j: { ...j, qtok: 0 } });
+      for (const j of st.jobs.values()) if (j.state !== 'waiting') put({ j });
+      put({ end: true, jobs: st.jobs.size });
+      writeAll(fd, buf); written += Buffer.byteLength(buf);
+    });
+    const jfile = path.join(this.dir, 'journal');
+    replaceFile(jfile, (fd) => writeAll(fd, journalHeader(st.seq)));
+    fs.closeSync(this.fd);
+    this.fd = fs.openSync(jfile, 'r+');
+    this.size = fs.fstatSync(this.fd).size;
+    this.snapshotSize = written;
+  }
+}
+const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal', version: FORMAT_VERSION, after }) + '\n';
+
+// ============================================================================
+// The runner: job processes, probes, process identity
+// ============================================================================
+
+/** The wrapper every job runs in (sh, so a job costs no extra node process). It claims
+ *  the attempt by creating its pid file exclusively, runs the script with the job's
+ *  argv, and records the exit code. TERM/INT/HUP are trapped, not ignored, so the script
+ *  gets them with default handling while the wrapper lives on to record the code. */
+const WRAPPER = `trap : TERM INT HUP
+p=$1 x=$2; shift 2
+{ set -C; echo $$ > "$p"; } 2>/dev/null || exit 254
+set +C
+"$@"
+c=$?
+echo $c > "$x"
+exit $c`;
+
+/** Run files are named by the job and its start count, which is never reused. */
+const runFile = (dataDir: string, id: number, run: number, kind: 'pid' | 'exit') =>
+  path.join(dataDir, 'run', `${id}.${run}.${kind}`);
+
+let bootTimeMs: number | null | undefined;
+/** When process `pid` started (ms since the epoch), or null if it does not exist.
+ *  Linux reads /proc; elsewhere only existence is known (start time NaN). */
+export function processStart(pid: number): number | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (fields[0] === 'Z') return null;
+    if (bootTimeMs === undefined) {
+      const m = /^btime (\d+)$/m.exec(fs.readFileSync('/proc/stat', 'utf8'));
+      bootTimeMs = m ? Number(m[1]) * 1000 : null;
+    }
+    return bootTimeMs === null ? NaN : bootTimeMs + Number(fields[19]) * 10; // USER_HZ is 100 on Linux
+  } catch {
+    if (fs.existsSync('/proc/self/stat')) return null;
+    try { process.kill(pid, 0); return NaN; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM' ? NaN : null; }
+  }
+}
+
+/** True if `pid` is alive and started within a few seconds of `aroundMs`. */
+function sameProcess(pid: number, aroundMs: number): boolean {
+  const started = processStart(pid);
+  if (started === null) return false;
+  return Number.isNaN(started) || Math.abs(started - aroundMs) < 5_000;
+}
+
+function signalGroup(pid: number, sig: NodeJS.Signals): void {
+  try { process.kill(-pid, sig); } catch { /* already gone */ }
+}
+
+export type SshSettings = { config: string | undefined; options: string[]; timeoutS: number };
+
+export function sshSettings(env: NodeJS.ProcessEnv): SshSettings {
+  const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? 10);
+  return {
+    config: env.DJS_SSH_CONFIG || undefined,
+    options: (env.DJS_SSH_OPTIONS ?? '').split(/\s+/).filter(Boolean),
+    timeoutS: Number.isFinite(timeoutS) && timeoutS > 0 ? timeoutS : 10,
+  };
+}
+
+/** Checks that `ssh -o BatchMode=yes` logs in to host and runs `true`; resolves to
+ *  null or to why not. Never prompts; gives up after the connect timeout plus a margin. */
+export function probeHost(host: string, ssh: SshSettings): Promise<string | null> {
+  validateHost(host);
+  const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`, '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2'];
+  if (ssh.config) args.push('-F', ssh.config);
+  args.push(...ssh.options, '--', host, 'true');
+  return new Promise((resolve) => {
+    let err = '', done = false;
+    const child = spawn('ssh', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
+    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
+    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.on('error', (e) => finish(`cannot run ssh: ${e.message}`));
+    child.on('close', (code) => {
+      if (code === 0) return finish(null);
+      const lines = err.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('Warning: Permanently added'));
+      finish(lines.at(-1) ?? `ssh exited with ${code}`);
+    });
+  });
+}
+
+// ============================================================================
+// The server: the socket, the flush loop, effects
+// ============================================================================
+
+type Reply = (msg: Record<string, unknown>) => void;
+type Request = Record<string, unknown> & { op: string };
+/** Inputs wait in the inbox for the next flush: client requests that change state,
+ *  outcomes (facts) from processes and probes, and ticks (a timer fired). */
+type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; ev: Event } | { kind: 'tick' };
+type Proc = { pid: number; run: number; child: ChildProcess | null };
+type Waiter = { ids: Set<number> | null; pending: Set<number> | null; send: Reply; lastSent: number; lastKey: string };
+type Follower = { id: number; send: Reply };
+type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; ssh: SshSettings };
+
+// All server state, in one place.
+let cfg: ServerConfig;
+let st: State;
+let journal: Journal;
+let server: net.Server;
+let baseEnv: NodeJS.ProcessEnv;
+const inbox: Input[] = [];
+let flushQueued = false;
+let timer: NodeJS.Timeout | null = null;
+let writeRetryMs = 0;
+const procs = new Map<number, Proc>();     // processes of running jobs, by job id
+const probing = new Set<string>();
+const sigkilled = new Set<number>();
+const waiters = new Set<Waiter>();
+const followers = new Set<Follower>();
+let adoptWatch: fs.FSWatcher | null = null;
+let adoptTimer: NodeJS.Timeout | null = null;
+let stopping = false;
+
+const log = (msg: string) => process.stdout.write(`${new Date().toISOString()} ${msg}\n`);
+
+function submit(input: Input): void {
+  inbox.push(input);
+  if (!flushQueued) { flushQueued = true; setImmediate(flush); }
+}
+const fact = (ev: Event) => submit({ kind: 'fact', ev });
+
+/** Ids of the jobs an event touches (for wait), or 'all'. */
+function touchedBy(ev: Event): number[] | 'all' {
+  switch (ev.e) {
+    case 'add': return Array.from({ length: ev.jobs.length }, (_, i) => ev.id + i);
+    case 'remove': case 'stop': case 'retry': return ev.ids;
+    case 'start': case 'unstart': case 'end': return [ev.id];
+    case 'clean': return 'all';
+    default: return [];
+  }
+}
+
+/** One turn of the server: apply every queued input, start what can start, write all
+ *  resulting events with one write and one fdatasync, then answer and carry out the
+ *  effects. Nothing leaves the server before its events are on disk. */
+function flush(): void {
+  flushQueued = false;
+  if (stopping) return;
+  const now = Date.now();
+  const lines: string[] = [];
+  const answers: { reply: Reply; answer: Record<string, unknown> }[] = [];
+  const effects: (() => void)[] = [];
+  const facts: Event[] = [];
+  const touched = new Set<number>();
+  let touchedAll = false;
+  const commit = (ev: Event) => {
+    applyEvent(st, ev);
+    st.seq++;
+    lines.push(JSON.stringify({ n: st.seq, ...ev }));
+    const ids = touchedBy(ev);
+    if (ids === 'all') touchedAll = true; else for (const id of ids) touched.add(id);
+  };
+
+  // 1. Requests and facts, in arrival order.
+  for (const input of inbox.splice(0)) {
+    if (input.kind === 'tick') continue;
+    if (input.kind === 'fact') { facts.push(input.ev); commit(input.ev); continue; }
+    try {
+      answers.push({ reply: input.reply, answer: handleChange(input.req, now, commit, effects) });
+    } catch (e) {
+      sendError(input.reply, e);
+    }
+  }
+  // 2. Deadlines: timeouts become stops; SIGKILLs and probes are effects.
+  const { due } = dueActions(st, now, { probing, sigkilled });
+  for (const d of due) {
+    if (d.kind === 'timeout') {
+      commit({ e: 'stop', t: now, ids: [d.id], why: 'timeout', grace: cfg.killGraceMs });
+      effects.push(() => signalJob(d.id, 'SIGTERM'));
+    } else if (d.kind === 'sigkill') {
+      sigkilled.add(d.id);
+      effects.push(() => signalJob(d.id, 'SIGKILL'));
+    } else {
+      probing.add(d.host);
+      effects.push(() => runProbe(d.host));
+    }
+  }
+  // 3. Scheduling: fill the free slots.
+  for (const s of planStarts(st)) {
+    commit({ e: 'start', t: now, id: s.id, w: s.host, s: s.slot });
+    effects.push(() => startJob(s.id));
+  }
+  // 4. Make it durable; then answer and act.
+  if (lines.length) {
+    try {
+      journal.append(lines.join('\n') + '\n');
+      writeRetryMs = 0;
+    } catch (e) {
+      for (const d of due) if (d.kind === 'probe') probing.delete(d.host); else if (d.kind === 'sigkill') sigkilled.delete(d.id);
+      recoverFromWriteFailure(e as NodeJS.ErrnoException, answers.map((a) => a.reply), facts);
+      return;
+    }
+  }
+  for (const a of answers) a.reply({ ok: true, ...a.answer });
+  for (const fx of effects) fx();
+  if (lines.length) notifyWatchers(now, touchedAll ? null : touched);
+  if (journal.needsSnapshot()) takeSnapshot();
+  armTimer();
+}
+
+/** The journal could not be written (disk full, read-only): memory is ahead of the
+ *  disk, so reload the state from disk, refuse the requests of the batch, and retry the
+ *  facts (processes did end; probes did answer) with a growing delay. */
+function recoverFromWriteFailure(e: NodeJS.ErrnoException, refused: Reply[], facts: Event[]): void {
+  const what = `cannot write the journal '${path.join(cfg.dataDir, 'journal')}': ${e.message}`;
+  log(`error: ${what}; ${refused.length} request(s) refused, ${facts.length} outcome(s) kept for retry`);
+  try {
+    st = loadState(cfg.dataDir).state;
+  } catch (e2) {
+    log(`fatal: cannot reload the state after a failed write: ${(e2 as Error).message}; running jobs keep running`);
+    process.exit(1);
+  }
+  for (const reply of refused) reply({ ok: false, code: EXIT_FAILED, error: what, hint: 'nothing was changed; free space or fix the data dir, then try again' });
+  writeRetryMs = Math.min(30_000, writeRetryMs ? writeRetryMs * 2 : 250);
+  setTimeout(() => { for (const ev of facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
+}
+
+function sendError(reply: Reply, e: unknown): void {
+  const err = asUserError(e);
+  reply({ ok: false, error: err.message, hint: err.hint, code: err.code });
+}
+
+function takeSnapshot(): void {
+  const t0 = Date.now();
+  try {
+    journal.snapshot(st);
+    log(`snapshot of ${st.jobs.size} jobs written in ${Date.now() - t0} ms`);
+  } catch (e) {
+    log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
+  }
+}
+
+/** Sets the one timer to the next deadline the core names. */
+function armTimer(): void {
+  if (timer) { clearTimeout(timer); timer = null; }
+  const { next } = dueActions(st, Date.now(), { probing, sigkilled });
+  if (next === Infinity) return;
+  timer = setTimeout(() => { timer = null; submit({ kind: 'tick' }); }, Math.max(0, Math.min(next - Date.now(), 2 ** 31 - 1)));
+}
+
+// ---- state-changing requests ------------------------------------------------
+
+const num = (v: unknown, name: string, min = 0): number => {
+  const n = typeof v === 'number' ? v : Number(v);
+  if (!Number.isSafeInteger(n) || n < min) throw usage(`invalid ${name} ${quoteForError(String(v))}`);
+  return n;
+};
+const idList = (v: unknown): number[] => {
+  if (!Array.isArray(v) || v.length === 0) throw usage('no job ids given');
+  return v.map((x) => num(x, 'job id', 1));
+};
+function jobOrFail(id: number): Job {
+  const job = st.jobs.get(id);
+  if (!job) throw failure(`no such job '${id}'`, id >= st.nextId ? 'ids so far end at ' + (st.nextId - 1) : 'it may have been removed or cleaned');
+  return job;
+}
+
+/** Validates one state-changing request against the state, commits its events, and
+ *  returns the answer. Throws UserError (nothing committed) when the request is wrong. */
+function handleChange(req: Request, now: number, commit: (ev: Event) => void, effects: (() => void)[]): Record<string, unknown> {
+  switch (req.op) {
+    case 'add_jobs': {
+      const cwd = req.cwd, jobs = req.jobs;
+      if (typeof cwd !== 'string' || !path.isAbsolute(cwd)) throw usage('add_jobs needs an absolute cwd');
+      if (!Array.isArray(jobs) || jobs.length === 0) throw usage('no jobs given');
+      const checked = new Set<string>();
+      for (const spec of jobs) {
+        if (!Array.isArray(spec) || spec.length === 0 || !spec.every((w) => typeof w === 'string')) throw usage('a job is a list of strings');
+        if (!checked.has(spec[0])) { checkScript(spec[0]); checked.add(spec[0]); }
+      }
+      const id = st.nextId;
+      commit({ e: 'add', t: now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] });
+      return { first: id, count: jobs.length };
+    }
+    case 'remove_jobs': {
+      let ids: number[];
+      if (req.ids !== undefined) {
+        ids = idList(req.ids);
+        for (const id of ids) {
+          const job = jobOrFail(id);
+          if (job.state !== 'waiting') throw failure(`job '${id}' is ${job.state}, not waiting`, job.state === 'running' ? `stop it with: kill ${id}` : undefined);
+        }
+      } else {
+        const script = req.script, args = req.args;
+        if (typeof script !== 'string' || !Array.isArray(args)) throw usage('remove_job needs a script and args');
+        ids = [];
+        for (const job of waitingJobs(st)) {
+          if (job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i])) ids.push(job.id);
+        }
+        if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args.map(String)].map(shellQuote).join(' '))}`);
+      }
+      commit({ e: 'remove', t: now, ids });
+      return { ids };
+    }
+    case 'kill': {
+      const ids = req.all ? [...st.jobs.values()].filter((j) => j.state === 'running' || j.state === 'waiting').map((j) => j.id) : idList(req.ids);
+      if (!req.all) for (const id of ids) {
+        const job = jobOrFail(id);
+        if (isFinished(job.state)) throw failure(`job '${id}' is not running (it is ${job.state})`);
+      }
+      if (ids.length) commit({ e: 'stop', t: now, ids, why: 'user', grace: cfg.killGraceMs });
+      for (const id of ids) if (st.jobs.get(id)?.state === 'running') effects.push(() => signalJob(id, 'SIGTERM'));
+      return { ids };
+    }
+    case 'retry': {
+      const ids = req.failed ? [...st.jobs.values()].filter((j) => j.state === 'failed').map((j) => j.id) : idList(req.ids);
+      if (!req.failed) for (const id of ids) {
+        const job = jobOrFail(id);
+        if (!isFinished(job.state)) throw failure(`job '${id}' is ${job.state}; only finished jobs can be retried`);
+      }
+      if (ids.length) commit({ e: 'retry', t: now, ids });
+      return { ids };
+    }
+    case 'clean': {
+      const ids = [...st.jobs.values()].filter((j) => isFinished(j.state)).map((j) => j.id);
+      if (ids.length) commit({ e: 'clean', t: now });
+      if (req.logs) effects.push(() => { for (const id of ids) fs.rm(logFile(id), { force: true }, () => {}); });
+      return { count: ids.length };
+    }
+    case 'add_workers': {
+      const list = req.workers as { host: string; slots: number }[];
+      for (const w of list) commit({ e: 'worker', t: now, host: w.host, slots: w.slots, ssh: !req.skipCheck });
+      return { added: list.map((w) => w.host) };
+    }
+    case 'remove_workers': {
+      if (!Array.isArray(req.hosts) || !req.hosts.every((h) => typeof h === 'string')) throw usage('no hosts given');
+      const hosts = [...new Set(req.hosts as string[])];
+      const result: { host: string; running: number }[] = [];
+      for (const host of hosts) {
+        const w = st.workers.get(host);
+        if (!w) throw failure(`no such worker '${host}'`);
+        const running = w.running.filter(Boolean);
+        if (running.length && req.mode !== 'wait' && req.mode !== 'kill') {
+          throw failure(`worker '${host}' is running ${running.length} job(s)`, 'use --wait to let them finish first, or --kill to stop and requeue them');
+        }
+        result.push({ host, running: running.length });
+      }
+      for (const { host } of result) {
+        const w = st.workers.get(host)!;
+        const running = w.running.filter(Boolean);
+        if (!running.length) { commit({ e: 'unworker', t: now, host }); continue; }
+        commit({ e: 'drain', t: now, host });
+        if (req.mode === 'kill') {
+          commit({ e: 'stop', t: now, ids: running, why: 'requeue', grace: cfg.killGraceMs });
+          for (const id of running) effects.push(() => signalJob(id, 'SIGTERM'));
+        }
+      }
+      return { workers: result };
+    }
+    default:
+      throw usage(`unknown request '${req.op}'`);
+  }
+}
+
+/** A job's script must be an executable regular file, named by an absolute path. */
+function checkScript(script: string): void {
+  if (!path.isAbsolute(script)) throw usage(`script path is not absolute: ${quoteForError(script)}`);
+  let stat: fs.Stats;
+  try { stat = fs.statSync(script); } catch { throw failure(`no such script ${quoteForError(script)}`); }
+  if (!stat.isFile()) throw failure(`not a file: ${quoteForError(script)}`);
+  try { fs.accessSync(script, fs.constants.X_OK); } catch {
+    throw failure(`script is not executable: ${quoteForError(script)}`, `make it executable with: chmod +x ${shellQuote(script)}`);
+  }
+}
+
+const asUserError = (e: unknown) => (e instanceof UserError ? e : new UserError(EXIT_FAILED, `internal error: ${(e as Error)?.message ?? String(e)}`));
+const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
+
+// ---- effects ---------------------------------------------------------------
+
+/** Starts the process of a job whose start is durable. */
+function startJob(id: number): void {
+  const job = st.jobs.get(id);
+  if (!job || job.state !== 'running' || job.worker === null) return;
+  const run = job.runs, attempt = job.attempts;
+  let fd: number;
+  try {
+    fd = fs.openSync(logFile(id), 'a');
+  } catch (e) {
+    fact({ e: 'end', t: Date.now(), id, run, code: null, why: `cannot open the log: ${(e as Error).message}` });
+    return;
+  }
+  if (attempt > 1) {
+    const prev = job.history?.at(-1);
+    const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
+    try { writeAll(fd, `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`); } catch { /* output only */ }
+  }
+  const env = { ...baseEnv, JOB_ID: String(id), SLAVE_IP: job.worker, SLAVE_SLOT: String(job.slot), JOB_ATTEMPT: String(attempt) };
+  let child: ChildProcess;
+  try {
+    child = spawn('/bin/sh', ['-c', WRAPPER, 'djs-job', runFile(cfg.dataDir, id, run, 'pid'), runFile(cfg.dataDir, id, run, 'exit'), job.script, ...job.args], {
+      cwd: job.cwd, env, detached: true, stdio: ['ignore', fd, fd],
+    });
+  } catch (e) {
+    fs.closeSync(fd);
+    fact({ e: 'end', t: Date.now(), id, run, code: null, why: `cannot start: ${(e as Error).message}` });
+    return;
+  }
+  fs.closeSync(fd);
+  const proc: Proc = { pid: child.pid ?? 0, run, child };
+  procs.set(id, proc);
+  let ended = false;
+  const end = (code: number | null, why?: string) => {
+    if (ended) return;
+    ended = true;
+    endProc(id, proc, code, why);
+  };
+  child.on('error', (e) => end(null, `cannot start: ${e.message}${(e as NodeJS.ErrnoException).code === 'ENOENT' ? ` (does ${job.cwd} still exist?)` : ''}`));
+  child.on('exit', (code, sig) => end(code ?? (sig ? 128 + (SIGNAL_NUMBERS[sig] ?? 0) : null)));
+}
+const SIGNAL_NUMBERS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGSEGV: 11, SIGPIPE: 13, SIGTERM: 15 };
+
+/** Records that the process of a job ended, and forgets it. */
+function endProc(id: number, proc: Proc, code: number | null, why?: string): void {
+  if (procs.get(id) === proc) procs.delete(id);
+  sigkilled.delete(id);
+  const t = Date.now();
+  fact(why ? { e: 'end', t, id, run: proc.run, code, why } : { e: 'end', t, id, run: proc.run, code });
+  fs.rm(runFile(cfg.dataDir, id, proc.run, 'pid'), { force: true }, () => {});
+  fs.rm(runFile(cfg.dataDir, id, proc.run, 'exit'), { force: true }, () => {});
+}
+
+function signalJob(id: number, sig: NodeJS.Signals): void {
+  const proc = procs.get(id);
+  if (proc && proc.pid > 0) signalGroup(proc.pid, sig);
+}
+
+function runProbe(host: string): void {
+  probeHost(host, cfg.ssh).then((err) => {
+    probing.delete(host);
+    const w = st.workers.get(host);
+    if (!w) return;
+    if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
+    fact(err === null ? { e: 'probe', t: Date.now(), host, ok: true } : { e: 'probe', t: Date.now(), host, ok: false, err });
+  });
+}
+
+// ---- adoption of jobs that outlived a server ---------------------------------
+
+/** For every job the journal says is running, finds out what became of its process:
+ *  ended (record its code), alive (adopt it), or never started (back to the queue). */
+function adoptRunningJobs(): void {
+  const now = Date.now();
+  for (const job of st.jobs.values()) {
+    if (job.state !== 'running') continue;
+    const id = job.id, run = job.runs;
+    const pidFile = runFile(cfg.dataDir, id, run, 'pid');
+    let text: string;
+    try {
+      // Claim the run for the server: if this succeeds, the wrapper never got to run
+      // the job and never will (its own exclusive create will fail).
+      fs.writeFileSync(pidFile, 'void\n', { flag: 'wx' });
+      log(`job ${id} was about to start when the last server stopped; queued again`);
+      fact({ e: 'unstart', t: now, id });
+      continue;
+    } catch {
+      text = fs.readFileSync(pidFile, 'utf8').trim();
+    }
+    const pid = /^\d+$/.test(text) ? Number(text) : 0;
+    const proc: Proc = { pid, run, child: null };
+    if (pid === 0) { fact({ e: 'unstart', t: now, id }); continue; } // an earlier server's claim
+    if (sameProcess(pid, fs.statSync(pidFile).mtimeMs)) procs.set(id, proc);
+    else finishAdopted(id, proc);
+  }
+  watchAdopted();
+}
+
+/** Records the end of an adopted job from its exit file (or as lost, without one). */
+function finishAdopted(id: number, proc: Proc): void {
+  let code: number | null = null;
+  try {
+    const text = fs.readFileSync(runFile(cfg.dataDir, id, proc.run, 'exit'), 'utf8').trim();
+    if (/^\d+$/.test(text)) code = Number(text);
+  } catch { /* no exit file */ }
+  const job = st.jobs.get(id);
+  const why = code === null && !job?.stopping ? 'lost: the job ended while no server ran and left no exit code' : undefined;
+  endProc(id, proc, code, why);
+}
+
+/** Adopted jobs are not our children, so no exit event comes: watch the run dir for
+ *  their exit files, and (deliberately simple) check their pids every second in case a
+ *  wrapper died without writing one. Both stop when no adopted job is left. */
+function watchAdopted(): void {
+  const adopted = () => [...procs.entries()].filter(([, p]) => p.child === null);
+  const check = () => {
+    for (const [id, p] of adopted()) if (processStart(p.pid) === null) finishAdopted(id, p);
+    if (adopted().length === 0) {
+      adoptWatch?.close(); adoptWatch = null;
+      if (adoptTimer) clearInterval(adoptTimer);
+      adoptTimer = null;
+    }
+  };
+  if (adopted().length === 0) return;
+  try { adoptWatch = fs.watch(path.join(cfg.dataDir, 'run'), () => check()); } catch { /* the timer still checks */ }
+  adoptTimer = setInterval(check, 1000);
+}
+
+// ---- watchers: wait and log -f -----------------------------------------------
+
+function waitCounts(w: Waiter) {
+  if (!w.ids) return { ...st.counts, total: st.jobs.size, missing: 0 };
+  const c = { waiting: 0, running: 0, done: 0, failed: 0, killed: 0, total: w.ids.size, missing: 0 };
+  for (const id of w.ids) {
+    const job = st.jobs.get(id);
+    if (job) c[job.state]++; else c.missing++;
+  }
+  return c;
+}
+
+const unfinished = (id: number) => { const j = st.jobs.get(id); return j !== undefined && !isFinished(j.state); };
+
+/** Tells every wait and log -f client what changed; ends those whose jobs finished.
+ *  `touched` names the jobs this flush changed (null: maybe all). */
+function notifyWatchers(now: number, touched: Set<number> | null): void {
+  for (const w of waiters) {
+    if (w.ids && w.pending) {
+      for (const id of touched ?? w.ids) {
+        if (!w.ids.has(id)) continue;
+        if (unfinished(id)) w.pending.add(id); else w.pending.delete(id);
+      }
+    }
+    const finished = w.pending ? w.pending.size === 0 : st.counts.waiting + st.counts.running === 0;
+    if (finished) {
+      const c = waitCounts(w);
+      waiters.delete(w);
+      w.send({ ok: true, counts: c, allDone: c.done === c.total });
+    } else if (now - w.lastSent >= 250) {
+      const c = waitCounts(w);
+      const key = `${c.waiting}/${c.running}/${c.done}/${c.failed}/${c.killed}`;
+      if (key !== w.lastKey) { w.lastKey = key; w.lastSent = now; w.send({ progress: c }); }
+    }
+  }
+  for (const f of followers) {
+    const job = st.jobs.get(f.id);
+    if (!job || isFinished(job.state)) { followers.delete(f); f.send({ ok: true, state: job?.state ?? 'removed', exitCode: job?.exitCode ?? null }); }
+  }
+}
+
+// ---- read-only requests --------------------------------------------------------
+
+/** Answers a request that changes nothing, at once. Streams long answers in chunks. */
+function handleRead(req: Request, send: Reply, sock: net.Socket): boolean {
+  switch (req.op) {
+    case 'ping':
+      send({ ok: true, pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir });
+      return true;
+    case 'status':
+      send({ ok: true, server: { pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir }, ...statusView(st) });
+      return true;
+    case 'list': {
+      const state = req.state;
+      if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(String(state))}`, `states are ${JOB_STATES.join(', ')}`);
+      streamJobs(sock, state as JobState | undefined);
+      return true;
+    }
+    case 'log': {
+      const job = jobOrFail(num(req.id, 'job id', 1));
+      const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode };
+      if (!req.follow || isFinished(job.state)) { send({ ok: true, ...info }); return true; }
+      send({ info });
+      const f: Follower = { id: job.id, send };
+      followers.add(f);
+      sock.on('close', () => followers.delete(f));
+      return true;
+    }
+    case 'wait': {
+      let ids: Set<number> | null = null;
+      if (Array.isArray(req.ids) && req.ids.length) {
+        ids = new Set(idList(req.ids));
+        for (const id of ids) jobOrFail(id);
+      }
+      const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), send, lastSent: 0, lastKey: '' };
+      waiters.add(w);
+      sock.on('close', () => waiters.delete(w));
+      notifyWatchers(Date.now(), new Set());
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
+/** Sends list rows in chunks, waiting for the socket to drain, so a million jobs need
+ *  neither one giant string nor a blocked server. */
+function streamJobs(sock: net.Socket, state: JobState | undefined): void {
+  const it = st.jobs.values();
+  const now = Date.now();
+  const pump = () => {
+    for (;;) {
+      const rows: JobView[] = [];
+      for (let r = it.next(); !r.done; r = it.next()) {
+        if (state === undefined || r.value.state === state) rows.push(jobView(r.value, now));
+        if (rows.length >= 2000) break;
+      }
+      if (rows.length === 0) { sock.end(JSON.stringify({ ok: true }) + '\n'); return; }
+      if (!sock.write(JSON.stringify({ rows }) + '\n')) { sock.once('drain', pump); return; }
+    }
+  };
+  pump();
+}
+
+function onConnection(sock: net.Socket): void {
+  let buf = '';
+  const send: Reply = (msg) => { if (!sock.destroyed) sock.write(JSON.stringify(msg) + '\n'); };
+  sock.on('error', () => {});
+  sock.on('data', (chunk) => {
+    buf += chunk;
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      handleRequestLine(line, send, sock);
+    }
+  });
+}
+
+function handleRequestLine(line: string, send: Reply, sock: net.Socket): void {
+  let req: Request;
+  try {
+    const v = JSON.parse(line);
+    if (!v || typeof v !== 'object' || typeof v.op !== 'string') throw new Error('no op');
+    req = v;
+  } catch {
+    send({ ok: false, code: EXIT_USAGE, error: 'malformed request: expected one JSON object with an "op" per line' });
+    return;
+  }
+  try {
+    if (req.op === 'stop') { sock.end(JSON.stringify({ ok: true, pid: process.pid }) + '\n', () => shutdown('stop requested')); return; }
+    if (handleRead(req, send, sock)) return;
+    if (req.op === 'add_workers') return void addWorkers(req, send);
+    submit({ kind: 'request', req, reply: send });
+  } catch (e) {
+    sendError(send, e);
+  }
+}
+
+/** add_slave: validate every host, check ssh logins in parallel unless told not to,
+ *  and add all of them or none. */
+function addWorkers(req: Request, send: Reply): void {
+  const list = req.workers;
+  if (!Array.isArray(list) || list.length === 0) throw usage('no hosts given');
+  const workers = list.map((w: { host?: unknown; slots?: unknown }) => {
+    if (typeof w?.host !== 'string') throw usage('a worker needs a host');
+    validateHost(w.host);
+    return { host: w.host, slots: num(w.slots ?? 1, 'slot count', 1) };
+  });
+  const go = () => submit({ kind: 'request', req: { ...req, workers }, reply: send });
+  if (req.skipCheck) return go();
+  Promise.all(workers.map((w) => probeHost(w.host, cfg.ssh))).then((errs) => {
+    const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
+    if (bad.length === 0) return go();
+    send({ ok: false, code: EXIT_FAILED, error: `ssh login check failed for ${bad.join(', ')}; no worker added`, hint: 'check with: ssh -o BatchMode=yes HOST true (keys, known_hosts), or add with --skip_ssh_auth_check' });
+  });
+}
+
+// ---- server life -------------------------------------------------------------
+
+/** Takes the data dir for this server: refuses if a live server owns it; clears what
+ *  a dead one left (its pid file and socket). */
+function lockDataDir(dataDir: string): void {
+  const pidFile = path.join(dataDir, 'server.pid');
+  for (let tries = 0; tries < 3; tries++) {
+    try {
+      fs.writeFileSync(pidFile, `${process.pid} ${processStart(process.pid) ?? 0}\n`, { flag: 'wx', mode: 0o600 });
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    const [pidText, startText] = fs.readFileSync(pidFile, 'utf8').trim().split(' ');
+    const pid = Number(pidText), started = processStart(pid);
+    if (pid > 0 && started !== null && (Number.isNaN(started) || !Number(startText) || Math.abs(started - Number(startText)) < 2000)) {
+      throw failure(`a server is already running on data dir '${dataDir}' (pid ${pid})`, 'stop it first with: cli.ts stop');
+    }
+    fs.rmSync(pidFile, { force: true });
+  }
+  throw failure(`cannot lock data dir '${dataDir}'`);
+}
+
+/** Where the socket of a data dir is, and how to reach it when its absolute path is too
+ *  long for a Unix socket (about 107 bytes): by a path relative to the data dir. */
+function socketPath(dataDir: string): { abs: string; usable: string; relative: boolean } {
+  const abs = path.join(dataDir, 'server.sock');
+  return Buffer.byteLength(abs) < 100 ? { abs, usable: abs, relative: false } : { abs, usable: 'server.sock', relative: true };
+}
+
+async function runServer(config: ServerConfig): Promise<void> {
+  cfg = config;
+  fs.mkdirSync(cfg.dataDir, { recursive: true, mode: 0o700 });
+  fs.chmodSync(cfg.dataDir, 0o700);
+  fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 });
+  fs.mkdirSync(cfg.logDir, { recursive: true });
+  lockDataDir(cfg.dataDir);
+  const release = () => { try { fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true }); } catch { /* best effort */ } };
+  let loaded: LoadResult;
+  try {
+    loaded = loadState(cfg.dataDir);
+  } catch (e) {
+    release();
+    throw e;
+  }
+  for (const w of loaded.warnings) process.stderr.write(`warning: ${w}\n`);
+  st = loaded.state;
+  journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize);
+  baseEnv = { ...process.env };
+  process.chdir(cfg.dataDir);
+  const sock = socketPath(cfg.dataDir);
+  fs.rmSync(sock.abs, { force: true });
+  server = net.createServer(onConnection);
+  await new Promise<void>((resolve, reject) => {
+    const old = process.umask(0o177);
+    server.once('error', reject);
+    server.listen(sock.relative ? sock.usable : sock.abs, () => resolve());
+    process.umask(old);
+  });
+  fs.chmodSync(sock.abs, 0o600);
+  server.on('error', (e) => log(`socket error: ${e.message}`));
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
+  process.on('SIGHUP', () => {});
+  adoptRunningJobs();
+  sweepRunDir();
+  if (journal.needsSnapshot()) takeSnapshot();
+  log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers`);
+  submit({ kind: 'tick' });
+}
+
+/** Removes run files of attempts that are not running (left by a crash after an end
+ *  was recorded but before its files were removed). */
+function sweepRunDir(): void {
+  for (const name of fs.readdirSync(path.join(cfg.dataDir, 'run'))) {
+    const m = /^(\d+)\.(\d+)\.(pid|exit)$/.exec(name);
+    const job = m ? st.jobs.get(Number(m[1])) : undefined;
+    if (!job || job.state !== 'running' || job.runs !== Number(m![2])) fs.rmSync(path.join(cfg.dataDir, 'run', name), { force: true });
+  }
+}
+
+function shutdown(why: string): void {
+  if (stopping) return;
+  stopping = true;
+  log(`stopping (${why}); ${procs.size} running job(s) keep running`);
+  if (inbox.length) flush();
+  server.close();
+  try { fs.rmSync(socketPath(cfg.dataDir).abs, { force: true }); } catch { /* gone */ }
+  try { fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true }); } catch { /* gone */ }
+  try { fs.closeSync(journal.fd); } catch { /* closed */ }
+  process.exit(0);
+}
+
+// ============================================================================
+// The client: commands and their output
+// ============================================================================
+
+type Ctx = { dataDir: string; out: NodeJS.WriteStream; err: NodeJS.WriteStream };
+
+/** Sends one request and calls onLine for every line before the final answer, which
+ *  the promise resolves to. ok:false answers become UserErrors. */
+export function request(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
+  const sock = socketPath(dataDir);
+  return new Promise((resolve, reject) => {
+    let conn: net.Socket;
+    if (sock.relative) {
+      const here = process.cwd();
+      try { process.chdir(dataDir); } catch { return reject(noServer(dataDir)); }
+      try { conn = net.connect(sock.usable); } finally { process.chdir(here); }
+    } else conn = net.connect(sock.usable);
+    let buf = '', settled = false;
+    const settle = (fn: () => void) => { if (!settled) { settled = true; fn(); } };
+    conn.setEncoding('utf8');
+    conn.on('connect', () => conn.write(JSON.stringify(msg) + '\n'));
+    conn.on('error', (e: NodeJS.ErrnoException) => settle(() => reject(
+      e.code === 'ENOENT' || e.code === 'ECONNREFUSED' ? noServer(dataDir) : failure(`cannot talk to the server: ${e.message}`))));
+    conn.on('data', (chunk) => {
+      buf += chunk;
+      let nl: number;
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const m = JSON.parse(buf.slice(0, nl)) as Record<string, unknown>;
+        buf = buf.slice(nl + 1);
+        if (m.ok === undefined) { onLine?.(m); continue; }
+        conn.end();
+        settle(() => (m.ok ? resolve(m) : reject(new UserError(Number(m.code) || EXIT_FAILED, String(m.error), m.hint as string | undefined))));
+      }
+    });
+    conn.on('close', () => settle(() => reject(failure('the server closed the connection without an answer'))));
+  });
+}
+const noServer = (dataDir: string) => new UserError(EXIT_NO_SERVER, `no server is running on data dir '${dataDir}'`, `start one with: cli.ts start ${shellQuote(dataDir)}`);
+
+type OptSpec = Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }>;
+type Parsed = { values: Record<string, string | boolean | string[] | undefined>; positionals: string[] };
+
+const GLOBAL_OPTIONS: OptSpec = {
+  'data-dir': { type: 'string' }, server_data_dir: { type: 'string' }, help: { type: 'boolean', short: 'h' },
+};
+
+/** Parses a command's words with node's parseArgs. With `stopAtPositional`, the first
+ *  positional word and everything after it are left alone (they belong to the job). */
+function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolean): Parsed {
+  const all = { ...GLOBAL_OPTIONS, ...options };
+  let own = args, rest: string[] = [];
+  if (stopAtPositional) {
+    const { tokens } = parseArgs({ args, options: all, strict: false, allowPositionals: true, tokens: true });
+    const first = tokens.find((t) => t.kind === 'positional' || t.kind === 'option-terminator');
+    if (first) {
+      own = args.slice(0, first.index);
+      rest = args.slice(first.kind === 'option-terminator' ? first.index + 1 : first.index);
+    }
+  }
+  try {
+    const { values, positionals } = parseArgs({ args: own, options: all, strict: true, allowPositionals: !stopAtPositional });
+    return { values: values as Parsed['values'], positionals: [...positionals, ...rest] };
+  } catch (e) {
+    throw usage((e as Error).message.split('\n')[0].replace(/\.$/, ''), 'see: cli.ts help');
+  }
+}
+
+const intOption = (v: unknown, name: string, min: number): number | undefined => {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (typeof v !== 'string' || !/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min) throw usage(`invalid ${name} ${quoteForError(String(v))}`, `${name} takes a whole number${min ? ` of at least ${min}` : ''}`);
+  return n;
+};
+
+/** Resolves a script against the submitting directory and checks it can run. */
+function resolveScript(script: string, cwd: string, where = ''): string {
+  const abs = path.resolve(cwd, script);
+  let stat: fs.Stats;
+  try { stat = fs.statSync(abs); } catch { throw failure(`no such script ${quoteForError(script)}${where}`); }
+  if (!stat.isFile()) throw failure(`not a file: ${quoteForError(script)}${where}`);
+  try { fs.accessSync(abs, fs.constants.X_OK); } catch { throw failure(`script is not executable: ${quoteForError(script)}${where}`, `make it executable with: chmod +x ${shellQuote(script)}`); }
+  return abs;
+}
+
+/** Reads an add_jobs file into job specs; an error names the line. */
+export function parseJobsFile(text: string, cwd: string, name: string): JobSpec[] {
+  const jobs: JobSpec[] = [];
+  const scripts = new Map<string, string>();
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    let words: string[];
+    try { words = splitWords(lines[i]); } catch (e) { throw failure(`${name} line ${i + 1}: ${(e as Error).message}`); }
+    if (words.length === 0) continue;
+    let abs = scripts.get(words[0]);
+    if (abs === undefined) { abs = resolveScript(words[0], cwd, ` (${name} line ${i + 1})`); scripts.set(words[0], abs); }
+    words[0] = abs;
+    jobs.push(words);
+  }
+  return jobs;
+}
+
+const color = (on: boolean) => (code: string, s: string) => (on ? `\x1b[${code}m${s}\x1b[0m` : s);
+const STATE_COLORS: Record<string, string> = { waiting: '2', running: '36', done: '32', failed: '31', killed: '33', up: '32', down: '31', draining: '33' };
+
+function useColor(stream: NodeJS.WriteStream): boolean {
+  return Boolean(stream.isTTY) && !process.env.NO_COLOR && process.env.TERM !== 'dumb';
+}
+
+export function formatDuration(ms: number): string {
+  if (ms < 10_000) return `${(Math.max(0, ms) / 1000).toFixed(1)}s`;
+  const s = Math.round(ms / 1000);
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`;
+  return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m`;
+}
+
+/** The human status: counts, one line per worker with its slot bar, the queue head. */
+export function formatStatus(s: StatusView, now: number, colorOn: boolean): string {
+  const c = color(colorOn);
+  const out: string[] = [];
+  const counts = s.counts;
+  out.push(`jobs: ${JOB_STATES.map((k) => `${counts[k]} ${c(STATE_COLORS[k], k)}`).join(', ')} (${counts.total} in all)`);
+  out.push(`workers: ${s.workers.length}${s.workers.length ? '' : ' (add some with: cli.ts add_slave HOST)'}`);
+  const width = Math.max(4, ...s.workers.map((w) => w.host.length));
+  for (const w of s.workers) {
+    const busy = new Set(w.running.map((r) => r.slot));
+    const bar = '[' + Array.from({ length: Math.max(w.slots, ...w.running.map((r) => r.slot + 1)) }, (_, i) => (busy.has(i) ? '*' : '.')).join('') + ']';
+    let state = c(STATE_COLORS[w.state], w.state.padEnd(8));
+    if (w.checking) state = c('33', 'checking');
+    let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`;
+    if (w.running.length) line += `  ${w.running.map((r) => r.id).join(' ')}`;
+    if (w.state === 'down') line += `  ${w.error ?? ''}${w.nextProbeAt ? `; next check in ${formatDuration(Date.parse(w.nextProbeAt) - now)}` : ''}`;
+    out.push(line);
+  }
+  if (s.queue.length) {
+    out.push(`queue (${counts.waiting} waiting, oldest first):`);
+    for (const q of s.queue) out.push(`  ${String(q.id).padStart(6)}  ${formatDuration(now - Date.parse(q.queuedAt)).padStart(6)} ago  ${q.command}`);
+    if (counts.waiting > s.queue.length) out.push(`  … and ${counts.waiting - s.queue.length} more`);
+  }
+  return out.join('\n') + '\n';
+}
+
+function formatTime(isoTime: string | null, now: number): string {
+  if (!isoTime) return '-';
+  const d = new Date(isoTime), today = new Date(now);
+  const hms = d.toTimeString().slice(0, 8);
+  return d.toDateString() === today.toDateString() ? hms : `${d.toISOString().slice(5, 10)} ${hms.slice(0, 5)}`;
+}
+
+export function formatJobRow(j: JobView, now: number, c: (code: string, s: string) => string): string {
+  const exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
+  const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
+  return [
+    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), (j.worker ?? '-').padEnd(15), exit.padStart(4),
+    String(j.attempts).padStart(5), formatTime(j.queuedAt, now).padEnd(11), (j.runtimeMs === null ? '-' : formatDuration(j.runtimeMs)).padStart(7), cmd,
+  ].join('  ');
+}
+
+async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.positionals.length > 2) throw usage('start takes at most DATA_DIR and LOG_DIR');
+  const dataDir = path.resolve(p.positionals[0] ?? ctx.dataDir);
+  const logDir = path.resolve(p.positionals[1] ?? (p.values['log-dir'] as string | undefined) ?? process.env.DJS_LOG_DIR ?? 'logs');
+  const grace = intOption(p.values['kill-grace'] ?? process.env.DJS_KILL_GRACE, 'kill grace', 0) ?? 10;
+  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, ssh: sshSettings(process.env) });
+  return -1; // keeps running
+}
+
+async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
+  if (!p.positionals.length) throw usage('add_slave needs at least one HOST[:SLOTS]');
+  const slots = intOption(p.values.slots, 'slot count', 1) ?? 1;
+  const workers = p.positionals.map((a) => parseWorkerArg(a, slots));
+  const r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
+  for (const w of workers) ctx.out.write(`added worker ${w.host} with ${w.slots} slot${w.slots === 1 ? '' : 's'}\n`);
+  return r.ok ? EXIT_OK : EXIT_FAILED;
+}
+
+async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
+  if (!p.positionals.length) throw usage('remove_slave needs at least one HOST');
+  if (p.values.wait && p.values.kill) throw usage('--wait and --kill exclude each other');
+  for (const h of p.positionals) validateHost(h);
+  const mode = p.values.wait ? 'wait' : p.values.kill ? 'kill' : null;
+  const r = await request(ctx.dataDir, { op: 'remove_workers', hosts: p.positionals, mode });
+  for (const w of r.workers as { host: string; running: number }[]) {
+    ctx.out.write(w.running === 0 ? `removed worker ${w.host}\n`
+      : mode === 'wait' ? `draining worker ${w.host}: it is removed when its ${w.running} running job(s) end\n`
+        : `stopping ${w.running} job(s) on worker ${w.host} (they are queued again); it is removed when they end\n`);
+  }
+  return EXIT_OK;
+}
+
+async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[]): Promise<void> {
+  const retries = intOption(p.values.retries, 'retries', 0) ?? 0;
+  const timeout = intOption(p.values.timeout, 'timeout', 1) ?? 0;
+  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: process.cwd(), retries, timeout, jobs });
+  const first = Number(r.first);
+  let text = '';
+  for (let i = 0; i < jobs.length; i++) {
+    text += `${first + i}\n`;
+    if (text.length > 65536) { ctx.out.write(text); text = ''; }
+  }
+  ctx.out.write(text);
+}
+
+async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
+  if (!p.positionals.length) throw usage('add_job needs a SCRIPT', 'usage: cli.ts add_job [--retries N] [--timeout S] SCRIPT [ARGS...]');
+  const [script, ...args] = p.positionals;
+  await sendJobs(ctx, p, [[resolveScript(script, process.cwd()), ...args]]);
+  return EXIT_OK;
+}
+
+async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.positionals.length !== 1) throw usage('add_jobs needs one FILE (or - for standard input)');
+  const name = p.positionals[0];
+  let text: string;
+  try { text = fs.readFileSync(name === '-' ? 0 : name, 'utf8'); } catch (e) { throw failure(`cannot read ${quoteForError(name)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
+  const jobs = parseJobsFile(text, process.cwd(), name === '-' ? 'standard input' : name);
+  if (jobs.length === 0) throw failure(`no jobs in ${quoteForError(name)}`);
+  await sendJobs(ctx, p, jobs);
+  return EXIT_OK;
+}
+
+const parseIds = (words: string[]) => words.map((w) => {
+  if (!/^\d+$/.test(w) || Number(w) < 1) throw usage(`invalid job id ${quoteForError(w)}`);
+  return Number(w);
+});
+
+async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
+  let msg: Record<string, unknown>;
+  if (p.values.id) {
+    msg = { op: 'remove_jobs', ids: parseIds(p.positionals) };
+    if (!p.positionals.length) throw usage('remove_job --id needs at least one ID');
+  } else {
+    if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
+    const [script, ...args] = p.positionals;
+    msg = { op: 'remove_jobs', script: path.resolve(process.cwd(), script), args };
+  }
+  const r = await request(ctx.dataDir, msg);
+  const ids = r.ids as number[];
+  ctx.out.write(`removed ${ids.length} job${ids.length === 1 ? '' : 's'}: ${ids.join(' ')}\n`);
+  return EXIT_OK;
+}
+
+async function cmdKill(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.values.all && p.positionals.length) throw usage('kill takes IDs or --all, not both');
+  if (!p.values.all && !p.positionals.length) throw usage('kill needs IDs or --all');
+  const r = await request(ctx.dataDir, p.values.all ? { op: 'kill', all: true } : { op: 'kill', ids: parseIds(p.positionals) });
+  const ids = r.ids as number[];
+  ctx.out.write(ids.length ? `killing ${ids.length} job${ids.length === 1 ? '' : 's'}: ${ids.join(' ')}\n` : 'no job to kill\n');
+  return EXIT_OK;
+}
+
+async function cmdRetry(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.values.failed && p.positionals.length) throw usage('retry takes IDs or --failed, not both');
+  if (!p.values.failed && !p.positionals.length) throw usage('retry needs IDs or --failed');
+  const r = await request(ctx.dataDir, p.values.failed ? { op: 'retry', failed: true } : { op: 'retry', ids: parseIds(p.positionals) });
+  const ids = r.ids as number[];
+  ctx.out.write(ids.length ? `queued again: ${ids.join(' ')}\n` : 'no failed job to retry\n');
+  return EXIT_OK;
+}
+
+async function cmdStatus(p: Parsed, ctx: Ctx): Promise<number> {
+  const r = await request(ctx.dataDir, { op: 'status' });
+  if (p.values.json) { const { ok: _ok, ...rest } = r; ctx.out.write(JSON.stringify(rest, null, 2) + '\n'); }
+  else ctx.out.write(formatStatus(r as unknown as StatusView, Date.now(), useColor(ctx.out)));
+  return EXIT_OK;
+}
+
+async function cmdList(p: Parsed, ctx: Ctx): Promise<number> {
+  const state = p.values.state as string | undefined;
+  if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(state)}`, `states are ${JOB_STATES.join(', ')}`);
+  const now = Date.now(), c = color(useColor(ctx.out)), json = Boolean(p.values.json);
+  let first = true;
+  if (json) ctx.out.write('[');
+  else ctx.out.write(`${'ID'.padStart(6)}  ${'STATE'.padEnd(7)}  ${'WORKER'.padEnd(15)}  EXIT  TRIES  ${'QUEUED'.padEnd(11)}  RUNTIME  COMMAND\n`);
+  await request(ctx.dataDir, { op: 'list', state }, (m) => {
+    const rows = m.rows as JobView[];
+    let text = '';
+    for (const row of rows) {
+      if (json) { text += (first ? '\n' : ',\n') + JSON.stringify(row); first = false; }
+      else text += formatJobRow(row, now, c) + '\n';
+    }
+    ctx.out.write(text);
+  });
+  if (json) ctx.out.write(first ? ']\n' : '\n]\n');
+  return EXIT_OK;
+}
+
+async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.positionals.length !== 1) throw usage('log needs one job ID');
+  const [id] = parseIds(p.positionals);
+  const follow = Boolean(p.values.follow);
+  let file = '', offset = 0;
+  const watch: { dir?: fs.FSWatcher } = {};
+  const pump = () => {
+    let fd: number;
+    try { fd = fs.openSync(file, 'r'); } catch { return; }
+    try {
+      const buf = Buffer.allocUnsafe(1 << 16);
+      let n: number;
+      while ((n = fs.readSync(fd, buf, 0, buf.length, offset)) > 0) { ctx.out.write(buf.subarray(0, n)); offset += n; }
+    } finally { fs.closeSync(fd); }
+  };
+  const r = await request(ctx.dataDir, { op: 'log', id, follow }, (m) => {
+    file = (m.info as { path: string }).path;
+    pump();
+    try { watch.dir = fs.watch(path.dirname(file), (_ev, name) => { if (!name || name === path.basename(file)) pump(); }); } catch { /* no watch: final read only */ }
+  });
+  watch.dir?.close();
+  if (!file) file = String(r.path);
+  pump();
+  return EXIT_OK;
+}
+
+async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
+  const ids = p.positionals.length ? parseIds(p.positionals) : undefined;
+  const tty = Boolean(ctx.err.isTTY);
+  const t0 = Date.now();
+  let firstEnded = -1, lastPlain = 0;
+  type Counts = Record<JobState | 'total' | 'missing', number>;
+  const describe = (c: Counts) => {
+    const ended = c.done + c.failed + c.killed + c.missing;
+    if (firstEnded < 0) firstEnded = ended;
+    const rate = (ended - firstEnded) / Math.max(0.001, (Date.now() - t0) / 1000);
+    const left = c.waiting + c.running;
+    const eta = rate > 0 ? `, about ${formatDuration((left / rate) * 1000)} left` : '';
+    return `${ended}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed, ${c.running} running, ${c.waiting} waiting — ${rate.toFixed(1)} jobs/s${eta}`;
+  };
+  const r = await request(ctx.dataDir, { op: 'wait', ids }, (m) => {
+    const line = describe(m.progress as Counts);
+    if (tty) ctx.err.write(`\r\x1b[K${line}`);
+    else if (Date.now() - lastPlain >= 10_000) { lastPlain = Date.now(); ctx.err.write(line + '\n'); }
+  });
+  const c = r.counts as Counts;
+  if (tty) ctx.err.write('\r\x1b[K');
+  ctx.err.write(`${c.done + c.failed + c.killed + c.missing}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed${c.missing ? `, ${c.missing} removed` : ''}\n`);
+  return r.allDone ? EXIT_OK : EXIT_FAILED;
+}
+
+async function cmdClean(p: Parsed, ctx: Ctx): Promise<number> {
+  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs) });
+  ctx.out.write(`forgot ${r.count} finished job${r.count === 1 ? '' : 's'}${p.values.logs ? ' and their logs' : ''}\n`);
+  return EXIT_OK;
+}
+
+async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
+  const r = await request(ctx.dataDir, { op: 'stop' });
+  // The server answers before it exits; wait until its socket is gone so that a
+  // `start` right after this one does not find it still there.
+  const pid = Number(r.pid);
+  const deadline = Date.now() + 10_000;
+  while (processStart(pid) !== null && Date.now() < deadline) await new Promise((res) => setTimeout(res, 20));
+  ctx.out.write(`stopped server ${pid}\n`);
+  return EXIT_OK;
+}
+
+type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; synopsis: string };
+const JOB_OPTIONS: OptSpec = { retries: { type: 'string' }, timeout: { type: 'string' } };
+const COMMANDS: Record<string, Command> = {
+  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' } }, synopsis: 'start [DATA_DIR] [LOG_DIR] [--log-dir DIR] [--kill-grace SECONDS]' },
+  stop: { run: cmdStop, options: {}, synopsis: 'stop' },
+  add_slave: { run: cmdAddWorkers, options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' } }, synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...' },
+  remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },
+  add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: 'add_job [--retries N] [--timeout SECONDS] SCRIPT [ARGS...]' },
+  add_jobs: { run: cmdAddJobs, options: JOB_OPTIONS, synopsis: 'add_jobs [--retries N] [--timeout SECONDS] FILE|-' },
+  remove_job: { run: cmdRemoveJob, options: { id: { type: 'boolean' } }, jobArgs: true, synopsis: 'remove_job SCRIPT [ARGS...] | remove_job --id ID...' },
+  kill: { run: cmdKill, options: { all: { type: 'boolean' } }, synopsis: 'kill ID... | kill --all' },
+  retry: { run: cmdRetry, options: { failed: { type: 'boolean' } }, synopsis: 'retry ID... | retry --failed' },
+  status: { run: cmdStatus, options: { json: { type: 'boolean' } }, synopsis: 'status [--json]' },
+  list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' } }, synopsis: 'list [--state STATE] [--json]' },
+  log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
+  wait: { run: cmdWait, options: {}, synopsis: 'wait [ID...]' },
+  clean: { run: cmdClean, options: { logs: { type: 'boolean' } }, synopsis: 'clean [--logs]' },
+};
+const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
+
+function helpText(): string {
+  return `usage: cli.ts [--data-dir DIR] COMMAND [OPTIONS] [ARGS]\n\ncommands:\n${Object.values(COMMANDS).map((c) => `  ${c.synopsis}`).join('\n')}\n\n` +
+    `--data-dir DIR (env DJS_DATA_DIR, default ./.data) selects the server on every command.\n` +
+    `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
+}
+
+// ============================================================================
+// main: parse, run, exit through one gate
+// ============================================================================
+
+/** The one exit: prints an error (one line, plus a hint) and returns the exit code. */
+function reportError(e: unknown, err: NodeJS.WriteStream): number {
+  const u = asUserError(e);
+  err.write(`error: ${u.message}\n`);
+  if (u.hint) err.write(`hint: ${u.hint}\n`);
+  return u.code;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const err = process.stderr, out = process.stdout;
+  try {
+    const { tokens } = parseArgs({ args: argv, options: GLOBAL_OPTIONS, strict: false, allowPositionals: true, tokens: true });
+    const cmdToken = tokens.find((t) => t.kind === 'positional');
+    const globals = parseCommand(cmdToken ? argv.slice(0, cmdToken.index) : argv, {}, false);
+    if (!cmdToken || globals.values.help || cmdToken.value === 'help') {
+      out.write(helpText());
+      return cmdToken || globals.values.help ? EXIT_OK : EXIT_USAGE;
+    }
+    if (globals.positionals.length) throw usage(`unexpected ${quoteForError(globals.positionals[0])}`);
+    const name = ALIASES[cmdToken.value] ?? cmdToken.value;
+    const cmd = COMMANDS[name];
+    if (!cmd) throw usage(`unknown command ${quoteForError(cmdToken.value)}`, `commands: ${Object.keys(COMMANDS).join(', ')}`);
+    const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false);
+    if (parsed.values.help) { out.write(`usage: cli.ts ${cmd.synopsis}\n`); return EXIT_OK; }
+    const dataDir = path.resolve(
+      (parsed.values['data-dir'] ?? parsed.values.server_data_dir ?? globals.values['data-dir'] ?? globals.values.server_data_dir ?? process.env.DJS_DATA_DIR ?? '.data') as string);
+    return await cmd.run(parsed, { dataDir, out, err });
+  } catch (e) {
+    return reportError(e, err);
+  }
+}
+
+const isMain = (() => {
+  try { return fs.realpathSync(process.argv[1] ?? '') === fs.realpathSync(fileURLToPath(import.meta.url)); } catch { return false; }
+})();
+
+if (isMain) {
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(0); });
+  main(process.argv.slice(2)).then((code) => {
+    if (code >= 0) process.exitCode = code;
+  });
+}

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# example_job.sh — a job for distributed-job-scheduler: count the words of one file on a worker.
+#
+# Usage:  example_job.sh INPUT_FILE
+#         (queued with:  ./cli.ts add_job ./example_job.sh data/book.txt)
+#
+# The scheduler runs it in the directory the job was submitted from, with JOB_ID and SLAVE_IP
+# set. It moves the data and runs the work on the worker itself, over ssh and rsync:
+#   1. makes a fresh job directory on the worker ($DJS_REMOTE_DIR, default .djs-work/job-$JOB_ID
+#      under the remote home);
+#   2. copies INPUT_FILE there;
+#   3. runs WORK (below) there: by default `wc -w`, writing the count to <name>.out;
+#   4. copies the result back to finished_work/<JOB_ID>_<name>.out (where <name> is INPUT_FILE's
+#      file name), creating finished_work/ in the current directory;
+#   5. removes the job directory on the worker — also when the work fails or the job is stopped.
+# File names may hold spaces, quotes or other odd characters, here and on the worker.
+#
+# Environment:
+#   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
+#   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
+#   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
+#   DJS_CONNECT_TIMEOUT  seconds to wait for the worker's sshd to answer (default 10); a worker
+#                        that stops answering mid-job is given up after about 20 s (ServerAlive)
+#   Test hooks, applied on the worker before the work:
+#   DJS_EXAMPLE_SLEEP=S  sleep S seconds first (a long-running job)
+#   DJS_EXAMPLE_FAIL=N   exit with code N instead of working (a failing job)
+#
+# Exit codes:
+#   0     done: the result is in finished_work/
+#   255   the worker could not be reached, or stopped answering: the worker failed, not the job
+#         (the scheduler requeues the job and checks the worker)
+#   2     usage: wrong arguments or environment
+#   130, 143  stopped by SIGINT, SIGTERM (the work on the worker is stopped and its directory removed)
+#   other the job failed: the work's own exit code (254 if the work itself exits 255), or
+#         rsync's when a copy fails on a reachable worker (1 when INPUT_FILE is unreadable)
+#
+# Adapting it to your own work: change WORK (it runs under sh on the worker, in the job
+# directory, with the input file's name as $1 and the result file's name as $2); if your work
+# needs more files, copy them in step 2 and fetch more results in step 4. Nothing else needs
+# to change. The worker needs sh, rsync and the tools WORK uses.
+#
+# Stopping: SIGTERM or SIGINT stop the work on the worker too: the remote command records its
+# process group (sshd starts every command as a session leader) in .pgid in the job directory,
+# and the trap signals that group over a second ssh connection. SIGKILL cannot be trapped: the
+# work then runs to its end on the worker and leaves its directory behind.
+
+set -euo pipefail
+
+# The work: runs under sh on the worker, in the job directory. $1 = input file, $2 = result file.
+WORK='words=$(wc -w < "$1") || exit
+printf "%s\n" $words > "$2"'
+
+# ---------------------------------------------------------------- arguments and environment
+
+die_usage() {
+	printf 'example_job.sh: %s\nusage: JOB_ID=N SLAVE_IP=HOST example_job.sh INPUT_FILE\n' "$1" >&2
+	exit 2
+}
+[[ $# -eq 1 ]] || die_usage 'expected one INPUT_FILE'
+[[ ${JOB_ID:-} =~ ^[0-9]+$ ]] || die_usage 'JOB_ID must be set to an integer'
+[[ -n ${SLAVE_IP:-} && ${SLAVE_IP} != -* ]] || die_usage 'SLAVE_IP must name the worker'
+[[ ${DJS_CONNECT_TIMEOUT:=10} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_CONNECT_TIMEOUT must be whole seconds'
+[[ ${DJS_EXAMPLE_SLEEP:-0} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die_usage 'DJS_EXAMPLE_SLEEP must be seconds'
+[[ ${DJS_EXAMPLE_FAIL:-1} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_EXAMPLE_FAIL must be a non-zero exit code'
+
+input=$1
+if [[ ! -f $input || ! -r $input ]]; then
+	printf "example_job.sh: cannot read input file '%s'\n" "$input" >&2
+	exit 1
+fi
+name=${input##*/}
+case $input in
+/*) source_path=$input ;;
+*) source_path=./$input ;; # rsync would take a colon before the first slash for host:path
+esac
+host=$SLAVE_IP
+remote_dir=${DJS_REMOTE_DIR:-.djs-work/job-$JOB_ID}
+result=$name.out
+local_result=finished_work/${JOB_ID}_$name.out
+
+# ---------------------------------------------------------------- ssh, rsync and quoting
+
+# shq WORD: WORD single-quoted for the worker's shell (any POSIX shell).
+shq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
+# rsq WORD: WORD quoted for rsync's -e parser (it splits at spaces; '' inside '…' is one ').
+rsq() { printf "'%s'" "${1//\'/\'\'}"; }
+
+# BatchMode: never prompt. ServerAlive: a worker that stops answering fails ssh with 255.
+ssh_options=(-o BatchMode=yes -o "ConnectTimeout=$DJS_CONNECT_TIMEOUT"
+	-o ServerAliveInterval=5 -o ServerAliveCountMax=4)
+if [[ -n ${DJS_SSH_CONFIG:-} ]]; then
+	ssh_options=(-F "$DJS_SSH_CONFIG" "${ssh_options[@]}")
+fi
+rsync_rsh=ssh
+for option in "${ssh_options[@]}"; do rsync_rsh+=" $(rsq "$option")"; done
+
+child=''
+# in_background CMD...: runs CMD as a child and waits, so a signal's trap runs at once.
+in_background() {
+	local rc=0
+	"$@" </dev/null &
+	child=$!
+	wait "$child" || rc=$?
+	child=''
+	return "$rc"
+}
+
+# on_worker COMMAND: runs the shell COMMAND on the worker; 255 means it was not reached.
+on_worker() { in_background ssh "${ssh_options[@]}" -- "$host" "$1"; }
+
+# copy FROM TO: rsync one file; exits 255 when the worker cannot be reached, or with rsync's
+# code when it is reachable (rsync missing there, a file missing, …).
+copy() {
+	local rc=0
+	in_background rsync --protect-args --times -e "$rsync_rsh" -- "$1" "$2" || rc=$?
+	case $rc in
+	0) return 0 ;;
+	255) finish 255 ;; # ssh's own failure, passed on by rsync
+	10 | 12 | 30 | 35) # socket, stream or timeout errors: the connection, or rsync on the worker?
+		on_worker true || finish 255
+		;;
+	esac
+	printf 'example_job.sh: rsync failed (%s) copying %s to %s\n' "$rc" "$1" "$2" >&2
+	finish "$rc"
+}
+
+# finish CODE: removes the job directory on the worker (unless it is unreachable), exits CODE.
+finish() {
+	trap - TERM INT
+	if ((made_remote_dir && $1 != 255)); then
+		on_worker "rm -rf -- $(shq "$remote_dir")" ||
+			printf "example_job.sh: could not remove '%s' on %s\n" "$remote_dir" "$host" >&2
+	fi
+	exit "$1"
+}
+
+# stop_job CODE: on SIGTERM/SIGINT, stops the work's process group on the worker, then finish.
+stop_job() {
+	trap - TERM INT
+	if [[ -n $child ]]; then kill "$child" 2>/dev/null || true; fi
+	local pgid_file
+	pgid_file=$(shq "$remote_dir/.pgid")
+	# TERM the group; give it 3 s to end, then KILL whatever is left.
+	on_worker "if p=\$(cat $pgid_file 2>/dev/null) && [ -n \"\$p\" ]; then
+		kill -TERM -\$p 2>/dev/null; n=0
+		while [ \$n -lt 3 ] && kill -0 -\$p 2>/dev/null; do sleep 1; n=\$((n + 1)); done
+		kill -KILL -\$p 2>/dev/null
+	fi; rm -rf -- $(shq "$remote_dir")" || true
+	made_remote_dir=0
+	finish "$1"
+}
+
+made_remote_dir=0
+trap 'stop_job 143' TERM
+trap 'stop_job 130' INT
+
+# ---------------------------------------------------------------- the job, step by step
+
+# 1. A fresh job directory on the worker (a retried job may find its old one).
+made_remote_dir=1 # from here on, stopping the job must clean up on the worker
+on_worker "rm -rf -- $(shq "$remote_dir") && mkdir -p -- $(shq "$remote_dir")" || finish "$?"
+
+# 2. The input.
+copy "$source_path" "$host:$remote_dir/"
+
+# 3. The work, in the job directory. Its shell leads its own process group (sshd starts it
+# in a new session), so .pgid is what stop_job signals. The work never exits 255: that code
+# means "worker unreachable".
+work="sh -c $(shq "$WORK") sh $(shq "$name") $(shq "$result")"
+if [[ -n ${DJS_EXAMPLE_FAIL:-} ]]; then work="(exit $DJS_EXAMPLE_FAIL)"; fi
+if [[ -n ${DJS_EXAMPLE_SLEEP:-} ]]; then work="sleep $DJS_EXAMPLE_SLEEP; $work"; fi
+on_worker "cd -- $(shq "$remote_dir") || exit 1
+echo \$\$ > .pgid || exit 1
+$work
+rc=\$?
+rm -f .pgid
+if [ \$rc -eq 255 ]; then rc=254; fi
+exit \$rc" || finish "$?"
+
+# 4. The result.
+mkdir -p finished_work
+copy "$host:$remote_dir/$result" "$local_result"
+
+# 5. Clean up on the worker.
+finish 0

@@ -1,0 +1,529 @@
+// Real ssh hosts for tier-3 tests: one sshd per loopback address.
+//
+// startHosts(n) starts n sshd processes as hosts 127.0.0.2, 127.0.0.3, …, all on one free
+// port above 1024, each bound to its own address, with generated host keys, a generated user
+// key and a generated ssh config: tests run `ssh -F hosts.sshConfig 127.0.0.2 …` and
+// `rsync -e 'ssh -F …'`. Every host has a scratch directory standing in for its disk: each
+// session runs in it with HOME set to it, so `ssh 127.0.0.2 pwd` prints host 2's scratch and
+// `rsync f 127.0.0.2:sub/` lands in it. Faults are real: kill() refuses connections, stop()
+// makes them hang before the banner, and hosts listed in noKeyHosts reject the user key.
+//
+// Files, under one short temporary directory (paths stay short and need no quoting):
+//   user_key, user_key.pub, known_hosts, ssh_config, authorized_keys, session.sh
+//   h2/host_key, h2/sshd_config, h2/sshd.log, h2/scratch/   (one hN per host, N = last octet)
+//
+// Processes: sshd forks a process per connection, each in its own session, so killing the
+// listener leaves them running. close() kills the listeners, the per-connection processes
+// (descendants of a listener, remembered at kill()) and every session process (marked by
+// DJS_TEST_HOSTS=<dir> in its environment), then removes the directory. Process exit does the
+// same for hosts a test forgot to close.
+//
+// Works as root (creates /run/sshd, sshd's privilege separation directory, when missing) and
+// as a normal user (sshd then runs unprivileged and admits only that user). Linux only (/proc).
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import type { TestContext } from 'node:test';
+
+// ---------------------------------------------------------------- vocabulary
+
+/** One host: an sshd listening on its own loopback address. */
+export interface TestHost {
+  /** The host's address, e.g. '127.0.0.2'; also its name in the ssh config. */
+  addr: string;
+  /** The host's disk: working directory and HOME of every session on it. */
+  scratch: string;
+  /** Kills the listening sshd: new connections are refused; open sessions go on. */
+  kill(): Promise<void>;
+  /** SIGSTOPs the listening sshd: new connections are accepted but the banner never comes. */
+  stop(): void;
+  /** SIGCONTs the listening sshd after stop(). */
+  cont(): void;
+  /** Starts the host's sshd again after kill(); resolves once it accepts logins. */
+  restart(): Promise<void>;
+}
+
+/** A set of hosts started together; close() ends every process they started. */
+export interface TestHosts {
+  /** ssh config file with a `Host <addr>` block per host: `ssh -F sshConfig <addr> …`. */
+  sshConfig: string;
+  /** The one port every host listens on. */
+  port: number;
+  /** The temporary directory holding keys, configs, logs and scratch directories. */
+  dir: string;
+  hosts: TestHost[];
+  /** Kills every process of these hosts (listeners, connections, sessions); removes dir. */
+  close(): Promise<void>;
+}
+
+export interface HostsOptions {
+  /** Indexes into hosts whose sshd rejects the user key ("Permission denied"). */
+  noKeyHosts?: number[];
+}
+
+/** What run() saw: exit code (null when killed by a signal), output, and duration. */
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+const MARKER = 'DJS_TEST_HOSTS';
+const READY_MS = 15_000;
+const CLOSE_MS = 5_000;
+const PORT_MIN = 20_000; // below Linux's ephemeral range (32768+), so outgoing connections don't hold it
+const PORT_SPAN = 12_000;
+
+// ---------------------------------------------------------------- tools present?
+
+/** Absolute path of an executable NAME on PATH, or '' when there is none. */
+function which(name: string): string {
+  for (const dir of (process.env.PATH ?? '').split(':')) {
+    const file = path.join(dir || '.', name);
+    try {
+      fs.accessSync(file, fs.constants.X_OK);
+      if (fs.statSync(file).isFile()) return path.resolve(file);
+    } catch {
+      // not in this directory
+    }
+  }
+  return '';
+}
+
+/** The sshd binary (sshd re-executes itself, so the path must be absolute), or ''. */
+function sshdPath(): string {
+  try {
+    fs.accessSync('/usr/sbin/sshd', fs.constants.X_OK);
+    return '/usr/sbin/sshd';
+  } catch {
+    return which('sshd');
+  }
+}
+
+/** Debian packages missing for real ssh hosts: openssh-server, openssh-client, rsync. */
+export function sshMissing(): string[] {
+  const missing: string[] = [];
+  if (!sshdPath()) missing.push('openssh-server');
+  if (!which('ssh') || !which('ssh-keygen')) missing.push('openssh-client');
+  if (!which('rsync')) missing.push('rsync');
+  return missing;
+}
+
+function missingMessage(missing: string[]): string {
+  return `real ssh hosts need ${missing.join(', ')}: apt-get install ${missing.join(' ')}`;
+}
+
+/**
+ * For `describe(name, { skip: sshSkip() }, …)`: a skip message naming the missing packages,
+ * or false when all are present. Under CI (CI=true) never skips: startHosts() then fails.
+ */
+export function sshSkip(): string | false {
+  const missing = sshMissing();
+  if (missing.length === 0 || process.env.CI === 'true') return false;
+  return missingMessage(missing);
+}
+
+/**
+ * Inside a test: skips it (returning true) when packages are missing; under CI (CI=true) a
+ * missing package fails the test instead.
+ */
+export function skipUnlessSsh(t: TestContext): boolean {
+  const missing = sshMissing();
+  if (missing.length === 0) return false;
+  if (process.env.CI === 'true') throw new Error(missingMessage(missing));
+  t.skip(missingMessage(missing));
+  return true;
+}
+
+// ---------------------------------------------------------------- small process helpers
+
+/** Runs CMD ARGS to completion (SIGKILL after timeoutMs, default 60 s); never rejects. */
+export function run(
+  cmd: string,
+  args: string[],
+  opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+): Promise<RunResult> {
+  const started = Date.now();
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
+    child.on('error', (err) => {
+      stderr += String(err);
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr, ms: Date.now() - started });
+    });
+  });
+}
+
+const delay = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/** Resolves when CHILD has exited (at once if it already has). */
+function exited(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  child.ref(); // keep the event loop alive while someone waits for it
+  return new Promise((resolve) => child.once('exit', () => resolve()));
+}
+
+function alive(child: ChildProcess | undefined): child is ChildProcess {
+  return child !== undefined && child.exitCode === null && child.signalCode === null;
+}
+
+interface Proc {
+  pid: number;
+  ppid: number;
+  start: string; // start time in clock ticks: with pid, identifies a process across pid reuse
+  zombie: boolean;
+}
+
+/** Every process in /proc (a snapshot; processes may vanish while it is read). */
+function readProcs(): Proc[] {
+  const procs: Proc[] = [];
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${name}/stat`, 'latin1');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields 3… of proc(5)
+      procs.push({ pid: Number(name), ppid: Number(fields[1]), start: fields[19], zombie: fields[0] === 'Z' });
+    } catch {
+      // gone already
+    }
+  }
+  return procs;
+}
+
+function argvOf(pid: number): string[] {
+  try {
+    const raw = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return raw.split('\0').slice(0, -1);
+  } catch {
+    return [];
+  }
+}
+
+function envHas(pid: number, entry: string): boolean {
+  try {
+    return fs.readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(entry);
+  } catch {
+    return false; // gone, or not ours to read
+  }
+}
+
+/** ROOTS and all their descendants among PROCS. */
+function withDescendants(roots: Set<number>, procs: Proc[]): Set<number> {
+  const all = new Set(roots);
+  let grew = true;
+  while (grew) {
+    grew = false;
+    for (const p of procs) {
+      if (!all.has(p.pid) && all.has(p.ppid)) {
+        all.add(p.pid);
+        grew = true;
+      }
+    }
+  }
+  return all;
+}
+
+/** Pids of live processes whose argv starts with exactly ARGV, e.g. ['sleep', '30.5']. */
+export function findProcesses(argv: string[]): number[] {
+  return readProcs()
+    .filter((p) => !p.zombie && p.pid !== process.pid)
+    .filter((p) => {
+      const args = argvOf(p.pid);
+      return argv.every((a, i) => args[i] === a);
+    })
+    .map((p) => p.pid);
+}
+
+// ---------------------------------------------------------------- starting hosts
+
+const open = new Set<{ killAll(): number; dir: string }>();
+let exitHookInstalled = false;
+
+/** Kills what every unclosed TestHosts started when the test process exits. */
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on('exit', () => {
+    for (const h of open) {
+      h.killAll();
+      fs.rmSync(h.dir, { recursive: true, force: true });
+    }
+  });
+}
+
+/** True when PORT can be bound on every one of ADDRS right now. */
+async function portFree(port: number, addrs: string[]): Promise<boolean> {
+  for (const addr of addrs) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const server = net.createServer();
+      server.once('error', () => resolve(false));
+      server.listen(port, addr, () => server.close(() => resolve(true)));
+    });
+    if (!ok) return false;
+  }
+  return true;
+}
+
+async function pickPort(addrs: string[]): Promise<number> {
+  for (let i = 0; i < 50; i++) {
+    const port = PORT_MIN + Math.floor(Math.random() * PORT_SPAN);
+    if (await portFree(port, addrs)) return port;
+  }
+  throw new Error(`no free port for ${addrs.join(', ')} in ${PORT_MIN}..${PORT_MIN + PORT_SPAN}`);
+}
+
+async function keygen(file: string): Promise<string> {
+  const r = await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'djs-test', '-f', file]);
+  if (r.code !== 0) throw new Error(`ssh-keygen failed for '${file}': ${r.stderr.trim()}`);
+  return fs.readFileSync(`${file}.pub`, 'utf8').trim();
+}
+
+/** Resolves when a connection to ADDR:PORT gets an SSH banner within a second. */
+function bannerComes(addr: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, addr);
+    const done = (ok: boolean) => {
+      socket.destroy();
+      resolve(ok);
+    };
+    socket.setTimeout(1000, () => done(false));
+    socket.once('data', (data) => done(data.toString('latin1').startsWith('SSH-')));
+    socket.once('error', () => done(false));
+  });
+}
+
+/**
+ * Starts N hosts (127.0.0.2 … 127.0.0.{N+1}) and resolves once every one answers: a real
+ * login for key hosts, an SSH banner for noKeyHosts. Rejects naming the package when ssh
+ * tools are missing.
+ */
+export async function startHosts(n: number, options: HostsOptions = {}): Promise<TestHosts> {
+  const missing = sshMissing();
+  if (missing.length > 0) throw new Error(missingMessage(missing));
+  if (!(n >= 1 && n <= 250)) throw new Error(`host count out of range '${n}'`);
+  const sshd = sshdPath();
+  if (process.getuid?.() === 0) fs.mkdirSync('/run/sshd', { recursive: true, mode: 0o755 });
+
+  const parent = /^[\w/.-]+$/.test(os.tmpdir()) ? os.tmpdir() : '/tmp';
+  const dir = fs.mkdtempSync(path.join(parent, 'djsh-'));
+  const user = os.userInfo().username;
+  const addrs = Array.from({ length: n }, (_, i) => `127.0.0.${i + 2}`);
+  const noKey = new Set(options.noKeyHosts ?? []);
+  const orphans = new Map<number, string>(); // per-connection sshd processes of killed listeners
+  const listeners: (ChildProcess | undefined)[] = [];
+
+  /** SIGKILLs every process of these hosts; returns how many live ones it found. */
+  function killAll(): number {
+    const procs = readProcs();
+    const byPid = new Map(procs.map((p) => [p.pid, p]));
+    const roots = new Set<number>();
+    for (const child of listeners) if (alive(child) && child.pid) roots.add(child.pid);
+    for (const [pid, start] of orphans) if (byPid.get(pid)?.start === start) roots.add(pid);
+    for (const p of procs) if (!p.zombie && envHas(p.pid, `${MARKER}=${dir}`)) roots.add(p.pid);
+    roots.delete(process.pid);
+    let live = 0;
+    for (const pid of withDescendants(roots, procs)) {
+      if (byPid.get(pid)?.zombie) continue;
+      live++;
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    return live;
+  }
+  const handle = { killAll, dir };
+  open.add(handle);
+  installExitHook();
+
+  try {
+    const port = await pickPort(addrs);
+    const userKey = path.join(dir, 'user_key');
+    const authorizedKeys = path.join(dir, 'authorized_keys');
+    const knownHosts = path.join(dir, 'known_hosts');
+    const sshConfig = path.join(dir, 'ssh_config');
+    const session = path.join(dir, 'session.sh');
+
+    const hostDirs = addrs.map((addr) => path.join(dir, `h${addr.split('.')[3]}`));
+    for (const d of hostDirs) fs.mkdirSync(path.join(d, 'scratch'), { recursive: true });
+    const [userPub, ...hostPubs] = await Promise.all([
+      keygen(userKey),
+      ...hostDirs.map((d) => keygen(path.join(d, 'host_key'))),
+    ]);
+    fs.writeFileSync(authorizedKeys, `${userPub}\n`, { mode: 0o600 });
+    fs.writeFileSync(
+      knownHosts,
+      addrs.map((addr, i) => `[${addr}]:${port} ${hostPubs[i].split(' ').slice(0, 2).join(' ')}\n`).join(''),
+    );
+    // Every session runs this (ForceCommand) with its host's scratch dir as $1.
+    fs.writeFileSync(
+      session,
+      [
+        '#!/bin/sh',
+        '# session.sh SCRATCH: runs the ssh command (or a login shell) in SCRATCH, with HOME=SCRATCH.',
+        'cd "$1" || exit 1',
+        'HOME=$1',
+        `${MARKER}=${dir}`,
+        `export HOME ${MARKER}`,
+        'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"; fi',
+        'exec "${SHELL:-/bin/sh}" -l',
+        '',
+      ].join('\n'),
+      { mode: 0o755 },
+    );
+    fs.writeFileSync(
+      sshConfig,
+      addrs
+        .map((addr) =>
+          [
+            `Host ${addr}`,
+            `  Port ${port}`,
+            `  User ${user}`,
+            `  IdentityFile ${userKey}`,
+            '  IdentitiesOnly yes',
+            '  IdentityAgent none',
+            `  UserKnownHostsFile ${knownHosts}`,
+            '  GlobalKnownHostsFile /dev/null',
+            '  StrictHostKeyChecking yes',
+            '  UpdateHostKeys no',
+            '  PasswordAuthentication no',
+            '  KbdInteractiveAuthentication no',
+            '  BatchMode yes',
+            '',
+          ].join('\n'),
+        )
+        .join('\n'),
+    );
+    addrs.forEach((addr, i) => {
+      fs.writeFileSync(
+        path.join(hostDirs[i], 'sshd_config'),
+        [
+          `ListenAddress ${addr}:${port}`,
+          `HostKey ${path.join(hostDirs[i], 'host_key')}`,
+          'PidFile none',
+          `AuthorizedKeysFile ${noKey.has(i) ? 'none' : authorizedKeys}`,
+          'PubkeyAuthentication yes',
+          'PasswordAuthentication no',
+          'KbdInteractiveAuthentication no',
+          'PermitRootLogin prohibit-password',
+          'UsePAM no',
+          'StrictModes no',
+          'UseDNS no',
+          'PrintMotd no',
+          'PrintLastLog no',
+          'X11Forwarding no',
+          'MaxStartups 200', // many jobs may connect at once
+          'LoginGraceTime 30',
+          `ForceCommand ${session} ${path.join(hostDirs[i], 'scratch')}`,
+          '',
+        ].join('\n'),
+      );
+    });
+
+    /** Starts host I's sshd in the foreground (-D), logging to its sshd.log. */
+    function spawnSshd(i: number): ChildProcess {
+      const log = fs.openSync(path.join(hostDirs[i], 'sshd.log'), 'a');
+      const child = spawn(sshd, ['-D', '-e', '-f', path.join(hostDirs[i], 'sshd_config')], {
+        stdio: ['ignore', log, log],
+      });
+      fs.closeSync(log);
+      child.on('error', () => {}); // shows up as an exit; waitReady reports the log
+      child.unref(); // a forgotten close() must not keep the test process alive
+      listeners[i] = child;
+      return child;
+    }
+
+    /** Resolves once host I answers (a login, or a banner for a no-key host); rejects at the deadline. */
+    async function waitReady(i: number): Promise<void> {
+      const deadline = Date.now() + READY_MS;
+      let last = '';
+      while (Date.now() < deadline) {
+        const child = listeners[i];
+        if (!alive(child)) {
+          const log = fs.readFileSync(path.join(hostDirs[i], 'sshd.log'), 'utf8').trim();
+          throw new Error(`sshd for ${addrs[i]} exited: ${log.split('\n').slice(-3).join(' | ')}`);
+        }
+        if (noKey.has(i)) {
+          if (await bannerComes(addrs[i], port)) return;
+        } else {
+          const r = await run('ssh', ['-F', sshConfig, '-o', 'ConnectTimeout=2', addrs[i], 'true'], {
+            timeoutMs: 5000,
+          });
+          if (r.code === 0) return;
+          last = r.stderr.trim();
+        }
+        await delay(25);
+      }
+      throw new Error(`sshd for ${addrs[i]} did not accept logins in ${READY_MS} ms: ${last}`);
+    }
+
+    const hosts: TestHost[] = addrs.map((addr, i) => ({
+      addr,
+      scratch: path.join(hostDirs[i], 'scratch'),
+      async kill() {
+        const child = listeners[i];
+        if (!alive(child)) return;
+        const procs = readProcs();
+        for (const pid of withDescendants(new Set([child.pid!]), procs)) {
+          const p = procs.find((q) => q.pid === pid);
+          if (pid !== child.pid && p && !p.zombie) orphans.set(pid, p.start);
+        }
+        child.kill('SIGKILL');
+        await exited(child);
+      },
+      stop() {
+        const child = listeners[i];
+        if (!alive(child)) throw new Error(`host not running '${addr}'`);
+        child.kill('SIGSTOP');
+      },
+      cont() {
+        const child = listeners[i];
+        if (!alive(child)) throw new Error(`host not running '${addr}'`);
+        child.kill('SIGCONT');
+      },
+      async restart() {
+        if (alive(listeners[i])) throw new Error(`host still running '${addr}'`);
+        spawnSshd(i);
+        await waitReady(i);
+      },
+    }));
+
+    addrs.forEach((_, i) => spawnSshd(i));
+    await Promise.all(addrs.map((_, i) => waitReady(i)));
+
+    return {
+      sshConfig,
+      port,
+      dir,
+      hosts,
+      async close() {
+        const deadline = Date.now() + CLOSE_MS;
+        while (killAll() > 0) {
+          if (Date.now() > deadline) throw new Error(`processes of hosts in '${dir}' survive SIGKILL`);
+          await delay(20);
+        }
+        await Promise.all(listeners.map((child) => (child ? exited(child) : undefined)));
+        open.delete(handle);
+        fs.rmSync(dir, { recursive: true, force: true });
+      },
+    };
+  } catch (err) {
+    killAll();
+    open.delete(handle);
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
+}
