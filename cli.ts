@@ -930,6 +930,9 @@ function flush(): void {
     lines.push(JSON.stringify({ n: st.seq, ...ev }));
     const ids = touchedBy(ev);
     if (ids === 'all') touchedAll = true; else for (const id of ids) touched.add(id);
+    // The run files of an attempt go only once its end is on disk: until then they are
+    // what tells a restarted server that the attempt ran.
+    if (ev.e === 'end') effects.push(() => removeRunFiles(ev.id, ev.run));
   };
 
   // 1. Requests and facts, in arrival order.
@@ -1197,8 +1200,11 @@ function endProc(id: number, proc: Proc, code: number | null, why?: string): voi
   sigkilled.delete(id);
   const t = Date.now();
   fact(why ? { e: 'end', t, id, run: proc.run, code, why } : { e: 'end', t, id, run: proc.run, code });
-  fs.rm(runFile(cfg.dataDir, id, proc.run, 'pid'), { force: true }, () => {});
-  fs.rm(runFile(cfg.dataDir, id, proc.run, 'exit'), { force: true }, () => {});
+}
+
+function removeRunFiles(id: number, run: number): void {
+  fs.rm(runFile(cfg.dataDir, id, run, 'pid'), { force: true }, () => {});
+  fs.rm(runFile(cfg.dataDir, id, run, 'exit'), { force: true }, () => {});
 }
 
 function signalJob(id: number, sig: NodeJS.Signals): void {

@@ -1,0 +1,327 @@
+// Tier 2: the guarantees of SPEC.md under real crashes. The server is killed with
+// SIGKILL at random moments while clients add jobs and jobs finish; restarted servers
+// must adopt what runs, record what ended, and run every acknowledged job exactly once.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
+
+/** The exit code a job script picks for its id, so the test can check what was recorded. */
+const codeFor = (id: number) => [0, 0, 1, 0, 7][id % 5];
+
+function jobScript(dir: string): string {
+  // Appends its id when it starts and again when it ends; sleeps a little (sometimes
+  // long enough to outlive a server), then exits with the code picked for its id.
+  return writeScript(dir, 'job.sh', `
+echo "$JOB_ID" >> "${dir}/started"
+sleep 0.0$(( JOB_ID % 10 ))
+[ $(( JOB_ID % 7 )) -eq 0 ] && sleep 0.4
+echo "$JOB_ID" >> "${dir}/ended"
+case $(( JOB_ID % 5 )) in 2) exit 1;; 4) exit 7;; *) exit 0;; esac`);
+}
+
+const readIds = (file: string) => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).map(Number) : []);
+
+function countsOf(ids: number[]): Map<number, number> {
+  const m = new Map<number, number>();
+  for (const id of ids) m.set(id, (m.get(id) ?? 0) + 1);
+  return m;
+}
+
+test('kill -9 at random moments: every acknowledged job runs exactly once, exit codes recorded, no slot leaks', { timeout: 300_000 }, async (t) => {
+  const dir = tempDir();
+  const script = jobScript(dir);
+  const acked = new Set<number>();
+  let server: TestServer | null = null;
+  const rounds = Number(process.env.DJS_TORTURE_ROUNDS ?? 30);
+  let seed = 12345;
+  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  try {
+    for (let round = 0; round < rounds; round++) {
+      server = await startServer({ dir });
+      if (round === 0) await server.ok(['add_slave', '--skip_ssh_auth_check', 'w1:3', 'w2:3']);
+      const dataDir = server.dataDir;
+      // Several concurrent clients: single adds and small batches.
+      let stopClients = false;
+      // The real client, and (to make many requests per round) clients that speak the
+      // socket protocol directly.
+      const cliClient = async () => {
+        while (!stopClients) {
+          const r = rand() < 0.5
+            ? await runCli(['--data-dir', dataDir, 'add_jobs', '-'], { cwd: dir, input: `${script} a\n${script} b\n${script} 'c d'\n` })
+            : await runCli(['--data-dir', dataDir, 'add_job', script, 'x'], { cwd: dir });
+          if (r.code === 0) for (const id of r.stdout.split('\n').filter(Boolean)) acked.add(Number(id));
+          else if (r.code !== 3 && r.code !== 1) throw new Error(`client failed unexpectedly (${r.code}): ${r.stderr}`);
+          else break; // the server is gone
+        }
+      };
+      const socketClient = async (k: number) => {
+        while (!stopClients) {
+          const n = 1 + Math.floor(rand() * 3);
+          let a: any;
+          try { a = await rawRequest(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
+          if (!a.ok) throw new Error(`add refused: ${a.error}`);
+          for (let i = 0; i < a.count; i++) acked.add(a.first + i);
+          await new Promise((r) => setTimeout(r, 5 + Math.floor(rand() * 20)));
+        }
+      };
+      const clients = [cliClient(), cliClient(), socketClient(1), socketClient(2), socketClient(3)];
+      // Kill at a random moment: sometimes right away (mid-start-up work), sometimes
+      // in the middle of bursts of adds and completions.
+      await new Promise((r) => setTimeout(r, Math.floor(rand() * 1500)));
+      await server.crash();
+      stopClients = true;
+      await Promise.all(clients);
+    }
+    // A last server runs everything that is left to the end.
+    server = await startServer({ dir });
+    const w = await server.cli(['wait']);
+    assert.ok(w.code === 0 || w.code === 1, `wait failed: ${w.stderr}`);
+    const jobs: any[] = await server.jobs();
+    const byId = new Map(jobs.map((j) => [j.id, j]));
+    const started = countsOf(readIds(path.join(dir, 'started')));
+    const ended = countsOf(readIds(path.join(dir, 'ended')));
+    t.diagnostic(`${rounds} crashes, ${acked.size} acknowledged jobs, ${jobs.length} in the state`);
+    assert.ok(acked.size > rounds * 5, `too few acknowledged adds to mean anything: ${acked.size}`);
+    for (const id of acked) {
+      const job = byId.get(id);
+      assert.ok(job, `acknowledged job ${id} was lost`);
+      assert.equal(started.get(id), 1, `job ${id} started ${started.get(id) ?? 0} times`);
+      assert.equal(ended.get(id), 1, `job ${id} ended ${ended.get(id) ?? 0} times`);
+      assert.equal(job.exitCode, codeFor(id), `job ${id}: recorded exit ${job.exitCode}, script chose ${codeFor(id)}`);
+      assert.equal(job.state, codeFor(id) === 0 ? 'done' : 'failed', `job ${id} state`);
+    }
+    // Jobs whose add was durable but not acknowledged may exist; they too ran once.
+    for (const [id, n] of started) assert.equal(n, 1, `job ${id} started ${n} times`);
+    for (const job of jobs) assert.equal(started.get(job.id), 1, `job ${job.id} (${job.state}) in the state did not run exactly once`);
+    // No slot leaks: nothing runs, and status agrees with the files.
+    const st = await server.status();
+    assert.equal(st.counts.running, 0);
+    assert.equal(st.counts.waiting, 0);
+    assert.equal(st.counts.total, jobs.length);
+    assert.equal(st.counts.done + st.counts.failed, started.size);
+    for (const wk of st.workers) assert.deepEqual(wk.running, [], `worker ${wk.host} still has jobs in its slots`);
+    assert.equal(fs.readdirSync(path.join(server.dataDir, 'run')).length, 0, 'run files left behind');
+  } finally {
+    await server?.stop();
+    killJobsUnder(dir);
+  }
+});
+
+test('a server killed while 8 jobs run: those that end with no server are recorded, the rest adopted, slots refilled', { timeout: 60_000 }, async () => {
+  const dir = tempDir();
+  // Each job waits for its own go-file, then exits with a code of its own.
+  const script = writeScript(dir, 'gated.sh', `
+echo $$ > "${dir}/pid.$JOB_ID"
+while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done
+exit $(( JOB_ID + 10 ))`);
+  let s = await startServer({ dir });
+  try {
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:4', 'b:4']);
+    for (let i = 0; i < 12; i++) await s.ok(['add_job', script]);
+    await until(async () => (await s.status()).counts.running === 8, '8 running jobs');
+    await until(() => [1, 2, 3, 4, 5, 6, 7, 8].every((id) => fs.existsSync(path.join(dir, `pid.${id}`))), 'all 8 scripts to start');
+    await s.crash();
+    // Half of them end while no server runs.
+    for (const id of [1, 3, 5, 7]) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+    await until(() => [1, 3, 5, 7].every((id) => {
+      const pid = Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8'));
+      try { process.kill(pid, 0); return false; } catch { return true; }
+    }), 'the released jobs to exit');
+    s = await s.restart();
+    const running = (await s.jobs()).filter((j) => j.state === 'running').map((j) => j.id).sort((a, b) => a - b);
+    // The ended ones are recorded at once; their slots go to jobs 9..12.
+    await until(async () => {
+      const jobs = await s.jobs();
+      return [1, 3, 5, 7].every((id) => jobs.find((j) => j.id === id)?.state === 'failed');
+    }, 'the jobs that ended without a server to be recorded');
+    await until(async () => (await s.status()).counts.running === 8, 'freed slots to be refilled');
+    assert.ok([2, 4, 6, 8].every((id) => running.includes(id)), `adopted jobs shown running after restart: ${running}`);
+    for (let id = 1; id <= 12; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+    const w = await s.cli(['wait']);
+    assert.equal(w.code, 1); // exit codes are 11.., so not done
+    const jobs = await s.jobs();
+    for (let id = 1; id <= 12; id++) {
+      const job = jobs.find((j) => j.id === id);
+      assert.equal(job.exitCode, id + 10, `job ${id} exit code`);
+      assert.equal(job.attempts, 1, `job ${id} attempts`);
+    }
+    const st = await s.status();
+    for (const wk of st.workers) assert.deepEqual(wk.running, []);
+  } finally {
+    await s.stop();
+    killJobsUnder(dir);
+  }
+});
+
+test('a reused pid is not taken for an adopted job', { timeout: 30_000 }, async () => {
+  const dir = tempDir();
+  const script = writeScript(dir, 'long.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
+  let s = await startServer({ dir });
+  try {
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
+    await s.ok(['add_job', script]);
+    await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
+    await s.crash();
+    // The job ends while no server runs, and its pid file is made to name a live
+    // process that started long after the file was written (a reused pid).
+    const pidFile = fs.readdirSync(path.join(s.dataDir, 'run')).find((n) => n.endsWith('.pid'))!;
+    const wrapperPid = Number(fs.readFileSync(path.join(s.dataDir, 'run', pidFile), 'utf8'));
+    fs.writeFileSync(path.join(dir, 'go'), '');
+    await until(() => { try { process.kill(wrapperPid, 0); return false; } catch { return true; } }, 'the job to end');
+    fs.rmSync(path.join(s.dataDir, 'run', pidFile.replace('.pid', '.exit')));
+    fs.writeFileSync(path.join(s.dataDir, 'run', pidFile), `${process.pid}\n`);
+    const old = new Date(Date.now() - 3600_000);
+    fs.utimesSync(path.join(s.dataDir, 'run', pidFile), old, old);
+    s = await s.restart();
+    const job = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded as ended');
+    assert.equal(job.state, 'failed');
+    assert.match(job.reason, /lost/);
+  } finally {
+    await s.stop();
+    killJobsUnder(dir);
+  }
+});
+
+test('a start that was journaled but never spawned is run once after a crash', { timeout: 30_000 }, async () => {
+  // Simulates a crash between "start is durable" and "process spawned": the journal
+  // says job 1 runs, but no wrapper ever claimed it.
+  const dir = tempDir();
+  const script = writeScript(dir, 'once.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
+  let s = await startServer({ dir });
+  try {
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
+    await s.stop();
+    const journal = path.join(s.dataDir, 'journal');
+    const lines = fs.readFileSync(journal, 'utf8').split('\n').filter(Boolean);
+    const n = lines.length; // header + events so far: the next event is n
+    const t = Date.now();
+    fs.appendFileSync(journal, [
+      JSON.stringify({ n, e: 'add', t, id: 1, cwd: dir, retries: 0, timeout: 0, jobs: [[script]] }),
+      JSON.stringify({ n: n + 1, e: 'start', t, id: 1, w: 'a', s: 0 }),
+    ].join('\n') + '\n');
+    s = await s.restart();
+    await until(async () => (await s.job(1))?.state === 'done', 'job 1 to run after the restart');
+    assert.deepEqual(readIds(path.join(dir, 'ran')), [1]);
+    const job = await s.job(1);
+    assert.equal(job.attempts, 1);
+  } finally {
+    await s.stop();
+    killJobsUnder(dir);
+  }
+});
+
+test('damaged state: a cut-off last line loads with a warning; garbage in the middle or a newer version stops start and changes nothing', { timeout: 60_000 }, async () => {
+  const dir = tempDir();
+  let s = await startServer({ dir });
+  const journal = path.join(s.dataDir, 'journal');
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'a', 'b', 'c']);
+  await s.stop();
+  // Cut off: half a line at the end.
+  fs.appendFileSync(journal, '{"n":99,"e":"wor');
+  s = await s.restart();
+  assert.match(s.output(), /cut-off line/);
+  assert.equal((await s.status()).workers.length, 3);
+  await s.stop();
+  // Garbage in the middle: start refuses, names file and line, changes no file.
+  const good = fs.readFileSync(journal, 'utf8').split('\n');
+  good.splice(2, 0, 'this is not json');
+  fs.writeFileSync(journal, good.join('\n'));
+  const before = fs.readFileSync(journal);
+  const r = await runCli(['start', s.dataDir, s.logDir], { cwd: dir });
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /journal' line 3/);
+  assert.deepEqual(fs.readFileSync(journal), before);
+  assert.ok(!fs.existsSync(path.join(s.dataDir, 'server.pid')), 'a refused start left its pid file');
+  // A newer format version.
+  const lines = before.toString().split('\n');
+  lines.splice(2, 1);
+  lines[0] = lines[0].replace('"version":1', '"version":99');
+  fs.writeFileSync(journal, lines.join('\n'));
+  const r2 = await runCli(['start', s.dataDir, s.logDir], { cwd: dir });
+  assert.equal(r2.code, 1);
+  assert.match(r2.stderr, /version 99/);
+});
+
+/** One request over the socket, without a client process (fast enough to loop). */
+function rawRequest(dataDir: string, msg: object): Promise<any> {
+  return new Promise((resolve, reject) => {
+    const c = net.connect(path.join(dataDir, 'server.sock'));
+    let buf = '';
+    c.on('connect', () => c.write(JSON.stringify(msg) + '\n'));
+    c.on('data', (d) => { buf += d; if (buf.includes('\n')) { c.end(); resolve(JSON.parse(buf.slice(0, buf.indexOf('\n')))); } });
+    c.on('error', reject);
+    c.on('close', () => reject(new Error('closed without an answer')));
+  });
+}
+
+function canMount(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  const probe = tempDir('djs-m-');
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', probe], { stdio: 'ignore' });
+    execFileSync('umount', [probe], { stdio: 'ignore' });
+    return true;
+  } catch { return false; }
+}
+
+test('disk trouble: a full data dir refuses changes, keeps the state, and recovers', { timeout: 60_000 }, async (t) => {
+  if (!canMount()) {
+    if (process.env.CI === 'true') assert.fail('this test needs root and tmpfs mounts in CI');
+    t.skip('needs root to mount a small tmpfs');
+    return;
+  }
+  const dir = tempDir();
+  const dataDir = path.join(dir, '.data');
+  fs.mkdirSync(dataDir);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dataDir]);
+  const script = writeScript(dir, 'gate.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
+  let s: TestServer | null = null;
+  try {
+    s = await startServer({ dir });
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
+    await s.ok(['add_job', script]);
+    await until(async () => (await s!.job(1))?.state === 'running', 'job 1 to run');
+    for (let i = 0; i < 10; i++) await s.ok(['add_job', script]); // waiting behind job 1
+    // Fill the disk.
+    const filler = path.join(dataDir, 'filler');
+    try { execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k'], { stdio: 'ignore' }); } catch { /* ENOSPC ends dd */ }
+    // An argument larger than a page, so the write cannot fit in the journal's last page.
+    const r = await s.cli(['add_job', script, 'x'.repeat(10_000)]);
+    assert.equal(r.code, 1, `add on a full disk: ${r.stdout} ${r.stderr}`);
+    assert.match(r.stderr, /cannot write the journal/);
+    // Use up the rest of the journal's last page: adds, then smaller kills, until refused.
+    let total = 11;
+    for (let i = 0; i < 100; i++) {
+      const a = await rawRequest(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
+      if (!a.ok) { assert.match(a.error, /cannot write the journal/); break; }
+      total++;
+    }
+    for (let id = 2; id < 12; id++) {
+      const k = await rawRequest(s.dataDir, { op: 'kill', ids: [id] });
+      if (!k.ok) { assert.match(k.error, /cannot write the journal/); break; }
+    }
+    assert.equal((await s.status()).counts.total, total, 'a refused add changed the state');
+    // Job 1 ends while the disk is full: its end (and the next start) cannot be written
+    // now, and are written once there is room again.
+    fs.writeFileSync(path.join(dir, 'go'), '');
+    await until(() => /[1-9]\d* outcome\(s\) kept for retry/.test(s!.output()), 'the end of job 1 to be refused by the full disk');
+    assert.equal((await s.job(1)).state, 'running', 'an end that was not written is not shown: ' + s.output());
+    fs.rmSync(filler);
+    const job = await until(async () => { const j = await s!.job(1); return j.state === 'failed' && j; }, 'the end of job 1 to be recorded');
+    assert.equal(job.exitCode, 3);
+    assert.equal((await s.ok(['add_job', script])).trim(), String(total + 1));
+    total++;
+    await s.cli(['wait']);
+    await s.stop();
+    s = await startServer({ dir });
+    assert.equal((await s.status()).counts.total, total, 'the state after restart');
+  } finally {
+    await s?.stop();
+    killJobsUnder(dir);
+    try { execFileSync('umount', ['-l', dataDir]); } catch { /* not mounted */ }
+  }
+});
