@@ -97,6 +97,7 @@ export const PROBE_BACKOFF_MAX_MS = 300_000;
 const QUEUE_HEAD = 10;
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
 const MAX_HOST_LENGTH = 255;
+const MAX_SLOTS = 10_000;
 
 export type Attempt = {
   n: number; worker: string; slot: number; startedAt: number; endedAt: number;
@@ -484,7 +485,7 @@ export function parseWorkerArg(arg: string, defaultSlots: number): { host: strin
   const m = /^(.*?)(?::(\d+))?$/.exec(arg)!;
   const host = m[1], slots = m[2] === undefined ? defaultSlots : Number(m[2]);
   validateHost(host);
-  if (!Number.isSafeInteger(slots) || slots < 1 || slots > 10_000) throw usage(`invalid slot count in ${quoteForError(arg)}`);
+  if (!Number.isSafeInteger(slots) || slots < 1 || slots > MAX_SLOTS) throw usage(`invalid slot count in ${quoteForError(arg)}`, `slots are 1 to ${MAX_SLOTS}`);
   return { host, slots };
 }
 
@@ -590,24 +591,28 @@ const damaged = (file: string, line: number, what: string) =>
   new DamagedState(EXIT_FAILED, `damaged state file '${file}' line ${line}: ${what}`,
     'nothing was changed; move the file aside or repair it, then start again');
 
-/** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line of a file, without
- *  holding the file in memory; returns the bytes after the last newline, if any. */
+/** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line of a file, reading
+ *  it in chunks (a line may be far longer than a chunk); returns the bytes after the
+ *  last newline, if any, and where they start. */
 function forEachLine(file: string, fn: (line: string, no: number, end: number) => void): { tail: Buffer; tailAt: number } {
   const fd = fs.openSync(file, 'r');
   try {
-    const chunk = Buffer.allocUnsafe(1 << 20);
-    let carry: Buffer = Buffer.alloc(0), offset = 0, no = 0, n: number;
-    while ((n = fs.readSync(fd, chunk, 0, chunk.length, null)) > 0) {
-      const buf: Buffer = carry.length ? Buffer.concat([carry, chunk.subarray(0, n)]) : chunk.subarray(0, n);
+    let parts: Buffer[] = [], offset = 0, no = 0, n: number;
+    for (;;) {
+      const chunk = Buffer.allocUnsafe(1 << 20);
+      if ((n = fs.readSync(fd, chunk, 0, chunk.length, null)) <= 0) break;
       let start = 0, nl: number;
-      while ((nl = buf.indexOf(10, start)) >= 0) {
-        offset += nl + 1 - start;
-        fn(buf.toString('utf8', start, nl), ++no, offset);
+      while ((nl = chunk.indexOf(10, start)) >= 0 && nl < n) {
+        const piece = chunk.subarray(start, nl);
+        const line = parts.length ? Buffer.concat([...parts, piece]) : piece;
+        parts = [];
+        offset += line.length + 1;
+        fn(line.toString('utf8'), ++no, offset);
         start = nl + 1;
       }
-      carry = Buffer.from(buf.subarray(start));
+      if (start < n) parts.push(chunk.subarray(start, n));
     }
-    return { tail: carry, tailAt: offset };
+    return { tail: Buffer.concat(parts), tailAt: offset };
   } finally {
     fs.closeSync(fd);
   }
@@ -1024,9 +1029,9 @@ function armTimer(): void {
 
 // ---- state-changing requests ------------------------------------------------
 
-const num = (v: unknown, name: string, min = 0): number => {
+const num = (v: unknown, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): number => {
   const n = typeof v === 'number' ? v : Number(v);
-  if (!Number.isSafeInteger(n) || n < min) throw usage(`invalid ${name} ${quoteForError(String(v))}`);
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw usage(`invalid ${name} ${quoteForError(String(v))}`);
   return n;
 };
 const idList = (v: unknown): number[] => {
@@ -1429,7 +1434,7 @@ function addWorkers(req: Request, send: Reply): void {
   const workers = list.map((w: { host?: unknown; slots?: unknown }) => {
     if (typeof w?.host !== 'string') throw usage('a worker needs a host');
     validateHost(w.host);
-    return { host: w.host, slots: num(w.slots ?? 1, 'slot count', 1) };
+    return { host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS) };
   });
   const go = () => submit({ kind: 'request', req: { ...req, workers }, reply: send });
   if (req.skipCheck) return go();
