@@ -155,7 +155,7 @@ export type Event =
   | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean }
   | { e: 'drain'; t: number; host: string }
   | { e: 'unworker'; t: number; host: string }
-  | { e: 'probe'; t: number; host: string; ok: boolean; err?: string };
+  | { e: 'probe'; t: number; host: string; ok: boolean; err?: string; max?: number }; // max: backoff cap, ms
 
 /** The one error type: a user-facing message, the exit code it maps to, and a hint. */
 export class UserError extends Error {
@@ -406,7 +406,8 @@ export function applyEvent(st: State, ev: Event): void {
       } else {
         if (w.state === 'up') { w.state = 'down'; w.since = ev.t; }
         w.error = ev.err ?? 'unreachable';
-        w.probeDelay = Math.min(PROBE_BACKOFF_MAX_MS, w.probeDelay ? w.probeDelay * 2 : PROBE_BACKOFF_MIN_MS);
+        const max = ev.max ?? PROBE_BACKOFF_MAX_MS;
+        w.probeDelay = Math.min(max, w.probeDelay ? w.probeDelay * 2 : PROBE_BACKOFF_MIN_MS);
         w.probeAt = ev.t + w.probeDelay;
       }
       break;
@@ -876,7 +877,7 @@ type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; e
 type Proc = { pid: number; run: number; child: ChildProcess | null };
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
-type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; ssh: SshSettings };
+type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; ssh: SshSettings };
 
 // All server state, in one place.
 let cfg: ServerConfig;
@@ -1223,7 +1224,7 @@ function runProbe(host: string): void {
     const w = st.workers.get(host);
     if (!w) return;
     if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
-    fact(err === null ? { e: 'probe', t: Date.now(), host, ok: true } : { e: 'probe', t: Date.now(), host, ok: false, err });
+    fact(err === null ? { e: 'probe', t: Date.now(), host, ok: true } : { e: 'probe', t: Date.now(), host, ok: false, err, max: cfg.probeMaxMs });
   });
 }
 
@@ -1700,7 +1701,8 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   const dataDir = path.resolve(p.positionals[0] ?? ctx.dataDir);
   const logDir = path.resolve(p.positionals[1] ?? (p.values['log-dir'] as string | undefined) ?? process.env.DJS_LOG_DIR ?? 'logs');
   const grace = intOption(p.values['kill-grace'] ?? process.env.DJS_KILL_GRACE, 'kill grace', 0) ?? 10;
-  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, ssh: sshSettings(process.env) });
+  const probeMax = intOption(process.env.DJS_PROBE_BACKOFF_MAX, 'DJS_PROBE_BACKOFF_MAX', 1) ?? PROBE_BACKOFF_MAX_MS / 1000;
+  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, ssh: sshSettings(process.env) });
   return -1; // keeps running
 }
 

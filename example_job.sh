@@ -15,12 +15,17 @@
 #   5. removes the job directory on the worker — also when the work fails or the job is stopped.
 # File names may hold spaces, quotes or other odd characters, here and on the worker.
 #
+# A worker named `local` or `localN` (local1, local2, ...) is this machine: the same steps run
+# here without ssh (cp instead of rsync), in $DJS_LOCAL_HOME (default $TMPDIR/djs-local-$UID),
+# so you can try the scheduler before setting up ssh keys:
+#   ./cli.ts add_slave --skip_ssh_auth_check local1:2 local2:2
+#
 # Environment:
 #   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
 #   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
 #   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
-#   DJS_CONNECT_TIMEOUT  seconds to wait for the worker's sshd to answer (default 10); a worker
-#                        that stops answering mid-job is given up after about 20 s (ServerAlive)
+#   DJS_SSH_TIMEOUT=T    seconds to wait for the worker's sshd to answer (default 10); a worker
+#                        that goes silent mid-job is given up after about 2T (ssh ServerAlive)
 #   Test hooks, applied on the worker before the work:
 #   DJS_EXAMPLE_SLEEP=S  sleep S seconds first (a long-running job)
 #   DJS_EXAMPLE_FAIL=N   exit with code N instead of working (a failing job)
@@ -37,7 +42,8 @@
 # Adapting it to your own work: change WORK (it runs under sh on the worker, in the job
 # directory, with the input file's name as $1 and the result file's name as $2); if your work
 # needs more files, copy them in step 2 and fetch more results in step 4. Nothing else needs
-# to change. The worker needs sh, rsync and the tools WORK uses.
+# to change. The worker needs a POSIX login shell (sh, bash, dash, zsh), rsync and the tools
+# WORK uses.
 #
 # Stopping: SIGTERM or SIGINT stop the work on the worker too: the remote command records its
 # process group (sshd starts every command as a session leader) in .pgid in the job directory,
@@ -47,6 +53,7 @@
 set -euo pipefail
 
 # The work: runs under sh on the worker, in the job directory. $1 = input file, $2 = result file.
+# shellcheck disable=SC2016 # expanded on the worker, not here
 WORK='words=$(wc -w < "$1") || exit
 printf "%s\n" $words > "$2"'
 
@@ -59,7 +66,7 @@ die_usage() {
 [[ $# -eq 1 ]] || die_usage 'expected one INPUT_FILE'
 [[ ${JOB_ID:-} =~ ^[0-9]+$ ]] || die_usage 'JOB_ID must be set to an integer'
 [[ -n ${SLAVE_IP:-} && ${SLAVE_IP} != -* ]] || die_usage 'SLAVE_IP must name the worker'
-[[ ${DJS_CONNECT_TIMEOUT:=10} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_CONNECT_TIMEOUT must be whole seconds'
+[[ ${DJS_SSH_TIMEOUT:=10} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_SSH_TIMEOUT must be whole seconds'
 [[ ${DJS_EXAMPLE_SLEEP:-0} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die_usage 'DJS_EXAMPLE_SLEEP must be seconds'
 [[ ${DJS_EXAMPLE_FAIL:-1} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_EXAMPLE_FAIL must be a non-zero exit code'
 
@@ -85,9 +92,10 @@ shq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
 # rsq WORD: WORD quoted for rsync's -e parser (it splits at spaces; '' inside '…' is one ').
 rsq() { printf "'%s'" "${1//\'/\'\'}"; }
 
-# BatchMode: never prompt. ServerAlive: a worker that stops answering fails ssh with 255.
-ssh_options=(-o BatchMode=yes -o "ConnectTimeout=$DJS_CONNECT_TIMEOUT"
-	-o ServerAliveInterval=5 -o ServerAliveCountMax=4)
+# BatchMode: never prompt. ServerAlive: a worker silent for about 2 x DJS_SSH_TIMEOUT fails
+# ssh with 255 (4 unanswered keepalives, one every T/2 seconds).
+ssh_options=(-o BatchMode=yes -o "ConnectTimeout=$DJS_SSH_TIMEOUT"
+	-o "ServerAliveInterval=$(((DJS_SSH_TIMEOUT + 1) / 2))" -o ServerAliveCountMax=4)
 if [[ -n ${DJS_SSH_CONFIG:-} ]]; then
 	ssh_options=(-F "$DJS_SSH_CONFIG" "${ssh_options[@]}")
 fi
@@ -105,13 +113,40 @@ in_background() {
 	return "$rc"
 }
 
+# A `local`/`localN` worker is this machine: its "home" is a local directory, its commands
+# run under sh in a new session (as sshd would start them), and copies are plain cp.
+local_home=''
+if [[ $host =~ ^local[0-9]*$ ]]; then
+	local_home=${DJS_LOCAL_HOME:-${TMPDIR:-/tmp}/djs-local-$(id -u)}
+	mkdir -p -- "$local_home"
+fi
+
 # on_worker COMMAND: runs the shell COMMAND on the worker; 255 means it was not reached.
-on_worker() { in_background ssh "${ssh_options[@]}" -- "$host" "$1"; }
+on_worker() {
+	if [[ -n $local_home ]]; then
+		in_background setsid -w sh -c "cd -- $(shq "$local_home") || exit 255; $1"
+	else
+		in_background ssh "${ssh_options[@]}" -- "$host" "$1"
+	fi
+}
+
+# local_path HOST:PATH: where PATH of the local worker is here.
+local_path() {
+	local p=${1#"$host:"}
+	if [[ $p == /* ]]; then printf '%s' "$p"; else printf '%s/%s' "$local_home" "$p"; fi
+}
 
 # copy FROM TO: rsync one file; exits 255 when the worker cannot be reached, or with rsync's
 # code when it is reachable (rsync missing there, a file missing, …).
 copy() {
 	local rc=0
+	if [[ -n $local_home ]]; then
+		local from=$1 to=$2
+		[[ $from == "$host:"* ]] && from=$(local_path "$from")
+		[[ $to == "$host:"* ]] && to=$(local_path "$to")
+		in_background cp -p -- "$from" "$to" || finish "$?"
+		return 0
+	fi
 	in_background rsync --protect-args --times -e "$rsync_rsh" -- "$1" "$2" || rc=$?
 	case $rc in
 	0) return 0 ;;
@@ -134,6 +169,7 @@ finish() {
 	exit "$1"
 }
 
+# shellcheck disable=SC2317 # called by the traps below
 # stop_job CODE: on SIGTERM/SIGINT, stops the work's process group on the worker, then finish.
 stop_job() {
 	trap - TERM INT
@@ -143,7 +179,7 @@ stop_job() {
 	# TERM the group; give it 3 s to end, then KILL whatever is left.
 	on_worker "if p=\$(cat $pgid_file 2>/dev/null) && [ -n \"\$p\" ]; then
 		kill -TERM -\$p 2>/dev/null; n=0
-		while [ \$n -lt 3 ] && kill -0 -\$p 2>/dev/null; do sleep 1; n=\$((n + 1)); done
+		while [ \$n -lt 30 ] && kill -0 -\$p 2>/dev/null; do sleep 0.1; n=\$((n + 1)); done
 		kill -KILL -\$p 2>/dev/null
 	fi; rm -rf -- $(shq "$remote_dir")" || true
 	made_remote_dir=0

@@ -9,6 +9,17 @@ import { findProcesses, run, sshSkip, startHosts, type TestHosts } from './hosts
 
 const CONNECT_TIMEOUT_S = 3;
 
+const delay = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/** Polls CHECK until it returns true; fails naming WHAT after MS milliseconds. */
+async function until(what: string, ms: number, check: () => boolean): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
+    await delay(25);
+  }
+}
+
 describe('ssh test hosts', { skip: sshSkip() }, () => {
   let h: TestHosts;
   let local: string;
@@ -83,6 +94,25 @@ describe('ssh test hosts', { skip: sshSkip() }, () => {
     assert.equal(again.code, 0, again.stderr);
   });
 
+  test('a stopped host silences open sessions: ServerAlive gives up with 255', async () => {
+    const host = h.hosts[1];
+    const session = run(
+      'ssh',
+      ['-F', h.sshConfig, '-o', 'ServerAliveInterval=1', '-o', 'ServerAliveCountMax=2', host.addr, 'touch up; sleep 20'],
+      { timeoutMs: 20_000 },
+    );
+    await until('the session to start', 5000, () => fs.existsSync(path.join(host.scratch, 'up')));
+    host.stop();
+    try {
+      const r = await session;
+      assert.equal(r.code, 255);
+      assert.match(r.stderr, /Timeout/);
+      assert.ok(r.ms < 10_000, `took ${r.ms} ms`);
+    } finally {
+      host.cont();
+    }
+  });
+
   test('a host without the key rejects the login with 255 and "Permission denied"', async () => {
     const r = await ssh(h.hosts[2].addr, 'true');
     assert.equal(r.code, 255);
@@ -95,7 +125,7 @@ describe('ssh test hosts', { skip: sshSkip() }, () => {
     // A session that outlives its connection: a detached remote sleep.
     const r = await run('ssh', ['-F', own.sshConfig, own.hosts[0].addr, `sleep ${marker} </dev/null >/dev/null 2>&1 &`]);
     assert.equal(r.code, 0, r.stderr);
-    assert.equal(findProcesses(['sleep', marker]).length, 1);
+    await until('the remote sleep', 5000, () => findProcesses(['sleep', marker]).length === 1);
     await own.hosts[0].kill();
     assert.equal(findProcesses(['sleep', marker]).length, 1, 'kill() stops the listener only');
     await own.close();

@@ -1,0 +1,158 @@
+// Tier 3: the scheduler on real workers — real sshd hosts on 127.0.0.2, 127.0.0.3, …
+// reached with real ssh and rsync by example_job.sh. Faults are real: a host's sshd is
+// killed (refuses) or SIGSTOPped (hangs).
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { startHosts, skipUnlessSsh, findProcesses, type TestHosts } from './hosts.ts';
+import { startServer, tempDir, writeScript, until, killJobsUnder, ROOT, type TestServer } from './server.ts';
+
+const EXAMPLE = path.join(ROOT, 'example_job.sh');
+
+/** Input files of different sizes, some with spaces in their names; returns name → words. */
+function makeInputs(dir: string, n: number): Map<string, number> {
+  fs.mkdirSync(path.join(dir, 'input'), { recursive: true });
+  const words = new Map<string, number>();
+  for (let i = 1; i <= n; i++) {
+    const name = i % 3 === 0 ? `part ${i} of run.txt` : `part${i}.txt`;
+    const count = (i * 37) % 500 + (i === 1 ? 100_000 : 0);
+    fs.writeFileSync(path.join(dir, 'input', name), Array.from({ length: count }, (_, k) => `w${k}`).join(i % 2 ? ' ' : '\n') + '\n');
+    words.set(name, count);
+  }
+  return words;
+}
+
+const jobsFile = (names: Iterable<string>, script = './example_job.sh') =>
+  [...names].map((n) => `${script} ${JSON.stringify(`input/${n}`)}`).join('\n') + '\n';
+
+/** A job script that runs example_job.sh with some environment of its own. */
+function variant(dir: string, name: string, env: string): string {
+  return writeScript(dir, name, `${env} exec ${JSON.stringify(EXAMPLE)} "$@"`);
+}
+
+async function setup(t: import('node:test').TestContext, n: number, opts: { noKeyHosts?: number[] } = {}) {
+  const hosts = await startHosts(n, opts);
+  const s = await startServer({ env: { DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2' } });
+  fs.copyFileSync(EXAMPLE, path.join(s.dir, 'example_job.sh'));
+  fs.chmodSync(path.join(s.dir, 'example_job.sh'), 0o755);
+  t.after(async () => { await s.stop(); killJobsUnder(s.dir); await hosts.close(); });
+  return { hosts, s };
+}
+
+const addr = (hosts: TestHosts, i: number) => hosts.hosts[i].addr;
+
+test('add_slave checks ssh logins first: a host without key access, one that refuses and one that hangs are named, and none is added', { timeout: 60_000 }, async (t) => {
+  if (skipUnlessSsh(t)) return;
+  const { hosts, s } = await setup(t, 4, { noKeyHosts: [1] });
+  await hosts.hosts[2].kill();
+  hosts.hosts[3].stop();
+  t.after(() => hosts.hosts[3].cont());
+  for (const [i, why] of [[1, /Permission denied/], [2, /refused/], [3, /timed out|no answer|banner/i]] as const) {
+    const t0 = Date.now();
+    const r = await s.cli(['add_slave', `${addr(hosts, 0)}:2`, addr(hosts, i)]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, new RegExp(`'${addr(hosts, i).replace(/\./g, '\\.')}'`));
+    assert.match(r.stderr, why);
+    assert.doesNotMatch(r.stderr, new RegExp(`'${addr(hosts, 0).replace(/\./g, '\\.')}'`), 'the good host is not named');
+    assert.ok(Date.now() - t0 < 15_000, `the check took ${Date.now() - t0} ms`);
+    assert.equal((await s.status()).workers.length, 0, 'a worker was added although a check failed');
+  }
+  // Host strings that ssh could read as options never reach it.
+  const marker = path.join(s.dir, 'pwned');
+  for (const bad of [`-oProxyCommand=touch ${marker}`, 'a;b', 'a b', '$(x)', "a'b"]) {
+    const r = await s.cli(['add_slave', '--skip_ssh_auth_check', '--', bad]);
+    assert.equal(r.code, 2, `host ${bad}: ${r.stderr}`);
+    assert.match(r.stderr, /invalid host/);
+  }
+  assert.equal(fs.existsSync(marker), false);
+  await s.ok(['add_slave', `${addr(hosts, 0)}:2`]);
+  assert.deepEqual((await s.status()).workers.map((w: any) => w.host), [addr(hosts, 0)]);
+});
+
+test('40 files over 3 hosts x 2 slots: every job done, right word counts, all hosts used; a failing remote command fails only its job', { timeout: 120_000 }, async (t) => {
+  if (skipUnlessSsh(t)) return;
+  const { hosts, s } = await setup(t, 3);
+  await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:2`)]);
+  const words = makeInputs(s.dir, 40);
+  const failing = variant(s.dir, 'failing_job.sh', 'DJS_EXAMPLE_FAIL=3');
+  const ids = (await s.ok(['add_jobs', '-'], { input: jobsFile(words.keys()) + `${failing} input/part1.txt\n` })).trim().split('\n').map(Number);
+  assert.equal(ids.length, 41);
+  const w = await s.cli(['wait']);
+  assert.equal(w.code, 1, 'one job failed, so wait exits 1');
+  const jobs = await s.jobs();
+  const failed = jobs.filter((j: any) => j.state !== 'done');
+  assert.deepEqual(failed.map((j: any) => [j.id, j.state, j.exitCode]), [[ids[40], 'failed', 3]]);
+  for (const [i, name] of [...words.keys()].entries()) {
+    const out = path.join(s.dir, 'finished_work', `${ids[i]}_${name}.out`);
+    assert.equal(fs.readFileSync(out, 'utf8').trim(), String(words.get(name)), `word count of ${name}`);
+  }
+  const used = new Set(jobs.map((j: any) => j.worker));
+  assert.equal(used.size, 3, `jobs ran on ${[...used]}`);
+  for (const h of hosts.hosts) {
+    const work = path.join(h.scratch, '.djs-work');
+    assert.deepEqual(fs.existsSync(work) ? fs.readdirSync(work) : [], [], `job dirs left on ${h.addr}`);
+  }
+});
+
+test('kill during a long remote command leaves no process and no directory on the host', { timeout: 60_000 }, async (t) => {
+  if (skipUnlessSsh(t)) return;
+  const { hosts, s } = await setup(t, 1);
+  await s.ok(['add_slave', addr(hosts, 0)]);
+  makeInputs(s.dir, 1);
+  const slow = variant(s.dir, 'slow_job.sh', 'DJS_EXAMPLE_SLEEP=37.5');
+  const id = (await s.ok(['add_job', slow, 'input/part1.txt'])).trim();
+  await until(() => findProcesses(['sleep', '37.5']).length > 0, 'the remote sleep to run');
+  const jobDir = path.join(hosts.hosts[0].scratch, '.djs-work', `job-${id}`);
+  assert.ok(fs.existsSync(jobDir));
+  await s.ok(['kill', id]);
+  const job = await until(async () => { const j = await s.job(id); return j.state !== 'running' && j; }, 'the job to end');
+  assert.equal(job.state, 'killed');
+  await until(() => findProcesses(['sleep', '37.5']).length === 0, 'no remote process left');
+  assert.equal(fs.existsSync(jobDir), false, 'the remote job dir was left behind');
+});
+
+/** Runs 60 jobs over 3 hosts and breaks host 2 (index 1) mid-run with `fault`; every
+ *  job must end done, the host must go down, and come back up once healed. */
+async function runWithFault(t: import('node:test').TestContext, fault: (h: TestHosts['hosts'][number]) => Promise<void> | void, heal: (h: TestHosts['hosts'][number]) => Promise<void> | void) {
+  const { hosts, s } = await setup(t, 3);
+  await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:2`)]);
+  const words = makeInputs(s.dir, 60);
+  const paced = variant(s.dir, 'paced_job.sh', 'DJS_EXAMPLE_SLEEP=0.3');
+  const ids = (await s.ok(['add_jobs', '-'], { input: jobsFile(words.keys(), paced) })).trim().split('\n').map(Number);
+  const broken = hosts.hosts[1];
+  await until(async () => (await s.status()).counts.done >= 6, 'the run to get going', 60_000);
+  await fault(broken);
+  await until(async () => (await s.status()).workers.find((w: any) => w.host === broken.addr)?.state === 'down', `${broken.addr} to be down`, 60_000);
+  const w = await s.cli(['wait']);
+  assert.equal(w.code, 0, `wait: ${w.stderr}`);
+  const jobs = await s.jobs();
+  for (const [i, name] of [...words.keys()].entries()) {
+    const job = jobs.find((j: any) => j.id === ids[i]);
+    assert.equal(job.state, 'done', `job ${job.id}: ${job.reason}`);
+    assert.equal(fs.readFileSync(path.join(s.dir, 'finished_work', `${ids[i]}_${name}.out`), 'utf8').trim(), String(words.get(name)));
+  }
+  const st = await s.status();
+  const bw = st.workers.find((x: any) => x.host === broken.addr);
+  assert.equal(bw.state, 'down');
+  assert.ok(bw.error, 'a down worker says why');
+  // Healed, it comes back by itself (probes back off, here to at most 2 s) and takes jobs again.
+  await heal(broken);
+  await until(async () => (await s.status()).workers.find((x: any) => x.host === broken.addr)?.state === 'up', `${broken.addr} to be up again`, 60_000, 200);
+  const more = (await s.ok(['add_jobs', '-'], { input: jobsFile([...words.keys()].slice(0, 6), paced) })).trim().split('\n').map(Number);
+  assert.equal((await s.cli(['wait', ...more.map(String)])).code, 0);
+  const after = await s.jobs();
+  assert.ok(after.some((j: any) => more.includes(j.id) && j.worker === broken.addr), 'the healed host took jobs');
+}
+
+test('a host whose sshd dies mid-run: the run finishes on the others, the host is down, then up again when sshd is back', { timeout: 180_000 }, async (t) => {
+  if (skipUnlessSsh(t)) return;
+  await runWithFault(t, (h) => h.kill(), (h) => h.restart());
+});
+
+test('a host that hangs mid-run (SIGSTOP): no job stays stuck on it, the run finishes, the host comes back after SIGCONT', { timeout: 180_000 }, async (t) => {
+  if (skipUnlessSsh(t)) return;
+  await runWithFault(t, (h) => h.stop(), (h) => h.cont());
+});
+
+after(() => { /* hosts and servers are closed by each test's t.after */ });
