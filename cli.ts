@@ -1,5 +1,5 @@
 #!/bin/sh
-":" //; d=$(dirname "$(readlink -f "$0")"); exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript)await import('file://$d/node_modules/tsx/dist/loader.mjs')" "$0" "$@"
+":" //; d=$(dirname "$(readlink -f "$0")"); exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript)await import('file://$d/node_modules/tsx/dist/loader.mjs').catch(()=>{process.stderr.write('error: this Node.js cannot run TypeScript by itself: run npm ci in $d (for tsx), or use Node 22.18 or newer\\n');process.exit(2)})" "$0" "$@"
 /*
  * djs — a distributed job scheduler for the machines you can ssh into.
  *
