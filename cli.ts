@@ -353,9 +353,10 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job) continue;
-        if (job.state === 'running' && job.stopping !== 'user') {
+        if (job.state === 'running' && (job.stopping === null || ev.why === 'user')) {
+          // A user's kill overrides a timeout or requeue under way (and keeps its deadline).
+          if (job.stopping === null) job.killAt = ev.t + ev.grace;
           job.stopping = ev.why;
-          job.killAt = ev.t + ev.grace;
         } else if (job.state === 'waiting' && ev.why === 'user') {
           settle(st, job, 'killed', 'killed before it started', ev.t);
         }
@@ -384,7 +385,11 @@ export function applyEvent(st: State, ev: Event): void {
       while (w.running.length < ev.slots) w.running.push(0);
       while (w.running.length > w.slots && w.running[w.running.length - 1] === 0) w.running.pop();
       if (w.state === 'draining') { w.state = 'up'; w.since = ev.t; }
-      if (!ev.ssh && w.state === 'down') { w.state = 'up'; w.probeAt = 0; w.error = null; w.since = ev.t; }
+      if (!ev.ssh) {
+        // Not checked over ssh any more: whatever a probe said or is about to say is moot.
+        if (w.state === 'down') { w.state = 'up'; w.since = ev.t; }
+        w.probeAt = 0; w.probeDelay = 0; w.error = null;
+      }
       break;
     }
     case 'drain': {
@@ -399,7 +404,7 @@ export function applyEvent(st: State, ev: Event): void {
       break;
     case 'probe': {
       const w = st.workers.get(ev.host);
-      if (!w) break;
+      if (!w || !w.ssh) break;
       if (ev.ok) {
         if (w.state === 'down') { w.state = 'up'; w.since = ev.t; }
         w.probeAt = 0; w.probeDelay = 0; w.error = null;
@@ -483,7 +488,7 @@ export function validateHost(host: string): void {
 
 /** Splits HOST[:SLOTS] into its parts; `[v6]:SLOTS` keeps the brackets on the host. */
 export function parseWorkerArg(arg: string, defaultSlots: number): { host: string; slots: number } {
-  const m = /^(.*?)(?::(\d+))?$/.exec(arg)!;
+  const m = /^([\s\S]*?)(?::(\d+))?$/.exec(arg)!;
   const host = m[1], slots = m[2] === undefined ? defaultSlots : Number(m[2]);
   validateHost(host);
   if (!Number.isSafeInteger(slots) || slots < 1 || slots > MAX_SLOTS) throw usage(`invalid slot count in ${quoteForError(arg)}`, `slots are 1 to ${MAX_SLOTS}`);

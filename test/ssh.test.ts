@@ -1,12 +1,12 @@
 // Tier 3: the scheduler on real workers — real sshd hosts on 127.0.0.2, 127.0.0.3, …
 // reached with real ssh and rsync by example_job.sh. Faults are real: a host's sshd is
 // killed (refuses) or SIGSTOPped (hangs).
-import { test, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { startHosts, skipUnlessSsh, findProcesses, type TestHosts } from './hosts.ts';
-import { startServer, tempDir, writeScript, until, killJobsUnder, ROOT, type TestServer } from './server.ts';
+import { startServer, writeScript, until, killJobsUnder, ROOT } from './server.ts';
 
 const EXAMPLE = path.join(ROOT, 'example_job.sh');
 
@@ -155,4 +155,3 @@ test('a host that hangs mid-run (SIGSTOP): no job stays stuck on it, the run fin
   await runWithFault(t, (h) => h.stop(), (h) => h.cont());
 });
 
-after(() => { /* hosts and servers are closed by each test's t.after */ });

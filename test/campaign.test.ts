@@ -1,0 +1,393 @@
+// Tier 2: steering a run — kill, retries, worker failures (exit 255), timeouts, retry,
+// removing workers, wait, log -f and clean, on fake workers (--skip_ssh_auth_check).
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { describe, test, type TestContext } from 'node:test';
+import {
+  alive, cleanUp, readIf, socketClients, spawnCli, startServer, until, within, writeScript, type TestServer,
+} from './server.ts';
+
+/** A server for one test, ended (with its jobs and dir) when the test ends. */
+async function serve(t: TestContext, opts: Parameters<typeof startServer>[0] = {}): Promise<TestServer> {
+  const s = await startServer(opts);
+  t.after(() => cleanUp(s));
+  return s;
+}
+
+const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
+const addJob = async (s: TestServer, ...args: string[]) => (await s.ok(['add_job', ...args])).trim();
+
+/** Waits until the file go.$JOB_ID appears in its cwd, after writing its pid to
+ *  pid.$JOB_ID (each run overwrites it); exits with $1 if that is a number. */
+const BLOCKING = `echo $$ > "pid.$JOB_ID"
+echo "job $JOB_ID running on $SLAVE_IP"
+while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
+case "$1" in [0-9]*) exit "$1" ;; esac`;
+
+/** Counts its runs in count.$JOB_ID and fails (exit $1, default 1) until run $2 (default 3). */
+const FLAKY = `n=$(( $(cat "count.$JOB_ID" 2>/dev/null || echo 0) + 1 ))
+echo $n > "count.$JOB_ID"
+echo "try $n on $SLAVE_IP"
+[ "$n" -ge "\${2:-3}" ] || exit "\${1:-1}"`;
+
+const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');
+const pidOf = async (s: TestServer, id: string | number) =>
+  Number(await until(() => readIf(path.join(s.dir, `pid.${id}`)).trim(), `job ${id} to write its pid`));
+/** Waits for job id to finish (with `wait`, so nothing polls) and checks how it ended. */
+async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
+  await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
+  const job = await s.job(id);
+  assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
+  return job;
+}
+const workerHosts = async (s: TestServer) => (await s.status()).workers.map((w: { host: string }) => w.host).sort();
+
+describe('steering a campaign', { concurrency: 4 }, () => {
+  test('kill ID: SIGTERM to the whole process group; kill --all; a finished job cannot be killed', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'term.sh', `trap 'echo "TERM received" > "term.$JOB_ID"; exit 143' TERM
+sleep 300 &
+echo $! > "child.$JOB_ID"
+echo $$ > "pid.$JOB_ID"
+wait`);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1:2');
+    const id = await addJob(s, './term.sh');
+    const pid = await pidOf(s, id);
+    const child = Number(await until(() => readIf(path.join(s.dir, `child.${id}`)).trim(), 'the child sleep'));
+    assert.ok(alive(child));
+    const r = await s.cli(['kill', id]);
+    assert.equal(r.code, 0, r.stderr);
+    await untilState(s, id, 'killed');
+    assert.match(readIf(path.join(s.dir, `term.${id}`)), /TERM received/);
+    await until(() => !alive(pid) && !alive(child), 'the script and its child to be gone', 5000);
+
+    const [a, b, c] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n./block.sh\n' })).trim().split('\n');
+    const pids = [await pidOf(s, a), await pidOf(s, b)];
+    assert.equal((await s.job(c)).state, 'waiting');
+    const all = await s.cli(['kill', '--all']);
+    assert.equal(all.code, 0, all.stderr);
+    assert.equal((await within(s.cli(['wait', a, b, c]), 15_000, 'the killed jobs to end')).code, 1);
+    const jobs = (await s.jobs()).filter((j) => [a, b, c].includes(String(j.id)));
+    assert.deepEqual(jobs.map((j) => j.state), ['killed', 'killed', 'killed']);
+    await until(() => pids.every((p) => !alive(p)), 'killed jobs to be gone', 5000);
+    assert.equal(jobs[2].attempts, 0, 'a waiting job is killed without running');
+    assert.equal(fs.existsSync(path.join(s.dir, `pid.${c}`)), false);
+
+    const again = await s.cli(['kill', id]);
+    assert.equal(again.code, 1, 'a finished job cannot be killed');
+    assert.match(again.stderr, /^error: /m);
+    assert.equal((await s.cli(['kill', '9999'])).code, 1);
+    assert.equal((await s.job(id)).state, 'killed');
+  });
+
+  test('kill ID: a job that ignores SIGTERM gets SIGKILL after the grace period', async (t) => {
+    const s = await serve(t, { args: ['--kill-grace', '2'] });
+    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
+echo $$ > "pid.$JOB_ID"
+while :; do sleep 0.05; done`);
+    await addWorkers(s, 'w1');
+    const id = await addJob(s, './stubborn.sh');
+    const pid = await pidOf(s, id);
+    const t0 = Date.now();
+    assert.equal((await s.cli(['kill', id])).code, 0);
+    assert.ok(alive(pid) || Date.now() - t0 > 1500, 'SIGTERM alone does not stop it');
+    await untilState(s, id, 'killed', 8000); // well before the default grace of 10 s
+    assert.equal(alive(pid), false);
+    const job = await s.job(id);
+    assert.equal(job.exitCode, 128 + 9, 'ended by SIGKILL');
+  });
+
+  test('kill and --timeout reach jobs that a restarted server adopted', async (t) => {
+    const s = await serve(t, { args: ['--kill-grace', '1'] });
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
+echo $$ > "pid.$JOB_ID"
+while :; do sleep 0.05; done`);
+    await addWorkers(s, 'w1:3');
+    const k = await addJob(s, './block.sh');
+    const hard = await addJob(s, './stubborn.sh');
+    const slow = await addJob(s, '--timeout', '3', './block.sh');
+    const pids = [await pidOf(s, k), await pidOf(s, hard), await pidOf(s, slow)];
+    assert.equal((await s.cli(['stop'])).code, 0);
+    await s.exited;
+    assert.ok(pids.every(alive));
+    const s2 = await s.restart();
+    t.after(() => s2.crash());
+    assert.equal((await s2.cli(['kill', k, hard])).code, 0);
+    await untilState(s2, k, 'killed', 5000);
+    await untilState(s2, hard, 'killed', 8000);
+    await untilState(s2, slow, 'failed', 10_000);
+    assert.match(String((await s2.job(slow)).reason), /timeout/);
+    await until(() => pids.every((p) => !alive(p)), 'the adopted jobs to be gone', 5000);
+  });
+
+  test('--retries 2: fails twice, done on the third attempt, the retry on another worker; history and log', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'flaky.sh', FLAKY);
+    await addWorkers(s, 'w1', 'w2');
+    const id = await addJob(s, '--retries', '2', './flaky.sh');
+    const never = await addJob(s, '--retries', '1', './flaky.sh', '4', '99');
+    assert.equal((await s.cli(['wait', id])).code, 0);
+    const job = await s.job(id);
+    assert.equal(job.state, 'done');
+    assert.equal(job.attempts, 3);
+    assert.equal(job.history.length, 3);
+    assert.deepEqual(job.history.map((h: { exitCode: number }) => h.exitCode), [1, 1, 0]);
+    for (const h of job.history) assert.ok(['w1', 'w2'].includes(h.worker), JSON.stringify(h));
+    assert.notEqual(job.history[1].worker, job.history[0].worker, 'the retry ran on another worker');
+    const log = (await s.ok(['log', id])).split('\n');
+    assert.deepEqual(log.filter((l) => /^try \d/.test(l)).map((l) => l.slice(0, 5)), ['try 1', 'try 2', 'try 3']);
+    for (const n of [2, 3]) assert.ok(log.some((l) => !l.startsWith('try') && new RegExp(`attempt ${n}\\b`).test(l)), `a marker line for attempt ${n}`);
+
+    assert.equal((await s.cli(['wait', never])).code, 1);
+    const failed = await s.job(never);
+    assert.equal(failed.state, 'failed');
+    assert.equal(failed.attempts, 2, '--retries 1 means two attempts');
+    assert.equal(failed.exitCode, 4);
+  });
+
+  test('exit 255 requeues without counting against --retries; repeated 255s fail the job', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'flaky.sh', FLAKY);
+    writeScript(s.dir, 'unreachable.sh', 'echo "cannot reach $SLAVE_IP"; exit 255');
+    await addWorkers(s, 'w1', 'w2');
+    const once = await addJob(s, './flaky.sh', '255', '2');
+    assert.equal((await s.cli(['wait', once])).code, 0);
+    const job = await s.job(once);
+    assert.equal(job.state, 'done');
+    assert.equal(job.retries, 0);
+    assert.equal(job.attempts, 2);
+    assert.deepEqual(job.history.map((h: { exitCode: number }) => h.exitCode), [255, 0]);
+    assert.notEqual(job.history[1].worker, job.history[0].worker, 'requeued on the other worker');
+
+    const always = await addJob(s, '--retries', '1', './unreachable.sh');
+    assert.equal((await s.cli(['wait', always])).code, 1);
+    const bad = await s.job(always);
+    assert.equal(bad.state, 'failed');
+    assert.match(String(bad.reason), /255/);
+    assert.ok(bad.attempts > 2, `worker failures do not use up --retries (attempts ${bad.attempts})`);
+    assert.ok(bad.history.every((h: { exitCode: number }) => h.exitCode === 255));
+    assert.deepEqual((await s.status()).workers.map((w: { state: string }) => w.state), ['up', 'up'], 'fake workers are never probed');
+  });
+
+  test('--timeout 1 stops a job that runs too long: failed, reason timeout, processes gone', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'slow.sh', `echo $$ > "pid.$JOB_ID"
+sleep 30 &
+echo $! > "child.$JOB_ID"
+wait`);
+    await addWorkers(s, 'w1');
+    const t0 = Date.now();
+    const id = await addJob(s, '--timeout', '1', './slow.sh');
+    const pid = await pidOf(s, id);
+    const child = Number(await until(() => readIf(path.join(s.dir, `child.${id}`)).trim(), 'the child sleep'));
+    assert.equal((await s.cli(['wait', id])).code, 1);
+    assert.ok(Date.now() - t0 < 15_000, 'stopped long before the sleep ends');
+    const job = await s.job(id);
+    assert.equal(job.state, 'failed');
+    assert.match(String(job.reason), /timeout/);
+    assert.ok(job.runtimeMs >= 900, `ran about a second, not ${job.runtimeMs} ms`);
+    await until(() => !alive(pid) && !alive(child), 'the timed-out processes to be gone', 5000);
+  });
+
+  test('retry ID and retry --failed queue finished jobs again under the same id', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'flaky.sh', FLAKY);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1:2');
+    const [a, b] = (await s.ok(['add_jobs', '-'], { input: './flaky.sh 1 2\n./flaky.sh 1 2\n' })).trim().split('\n');
+    assert.equal((await s.cli(['wait', a, b])).code, 1);
+    assert.equal((await s.job(a)).state, 'failed');
+
+    const r = await s.cli(['retry', a]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal((await s.cli(['wait', a])).code, 0);
+    const ja = await s.job(a);
+    assert.equal(ja.state, 'done');
+    assert.equal(ja.attempts, 2);
+    assert.equal((await s.job(b)).state, 'failed', 'retry ID touches only that job');
+
+    const ids = (await s.jobs()).map((j) => j.id);
+    assert.equal((await s.cli(['retry', '--failed'])).code, 0);
+    assert.equal((await s.cli(['wait', b])).code, 0);
+    const jb = await s.job(b);
+    assert.equal(jb.state, 'done');
+    assert.equal(jb.attempts, 2);
+    assert.deepEqual((await s.jobs()).map((j) => j.id), ids, 'no new ids');
+
+    assert.equal((await s.cli(['retry', a])).code, 0, 'a done job can be run again');
+    assert.equal((await s.cli(['wait', a])).code, 0);
+    assert.equal((await s.job(a)).attempts, 3);
+
+    const running = await addJob(s, './block.sh');
+    await pidOf(s, running);
+    const busy = await s.cli(['retry', running]);
+    assert.equal(busy.code, 1, 'a running job cannot be retried');
+    assert.match(busy.stderr, /^error: /m);
+    assert.equal((await s.cli(['retry', '9999'])).code, 1);
+    release(s, running);
+    assert.equal((await s.cli(['wait', running])).code, 0);
+  });
+
+  test('remove_slave: busy needs a flag; --wait drains (status shows draining); an idle worker goes at once', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'wa', 'idle');
+    assert.deepEqual(await workerHosts(s), ['idle', 'wa']);
+    const gone = await s.cli(['remove_slave', 'idle']);
+    assert.equal(gone.code, 0, gone.stderr);
+    assert.deepEqual(await workerHosts(s), ['wa'], 'an idle worker is removed at once');
+
+    const first = await addJob(s, './block.sh');
+    await pidOf(s, first);
+    const next = await addJob(s, './block.sh');
+
+    const refused = await s.cli(['remove_slave', 'wa']);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /^error: .*wa/m);
+    assert.equal((await s.status()).workers[0].state, 'up');
+
+    const drain = await s.cli(['remove_slave', '--wait', 'wa']);
+    assert.equal(drain.code, 0, drain.stderr);
+    const st = await s.status();
+    assert.equal(st.workers[0].state, 'draining');
+    assert.match(await s.ok(['status']), /^\s*wa\b.*\bdraining\b/m);
+    assert.equal((await s.job(first)).state, 'running', 'its job goes on');
+
+    release(s, first);
+    assert.equal((await s.cli(['wait', first])).code, 0);
+    await until(async () => (await workerHosts(s)).length === 0, 'the drained worker to be gone', 5000, 200);
+    const waiting = await s.job(next);
+    assert.equal(waiting.state, 'waiting', 'nothing new started on a draining worker');
+    assert.equal(waiting.attempts, 0);
+
+    await addWorkers(s, 'wb');
+    await pidOf(s, next);
+    assert.equal((await s.job(next)).worker, 'wb');
+    release(s, next);
+    assert.equal((await s.cli(['wait', next])).code, 0);
+  });
+
+  test('remove_slave --kill stops its job, which is queued again and runs on another worker', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'wa');
+    const id = await addJob(s, './block.sh');
+    const pid1 = await pidOf(s, id);
+    await addWorkers(s, 'wb');
+    const r = await s.cli(['remove_slave', '--kill', 'wa']);
+    assert.equal(r.code, 0, r.stderr);
+    const pid2 = Number(await until(() => {
+      const p = Number(readIf(path.join(s.dir, `pid.${id}`)).trim());
+      return p && p !== pid1 ? p : 0;
+    }, 'the job to start again'));
+    assert.equal(alive(pid1), false, 'the first run was stopped');
+    await until(async () => (await workerHosts(s)).join() === 'wb', 'the worker to be gone', 5000, 200);
+    const job = await s.job(id);
+    assert.equal(job.state, 'running');
+    assert.equal(job.worker, 'wb');
+    assert.ok(alive(pid2));
+    release(s, id);
+    assert.equal((await s.cli(['wait', id])).code, 0);
+    const done = await s.job(id);
+    assert.equal(done.state, 'done');
+    assert.deepEqual(done.history.map((h: { worker: string }) => h.worker), ['wa', 'wb']);
+  });
+
+  test('wait: 0 when all done, 1 when one failed, returns promptly after the last job ends; no ids waits for all', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1:3');
+    const [a, b, c] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n./block.sh 3\n' })).trim().split('\n');
+    for (const id of [a, b, c]) await pidOf(s, id);
+
+    const waitAB = spawnCli(['--data-dir', s.dataDir, 'wait', a, b], { cwd: s.dir });
+    await until(() => socketClients(s.dataDir) >= 1, 'wait to connect');
+    release(s, a);
+    await untilState(s, a, 'done');
+    assert.equal(waitAB.exitCode(), undefined, 'wait goes on while a job it waits for runs');
+    const t0 = Date.now();
+    release(s, b);
+    const r = await within(waitAB.done, 10_000, 'wait to return');
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(Date.now() - t0 < 2000, `wait returned ${Date.now() - t0} ms after the last job ended`);
+
+    const waitAll = spawnCli(['--data-dir', s.dataDir, 'wait'], { cwd: s.dir });
+    await until(() => socketClients(s.dataDir) >= 1, 'wait to connect');
+    const d = await addJob(s, './block.sh');
+    await pidOf(s, d);
+    release(s, c);
+    await untilState(s, c, 'failed');
+    assert.equal(waitAll.exitCode(), undefined, 'wait with no ids waits for every job, also ones added later');
+    const t1 = Date.now();
+    release(s, d);
+    const all = await within(waitAll.done, 10_000, 'wait to return');
+    assert.equal(all.code, 1, 'one job failed');
+    assert.ok(Date.now() - t1 < 2000, `wait returned ${Date.now() - t1} ms after the last job ended`);
+
+    assert.equal((await s.cli(['wait', a, b])).code, 0, 'finished jobs: returns at once');
+    assert.equal((await s.cli(['wait', a, c])).code, 1);
+    assert.equal((await s.cli(['wait', '9999'])).code, 1);
+  });
+
+  test('log -f streams the output of a running job and ends with it', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'talk.sh', `echo "first line"
+while [ ! -e "step.$JOB_ID" ]; do sleep 0.02; done
+echo "second line"
+while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
+echo "last line"`);
+    await addWorkers(s, 'w1');
+    const id = await addJob(s, './talk.sh');
+    await until(() => readIf(path.join(s.logDir, `${id}.log`)).includes('first line'), 'the first line in the log');
+    const f = spawnCli(['--data-dir', s.dataDir, 'log', '-f', id], { cwd: s.dir });
+    await until(() => f.stdout().includes('first line'), 'log -f to print what is there');
+    assert.ok(!f.stdout().includes('second line'));
+    fs.writeFileSync(path.join(s.dir, `step.${id}`), '');
+    await until(() => f.stdout().includes('second line'), 'log -f to print a line written after it started', 5000);
+    assert.equal(f.exitCode(), undefined, 'log -f goes on while the job runs');
+    release(s, id);
+    const r = await within(f.done, 5000, 'log -f to end with the job');
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /first line\nsecond line\nlast line\n/);
+    const plain = await s.ok(['log', id]);
+    assert.equal(plain, 'first line\nsecond line\nlast line\n');
+  });
+
+  test('clean forgets finished jobs (waiting and running stay); clean --logs deletes their logs', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1');
+    const [ok, bad] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh 3\n' })).trim().split('\n');
+    release(s, ok);
+    release(s, bad);
+    assert.equal((await s.cli(['wait'])).code, 1);
+    const [run, wait] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n' })).trim().split('\n');
+    await pidOf(s, run);
+    const logOf = (id: string) => path.join(s.logDir, `${id}.log`);
+    assert.ok(fs.existsSync(logOf(ok)) && fs.existsSync(logOf(bad)));
+
+    const r = await s.cli(['clean']);
+    assert.equal(r.code, 0, r.stderr);
+    const ids = async () => (await s.jobs()).map((j) => String(j.id)).sort();
+    assert.deepEqual(await ids(), [run, wait].sort());
+    assert.doesNotMatch(await s.ok(['list']), new RegExp(`^\\s*(${ok}|${bad})\\s`, 'm'));
+    assert.equal((await s.cli(['log', ok])).code, 1, 'a forgotten job has no log command');
+    assert.ok(fs.existsSync(logOf(ok)), 'clean without --logs keeps the files');
+    assert.equal((await s.job(run)).state, 'running');
+    assert.equal((await s.job(wait)).state, 'waiting');
+
+    release(s, run);
+    await pidOf(s, wait);
+    assert.equal((await s.job(run)).state, 'done');
+    assert.equal((await s.cli(['clean', '--logs'])).code, 0);
+    assert.deepEqual(await ids(), [wait]);
+    await until(() => !fs.existsSync(logOf(run)), 'the log of a cleaned job to be deleted', 5000);
+    assert.ok(fs.existsSync(logOf(wait)), 'the log of a running job stays');
+    release(s, wait);
+    assert.equal((await s.cli(['wait', wait])).code, 0);
+  });
+});

@@ -1,0 +1,494 @@
+// Tier 2: the basics of cli.ts as a black box — a real server process per test, real
+// job scripts on fake workers (added with --skip_ssh_auth_check), real signals.
+
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { describe, test, type TestContext } from 'node:test';
+import {
+  CLI, alive, cleanUp, procIds, readIf, runCli, spawnCli, startServer, tempDir, until, within, writeScript,
+  type Run, type TestServer,
+} from './server.ts';
+
+/** A server for one test, ended (with its jobs and dir) when the test ends. */
+async function serve(t: TestContext, opts: Parameters<typeof startServer>[0] = {}): Promise<TestServer> {
+  const s = await startServer(opts);
+  t.after(() => cleanUp(s));
+  return s;
+}
+
+/** Runs a shell command line with the given environment. */
+function sh(line: string, opts: { cwd?: string; env?: NodeJS.ProcessEnv }): Promise<Run> {
+  return new Promise((resolve) => {
+    execFile('/bin/sh', ['-c', line], { cwd: opts.cwd, env: { ...process.env, NO_COLOR: '1', ...opts.env } }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+/** Adds fake workers that need no ssh. */
+const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
+
+/** A script that waits until the file go.$JOB_ID appears in its cwd, after writing its
+ *  pid to pid.$JOB_ID; then exits with $1 if it is a number, else 0. */
+const BLOCKING = `echo $$ > "pid.$JOB_ID"
+echo "job $JOB_ID running"
+while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
+echo "job $JOB_ID released"
+case "$1" in [0-9]*) exit "$1" ;; esac`;
+
+const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');
+const pidOf = async (s: TestServer, id: string | number) =>
+  Number(await until(() => readIf(path.join(s.dir, `pid.${id}`)).trim(), `job ${id} to write its pid`));
+/** Waits for job id to finish (with `wait`, so nothing polls) and checks how it ended. */
+async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
+  await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
+  const job = await s.job(id);
+  assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
+  return job;
+}
+
+/** Sends raw bytes to a server socket; resolves to the reply lines once `lines` arrived
+ *  or the server closed the connection (or after `ms`). */
+function rawRequest(sockPath: string, data: string, opts: { end?: boolean; lines?: number; ms?: number } = {}): Promise<{ lines: string[]; closed: boolean }> {
+  return new Promise((resolve, reject) => {
+    const c = net.connect(sockPath);
+    let buf = '', closed = false, done = false;
+    const finish = () => { if (!done) { done = true; clearTimeout(timer); c.destroy(); resolve({ lines: buf.split('\n').filter(Boolean), closed }); } };
+    const timer = setTimeout(finish, opts.ms ?? 5000);
+    c.on('error', (e) => { if (!done) { done = true; clearTimeout(timer); reject(e); } });
+    c.on('connect', () => { if (opts.end) c.end(data); else c.write(data); });
+    c.on('data', (d) => { buf += d; if (buf.split('\n').filter(Boolean).length >= (opts.lines ?? 1)) finish(); });
+    c.on('close', () => { closed = true; finish(); });
+  });
+}
+
+// ---------------------------------------------------------------------------------
+
+// Independent tests, each with its own server: run a few at once.
+describe('cli.ts basics', { concurrency: 4 }, () => {
+  test('runs from any cwd and through a symlink on PATH; help, unknown command, no server', async (t) => {
+    const s = await serve(t);
+    const elsewhere = path.join(s.dir, 'elsewhere'), bin = path.join(s.dir, 'bin');
+    fs.mkdirSync(elsewhere);
+    fs.mkdirSync(bin);
+    fs.symlinkSync(CLI, path.join(bin, 'djs-link'));
+
+    const help = await runCli(['help'], { cwd: elsewhere });
+    assert.equal(help.code, 0, help.stderr);
+    assert.match(help.stdout, /add_job/);
+
+    const direct = await runCli(['--data-dir', s.dataDir, 'status', '--json'], { cwd: elsewhere });
+    assert.equal(direct.code, 0, direct.stderr);
+    assert.equal(JSON.parse(direct.stdout).counts.total, 0);
+
+    const viaLink = await sh(`djs-link --data-dir '${s.dataDir}' status --json`, { cwd: elsewhere, env: { PATH: `${bin}:${process.env.PATH}` } });
+    assert.equal(viaLink.code, 0, viaLink.stderr);
+    assert.deepEqual(JSON.parse(viaLink.stdout).workers, []);
+
+    const byEnv = await sh('djs-link status --json', { cwd: elsewhere, env: { PATH: `${bin}:${process.env.PATH}`, DJS_DATA_DIR: s.dataDir } });
+    assert.equal(byEnv.code, 0, `DJS_DATA_DIR selects the server: ${byEnv.stderr}`);
+    const byAlias = await runCli(['--server_data_dir', s.dataDir, 'status'], { cwd: elsewhere });
+    assert.equal(byAlias.code, 0, `--server_data_dir selects the server: ${byAlias.stderr}`);
+
+    const unknown = await runCli(['frobnicate'], { cwd: elsewhere });
+    assert.equal(unknown.code, 2);
+    assert.match(unknown.stderr, /^error: .*frobnicate/m);
+    assert.equal(unknown.stdout, '');
+
+    const none = await runCli(['--data-dir', path.join(s.dir, 'no-server-here'), 'status'], { cwd: elsewhere });
+    assert.equal(none.code, 3);
+    assert.match(none.stderr, /^error: /m);
+    const noneViaLink = await sh(`djs-link --data-dir '${path.join(s.dir, 'nothing')}' list`, { cwd: elsewhere, env: { PATH: `${bin}:${process.env.PATH}` } });
+    assert.equal(noneViaLink.code, 3);
+  });
+
+  test('start: one ready line, refuses a second server, recovers from a SIGKILLed one, private socket', async (t) => {
+    const s = await serve(t);
+    assert.equal(s.output().split('\n').filter((l) => /ready/.test(l)).length, 1, s.output());
+    assert.equal(fs.statSync(path.join(s.dataDir, 'server.sock')).mode & 0o777, 0o600);
+    assert.equal(fs.statSync(s.dataDir).mode & 0o777, 0o700);
+
+    const second = spawnCli(['start', s.dataDir, s.logDir], { cwd: s.dir });
+    t.after(() => { if (second.exitCode() === undefined) second.proc.kill('SIGKILL'); });
+    const r = await within(second.done, 10_000, 'a second start to give up');
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    assert.match(r.stderr, new RegExp(`^error: .*\\b${s.proc.pid}\\b`, 'm'));
+    assert.equal((await s.cli(['status'])).code, 0, 'the first server kept running');
+
+    await s.crash();
+    assert.ok(fs.existsSync(path.join(s.dataDir, 'server.pid')), 'a crash leaves the pid file');
+    assert.ok(fs.existsSync(path.join(s.dataDir, 'server.sock')), 'a crash leaves the socket');
+    assert.equal((await s.cli(['status'])).code, 3);
+
+    const s2 = await s.restart();
+    t.after(() => s2.crash());
+    assert.equal((await s2.cli(['status'])).code, 0);
+    assert.equal(fs.statSync(path.join(s2.dataDir, 'server.sock')).mode & 0o777, 0o600);
+
+    const stop = await s2.cli(['stop']);
+    assert.equal(stop.code, 0, stop.stderr);
+    assert.equal(await s2.exited, 0);
+    assert.equal((await s2.cli(['status'])).code, 3);
+  });
+
+  test('a data dir whose socket path is longer than a Unix socket allows', async (t) => {
+    const base = tempDir();
+    let dir = base;
+    while (Buffer.byteLength(path.join(dir, '.data', 'server.sock')) <= 120) dir = path.join(dir, 'a-rather-long-directory-name');
+    fs.mkdirSync(dir, { recursive: true });
+    t.after(() => cleanUp(undefined, base));
+    const s = await startServer({ dir });
+    t.after(() => s.crash());
+    writeScript(dir, 'hi.sh', 'echo "hi from $JOB_ID"');
+    await addWorkers(s, 'w1');
+    const id = (await s.ok(['add_job', './hi.sh'])).trim();
+    assert.equal((await s.cli(['wait', id])).code, 0);
+    assert.equal((await s.job(id)).state, 'done');
+    assert.match(readIf(path.join(s.logDir, `${id}.log`)), new RegExp(`hi from ${id}`));
+  });
+
+  test('add_job: prints the id; ids grow and are never reused, across clean and restarts', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'ok.sh', 'exit 0');
+    const add = async (srv: TestServer) => {
+      const r = await srv.cli(['add_job', './ok.sh']);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /^\d+\n$/, 'stdout is the id alone');
+      return Number(r.stdout);
+    };
+    const ids = [await add(s), await add(s)];
+    await addWorkers(s, 'w1:2');
+    assert.equal((await s.cli(['wait'])).code, 0);
+    assert.match((await s.cli(['clean'])).stdout, /\b2\b/);
+    assert.deepEqual(await s.jobs(), []);
+    ids.push(await add(s)); // after clean
+    assert.equal((await s.cli(['wait'])).code, 0);
+    assert.equal((await s.cli(['clean'])).code, 0);
+    // A restart (here after a crash) that finds every job cleaned away still knows the ids.
+    await s.crash();
+    const s2 = await s.restart();
+    t.after(() => s2.crash());
+    ids.push(await add(s2));
+    for (let i = 1; i < ids.length; i++) assert.ok(ids[i] > ids[i - 1], `ids grow: ${ids.join(' ')}`);
+  });
+
+  test('add_job: argv as given, submit dir, JOB_ID/SLAVE_IP/SLAVE_SLOT and the server environment, log file', async (t) => {
+    const s = await serve(t, { env: { DJS_TEST_MARKER: 'from-the-server' } });
+    const sub = path.join(s.dir, 'sub'), bin = path.join(s.dir, 'bin');
+    fs.mkdirSync(sub);
+    fs.mkdirSync(bin);
+    writeScript(bin, 'rec.sh', `printf '%s\\0' "$@" > "args.$JOB_ID"
+pwd -P > "cwd.$JOB_ID"
+printf '%s\\n' "$JOB_ID" "$SLAVE_IP" "$SLAVE_SLOT" "$DJS_TEST_MARKER" > "env.$JOB_ID"
+echo "stdout of $JOB_ID"
+echo "stderr of $JOB_ID" >&2`);
+    await addWorkers(s, 'w1');
+    const args = ['a b', `it's "quoted"`, '$HOME', '*', '--retries', '5', '-x', '', 'tab\there', '--'];
+    // Relative to the client's cwd, not the server's; the client's own env must not leak in.
+    const r = await s.cli(['add_job', '../bin/rec.sh', ...args], { cwd: sub, env: { DJS_TEST_MARKER: 'from-the-client' } });
+    assert.equal(r.code, 0, r.stderr);
+    const id = r.stdout.trim();
+    assert.equal((await s.cli(['wait', id])).code, 0);
+    const got = readIf(path.join(sub, `args.${id}`)).split('\0');
+    got.pop();
+    assert.deepEqual(got, args);
+    assert.equal(readIf(path.join(sub, `cwd.${id}`)).trim(), fs.realpathSync(sub));
+    assert.deepEqual(readIf(path.join(sub, `env.${id}`)).trim().split('\n'), [id, 'w1', '0', 'from-the-server']);
+    const log = readIf(path.join(s.logDir, `${id}.log`));
+    assert.match(log, new RegExp(`stdout of ${id}`));
+    assert.match(log, new RegExp(`stderr of ${id}`));
+    const job = await s.job(id);
+    assert.equal(job.script, path.join(bin, 'rec.sh'));
+    assert.deepEqual(job.args, args);
+  });
+
+  test('add_job: the job runs in its own session and process group', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1');
+    const id = (await s.ok(['add_job', './block.sh'])).trim();
+    const pid = await pidOf(s, id);
+    const job = procIds(pid), server = procIds(s.proc.pid!);
+    assert.notEqual(job.session, server.session, 'own session');
+    assert.notEqual(job.pgrp, server.pgrp, 'own process group');
+    assert.notEqual(job.pgrp, procIds(process.pid).pgrp);
+    assert.equal(job.pgrp, job.session, 'the job leads a new session');
+    release(s, id);
+    assert.equal((await s.cli(['wait', id])).code, 0);
+  });
+
+  test('add_job: a missing, non-executable or directory script is refused and nothing is queued', async (t) => {
+    const s = await serve(t);
+    fs.writeFileSync(path.join(s.dir, 'plain.sh'), '#!/bin/sh\nexit 0\n', { mode: 0o644 });
+    fs.mkdirSync(path.join(s.dir, 'adir'));
+    for (const [script, why] of [['./nope.sh', /nope\.sh/], ['./plain.sh', /executable.*plain\.sh|plain\.sh.*executable/], ['./adir', /adir/]] as const) {
+      const r = await s.cli(['add_job', script, 'x']);
+      assert.equal(r.code, 1, `${script}: ${r.stderr}`);
+      assert.match(r.stderr, /^error: /m);
+      assert.match(r.stderr, why);
+      assert.equal(r.stdout, '');
+    }
+    // Relative to the client's cwd: only-here.sh exists in sub/ only.
+    fs.mkdirSync(path.join(s.dir, 'sub'));
+    writeScript(path.join(s.dir, 'sub'), 'only-here.sh', 'exit 0');
+    assert.equal((await s.cli(['add_job', './only-here.sh'])).code, 1);
+    assert.deepEqual(await s.jobs(), [], 'nothing was queued');
+    assert.equal((await s.cli(['add_job', './only-here.sh'], { cwd: path.join(s.dir, 'sub') })).code, 0);
+    assert.equal((await s.jobs())[0].script, path.join(s.dir, 'sub', 'only-here.sh'));
+  });
+
+  test('add_jobs FILE and -: quoting, comments, blank lines; a bad line queues nothing', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'rec.sh', 'exit 0');
+    fs.mkdirSync(path.join(s.dir, 'sub'));
+    writeScript(path.join(s.dir, 'sub'), 'other.sh', 'exit 0');
+    fs.writeFileSync(path.join(s.dir, 'jobs.txt'), [
+      '# a campaign',
+      './rec.sh one \'two words\' "three \\"q\\"" # a trailing comment',
+      '',
+      '   ',
+      '  ./rec.sh \'$HOME\' \'*\' x#y   --retries',
+      '\t# indented comment',
+      'sub/other.sh "" last',
+    ].join('\n') + '\n');
+    const r = await s.cli(['add_jobs', 'jobs.txt']);
+    assert.equal(r.code, 0, r.stderr);
+    const ids = r.stdout.trim().split('\n');
+    assert.equal(ids.length, 3, r.stdout);
+    for (const id of ids) assert.match(id, /^\d+$/);
+    const jobs = await s.jobs();
+    const byId = (id: string) => jobs.find((j) => j.id === Number(id));
+    assert.deepEqual(byId(ids[0]).args, ['one', 'two words', 'three "q"']);
+    assert.deepEqual(byId(ids[1]).args, ['$HOME', '*', 'x#y', '--retries']);
+    assert.equal(byId(ids[1]).script, path.join(s.dir, 'rec.sh'));
+    assert.equal(byId(ids[2]).script, path.join(s.dir, 'sub', 'other.sh'));
+    assert.deepEqual(byId(ids[2]).args, ['', 'last']);
+
+    const fromStdin = await s.cli(['add_jobs', '-'], { input: "./rec.sh 'a b'\n# nothing\n./rec.sh c\n" });
+    assert.equal(fromStdin.code, 0, fromStdin.stderr);
+    const more = fromStdin.stdout.trim().split('\n').map(Number);
+    assert.equal(more.length, 2);
+    assert.ok(more[0] > Number(ids[2]) && more[1] > more[0]);
+    assert.deepEqual((await s.job(more[0])).args, ['a b']);
+
+    const before = (await s.jobs()).length;
+    const unterminated = await s.cli(['add_jobs', '-'], { input: "./rec.sh ok\n./rec.sh 'oops\n./rec.sh fine\n" });
+    assert.equal(unterminated.code, 1);
+    assert.match(unterminated.stderr, /^error: .*line 2/m);
+    assert.equal(unterminated.stdout, '');
+    fs.writeFileSync(path.join(s.dir, 'bad.txt'), './rec.sh ok\n\n./missing.sh x\n');
+    const missing = await s.cli(['add_jobs', 'bad.txt']);
+    assert.equal(missing.code, 1);
+    assert.match(missing.stderr, /^error: .*line 3/m);
+    assert.match(missing.stderr, /missing\.sh/);
+    assert.equal((await s.jobs()).length, before, 'a bad file queues nothing');
+  });
+
+  test('dispatch: 2 workers x 2 slots run 10 jobs, at most 4 at once, every slot used, first come first served', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'ts.sh', `b=$(date +%s%N); sleep 0.3; e=$(date +%s%N)
+echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
+    await addWorkers(s, 'w1:2', 'w2:2');
+    const ids = (await s.ok(['add_jobs', '-'], { input: './ts.sh\n'.repeat(10) })).trim().split('\n').map(Number);
+    assert.equal(ids.length, 10);
+    assert.equal((await s.cli(['wait', ...ids.map(String)])).code, 0);
+
+    const runs = ids.map((id) => {
+      const [host, slot, b, e] = readIf(path.join(s.dir, `ts.${id}`)).trim().split(' ');
+      return { id, host, slot, b: BigInt(b), e: BigInt(e) };
+    });
+    const edges = runs.flatMap((r) => [{ t: r.b, d: 1 }, { t: r.e, d: -1 }]).sort((x, y) => (x.t === y.t ? x.d - y.d : x.t < y.t ? -1 : 1));
+    let now = 0, most = 0;
+    for (const e of edges) { now += e.d; most = Math.max(most, now); }
+    assert.ok(most <= 4, `at most 4 at once, saw ${most}`);
+    assert.equal(most, 4, 'all 4 slots ran at once');
+    const slots = runs.map((r) => `${r.host}:${r.slot}`);
+    assert.deepEqual([...new Set(slots)].sort(), ['w1:0', 'w1:1', 'w2:0', 'w2:1']);
+    for (const slot of new Set(slots)) assert.ok(slots.filter((x) => x === slot).length >= 2, `slot ${slot} was refilled after its job ended`);
+    const jobs = (await s.jobs()).filter((j) => ids.includes(j.id)).sort((a, b) => a.id - b.id);
+    for (const j of jobs) assert.equal(j.state, 'done');
+    for (let i = 1; i < jobs.length; i++) {
+      assert.ok(Date.parse(jobs[i].startedAt) >= Date.parse(jobs[i - 1].startedAt), `job ${jobs[i].id} started before job ${jobs[i - 1].id}`);
+    }
+
+    // A slot is free now: a new job starts with no other trigger (watch its file, not the server).
+    const id = (await s.ok(['add_job', './ts.sh'])).trim();
+    await until(() => readIf(path.join(s.dir, `ts.${id}`)), 'a job added to an idle worker to run', 5000);
+  });
+
+  test('remove_job: by script and args (waiting ones only), by --id; an unknown id removes nothing', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 's.sh', BLOCKING);
+    writeScript(s.dir, 'o.sh', 'exit 0');
+    await addWorkers(s, 'w1');
+    const running = (await s.ok(['add_job', './s.sh', 'a'])).trim();
+    await pidOf(s, running);
+    const ids = (await s.ok(['add_jobs', '-'], { input: './s.sh a\n./s.sh a\n./s.sh b\n./s.sh a b\n./o.sh a\n./s.sh\n' })).trim().split('\n').map(Number);
+    const [, , b, ab, oa, bare] = ids;
+    const run = Number(running);
+    /** The jobs the server still has, as id:state. */
+    const left = async () => (await s.jobs()).sort((x, y) => x.id - y.id).map((j) => `${j.id}:${j.state}`);
+
+    const r = await s.cli(['remove_job', './s.sh', 'a']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(await left(), [`${run}:running`, `${b}:waiting`, `${ab}:waiting`, `${oa}:waiting`, `${bare}:waiting`],
+      'both waiting "s.sh a" jobs are gone; the running one, other args and other scripts stay');
+
+    const none = await s.cli(['remove_job', './s.sh', 'zzz']);
+    assert.equal(none.code, 1);
+    assert.match(none.stderr, /^error: /m);
+    const unknown = await s.cli(['remove_job', '--id', String(b), '9999']);
+    assert.equal(unknown.code, 1);
+    assert.match(unknown.stderr, /^error: .*9999/m);
+    const runningById = await s.cli(['remove_job', '--id', running]);
+    assert.equal(runningById.code, 1, 'a running job is not removed');
+    assert.deepEqual(await left(), [`${run}:running`, `${b}:waiting`, `${ab}:waiting`, `${oa}:waiting`, `${bare}:waiting`],
+      'a failed remove_job removes nothing');
+
+    assert.equal((await s.cli(['remove_job', '--id', String(b), String(bare)])).code, 0);
+    assert.deepEqual(await left(), [`${run}:running`, `${ab}:waiting`, `${oa}:waiting`]);
+    release(s, running);
+    await untilState(s, running, 'done');
+  });
+
+  test('status, status --json, list, list --state failed --json, log', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1:2');
+    const first = (await s.ok(['add_job', './block.sh'])).trim();
+    await pidOf(s, first);
+
+    const human1 = await s.ok(['status']);
+    assert.match(human1, /\b1 running\b/);
+    assert.match(human1, /^.*\bw1\b.*\[\*\.\].*$/m);
+
+    const [second, third, fourth] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh 7\n./block.sh\n' })).trim().split('\n');
+    await pidOf(s, second);
+    const human2 = await s.ok(['status']);
+    assert.match(human2, /\b2 running\b/);
+    assert.match(human2, /\b2 waiting\b/);
+    assert.match(human2, /\[\*\*\]/);
+    assert.match(human2, new RegExp(`^\\s*${third}\\b.*block\\.sh 7`, 'm'), 'the queue head lists the waiting jobs');
+    assert.match(human2, new RegExp(`^\\s*${fourth}\\b.*block\\.sh`, 'm'));
+
+    const js = await s.status();
+    assert.equal(js.counts.running, 2);
+    assert.equal(js.counts.waiting, 2);
+    assert.equal(js.counts.total, 4);
+    assert.equal(js.workers.length, 1);
+    const w = js.workers[0];
+    assert.equal(w.host, 'w1');
+    assert.equal(w.slots, 2);
+    assert.equal(w.state, 'up');
+    assert.deepEqual(w.running.map((r: { id: number }) => r.id).sort(), [Number(first), Number(second)].sort());
+    assert.deepEqual(js.queue.map((q: { id: number }) => q.id), [Number(third), Number(fourth)]);
+
+    for (const id of [first, second, third, fourth]) release(s, id);
+    assert.equal((await s.cli(['wait'])).code, 1, 'one job failed');
+
+    const list = await s.ok(['list']);
+    for (const id of [first, second, third, fourth]) assert.match(list, new RegExp(`^\\s*${id}\\s+(done|failed)\\b`, 'm'));
+    assert.match(list, new RegExp(`^\\s*${third}\\s+failed\\b.*\\b7\\b`, 'm'));
+
+    const failed = await s.cli(['list', '--state', 'failed', '--json']);
+    assert.equal(failed.code, 0, failed.stderr);
+    const rows = JSON.parse(failed.stdout);
+    assert.equal(rows.length, 1);
+    assert.equal(rows[0].id, Number(third));
+    assert.equal(rows[0].state, 'failed');
+    assert.equal(rows[0].exitCode, 7);
+    assert.equal(rows[0].worker, 'w1');
+    assert.equal((await s.cli(['list', '--state', 'bogus'])).code, 2);
+
+    const log = await s.cli(['log', third]);
+    assert.equal(log.code, 0, log.stderr);
+    assert.match(log.stdout, new RegExp(`job ${third} running\\njob ${third} released`));
+    assert.equal((await s.cli(['log', '9999'])).code, 1);
+  });
+
+  test('stop: running jobs keep running; the next start adopts them and records their exit codes', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', BLOCKING);
+    await addWorkers(s, 'w1:2');
+    const [a, b] = (await s.ok(['add_jobs', '-'], { input: './block.sh 3\n./block.sh 0\n' })).trim().split('\n');
+    const pidA = await pidOf(s, a), pidB = await pidOf(s, b);
+
+    const stop = await s.cli(['stop']);
+    assert.equal(stop.code, 0, stop.stderr);
+    assert.equal(await s.exited, 0);
+    assert.ok(alive(pidA) && alive(pidB), 'jobs outlive the server');
+    release(s, b); // b ends while no server runs
+    await until(() => !alive(pidB), 'job b to end');
+
+    const s2 = await s.restart();
+    t.after(() => s2.crash());
+    const st = await s2.status();
+    assert.deepEqual(st.workers[0].running.map((r: { id: number }) => r.id), [Number(a)]);
+    assert.equal((await untilState(s2, b, 'done', 5000)).exitCode, 0, 'the exit code of a job that ended while no server ran');
+    assert.ok(alive(pidA));
+    release(s2, a);
+    assert.equal((await untilState(s2, a, 'failed', 5000)).exitCode, 3, 'the exit code of an adopted job');
+  });
+
+  test('the server survives bad input on its socket', async (t) => {
+    const s = await serve(t);
+    const sock = path.join(s.dataDir, 'server.sock');
+    const errorReply = async (data: string, what: RegExp | null = null) => {
+      const r = await rawRequest(sock, data);
+      assert.equal(r.lines.length, 1, `one reply to ${JSON.stringify(data)}`);
+      const m = JSON.parse(r.lines[0]);
+      assert.equal(m.ok, false, `an error reply to ${JSON.stringify(data)}`);
+      assert.equal(typeof m.error, 'string');
+      if (what) assert.match(m.error, what);
+    };
+    await errorReply('garbage\n');
+    await errorReply('\x00\xff{{{\n');
+    await errorReply('null\n');
+    await errorReply('[1,2]\n');
+    await errorReply('{"op":42}\n');
+
+    const half = await rawRequest(sock, '{"op":"sta', { end: true });
+    assert.deepEqual(half.lines, [], 'no answer to half a line');
+    assert.ok(half.closed, 'the server closes a connection its client ended');
+
+    await errorReply('{"op":"frobnicate"}\n', /frobnicate/);
+    await errorReply(JSON.stringify({ op: 'add_jobs', cwd: s.dir, jobs: [['rel.sh']] }) + '\n', /absolute|rel\.sh/);
+    await errorReply(JSON.stringify({ op: 'add_jobs', cwd: 'relative/dir', jobs: [['/bin/true']] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_jobs', cwd: s.dir, jobs: 'x' }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_jobs', cwd: s.dir, jobs: [[]] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_jobs', cwd: s.dir, jobs: [[1, 2]] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_jobs', cwd: s.dir, jobs: [['/bin/true']], retries: -1 }) + '\n');
+    await errorReply(JSON.stringify({ op: 'kill' }) + '\n');
+    await errorReply(JSON.stringify({ op: 'kill', ids: ['x'] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'retry', ids: [] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'remove_jobs', ids: [0] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'remove_workers', hosts: [1] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'list', state: 'nope' }) + '\n');
+    await errorReply(JSON.stringify({ op: 'log', id: 'abc' }) + '\n');
+    await errorReply(JSON.stringify({ op: 'wait', ids: [0] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_workers', skipCheck: true, workers: [{ host: '-oProxyCommand=touch /tmp/pwned' }] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_workers', skipCheck: true, workers: 'w1' }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_workers', skipCheck: true, workers: [null] }) + '\n');
+    await errorReply(JSON.stringify({ op: 'add_workers', skipCheck: true, workers: [{ host: 'w1', slots: 0 }] }) + '\n');
+    const st = await s.cli(['status', '--json']);
+    assert.equal(st.code, 0, `status works afterwards: ${st.stderr}\n${s.output()}`);
+    const view = JSON.parse(st.stdout);
+    assert.equal(view.counts.total, 0, 'nothing was queued');
+    assert.deepEqual(view.workers, [], 'no bad worker was added');
+    assert.equal(s.proc.exitCode, null, 'the server is still running');
+  });
+
+  test('the server survives a slot count no client would send', async (t) => {
+    const s = await serve(t);
+    const sock = path.join(s.dataDir, 'server.sock');
+    // The client caps slots; a raw request must get an answer (an error or an ack), not kill the server.
+    const big = await rawRequest(sock, JSON.stringify({ op: 'add_workers', skipCheck: true, workers: [{ host: 'big', slots: 1_000_000_000 }] }) + '\n', { ms: 10_000 });
+    assert.equal(big.lines.length, 1, `an answer to a huge slot count; server output:\n${s.output().slice(-300)}`);
+    const st = await within(s.cli(['status', '--json']), 10_000, 'status after a huge slot count');
+    assert.equal(st.code, 0, st.stderr);
+    assert.equal(s.proc.exitCode, null, 'the server is still running');
+  });
+});

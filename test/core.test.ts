@@ -1,0 +1,1131 @@
+// Tier 1: the pure core of cli.ts, fed literal states and events with a fixed clock,
+// plus the journal (loadState, Journal) against real temporary directories.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import {
+  applyEvent, dueActions, formatStatus, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
+  parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
+  validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type StopReason,
+} from '../cli.ts';
+
+const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
+const NOT_BUSY = { probing: new Set<string>(), sigkilled: new Set<number>() };
+
+// ---- helpers -----------------------------------------------------------------
+
+/** Checks what must hold after every event: counts are a recount of job states; every
+ *  running job holds exactly one slot of an existing worker; every taken slot holds a
+ *  running job; the queue yields exactly the waiting jobs, once each. */
+function checkInvariants(st: State): void {
+  const recount: Record<JobState, number> = { waiting: 0, running: 0, done: 0, failed: 0, killed: 0 };
+  for (const [id, j] of st.jobs) {
+    assert.equal(j.id, id);
+    assert.ok(JOB_STATES.includes(j.state), `job ${id} has state ${j.state}`);
+    assert.ok(id < st.nextId, `job ${id} is not below nextId ${st.nextId}`);
+    recount[j.state]++;
+  }
+  assert.deepEqual(st.counts, recount, 'counts equal a recount of job states');
+
+  const seen = new Map<number, number>();
+  for (const w of st.workers.values()) {
+    assert.ok(w.running.length >= w.slots, `worker ${w.host} has a slot array shorter than its slots`);
+    w.running.forEach((id, slot) => {
+      if (id === 0) return;
+      const j = st.jobs.get(id);
+      assert.ok(j, `worker ${w.host} slot ${slot} holds unknown job ${id}`);
+      assert.equal(j.state, 'running', `worker ${w.host} slot ${slot} holds job ${id} which is ${j.state}`);
+      assert.equal(j.worker, w.host);
+      assert.equal(j.slot, slot);
+      seen.set(id, (seen.get(id) ?? 0) + 1);
+    });
+    if (w.state === 'draining') assert.ok(w.running.some(Boolean), `draining worker ${w.host} has no jobs but still exists`);
+  }
+  for (const j of st.jobs.values()) {
+    if (j.state === 'running') assert.equal(seen.get(j.id), 1, `running job ${j.id} holds ${seen.get(j.id) ?? 0} slots`);
+    assert.ok(j.retriesUsed <= j.retries, `job ${j.id} used ${j.retriesUsed} of ${j.retries} retries`);
+    assert.ok(j.requeues <= MAX_REQUEUES, `job ${j.id} has ${j.requeues} requeues`);
+  }
+
+  const queued = [...waitingJobs(st)].map((j) => j.id);
+  assert.equal(new Set(queued).size, queued.length, 'no job is queued twice');
+  const waiting = [...st.jobs.values()].filter((j) => j.state === 'waiting').map((j) => j.id);
+  assert.deepEqual([...queued].sort((a, b) => a - b), waiting.sort((a, b) => a - b), 'the queue holds exactly the waiting jobs');
+}
+
+/** A comparable, deep-copied picture of the state (queue internals and tokens aside). */
+function view(st: State) {
+  return JSON.parse(JSON.stringify({
+    seq: st.seq, nextId: st.nextId, counts: st.counts,
+    jobs: [...st.jobs.values()].sort((a, b) => a.id - b.id).map((j) => ({ ...j, qtok: 0 })),
+    workers: [...st.workers.values()].sort((a, b) => (a.host < b.host ? -1 : 1)),
+    queue: [...waitingJobs(st)].map((j) => j.id),
+  }));
+}
+
+function step(st: State, ...evs: Event[]): void {
+  for (const ev of evs) { applyEvent(st, ev); checkInvariants(st); }
+}
+const addEv = (st: State, n: number, o: { retries?: number; timeout?: number; t?: number } = {}): Event => ({
+  e: 'add', t: o.t ?? T0, id: st.nextId, cwd: '/work', retries: o.retries ?? 0, timeout: o.timeout ?? 0,
+  jobs: Array.from({ length: n }, (_, i) => ['/bin/job.sh', `arg${st.nextId + i}`]),
+});
+/** Queues n jobs and returns their ids. */
+function add(st: State, n: number, o: { retries?: number; timeout?: number; t?: number } = {}): number[] {
+  const first = st.nextId;
+  step(st, addEv(st, n, o));
+  return Array.from({ length: n }, (_, i) => first + i);
+}
+function worker(st: State, host: string, slots = 1, ssh = false, t = T0): void {
+  step(st, { e: 'worker', t, host, slots, ssh });
+}
+function start(st: State, id: number, host: string, slot = 0, t = T0): void {
+  step(st, { e: 'start', t, id, w: host, s: slot });
+}
+function end(st: State, id: number, code: number | null, t = T0 + 1000, why?: string): void {
+  const run = st.jobs.get(id)!.runs;
+  step(st, why === undefined ? { e: 'end', t, id, run, code } : { e: 'end', t, id, run, code, why });
+}
+function stop(st: State, ids: number[], why: StopReason, t = T0 + 500, grace = 5000): void {
+  step(st, { e: 'stop', t, ids, why, grace });
+}
+const job = (st: State, id: number): Job => {
+  const j = st.jobs.get(id);
+  assert.ok(j, `job ${id} exists`);
+  return j;
+};
+const queue = (st: State) => [...waitingJobs(st)].map((j) => j.id);
+
+const tmpDirs: string[] = [];
+function tempDir(): string {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'djs-core-'));
+  tmpDirs.push(d);
+  return d;
+}
+after(() => { for (const d of tmpDirs) fs.rmSync(d, { recursive: true, force: true }); });
+
+// ---- applyEvent ----------------------------------------------------------------
+
+describe('applyEvent', () => {
+  test('add gives consecutive ids, counts them, and queues them first come first served', () => {
+    const st = newState();
+    assert.deepEqual(add(st, 3, { retries: 2, timeout: 60, t: T0 + 7 }), [1, 2, 3]);
+    assert.deepEqual(add(st, 2), [4, 5]);
+    assert.equal(st.nextId, 6);
+    assert.equal(st.counts.waiting, 5);
+    assert.deepEqual(queue(st), [1, 2, 3, 4, 5]);
+    const j = job(st, 2);
+    assert.deepEqual([j.script, ...j.args], ['/bin/job.sh', 'arg2']);
+    assert.equal(j.cwd, '/work');
+    assert.equal(j.retries, 2);
+    assert.equal(j.timeout, 60);
+    assert.equal(j.queuedAt, T0 + 7);
+    assert.equal(j.state, 'waiting');
+  });
+
+  test('remove removes only waiting jobs and keeps the counts', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 4);
+    start(st, 1, 'a');
+    end(st, 1, 0);
+    start(st, 2, 'a');
+    step(st, { e: 'remove', t: T0, ids: [1, 2, 3, 99] });
+    assert.deepEqual([...st.jobs.keys()].sort(), [1, 2, 4]);
+    assert.equal(job(st, 1).state, 'done');
+    assert.equal(job(st, 2).state, 'running');
+    assert.deepEqual(st.counts, { waiting: 1, running: 1, done: 1, failed: 0, killed: 0 });
+    assert.deepEqual(queue(st), [4]);
+  });
+
+  test('start takes the slot; exit 0 is done, non-zero is failed, and the slot is free again', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    add(st, 2);
+    start(st, 1, 'a', 0, T0 + 10);
+    start(st, 2, 'a', 1, T0 + 20);
+    const j1 = job(st, 1);
+    assert.equal(j1.state, 'running');
+    assert.equal(j1.attempts, 1);
+    assert.equal(j1.runs, 1);
+    assert.equal(j1.worker, 'a');
+    assert.equal(j1.startedAt, T0 + 10);
+    assert.deepEqual(st.workers.get('a')!.running, [1, 2]);
+    assert.deepEqual(queue(st), []);
+
+    end(st, 1, 0, T0 + 100);
+    assert.equal(j1.state, 'done');
+    assert.equal(j1.exitCode, 0);
+    assert.equal(j1.endedAt, T0 + 100);
+    assert.deepEqual(st.workers.get('a')!.running, [0, 2]);
+
+    end(st, 2, 3, T0 + 200);
+    assert.equal(job(st, 2).state, 'failed');
+    assert.equal(job(st, 2).exitCode, 3);
+    assert.deepEqual(st.workers.get('a')!.running, [0, 0]);
+    assert.deepEqual(st.counts, { waiting: 0, running: 0, done: 1, failed: 1, killed: 0 });
+    assert.equal(job(st, 2).history!.length, 1);
+  });
+
+  test('--retries: a failed job goes to the front of the queue, avoiding the worker it failed on', () => {
+    const st = newState();
+    worker(st, 'a');
+    worker(st, 'b');
+    add(st, 1, { retries: 1 });
+    add(st, 2);
+    start(st, 1, 'a');
+    end(st, 1, 7);
+    const j = job(st, 1);
+    assert.equal(j.state, 'waiting');
+    assert.equal(j.retriesUsed, 1);
+    assert.deepEqual(j.avoid, ['a']);
+    assert.deepEqual(queue(st), [1, 2, 3], 'the retry goes first');
+    assert.equal(st.counts.failed, 0);
+
+    start(st, 1, 'b');
+    assert.equal(j.attempts, 2);
+    end(st, 1, 7);
+    assert.equal(j.state, 'failed', 'no retries left');
+    assert.equal(j.retriesUsed, 1);
+    assert.deepEqual(j.avoid, ['a', 'b']);
+    assert.equal(j.history!.length, 2);
+    assert.deepEqual(queue(st), [2, 3]);
+  });
+
+  test('exit 255 requeues without charging retries and has the ssh worker checked', () => {
+    const st = newState();
+    worker(st, 'ssh-host', 1, true);
+    worker(st, 'plain', 1, false);
+    add(st, 3);
+    start(st, 1, 'ssh-host');
+    start(st, 2, 'plain');
+    end(st, 1, 255, T0 + 1234);
+    const j = job(st, 1);
+    assert.equal(j.state, 'waiting');
+    assert.equal(j.retriesUsed, 0);
+    assert.equal(j.requeues, 1);
+    assert.deepEqual(j.avoid, ['ssh-host']);
+    assert.deepEqual(queue(st), [1, 3], 'requeued in front');
+    assert.equal(st.workers.get('ssh-host')!.probeAt, T0 + 1234, 'the ssh worker is to be probed now');
+
+    end(st, 2, 255, T0 + 2000);
+    assert.equal(job(st, 2).state, 'waiting');
+    assert.equal(st.workers.get('plain')!.probeAt, 0, 'a worker added without ssh is never probed');
+    assert.deepEqual(queue(st), [2, 1, 3]);
+  });
+
+  test(`after ${MAX_REQUEUES} worker failures the job is failed with a reason`, () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { retries: 3 });
+    const j = job(st, 1);
+    for (let i = 1; i <= MAX_REQUEUES; i++) {
+      assert.equal(j.state, 'waiting');
+      start(st, 1, 'a', 0, T0 + i * 10);
+      end(st, 1, 255, T0 + i * 10 + 5);
+    }
+    assert.equal(j.state, 'failed');
+    assert.equal(j.requeues, MAX_REQUEUES);
+    assert.equal(j.retriesUsed, 0);
+    assert.match(j.reason ?? '', /255/);
+    assert.deepEqual(st.counts, { waiting: 0, running: 0, done: 0, failed: 1, killed: 0 });
+  });
+
+  test('stop by the user: a running job is killed when it ends, a waiting one at once', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 3);
+    start(st, 1, 'a');
+    stop(st, [1, 2], 'user', T0 + 500, 5000);
+    const j1 = job(st, 1);
+    assert.equal(j1.state, 'running', 'still running until its process ends');
+    assert.equal(j1.stopping, 'user');
+    assert.equal(j1.killAt, T0 + 5500);
+    assert.equal(job(st, 2).state, 'killed');
+    assert.deepEqual(queue(st), [3]);
+    end(st, 1, 143);
+    assert.equal(j1.state, 'killed');
+    assert.deepEqual(st.counts, { waiting: 1, running: 0, done: 0, failed: 0, killed: 2 });
+  });
+
+  test('stop by timeout fails the job with reason timeout, or retries it when retries are left', () => {
+    const st = newState();
+    worker(st, 'a');
+    worker(st, 'b');
+    add(st, 1, { timeout: 10 });
+    add(st, 1, { timeout: 10, retries: 1 });
+    start(st, 1, 'a');
+    start(st, 2, 'b');
+    stop(st, [1, 2], 'timeout');
+    end(st, 1, null);
+    end(st, 2, 143);
+    assert.equal(job(st, 1).state, 'failed');
+    assert.match(job(st, 1).reason ?? '', /timeout/);
+    assert.equal(job(st, 2).state, 'waiting');
+    assert.equal(job(st, 2).retriesUsed, 1);
+    assert.deepEqual(job(st, 2).avoid, ['b']);
+    assert.match(job(st, 2).history![0].reason ?? '', /timeout/);
+  });
+
+  test('stop to requeue sends a running job back to the front without a failure', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 2);
+    start(st, 1, 'a');
+    stop(st, [1, 2], 'requeue');
+    assert.equal(job(st, 2).state, 'waiting', 'a waiting job is not touched by a requeue stop');
+    end(st, 1, 143);
+    const j = job(st, 1);
+    assert.equal(j.state, 'waiting');
+    assert.equal(j.retriesUsed, 0);
+    assert.equal(j.requeues, 0);
+    assert.deepEqual(queue(st), [1, 2]);
+    assert.equal(st.counts.failed, 0);
+  });
+
+  test('stop for timeout or requeue does nothing to waiting or finished jobs', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 2);
+    start(st, 1, 'a');
+    end(st, 1, 0);
+    const before = view(st);
+    stop(st, [1, 2], 'timeout');
+    stop(st, [1, 2], 'requeue');
+    assert.deepEqual(view(st), before);
+  });
+
+  test('unstart puts a job back at the front and frees its slot', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 3);
+    start(st, 1, 'a');
+    step(st, { e: 'unstart', t: T0, id: 1 });
+    const j = job(st, 1);
+    assert.equal(j.state, 'waiting');
+    assert.equal(j.attempts, 0);
+    assert.deepEqual(st.workers.get('a')!.running, [0]);
+    assert.deepEqual(queue(st), [1, 2, 3]);
+    assert.deepEqual(planStarts(st), [{ id: 1, host: 'a', slot: 0 }]);
+    start(st, 1, 'a');
+    assert.equal(j.runs, 2, 'a new start gets a new run number');
+    assert.equal(j.attempts, 1);
+  });
+
+  test('retry queues finished jobs again at the back with fresh retries', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { retries: 1 });
+    add(st, 2);
+    start(st, 1, 'a'); end(st, 1, 1);
+    start(st, 1, 'a'); end(st, 1, 1);
+    assert.equal(job(st, 1).state, 'failed');
+    assert.equal(job(st, 1).retriesUsed, 1);
+    start(st, 2, 'a');
+    step(st, { e: 'retry', t: T0 + 9000, ids: [1, 2, 3] });
+    const j = job(st, 1);
+    assert.equal(j.state, 'waiting');
+    assert.equal(j.retriesUsed, 0);
+    assert.equal(j.queuedAt, T0 + 9000);
+    assert.equal(job(st, 2).state, 'running', 'retry ignores a running job');
+    assert.deepEqual(queue(st), [3, 1], 'behind the jobs already waiting');
+    assert.deepEqual(st.counts, { waiting: 2, running: 1, done: 0, failed: 0, killed: 0 });
+  });
+
+  test('clean forgets finished jobs and never reuses their ids', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 4);
+    start(st, 1, 'a'); end(st, 1, 0);
+    start(st, 2, 'a'); end(st, 2, 1);
+    stop(st, [3], 'user');
+    start(st, 4, 'a');
+    step(st, { e: 'clean', t: T0 });
+    assert.deepEqual([...st.jobs.keys()], [4]);
+    assert.deepEqual(st.counts, { waiting: 0, running: 1, done: 0, failed: 0, killed: 0 });
+    assert.equal(st.nextId, 5);
+    assert.deepEqual(add(st, 1), [5]);
+  });
+
+  test('worker: add, change slots, drain until the last job ends, remove', () => {
+    const st = newState();
+    worker(st, 'a', 2, true, T0);
+    const w = st.workers.get('a')!;
+    assert.equal(w.state, 'up');
+    assert.deepEqual(w.running, [0, 0]);
+    assert.equal(w.ssh, true);
+
+    worker(st, 'a', 3, true);
+    assert.equal(st.workers.get('a')!.slots, 3);
+    assert.deepEqual(st.workers.get('a')!.running, [0, 0, 0]);
+
+    add(st, 3);
+    start(st, 1, 'a', 0);
+    start(st, 2, 'a', 2);
+    worker(st, 'a', 1, true);
+    assert.deepEqual(st.workers.get('a')!.running, [1, 0, 2], 'a busy slot above the new count stays until its job ends');
+    assert.deepEqual(planStarts(st), [], 'only one slot now, and it is busy');
+    end(st, 2, 0);
+    assert.deepEqual(st.workers.get('a')!.running, [1]);
+
+    step(st, { e: 'drain', t: T0, host: 'a' });
+    assert.equal(st.workers.get('a')!.state, 'draining');
+    end(st, 1, 0);
+    assert.ok(!st.workers.has('a'), 'a draining worker goes when its last job ends');
+
+    worker(st, 'b', 1);
+    step(st, { e: 'drain', t: T0, host: 'b' });
+    assert.ok(!st.workers.has('b'), 'an idle worker is removed by drain at once');
+
+    worker(st, 'c', 1);
+    step(st, { e: 'unworker', t: T0, host: 'c' });
+    assert.ok(!st.workers.has('c'), 'unworker removes the worker');
+  });
+
+  test('unstart of the last job of a draining worker removes it', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1);
+    start(st, 1, 'a');
+    step(st, { e: 'drain', t: T0, host: 'a' });
+    step(st, { e: 'unstart', t: T0, id: 1 });
+    assert.ok(!st.workers.has('a'), 'the drained worker is gone');
+    assert.deepEqual(queue(st), [1]);
+  });
+
+  test('probes: a failure takes the worker down with doubling backoff up to the limit; success brings it up', () => {
+    const st = newState();
+    worker(st, 'a', 1, true);
+    const delays: number[] = [];
+    let t = T0;
+    for (let i = 0; i < 10; i++) {
+      t += 1000;
+      step(st, { e: 'probe', t, host: 'a', ok: false, err: 'Connection refused' });
+      const w = st.workers.get('a')!;
+      assert.equal(w.state, 'down');
+      assert.equal(w.error, 'Connection refused');
+      assert.equal(w.probeAt, t + w.probeDelay);
+      delays.push(w.probeDelay);
+    }
+    const expected: number[] = [];
+    for (let d = PROBE_BACKOFF_MIN_MS; expected.length < 10; d *= 2) expected.push(Math.min(d, PROBE_BACKOFF_MAX_MS));
+    assert.deepEqual(delays, expected);
+    assert.equal(delays[0], PROBE_BACKOFF_MIN_MS);
+    assert.equal(delays.at(-1), PROBE_BACKOFF_MAX_MS);
+
+    step(st, { e: 'probe', t: t + 1, host: 'a', ok: true });
+    const w = st.workers.get('a')!;
+    assert.equal(w.state, 'up');
+    assert.equal(w.probeAt, 0);
+    assert.equal(w.probeDelay, 0);
+    assert.equal(w.error, null);
+    assert.equal(w.since, t + 1);
+
+    step(st, { e: 'probe', t: t + 2, host: 'a', ok: false });
+    assert.equal(st.workers.get('a')!.probeDelay, PROBE_BACKOFF_MIN_MS, 'backoff starts over after a success');
+  });
+
+  test('re-adding a worker with --skip_ssh_auth_check while it is being checked makes it usable again', () => {
+    // The worker was checked over ssh (exit 255 set probeAt); the user then re-adds it
+    // without ssh. Workers without ssh are never probed (dueActions skips them), so
+    // unless the re-add clears the check, nothing ever will: the worker takes no jobs.
+    const st = newState();
+    worker(st, 'a', 1, true);
+    add(st, 2);
+    start(st, 1, 'a');
+    end(st, 1, 255);
+    assert.ok(st.workers.get('a')!.probeAt > 0, 'the worker is being checked');
+    worker(st, 'a', 1, false);
+    assert.deepEqual(dueActions(st, T0 + 10_000_000, NOT_BUSY).due, [], 'a worker without ssh is never probed');
+    assert.equal(planStarts(st).length, 1, 'so it must be schedulable');
+  });
+
+  test('a probe failure arriving after the worker was re-added without ssh does not leave it down forever', () => {
+    const st = newState();
+    worker(st, 'a', 1, true);
+    add(st, 1);
+    start(st, 1, 'a');
+    end(st, 1, 255);               // probe started now
+    worker(st, 'a', 1, false);     // add_slave --skip_ssh_auth_check a
+    step(st, { e: 'probe', t: T0 + 5000, host: 'a', ok: false, err: 'timeout' }); // the probe in flight answers
+    const { due, next } = dueActions(st, T0 + 10_000_000, NOT_BUSY);
+    const w = st.workers.get('a')!;
+    assert.ok(w.state === 'up' && w.probeAt === 0 || due.length > 0 || next < Infinity,
+      `worker is ${w.state} with no probe ever due: it is stuck`);
+  });
+
+  test('an end whose run is not the current one changes nothing', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { retries: 1 });
+    start(st, 1, 'a');
+    end(st, 1, 1);
+    start(st, 1, 'a');
+    assert.equal(job(st, 1).runs, 2);
+    const before = view(st);
+    step(st, { e: 'end', t: T0 + 5000, id: 1, run: 1, code: 0 });
+    step(st, { e: 'end', t: T0 + 5000, id: 1, run: 3, code: 0 });
+    assert.deepEqual(view(st), before);
+    step(st, { e: 'end', t: T0 + 5000, id: 1, run: 2, code: 0 });
+    assert.equal(job(st, 1).state, 'done');
+  });
+
+  test('events about unknown jobs, hosts or jobs in the wrong state change nothing', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 3);
+    start(st, 1, 'a');
+    end(st, 1, 0);
+    start(st, 2, 'a');
+    const before = view(st);
+    const noops: Event[] = [
+      { e: 'remove', t: T0, ids: [99] },
+      { e: 'start', t: T0, id: 99, w: 'a', s: 0 },
+      { e: 'start', t: T0, id: 3, w: 'nohost', s: 0 },
+      { e: 'unstart', t: T0, id: 99 },
+      { e: 'unstart', t: T0, id: 3 },
+      { e: 'end', t: T0, id: 99, run: 1, code: 0 },
+      { e: 'end', t: T0, id: 3, run: 0, code: 0 },
+      { e: 'stop', t: T0, ids: [99], why: 'user', grace: 1 },
+      { e: 'retry', t: T0, ids: [99, 3] },
+      { e: 'drain', t: T0, host: 'nohost' },
+      { e: 'unworker', t: T0, host: 'nohost' },
+      { e: 'probe', t: T0, host: 'nohost', ok: false },
+    ];
+    for (const ev of noops) {
+      step(st, ev);
+      assert.deepEqual(view(st), before, `${JSON.stringify(ev)} changed the state`);
+    }
+  });
+
+  test('an unknown event kind throws', () => {
+    assert.throws(() => applyEvent(newState(), { e: 'bogus' } as unknown as Event), /unknown event 'bogus'/);
+  });
+});
+
+// ---- the invariants under random events --------------------------------------
+
+/** mulberry32: a small seeded PRNG, so a failure can be replayed. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Picks one valid or invalid event for the state; `invalid` is true for events that
+ *  must change nothing. */
+function randomEvent(st: State, rnd: () => number, t: number): { ev: Event; invalid: boolean } {
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rnd() * xs.length)];
+  const jobsIn = (s: JobState) => [...st.jobs.values()].filter((j) => j.state === s);
+  const hosts = ['h1', 'h2', 'h3', 'h4'];
+  const r = rnd();
+  if (r < 0.12) return { ev: addEv(st, 1 + Math.floor(rnd() * 3), { retries: pick([0, 0, 1, 2]), timeout: pick([0, 30]), t }), invalid: false };
+  if (r < 0.30) {
+    const s = planStarts(st);
+    if (s.length) { const p = pick(s); return { ev: { e: 'start', t, id: p.id, w: p.host, s: p.slot }, invalid: false }; }
+  }
+  if (r < 0.50) {
+    const running = jobsIn('running');
+    if (running.length) {
+      const j = pick(running);
+      const code = pick([0, 0, 1, 2, 255, 255, null]);
+      if (rnd() < 0.1) return { ev: { e: 'end', t, id: j.id, run: j.runs, code: null, why: 'lost' }, invalid: false };
+      if (rnd() < 0.1) return { ev: { e: 'end', t, id: j.id, run: j.runs - 1 - Math.floor(rnd() * 2), code }, invalid: true };
+      return { ev: { e: 'end', t, id: j.id, run: j.runs, code }, invalid: false };
+    }
+  }
+  if (r < 0.55) {
+    const running = jobsIn('running');
+    if (running.length) return { ev: { e: 'unstart', t, id: pick(running).id }, invalid: false };
+  }
+  if (r < 0.63) {
+    const live = [...st.jobs.values()].filter((j) => !['done', 'failed', 'killed'].includes(j.state));
+    if (live.length) return { ev: { e: 'stop', t, ids: [pick(live).id, pick(live).id], why: pick(['user', 'timeout', 'requeue'] as const), grace: 3000 }, invalid: false };
+  }
+  if (r < 0.67) {
+    const waiting = jobsIn('waiting');
+    if (waiting.length) return { ev: { e: 'remove', t, ids: [pick(waiting).id] }, invalid: false };
+  }
+  if (r < 0.71) {
+    const fin = [...st.jobs.values()].filter((j) => ['done', 'failed', 'killed'].includes(j.state));
+    if (fin.length) return { ev: { e: 'retry', t, ids: [pick(fin).id] }, invalid: false };
+  }
+  if (r < 0.73) return { ev: { e: 'clean', t }, invalid: false };
+  if (r < 0.78) return { ev: { e: 'worker', t, host: pick(hosts), slots: 1 + Math.floor(rnd() * 3), ssh: rnd() < 0.6 }, invalid: false };
+  if (r < 0.81) {
+    const ws = [...st.workers.keys()];
+    if (ws.length) return { ev: { e: 'drain', t, host: pick(ws) }, invalid: false };
+  }
+  if (r < 0.83) {
+    const idle = [...st.workers.values()].filter((w) => w.running.every((id) => id === 0));
+    if (idle.length) return { ev: { e: 'unworker', t, host: pick(idle).host }, invalid: false };
+  }
+  if (r < 0.90) {
+    const ws = [...st.workers.keys()];
+    if (ws.length) return { ev: { e: 'probe', t, host: pick(ws), ok: rnd() < 0.5, err: 'refused' }, invalid: false };
+  }
+  // Events that no longer fit: unknown ids and hosts, jobs in the wrong state.
+  const notWaiting = [...st.jobs.values()].filter((j) => j.state !== 'waiting');
+  const notRunning = [...st.jobs.values()].filter((j) => j.state !== 'running');
+  const notFinished = [...st.jobs.values()].filter((j) => j.state === 'waiting' || j.state === 'running');
+  const unknown = st.nextId + 5 + Math.floor(rnd() * 10);
+  const bad: Event[] = [
+    { e: 'end', t, id: unknown, run: 1, code: 0 },
+    { e: 'start', t, id: unknown, w: pick(hosts), s: 0 },
+    { e: 'unstart', t, id: unknown },
+    { e: 'stop', t, ids: [unknown], why: 'user', grace: 1 },
+    { e: 'retry', t, ids: [unknown] },
+    { e: 'remove', t, ids: [unknown] },
+    { e: 'drain', t, host: 'nohost' },
+    { e: 'unworker', t, host: 'nohost' },
+    { e: 'probe', t, host: 'nohost', ok: true },
+    { e: 'start', t, id: [...st.jobs.keys()][0] ?? unknown, w: 'nohost', s: 0 },
+  ];
+  if (notWaiting.length) {
+    const j = pick(notWaiting);
+    bad.push({ e: 'remove', t, ids: [j.id] });
+    const w = [...st.workers.values()].find((x) => x.running.includes(0));
+    if (w) bad.push({ e: 'start', t, id: j.id, w: w.host, s: w.running.indexOf(0) });
+  }
+  if (notRunning.length) {
+    const j = pick(notRunning);
+    bad.push({ e: 'unstart', t, id: j.id }, { e: 'end', t, id: j.id, run: j.runs, code: 0 });
+  }
+  if (notFinished.length) bad.push({ e: 'retry', t, ids: [pick(notFinished).id] });
+  return { ev: pick(bad), invalid: true };
+}
+
+describe('invariants under random events', () => {
+  for (const seed of [1, 2, 3]) {
+    test(`seed ${seed}: counts, slots and queue stay consistent; replay from the journal gives the same state`, () => {
+      const rnd = prng(seed);
+      const st = newState();
+      const dir = tempDir();
+      const journal = new Journal(dir, 0, 0);
+      let lines = '';
+      let t = T0;
+      let invalidSeen = 0, startsSeen = 0;
+      const EVENTS = 1000;
+      try {
+        for (let i = 0; i < EVENTS; i++) {
+          t += Math.floor(rnd() * 5000);
+          const { ev, invalid } = randomEvent(st, rnd, t);
+          const before = invalid ? view(st) : null;
+          applyEvent(st, ev);
+          try {
+            checkInvariants(st);
+            if (before) { invalidSeen++; assert.deepEqual(view(st), before, 'an event that does not fit changed the state'); }
+          } catch (e) {
+            (e as Error).message = `seed ${seed}, event ${i} ${JSON.stringify(ev)}: ${(e as Error).message}`;
+            throw e;
+          }
+          if (ev.e === 'start') startsSeen++;
+          st.seq++;
+          lines += JSON.stringify({ n: st.seq, ...ev }) + '\n';
+
+          // planStarts: first come first served, only free slots of schedulable workers.
+          const plan = planStarts(st);
+          const queued = queue(st);
+          let free = 0;
+          for (const w of st.workers.values()) {
+            if (w.state !== 'up' || w.probeAt > 0) continue;
+            for (let s = 0; s < w.slots; s++) if (!w.running[s]) free++;
+          }
+          assert.deepEqual(plan.map((p) => p.id), queued.slice(0, Math.min(free, queued.length)));
+          assert.equal(new Set(plan.map((p) => `${p.host}/${p.slot}`)).size, plan.length);
+          for (const p of plan) {
+            const w = st.workers.get(p.host)!;
+            assert.ok(w.state === 'up' && w.probeAt === 0 && p.slot < w.slots && !w.running[p.slot], `planned start ${JSON.stringify(p)} is not on a free slot of a schedulable worker`);
+          }
+
+          if (i === EVENTS / 2) { journal.append(lines); lines = ''; journal.snapshot(st); }
+          else if (lines.length > 20_000) { journal.append(lines); lines = ''; }
+        }
+        journal.append(lines);
+      } finally {
+        fs.closeSync(journal.fd);
+      }
+      assert.ok(invalidSeen > 80 && startsSeen > 80, `the generator exercised little (${invalidSeen} invalid, ${startsSeen} starts)`);
+      const loaded = loadState(dir);
+      assert.deepEqual(loaded.warnings, []);
+      checkInvariants(loaded.state);
+      assert.deepEqual(view(loaded.state), view(st), 'snapshot + journal replay equals the live state');
+    });
+  }
+});
+
+// ---- planStarts ----------------------------------------------------------------
+
+describe('planStarts', () => {
+  test('first come, first served, one job per free slot', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 3);
+    assert.deepEqual(planStarts(st), [{ id: 1, host: 'a', slot: 0 }]);
+    worker(st, 'b');
+    assert.deepEqual(planStarts(st).map((s) => s.id), [1, 2]);
+  });
+
+  test('spreads over workers before taking a second slot of one', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    worker(st, 'b', 2);
+    add(st, 3);
+    const plan = planStarts(st);
+    assert.equal(plan.length, 3);
+    assert.notEqual(plan[0].host, plan[1].host);
+    assert.deepEqual(plan.map((s) => s.slot), [0, 0, 1]);
+  });
+
+  test('a worker with a busy slot 0 still gets the next jobs after the idle workers', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    worker(st, 'b', 2);
+    add(st, 4);
+    start(st, 1, 'a', 0);
+    const plan = planStarts(st);
+    assert.deepEqual(plan.map((s) => `${s.id}@${s.host}/${s.slot}`), ['2@b/0', '3@a/1', '4@b/1']);
+  });
+
+  test('honours slots and returns nothing when no slot is free', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    add(st, 5);
+    const plan = planStarts(st);
+    assert.deepEqual(plan, [{ id: 1, host: 'a', slot: 0 }, { id: 2, host: 'a', slot: 1 }]);
+    for (const s of plan) start(st, s.id, s.host, s.slot);
+    assert.deepEqual(planStarts(st), []);
+    assert.deepEqual(planStarts(newState()), [], 'no workers');
+  });
+
+  test('skips down, draining and being-checked workers', () => {
+    const st = newState();
+    worker(st, 'down', 1, true);
+    worker(st, 'drain', 2);
+    worker(st, 'check', 1, true);
+    add(st, 4);
+    step(st, { e: 'probe', t: T0, host: 'down', ok: false });
+    start(st, 1, 'drain', 0);
+    step(st, { e: 'drain', t: T0, host: 'drain' });
+    start(st, 2, 'check', 0);
+    end(st, 2, 255);             // check: up, probeAt > 0
+    assert.equal(st.workers.get('check')!.state, 'up');
+    assert.deepEqual(planStarts(st), []);
+    worker(st, 'ok');
+    assert.deepEqual(planStarts(st), [{ id: 2, host: 'ok', slot: 0 }]);
+    step(st, { e: 'probe', t: T0 + 2000, host: 'check', ok: true });
+    assert.deepEqual(planStarts(st).map((s) => s.host).sort(), ['check', 'ok']);
+  });
+
+  test('a job avoids the worker it failed on if another is free, but runs there if it is the only one', () => {
+    const st = newState();
+    worker(st, 'a');
+    worker(st, 'b');
+    add(st, 1, { retries: 2 });
+    start(st, 1, 'a');
+    end(st, 1, 1);
+    assert.deepEqual(job(st, 1).avoid, ['a']);
+    assert.deepEqual(planStarts(st), [{ id: 1, host: 'b', slot: 0 }]);
+
+    add(st, 1);                  // job 2 takes b
+    start(st, 2, 'b');
+    assert.deepEqual(planStarts(st), [{ id: 1, host: 'a', slot: 0 }]);
+  });
+});
+
+// ---- dueActions ----------------------------------------------------------------
+
+describe('dueActions', () => {
+  test('nothing pending: nothing due and next is Infinity', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 2);
+    start(st, 1, 'a');
+    assert.deepEqual(dueActions(st, T0 + 1e9, NOT_BUSY), { due: [], next: Infinity });
+  });
+
+  test('a timeout is due at start + timeout and named as the next deadline before', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { timeout: 10 });
+    start(st, 1, 'a', 0, T0);
+    assert.deepEqual(dueActions(st, T0 + 9_999, NOT_BUSY), { due: [], next: T0 + 10_000 });
+    assert.deepEqual(dueActions(st, T0 + 10_000, NOT_BUSY).due, [{ kind: 'timeout', id: 1 }]);
+  });
+
+  test('a stopping job gets SIGKILL after killAt unless already sent, and no timeout', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { timeout: 1 });
+    start(st, 1, 'a', 0, T0);
+    stop(st, [1], 'user', T0 + 100, 5000);
+    assert.deepEqual(dueActions(st, T0 + 2000, NOT_BUSY), { due: [], next: T0 + 5100 });
+    assert.deepEqual(dueActions(st, T0 + 5100, NOT_BUSY).due, [{ kind: 'sigkill', id: 1 }]);
+    assert.deepEqual(dueActions(st, T0 + 9000, { probing: new Set(), sigkilled: new Set([1]) }), { due: [], next: Infinity });
+  });
+
+  test('probes are due at probeAt unless one is already running', () => {
+    const st = newState();
+    worker(st, 'a', 1, true);
+    worker(st, 'b', 1, true);
+    add(st, 1);
+    start(st, 1, 'a');
+    end(st, 1, 255, T0 + 50);
+    step(st, { e: 'probe', t: T0, host: 'b', ok: false });
+    assert.deepEqual(dueActions(st, T0 + 50, NOT_BUSY), { due: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
+    assert.deepEqual(dueActions(st, T0 + 50, { probing: new Set(['a']), sigkilled: new Set() }), { due: [], next: T0 + PROBE_BACKOFF_MIN_MS });
+    assert.deepEqual(dueActions(st, T0 + PROBE_BACKOFF_MIN_MS, { probing: new Set(['a']), sigkilled: new Set() }).due, [{ kind: 'probe', host: 'b' }]);
+  });
+});
+
+// ---- parsing -------------------------------------------------------------------
+
+describe('splitWords', () => {
+  test('splits like a shell without expansions', () => {
+    assert.deepEqual(splitWords('a b\tc'), ['a', 'b', 'c']);
+    assert.deepEqual(splitWords(`  ./run.sh 'two words' "dq \\"x\\" \\\\ \\$HOME" back\\ slash  `), ['./run.sh', 'two words', 'dq "x" \\ $HOME', 'back slash']);
+    assert.deepEqual(splitWords(`'a'"b"c`), ['abc']);
+    assert.deepEqual(splitWords(`'' ""`), ['', '']);
+    assert.deepEqual(splitWords(`"a\\nb"`), ['a\\nb'], 'backslash stays before other letters in double quotes');
+    assert.deepEqual(splitWords(`'$x \\ "'`), ['$x \\ "']);
+    assert.deepEqual(splitWords('a\r'), ['a']);
+  });
+
+  test('comments and blank lines', () => {
+    assert.deepEqual(splitWords(''), []);
+    assert.deepEqual(splitWords('   \t '), []);
+    assert.deepEqual(splitWords('# all comment'), []);
+    assert.deepEqual(splitWords('a b # c d'), ['a', 'b']);
+    assert.deepEqual(splitWords('a#b'), ['a#b'], '# inside a word is not a comment');
+    assert.deepEqual(splitWords(`'#' x`), ['#', 'x']);
+  });
+
+  test('unterminated quotes and a trailing backslash are errors', () => {
+    assert.throws(() => splitWords(`a 'b c`), /unterminated single quote/);
+    assert.throws(() => splitWords(`a "b c`), /unterminated double quote/);
+    assert.throws(() => splitWords(`a "b\\"`), /unterminated double quote/);
+    assert.throws(() => splitWords('a b\\'), /backslash/);
+  });
+});
+
+describe('parseJobsFile', () => {
+  const dir = tempDir();
+  const script = path.join(dir, 'job.sh');
+  fs.writeFileSync(script, '#!/bin/sh\nexit 0\n', { mode: 0o755 });
+  fs.writeFileSync(path.join(dir, 'plain.txt'), 'x\n', { mode: 0o644 });
+
+  test('resolves scripts against cwd and splits the arguments, skipping comments and blank lines', () => {
+    const text = `# jobs\n\n./job.sh a 'b c'\r\n  job.sh "d"   # tail\n${script}\n`;
+    assert.deepEqual(parseJobsFile(text, dir, 'jobs.txt'), [[script, 'a', 'b c'], [script, 'd'], [script]]);
+  });
+
+  test('errors name the file and the line', () => {
+    const err = (text: string) => {
+      try { parseJobsFile(text, dir, 'jobs.txt'); } catch (e) { assert.ok(e instanceof UserError, String(e)); return e; }
+      assert.fail('no error');
+    };
+    const missing = err('./job.sh 1\n# c\n./missing.sh x\n');
+    assert.equal(missing.code, 1);
+    assert.match(missing.message, /missing\.sh/);
+    assert.match(missing.message, /jobs\.txt line 3/);
+    assert.match(err(`./job.sh ok\n./job.sh 'open\n`).message, /jobs\.txt line 2: unterminated single quote/);
+    assert.match(err('./plain.txt\n').message, /not executable.*line 1/);
+    assert.match(err('.\n').message, /not a file.*line 1/);
+  });
+});
+
+describe('validateHost and parseWorkerArg', () => {
+  test('accepts names, user@address, slots and bracketed IPv6', () => {
+    for (const h of ['node7', 'alice@10.0.0.5', 'a-b.example.org', '[::1]', 'bob@[fe80::1%eth0]']) assert.doesNotThrow(() => validateHost(h), h);
+    assert.deepEqual(parseWorkerArg('node7', 1), { host: 'node7', slots: 1 });
+    assert.deepEqual(parseWorkerArg('alice@10.0.0.5', 3), { host: 'alice@10.0.0.5', slots: 3 });
+    assert.deepEqual(parseWorkerArg('127.0.0.2:4', 1), { host: '127.0.0.2', slots: 4 });
+    assert.deepEqual(parseWorkerArg('[::1]:2', 1), { host: '[::1]', slots: 2 });
+    assert.deepEqual(parseWorkerArg('[::1]', 5), { host: '[::1]', slots: 5 });
+  });
+
+  test('rejects anything ssh or a shell could interpret, empty hosts and zero slots', () => {
+    const bad = ['-oProxyCommand=x', 'a b', 'a;b', '$(x)', 'a\'b', 'a`b`', 'a|b', 'a\x00b', 'a\x1bb', 'a\tb', '', '@host', 'a@-b', '::1', 'x'.repeat(300)];
+    for (const h of [...bad, 'a\nb', 'node7\n', 'a\rb']) {
+      assert.throws(() => validateHost(h), (e: unknown) => e instanceof UserError && e.code === 2, JSON.stringify(h));
+    }
+    for (const h of bad) assert.throws(() => parseWorkerArg(h, 1), (e: unknown) => e instanceof UserError && e.code === 2, JSON.stringify(h));
+    for (const a of ['host:0', 'host:', 'host:-1', 'host:1x', ':3', 'host:99999']) {
+      assert.throws(() => parseWorkerArg(a, 1), (e: unknown) => e instanceof UserError && e.code === 2, a);
+    }
+    assert.throws(() => parseWorkerArg('host', 0), UserError, 'a default of 0 slots is refused too');
+  });
+
+  test('parseWorkerArg refuses a host with a line break as a usage error, not a TypeError', () => {
+    // `add_slave $'a\nb'` must say "invalid host 'a\x0ab'" and exit 2.
+    for (const h of ['a\nb', 'node7\n', 'a\rb:2', 'a\u2028b']) {
+      assert.throws(() => parseWorkerArg(h, 1), (e: unknown) => e instanceof UserError && e.code === 2, JSON.stringify(h));
+    }
+  });
+
+  test('the error shows control characters escaped', () => {
+    assert.throws(() => validateHost('a\nb'), (e: unknown) => e instanceof UserError && e.message.includes('a\\x0ab') && !e.message.includes('\n'));
+  });
+});
+
+// ---- loadState and Journal -----------------------------------------------------
+
+/** A journal in a temp dir that mirrors a live state the way the server does. */
+function journalled() {
+  const dir = tempDir();
+  const st = newState();
+  let journal = new Journal(dir, 0, 0);
+  const commit = (...evs: Event[]) => {
+    let text = '';
+    for (const ev of evs) { applyEvent(st, ev); st.seq++; text += JSON.stringify({ n: st.seq, ...ev }) + '\n'; }
+    journal.append(text);
+  };
+  const reopen = (size: number, snapshotSize: number) => { fs.closeSync(journal.fd); journal = new Journal(dir, size, snapshotSize); };
+  const close = () => fs.closeSync(journal.fd);
+  return { dir, st, commit, reopen, close, journal: () => journal };
+}
+
+/** A run of events covering every kind, valid against the state they are applied to. */
+function someHistory(st: State, commit: (...evs: Event[]) => void): void {
+  commit({ e: 'worker', t: T0, host: 'a', slots: 2, ssh: true }, { e: 'worker', t: T0, host: 'b', slots: 1, ssh: false });
+  commit(addEv(st, 5, { retries: 1, timeout: 30 }));
+  commit({ e: 'start', t: T0 + 1, id: 1, w: 'a', s: 0 }, { e: 'start', t: T0 + 1, id: 2, w: 'b', s: 0 }, { e: 'start', t: T0 + 1, id: 3, w: 'a', s: 1 });
+  commit({ e: 'end', t: T0 + 2, id: 1, run: 1, code: 0 }, { e: 'end', t: T0 + 2, id: 2, run: 1, code: 1 });
+  commit({ e: 'end', t: T0 + 3, id: 3, run: 1, code: 255 }, { e: 'probe', t: T0 + 4, host: 'a', ok: false, err: 'refused' });
+  commit({ e: 'start', t: T0 + 5, id: 2, w: 'b', s: 0 }, { e: 'stop', t: T0 + 6, ids: [2, 4], why: 'user', grace: 1000 });
+  commit({ e: 'end', t: T0 + 7, id: 2, run: 2, code: 143 }, { e: 'remove', t: T0 + 8, ids: [5] });
+  commit(addEv(st, 2), { e: 'retry', t: T0 + 9, ids: [2] }, { e: 'start', t: T0 + 10, id: 3, w: 'b', s: 0 });
+  commit({ e: 'unstart', t: T0 + 11, id: 3 }, { e: 'clean', t: T0 + 12 }, { e: 'probe', t: T0 + 13, host: 'a', ok: true });
+  commit({ e: 'start', t: T0 + 14, id: 6, w: 'a', s: 1 }, { e: 'drain', t: T0 + 15, host: 'a' });
+}
+
+/** Every file of a dir with its bytes. */
+const filesOf = (dir: string) => Object.fromEntries(fs.readdirSync(dir).sort().map((f) => [f, fs.readFileSync(path.join(dir, f))]));
+
+describe('loadState and Journal', () => {
+  test('a fresh data dir loads as an empty state', () => {
+    const r = loadState(tempDir());
+    assert.deepEqual(view(r.state), view(newState()));
+    assert.deepEqual(r.warnings, []);
+  });
+
+  test('replaying the journal gives the live state', () => {
+    const j = journalled();
+    someHistory(j.st, j.commit);
+    j.close();
+    assert.ok(j.st.jobs.size > 0 && j.st.workers.get('a')!.state === 'draining' && j.st.seq > 20, 'the history leaves jobs and a draining worker');
+    const r = loadState(j.dir);
+    assert.deepEqual(r.warnings, []);
+    assert.deepEqual(view(r.state), view(j.st));
+    assert.equal(r.journalSize, fs.statSync(path.join(j.dir, 'journal')).size);
+  });
+
+  test('snapshot, then more events: the reload equals the live state and ids are not reused', () => {
+    const j = journalled();
+    someHistory(j.st, j.commit);
+    j.journal().snapshot(j.st);
+    const header = JSON.parse(fs.readFileSync(path.join(j.dir, 'journal'), 'utf8').split('\n')[0]);
+    assert.equal(header.after, j.st.seq, 'the new journal starts after the snapshot');
+    const nextId = j.st.nextId;
+    j.commit(addEv(j.st, 1), { e: 'start', t: T0 + 20, id: nextId, w: 'b', s: 0 });
+    j.close();
+    const r = loadState(j.dir);
+    assert.deepEqual(r.warnings, []);
+    assert.deepEqual(view(r.state), view(j.st));
+    assert.ok(r.snapshotSize > 0, 'a snapshot was loaded');
+
+    // Reload from the snapshot alone (no job of the newest id kept): nextId survives.
+    const j2 = journalled();
+    j2.commit(addEv(j2.st, 3), { e: 'stop', t: T0, ids: [1, 2, 3], why: 'user', grace: 0 }, { e: 'clean', t: T0 });
+    j2.journal().snapshot(j2.st);
+    j2.close();
+    const r2 = loadState(j2.dir);
+    assert.equal(r2.state.jobs.size, 0);
+    assert.equal(r2.state.nextId, 4);
+  });
+
+  test('the queue order survives a snapshot, front-queued jobs included', () => {
+    const j = journalled();
+    j.commit({ e: 'worker', t: T0, host: 'a', slots: 2, ssh: false }, addEv(j.st, 4));
+    j.commit({ e: 'start', t: T0, id: 1, w: 'a', s: 0 }, { e: 'start', t: T0, id: 2, w: 'a', s: 1 });
+    j.commit({ e: 'end', t: T0, id: 2, run: 1, code: 255 }, { e: 'unstart', t: T0, id: 1 });
+    assert.deepEqual(queue(j.st), [1, 2, 3, 4]);
+    j.journal().snapshot(j.st);
+    j.commit(addEv(j.st, 1), { e: 'start', t: T0, id: 1, w: 'a', s: 0 }, { e: 'end', t: T0, id: 1, run: 2, code: 255 });
+    j.close();
+    const r = loadState(j.dir);
+    assert.deepEqual(queue(r.state), [1, 2, 3, 4, 5]);
+    assert.deepEqual(view(r.state), view(j.st));
+  });
+
+  test('a journal whose last line was cut off loads the rest with a warning, and the next journal cuts it off', () => {
+    const j = journalled();
+    someHistory(j.st, j.commit);
+    j.close();
+    const file = path.join(j.dir, 'journal');
+    const goodSize = fs.statSync(file).size;
+    const expected = view(j.st);
+    fs.appendFileSync(file, JSON.stringify({ n: j.st.seq + 1, e: 'clean', t: T0 }).slice(0, 12));
+    const r = loadState(j.dir);
+    assert.equal(r.warnings.length, 1);
+    assert.match(r.warnings[0], /cut-off/);
+    assert.deepEqual(view(r.state), expected);
+    assert.equal(r.journalSize, goodSize);
+
+    // The next server opens the journal at the good size and appends after it.
+    const journal = new Journal(j.dir, r.journalSize, r.snapshotSize);
+    const st = r.state;
+    const ev: Event = { e: 'clean', t: T0 + 99 };
+    applyEvent(st, ev); st.seq++;
+    journal.append(JSON.stringify({ n: st.seq, ...ev }) + '\n');
+    fs.closeSync(journal.fd);
+    const r2 = loadState(j.dir);
+    assert.deepEqual(r2.warnings, []);
+    assert.deepEqual(view(r2.state), view(st));
+  });
+
+  test('a garbage line in the middle is an error naming file and line, and nothing is written', () => {
+    const j = journalled();
+    j.commit(addEv(j.st, 2));
+    j.journal().append('{"n": 2, "e": "clea\n');
+    j.commit({ e: 'clean', t: T0 });
+    j.close();
+    const before = filesOf(j.dir);
+    assert.throws(() => loadState(j.dir), (e: unknown) => {
+      assert.ok(e instanceof UserError, String(e));
+      assert.equal(e.code, 1);
+      assert.ok(e.message.includes(path.join(j.dir, 'journal')), e.message);
+      assert.match(e.message, /line 3\b/);
+      return true;
+    });
+    assert.deepEqual(filesOf(j.dir), before);
+  });
+
+  test('an event out of sequence is an error naming the line', () => {
+    const j = journalled();
+    j.commit(addEv(j.st, 1));
+    j.journal().append(JSON.stringify({ n: 5, e: 'clean', t: T0 }) + '\n');
+    j.close();
+    assert.throws(() => loadState(j.dir), /journal' line 3: event 5 follows event 1/);
+  });
+
+  test('a header from a newer version is refused, naming the version', () => {
+    const dir = tempDir();
+    fs.writeFileSync(path.join(dir, 'journal'), JSON.stringify({ format: 'djs-journal', version: 99, after: 0 }) + '\n');
+    const before = filesOf(dir);
+    assert.throws(() => loadState(dir), (e: unknown) => e instanceof UserError && /version 99/.test(e.message) && e.message.includes('journal'));
+    assert.deepEqual(filesOf(dir), before);
+
+    const dir2 = tempDir();
+    fs.writeFileSync(path.join(dir2, 'snapshot'),
+      JSON.stringify({ format: 'djs-snapshot', version: 99, seq: 0, nextId: 1 }) + '\n' + JSON.stringify({ end: true, jobs: 0 }) + '\n');
+    assert.throws(() => loadState(dir2), (e: unknown) => e instanceof UserError && /version 99/.test(e.message) && e.message.includes('snapshot'));
+  });
+
+  test('a snapshot without its end record is refused', () => {
+    const j = journalled();
+    someHistory(j.st, j.commit);
+    j.journal().snapshot(j.st);
+    j.close();
+    const file = path.join(j.dir, 'snapshot');
+    const lines = fs.readFileSync(file, 'utf8').split('\n');
+    fs.writeFileSync(file, lines.slice(0, -2).join('\n') + '\n');
+    assert.throws(() => loadState(j.dir), /snapshot.*incomplete/);
+  });
+
+  test('a crash between the snapshot rename and the journal reset loads the same state', () => {
+    const j = journalled();
+    someHistory(j.st, j.commit);
+    const jfile = path.join(j.dir, 'journal');
+    const oldJournal = fs.readFileSync(jfile);
+    j.journal().snapshot(j.st);
+    fs.writeFileSync(jfile, oldJournal);   // as if the journal was never reset
+    j.close();
+    const r = loadState(j.dir);
+    assert.deepEqual(r.warnings, []);
+    assert.deepEqual(view(r.state), view(j.st));
+
+    // And the next server goes on from there.
+    const journal = new Journal(j.dir, r.journalSize, r.snapshotSize);
+    const st = r.state;
+    const ev = addEv(st, 1);
+    applyEvent(st, ev); st.seq++;
+    journal.append(JSON.stringify({ n: st.seq, ...ev }) + '\n');
+    fs.closeSync(journal.fd);
+    assert.deepEqual(view(loadState(j.dir).state), view(st));
+  });
+});
+
+// ---- views -----------------------------------------------------------------------
+
+describe('statusView and formatStatus', () => {
+  test('slot bars, down workers, running jobs and the queue head', () => {
+    const st = newState();
+    worker(st, 'node1', 2);
+    worker(st, 'node2', 1, true);
+    worker(st, 'node3', 1, true);
+    add(st, 4, { t: T0 });
+    start(st, 1, 'node1', 0, T0);
+    step(st, { e: 'probe', t: T0, host: 'node2', ok: false, err: 'Connection refused' });
+    start(st, 2, 'node3', 0, T0);
+    end(st, 2, 255, T0 + 10);    // node3 is being checked; job 2 back to the front
+    const sv = statusView(st);
+    assert.deepEqual(sv.counts, { waiting: 3, running: 1, done: 0, failed: 0, killed: 0, total: 4 });
+    assert.deepEqual(sv.queue.map((q) => q.id), [2, 3, 4]);
+    const text = formatStatus(sv, T0 + 60_000, false);
+    const lines = text.split('\n');
+    const line = (host: string) => lines.find((l) => l.includes(host)) ?? assert.fail(`no line for ${host} in:\n${text}`);
+    assert.match(line('node1'), /\[\*\.\]/);
+    assert.match(line('node1'), /up/);
+    assert.match(line('node1'), /\b1\b/);
+    assert.match(line('node2'), /\[\.\]/);
+    assert.match(line('node2'), /down/);
+    assert.match(line('node2'), /Connection refused/);
+    assert.match(line('node3'), /checking/);
+    assert.match(text, /queue/);
+    const qi = lines.findIndex((l) => /queue/.test(l));
+    assert.match(lines[qi + 1], /^\s+2\s.*\/bin\/job\.sh arg2$/);
+    assert.match(lines[qi + 2], /^\s+3\s/);
+    assert.match(lines[0], /1 running/);
+    assert.match(lines[0], /3 waiting/);
+    assert.doesNotMatch(text, /\x1b\[/, 'no colour when off');
+  });
+
+  test('the queue head is capped and the rest counted', () => {
+    const st = newState();
+    add(st, 25);
+    const sv = statusView(st);
+    assert.ok(sv.queue.length < 25, 'the queue head is capped');
+    assert.deepEqual(sv.queue.map((q) => q.id), Array.from({ length: sv.queue.length }, (_, i) => i + 1));
+    assert.match(formatStatus(sv, T0, false), new RegExp(`and ${25 - sv.queue.length} more`));
+  });
+});
+
+describe('jobView', () => {
+  test('run time counts to now while running and to the end afterwards', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { timeout: 0 });
+    start(st, 1, 'a', 0, T0);
+    const running = jobView(job(st, 1), T0 + 4000);
+    assert.equal(running.runtimeMs, 4000);
+    assert.equal(running.state, 'running');
+    assert.equal(running.worker, 'a');
+    assert.equal(running.slot, 0);
+    assert.equal(running.timeout, null);
+    end(st, 1, 0, T0 + 2500);
+    const done = jobView(job(st, 1), T0 + 99_000);
+    assert.equal(done.runtimeMs, 2500);
+    assert.equal(done.exitCode, 0);
+    assert.equal(done.history.length, 1);
+    assert.equal(done.history[0].worker, 'a');
+  });
+});
