@@ -1453,8 +1453,19 @@ function addWorkers(req: Request, send: Reply): void {
 
 // ---- server life -------------------------------------------------------------
 
+/** The pid of the live server that owns a data dir (by its pid file, checked against
+ *  the process's start time so a reused pid does not count), or null. */
+function liveServerPid(dataDir: string): number | null {
+  let text: string;
+  try { text = fs.readFileSync(path.join(dataDir, 'server.pid'), 'utf8'); } catch { return null; }
+  const [pidText, startText] = text.trim().split(' ');
+  const pid = Number(pidText), started = pid > 0 ? processStart(pid) : null;
+  if (started === null) return null;
+  return Number.isNaN(started) || !Number(startText) || Math.abs(started - Number(startText)) < 2000 ? pid : null;
+}
+
 /** Takes the data dir for this server: refuses if a live server owns it; clears what
- *  a dead one left (its pid file and socket). */
+ *  a dead one left (its pid file; the socket goes when the new one listens). */
 function lockDataDir(dataDir: string): void {
   const pidFile = path.join(dataDir, 'server.pid');
   for (let tries = 0; tries < 3; tries++) {
@@ -1464,11 +1475,8 @@ function lockDataDir(dataDir: string): void {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
     }
-    const [pidText, startText] = fs.readFileSync(pidFile, 'utf8').trim().split(' ');
-    const pid = Number(pidText), started = processStart(pid);
-    if (pid > 0 && started !== null && (Number.isNaN(started) || !Number(startText) || Math.abs(started - Number(startText)) < 2000)) {
-      throw failure(`a server is already running on data dir '${dataDir}' (pid ${pid})`, 'stop it first with: cli.ts stop');
-    }
+    const pid = liveServerPid(dataDir);
+    if (pid !== null) throw failure(`a server is already running on data dir '${dataDir}' (pid ${pid})`, 'stop it first with: cli.ts stop');
     fs.rmSync(pidFile, { force: true });
   }
   throw failure(`cannot lock data dir '${dataDir}'`);
@@ -1551,7 +1559,21 @@ type Ctx = { dataDir: string; out: NodeJS.WriteStream; err: NodeJS.WriteStream }
 
 /** Sends one request and calls onLine for every line before the final answer, which
  *  the promise resolves to. ok:false answers become UserErrors. */
-export function request(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
+export async function request(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
+  // A server that is still starting (replaying a big journal) owns the data dir but does
+  // not listen yet: wait for it rather than say there is none.
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    try {
+      return await requestOnce(dataDir, msg, onLine);
+    } catch (e) {
+      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER) || liveServerPid(dataDir) === null || Date.now() > deadline) throw e;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
+function requestOnce(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
   const sock = socketPath(dataDir);
   return new Promise((resolve, reject) => {
     let conn: net.Socket;
@@ -1672,7 +1694,7 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     const bar = '[' + Array.from({ length: Math.max(w.slots, ...w.running.map((r) => r.slot + 1)) }, (_, i) => (busy.has(i) ? '*' : '.')).join('') + ']';
     let state = c(STATE_COLORS[w.state], w.state.padEnd(8));
     if (w.checking) state = c('33', 'checking');
-    let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`;
+    let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`.trimEnd();
     if (w.running.length) line += `  ${w.running.map((r) => r.id).join(' ')}`;
     if (w.state === 'down') line += `  ${w.error ?? ''}${w.nextProbeAt ? `; next check in ${formatDuration(Date.parse(w.nextProbeAt) - now)}` : ''}`;
     out.push(line);
