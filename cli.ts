@@ -9,7 +9,7 @@
  * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
  *
  * SYNOPSIS
- *   cli.ts start [DATA_DIR] [LOG_DIR]         run the server in the foreground
+ *   cli.ts start [-d] [DATA_DIR] [LOG_DIR]    run the server (-d: in the background)
  *   cli.ts stop                               stop it; running jobs keep running
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...
  *   cli.ts remove_slave [--wait|--kill] HOST...
@@ -1729,8 +1729,38 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   const logDir = path.resolve(p.positionals[1] ?? (p.values['log-dir'] as string | undefined) ?? process.env.DJS_LOG_DIR ?? 'logs');
   const grace = intOption(p.values['kill-grace'] ?? process.env.DJS_KILL_GRACE, 'kill grace', 0) ?? 10;
   const probeMax = intOption(process.env.DJS_PROBE_BACKOFF_MAX, 'DJS_PROBE_BACKOFF_MAX', 1) ?? PROBE_BACKOFF_MAX_MS / 1000;
+  if (p.values.detach) return startDetached(dataDir, logDir, grace, ctx);
   await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, ssh: sshSettings(process.env) });
   return -1; // keeps running
+}
+
+/** start --detach: runs the server as a background process (its output appended to
+ *  LOG_DIR/server.log), waits until it answers, prints its ready line, and returns. */
+async function startDetached(dataDir: string, logDir: string, grace: number, ctx: Ctx): Promise<number> {
+  fs.mkdirSync(logDir, { recursive: true });
+  const logPath = path.join(logDir, 'server.log');
+  const fd = fs.openSync(logPath, 'a');
+  const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'start', '--kill-grace', String(grace), dataDir, logDir], {
+    detached: true, stdio: ['ignore', fd, fd],
+  });
+  fs.closeSync(fd);
+  let exited: number | null = null;
+  child.on('exit', (code) => { exited = code ?? 1; });
+  child.unref();
+  for (;;) {
+    try {
+      const r = await requestOnce(dataDir, { op: 'ping' });
+      if (Number(r.pid) === child.pid) break; // else another server answered: ours will refuse and exit
+    } catch { /* not listening yet */ }
+    if (exited !== null) {
+      const tail = fs.readFileSync(logPath, 'utf8').trim().split('\n').filter((l) => l.startsWith('error') || l.startsWith('hint'));
+      for (const line of tail.slice(-2)) ctx.err.write(line + '\n');
+      return exited || EXIT_FAILED;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  ctx.out.write(`djs server ready: pid ${child.pid}, data ${dataDir}, logs ${logDir}; its output goes to ${logPath}\n`);
+  return EXIT_OK;
 }
 
 async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
@@ -1924,7 +1954,7 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
 type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; synopsis: string };
 const JOB_OPTIONS: OptSpec = { retries: { type: 'string' }, timeout: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
-  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' } }, synopsis: 'start [DATA_DIR] [LOG_DIR] [--log-dir DIR] [--kill-grace SECONDS]' },
+  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, synopsis: 'stop' },
   add_slave: { run: cmdAddWorkers, options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' } }, synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...' },
   remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },

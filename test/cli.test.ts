@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import {
-  CLI, alive, cleanUp, procIds, readIf, runCli, spawnCli, startServer, tempDir, until, within, writeScript,
+  CLI, alive, cleanUp, killJobsUnder, procIds, readIf, runCli, spawnCli, startServer, tempDir, until, within, writeScript,
   type Run, type TestServer,
 } from './server.ts';
 
@@ -132,6 +132,32 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     assert.equal(stop.code, 0, stop.stderr);
     assert.equal(await s2.exited, 0);
     assert.equal((await s2.cli(['status'])).code, 3);
+  });
+
+  test('start --detach: returns once the server answers; a client started at once waits for a server still starting', async (t) => {
+    const dir = tempDir();
+    const dataDir = path.join(dir, '.data');
+    t.after(async () => { await runCli(['--data-dir', dataDir, 'stop']); killJobsUnder(dir); });
+    const r = await runCli(['start', '--detach'], { cwd: dir });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^djs server ready: pid \d+/);
+    assert.equal((await runCli(['status'], { cwd: dir })).code, 0, 'the detached server answers');
+    assert.match(fs.readFileSync(path.join(dir, 'logs', 'server.log'), 'utf8'), /server ready/);
+    const again = await runCli(['start', '--detach'], { cwd: dir });
+    assert.equal(again.code, 1);
+    assert.match(again.stderr, /already running/);
+    // Stop it, give it a journal that takes a while to replay, and start it again in the
+    // foreground: a client that comes while it replays waits instead of saying "no server".
+    assert.equal((await runCli(['stop'], { cwd: dir })).code, 0);
+    const script = writeScript(dir, 'j.sh', 'true');
+    const jobs = JSON.stringify(Array.from({ length: 300_000 }, (_, i) => [script, String(i)]));
+    fs.appendFileSync(path.join(dataDir, 'journal'), `{"n":1,"e":"add","t":${Date.now()},"id":1,"cwd":"${dir}","retries":0,"timeout":0,"jobs":${jobs}}\n`);
+    const server = spawnCli(['start'], { cwd: dir });
+    t.after(() => server.proc.kill('SIGKILL'));
+    await until(() => fs.existsSync(path.join(dataDir, 'server.pid')), 'the server to take the data dir');
+    const st = await runCli(['status', '--json'], { cwd: dir });
+    assert.equal(st.code, 0, st.stderr);
+    assert.equal(JSON.parse(st.stdout).counts.total, 300_000);
   });
 
   test('a data dir whose socket path is longer than a Unix socket allows', async (t) => {
