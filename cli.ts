@@ -1694,10 +1694,10 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     const bar = '[' + Array.from({ length: Math.max(w.slots, ...w.running.map((r) => r.slot + 1)) }, (_, i) => (busy.has(i) ? '*' : '.')).join('') + ']';
     let state = c(STATE_COLORS[w.state], w.state.padEnd(8));
     if (w.checking) state = c('33', 'checking');
-    let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`.trimEnd();
+    let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`;
     if (w.running.length) line += `  ${w.running.map((r) => r.id).join(' ')}`;
     if (w.state === 'down') line += `  ${w.error ?? ''}${w.nextProbeAt ? `; next check in ${formatDuration(Date.parse(w.nextProbeAt) - now)}` : ''}`;
-    out.push(line);
+    out.push(line.trimEnd());
   }
   if (s.queue.length) {
     out.push(`queue (${counts.waiting} waiting, oldest first):`);
