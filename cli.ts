@@ -72,6 +72,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
@@ -339,9 +340,11 @@ export function applyEvent(st: State, ev: Event): void {
       if (!job || job.state !== 'running') break;
       freeSlot(st, job);
       job.attempts--;
+      const killed = job.stopping === 'user';
       job.stopping = null; job.killAt = 0;
-      setJobState(st, job, 'waiting');
-      enqueue(st, job, true);
+      // A job the user killed before it got going stays killed.
+      if (killed) settle(st, job, 'killed', 'killed before it started', ev.t);
+      else { setJobState(st, job, 'waiting'); enqueue(st, job, true); }
       break;
     }
     case 'end': {
@@ -382,14 +385,12 @@ export function applyEvent(st: State, ev: Event): void {
       const w = st.workers.get(ev.host);
       if (!w) { st.workers.set(ev.host, newWorker(ev.host, ev.slots, ev.ssh, ev.t)); break; }
       w.slots = ev.slots; w.ssh = ev.ssh;
+      // Added again, so it passed the login check (or needs none): up, with no probe due.
+      if (w.state === 'down') { w.state = 'up'; w.since = ev.t; w.probeAt = 0; w.probeDelay = 0; w.error = null; }
       while (w.running.length < ev.slots) w.running.push(0);
       while (w.running.length > w.slots && w.running[w.running.length - 1] === 0) w.running.pop();
       if (w.state === 'draining') { w.state = 'up'; w.since = ev.t; }
-      if (!ev.ssh) {
-        // Not checked over ssh any more: whatever a probe said or is about to say is moot.
-        if (w.state === 'down') { w.state = 'up'; w.since = ev.t; }
-        w.probeAt = 0; w.probeDelay = 0; w.error = null;
-      }
+      if (!ev.ssh) { w.probeAt = 0; w.probeDelay = 0; w.error = null; } // a probe under way is moot
       break;
     }
     case 'drain': {
@@ -597,16 +598,17 @@ const damaged = (file: string, line: number, what: string) =>
   new DamagedState(EXIT_FAILED, `damaged state file '${file}' line ${line}: ${what}`,
     'nothing was changed; move the file aside or repair it, then start again');
 
-/** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line of a file, reading
- *  it in chunks (a line may be far longer than a chunk); returns the bytes after the
- *  last newline, if any, and where they start. */
-function forEachLine(file: string, fn: (line: string, no: number, end: number) => void): { tail: Buffer; tailAt: number } {
+/** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line in the first `limit`
+ *  bytes of a file, reading it in chunks (a line may be far longer than a chunk); returns
+ *  the bytes after the last newline, if any, and where they start. */
+function forEachLine(file: string, limit: number, fn: (line: string, no: number, end: number) => void): { tail: Buffer; tailAt: number } {
   const fd = fs.openSync(file, 'r');
   try {
-    let parts: Buffer[] = [], offset = 0, no = 0, n: number;
+    let parts: Buffer[] = [], offset = 0, no = 0, n: number, read = 0;
     for (;;) {
       const chunk = Buffer.allocUnsafe(1 << 20);
-      if ((n = fs.readSync(fd, chunk, 0, chunk.length, null)) <= 0) break;
+      if ((n = fs.readSync(fd, chunk, 0, Math.min(chunk.length, limit - read), null)) <= 0) break;
+      read += n;
       let start = 0, nl: number;
       while ((nl = chunk.indexOf(10, start)) >= 0 && nl < n) {
         const piece = chunk.subarray(start, nl);
@@ -642,7 +644,7 @@ function checkHeader(file: string, header: Record<string, unknown>, format: stri
 /** Loads the snapshot, then replays the journal after it. A journal whose last line
  *  was cut off by a crash loads up to there (with a warning); any other damage throws,
  *  naming the file and line, and nothing is written. */
-export function loadState(dataDir: string): LoadResult {
+export function loadState(dataDir: string, journalLimit = Infinity): LoadResult {
   const st = newState();
   const warnings: string[] = [];
   const snapFile = path.join(dataDir, 'snapshot'), journalFile = path.join(dataDir, 'journal');
@@ -650,7 +652,7 @@ export function loadState(dataDir: string): LoadResult {
   if (fs.existsSync(snapFile)) {
     snapshotSize = fs.statSync(snapFile).size;
     let complete = false;
-    const { tail } = forEachLine(snapFile, (line, no) => {
+    const { tail } = forEachLine(snapFile, Infinity, (line, no) => {
       const rec = parseLine(snapFile, line, no);
       if (no === 1) {
         checkHeader(snapFile, rec, 'djs-snapshot');
@@ -662,7 +664,7 @@ export function loadState(dataDir: string): LoadResult {
         st.workers.set(w.host, w);
       } else if (rec.j) {
         const job = rec.j as Job;
-        if (typeof job.id !== 'number' || !JOB_STATES.includes(job.state) || typeof job.script !== 'string') throw damaged(snapFile, no, 'bad job');
+        if (typeof job.id !== 'number' || !JOB_STATES.includes(job.state) || typeof job.script !== 'string' || !Array.isArray(job.args)) throw damaged(snapFile, no, 'bad job');
         if (job.args.length === 0) job.args = NO_ARGS;
         st.jobs.set(job.id, job);
         st.counts[job.state]++;
@@ -676,7 +678,7 @@ export function loadState(dataDir: string): LoadResult {
   }
   if (fs.existsSync(journalFile)) {
     let lastNo = 0;
-    const { tail, tailAt } = forEachLine(journalFile, (line, no, end) => {
+    const { tail, tailAt } = forEachLine(journalFile, journalLimit, (line, no, end) => {
       lastNo = no;
       const rec = parseLine(journalFile, line, no);
       if (no === 1) {
@@ -729,6 +731,7 @@ export class Journal {
   fd: number;
   size: number;
   snapshotSize: number;
+  mustCut = false; // a failed write could not be cut back yet: the file is longer than `size`
   constructor(dir: string, size: number, snapshotSize: number) {
     this.dir = dir;
     const file = path.join(dir, 'journal');
@@ -743,13 +746,14 @@ export class Journal {
    *  it was, so a half-written batch never stays on disk, and throws. */
   append(text: string): void {
     const buf = Buffer.from(text);
+    if (this.mustCut) { fs.ftruncateSync(this.fd, this.size); this.mustCut = false; }
     try {
       let off = 0;
       while (off < buf.length) off += fs.writeSync(this.fd, buf, off, buf.length - off, this.size + off);
       fs.fdatasyncSync(this.fd);
       this.size += buf.length;
     } catch (e) {
-      try { fs.ftruncateSync(this.fd, this.size); } catch { /* the next append cuts it back */ }
+      try { fs.ftruncateSync(this.fd, this.size); } catch { this.mustCut = true; }
       throw e;
     }
   }
@@ -778,8 +782,9 @@ export class Journal {
     });
     const jfile = path.join(this.dir, 'journal');
     replaceFile(jfile, (fd) => writeAll(fd, journalHeader(st.seq)));
+    const fd = fs.openSync(jfile, 'r+');
     fs.closeSync(this.fd);
-    this.fd = fs.openSync(jfile, 'r+');
+    this.fd = fd;
     this.size = fs.fstatSync(this.fd).size;
     this.snapshotSize = written;
   }
@@ -791,46 +796,64 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
 // ============================================================================
 
 /** The wrapper every job runs in (sh, so a job costs no extra node process). It claims
- *  the attempt by creating its pid file exclusively, runs the script with the job's
- *  argv, and records the exit code. TERM/INT/HUP are trapped, not ignored, so the script
- *  gets them with default handling while the wrapper lives on to record the code. */
-const WRAPPER = `trap : TERM INT HUP
+ *  the run by creating its pid file exclusively, runs the script with the job's argv,
+ *  and records the exit code. TERM/INT/HUP are trapped, not ignored, so the script gets
+ *  them with default handling while the wrapper lives on to record the code; one that
+ *  comes before the script starts stops it from starting. Exit 254: the run was claimed
+ *  by a server (never ran); 253: the pid file could not be written (never ran). */
+const WRAPPER = `trap 'k=1' TERM INT HUP
 p=$1 x=$2; shift 2
-{ set -C; echo $$ > "$p"; } 2>/dev/null || exit 254
+if ! { set -C; echo $$ > "$p"; } 2>/dev/null; then
+  q=; read -r q < "$p" 2>/dev/null
+  [ -n "$q" ] && exit 254
+  echo "djs: cannot write $p (disk full?); the job was not started" >&2
+  exit 253
+fi
 set +C
+[ -z "$k" ] || exit 143
 "$@"
 c=$?
 echo $c > "$x"
 exit $c`;
+/** Wrapper exit codes that mean "the job did not start" when the pid file is not its own. */
+const WRAPPER_DID_NOT_START = new Set([253, 254]);
 
 /** Run files are named by the job and its start count, which is never reused. */
 const runFile = (dataDir: string, id: number, run: number, kind: 'pid' | 'exit') =>
   path.join(dataDir, 'run', `${id}.${run}.${kind}`);
 
-let bootTimeMs: number | null | undefined;
-/** When process `pid` started (ms since the epoch), or null if it does not exist.
- *  Linux reads /proc; elsewhere only existence is known (start time NaN). */
-export function processStart(pid: number): number | null {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    if (fields[0] === 'Z') return null;
-    if (bootTimeMs === undefined) {
-      const m = /^btime (\d+)$/m.exec(fs.readFileSync('/proc/stat', 'utf8'));
-      bootTimeMs = m ? Number(m[1]) * 1000 : null;
-    }
-    return bootTimeMs === null ? NaN : bootTimeMs + Number(fields[19]) * 10; // USER_HZ is 100 on Linux
-  } catch {
-    if (fs.existsSync('/proc/self/stat')) return null;
-    try { process.kill(pid, 0); return NaN; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM' ? NaN : null; }
+const HAVE_PROC = fs.existsSync('/proc/self/stat');
+
+/** A process's start time in clock ticks since boot, from /proc (it does not move when
+ *  the wall clock is set); '' where there is no /proc but the process exists; null if
+ *  there is no such process (or only a zombie). */
+export function processStartTicks(pid: number): string | null {
+  if (HAVE_PROC) {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return fields[0] === 'Z' ? null : fields[19];
+    } catch { return null; }
   }
+  try { process.kill(pid, 0); return ''; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM' ? '' : null; }
 }
 
-/** True if `pid` is alive and started within a few seconds of `aroundMs`. */
-function sameProcess(pid: number, aroundMs: number): boolean {
-  const started = processStart(pid);
-  if (started === null) return false;
-  return Number.isNaN(started) || Math.abs(started - aroundMs) < 5_000;
+/** True if `pid` is the live wrapper of the run whose pid file is `pidFile`: its argv
+ *  names that file, so neither a reused pid nor a clock step can fool it. Without /proc,
+ *  only existence can be checked. */
+function isWrapper(pid: number, pidFile: string): boolean {
+  if (!HAVE_PROC) return processStartTicks(pid) !== null;
+  try { return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(pidFile); } catch { return false; }
+}
+
+/** The pid of the live wrapper of a run, looked up by its argv (for a pid file that its
+ *  wrapper created but had not written yet), or null. */
+function findWrapper(pidFile: string): number | null {
+  if (!HAVE_PROC) return null;
+  for (const name of fs.readdirSync('/proc')) {
+    if (/^\d+$/.test(name) && isWrapper(Number(name), pidFile)) return Number(name);
+  }
+  return null;
 }
 
 function signalGroup(pid: number, sig: NodeJS.Signals): void {
@@ -902,6 +925,8 @@ const followers = new Set<Follower>();
 let adoptWatch: fs.FSWatcher | null = null;
 let adoptTimer: NodeJS.Timeout | null = null;
 let stopping = false;
+let startFailures = 0;           // wrappers in a row that could not claim their run
+let startsPausedUntil = 0;
 
 const log = (msg: string) => process.stdout.write(`${new Date().toISOString()} ${msg}\n`);
 
@@ -970,8 +995,8 @@ function flush(): void {
       effects.push(() => runProbe(d.host));
     }
   }
-  // 3. Scheduling: fill the free slots.
-  for (const s of planStarts(st)) {
+  // 3. Scheduling: fill the free slots (unless starts pause after wrapper failures).
+  for (const s of now < startsPausedUntil ? [] : planStarts(st)) {
     commit({ e: 'start', t: now, id: s.id, w: s.host, s: s.slot });
     effects.push(() => startJob(s.id));
   }
@@ -1000,7 +1025,7 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, refused: Reply[], fac
   const what = `cannot write the journal '${path.join(cfg.dataDir, 'journal')}': ${e.message}`;
   log(`error: ${what}; ${refused.length} request(s) refused, ${facts.length} outcome(s) kept for retry`);
   try {
-    st = loadState(cfg.dataDir).state;
+    st = loadState(cfg.dataDir, journal.size).state;
   } catch (e2) {
     log(`fatal: cannot reload the state after a failed write: ${(e2 as Error).message}; running jobs keep running`);
     process.exit(1);
@@ -1028,9 +1053,13 @@ function takeSnapshot(): void {
 /** Sets the one timer to the next deadline the core names. */
 function armTimer(): void {
   if (timer) { clearTimeout(timer); timer = null; }
-  const { next } = dueActions(st, Date.now(), { probing, sigkilled });
+  const now = Date.now();
+  const { due, next: deadline } = dueActions(st, now, { probing, sigkilled });
+  // Something fell due while the flush ran (fsync, spawns): take it now.
+  if (due.length) return submit({ kind: 'tick' });
+  const next = startsPausedUntil > now && st.counts.waiting > 0 ? Math.min(deadline, startsPausedUntil) : deadline;
   if (next === Infinity) return;
-  timer = setTimeout(() => { timer = null; submit({ kind: 'tick' }); }, Math.max(0, Math.min(next - Date.now(), 2 ** 31 - 1)));
+  timer = setTimeout(() => { timer = null; submit({ kind: 'tick' }); }, Math.max(0, Math.min(next - now, 2 ** 31 - 1)));
 }
 
 // ---- state-changing requests ------------------------------------------------
@@ -1098,8 +1127,9 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
       return { ids };
     }
     case 'retry': {
-      const ids = req.failed ? [...st.jobs.values()].filter((j) => j.state === 'failed').map((j) => j.id) : idList(req.ids);
-      if (!req.failed) for (const id of ids) {
+      const byState = req.failed || req.killed;
+      const ids = byState ? [...st.jobs.values()].filter((j) => (req.failed && j.state === 'failed') || (req.killed && j.state === 'killed')).map((j) => j.id) : idList(req.ids);
+      if (!byState) for (const id of ids) {
         const job = jobOrFail(id);
         if (!isFinished(job.state)) throw failure(`job '${id}' is ${job.state}; only finished jobs can be retried`);
       }
@@ -1120,7 +1150,7 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
     case 'remove_workers': {
       if (!Array.isArray(req.hosts) || !req.hosts.every((h) => typeof h === 'string')) throw usage('no hosts given');
       const hosts = [...new Set(req.hosts as string[])];
-      const result: { host: string; running: number }[] = [];
+      const result: { host: string; running: number; ids: number[] }[] = [];
       for (const host of hosts) {
         const w = st.workers.get(host);
         if (!w) throw failure(`no such worker '${host}'`);
@@ -1128,7 +1158,7 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
         if (running.length && req.mode !== 'wait' && req.mode !== 'kill') {
           throw failure(`worker '${host}' is running ${running.length} job(s)`, 'use --wait to let them finish first, or --kill to stop and requeue them');
         }
-        result.push({ host, running: running.length });
+        result.push({ host, running: running.length, ids: running });
       }
       for (const { host } of result) {
         const w = st.workers.get(host)!;
@@ -1180,7 +1210,7 @@ function startJob(id: number): void {
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
     try { writeAll(fd, `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`); } catch { /* output only */ }
   }
-  const env = { ...baseEnv, JOB_ID: String(id), SLAVE_IP: job.worker, SLAVE_SLOT: String(job.slot), JOB_ATTEMPT: String(attempt) };
+  const env = { ...baseEnv, JOB_ID: String(id), SLAVE_IP: job.worker, SLAVE_SLOT: String(job.slot), JOB_ATTEMPT: String(attempt), DJS_DATA_DIR: cfg.dataDir };
   let child: ChildProcess;
   try {
     child = spawn('/bin/sh', ['-c', WRAPPER, 'djs-job', runFile(cfg.dataDir, id, run, 'pid'), runFile(cfg.dataDir, id, run, 'exit'), job.script, ...job.args], {
@@ -1198,12 +1228,31 @@ function startJob(id: number): void {
   const end = (code: number | null, why?: string) => {
     if (ended) return;
     ended = true;
+    if (code !== null && WRAPPER_DID_NOT_START.has(code) && !ranJob(proc, runFile(cfg.dataDir, id, run, 'pid'))) return wrapperFailed(id, proc);
+    startFailures = 0;
     endProc(id, proc, code, why);
   };
   child.on('error', (e) => end(null, `cannot start: ${e.message}${(e as NodeJS.ErrnoException).code === 'ENOENT' ? ` (does ${job.cwd} still exist?)` : ''}`));
-  child.on('exit', (code, sig) => end(code ?? (sig ? 128 + (SIGNAL_NUMBERS[sig] ?? 0) : null)));
+  child.on('exit', (code, sig) => end(code ?? (sig ? 128 + (os.constants.signals[sig] ?? 0) : null)));
 }
-const SIGNAL_NUMBERS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGSEGV: 11, SIGPIPE: 13, SIGTERM: 15 };
+
+/** True if the wrapper claimed its run (its pid is in the pid file), so it ran the job. */
+function ranJob(proc: Proc, pidFile: string): boolean {
+  try { return fs.readFileSync(pidFile, 'utf8').trim() === String(proc.pid); } catch { return false; }
+}
+
+/** The wrapper could not claim its run (run/ gone, disk full): the job never started, so
+ *  it goes back to the queue uncharged, and starts pause with a growing delay so that a
+ *  broken data dir does not spin through the queue. */
+function wrapperFailed(id: number, proc: Proc): void {
+  if (procs.get(id) === proc) procs.delete(id);
+  startFailures++;
+  const delay = Math.min(60_000, 500 * 2 ** Math.min(7, startFailures - 1));
+  startsPausedUntil = Date.now() + delay;
+  log(`error: job ${id} could not be started (its run file could not be written, see its log); starts pause for ${delay} ms`);
+  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* reported by the next failure */ }
+  fact({ e: 'unstart', t: Date.now(), id });
+}
 
 /** Records that the process of a job ended, and forgets it. */
 function endProc(id: number, proc: Proc, code: number | null, why?: string): void {
@@ -1243,7 +1292,6 @@ function adoptRunningJobs(): void {
     if (job.state !== 'running') continue;
     const id = job.id, run = job.runs;
     const pidFile = runFile(cfg.dataDir, id, run, 'pid');
-    let text: string;
     try {
       // Claim the run for the server: if this succeeds, the wrapper never got to run
       // the job and never will (its own exclusive create will fail).
@@ -1251,13 +1299,16 @@ function adoptRunningJobs(): void {
       log(`job ${id} was about to start when the last server stopped; queued again`);
       fact({ e: 'unstart', t: now, id });
       continue;
-    } catch {
-      text = fs.readFileSync(pidFile, 'utf8').trim();
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot check on running job ${id}: ${(e as Error).message}`, 'nothing was changed; fix the data dir and start again');
     }
-    const pid = /^\d+$/.test(text) ? Number(text) : 0;
+    const text = fs.readFileSync(pidFile, 'utf8').trim();
+    if (text === 'void') { fact({ e: 'unstart', t: now, id }); continue; } // an earlier server's claim
+    // An empty file: the wrapper created it and had not written its pid yet.
+    const pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
     const proc: Proc = { pid, run, child: null };
-    if (pid === 0) { fact({ e: 'unstart', t: now, id }); continue; } // an earlier server's claim
-    if (sameProcess(pid, fs.statSync(pidFile).mtimeMs)) procs.set(id, proc);
+    if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
+    else if (text === '') fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
     else finishAdopted(id, proc);
   }
   watchAdopted();
@@ -1281,7 +1332,7 @@ function finishAdopted(id: number, proc: Proc): void {
 function watchAdopted(): void {
   const adopted = () => [...procs.entries()].filter(([, p]) => p.child === null);
   const check = () => {
-    for (const [id, p] of adopted()) if (processStart(p.pid) === null) finishAdopted(id, p);
+    for (const [id, p] of adopted()) if (!isWrapper(p.pid, runFile(cfg.dataDir, id, p.run, 'pid'))) finishAdopted(id, p);
     if (adopted().length === 0) {
       adoptWatch?.close(); adoptWatch = null;
       if (adoptTimer) clearInterval(adoptTimer);
@@ -1397,19 +1448,28 @@ function streamJobs(sock: net.Socket, state: JobState | undefined): void {
   pump();
 }
 
+/** Both ends of the socket speak newline-delimited JSON: splits a stream into lines,
+ *  scanning each chunk once (a request line may be many megabytes). */
+function onLines(sock: net.Socket, fn: (line: string) => void): void {
+  let parts: string[] = [];
+  sock.setEncoding('utf8');
+  sock.on('data', (chunk: string) => {
+    let start = 0, nl: number;
+    while ((nl = chunk.indexOf('\n', start)) >= 0) {
+      const piece = chunk.slice(start, nl);
+      const line = parts.length ? parts.join('') + piece : piece;
+      parts = [];
+      start = nl + 1;
+      fn(line);
+    }
+    if (start < chunk.length) parts.push(chunk.slice(start));
+  });
+}
+
 function onConnection(sock: net.Socket): void {
-  let buf = '';
   const send: Reply = (msg) => { if (!sock.destroyed) sock.write(JSON.stringify(msg) + '\n'); };
   sock.on('error', () => {});
-  sock.on('data', (chunk) => {
-    buf += chunk;
-    let nl: number;
-    while ((nl = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, nl);
-      buf = buf.slice(nl + 1);
-      handleRequestLine(line, send, sock);
-    }
-  });
+  onLines(sock, (line) => handleRequestLine(line, send, sock));
 }
 
 function handleRequestLine(line: string, send: Reply, sock: net.Socket): void {
@@ -1458,10 +1518,10 @@ function addWorkers(req: Request, send: Reply): void {
 function liveServerPid(dataDir: string): number | null {
   let text: string;
   try { text = fs.readFileSync(path.join(dataDir, 'server.pid'), 'utf8'); } catch { return null; }
-  const [pidText, startText] = text.trim().split(' ');
-  const pid = Number(pidText), started = pid > 0 ? processStart(pid) : null;
-  if (started === null) return null;
-  return Number.isNaN(started) || !Number(startText) || Math.abs(started - Number(startText)) < 2000 ? pid : null;
+  const [pidText, ticks] = text.trim().split(' ');
+  const pid = Number(pidText), now = pid > 0 ? processStartTicks(pid) : null;
+  if (now === null) return null;
+  return now === '' || !ticks || now === ticks ? pid : null;
 }
 
 /** Takes the data dir for this server: refuses if a live server owns it; clears what
@@ -1470,7 +1530,7 @@ function lockDataDir(dataDir: string): void {
   const pidFile = path.join(dataDir, 'server.pid');
   for (let tries = 0; tries < 3; tries++) {
     try {
-      fs.writeFileSync(pidFile, `${process.pid} ${processStart(process.pid) ?? 0}\n`, { flag: 'wx', mode: 0o600 });
+      fs.writeFileSync(pidFile, `${process.pid} ${processStartTicks(process.pid) ?? ''}\n`, { flag: 'wx', mode: 0o600 });
       return;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
@@ -1496,18 +1556,20 @@ async function runServer(config: ServerConfig): Promise<void> {
   fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 });
   fs.mkdirSync(cfg.logDir, { recursive: true });
   lockDataDir(cfg.dataDir);
-  const release = () => { try { fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true }); } catch { /* best effort */ } };
-  let loaded: LoadResult;
   try {
-    loaded = loadState(cfg.dataDir);
+    const loaded = loadState(cfg.dataDir);
+    for (const w of loaded.warnings) process.stderr.write(`warning: ${w}\n`);
+    st = loaded.state;
+    journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize);
+    baseEnv = { ...process.env };
+    adoptRunningJobs();
+    sweepRunDir();
+    // Two starts that both found a stale pid file can both think they took the dir.
+    if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);
   } catch (e) {
-    release();
+    if (liveServerPid(cfg.dataDir) === process.pid) fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true });
     throw e;
   }
-  for (const w of loaded.warnings) process.stderr.write(`warning: ${w}\n`);
-  st = loaded.state;
-  journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize);
-  baseEnv = { ...process.env };
   process.chdir(cfg.dataDir);
   const sock = socketPath(cfg.dataDir);
   fs.rmSync(sock.abs, { force: true });
@@ -1522,8 +1584,6 @@ async function runServer(config: ServerConfig): Promise<void> {
   server.on('error', (e) => log(`socket error: ${e.message}`));
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
   process.on('SIGHUP', () => {});
-  adoptRunningJobs();
-  sweepRunDir();
   if (journal.needsSnapshot()) takeSnapshot();
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers`);
   submit({ kind: 'tick' });
@@ -1541,9 +1601,9 @@ function sweepRunDir(): void {
 
 function shutdown(why: string): void {
   if (stopping) return;
+  if (inbox.length) flush(); // what was already asked is written and answered first
   stopping = true;
   log(`stopping (${why}); ${procs.size} running job(s) keep running`);
-  if (inbox.length) flush();
   server.close();
   try { fs.rmSync(socketPath(cfg.dataDir).abs, { force: true }); } catch { /* gone */ }
   try { fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true }); } catch { /* gone */ }
@@ -1582,26 +1642,38 @@ function requestOnce(dataDir: string, msg: Record<string, unknown>, onLine?: (m:
       try { process.chdir(dataDir); } catch { return reject(noServer(dataDir)); }
       try { conn = net.connect(sock.usable); } finally { process.chdir(here); }
     } else conn = net.connect(sock.usable);
-    let buf = '', settled = false;
+    let settled = false;
     const settle = (fn: () => void) => { if (!settled) { settled = true; fn(); } };
-    conn.setEncoding('utf8');
     conn.on('connect', () => conn.write(JSON.stringify(msg) + '\n'));
     conn.on('error', (e: NodeJS.ErrnoException) => settle(() => reject(
       e.code === 'ENOENT' || e.code === 'ECONNREFUSED' ? noServer(dataDir) : failure(`cannot talk to the server: ${e.message}`))));
-    conn.on('data', (chunk) => {
-      buf += chunk;
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const m = JSON.parse(buf.slice(0, nl)) as Record<string, unknown>;
-        buf = buf.slice(nl + 1);
-        if (m.ok === undefined) { onLine?.(m); continue; }
-        conn.end();
-        settle(() => (m.ok ? resolve(m) : reject(new UserError(Number(m.code) || EXIT_FAILED, String(m.error), m.hint as string | undefined))));
-      }
+    onLines(conn, (line) => {
+      const m = JSON.parse(line) as Record<string, unknown>;
+      if (m.ok === undefined) return onLine?.(m);
+      conn.end();
+      settle(() => (m.ok ? resolve(m) : reject(new UserError(Number(m.code) || EXIT_FAILED, String(m.error), m.hint as string | undefined))));
     });
-    conn.on('close', () => settle(() => reject(failure('the server closed the connection without an answer'))));
+    conn.on('close', () => settle(() => reject(new ConnectionLost(EXIT_FAILED, 'the server closed the connection without an answer'))));
   });
 }
+class ConnectionLost extends UserError {}
+
+/** Like request, for commands that wait long (wait, log -f, remove_slave --wait): when
+ *  the server goes away (stopped, restarted), asks again once one answers, for a minute. */
+async function lastingRequest(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
+  let lostAt = 0;
+  for (;;) {
+    try {
+      return await request(dataDir, msg, onLine);
+    } catch (e) {
+      if (!(e instanceof ConnectionLost || (e instanceof UserError && e.code === EXIT_NO_SERVER))) throw e;
+      lostAt ||= Date.now();
+      if (Date.now() - lostAt > 60_000) throw noServer(dataDir);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
+
 const noServer = (dataDir: string) => new UserError(EXIT_NO_SERVER, `no server is running on data dir '${dataDir}'`, `start one with: cli.ts start ${shellQuote(dataDir)}`);
 
 type OptSpec = Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }>;
@@ -1628,7 +1700,21 @@ function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolea
     const { values, positionals } = parseArgs({ args: own, options: all, strict: true, allowPositionals: !stopAtPositional });
     return { values: values as Parsed['values'], positionals: [...positionals, ...rest] };
   } catch (e) {
-    throw usage((e as Error).message.split('\n')[0].replace(/\.$/, ''), 'see: cli.ts help');
+    throw argsError(e as NodeJS.ErrnoException);
+  }
+}
+
+/** parseArgs's errors, as one short line each. */
+function argsError(e: NodeJS.ErrnoException): UserError {
+  const word = /'([^']*)'/.exec(e.message)?.[1] ?? '';
+  switch (e.code) {
+    case 'ERR_PARSE_ARGS_UNKNOWN_OPTION': return usage(`unknown option ${quoteForError(word)}`, 'see: cli.ts help');
+    case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL': return usage(`unexpected argument ${quoteForError(word)}`, 'see: cli.ts help');
+    case 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE': {
+      const option = word.split(' ')[0];
+      return usage(`option ${quoteForError(option)} needs a value`, `write ${option}=VALUE for a value that starts with '-'`);
+    }
+    default: return usage(e.message.split('\n')[0]);
   }
 }
 
@@ -1700,7 +1786,7 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     out.push(line.trimEnd());
   }
   if (s.queue.length) {
-    out.push(`queue (${counts.waiting} waiting, oldest first):`);
+    out.push(`queue (${counts.waiting} waiting, next first):`);
     for (const q of s.queue) out.push(`  ${String(q.id).padStart(6)}  ${formatDuration(now - Date.parse(q.queuedAt)).padStart(6)} ago  ${q.command}`);
     if (counts.waiting > s.queue.length) out.push(`  … and ${counts.waiting - s.queue.length} more`);
   }
@@ -1718,7 +1804,7 @@ export function formatJobRow(j: JobView, now: number, c: (code: string, s: strin
   const exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
   const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
   return [
-    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), (j.worker ?? '-').padEnd(15), exit.padStart(4),
+    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), (j.worker ?? '-').padEnd(15), exit.padStart(7),
     String(j.attempts).padStart(5), formatTime(j.queuedAt, now).padEnd(11), (j.runtimeMs === null ? '-' : formatDuration(j.runtimeMs)).padStart(7), cmd,
   ].join('  ');
 }
@@ -1778,10 +1864,16 @@ async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   for (const h of p.positionals) validateHost(h);
   const mode = p.values.wait ? 'wait' : p.values.kill ? 'kill' : null;
   const r = await request(ctx.dataDir, { op: 'remove_workers', hosts: p.positionals, mode });
-  for (const w of r.workers as { host: string; running: number }[]) {
-    ctx.out.write(w.running === 0 ? `removed worker ${w.host}\n`
-      : mode === 'wait' ? `draining worker ${w.host}: it is removed when its ${w.running} running job(s) end\n`
-        : `stopping ${w.running} job(s) on worker ${w.host} (they are queued again); it is removed when they end\n`);
+  const draining: number[] = [];
+  for (const w of r.workers as { host: string; running: number; ids: number[] }[]) {
+    if (w.running === 0) ctx.out.write(`removed worker ${w.host}\n`);
+    else if (mode === 'kill') ctx.out.write(`stopping ${w.running} job(s) on worker ${w.host} (they are queued again); it is removed when they end\n`);
+    else { ctx.err.write(`draining worker ${w.host}: waiting for its ${w.running} running job(s) to end\n`); draining.push(...w.ids); }
+  }
+  // --wait returns once the workers are gone, so `remove_slave --wait h && poweroff h` is safe.
+  if (draining.length) {
+    await lastingRequest(ctx.dataDir, { op: 'wait', ids: draining });
+    for (const w of r.workers as { host: string; running: number }[]) if (w.running) ctx.out.write(`removed worker ${w.host}\n`);
   }
   return EXIT_OK;
 }
@@ -1848,11 +1940,12 @@ async function cmdKill(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 async function cmdRetry(p: Parsed, ctx: Ctx): Promise<number> {
-  if (p.values.failed && p.positionals.length) throw usage('retry takes IDs or --failed, not both');
-  if (!p.values.failed && !p.positionals.length) throw usage('retry needs IDs or --failed');
-  const r = await request(ctx.dataDir, p.values.failed ? { op: 'retry', failed: true } : { op: 'retry', ids: parseIds(p.positionals) });
+  const byState = Boolean(p.values.failed || p.values.killed);
+  if (byState && p.positionals.length) throw usage('retry takes IDs or --failed/--killed, not both');
+  if (!byState && !p.positionals.length) throw usage('retry needs IDs, --failed or --killed');
+  const r = await request(ctx.dataDir, byState ? { op: 'retry', failed: p.values.failed, killed: p.values.killed } : { op: 'retry', ids: parseIds(p.positionals) });
   const ids = r.ids as number[];
-  ctx.out.write(ids.length ? `queued again: ${ids.join(' ')}\n` : 'no failed job to retry\n');
+  ctx.out.write(ids.length ? `queued again: ${ids.join(' ')}\n` : 'no job to retry\n');
   return EXIT_OK;
 }
 
@@ -1867,10 +1960,15 @@ async function cmdList(p: Parsed, ctx: Ctx): Promise<number> {
   const state = p.values.state as string | undefined;
   if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(state)}`, `states are ${JOB_STATES.join(', ')}`);
   const now = Date.now(), c = color(useColor(ctx.out)), json = Boolean(p.values.json);
-  let first = true;
-  if (json) ctx.out.write('[');
-  else ctx.out.write(`${'ID'.padStart(6)}  ${'STATE'.padEnd(7)}  ${'WORKER'.padEnd(15)}  EXIT  TRIES  ${'QUEUED'.padEnd(11)}  RUNTIME  COMMAND\n`);
+  let first = true, begun = false;
+  // Nothing is printed before the server answers, so "no server" leaves stdout empty.
+  const begin = () => {
+    if (begun) return;
+    begun = true;
+    ctx.out.write(json ? '[' : `${'ID'.padStart(6)}  ${'STATE'.padEnd(7)}  ${'WORKER'.padEnd(15)}  ${'EXIT'.padStart(7)}  TRIES  ${'QUEUED'.padEnd(11)}  RUNTIME  COMMAND\n`);
+  };
   await request(ctx.dataDir, { op: 'list', state }, (m) => {
+    begin();
     const rows = m.rows as JobView[];
     let text = '';
     for (const row of rows) {
@@ -1879,6 +1977,7 @@ async function cmdList(p: Parsed, ctx: Ctx): Promise<number> {
     }
     ctx.out.write(text);
   });
+  begin();
   if (json) ctx.out.write(first ? ']\n' : '\n]\n');
   return EXIT_OK;
 }
@@ -1898,9 +1997,10 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
       while ((n = fs.readSync(fd, buf, 0, buf.length, offset)) > 0) { ctx.out.write(buf.subarray(0, n)); offset += n; }
     } finally { fs.closeSync(fd); }
   };
-  const r = await request(ctx.dataDir, { op: 'log', id, follow }, (m) => {
+  const r = await (follow ? lastingRequest : request)(ctx.dataDir, { op: 'log', id, follow }, (m) => {
     file = (m.info as { path: string }).path;
     pump();
+    watch.dir?.close();
     try { watch.dir = fs.watch(path.dirname(file), (_ev, name) => { if (!name || name === path.basename(file)) pump(); }); } catch { /* no watch: final read only */ }
   });
   watch.dir?.close();
@@ -1923,7 +2023,7 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
     const eta = rate > 0 ? `, about ${formatDuration((left / rate) * 1000)} left` : '';
     return `${ended}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed, ${c.running} running, ${c.waiting} waiting — ${rate.toFixed(1)} jobs/s${eta}`;
   };
-  const r = await request(ctx.dataDir, { op: 'wait', ids }, (m) => {
+  const r = await lastingRequest(ctx.dataDir, { op: 'wait', ids }, (m) => {
     const line = describe(m.progress as Counts);
     if (tty) ctx.err.write(`\r\x1b[K${line}`);
     else if (Date.now() - lastPlain >= 10_000) { lastPlain = Date.now(); ctx.err.write(line + '\n'); }
@@ -1946,28 +2046,28 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
   // `start` right after this one does not find it still there.
   const pid = Number(r.pid);
   const deadline = Date.now() + 10_000;
-  while (processStart(pid) !== null && Date.now() < deadline) await new Promise((res) => setTimeout(res, 20));
+  while (processStartTicks(pid) !== null && Date.now() < deadline) await new Promise((res) => setTimeout(res, 20));
   ctx.out.write(`stopped server ${pid}\n`);
   return EXIT_OK;
 }
 
-type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; synopsis: string };
+type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; synopsis: string };
 const JOB_OPTIONS: OptSpec = { retries: { type: 'string' }, timeout: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [DATA_DIR] [LOG_DIR]' },
-  stop: { run: cmdStop, options: {}, synopsis: 'stop' },
+  stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
   add_slave: { run: cmdAddWorkers, options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' } }, synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...' },
   remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },
   add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: 'add_job [--retries N] [--timeout SECONDS] SCRIPT [ARGS...]' },
   add_jobs: { run: cmdAddJobs, options: JOB_OPTIONS, synopsis: 'add_jobs [--retries N] [--timeout SECONDS] FILE|-' },
   remove_job: { run: cmdRemoveJob, options: { id: { type: 'boolean' } }, jobArgs: true, synopsis: 'remove_job SCRIPT [ARGS...] | remove_job --id ID...' },
   kill: { run: cmdKill, options: { all: { type: 'boolean' } }, synopsis: 'kill ID... | kill --all' },
-  retry: { run: cmdRetry, options: { failed: { type: 'boolean' } }, synopsis: 'retry ID... | retry --failed' },
-  status: { run: cmdStatus, options: { json: { type: 'boolean' } }, synopsis: 'status [--json]' },
-  list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' } }, synopsis: 'list [--state STATE] [--json]' },
+  retry: { run: cmdRetry, options: { failed: { type: 'boolean' }, killed: { type: 'boolean' } }, synopsis: 'retry ID... | retry [--failed] [--killed]' },
+  status: { run: cmdStatus, options: { json: { type: 'boolean' } }, noArgs: true, synopsis: 'status [--json]' },
+  list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' } }, noArgs: true, synopsis: 'list [--state STATE] [--json]' },
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
   wait: { run: cmdWait, options: {}, synopsis: 'wait [ID...]' },
-  clean: { run: cmdClean, options: { logs: { type: 'boolean' } }, synopsis: 'clean [--logs]' },
+  clean: { run: cmdClean, options: { logs: { type: 'boolean' } }, noArgs: true, synopsis: 'clean [--logs]' },
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
 
@@ -1996,8 +2096,9 @@ export async function main(argv: string[]): Promise<number> {
     const cmdToken = tokens.find((t) => t.kind === 'positional');
     const globals = parseCommand(cmdToken ? argv.slice(0, cmdToken.index) : argv, {}, false);
     if (!cmdToken || globals.values.help || cmdToken.value === 'help') {
-      out.write(helpText());
-      return cmdToken || globals.values.help ? EXIT_OK : EXIT_USAGE;
+      const asked = Boolean(cmdToken || globals.values.help);
+      (asked ? out : err).write(helpText());
+      return asked ? EXIT_OK : EXIT_USAGE;
     }
     if (globals.positionals.length) throw usage(`unexpected ${quoteForError(globals.positionals[0])}`);
     const name = ALIASES[cmdToken.value] ?? cmdToken.value;
@@ -2005,6 +2106,7 @@ export async function main(argv: string[]): Promise<number> {
     if (!cmd) throw usage(`unknown command ${quoteForError(cmdToken.value)}`, `commands: ${Object.keys(COMMANDS).join(', ')}`);
     const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false);
     if (parsed.values.help) { out.write(`usage: cli.ts ${cmd.synopsis}\n`); return EXIT_OK; }
+    if (cmd.noArgs && parsed.positionals.length) throw usage(`${name} takes no arguments, not ${quoteForError(parsed.positionals[0])}`, `usage: cli.ts ${cmd.synopsis}`);
     const dataDir = path.resolve(
       (parsed.values['data-dir'] ?? parsed.values.server_data_dir ?? globals.values['data-dir'] ?? globals.values.server_data_dir ?? process.env.DJS_DATA_DIR ?? '.data') as string);
     return await cmd.run(parsed, { dataDir, out, err });
