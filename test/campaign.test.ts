@@ -75,6 +75,13 @@ wait`);
     await until(() => pids.every((p) => !alive(p)), 'killed jobs to be gone', 5000);
     assert.equal(jobs[2].attempts, 0, 'a waiting job is killed without running');
     assert.equal(fs.existsSync(path.join(s.dir, `pid.${c}`)), false);
+    // retry --killed brings them back (retry --failed does not touch them).
+    assert.match(await s.ok(['retry', '--failed']), /no job to retry/);
+    const back = await s.ok(['retry', '--killed']);
+    for (const k of [id, a, b, c]) assert.match(back, new RegExp(`\\b${k}\\b`), `job ${k} queued again`);
+    await pidOf(s, id);
+    await s.ok(['kill', '--all']);
+    assert.equal((await within(s.cli(['wait', a, b, c]), 15_000, 'the killed jobs to end again')).code, 1);
 
     const again = await s.cli(['kill', id]);
     assert.equal(again.code, 1, 'a finished job cannot be killed');
@@ -250,16 +257,19 @@ wait`);
     assert.match(refused.stderr, /^error: .*wa/m);
     assert.equal((await s.status()).workers[0].state, 'up');
 
-    const drain = await s.cli(['remove_slave', '--wait', 'wa']);
-    assert.equal(drain.code, 0, drain.stderr);
-    const st = await s.status();
-    assert.equal(st.workers[0].state, 'draining');
+    // --wait blocks until the worker is drained and gone.
+    const drain = spawnCli(['--data-dir', s.dataDir, 'remove_slave', '--wait', 'wa'], { cwd: s.dir });
+    t.after(() => drain.proc.kill('SIGKILL'));
+    await until(async () => (await s.status()).workers[0]?.state === 'draining', 'the worker to be draining');
     assert.match(await s.ok(['status']), /^\s*wa\b.*\bdraining\b/m);
     assert.equal((await s.job(first)).state, 'running', 'its job goes on');
+    assert.equal(drain.exitCode(), undefined, 'remove_slave --wait returned before the worker was drained');
 
     release(s, first);
-    assert.equal((await s.cli(['wait', first])).code, 0);
-    await until(async () => (await workerHosts(s)).length === 0, 'the drained worker to be gone', 5000, 200);
+    const drained = await within(drain.done, 10_000, 'remove_slave --wait to return');
+    assert.equal(drained.code, 0, drained.stderr);
+    assert.match(drained.stdout, /removed worker wa/);
+    assert.deepEqual(await workerHosts(s), [], 'the drained worker is gone when remove_slave --wait returns');
     const waiting = await s.job(next);
     assert.equal(waiting.state, 'waiting', 'nothing new started on a draining worker');
     assert.equal(waiting.attempts, 0);
