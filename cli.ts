@@ -72,8 +72,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
+import type { Readable } from 'node:stream';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 
@@ -902,7 +902,9 @@ type Request = Record<string, unknown> & { op: string };
 /** Inputs wait in the inbox for the next flush: client requests that change state,
  *  outcomes (facts) from processes and probes, and ticks (a timer fired). */
 type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; ev: Event } | { kind: 'tick' };
-type Proc = { pid: number; run: number; child: ChildProcess | null };
+/** A job's process as the server knows it: started by our launcher (which reports its
+ *  end), or adopted from an earlier server (watched through its run files). */
+type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null };
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
 type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; ssh: SshSettings };
@@ -918,6 +920,7 @@ let flushQueued = false;
 let timer: NodeJS.Timeout | null = null;
 let writeRetryMs = 0;
 const procs = new Map<number, Proc>();     // processes of running jobs, by job id
+let launcher: ChildProcess | null = null;
 const probing = new Set<string>();
 const sigkilled = new Set<number>();
 const waiters = new Set<Waiter>();
@@ -1193,47 +1196,103 @@ const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
 
 // ---- effects ---------------------------------------------------------------
 
-/** Starts the process of a job whose start is durable. */
+/** The launcher: a small node process that spawns the wrappers of jobs for the server,
+ *  so that starting a job never forks the server (a fork costs time in proportion to
+ *  the memory of the process that forks: milliseconds for a server holding a million
+ *  jobs). It reads one JSON line per job and answers {s: id, run, pid} once the wrapper
+ *  runs and {x: id, run, code} when it ends. Wrappers get sessions of their own, so
+ *  neither the launcher's end nor the server's ends a job; the launcher ends with its
+ *  input, that is with the server. Plain JavaScript, run with `node -e`. */
+const LAUNCHER = `'use strict';
+const { spawn } = require('node:child_process'), fs = require('node:fs'), os = require('node:os');
+const wrapper = process.env.DJS_WRAPPER;
+delete process.env.DJS_WRAPPER; delete process.env.DJS_LAUNCHER;
+const say = (m) => process.stdout.write(JSON.stringify(m) + '\\n');
+process.stdout.on('error', () => {});
+let rest = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  const lines = (rest + chunk).split('\\n');
+  rest = lines.pop();
+  for (const line of lines) if (line) start(JSON.parse(line));
+});
+process.stdin.on('end', () => process.exit(0));
+function start(j) {
+  let fd, c;
+  try { fd = fs.openSync(j.log, 'a'); if (j.marker) fs.writeSync(fd, j.marker); }
+  catch (e) { return say({ x: j.id, run: j.run, code: null, why: 'cannot open the log: ' + e.message }); }
+  try {
+    c = spawn('/bin/sh', ['-c', wrapper, 'djs-job', j.pidFile, j.exitFile, ...j.argv],
+      { cwd: j.cwd, env: { ...process.env, ...j.env }, detached: true, stdio: ['ignore', fd, fd] });
+  } catch (e) { fs.closeSync(fd); return say({ x: j.id, run: j.run, code: null, why: 'cannot start: ' + e.message }); }
+  fs.closeSync(fd);
+  let ended = false;
+  const end = (m) => { if (!ended) { ended = true; say({ x: j.id, run: j.run, pid: c.pid, ...m }); } };
+  if (c.pid) say({ s: j.id, run: j.run, pid: c.pid });
+  c.on('error', (e) => end({ code: null, why: 'cannot start: ' + e.message + (e.code === 'ENOENT' ? ' (does ' + j.cwd + ' still exist?)' : '') }));
+  c.on('exit', (code, sig) => end({ code: code ?? (sig ? 128 + (os.constants.signals[sig] ?? 0) : null) }));
+}`;
+
+function ensureLauncher(): ChildProcess {
+  if (launcher) return launcher;
+  // The code goes in through the environment, so `ps` shows a short command line.
+  const l = spawn(process.execPath, ['-e', 'eval(process.env.DJS_LAUNCHER)', 'djs-launcher'], {
+    detached: true, stdio: ['pipe', 'pipe', 'inherit'], env: { ...baseEnv, DJS_LAUNCHER: LAUNCHER, DJS_WRAPPER: WRAPPER },
+  });
+  l.stdin!.on('error', () => {});
+  onLines(l.stdout!, (line) => launcherSaid(JSON.parse(line)));
+  l.on('exit', () => launcherGone(l));
+  launcher = l;
+  return l;
+}
+
+/** Starts the process of a job whose start is durable: hands it to the launcher. */
 function startJob(id: number): void {
   const job = st.jobs.get(id);
   if (!job || job.state !== 'running' || job.worker === null) return;
   const run = job.runs, attempt = job.attempts;
-  let fd: number;
-  try {
-    fd = fs.openSync(logFile(id), 'a');
-  } catch (e) {
-    fact({ e: 'end', t: Date.now(), id, run, code: null, why: `cannot open the log: ${(e as Error).message}` });
-    return;
-  }
+  let marker: string | undefined;
   if (attempt > 1) {
     const prev = job.history?.at(-1);
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
-    try { writeAll(fd, `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`); } catch { /* output only */ }
+    marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
-  const env = { ...baseEnv, JOB_ID: String(id), SLAVE_IP: job.worker, SLAVE_SLOT: String(job.slot), JOB_ATTEMPT: String(attempt), DJS_DATA_DIR: cfg.dataDir };
-  let child: ChildProcess;
-  try {
-    child = spawn('/bin/sh', ['-c', WRAPPER, 'djs-job', runFile(cfg.dataDir, id, run, 'pid'), runFile(cfg.dataDir, id, run, 'exit'), job.script, ...job.args], {
-      cwd: job.cwd, env, detached: true, stdio: ['ignore', fd, fd],
-    });
-  } catch (e) {
-    fs.closeSync(fd);
-    fact({ e: 'end', t: Date.now(), id, run, code: null, why: `cannot start: ${(e as Error).message}` });
+  procs.set(id, { pid: 0, run, launched: true, pendingSignal: null });
+  ensureLauncher().stdin!.write(JSON.stringify({
+    id, run, log: logFile(id), marker, cwd: job.cwd, argv: [job.script, ...job.args],
+    pidFile: runFile(cfg.dataDir, id, run, 'pid'), exitFile: runFile(cfg.dataDir, id, run, 'exit'),
+    env: { JOB_ID: String(id), SLAVE_IP: job.worker, SLAVE_SLOT: String(job.slot), JOB_ATTEMPT: String(attempt), DJS_DATA_DIR: cfg.dataDir },
+  }) + '\n');
+}
+
+/** What the launcher reports: a wrapper's pid, or its end. */
+function launcherSaid(m: { s?: number; x?: number; run: number; pid?: number; code?: number | null; why?: string }): void {
+  const id = m.s ?? m.x ?? 0, p = procs.get(id);
+  if (!p || p.run !== m.run || !p.launched) return;
+  if (m.pid) p.pid = m.pid;
+  if (m.s !== undefined) {
+    if (p.pendingSignal) { signalGroup(p.pid, p.pendingSignal); p.pendingSignal = null; }
     return;
   }
-  fs.closeSync(fd);
-  const proc: Proc = { pid: child.pid ?? 0, run, child };
-  procs.set(id, proc);
-  let ended = false;
-  const end = (code: number | null, why?: string) => {
-    if (ended) return;
-    ended = true;
-    if (code !== null && WRAPPER_DID_NOT_START.has(code) && !ranJob(proc, runFile(cfg.dataDir, id, run, 'pid'))) return wrapperFailed(id, proc);
-    startFailures = 0;
-    endProc(id, proc, code, why);
-  };
-  child.on('error', (e) => end(null, `cannot start: ${e.message}${(e as NodeJS.ErrnoException).code === 'ENOENT' ? ` (does ${job.cwd} still exist?)` : ''}`));
-  child.on('exit', (code, sig) => end(code ?? (sig ? 128 + (os.constants.signals[sig] ?? 0) : null)));
+  const code = m.code ?? null;
+  if (code !== null && WRAPPER_DID_NOT_START.has(code) && !ranJob(p, runFile(cfg.dataDir, id, p.run, 'pid'))) return wrapperFailed(id, p);
+  startFailures = 0;
+  endProc(id, p, code, m.why);
+}
+
+/** The launcher ended under a running server (killed, crashed): the wrappers it started
+ *  run on by themselves, so watch them like adopted ones; a new launcher starts with the
+ *  next job. */
+function launcherGone(l: ChildProcess): void {
+  if (launcher === l) launcher = null;
+  if (stopping) return;
+  log('warning: the job launcher ended; the jobs it started are watched through their run files');
+  for (const [id, p] of procs) {
+    if (!p.launched) continue;
+    p.launched = false;
+    if (p.pid === 0) { procs.delete(id); const job = st.jobs.get(id); if (job) adoptJob(job); }
+  }
+  watchAdopted();
 }
 
 /** True if the wrapper claimed its run (its pid is in the pid file), so it ran the job. */
@@ -1269,7 +1328,9 @@ function removeRunFiles(id: number, run: number): void {
 
 function signalJob(id: number, sig: NodeJS.Signals): void {
   const proc = procs.get(id);
-  if (proc && proc.pid > 0) signalGroup(proc.pid, sig);
+  if (!proc) return;
+  if (proc.pid > 0) signalGroup(proc.pid, sig);
+  else proc.pendingSignal = sig; // sent once the launcher says which pid it is
 }
 
 function runProbe(host: string): void {
@@ -1287,31 +1348,33 @@ function runProbe(host: string): void {
 /** For every job the journal says is running, finds out what became of its process:
  *  ended (record its code), alive (adopt it), or never started (back to the queue). */
 function adoptRunningJobs(): void {
-  const now = Date.now();
-  for (const job of st.jobs.values()) {
-    if (job.state !== 'running') continue;
-    const id = job.id, run = job.runs;
-    const pidFile = runFile(cfg.dataDir, id, run, 'pid');
-    try {
-      // Claim the run for the server: if this succeeds, the wrapper never got to run
-      // the job and never will (its own exclusive create will fail).
-      fs.writeFileSync(pidFile, 'void\n', { flag: 'wx' });
-      log(`job ${id} was about to start when the last server stopped; queued again`);
-      fact({ e: 'unstart', t: now, id });
-      continue;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot check on running job ${id}: ${(e as Error).message}`, 'nothing was changed; fix the data dir and start again');
-    }
-    const text = fs.readFileSync(pidFile, 'utf8').trim();
-    if (text === 'void') { fact({ e: 'unstart', t: now, id }); continue; } // an earlier server's claim
-    // An empty file: the wrapper created it and had not written its pid yet.
-    const pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
-    const proc: Proc = { pid, run, child: null };
-    if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
-    else if (text === '') fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
-    else finishAdopted(id, proc);
-  }
+  for (const job of st.jobs.values()) if (job.state === 'running') adoptJob(job);
   watchAdopted();
+}
+
+/** Finds out what became of the process of one running job that no launcher of ours
+ *  started: never started (queued again), alive (watched), or ended (recorded). */
+function adoptJob(job: Job): void {
+  const id = job.id, run = job.runs, now = Date.now();
+  const pidFile = runFile(cfg.dataDir, id, run, 'pid');
+  try {
+    // Claim the run for the server: if this succeeds, the wrapper never got to run
+    // the job and never will (its own exclusive create will fail).
+    fs.writeFileSync(pidFile, 'void\n', { flag: 'wx' });
+    log(`job ${id} was about to start when its start was cut short; queued again`);
+    fact({ e: 'unstart', t: now, id });
+    return;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot check on running job ${id}: ${(e as Error).message}`, 'nothing was changed; fix the data dir and start again');
+  }
+  const text = fs.readFileSync(pidFile, 'utf8').trim();
+  if (text === 'void') return fact({ e: 'unstart', t: now, id }); // an earlier server's claim
+  // An empty file: the wrapper created it and had not written its pid yet.
+  const pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
+  const proc: Proc = { pid, run, launched: false, pendingSignal: null };
+  if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
+  else if (text === '') fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
+  else finishAdopted(id, proc);
 }
 
 /** Records the end of an adopted job from its exit file (or as lost, without one). */
@@ -1330,7 +1393,7 @@ function finishAdopted(id: number, proc: Proc): void {
  *  their exit files, and (deliberately simple) check their pids every second in case a
  *  wrapper died without writing one. Both stop when no adopted job is left. */
 function watchAdopted(): void {
-  const adopted = () => [...procs.entries()].filter(([, p]) => p.child === null);
+  const adopted = () => [...procs.entries()].filter(([, p]) => !p.launched);
   const check = () => {
     for (const [id, p] of adopted()) if (!isWrapper(p.pid, runFile(cfg.dataDir, id, p.run, 'pid'))) finishAdopted(id, p);
     if (adopted().length === 0) {
@@ -1339,7 +1402,7 @@ function watchAdopted(): void {
       adoptTimer = null;
     }
   };
-  if (adopted().length === 0) return;
+  if (adopted().length === 0 || adoptTimer) return;
   try { adoptWatch = fs.watch(path.join(cfg.dataDir, 'run'), () => check()); } catch { /* the timer still checks */ }
   adoptTimer = setInterval(check, 1000);
 }
@@ -1450,7 +1513,7 @@ function streamJobs(sock: net.Socket, state: JobState | undefined): void {
 
 /** Both ends of the socket speak newline-delimited JSON: splits a stream into lines,
  *  scanning each chunk once (a request line may be many megabytes). */
-function onLines(sock: net.Socket, fn: (line: string) => void): void {
+function onLines(sock: Readable, fn: (line: string) => void): void {
   let parts: string[] = [];
   sock.setEncoding('utf8');
   sock.on('data', (chunk: string) => {
@@ -1584,6 +1647,7 @@ async function runServer(config: ServerConfig): Promise<void> {
   server.on('error', (e) => log(`socket error: ${e.message}`));
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
   process.on('SIGHUP', () => {});
+  ensureLauncher();
   if (journal.needsSnapshot()) takeSnapshot();
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers`);
   submit({ kind: 'tick' });

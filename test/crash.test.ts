@@ -325,3 +325,30 @@ test('disk trouble: a full data dir refuses changes, keeps the state, and recove
     try { execFileSync('umount', ['-l', dataDir]); } catch { /* not mounted */ }
   }
 });
+
+test('the job launcher killed under a running server: its jobs are still recorded, new ones start', { timeout: 60_000 }, async () => {
+  const dir = tempDir();
+  const script = writeScript(dir, 'gated.sh', `while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit $(( JOB_ID + 20 ))`);
+  const s = await startServer({ dir });
+  try {
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
+    for (let i = 0; i < 4; i++) await s.ok(['add_job', script]);
+    await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
+    const launcher = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((pid) => {
+      try {
+        return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('djs-launcher') &&
+          fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(s.proc.pid);
+      } catch { return false; }
+    });
+    assert.ok(launcher, 'the server has a launcher process');
+    process.kill(launcher, 'SIGKILL');
+    await until(() => /launcher ended/.test(s.output()), 'the server to notice');
+    for (let id = 1; id <= 4; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+    assert.equal((await s.cli(['wait'])).code, 1);
+    const jobs = await s.jobs();
+    assert.deepEqual(jobs.map((j: any) => [j.id, j.exitCode]), [[1, 21], [2, 22], [3, 23], [4, 24]]);
+  } finally {
+    await s.stop();
+    killJobsUnder(dir);
+  }
+});
