@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startServer, writeScript, until, cleanUp, CLI } from './server.ts';
+import { startServer, writeScript, until, cleanUp, socketClients, CLI } from './server.ts';
 
 /** Runs cli.ts on a pseudo-terminal; resolves with everything it printed there. */
 function onTerminal(args: string[], env: NodeJS.ProcessEnv, cwd: string): Promise<{ code: number; out: string }> {
@@ -46,6 +46,7 @@ test('wait shows one live progress line on a terminal and plain lines elsewhere'
     for (let i = 0; i < 4; i++) await s.ok(['add_job', job]);
     const waiting = onTerminal(['--data-dir', s.dataDir, 'wait'], {}, s.dir);
     await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
+    await until(() => socketClients(s.dataDir) > 0, 'wait to connect to the server');
     fs.writeFileSync(gate, '');
     const { code, out } = await waiting;
     assert.equal(code, 0);
