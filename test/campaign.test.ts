@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import {
-  alive, cleanUp, readIf, socketClients, spawnCli, startServer, until, within, writeScript, type TestServer,
+  alive, cleanUp, pidOf, readIf, release, socketClients, spawnCli, startServer, until, untilState, within, writeScript, type TestServer,
 } from './server.ts';
 
 /** A server for one test, ended (with its jobs and dir) when the test ends. */
@@ -32,16 +32,6 @@ echo $n > "count.$JOB_ID"
 echo "try $n on $SLAVE_IP"
 [ "$n" -ge "\${2:-3}" ] || exit "\${1:-1}"`;
 
-const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');
-const pidOf = async (s: TestServer, id: string | number) =>
-  Number(await until(() => readIf(path.join(s.dir, `pid.${id}`)).trim(), `job ${id} to write its pid`));
-/** Waits for job id to finish (with `wait`, so nothing polls) and checks how it ended. */
-async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
-  await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
-  const job = await s.job(id);
-  assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
-  return job;
-}
 const workerHosts = async (s: TestServer) => (await s.status()).workers.map((w: { host: string }) => w.host).sort();
 
 describe('steering a campaign', { concurrency: 4 }, () => {

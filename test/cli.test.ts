@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import {
-  CLI, alive, cleanUp, killJobsUnder, procIds, readIf, runCli, spawnCli, startServer, tempDir, until, within, writeScript,
+  CLI, alive, cleanUp, killJobsUnder, pidOf, procIds, readIf, release, runCli, spawnCli, startServer, tempDir, until, untilState, within, writeScript,
   type Run, type TestServer,
 } from './server.ts';
 
@@ -39,16 +39,6 @@ while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
 echo "job $JOB_ID released"
 case "$1" in [0-9]*) exit "$1" ;; esac`;
 
-const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');
-const pidOf = async (s: TestServer, id: string | number) =>
-  Number(await until(() => readIf(path.join(s.dir, `pid.${id}`)).trim(), `job ${id} to write its pid`));
-/** Waits for job id to finish (with `wait`, so nothing polls) and checks how it ended. */
-async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
-  await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
-  const job = await s.job(id);
-  assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
-  return job;
-}
 
 /** Sends raw bytes to a server socket; resolves to the reply lines once `lines` arrived
  *  or the server closed the connection (or after `ms`). */

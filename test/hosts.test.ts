@@ -5,20 +5,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { findProcesses, run, sshSkip, startHosts, type TestHosts } from './hosts.ts';
+import { findProcesses, run, sshSkip, startHosts, untilTrue as until, type TestHosts } from './hosts.ts';
 
 const CONNECT_TIMEOUT_S = 3;
 
-const delay = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-/** Polls CHECK until it returns true; fails naming WHAT after MS milliseconds. */
-async function until(what: string, ms: number, check: () => boolean): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
-    await delay(25);
-  }
-}
 
 describe('ssh test hosts', { skip: sshSkip() }, () => {
   let h: TestHosts;

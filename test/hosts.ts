@@ -146,6 +146,15 @@ export function skipUnlessSsh(t: TestContext): boolean {
 
 // ---------------------------------------------------------------- small process helpers
 
+/** Polls CHECK until it returns true; fails naming WHAT after MS milliseconds. */
+export async function untilTrue(what: string, ms: number, check: () => boolean): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise<void>((resolve) => setTimeout(resolve, 25));
+  }
+}
+
 /** Runs CMD ARGS to completion (SIGKILL after timeoutMs, default 60 s); never rejects. */
 export function run(
   cmd: string,

@@ -179,3 +179,18 @@ export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   const late = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms); });
   return Promise.race([p, late]).finally(() => clearTimeout(timer));
 }
+
+/** Lets a gated job (one that waits for the file go.ID in its dir) finish. */
+export const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');
+
+/** Waits until a job has written its pid to pid.ID in the test dir, and returns it. */
+export const pidOf = async (s: TestServer, id: string | number) =>
+  Number(await until(() => readIf(path.join(s.dir, `pid.${id}`)).trim(), `job ${id} to write its pid`));
+
+/** Waits for job id to finish (with `wait`, so nothing polls) and checks how it ended. */
+export async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
+  await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
+  const job = await s.job(id);
+  if (job?.state !== state) throw new Error(`job ${id} ended ${job?.state}, not ${state}`);
+  return job;
+}
