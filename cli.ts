@@ -1183,11 +1183,16 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
 /** A job's script must be an executable regular file, named by an absolute path. */
 function checkScript(script: string): void {
   if (!path.isAbsolute(script)) throw usage(`script path is not absolute: ${quoteForError(script)}`);
+  checkExecutable(script, script);
+}
+
+/** Throws unless `abs` is an executable regular file; errors name it as `shown`. */
+function checkExecutable(abs: string, shown: string, where = ''): void {
   let stat: fs.Stats;
-  try { stat = fs.statSync(script); } catch { throw failure(`no such script ${quoteForError(script)}`); }
-  if (!stat.isFile()) throw failure(`not a file: ${quoteForError(script)}`);
-  try { fs.accessSync(script, fs.constants.X_OK); } catch {
-    throw failure(`script is not executable: ${quoteForError(script)}`, `make it executable with: chmod +x ${shellQuote(script)}`);
+  try { stat = fs.statSync(abs); } catch { throw failure(`no such script ${quoteForError(shown)}${where}`); }
+  if (!stat.isFile()) throw failure(`not a file: ${quoteForError(shown)}${where}`);
+  try { fs.accessSync(abs, fs.constants.X_OK); } catch {
+    throw failure(`script is not executable: ${quoteForError(shown)}${where}`, `make it executable with: chmod +x ${shellQuote(shown)}`);
   }
 }
 
@@ -1792,10 +1797,7 @@ const intOption = (v: unknown, name: string, min: number): number | undefined =>
 /** Resolves a script against the submitting directory and checks it can run. */
 function resolveScript(script: string, cwd: string, where = ''): string {
   const abs = path.resolve(cwd, script);
-  let stat: fs.Stats;
-  try { stat = fs.statSync(abs); } catch { throw failure(`no such script ${quoteForError(script)}${where}`); }
-  if (!stat.isFile()) throw failure(`not a file: ${quoteForError(script)}${where}`);
-  try { fs.accessSync(abs, fs.constants.X_OK); } catch { throw failure(`script is not executable: ${quoteForError(script)}${where}`, `make it executable with: chmod +x ${shellQuote(script)}`); }
+  checkExecutable(abs, script, where);
   return abs;
 }
 
