@@ -16,7 +16,7 @@
  *   cli.ts add_job [--retries N] [--timeout S] SCRIPT [ARGS...]
  *   cli.ts add_jobs [--retries N] [--timeout S] FILE|-
  *   cli.ts remove_job SCRIPT [ARGS...] | --id ID...
- *   cli.ts kill ID... | --all            cli.ts retry ID... | --failed
+ *   cli.ts kill ID... | --all            cli.ts retry ID... | [--failed] [--killed]
  *   cli.ts status [--json]               cli.ts list [--state S] [--json]
  *   cli.ts log ID [-f]                   cli.ts wait [ID...]
  *   cli.ts clean [--logs]
@@ -26,7 +26,7 @@
  *   journal       one JSON event per line, appended and fsynced before a reply
  *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
  *   server.sock   the Unix socket clients talk to (mode 0600)
- *   server.pid    "PID STARTTIME" of the server that owns the dir
+ *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   run/ID.R.pid  written by the wrapper of start R of job ID as it starts the job
  *   run/ID.R.exit written by that wrapper with the job's exit code as it ends
  *   Job output goes to LOG_DIR/ID.log (default ./logs).
@@ -54,16 +54,19 @@
  *   If the write fails, the journal is cut back, the state reloaded from disk, the
  *   clients of that batch get an error, and the outcomes that were lost are retried.
  *
- *   Exactly once: "start job J, attempt N" is durable before J's process is spawned.
- *   The process is a small sh wrapper that first creates run/J.N.pid exclusively
- *   (O_EXCL), then runs the script, then writes run/J.N.exit. A server that finds J
- *   running in its journal after a crash looks there: an exit file means J ended
- *   (record its code); a pid file whose process is alive, and started when the file
- *   was written (so a reused pid is not taken for it), means J runs (adopt it); no pid
- *   file means the wrapper never started the job: the server creates the pid file
- *   itself, exclusively, so a late wrapper finds it taken and exits without running
- *   the job, and J goes back to the queue. Either the wrapper or the server wins that
- *   file; never both, so J is neither lost nor run twice.
+ *   Exactly once: "start job J (its R-th start)" is durable before J's process is
+ *   spawned. The process is a small sh wrapper, in a session of its own, that first
+ *   creates run/J.R.pid exclusively (O_EXCL) with its pid, then runs the script, then
+ *   writes run/J.R.exit. A server that finds J running in its journal after a crash
+ *   looks there: a pid file naming a live process whose argv names that very file (so
+ *   neither a reused pid nor a clock step fools it) means J runs: adopt it; a pid file
+ *   without such a process means J ended: record the code from the exit file (or
+ *   "lost" without one); no pid file means the wrapper never started the job: the
+ *   server creates the pid file itself, exclusively, so a late wrapper finds it taken
+ *   and exits without running the job, and J goes back to the queue. Either the
+ *   wrapper or the server wins that file, never both, so J is neither lost nor run
+ *   twice. Wrappers are spawned by a small launcher process, not by the server, so a
+ *   start costs the same however much memory the server holds.
  *
  * EXIT CODES of the client
  *   0 success, 1 the operation failed, 2 usage error, 3 no server on that data dir.
