@@ -1,0 +1,150 @@
+// 1. Dispatch throughput: N trivial jobs over 8 slots, from submit until the last one
+// has finished, against xargs -P 8 (the limit), GNU parallel -j 8 and task-spooler.
+import fs from 'node:fs';
+import path from 'node:path';
+import { type BenchResult, type Opts, Server, bash, childrenOf, cpuOf, machineBusy, parseTimes, fmt, median, min, max, now, tempDir, which, writeScript } from './lib.ts';
+
+type System = { name: string; missing?: string; run: (dir: string, n: number) => Promise<{ ms: number; serverCpu?: number; treeCpu?: number }> };
+
+/** Checks that out.txt holds exactly the ids 1..n, once each. */
+function checkIds(file: string, n: number): string | null {
+  const ids = fs.readFileSync(file, 'utf8').split('\n').filter(Boolean);
+  const set = new Set(ids);
+  if (ids.length !== n) return `${ids.length} lines instead of ${n}`;
+  if (set.size !== n) return `${set.size} distinct ids instead of ${n}`;
+  for (let i = 1; i <= n; i++) if (!set.has(String(i))) return `id ${i} missing`;
+  return null;
+}
+
+function djs(name: string, workers: string[], cli?: string): System {
+  return {
+    name,
+    run: async (dir, n) => {
+      const srv = new Server(dir, undefined, cli);
+      await srv.start();
+      try {
+        await srv.ok(['add_slave', '--skip_ssh_auth_check', ...workers]);
+        const cpu0 = cpuOf(srv.pid);
+        const t0 = now();
+        await srv.ok(['add_jobs', path.join(dir, 'jobs.txt')], { cwd: dir, quiet: true });
+        await srv.ok(['wait']);
+        const ms = now() - t0;
+        // The launcher reaps the jobs (or their wrappers), so its reaped-children time
+        // holds every job process; it ends with the server, so read it now.
+        const launchers = childrenOf(srv.pid).filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher'); } catch { return false; } });
+        const serverCpu = cpuOf(srv.pid) - cpu0;
+        const treeCpu = launchers.length === 1 ? serverCpu + cpuOf(launchers[0], true) : undefined;
+        return { ms, serverCpu, treeCpu };
+      } finally {
+        await srv.close();
+      }
+    },
+  };
+}
+
+export async function dispatch(o: Opts): Promise<BenchResult> {
+  const t00 = now();
+  const n = o.quick ? 300 : 5000;
+  const runs = o.quick ? 1 : o.runs;
+  const notes: string[] = [];
+  const systems: System[] = [
+    {
+      name: 'xargs -P 8',
+      missing: which('xargs') ? undefined : 'xargs not installed (Debian package findutils)',
+      run: async (dir, n) => {
+        const t0 = now();
+        const r = await bash(`seq 1 ${n} | xargs -P 8 -I{} env JOB_ID={} ./job.sh; times`, { cwd: dir });
+        return { ms: now() - t0, treeCpu: parseTimes(r.stdout) };
+      },
+    },
+    djs('djs, w:8', ['w:8']),
+    djs('djs, 2×4', ['w1:4', 'w2:4']),
+    ...o.patched.flatMap((p) => [djs(`djs ${p.label}, w:8`, ['w:8'], p.path), djs(`djs ${p.label}, 2×4`, ['w1:4', 'w2:4'], p.path)]),
+    {
+      name: 'task-spooler (tsp -S 8)',
+      missing: which('tsp') ? undefined : 'tsp not installed (Debian package task-spooler); skipped',
+      run: async (dir, n) => {
+        // One tsp call per job (it has no batch submit); a last job that needs all 8
+        // slots runs only after every earlier one has finished; `tsp -w` waits for it.
+        const tmp = path.join(dir, 'tsp');
+        fs.mkdirSync(tmp);
+        const env = { ...process.env, TS_SOCKET: path.join(tmp, 'sock'), TMPDIR: tmp, TS_SLOTS: '8', TS_MAXFINISHED: String(n + 10) };
+        await bash('tsp -S 8', { env });
+        const t0 = now();
+        await bash(`for i in $(seq 1 ${n}); do tsp env JOB_ID=$i ./job.sh >/dev/null; done; tsp -N 8 true >/dev/null; tsp -w`, { cwd: dir, env });
+        const ms = now() - t0;
+        await bash('tsp -K', { env });
+        return { ms };
+      },
+    },
+    {
+      name: 'GNU parallel -j 8',
+      missing: which('parallel') ? undefined : 'parallel not installed (Debian package parallel); skipped',
+      run: async (dir, n) => {
+        const t0 = now();
+        const r = await bash(`seq 1 ${n} | parallel --will-cite -j 8 'JOB_ID={} ./job.sh'; times`, { cwd: dir });
+        return { ms: now() - t0, treeCpu: parseTimes(r.stdout) };
+      },
+    },
+  ];
+  for (const s of systems) if (s.missing) { notes.push(s.missing); o.log(s.missing); }
+  const only = process.env.BENCH_SYSTEMS ? new RegExp(process.env.BENCH_SYSTEMS, 'i') : null;
+  const live = systems.filter((s) => !s.missing && (!only || only.test(s.name)));
+  const times = new Map<string, number[]>(live.map((s) => [s.name, []]));
+  const cpus = new Map<string, number[]>(live.map((s) => [s.name, []]));
+  const busy = new Map<string, number[]>(live.map((s) => [s.name, []]));
+  const trees = new Map<string, number[]>(live.map((s) => [s.name, []]));
+  // Rounds interleave the systems so that a noisy minute hits all of them.
+  for (let r = 0; r < runs; r++) {
+    for (const s of live) {
+      const dir = tempDir('djsb-d-');
+      try {
+        const out = path.join(dir, 'out.txt');
+        writeScript(path.join(dir, 'job.sh'), `echo "$JOB_ID" >> ${out}`);
+        fs.writeFileSync(path.join(dir, 'jobs.txt'), './job.sh\n'.repeat(n));
+        fs.writeFileSync(out, '');
+        const b0 = machineBusy();
+        const { ms, serverCpu, treeCpu } = await s.run(dir, n);
+        if (treeCpu !== undefined && Number.isFinite(treeCpu)) trees.get(s.name)!.push(treeCpu);
+        busy.get(s.name)!.push(machineBusy() - b0);
+        const bad = checkIds(out, n);
+        if (bad) throw new Error(`${s.name}: ${bad}`);
+        times.get(s.name)!.push(ms);
+        if (serverCpu !== undefined) cpus.get(s.name)!.push(serverCpu);
+        o.log(`dispatch round ${r + 1}/${runs}: ${s.name}: ${n} jobs in ${fmt(ms / 1000, 2)} s = ${fmt(n / ms * 1000, 0)} jobs/s`);
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    }
+  }
+  const rate = (name: string) => n / median(times.get(name)!) * 1000;
+  const xargs = live.find((s) => s.name.startsWith('xargs')) ? rate('xargs -P 8') : NaN;
+  const rows = live.map((s) => {
+    const t = times.get(s.name)!;
+    const c = cpus.get(s.name)!;
+    return [s.name, fmt(median(t) / 1000, 2), `${fmt(min(t) / 1000, 2)}–${fmt(max(t) / 1000, 2)}`, fmt(rate(s.name), 0),
+      fmt(rate(s.name) / xargs, 2), c.length ? `${fmt(median(c), 1)} s (${fmt(median(c) * 1000 / n, 2)} ms/job)` : '',
+      trees.get(s.name)!.length ? fmt(median(trees.get(s.name)!) * 1000 / n, 2) : '',
+      fmt(median(busy.get(s.name)!) * 1000 / n, 2)];
+  });
+  const targets = [];
+  for (const d of ['djs, w:8', 'djs, 2×4', ...o.patched.flatMap((p) => [`djs ${p.label}, w:8`, `djs ${p.label}, 2×4`])]) {
+    if (!times.has(d)) continue;
+    const r = rate(d);
+    targets.push({ what: `${d}: ≥ ½ of xargs's rate`, measured: `${fmt(r, 0)} jobs/s = ${fmt(r / xargs, 2)} × xargs`, limit: `≥ ${fmt(xargs / 2, 0)} jobs/s`, met: Number.isFinite(xargs) ? r >= xargs / 2 : null });
+    for (const peer of ['task-spooler (tsp -S 8)', 'GNU parallel -j 8']) {
+      if (!times.has(peer)) { targets.push({ what: `${d}: above ${peer}`, measured: fmt(r, 0), limit: 'peer missing', met: null }); continue; }
+      targets.push({ what: `${d}: above ${peer}`, measured: `${fmt(r, 0)} vs ${fmt(rate(peer), 0)} jobs/s (${fmt(r / rate(peer), 2)}×)`, limit: `> ${fmt(rate(peer), 0)} jobs/s`, met: r > rate(peer) });
+    }
+  }
+  for (const p of o.patched) notes.push(`djs ${p.label} = ${p.path} (a modified copy of cli.ts, for before/after), run in the same rounds.`);
+  notes.push(`N = ${n} jobs, each \`echo "$JOB_ID" >> out.txt\` in a sh script; ${runs} interleaved rounds; time from submit until the last job finished (djs: \`add_jobs\` + \`wait\`; tsp: ${n} \`tsp\` calls + a final \`tsp -N 8\` job waited for with \`tsp -w\`); every run checked for ${n} distinct ids.`);
+  notes.push('"own CPU ms/job": CPU time (user + sys) of the system\'s own processes per job, immune to other load on the machine: for xargs and parallel their shell\'s reaped children (bash `times`), for djs the server plus its launcher with the launcher\'s reaped children (every job process); the `add_jobs`/`wait` clients are not included. tsp runs jobs from daemonized clients, so it has none.');
+  notes.push('"machine CPU ms/job": busy CPU time of the whole machine (/proc/stat, both cores) during the run divided by N; it includes whatever else ran on the shared machine, so compare it within a round.');
+  notes.push('xargs runs `xargs -P 8 -I{} env JOB_ID={} ./job.sh`; parallel runs `parallel -j 8 \'JOB_ID={} ./job.sh\'`; djs and tsp keep a log file per job, xargs and parallel do not.');
+  return {
+    name: 'dispatch', title: `1. Dispatch throughput (${n} trivial jobs, 8 slots)`,
+    sections: [{ title: 'submit → last job finished', columns: ['system', 'median s', 'range s', 'jobs/s (median)', '× xargs', 'server CPU (median)', 'own CPU ms/job', 'machine CPU ms/job'], rows }],
+    targets, notes, seconds: (now() - t00) / 1000,
+  };
+}
