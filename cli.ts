@@ -144,6 +144,7 @@ export type State = {
   workers: Map<string, Worker>;
   queue: Queue;
   counts: Record<JobState, number>;
+  strings: Map<string, string>; // see intern
 };
 
 export type JobSpec = string[]; // [script, ...args]
@@ -183,7 +184,17 @@ export function newState(): State {
     seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(),
     queue: { front: [], frontTok: [], ids: [], toks: [], head: 0 },
     counts: { waiting: 0, running: 0, done: 0, failed: 0, killed: 0 },
+    strings: new Map(),
   };
+}
+
+/** One copy of each script path and directory, however many jobs share it: a million
+ *  jobs of one script would otherwise hold a million copies of its path. */
+export function intern(st: State, s: string): string {
+  const have = st.strings.get(s);
+  if (have !== undefined) return have;
+  st.strings.set(s, s);
+  return s;
 }
 
 export const isFinished = (s: JobState) => s === 'done' || s === 'failed' || s === 'killed';
@@ -232,9 +243,9 @@ export function* waitingJobs(st: State): Generator<Job> {
   }
 }
 
-function newJob(id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>): Job {
+function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>): Job {
   return {
-    id, script: spec[0], args: spec.length > 1 ? spec.slice(1) : NO_ARGS, cwd: ev.cwd,
+    id, script: intern(st, spec[0]), args: spec.length > 1 ? spec.slice(1) : NO_ARGS, cwd: intern(st, ev.cwd),
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
     attempts: 0, runs: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
     exitCode: null, reason: null, stopping: null, killAt: 0, avoid: null, history: null, qtok: 0,
@@ -310,7 +321,7 @@ export function applyEvent(st: State, ev: Event): void {
   switch (ev.e) {
     case 'add': {
       for (let i = 0; i < ev.jobs.length; i++) {
-        const job = newJob(ev.id + i, ev.jobs[i], ev);
+        const job = newJob(st, ev.id + i, ev.jobs[i], ev);
         st.jobs.set(job.id, job);
         st.counts.waiting++;
         enqueue(st, job, false);
@@ -331,7 +342,7 @@ export function applyEvent(st: State, ev: Event): void {
       setJobState(st, job, 'running');
       job.attempts++;
       job.runs++;
-      job.worker = ev.w; job.slot = ev.s; job.startedAt = ev.t; job.endedAt = 0;
+      job.worker = intern(st, ev.w); job.slot = ev.s; job.startedAt = ev.t; job.endedAt = 0;
       job.exitCode = null; job.reason = null; job.stopping = null; job.killAt = 0;
       while (w.running.length <= ev.s) w.running.push(0);
       w.running[ev.s] = job.id;
@@ -669,6 +680,8 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         const job = rec.j as Job;
         if (typeof job.id !== 'number' || !JOB_STATES.includes(job.state) || typeof job.script !== 'string' || !Array.isArray(job.args)) throw damaged(snapFile, no, 'bad job');
         if (job.args.length === 0) job.args = NO_ARGS;
+        job.script = intern(st, job.script); job.cwd = intern(st, job.cwd);
+        if (job.worker !== null) job.worker = intern(st, job.worker);
         st.jobs.set(job.id, job);
         st.counts[job.state]++;
         if (job.state === 'waiting') enqueue(st, job, false);
