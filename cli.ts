@@ -1,5 +1,5 @@
 #!/bin/sh
-":" //; f=$(readlink -f "$0"); d=${f%/*}; k=$(cksum < "$f"); c=$d/node_modules/.cache/djs/cli-${k% *}-${k#* }.mjs; [ -f "$c" ] && exec node "$c" "$@"; exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript){await import('file://$d/node_modules/tsx/dist/loader.mjs').catch(()=>{process.stderr.write('error: this Node.js cannot run TypeScript by itself: run npm ci in $d (for tsx), or use Node 22.18 or newer\\n');process.exit(2)});try{const fs=await import('node:fs'),e=(await import('file://$d/node_modules/esbuild/lib/main.js')).default,t='$c.'+process.pid;fs.mkdirSync('$d/node_modules/.cache/djs',{recursive:true});fs.writeFileSync(t,e.transformSync(fs.readFileSync('$f','utf8'),{loader:'ts',format:'esm'}).code);fs.renameSync(t,'$c');for(const n of fs.readdirSync('$d/node_modules/.cache/djs'))if('$d/node_modules/.cache/djs/'+n!=='$c')fs.rmSync('$d/node_modules/.cache/djs/'+n,{force:true})}catch{}}" "$0" "$@"
+":" //; f=$(readlink -f "$0"); d=${f%/*}; k=$(cksum < "$f"); c=$d/node_modules/.cache/djs/cli-${k% *}-${k#* }.mjs; [ -s "$c" ] && exec node "$c" "$@"; exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript){await import('file://$d/node_modules/tsx/dist/loader.mjs').catch(()=>{process.stderr.write('error: this Node.js cannot run TypeScript by itself: run npm ci in $d (for tsx), or use Node 22.18 or newer\\n');process.exit(2)});try{const fs=await import('node:fs'),e=(await import('file://$d/node_modules/esbuild/lib/main.js')).default,t='$c.'+process.pid;fs.mkdirSync('$d/node_modules/.cache/djs',{recursive:true});const o=fs.openSync(t,'w');fs.writeSync(o,e.transformSync(fs.readFileSync('$f','utf8'),{loader:'ts',format:'esm'}).code);fs.fsyncSync(o);fs.closeSync(o);fs.renameSync(t,'$c');for(const n of fs.readdirSync('$d/node_modules/.cache/djs')){const p='$d/node_modules/.cache/djs/'+n;if(p!=='$c'&&fs.statSync(p).mtimeMs<Date.now()-864e5)fs.rmSync(p,{force:true})}}catch{}}" "$0" "$@"
 /*
  * djs — a distributed job scheduler for the machines you can ssh into.
  *
@@ -921,7 +921,8 @@ type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; e
 /** A job's process as the server knows it: started by our launcher (which reports its
  *  end), or adopted from an earlier server (watched through its run files). */
 type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null };
-type Waiter = { ids: Set<number> | null; pending: Set<number> | null; send: Reply; lastSent: number; lastKey: string };
+/** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
+type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
 type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; ssh: SshSettings };
 
@@ -988,6 +989,7 @@ function flush(): void {
     // The run files of an attempt go only once its end is on disk: until then they are
     // what tells a restarted server that the attempt ran.
     if (ev.e === 'end') effects.push(() => removeRunFiles(ev.id, ev.run));
+    if (ev.e === 'unstart') sigkilled.delete(ev.id);
   };
 
   // 1. Requests and facts, in arrival order.
@@ -1169,7 +1171,7 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
     case 'remove_workers': {
       if (!Array.isArray(req.hosts) || !req.hosts.every((h) => typeof h === 'string')) throw usage('no hosts given');
       const hosts = [...new Set(req.hosts as string[])];
-      const result: { host: string; running: number; ids: number[] }[] = [];
+      const result: { host: string; running: number }[] = [];
       for (const host of hosts) {
         const w = st.workers.get(host);
         if (!w) throw failure(`no such worker '${host}'`);
@@ -1177,7 +1179,7 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
         if (running.length && req.mode !== 'wait' && req.mode !== 'kill') {
           throw failure(`worker '${host}' is running ${running.length} job(s)`, 'use --wait to let them finish first, or --kill to stop and requeue them');
         }
-        result.push({ host, running: running.length, ids: running });
+        result.push({ host, running: running.length });
       }
       for (const { host } of result) {
         const w = st.workers.get(host)!;
@@ -1263,6 +1265,7 @@ function ensureLauncher(): ChildProcess {
   l.stdin!.on('error', () => {});
   onLines(l.stdout!, (line) => launcherSaid(JSON.parse(line)));
   l.on('exit', () => launcherGone(l));
+  l.on('error', (e) => { log(`error: cannot run the job launcher: ${e.message}`); launcherGone(l); });
   launcher = l;
   return l;
 }
@@ -1305,15 +1308,30 @@ function launcherSaid(m: { s?: number; x?: number; run: number; pid?: number; co
  *  run on by themselves, so watch them like adopted ones; a new launcher starts with the
  *  next job. */
 function launcherGone(l: ChildProcess): void {
-  if (launcher === l) launcher = null;
+  if (launcher !== l) return; // already handled (an error and an exit both come)
+  launcher = null;
   if (stopping) return;
   log('warning: the job launcher ended; the jobs it started are watched through their run files');
+  pauseStarts(); // a launcher that cannot run must not spin through the queue
   for (const [id, p] of procs) {
     if (!p.launched) continue;
     p.launched = false;
-    if (p.pid === 0) { procs.delete(id); const job = st.jobs.get(id); if (job) adoptJob(job); }
+    if (p.pid > 0) continue;
+    procs.delete(id);
+    const job = st.jobs.get(id);
+    if (job) adoptJob(job);
+    const q = procs.get(id);
+    if (q && p.pendingSignal) signalGroup(q.pid, p.pendingSignal); // a kill asked for meanwhile
   }
   watchAdopted();
+}
+
+/** Pauses job starts for a growing delay after starts that failed; returns the delay. */
+function pauseStarts(): number {
+  startFailures++;
+  const delay = Math.min(60_000, 500 * 2 ** Math.min(7, startFailures - 1));
+  startsPausedUntil = Date.now() + delay;
+  return delay;
 }
 
 /** True if the wrapper claimed its run (its pid is in the pid file), so it ran the job. */
@@ -1326,9 +1344,7 @@ function ranJob(proc: Proc, pidFile: string): boolean {
  *  broken data dir does not spin through the queue. */
 function wrapperFailed(id: number, proc: Proc): void {
   if (procs.get(id) === proc) procs.delete(id);
-  startFailures++;
-  const delay = Math.min(60_000, 500 * 2 ** Math.min(7, startFailures - 1));
-  startsPausedUntil = Date.now() + delay;
+  const delay = pauseStarts();
   log(`error: job ${id} could not be started (its run file could not be written, see its log); starts pause for ${delay} ms`);
   try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* reported by the next failure */ }
   fact({ e: 'unstart', t: Date.now(), id });
@@ -1391,15 +1407,22 @@ function adoptJob(job: Job): void {
   const text = fs.readFileSync(pidFile, 'utf8').trim();
   if (text === 'void') return fact({ e: 'unstart', t: now, id }); // an earlier server's claim
   // An empty file: the wrapper created it and had not written its pid yet.
-  const pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
+  let pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
+  // The wrapper may have written its pid (and even ended) while we looked for it.
+  if (pid === 0) { const again = fs.readFileSync(pidFile, 'utf8').trim(); if (/^\d+$/.test(again)) pid = Number(again); }
   const proc: Proc = { pid, run, launched: false, pendingSignal: null };
   if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
-  else if (text === '') fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
+  else if (pid === 0) fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
   else finishAdopted(id, proc);
 }
 
 /** Records the end of an adopted job from its exit file (or as lost, without one). */
 function finishAdopted(id: number, proc: Proc): void {
+  if (!ranJob(proc, runFile(cfg.dataDir, id, proc.run, 'pid'))) {
+    // Its wrapper could not claim the run (it exited 253): the job never started.
+    if (procs.get(id) === proc) procs.delete(id);
+    return fact({ e: 'unstart', t: Date.now(), id });
+  }
   let code: number | null = null;
   try {
     const text = fs.readFileSync(runFile(cfg.dataDir, id, proc.run, 'exit'), 'utf8').trim();
@@ -1446,6 +1469,10 @@ const unfinished = (id: number) => { const j = st.jobs.get(id); return j !== und
  *  `touched` names the jobs this flush changed (null: maybe all). */
 function notifyWatchers(now: number, touched: Set<number> | null): void {
   for (const w of waiters) {
+    if (w.hosts) {
+      if (w.hosts.every((h) => !st.workers.has(h))) { waiters.delete(w); w.send({ ok: true }); }
+      continue;
+    }
     if (w.ids && w.pending) {
       for (const id of touched ?? w.ids) {
         if (!w.ids.has(id)) continue;
@@ -1502,7 +1529,8 @@ function handleRead(req: Request, send: Reply, sock: net.Socket): boolean {
         ids = new Set(idList(req.ids));
         for (const id of ids) jobOrFail(id);
       }
-      const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), send, lastSent: 0, lastKey: '' };
+      const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
+      const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send, lastSent: 0, lastKey: '' };
       waiters.add(w);
       sock.on('close', () => waiters.delete(w));
       notifyWatchers(Date.now(), new Set());
@@ -1642,13 +1670,15 @@ async function runServer(config: ServerConfig): Promise<void> {
   lockDataDir(cfg.dataDir);
   try {
     const loaded = loadState(cfg.dataDir);
+    // Two starts that both found a stale pid file can both think they took the dir:
+    // check before writing anything, and again once the journal is open.
+    if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);
     for (const w of loaded.warnings) process.stderr.write(`warning: ${w}\n`);
     st = loaded.state;
     journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize);
     baseEnv = { ...process.env };
     adoptRunningJobs();
     sweepRunDir();
-    // Two starts that both found a stale pid file can both think they took the dir.
     if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);
   } catch (e) {
     if (liveServerPid(cfg.dataDir) === process.pid) fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true });
@@ -1749,7 +1779,7 @@ async function lastingRequest(dataDir: string, msg: Record<string, unknown>, onL
   let lostAt = 0;
   for (;;) {
     try {
-      return await request(dataDir, msg, onLine);
+      return await request(dataDir, msg, (m) => { lostAt = 0; onLine?.(m); });
     } catch (e) {
       if (!(e instanceof ConnectionLost || (e instanceof UserError && e.code === EXIT_NO_SERVER))) throw e;
       lostAt ||= Date.now();
@@ -1946,16 +1976,16 @@ async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   for (const h of p.positionals) validateHost(h);
   const mode = p.values.wait ? 'wait' : p.values.kill ? 'kill' : null;
   const r = await request(ctx.dataDir, { op: 'remove_workers', hosts: p.positionals, mode });
-  const draining: number[] = [];
-  for (const w of r.workers as { host: string; running: number; ids: number[] }[]) {
+  const draining: string[] = [];
+  for (const w of r.workers as { host: string; running: number }[]) {
     if (w.running === 0) ctx.out.write(`removed worker ${w.host}\n`);
     else if (mode === 'kill') ctx.out.write(`stopping ${w.running} job(s) on worker ${w.host} (they are queued again); it is removed when they end\n`);
-    else { ctx.err.write(`draining worker ${w.host}: waiting for its ${w.running} running job(s) to end\n`); draining.push(...w.ids); }
+    else { ctx.err.write(`draining worker ${w.host}: waiting for its ${w.running} running job(s) to end\n`); draining.push(w.host); }
   }
   // --wait returns once the workers are gone, so `remove_slave --wait h && poweroff h` is safe.
   if (draining.length) {
-    await lastingRequest(ctx.dataDir, { op: 'wait', ids: draining });
-    for (const w of r.workers as { host: string; running: number }[]) if (w.running) ctx.out.write(`removed worker ${w.host}\n`);
+    await lastingRequest(ctx.dataDir, { op: 'wait', hosts: draining });
+    for (const host of draining) ctx.out.write(`removed worker ${host}\n`);
   }
   return EXIT_OK;
 }

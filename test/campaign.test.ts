@@ -271,6 +271,22 @@ wait`);
     assert.equal((await s.cli(['wait', next])).code, 0);
   });
 
+  test('remove_slave --wait returns once the worker is gone, also when its job went back to the queue', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'unreachable.sh', 'while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done; exit 255');
+    await addWorkers(s, 'only');
+    const id = await addJob(s, './unreachable.sh');
+    await until(async () => (await s.job(id)).state === 'running', 'the job to run');
+    const drain = spawnCli(['--data-dir', s.dataDir, 'remove_slave', '--wait', 'only'], { cwd: s.dir });
+    t.after(() => drain.proc.kill('SIGKILL'));
+    await until(async () => (await s.status()).workers[0]?.state === 'draining', 'the worker to be draining');
+    release(s, id);
+    const r = await within(drain.done, 10_000, 'remove_slave --wait to return');
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(await workerHosts(s), []);
+    assert.equal((await s.job(id)).state, 'waiting', 'exit 255 sent the job back to the queue');
+  });
+
   test('remove_slave --kill stops its job, which is queued again and runs on another worker', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'block.sh', BLOCKING);
