@@ -447,6 +447,10 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
           'X11Forwarding no',
           'MaxStartups 200', // many jobs may connect at once
           'LoginGraceTime 30',
+          // bash sources ~/.bashrc for commands run by sshd unless it is a nested shell;
+          // a host's sessions must not run whatever the test user's rc files do (on this
+          // kind of machine, a `pyenv rehash` that takes a lock every session shares).
+          'SetEnv SHLVL=1',
           `ForceCommand ${session} ${path.join(hostDirs[i], 'scratch')}`,
           '',
         ].join('\n'),
