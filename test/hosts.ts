@@ -22,6 +22,7 @@
 // Works as root (creates /run/sshd, sshd's privilege separation directory, when missing) and
 // as a normal user (sshd then runs unprivileged and admits only that user). Linux only (/proc).
 
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -150,7 +151,7 @@ export function skipUnlessSsh(t: TestContext): boolean {
 export async function untilTrue(what: string, ms: number, check: () => boolean): Promise<void> {
   const deadline = Date.now() + ms;
   while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    if (Date.now() > deadline) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
     await new Promise<void>((resolve) => setTimeout(resolve, 25));
   }
 }
@@ -491,7 +492,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         }
         await delay(25);
       }
-      throw new Error(`sshd for ${addrs[i]} did not accept logins in ${READY_MS} ms: ${last}`);
+      assert.fail(`sshd for ${addrs[i]} did not accept logins in ${READY_MS} ms: ${last}`);
     }
 
     const hosts: TestHost[] = addrs.map((addr, i) => ({
@@ -510,7 +511,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       },
       stop() {
         const child = listeners[i];
-        if (!alive(child)) throw new Error(`host not running '${addr}'`);
+        assert.ok(alive(child), `host not running '${addr}'`);
         child.kill('SIGSTOP'); // first, so it forks nothing new
         const procs = readProcs();
         for (const pid of withDescendants(new Set([child.pid!]), procs)) {
@@ -526,7 +527,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         stopped[i].clear();
       },
       async restart() {
-        if (alive(listeners[i])) throw new Error(`host still running '${addr}'`);
+        assert.ok(!alive(listeners[i]), `host still running '${addr}'`);
         spawnSshd(i);
         await waitReady(i);
       },
@@ -543,7 +544,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       async close() {
         const deadline = Date.now() + CLOSE_MS;
         while (killAll() > 0) {
-          if (Date.now() > deadline) throw new Error(`processes of hosts in '${dir}' survive SIGKILL`);
+          if (Date.now() > deadline) assert.fail(`processes of hosts in '${dir}' survive SIGKILL`);
           await delay(20);
         }
         await Promise.all(listeners.map((child) => (child ? exited(child) : undefined)));

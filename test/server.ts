@@ -1,5 +1,6 @@
 // Test harness for tier-2 tests: a real cli.ts server in its own temporary directory,
 // driven through the real client, with polling to deadlines instead of sleeps.
+import assert from 'node:assert/strict';
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -20,7 +21,7 @@ export async function until<T>(fn: () => T | Promise<T>, what: string, timeoutMs
       const v = await fn();
       if (v) return v as NonNullable<T>;
     } catch (e) { last = e; }
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+    if (Date.now() > deadline) assert.fail(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
 }
@@ -79,14 +80,14 @@ export async function startServer(opts: { dir?: string; env?: NodeJS.ProcessEnv;
   let gone = false;
   exited.then(() => { gone = true; });
   await until(() => out.includes('server ready') || gone, 'the server to be ready', 30_000);
-  if (!out.includes('server ready')) throw new Error(`server did not start: ${out}`);
+  assert.match(out, /server ready/, 'the server did not start');
   const cli = (args: string[], o: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string } = {}) =>
     runCli(['--data-dir', dataDir, ...args], { cwd: o.cwd ?? dir, env: { ...opts.env, ...o.env }, input: o.input });
   const s: TestServer = {
     dir, dataDir, logDir, proc, exited, output: () => out, cli,
     ok: async (args, o) => {
       const r = await cli(args, o);
-      if (r.code !== 0) throw new Error(`cli ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
+      assert.equal(r.code, 0, `cli ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
       return r.stdout;
     },
     status: async () => JSON.parse(await s.ok(['status', '--json'])),
@@ -191,6 +192,6 @@ export const pidOf = async (s: TestServer, id: string | number) =>
 export async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
   await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
   const job = await s.job(id);
-  if (job?.state !== state) throw new Error(`job ${id} ended ${job?.state}, not ${state}`);
+  assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
   return job;
 }
