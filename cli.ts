@@ -984,8 +984,10 @@ function flush(): void {
     applyEvent(st, ev);
     st.seq++;
     lines.push(JSON.stringify({ n: st.seq, ...ev }));
-    const ids = touchedBy(ev);
-    if (ids === 'all') touchedAll = true; else for (const id of ids) touched.add(id);
+    if (waiters.size) { // only `wait` clients need to know which jobs changed
+      const ids = touchedBy(ev);
+      if (ids === 'all') touchedAll = true; else for (const id of ids) touched.add(id);
+    }
     // The run files of an attempt go only once its end is on disk: until then they are
     // what tells a restarted server that the attempt ran.
     if (ev.e === 'end') effects.push(() => removeRunFiles(ev.id, ev.run));
@@ -2021,10 +2023,7 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
   return EXIT_OK;
 }
 
-const parseIds = (words: string[]) => words.map((w) => {
-  if (!/^\d+$/.test(w) || Number(w) < 1) throw usage(`invalid job id ${quoteForError(w)}`);
-  return Number(w);
-});
+const parseIds = (words: string[]) => words.map((w) => intOption(w, 'job id', 1)!);
 
 async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   let msg: Record<string, unknown>;
