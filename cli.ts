@@ -55,24 +55,25 @@
  *   clients of that batch get an error, and the outcomes that were lost are retried.
  *
  *   Exactly once: "start job J (its R-th start)" is durable before J's process is
- *   spawned. The process is a small sh wrapper, in a session of its own, that first
- *   creates run/J.R.pid exclusively (O_EXCL) with its pid, then runs the script, then
- *   writes run/J.R.exit. A server that finds J running in its journal after a crash
- *   looks there: a pid file naming a live process whose argv names that very file (so
- *   neither a reused pid nor a clock step fools it) means J runs: adopt it; a pid file
- *   without such a process means J ended: record the code from the exit file (or
- *   "lost" without one); no pid file means the wrapper never started the job: the
- *   server creates the pid file itself, exclusively, so a late wrapper finds it taken
- *   and exits without running the job, and J goes back to the queue. Either the
+ *   spawned. The process is a wrapper (a bash subshell forked by the launcher, in a
+ *   process group of its own) that first creates run/J.R.pid exclusively (O_EXCL),
+ *   keeps it open and writes its pid there, then runs the script, then writes
+ *   run/J.R.exit. A server that finds J running in its journal after a crash (or whose
+ *   launcher died) looks there: a pid file naming a live process that holds that very
+ *   file open (so neither a reused pid nor a clock step fools it) means J runs: adopt
+ *   it; a pid file without such a process means J ended: record the code from the exit
+ *   file (or "lost" without one); no pid file means the wrapper never started the job:
+ *   the server creates the pid file itself, exclusively, so a late wrapper finds it
+ *   taken and exits without running the job, and J goes back to the queue. Either the
  *   wrapper or the server wins that file, never both, so J is neither lost nor run
- *   twice. Wrappers are spawned by a small launcher process, not by the server, so a
- *   start costs the same however much memory the server holds.
+ *   twice. The launcher is one bash process, not the server, so a start costs the same
+ *   however much memory the server holds, and no more than a fork of a small shell.
  *
  * EXIT CODES of the client
  *   0 success, 1 the operation failed, 2 usage error, 3 no server on that data dir.
  */
 
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -811,27 +812,67 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
 // The runner: job processes, probes, process identity
 // ============================================================================
 
-/** The wrapper every job runs in (sh, so a job costs no extra node process). It claims
- *  the run by creating its pid file exclusively, runs the script with the job's argv,
- *  and records the exit code. TERM/INT/HUP are trapped, not ignored, so the script gets
+/** The launcher: one bash process for the life of the server that starts every job, so
+ *  that a start never forks the server (a fork costs time in proportion to the memory of
+ *  the process that forks: milliseconds for a server holding a million jobs) and costs
+ *  no new shell either. It runs as `bash -c LAUNCHER djs-launcher DATA_DIR LOG_DIR [BASH_ENV]`;
+ *  the server writes one line per job, `j ID RUN CWD MARKER WORKER SLOT ATTEMPT SCRIPT
+ *  ARGS...`, every word quoted with bashWord (short lines: bash reads a pipe one byte at
+ *  a time). `j` forks the job's wrapper: a subshell in a process group of its own (job
+ *  control is on), in the launcher's session, which has no terminal. The wrapper claims
+ *  the run by creating its pid file exclusively and keeps it open on fd 4 (which is how
+ *  a later server tells this run's wrapper from any other process), writes its pid
+ *  there, runs the script with the job's argv, writes the exit code to the exit file,
+ *  and then tells the server. TERM/INT/HUP are trapped, not ignored, so the script gets
  *  them with default handling while the wrapper lives on to record the code; one that
- *  comes before the script starts stops it from starting. Exit 254: the run was claimed
- *  by a server (never ran); 253: the pid file could not be written (never ran). */
-const WRAPPER = `trap 'k=1' TERM INT HUP
-p=$1 x=$2; shift 2
-if ! { set -C; echo $$ > "$p"; } 2>/dev/null; then
-  q=; read -r q < "$p" 2>/dev/null
-  [ -n "$q" ] && exit 254
-  echo "djs: cannot write $p (disk full?); the job was not started" >&2
-  exit 253
-fi
-set +C
-[ -z "$k" ] || exit 143
-"$@"
-c=$?
-echo $c > "$x"
-exit $c`;
-/** Wrapper exit codes that mean "the job did not start" when the pid file is not its own. */
+ *  comes before the script starts stops it from starting.
+ *
+ *  Lines to the server (each one write, well under PIPE_BUF, so they never interleave):
+ *    s ID RUN PID      the wrapper of that run was forked
+ *    x ID RUN CODE     it ended: the script's exit code, 128+N for signal N; 254: the run
+ *                      was claimed by a server (never ran); 253: the pid file could not
+ *                      be written (never ran)
+ *    x ID RUN - WHY    it could not start: WHY is `log` or `cwd` (never ran, no claim)
+ *  The wrappers outlive the launcher, and the launcher ends with its input, that is
+ *  with the server. BASH_ENV is kept from the launcher (so nothing runs before it) and
+ *  exported for the jobs. */
+const LAUNCHER = `D=$1 L=$2
+export DJS_DATA_DIR="$D"
+[ $# -lt 3 ] || export BASH_ENV="$3"
+set -m
+exec 3>&1
+j() {
+  (
+    trap 'k=1' TERM INT HUP
+    i=$1 r=$2 p=$D/run/$1.$2.pid
+    export JOB_ID=$1 SLAVE_IP=$5 SLAVE_SLOT=$6 JOB_ATTEMPT=$7
+    exec </dev/null
+    { exec >>"$L/$i.log"; } 2>/dev/null || { echo "x $i $r - log" >&3; exit 1; }
+    exec 2>&1
+    cd -- "$3" 2>/dev/null || { echo "x $i $r - cwd" >&3; exit 1; }
+    if ! { set -C; exec 4>"$p"; } 2>/dev/null; then
+      q=; read -r q < "$p" 2>/dev/null
+      if [ -n "$q" ]; then c=254; else c=253; echo "djs: cannot write $p (disk full?); the job was not started"; fi
+      echo "x $i $r $c" >&3; exit $c
+    fi
+    set +C
+    echo $BASHPID >&4
+    [ -z "$4" ] || printf %s "$4"
+    shift 7
+    if [ -z "$k" ]; then "$@" 3>&- 4>&-; c=$?; else c=143; fi
+    echo $c > "$D/run/$i.$r.exit"
+    echo "x $i $r $c" >&3
+  ) & disown
+  echo "s $1 $2 $!"
+}
+while IFS= read -r line; do eval "$line"; done`;
+/** A word for the launcher: plain if it is safe so, else $'...' with backslashes, quotes
+ *  and control characters escaped, so that any string stays one word on one line. */
+export const bashWord = (s: string): string =>
+  /^[\w/.,:@%+=-]+$/.test(s) ? s : `$'${s.replace(/[\\'\x00-\x1f\x7f]/g, (c) => (c === '\\' || c === "'" ? '\\' + c : '\\x' + c.charCodeAt(0).toString(16).padStart(2, '0')))}'`;
+/** Variables bash acts on at start-up, kept from the launcher; BASH_ENV is exported for
+ *  the jobs (bash makes the other two read-only, so they cannot be). */
+const BASH_STARTUP_VARS = ['BASH_ENV', 'SHELLOPTS', 'BASHOPTS'];
 const WRAPPER_DID_NOT_START = new Set([253, 254]);
 
 /** Run files are named by the job and its start count, which is never reused. */
@@ -854,20 +895,27 @@ export function processStartTicks(pid: number): string | null {
   try { process.kill(pid, 0); return ''; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM' ? '' : null; }
 }
 
-/** True if `pid` is the live wrapper of the run whose pid file is `pidFile`: its argv
- *  names that file, so neither a reused pid nor a clock step can fool it. Without /proc,
- *  only existence can be checked. */
-function isWrapper(pid: number, pidFile: string): boolean {
+/** True if `pid` is the live wrapper of the run whose pid file is `pidFile`: it holds that
+ *  very file open on fd 4 (or, for a wrapper of an earlier version, names it in its
+ *  argv), so neither a reused pid nor a clock step can fool it. Without /proc, only
+ *  existence can be checked. */
+function isWrapper(pid: number, pidFile: string, file?: fs.Stats): boolean {
   if (!HAVE_PROC) return processStartTicks(pid) !== null;
+  try {
+    const held = fs.statSync(`/proc/${pid}/fd/4`), f = file ?? fs.statSync(pidFile);
+    if (held.ino === f.ino && held.dev === f.dev) return true;
+  } catch { /* no such process, no fd 4, or no pid file */ }
   try { return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(pidFile); } catch { return false; }
 }
 
-/** The pid of the live wrapper of a run, looked up by its argv (for a pid file that its
- *  wrapper created but had not written yet), or null. */
+/** The pid of the live wrapper of a run (for a pid file that its wrapper created but had
+ *  not written yet), or null. */
 function findWrapper(pidFile: string): number | null {
   if (!HAVE_PROC) return null;
+  let file: fs.Stats;
+  try { file = fs.statSync(pidFile); } catch { return null; }
   for (const name of fs.readdirSync('/proc')) {
-    if (/^\d+$/.test(name) && isWrapper(Number(name), pidFile)) return Number(name);
+    if (/^\d+$/.test(name) && isWrapper(Number(name), pidFile, file)) return Number(name);
   }
   return null;
 }
@@ -918,9 +966,10 @@ type Request = Record<string, unknown> & { op: string };
 /** Inputs wait in the inbox for the next flush: client requests that change state,
  *  outcomes (facts) from processes and probes, and ticks (a timer fired). */
 type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; ev: Event } | { kind: 'tick' };
-/** A job's process as the server knows it: started by our launcher (which reports its
- *  end), or adopted from an earlier server (watched through its run files). */
-type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null };
+/** A job's process as the server knows it: started by our launcher (its wrapper reports
+ *  its end), or adopted (watched through its run files). `missed`: a launched wrapper
+ *  was found gone once (see watchProcs). */
+type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null; missed: boolean };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
@@ -943,7 +992,7 @@ const sigkilled = new Set<number>();
 const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
 let adoptWatch: fs.FSWatcher | null = null;
-let adoptTimer: NodeJS.Timeout | null = null;
+let procTimer: NodeJS.Timeout | null = null;
 let stopping = false;
 let startFailures = 0;           // wrappers in a row that could not claim their run
 let startsPausedUntil = 0;
@@ -1108,11 +1157,12 @@ function handleChange(req: Request, now: number, commit: (ev: Event) => void, ef
   switch (req.op) {
     case 'add_jobs': {
       const cwd = req.cwd, jobs = req.jobs;
-      if (typeof cwd !== 'string' || !path.isAbsolute(cwd)) throw usage('add_jobs needs an absolute cwd');
+      if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
       if (!Array.isArray(jobs) || jobs.length === 0) throw usage('no jobs given');
       const checked = new Set<string>();
       for (const spec of jobs) {
         if (!Array.isArray(spec) || spec.length === 0 || !spec.every((w) => typeof w === 'string')) throw usage('a job is a list of strings');
+        if (spec.some((w) => w.includes('\0'))) throw usage('a job\'s words cannot hold NUL bytes');
         if (!checked.has(spec[0])) { checkScript(spec[0]); checked.add(spec[0]); }
       }
       const id = st.nextId;
@@ -1221,53 +1271,16 @@ const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
 
 // ---- effects ---------------------------------------------------------------
 
-/** The launcher: a small node process that spawns the wrappers of jobs for the server,
- *  so that starting a job never forks the server (a fork costs time in proportion to
- *  the memory of the process that forks: milliseconds for a server holding a million
- *  jobs). It reads one JSON line per job and answers {s: id, run, pid} once the wrapper
- *  runs and {x: id, run, code} when it ends. Wrappers get sessions of their own, so
- *  neither the launcher's end nor the server's ends a job; the launcher ends with its
- *  input, that is with the server. Plain JavaScript, run with `node -e`. */
-const LAUNCHER = `'use strict';
-const { spawn } = require('node:child_process'), fs = require('node:fs'), os = require('node:os');
-const wrapper = process.env.DJS_WRAPPER;
-delete process.env.DJS_WRAPPER; delete process.env.DJS_LAUNCHER;
-const say = (m) => process.stdout.write(JSON.stringify(m) + '\\n');
-process.stdout.on('error', () => {});
-let rest = '';
-process.stdin.setEncoding('utf8');
-process.stdin.on('data', (chunk) => {
-  const lines = (rest + chunk).split('\\n');
-  rest = lines.pop();
-  for (const line of lines) if (line) start(JSON.parse(line));
-});
-process.stdin.on('end', () => process.exit(0));
-function start(j) {
-  let fd, c;
-  try { fd = fs.openSync(j.log, 'a'); if (j.marker) fs.writeSync(fd, j.marker); }
-  catch (e) { return say({ x: j.id, run: j.run, code: null, why: 'cannot open the log: ' + e.message }); }
-  try {
-    c = spawn('/bin/sh', ['-c', wrapper, 'djs-job', j.pidFile, j.exitFile, ...j.argv],
-      { cwd: j.cwd, env: { ...process.env, ...j.env }, detached: true, stdio: ['ignore', fd, fd] });
-  } catch (e) { fs.closeSync(fd); return say({ x: j.id, run: j.run, code: null, why: 'cannot start: ' + e.message }); }
-  fs.closeSync(fd);
-  let ended = false;
-  const end = (m) => { if (!ended) { ended = true; say({ x: j.id, run: j.run, pid: c.pid, ...m }); } };
-  if (c.pid) say({ s: j.id, run: j.run, pid: c.pid });
-  c.on('error', (e) => end({ code: null, why: 'cannot start: ' + e.message + (e.code === 'ENOENT' ? ' (does ' + j.cwd + ' still exist?)' : '') }));
-  c.on('exit', (code, sig) => end({ code: code ?? (sig ? 128 + (os.constants.signals[sig] ?? 0) : null) }));
-}`;
-
 function ensureLauncher(): ChildProcess {
   if (launcher) return launcher;
-  // The code goes in through the environment, so `ps` shows a short command line.
-  const l = spawn(process.execPath, ['-e', 'eval(process.env.DJS_LAUNCHER)', 'djs-launcher'], {
-    detached: true, stdio: ['pipe', 'pipe', 'inherit'], env: { ...baseEnv, DJS_LAUNCHER: LAUNCHER, DJS_WRAPPER: WRAPPER },
-  });
+  const env = { ...baseEnv };
+  for (const name of BASH_STARTUP_VARS) delete env[name];
+  const args = ['-c', LAUNCHER, 'djs-launcher', cfg.dataDir, cfg.logDir, ...(baseEnv.BASH_ENV === undefined ? [] : [baseEnv.BASH_ENV])];
+  const l = spawn('bash', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
   l.stdin!.on('error', () => {});
-  onLines(l.stdout!, (line) => launcherSaid(JSON.parse(line)));
+  onLines(l.stdout!, launcherSaid);
   l.on('exit', () => launcherGone(l));
-  l.on('error', (e) => { log(`error: cannot run the job launcher: ${e.message}`); launcherGone(l); });
+  l.on('error', (e) => { log(`error: cannot run the job launcher (bash): ${e.message}`); launcherGone(l); });
   launcher = l;
   return l;
 }
@@ -1283,49 +1296,43 @@ function startJob(id: number): void {
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
-  procs.set(id, { pid: 0, run, launched: true, pendingSignal: null });
-  ensureLauncher().stdin!.write(JSON.stringify({
-    id, run, log: logFile(id), marker, cwd: job.cwd, argv: [job.script, ...job.args],
-    pidFile: runFile(cfg.dataDir, id, run, 'pid'), exitFile: runFile(cfg.dataDir, id, run, 'exit'),
-    env: { JOB_ID: String(id), SLAVE_IP: job.worker, SLAVE_SLOT: String(job.slot), JOB_ATTEMPT: String(attempt), DJS_DATA_DIR: cfg.dataDir },
-  }) + '\n');
+  procs.set(id, { pid: 0, run, launched: true, pendingSignal: null, missed: false });
+  const words = [job.cwd, marker ?? '', job.worker, String(job.slot), String(attempt), job.script, ...job.args];
+  ensureLauncher().stdin!.write(`j ${id} ${run} ${words.map(bashWord).join(' ')}\n`);
+  if (!procTimer) watchProcs();
 }
 
-/** What the launcher reports: a wrapper's pid, or its end. */
-function launcherSaid(m: { s?: number; x?: number; run: number; pid?: number; code?: number | null; why?: string }): void {
-  const id = m.s ?? m.x ?? 0, p = procs.get(id);
-  if (!p || p.run !== m.run || !p.launched) return;
-  if (m.pid) p.pid = m.pid;
-  if (m.s !== undefined) {
+/** What the launcher and the wrappers report (see LAUNCHER): a wrapper's pid, or its end. */
+function launcherSaid(line: string): void {
+  const [kind, idText, runText, what, why] = line.split(' ');
+  const id = Number(idText), p = procs.get(id);
+  if (!p || p.run !== Number(runText) || !p.launched) return;
+  if (kind === 's') {
+    p.pid = Number(what);
     if (p.pendingSignal) { signalGroup(p.pid, p.pendingSignal); p.pendingSignal = null; }
     return;
   }
-  const code = m.code ?? null;
-  if (code !== null && WRAPPER_DID_NOT_START.has(code) && !ranJob(p, runFile(cfg.dataDir, id, p.run, 'pid'))) return wrapperFailed(id, p);
+  if (what === '-') {
+    const job = st.jobs.get(id);
+    return endProc(id, p, null, why === 'log' ? `cannot open the log ${logFile(id)}` : `cannot start: cannot enter ${job?.cwd ?? 'its directory'} (does it still exist?)`);
+  }
+  const code = Number(what);
+  if (WRAPPER_DID_NOT_START.has(code) && !ranJob(p, runFile(cfg.dataDir, id, p.run, 'pid'))) return wrapperFailed(id, p);
   startFailures = 0;
-  endProc(id, p, code, m.why);
+  endProc(id, p, code);
 }
 
-/** The launcher ended under a running server (killed, crashed): the wrappers it started
- *  run on by themselves, so watch them like adopted ones; a new launcher starts with the
- *  next job. */
+/** The launcher ended under a running server (killed, crashed): the wrappers it forked
+ *  run on by themselves, so their jobs are adopted (a wrapper that had not claimed its
+ *  run yet never will: the server claims it); a new launcher starts with the next job. */
 function launcherGone(l: ChildProcess): void {
   if (launcher !== l) return; // already handled (an error and an exit both come)
   launcher = null;
   if (stopping) return;
   log('warning: the job launcher ended; the jobs it started are watched through their run files');
   pauseStarts(); // a launcher that cannot run must not spin through the queue
-  for (const [id, p] of procs) {
-    if (!p.launched) continue;
-    p.launched = false;
-    if (p.pid > 0) continue;
-    procs.delete(id);
-    const job = st.jobs.get(id);
-    if (job) adoptJob(job);
-    const q = procs.get(id);
-    if (q && p.pendingSignal) signalGroup(q.pid, p.pendingSignal); // a kill asked for meanwhile
-  }
-  watchAdopted();
+  for (const [id, p] of procs) if (p.launched) readopt(id, p);
+  watchProcs();
 }
 
 /** Pauses job starts for a growing delay after starts that failed; returns the delay. */
@@ -1361,8 +1368,8 @@ function endProc(id: number, proc: Proc, code: number | null, why?: string): voi
 }
 
 function removeRunFiles(id: number, run: number): void {
-  fs.rm(runFile(cfg.dataDir, id, run, 'pid'), { force: true }, () => {});
-  fs.rm(runFile(cfg.dataDir, id, run, 'exit'), { force: true }, () => {});
+  fs.unlink(runFile(cfg.dataDir, id, run, 'pid'), () => {});
+  fs.unlink(runFile(cfg.dataDir, id, run, 'exit'), () => {});
 }
 
 function signalJob(id: number, sig: NodeJS.Signals): void {
@@ -1388,7 +1395,7 @@ function runProbe(host: string): void {
  *  ended (record its code), alive (adopt it), or never started (back to the queue). */
 function adoptRunningJobs(): void {
   for (const job of st.jobs.values()) if (job.state === 'running') adoptJob(job);
-  watchAdopted();
+  watchProcs();
 }
 
 /** Finds out what became of the process of one running job that no launcher of ours
@@ -1412,7 +1419,7 @@ function adoptJob(job: Job): void {
   let pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
   // The wrapper may have written its pid (and even ended) while we looked for it.
   if (pid === 0) { const again = fs.readFileSync(pidFile, 'utf8').trim(); if (/^\d+$/.test(again)) pid = Number(again); }
-  const proc: Proc = { pid, run, launched: false, pendingSignal: null };
+  const proc: Proc = { pid, run, launched: false, pendingSignal: null, missed: false };
   if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
   else if (pid === 0) fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
   else finishAdopted(id, proc);
@@ -1430,27 +1437,47 @@ function finishAdopted(id: number, proc: Proc): void {
     const text = fs.readFileSync(runFile(cfg.dataDir, id, proc.run, 'exit'), 'utf8').trim();
     if (/^\d+$/.test(text)) code = Number(text);
   } catch { /* no exit file */ }
+  if (code === null && sigkilled.has(id)) code = 128 + 9; // we killed it, wrapper and all
   const job = st.jobs.get(id);
-  const why = code === null && !job?.stopping ? 'lost: the job ended while no server ran and left no exit code' : undefined;
+  const why = code === null && !job?.stopping ? 'lost: its wrapper ended without recording an exit code (killed?)' : undefined;
   endProc(id, proc, code, why);
 }
 
-/** Adopted jobs are not our children, so no exit event comes: watch the run dir for
- *  their exit files, and (deliberately simple) check their pids every second in case a
- *  wrapper died without writing one. Both stop when no adopted job is left. */
-function watchAdopted(): void {
-  const adopted = () => [...procs.entries()].filter(([, p]) => !p.launched);
-  const check = () => {
-    for (const [id, p] of adopted()) if (!isWrapper(p.pid, runFile(cfg.dataDir, id, p.run, 'pid'))) finishAdopted(id, p);
-    if (adopted().length === 0) {
-      adoptWatch?.close(); adoptWatch = null;
-      if (adoptTimer) clearInterval(adoptTimer);
-      adoptTimer = null;
+/** A launched job whose notices will not come (its launcher or its wrapper is gone):
+ *  found out again from its run files, as after a restart. */
+function readopt(id: number, p: Proc): void {
+  procs.delete(id);
+  const job = st.jobs.get(id);
+  if (job?.state !== 'running') return;
+  adoptJob(job);
+  const q = procs.get(id);
+  if (q && p.pendingSignal) signalGroup(q.pid, p.pendingSignal); // a kill asked for meanwhile
+}
+
+/** Jobs whose end no notice may tell: adopted ones (not our children), and launched ones
+ *  whose wrapper was killed outright (SIGKILL), which cannot send its own. Every second
+ *  each is checked: an adopted wrapper by its pid file, a launched one by its pid (it may
+ *  not have claimed its run yet); one that is gone is found out from its run files (a
+ *  launched one only when found gone twice in a row, so that a notice still on its way
+ *  is read first). While adopted jobs run, the run dir is also watched for their exit
+ *  files. Both stop when no job runs. */
+function watchProcs(): void {
+  const check = (adoptedOnly: boolean) => {
+    for (const [id, p] of procs) {
+      if (p.launched) {
+        if (adoptedOnly) continue;
+        if (p.pid === 0 || processStartTicks(p.pid) !== null) p.missed = false;
+        else if (!p.missed) p.missed = true;
+        else readopt(id, p);
+      } else if (!isWrapper(p.pid, runFile(cfg.dataDir, id, p.run, 'pid'))) finishAdopted(id, p);
     }
+    if (adoptWatch && ![...procs.values()].some((p) => !p.launched)) { adoptWatch.close(); adoptWatch = null; }
+    if (procTimer && procs.size === 0) { clearInterval(procTimer); procTimer = null; }
   };
-  if (adopted().length === 0 || adoptTimer) return;
-  try { adoptWatch = fs.watch(path.join(cfg.dataDir, 'run'), () => check()); } catch { /* the timer still checks */ }
-  adoptTimer = setInterval(check, 1000);
+  if (!procTimer && procs.size) procTimer = setInterval(() => check(false), 1000);
+  if (!adoptWatch && [...procs.values()].some((p) => !p.launched)) {
+    try { adoptWatch = fs.watch(path.join(cfg.dataDir, 'run'), () => check(true)); } catch { /* the timer still checks */ }
+  }
 }
 
 // ---- watchers: wait and log -f -----------------------------------------------
@@ -1663,8 +1690,16 @@ function socketPath(dataDir: string): { abs: string; usable: string; relative: b
   return Buffer.byteLength(abs) < 100 ? { abs, usable: abs, relative: false } : { abs, usable: 'server.sock', relative: true };
 }
 
+/** Jobs start through bash (see LAUNCHER): refuses to start without bash 4 or newer. */
+function checkBash(): void {
+  const r = spawnSync('bash', ['-c', 'echo "${BASH_VERSINFO[0]}"'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  if (r.error) throw failure(`cannot run bash, which starts the jobs: ${r.error.message}`, 'install bash 4 or newer (it is on the PATH of most systems)');
+  if (!(Number(r.stdout) >= 4)) throw failure(`bash 4 or newer is needed to start jobs; this bash says version '${r.stdout.trim()}'`);
+}
+
 async function runServer(config: ServerConfig): Promise<void> {
   cfg = config;
+  checkBash();
   fs.mkdirSync(cfg.dataDir, { recursive: true, mode: 0o700 });
   fs.chmodSync(cfg.dataDir, 0o700);
   fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 });
@@ -1856,6 +1891,7 @@ export function parseJobsFile(text: string, cwd: string, name: string): JobSpec[
   const lines = text.split('\n');
   for (let i = 0; i < lines.length; i++) {
     let words: string[];
+    if (lines[i].includes('\0')) throw failure(`${name} line ${i + 1}: a NUL byte, which no argument can hold (is it a text file?)`);
     try { words = splitWords(lines[i]); } catch (e) { throw failure(`${name} line ${i + 1}: ${(e as Error).message}`); }
     if (words.length === 0) continue;
     let abs = scripts.get(words[0]);

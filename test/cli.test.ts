@@ -202,7 +202,8 @@ printf '%s\\n' "$JOB_ID" "$SLAVE_IP" "$SLAVE_SLOT" "$DJS_TEST_MARKER" > "env.$JO
 echo "stdout of $JOB_ID"
 echo "stderr of $JOB_ID" >&2`);
     await addWorkers(s, 'w1');
-    const args = ['a b', `it's "quoted"`, '$HOME', '*', '--retries', '5', '-x', '', 'tab\there', '--'];
+    const args = ['a b', `it's "quoted"`, '$HOME', '*', '--retries', '5', '-x', '', 'tab\there', '--',
+      'new\nline', 'back\\slash\\', "$'x\\'", '\x01\x1f\x7f', 'é€😀', ' spaced ', '`id`', '$(id)', '\\x41', '-', 'a=b'];
     // Relative to the client's cwd, not the server's; the client's own env must not leak in.
     const r = await s.cli(['add_job', '../bin/rec.sh', ...args], { cwd: sub, env: { DJS_TEST_MARKER: 'from-the-client' } });
     assert.equal(r.code, 0, r.stderr);
@@ -221,19 +222,36 @@ echo "stderr of $JOB_ID" >&2`);
     assert.deepEqual(job.args, args);
   });
 
-  test('add_job: the job runs in its own session and process group', async (t) => {
+  test('the server\'s BASH_ENV reaches the jobs, and only the jobs read it', async (t) => {
+    const dir = tempDir();
+    const sourced = path.join(dir, 'sourced');
+    fs.writeFileSync(path.join(dir, 'env.sh'), `echo "$$" >> '${sourced}'\n`);
+    const s = await serve(t, { dir, env: { BASH_ENV: path.join(dir, 'env.sh') } });
+    const script = path.join(dir, 'b.sh');
+    fs.writeFileSync(script, '#!/bin/bash\necho "$BASH_ENV" > "bash_env.$JOB_ID"\n', { mode: 0o755 });
+    await addWorkers(s, 'w1');
+    await s.ok(['add_job', script]);
+    await s.ok(['add_job', script]);
+    assert.equal((await s.cli(['wait'])).code, 0);
+    assert.equal(readIf(path.join(dir, 'bash_env.2')).trim(), path.join(dir, 'env.sh'));
+    assert.equal(readIf(sourced).trim().split('\n').length, 2, 'read once by each job\'s bash, never by the launcher');
+  });
+
+  test('add_job: the job runs in a process group of its own, in a session without a terminal', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'block.sh', BLOCKING);
-    await addWorkers(s, 'w1');
-    const id = (await s.ok(['add_job', './block.sh'])).trim();
-    const pid = await pidOf(s, id);
-    const job = procIds(pid), server = procIds(s.proc.pid!);
-    assert.notEqual(job.session, server.session, 'own session');
-    assert.notEqual(job.pgrp, server.pgrp, 'own process group');
-    assert.notEqual(job.pgrp, procIds(process.pid).pgrp);
-    assert.equal(job.pgrp, job.session, 'the job leads a new session');
-    release(s, id);
-    assert.equal((await s.cli(['wait', id])).code, 0);
+    await addWorkers(s, 'w1:2');
+    const ids = [(await s.ok(['add_job', './block.sh'])).trim(), (await s.ok(['add_job', './block.sh'])).trim()];
+    const [a, b] = await Promise.all(ids.map(async (id) => procIds(await pidOf(s, id))));
+    const server = procIds(s.proc.pid!);
+    assert.notEqual(a.session, server.session, 'not in the server\'s session');
+    assert.notEqual(a.pgrp, server.pgrp, 'not in the server\'s process group');
+    assert.notEqual(a.pgrp, procIds(process.pid).pgrp);
+    assert.notEqual(a.pgrp, b.pgrp, 'each job has a group of its own');
+    assert.equal(a.pgrp, a.ppid, 'the job\'s wrapper (its parent) leads its group');
+    assert.equal(a.tty, 0, 'no controlling terminal');
+    for (const id of ids) release(s, id);
+    assert.equal((await s.cli(['wait', ...ids])).code, 0);
   });
 
   test('add_job: a missing, non-executable or directory script is refused and nothing is queued', async (t) => {

@@ -145,11 +145,11 @@ export function alive(pid: number): boolean {
   } catch { return false; }
 }
 
-/** The parent, process group and session of a process, from /proc/PID/stat. */
-export function procIds(pid: number): { ppid: number; pgrp: number; session: number } {
+/** The parent, process group, session and controlling terminal of a process, from /proc/PID/stat. */
+export function procIds(pid: number): { ppid: number; pgrp: number; session: number; tty: number } {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return { ppid: Number(f[1]), pgrp: Number(f[2]), session: Number(f[3]) };
+  return { ppid: Number(f[1]), pgrp: Number(f[2]), session: Number(f[3]), tty: Number(f[4]) };
 }
 
 /** How many clients are connected to the server socket of `dataDir` now (Linux: the
