@@ -27,8 +27,8 @@
  *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
- *   run/ID.R.pid  written by the wrapper of start R of job ID as it starts the job
- *   run/ID.R.exit written by that wrapper with the job's exit code as it ends
+ *   run/ID.R.pid  created by the wrapper of start R of job ID as it claims the run: its
+ *                 pid, and a second line with the job's exit code when it ends
  *   Job output goes to LOG_DIR/ID.log (default ./logs).
  *
  * STATE MACHINES
@@ -57,11 +57,11 @@
  *   Exactly once: "start job J (its R-th start)" is durable before J's process is
  *   spawned. The process is a wrapper (a bash subshell forked by the launcher, in a
  *   process group of its own) that first creates run/J.R.pid exclusively (O_EXCL),
- *   keeps it open and writes its pid there, then runs the script, then writes
- *   run/J.R.exit. A server that finds J running in its journal after a crash (or whose
+ *   keeps it open and writes its pid there, then runs the script, then adds the exit
+ *   code. A server that finds J running in its journal after a crash (or whose
  *   launcher died) looks there: a pid file naming a live process that holds that very
  *   file open (so neither a reused pid nor a clock step fools it) means J runs: adopt
- *   it; a pid file without such a process means J ended: record the code from the exit
+ *   it; a pid file without such a process means J ended: record the code from the
  *   file (or "lost" without one); no pid file means the wrapper never started the job:
  *   the server creates the pid file itself, exclusively, so a late wrapper finds it
  *   taken and exits without running the job, and J goes back to the queue. Either the
@@ -822,8 +822,9 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
  *  control is on), in the launcher's session, which has no terminal. The wrapper claims
  *  the run by creating its pid file exclusively and keeps it open on fd 4 (which is how
  *  a later server tells this run's wrapper from any other process), writes its pid
- *  there, runs the script with the job's argv, writes the exit code to the exit file,
- *  and then tells the server. TERM/INT/HUP are trapped, not ignored, so the script gets
+ *  there, runs the script with the job's argv, adds the exit code on a second line (one
+ *  file per run: creating and deleting files is a good part of a start's cost), and
+ *  then tells the server. TERM/INT/HUP are trapped, not ignored, so the script gets
  *  them with default handling while the wrapper lives on to record the code; one that
  *  comes before the script starts stops it from starting.
  *
@@ -860,7 +861,7 @@ j() {
     [ -z "$4" ] || printf %s "$4"
     shift 7
     if [ -z "$k" ]; then "$@" 3>&- 4>&-; c=$?; else c=143; fi
-    echo $c > "$D/run/$i.$r.exit"
+    echo $c >&4
     echo "x $i $r $c" >&3
   ) & disown
   echo "s $1 $2 $!"
@@ -870,14 +871,27 @@ while IFS= read -r line; do eval "$line"; done`;
  *  and control characters escaped, so that any string stays one word on one line. */
 export const bashWord = (s: string): string =>
   /^[\w/.,:@%+=-]+$/.test(s) ? s : `$'${s.replace(/[\\'\x00-\x1f\x7f]/g, (c) => (c === '\\' || c === "'" ? '\\' + c : '\\x' + c.charCodeAt(0).toString(16).padStart(2, '0')))}'`;
-/** Variables bash acts on at start-up, kept from the launcher; BASH_ENV is exported for
- *  the jobs (bash makes the other two read-only, so they cannot be). */
+/** What bash acts on at start-up, kept from the launcher: these variables, and functions
+ *  exported from bash (BASH_FUNC_*), which could stand in for the builtins it uses.
+ *  BASH_ENV is exported for the jobs; the rest do not reach them (bash makes SHELLOPTS
+ *  and BASHOPTS read-only, and exported functions cannot be made safe for the launcher). */
 const BASH_STARTUP_VARS = ['BASH_ENV', 'SHELLOPTS', 'BASHOPTS'];
+const fromBashStartup = (name: string) => BASH_STARTUP_VARS.includes(name) || name.startsWith('BASH_FUNC_');
 const WRAPPER_DID_NOT_START = new Set([253, 254]);
 
-/** Run files are named by the job and its start count, which is never reused. */
+/** Run files are named by the job and its start count, which is never reused. (`exit`
+ *  files hold the exit codes of wrappers of earlier versions, which had two files.) */
 const runFile = (dataDir: string, id: number, run: number, kind: 'pid' | 'exit') =>
   path.join(dataDir, 'run', `${id}.${run}.${kind}`);
+
+/** What a pid file says: its first line ('' while being written, 'void' when a server
+ *  claimed the run, else the wrapper's pid), and the exit code once the job ended. */
+function readRunFile(pidFile: string): { claim: string; code: number | null } | null {
+  let text: string;
+  try { text = fs.readFileSync(pidFile, 'utf8'); } catch { return null; }
+  const [claim, code] = text.split('\n');
+  return { claim: claim.trim(), code: /^\d+$/.test(code ?? '') ? Number(code) : null };
+}
 
 const HAVE_PROC = fs.existsSync('/proc/self/stat');
 
@@ -1273,8 +1287,7 @@ const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
 
 function ensureLauncher(): ChildProcess {
   if (launcher) return launcher;
-  const env = { ...baseEnv };
-  for (const name of BASH_STARTUP_VARS) delete env[name];
+  const env = Object.fromEntries(Object.entries(baseEnv).filter(([name]) => !fromBashStartup(name)));
   const args = ['-c', LAUNCHER, 'djs-launcher', cfg.dataDir, cfg.logDir, ...(baseEnv.BASH_ENV === undefined ? [] : [baseEnv.BASH_ENV])];
   const l = spawn('bash', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
   l.stdin!.on('error', () => {});
@@ -1345,7 +1358,7 @@ function pauseStarts(): number {
 
 /** True if the wrapper claimed its run (its pid is in the pid file), so it ran the job. */
 function ranJob(proc: Proc, pidFile: string): boolean {
-  try { return fs.readFileSync(pidFile, 'utf8').trim() === String(proc.pid); } catch { return false; }
+  return readRunFile(pidFile)?.claim === String(proc.pid);
 }
 
 /** The wrapper could not claim its run (run/ gone, disk full): the job never started, so
@@ -1368,8 +1381,7 @@ function endProc(id: number, proc: Proc, code: number | null, why?: string): voi
 }
 
 function removeRunFiles(id: number, run: number): void {
-  fs.unlink(runFile(cfg.dataDir, id, run, 'pid'), () => {});
-  fs.unlink(runFile(cfg.dataDir, id, run, 'exit'), () => {});
+  fs.unlink(runFile(cfg.dataDir, id, run, 'pid'), () => {}); // (an earlier version's exit file goes at the next start)
 }
 
 function signalJob(id: number, sig: NodeJS.Signals): void {
@@ -1413,30 +1425,34 @@ function adoptJob(job: Job): void {
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot check on running job ${id}: ${(e as Error).message}`, 'nothing was changed; fix the data dir and start again');
   }
-  const text = fs.readFileSync(pidFile, 'utf8').trim();
+  const claim = () => readRunFile(pidFile)?.claim ?? '';
+  const text = claim();
   if (text === 'void') return fact({ e: 'unstart', t: now, id }); // an earlier server's claim
   // An empty file: the wrapper created it and had not written its pid yet.
   let pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
   // The wrapper may have written its pid (and even ended) while we looked for it.
-  if (pid === 0) { const again = fs.readFileSync(pidFile, 'utf8').trim(); if (/^\d+$/.test(again)) pid = Number(again); }
+  if (pid === 0) { const again = claim(); if (/^\d+$/.test(again)) pid = Number(again); }
   const proc: Proc = { pid, run, launched: false, pendingSignal: null, missed: false };
   if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
   else if (pid === 0) fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
   else finishAdopted(id, proc);
 }
 
-/** Records the end of an adopted job from its exit file (or as lost, without one). */
+/** Records the end of an adopted job from its pid file (or as lost, without a code). */
 function finishAdopted(id: number, proc: Proc): void {
-  if (!ranJob(proc, runFile(cfg.dataDir, id, proc.run, 'pid'))) {
+  const run = readRunFile(runFile(cfg.dataDir, id, proc.run, 'pid'));
+  if (run?.claim !== String(proc.pid)) {
     // Its wrapper could not claim the run (it exited 253): the job never started.
     if (procs.get(id) === proc) procs.delete(id);
     return fact({ e: 'unstart', t: Date.now(), id });
   }
-  let code: number | null = null;
-  try {
-    const text = fs.readFileSync(runFile(cfg.dataDir, id, proc.run, 'exit'), 'utf8').trim();
-    if (/^\d+$/.test(text)) code = Number(text);
-  } catch { /* no exit file */ }
+  let code = run.code;
+  if (code === null) {
+    try {
+      const text = fs.readFileSync(runFile(cfg.dataDir, id, proc.run, 'exit'), 'utf8').trim();
+      if (/^\d+$/.test(text)) code = Number(text);
+    } catch { /* no exit file */ }
+  }
   if (code === null && sigkilled.has(id)) code = 128 + 9; // we killed it, wrapper and all
   const job = st.jobs.get(id);
   const why = code === null && !job?.stopping ? 'lost: its wrapper ended without recording an exit code (killed?)' : undefined;

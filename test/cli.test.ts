@@ -222,11 +222,12 @@ echo "stderr of $JOB_ID" >&2`);
     assert.deepEqual(job.args, args);
   });
 
-  test('the server\'s BASH_ENV reaches the jobs, and only the jobs read it', async (t) => {
+  test('the server\'s BASH_ENV reaches the jobs, and only the jobs read it; exported functions do not fool the launcher', async (t) => {
     const dir = tempDir();
     const sourced = path.join(dir, 'sourced');
     fs.writeFileSync(path.join(dir, 'env.sh'), `echo "$$" >> '${sourced}'\n`);
-    const s = await serve(t, { dir, env: { BASH_ENV: path.join(dir, 'env.sh') } });
+    // What `cd() { builtin cd /; }; export -f cd` puts in the environment.
+    const s = await serve(t, { dir, env: { BASH_ENV: path.join(dir, 'env.sh'), 'BASH_FUNC_cd%%': '() {  builtin cd /\n}' } });
     const script = path.join(dir, 'b.sh');
     fs.writeFileSync(script, '#!/bin/bash\necho "$BASH_ENV" > "bash_env.$JOB_ID"\n', { mode: 0o755 });
     await addWorkers(s, 'w1');
