@@ -16,11 +16,13 @@ function checkIds(file: string, n: number): string | null {
   return null;
 }
 
-function djs(name: string, workers: string[], cli?: string): System {
+/** A djs system; `tmpfs`: its data and log dirs on /dev/shm instead of beside the jobs. */
+function djs(name: string, workers: string[], cli?: string, tmpfs = false): System {
   return {
     name,
+    missing: tmpfs && !fs.existsSync('/dev/shm') ? 'no /dev/shm: the tmpfs control row is skipped' : undefined,
     run: async (dir, n) => {
-      const srv = new Server(dir, undefined, cli);
+      const srv = new Server(tmpfs ? scratch(fs.mkdtempSync('/dev/shm/djsb-')) : dir, undefined, cli);
       await srv.start();
       try {
         await srv.ok(['add_slave', '--skip_ssh_auth_check', ...workers]);
@@ -42,6 +44,11 @@ function djs(name: string, workers: string[], cli?: string): System {
   };
 }
 
+/** Directories of the runs, deleted only after the last round: deleting thousands of files
+ *  between runs would change the file system under the runs that follow (see RESULTS.md). */
+const scratchDirs: string[] = [];
+const scratch = (dir: string) => { scratchDirs.push(dir); return dir; };
+
 export async function dispatch(o: Opts): Promise<BenchResult> {
   const t00 = now();
   const n = o.quick ? 300 : 5000;
@@ -59,6 +66,7 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
     },
     djs('djs, w:8', ['w:8']),
     djs('djs, 2×4', ['w1:4', 'w2:4']),
+    djs('djs, w:8, data+logs on tmpfs', ['w:8'], undefined, true),
     ...o.patched.flatMap((p) => [djs(`djs ${p.label}, w:8`, ['w:8'], p.path), djs(`djs ${p.label}, 2×4`, ['w1:4', 'w2:4'], p.path)]),
     {
       name: 'task-spooler (tsp -S 8)',
@@ -95,10 +103,10 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
   const busy = new Map<string, number[]>(live.map((s) => [s.name, []]));
   const trees = new Map<string, number[]>(live.map((s) => [s.name, []]));
   // Rounds interleave the systems so that a noisy minute hits all of them.
-  for (let r = 0; r < runs; r++) {
-    for (const s of live) {
-      const dir = tempDir('djsb-d-');
-      try {
+  try {
+    for (let r = 0; r < runs; r++) {
+      for (const s of live) {
+        const dir = scratch(tempDir('djsb-d-'));
         const out = path.join(dir, 'out.txt');
         writeScript(path.join(dir, 'job.sh'), `echo "$JOB_ID" >> ${out}`);
         fs.writeFileSync(path.join(dir, 'jobs.txt'), './job.sh\n'.repeat(n));
@@ -112,10 +120,10 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
         times.get(s.name)!.push(ms);
         if (serverCpu !== undefined) cpus.get(s.name)!.push(serverCpu);
         o.log(`dispatch round ${r + 1}/${runs}: ${s.name}: ${n} jobs in ${fmt(ms / 1000, 2)} s = ${fmt(n / ms * 1000, 0)} jobs/s`);
-      } finally {
-        fs.rmSync(dir, { recursive: true, force: true });
       }
     }
+  } finally {
+    for (const dir of scratchDirs.splice(0)) fs.rmSync(dir, { recursive: true, force: true });
   }
   const rate = (name: string) => n / median(times.get(name)!) * 1000;
   const xargs = live.find((s) => s.name.startsWith('xargs')) ? rate('xargs -P 8') : NaN;
@@ -141,6 +149,7 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
   notes.push(`N = ${n} jobs, each \`echo "$JOB_ID" >> out.txt\` in a sh script; ${runs} interleaved rounds; time from submit until the last job finished (djs: \`add_jobs\` + \`wait\`; tsp: ${n} \`tsp\` calls + a final \`tsp -N 8\` job waited for with \`tsp -w\`); every run checked for ${n} distinct ids.`);
   notes.push('"own CPU ms/job": CPU time (user + sys) of the system\'s own processes per job, immune to other load on the machine: for xargs and parallel their shell\'s reaped children (bash `times`), for djs the server plus its launcher with the launcher\'s reaped children (every job process); the `add_jobs`/`wait` clients are not included. tsp runs jobs from daemonized clients, so it has none.');
   notes.push('"machine CPU ms/job": busy CPU time of the whole machine (/proc/stat, both cores) during the run divided by N; it includes whatever else ran on the shared machine, so compare it within a round.');
+  if (times.has('djs, w:8, data+logs on tmpfs')) notes.push('"data+logs on tmpfs": the same djs with its data dir and the job logs on /dev/shm, a control for the file system under the data dir (a start creates and deletes files there).');
   notes.push('xargs runs `xargs -P 8 -I{} env JOB_ID={} ./job.sh`; parallel runs `parallel -j 8 \'JOB_ID={} ./job.sh\'`; djs and tsp keep a log file per job, xargs and parallel do not.');
   return {
     name: 'dispatch', title: `1. Dispatch throughput (${n} trivial jobs, 8 slots)`,
