@@ -1,5 +1,5 @@
 #!/bin/sh
-":" //; f=$(readlink -f "$0"); d=${f%/*}; k=$(cksum < "$f"); c=$d/node_modules/.cache/djs/cli-${k% *}-${k#* }.mjs; [ -s "$c" ] && exec node "$c" "$@"; exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript){await import('file://$d/node_modules/tsx/dist/loader.mjs').catch(()=>{process.stderr.write('error: this Node.js cannot run TypeScript by itself: run npm ci in $d (for tsx), or use Node 22.18 or newer\\n');process.exit(2)});try{const fs=await import('node:fs'),e=(await import('file://$d/node_modules/esbuild/lib/main.js')).default,t='$c.'+process.pid;fs.mkdirSync('$d/node_modules/.cache/djs',{recursive:true});const o=fs.openSync(t,'w');fs.writeSync(o,e.transformSync(fs.readFileSync('$f','utf8'),{loader:'ts',format:'esm'}).code);fs.fsyncSync(o);fs.closeSync(o);fs.renameSync(t,'$c');for(const n of fs.readdirSync('$d/node_modules/.cache/djs')){const p='$d/node_modules/.cache/djs/'+n;if(p!=='$c'&&fs.statSync(p).mtimeMs<Date.now()-864e5)fs.rmSync(p,{force:true})}}catch{}}" "$0" "$@"
+":" //; _djs_f=$(readlink -f "$0"); _djs_d=${_djs_f%/*}; _djs_k=$(cksum < "$_djs_f"); _djs_c=$_djs_d/node_modules/.cache/djs/cli-${_djs_k% *}-${_djs_k#* }.mjs; [ -s "$_djs_c" ] && exec node "$_djs_c" "$@"; exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript){await import('file://$_djs_d/node_modules/tsx/dist/loader.mjs').catch(()=>{process.stderr.write('error: this Node.js cannot run TypeScript by itself: run npm ci in $_djs_d (for tsx), or use Node 22.18 or newer\\n');process.exit(2)});try{const fs=await import('node:fs'),e=(await import('file://$_djs_d/node_modules/esbuild/lib/main.js')).default,t='$_djs_c.'+process.pid;fs.mkdirSync('$_djs_d/node_modules/.cache/djs',{recursive:true});const o=fs.openSync(t,'w');fs.writeSync(o,e.transformSync(fs.readFileSync('$_djs_f','utf8'),{loader:'ts',format:'esm'}).code);fs.fsyncSync(o);fs.closeSync(o);fs.renameSync(t,'$_djs_c');for(const n of fs.readdirSync('$_djs_d/node_modules/.cache/djs')){const p='$_djs_d/node_modules/.cache/djs/'+n;if(p!=='$_djs_c'&&fs.statSync(p).mtimeMs<Date.now()-864e5)fs.rmSync(p,{force:true})}}catch{}}" "$0" "$@"
 /*
  * djs — a distributed job scheduler for the machines you can ssh into.
  *
@@ -815,69 +815,94 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
 /** The launcher: one bash process for the life of the server that starts every job, so
  *  that a start never forks the server (a fork costs time in proportion to the memory of
  *  the process that forks: milliseconds for a server holding a million jobs) and costs
- *  no new shell either. It runs as `bash -c LAUNCHER djs-launcher DATA_DIR LOG_DIR [BASH_ENV]`;
- *  the server writes one line per job, `j ID RUN CWD MARKER WORKER SLOT ATTEMPT SCRIPT
- *  ARGS...`, every word quoted with bashWord (short lines: bash reads a pipe one byte at
- *  a time). `j` forks the job's wrapper: a subshell in a process group of its own (job
- *  control is on), in the launcher's session, which has no terminal. The wrapper claims
- *  the run by creating its pid file exclusively and keeps it open on fd 4 (which is how
- *  a later server tells this run's wrapper from any other process), writes its pid
- *  there, runs the script with the job's argv, adds the exit code on a second line (one
- *  file per run: creating and deleting files is a good part of a start's cost), and
- *  then tells the server. TERM/INT/HUP are trapped, not ignored, so the script gets
- *  them with default handling while the wrapper lives on to record the code; one that
- *  comes before the script starts stops it from starting.
+ *  no new shell either. It runs as `bash --norc --noprofile -c 'eval "$DJS_LAUNCHER_CODE"'
+ *  djs-launcher DATA_DIR LOG_DIR [NAME=VALUE | -NAME]...` (the code comes in through the environment,
+ *  so `ps` shows a short line; the NAME words are what the jobs' environment must say
+ *  but the launcher's must not, see launcherArgs). The server writes one line per job,
+ *  `j ID RUN CWD MARKER WORKER SLOT ATTEMPT SCRIPT ARGS...`, every word quoted with
+ *  bashWord (short lines: bash reads a pipe one byte at a time).
  *
- *  Lines to the server (each one write, well under PIPE_BUF, so they never interleave):
+ *  `j` forks the job's wrapper: a subshell in a process group of its own (job control is
+ *  on), in the launcher's session, which has no terminal. The wrapper claims the run by
+ *  creating its pid file exclusively and keeps it open on fd 4 (which is how a later
+ *  server tells this run's wrapper from any other process), writes its pid there, runs
+ *  the script with the job's argv, adds the exit code on a second line (one file per
+ *  run: creating and deleting files is a good part of a start's cost), and then tells
+ *  the server. TERM/INT/HUP are trapped, not ignored, so the script gets them with
+ *  default handling while the wrapper lives on to record the code; one that comes
+ *  before the script starts stops it from starting. The launcher's own variables start
+ *  with __djs_, so that no variable of the server's environment gets in their way.
+ *
+ *  Lines to the server (each one write, well under PIPE_BUF, so they never interleave;
+ *  an `x` may come before its `s`):
  *    s ID RUN PID      the wrapper of that run was forked
- *    x ID RUN CODE     it ended: the script's exit code, 128+N for signal N; 254: the run
- *                      was claimed by a server (never ran); 253: the pid file could not
- *                      be written (never ran)
- *    x ID RUN - WHY    it could not start: WHY is `log` or `cwd` (never ran, no claim)
+ *    x ID RUN CODE     it ended: the script's exit code, 128+N for signal N
+ *    x ID RUN - WHY    the job did not start: WHY is `log` or `cwd` (no claim made),
+ *                      `taken` (a server claimed the run first) or `nowrite` (the pid
+ *                      file could not be created)
  *  The wrappers outlive the launcher, and the launcher ends with its input, that is
- *  with the server. BASH_ENV is kept from the launcher (so nothing runs before it) and
- *  exported for the jobs. */
-const LAUNCHER = `D=$1 L=$2
-export DJS_DATA_DIR="$D"
-[ $# -lt 3 ] || export BASH_ENV="$3"
+ *  with the server. */
+const LAUNCHER = `unset DJS_LAUNCHER_CODE
+__djs_D=$1 __djs_L=$2; shift 2
+__djs_env=("$@")
+export DJS_DATA_DIR="$__djs_D"
 set -m
-exec 3>&1
+exec 3>&1 4>&-
 j() {
   (
-    trap 'k=1' TERM INT HUP
-    i=$1 r=$2 p=$D/run/$1.$2.pid
+    __djs_k=
+    trap '__djs_k=1' TERM INT HUP
+    __djs_p=$__djs_D/run/$1.$2.pid
     export JOB_ID=$1 SLAVE_IP=$5 SLAVE_SLOT=$6 JOB_ATTEMPT=$7
     exec </dev/null
-    { exec >>"$L/$i.log"; } 2>/dev/null || { echo "x $i $r - log" >&3; exit 1; }
+    { exec >>"$__djs_L/$1.log"; } 2>/dev/null || { echo "x $1 $2 - log" >&3; exit 1; }
     exec 2>&1
-    cd -- "$3" 2>/dev/null || { echo "x $i $r - cwd" >&3; exit 1; }
-    if ! { set -C; exec 4>"$p"; } 2>/dev/null; then
-      q=; read -r q < "$p" 2>/dev/null
-      if [ -n "$q" ]; then c=254; else c=253; echo "djs: cannot write $p (disk full?); the job was not started"; fi
-      echo "x $i $r $c" >&3; exit $c
+    cd -- "$3" 2>/dev/null || { echo "x $1 $2 - cwd" >&3; exit 1; }
+    if ! { set -C; exec 4>"$__djs_p"; } 2>/dev/null; then
+      __djs_q=; read -r __djs_q < "$__djs_p" 2>/dev/null
+      [ -n "$__djs_q" ] && echo "x $1 $2 - taken" >&3 && exit 1
+      echo "djs: cannot create $__djs_p (disk full?); the job was not started"
+      echo "x $1 $2 - nowrite" >&3; exit 1
     fi
     set +C
     echo $BASHPID >&4
     [ -z "$4" ] || printf %s "$4"
-    shift 7
-    if [ -z "$k" ]; then "$@" 3>&- 4>&-; c=$?; else c=143; fi
-    echo $c >&4
-    echo "x $i $r $c" >&3
+    __djs_i=$1 __djs_r=$2; shift 7
+    for __djs_v in "\${__djs_env[@]}"; do
+      if [ "\${__djs_v#-}" != "$__djs_v" ]; then unset "\${__djs_v#-}"; else export "$__djs_v"; fi
+    done
+    if [ -z "$__djs_k" ]; then "$@" 3>&- 4>&-; __djs_c=$?; else __djs_c=143; fi
+    echo $__djs_c >&4
+    echo "x $__djs_i $__djs_r $__djs_c" >&3
   ) & disown
   echo "s $1 $2 $!"
 }
-while IFS= read -r line; do eval "$line"; done`;
-/** A word for the launcher: plain if it is safe so, else $'...' with backslashes, quotes
- *  and control characters escaped, so that any string stays one word on one line. */
+while IFS= read -r __djs_line; do eval "$__djs_line"; done`;
+/** A word for the launcher: plain if it is safe so, else $'...' with backslashes and
+ *  quotes escaped and every byte outside printable ASCII written as \xHH (so any string
+ *  stays one word on one line, whatever the locale's multibyte encoding). */
 export const bashWord = (s: string): string =>
-  /^[\w/.,:@%+=-]+$/.test(s) ? s : `$'${s.replace(/[\\'\x00-\x1f\x7f]/g, (c) => (c === '\\' || c === "'" ? '\\' + c : '\\x' + c.charCodeAt(0).toString(16).padStart(2, '0')))}'`;
-/** What bash acts on at start-up, kept from the launcher: these variables, and functions
- *  exported from bash (BASH_FUNC_*), which could stand in for the builtins it uses.
- *  BASH_ENV is exported for the jobs; the rest do not reach them (bash makes SHELLOPTS
- *  and BASHOPTS read-only, and exported functions cannot be made safe for the launcher). */
-const BASH_STARTUP_VARS = ['BASH_ENV', 'SHELLOPTS', 'BASHOPTS'];
-const fromBashStartup = (name: string) => BASH_STARTUP_VARS.includes(name) || name.startsWith('BASH_FUNC_');
-const WRAPPER_DID_NOT_START = new Set([253, 254]);
+  /^[\w/.,:@%+=-]+$/.test(s) ? s : `$'${s.replace(/[\\']|[^\x20-\x7e]/gu, (c) =>
+    c === '\\' || c === "'" ? '\\' + c : [...Buffer.from(c, 'utf8')].map((b) => '\\x' + b.toString(16).padStart(2, '0')).join(''))}'`;
+
+/** Variables bash acts on (at start-up or when set) or sets itself: kept from the
+ *  launcher, and set (or unset) again in each wrapper just before the script runs, as
+ *  they were in the server's environment. */
+const FOR_JOBS_ONLY = ['BASH_ENV', 'POSIXLY_CORRECT', 'TMOUT', 'SHLVL', 'OLDPWD'];
+/** ... and what neither gets: SHELLOPTS and BASHOPTS (bash makes them read-only), and
+ *  functions exported from bash (BASH_FUNC_*), which could stand in for the builtins the
+ *  launcher uses. */
+const keptFromLauncher = (name: string) => FOR_JOBS_ONLY.includes(name) || name === 'SHELLOPTS' || name === 'BASHOPTS' || name.startsWith('BASH_FUNC_');
+
+/** The launcher's environment and its arguments after the code (see LAUNCHER). */
+function launcherArgs(env: NodeJS.ProcessEnv, dataDir: string, logDir: string): { env: NodeJS.ProcessEnv; args: string[] } {
+  const forJobs = FOR_JOBS_ONLY.map((name) => (env[name] === undefined ? `-${name}` : `${name}=${env[name]}`));
+  return {
+    env: { ...Object.fromEntries(Object.entries(env).filter(([name]) => !keptFromLauncher(name))), DJS_LAUNCHER_CODE: LAUNCHER },
+    // --norc: its stdin is a socket, and bash given one reads ~/.bashrc as if run by sshd.
+    args: ['--norc', '--noprofile', '-c', 'eval "$DJS_LAUNCHER_CODE"', 'djs-launcher', dataDir, logDir, ...forJobs],
+  };
+}
 
 /** Run files are named by the job and its start count, which is never reused. (`exit`
  *  files hold the exit codes of wrappers of earlier versions, which had two files.) */
@@ -932,6 +957,12 @@ function findWrapper(pidFile: string): number | null {
     if (/^\d+$/.test(name) && isWrapper(Number(name), pidFile, file)) return Number(name);
   }
   return null;
+}
+
+/** True while any process is in the process group `pgid` (a group's id is not given to a
+ *  new process while the group exists). */
+function groupAlive(pgid: number): boolean {
+  try { process.kill(-pgid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
 }
 
 function signalGroup(pid: number, sig: NodeJS.Signals): void {
@@ -1287,8 +1318,7 @@ const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
 
 function ensureLauncher(): ChildProcess {
   if (launcher) return launcher;
-  const env = Object.fromEntries(Object.entries(baseEnv).filter(([name]) => !fromBashStartup(name)));
-  const args = ['-c', LAUNCHER, 'djs-launcher', cfg.dataDir, cfg.logDir, ...(baseEnv.BASH_ENV === undefined ? [] : [baseEnv.BASH_ENV])];
+  const { env, args } = launcherArgs(baseEnv, cfg.dataDir, cfg.logDir);
   const l = spawn('bash', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
   l.stdin!.on('error', () => {});
   onLines(l.stdout!, launcherSaid);
@@ -1326,11 +1356,11 @@ function launcherSaid(line: string): void {
     return;
   }
   if (what === '-') {
+    if (why === 'taken' || why === 'nowrite') return wrapperFailed(id, p);
     const job = st.jobs.get(id);
     return endProc(id, p, null, why === 'log' ? `cannot open the log ${logFile(id)}` : `cannot start: cannot enter ${job?.cwd ?? 'its directory'} (does it still exist?)`);
   }
   const code = Number(what);
-  if (WRAPPER_DID_NOT_START.has(code) && !ranJob(p, runFile(cfg.dataDir, id, p.run, 'pid'))) return wrapperFailed(id, p);
   startFailures = 0;
   endProc(id, p, code);
 }
@@ -1356,14 +1386,9 @@ function pauseStarts(): number {
   return delay;
 }
 
-/** True if the wrapper claimed its run (its pid is in the pid file), so it ran the job. */
-function ranJob(proc: Proc, pidFile: string): boolean {
-  return readRunFile(pidFile)?.claim === String(proc.pid);
-}
-
-/** The wrapper could not claim its run (run/ gone, disk full): the job never started, so
- *  it goes back to the queue uncharged, and starts pause with a growing delay so that a
- *  broken data dir does not spin through the queue. */
+/** The wrapper could not claim its run (run/ gone, disk full; or a server claimed it
+ *  first): the job never started, so it goes back to the queue uncharged, and starts
+ *  pause with a growing delay so that a broken data dir does not spin through the queue. */
 function wrapperFailed(id: number, proc: Proc): void {
   if (procs.get(id) === proc) procs.delete(id);
   const delay = pauseStarts();
@@ -1465,24 +1490,33 @@ function readopt(id: number, p: Proc): void {
   procs.delete(id);
   const job = st.jobs.get(id);
   if (job?.state !== 'running') return;
-  adoptJob(job);
+  try {
+    adoptJob(job);
+  } catch (e) {
+    // Its run could not be claimed for the server (disk full): try again in a second.
+    log(`error: ${(e as Error).message}; trying again`);
+    procs.set(id, p);
+    setTimeout(() => { if (procs.get(id) === p) readopt(id, p); }, 1000);
+    return;
+  }
   const q = procs.get(id);
   if (q && p.pendingSignal) signalGroup(q.pid, p.pendingSignal); // a kill asked for meanwhile
 }
 
 /** Jobs whose end no notice may tell: adopted ones (not our children), and launched ones
  *  whose wrapper was killed outright (SIGKILL), which cannot send its own. Every second
- *  each is checked: an adopted wrapper by its pid file, a launched one by its pid (it may
- *  not have claimed its run yet); one that is gone is found out from its run files (a
- *  launched one only when found gone twice in a row, so that a notice still on its way
- *  is read first). While adopted jobs run, the run dir is also watched for their exit
- *  files. Both stop when no job runs. */
+ *  each is checked: an adopted wrapper by its pid file, a launched one by its process
+ *  group (it may not have claimed its run yet; and while a script whose wrapper was
+ *  killed still runs, its job has not ended). One that is gone is found out from its run
+ *  files (a launched one only when found gone twice in a row, so that a notice still on
+ *  its way is read first). While adopted jobs run, the run dir is also watched for their
+ *  pid files. Both stop when no job runs. */
 function watchProcs(): void {
   const check = (adoptedOnly: boolean) => {
     for (const [id, p] of procs) {
       if (p.launched) {
         if (adoptedOnly) continue;
-        if (p.pid === 0 || processStartTicks(p.pid) !== null) p.missed = false;
+        if (p.pid === 0 || groupAlive(p.pid)) p.missed = false;
         else if (!p.missed) p.missed = true;
         else readopt(id, p);
       } else if (!isWrapper(p.pid, runFile(cfg.dataDir, id, p.run, 'pid'))) finishAdopted(id, p);

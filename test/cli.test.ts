@@ -222,20 +222,63 @@ echo "stderr of $JOB_ID" >&2`);
     assert.deepEqual(job.args, args);
   });
 
-  test('the server\'s BASH_ENV reaches the jobs, and only the jobs read it; exported functions do not fool the launcher', async (t) => {
+  test('the launcher keeps out of the jobs\' way: their environment is the server\'s but for exported functions, BASH_ENV read by the jobs only', async (t) => {
     const dir = tempDir();
     const sourced = path.join(dir, 'sourced');
     fs.writeFileSync(path.join(dir, 'env.sh'), `echo "$$" >> '${sourced}'\n`);
-    // What `cd() { builtin cd /; }; export -f cd` puts in the environment.
-    const s = await serve(t, { dir, env: { BASH_ENV: path.join(dir, 'env.sh'), 'BASH_FUNC_cd%%': '() {  builtin cd /\n}' } });
+    // Variables bash itself acts on, an exported function standing in for `cd` (what
+    // `cd() { builtin cd /; }; export -f cd` exports), and names a shell script might use.
+    // A HOME whose .bashrc would tell if the launcher read it (bash reads it when its
+    // stdin is a socket and SHLVL says it is the first shell).
+    fs.writeFileSync(path.join(dir, '.bashrc'), `echo "$$" >> '${dir}/bashrc-read'\n`);
+    const env: Record<string, string> = {
+      HOME: dir, BASH_ENV: path.join(dir, 'env.sh'), TMOUT: '1', SHLVL: '0', OLDPWD: '/old',
+      'BASH_FUNC_cd%%': '() {  builtin cd /\n}', k: 'kay', D: 'dee', L: 'ell', line: 'lyne', c: 'see', f: 'eff', d: 'dea',
+    };
+    const s = await serve(t, { dir, env });
     const script = path.join(dir, 'b.sh');
-    fs.writeFileSync(script, '#!/bin/bash\necho "$BASH_ENV" > "bash_env.$JOB_ID"\n', { mode: 0o755 });
+    fs.writeFileSync(script, '#!/bin/bash\ntr "\\0" "\\n" < /proc/$$/environ > "env.$JOB_ID"\n', { mode: 0o755 });
     await addWorkers(s, 'w1');
     await s.ok(['add_job', script]);
+    assert.equal((await s.cli(['wait'])).code, 0);
+    // TMOUT=1 would end an idle launcher after a second: the next job still starts through it.
+    const idle = Date.now() + 1500;
+    await until(() => Date.now() > idle || /launcher ended/.test(s.output()), 'an idle second and a half');
     await s.ok(['add_job', script]);
     assert.equal((await s.cli(['wait'])).code, 0);
-    assert.equal(readIf(path.join(dir, 'bash_env.2')).trim(), path.join(dir, 'env.sh'));
-    assert.equal(readIf(sourced).trim().split('\n').length, 2, 'read once by each job\'s bash, never by the launcher');
+    assert.doesNotMatch(s.output(), /launcher ended/);
+    const seen = Object.fromEntries(readIf(path.join(dir, 'env.2')).trim().split('\n').map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
+    for (const [name, value] of Object.entries(env)) assert.equal(seen[name], name.startsWith('BASH_FUNC_') ? undefined : value, name);
+    assert.equal(readIf(sourced).trim().split('\n').filter(Boolean).length, 2, 'BASH_ENV read once by each job\'s bash, never by the launcher');
+    assert.equal(fs.existsSync(path.join(dir, 'bashrc-read')), false, 'no ~/.bashrc read');
+  });
+
+  test('exit codes 253 and 254 are the script\'s own', async (t) => {
+    const s = await serve(t);
+    const script = writeScript(s.dir, 'code.sh', 'exit $1');
+    await s.ok(['add_jobs', '-'], { input: Array.from({ length: 20 }, (_, i) => `${script} ${253 + (i % 2)}\n`).join('') });
+    await addWorkers(s, 'w1:4');
+    assert.equal((await s.cli(['wait'])).code, 1);
+    const jobs = await s.jobs();
+    assert.deepEqual(jobs.map((j: any) => [j.state, j.exitCode, j.attempts]), Array.from({ length: 20 }, (_, i) => ['failed', 253 + (i % 2), 1]));
+  });
+
+  test('a job whose directory is gone or whose log cannot be opened fails with the reason and does not run', async (t) => {
+    const s = await serve(t, { env: { POSIXLY_CORRECT: 'y' } });
+    const script = writeScript(s.dir, 'mark.sh', `echo "$POSIXLY_CORRECT" > "${s.dir}/ran.$JOB_ID"`);
+    const gone = path.join(s.dir, 'gone');
+    fs.mkdirSync(gone);
+    const ids = [(await s.ok(['add_job', script], { cwd: gone })).trim(), (await s.ok(['add_job', script])).trim(), (await s.ok(['add_job', script])).trim()];
+    fs.rmdirSync(gone);
+    fs.mkdirSync(path.join(s.logDir, `${ids[1]}.log`), { recursive: true }); // a log that cannot be opened for writing
+    await addWorkers(s, 'w1');
+    assert.equal((await s.cli(['wait'])).code, 1);
+    const [a, b, c] = await Promise.all(ids.map((id) => s.job(id)));
+    assert.deepEqual([a.state, b.state, c.state], ['failed', 'failed', 'done']);
+    assert.match(a.reason, /cannot enter .*gone/);
+    assert.match(b.reason, /cannot open the log/);
+    assert.deepEqual(ids.map((id) => fs.existsSync(path.join(s.dir, `ran.${id}`))), [false, false, true]);
+    assert.equal(readIf(path.join(s.dir, `ran.${ids[2]}`)).trim(), 'y', 'POSIXLY_CORRECT, kept from the launcher, reaches the job');
   });
 
   test('add_job: the job runs in a process group of its own, in a session without a terminal', async (t) => {

@@ -5,8 +5,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { after, describe, test } from 'node:test';
 import {
+  bashWord,
   applyEvent, dueActions, formatStatus, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type StopReason,
@@ -1127,5 +1129,20 @@ describe('jobView', () => {
     assert.equal(done.exitCode, 0);
     assert.equal(done.history.length, 1);
     assert.equal(done.history[0].worker, 'a');
+  });
+});
+
+describe('bashWord', () => {
+  test('every string comes back from bash as the same argument, on one line', () => {
+    const words = ['', 'plain', 'a b', "it's", '"', '\\', 'end\\', "$'x'", '$HOME', '`id`', '$(id)', '*', '~', '{a,b}', '!x', '%1',
+      '-n', '--', 'a=b', 'new\nline', '\r\t\v\f', 'é€😀', '\u2028\u0085', '\x7f', String.fromCharCode(...Array.from({ length: 126 }, (_, i) => i + 1)), '\\x41'];
+    const line = words.map(bashWord).join(' ');
+    assert.equal(line.includes('\n'), false);
+    const out = execFileSync('bash', ['-c', `printf '%s\\0' ${line}`], { env: { PATH: process.env.PATH, LC_ALL: 'C' } });
+    assert.deepEqual(out.toString('utf8').split('\0').slice(0, -1), words);
+  });
+  test('simple words stay as they are', () => {
+    assert.equal(bashWord('/data/run/12.3.pid'), '/data/run/12.3.pid');
+    assert.equal(bashWord('JOB_ID=12'), 'JOB_ID=12');
   });
 });

@@ -352,28 +352,31 @@ test('the job launcher killed under a running server: its jobs are still recorde
   }
 });
 
-test('a job whose wrapper is killed outright is recorded as lost, and its slot is used again', { timeout: 60_000 }, async () => {
+test('a job whose wrapper is killed outright is recorded as lost once its script is gone, and its slot is used again', { timeout: 60_000 }, async () => {
   const dir = tempDir();
   const script = writeScript(dir, 'gated.sh', `echo $$ > "${dir}/pid.$JOB_ID"; while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done`);
   const s = await startServer({ dir });
   try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
     for (let i = 0; i < 3; i++) await s.ok(['add_job', script]);
     const wrapperOf = async (id: number) => {
       const pid = Number(await until(() => { try { return fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8').trim(); } catch { return ''; } }, `job ${id} to run`));
       return Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
     };
-    // Job 1: only its wrapper dies (the script lives on, orphaned); job 2: its whole group.
+    // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
     process.kill(await wrapperOf(1), 'SIGKILL');
-    const one = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded', 15_000);
-    assert.equal(one.state, 'failed');
-    assert.match(one.reason, /lost/);
     process.kill(-(await wrapperOf(2)), 'SIGKILL');
     const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
     assert.equal(two.state, 'failed');
     assert.match(two.reason, /lost/);
-    for (let id = 1; id <= 3; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
-    assert.equal((await s.cli(['wait', '3'])).code, 0, 'job 3 got the slot and ran');
+    await wrapperOf(3); // job 3 got job 2's slot
+    assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
+    fs.writeFileSync(path.join(dir, 'go.1'), '');
+    const one = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded', 15_000);
+    assert.equal(one.state, 'failed');
+    assert.match(one.reason, /lost/);
+    fs.writeFileSync(path.join(dir, 'go.3'), '');
+    assert.equal((await s.cli(['wait', '3'])).code, 0);
   } finally {
     await s.stop();
     killJobsUnder(dir);
