@@ -1733,6 +1733,29 @@ function lockDataDir(dataDir: string): void {
   throw failure(`cannot lock data dir '${dataDir}'`);
 }
 
+/** A lock that the kernel lets go of when this process ends, however it ends: an abstract
+ *  Unix socket (Linux) named after the user and the data dir's device and inode. Of two
+ *  starts racing for one data dir (both finding the pid file of a crashed server) only
+ *  one can hold it; the pid file then names the holder. Elsewhere: null, and the pid
+ *  file alone decides. */
+async function holdDirLock(dataDir: string): Promise<net.Server | null> {
+  if (process.platform !== 'linux') return null;
+  const dir = fs.statSync(dataDir);
+  const lock = net.createServer((c) => c.destroy());
+  try {
+    await new Promise<void>((resolve, reject) => {
+      lock.once('error', reject);
+      lock.listen(`\0djs-${process.getuid?.() ?? ''}-${dir.dev}-${dir.ino}`, () => resolve());
+    });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') return null;
+    const pid = liveServerPid(dataDir);
+    throw failure(`a server is already running on data dir '${dataDir}'${pid ? ` (pid ${pid})` : ''}`, 'stop it first with: cli.ts stop');
+  }
+  lock.unref();
+  return lock;
+}
+
 /** Where the socket of a data dir is, and how to reach it when its absolute path is too
  *  long for a Unix socket (about 107 bytes): by a path relative to the data dir. */
 function socketPath(dataDir: string): { abs: string; usable: string; relative: boolean } {
@@ -1754,6 +1777,7 @@ async function runServer(config: ServerConfig): Promise<void> {
   fs.chmodSync(cfg.dataDir, 0o700);
   fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 });
   fs.mkdirSync(cfg.logDir, { recursive: true });
+  await holdDirLock(cfg.dataDir); // held until this process ends
   lockDataDir(cfg.dataDir);
   try {
     const loaded = loadState(cfg.dataDir);

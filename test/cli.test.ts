@@ -124,6 +124,26 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     assert.equal((await s2.cli(['status'])).code, 3);
   });
 
+  test('start: of starts racing for a data dir left by a crashed server, exactly one runs', async (t) => {
+    const s = await serve(t);
+    await s.crash(); // leaves its pid file and socket
+    const starts = Array.from({ length: 4 }, () => spawnCli(['start', s.dataDir, s.logDir], { cwd: s.dir }));
+    t.after(() => { for (const p of starts) if (p.exitCode() === undefined) p.proc.kill('SIGKILL'); });
+    await until(() => starts.filter((p) => p.exitCode() !== undefined).length === 3, 'all but one start to give up', 30_000);
+    const [winner] = starts.filter((p) => p.exitCode() === undefined);
+    await until(() => /server ready/.test(winner.stdout() + winner.stderr()), 'the one left to be ready');
+    for (const p of starts) {
+      if (p === winner) continue;
+      const r = await p.done;
+      assert.equal(r.code, 1, r.stdout + r.stderr);
+      assert.match(r.stderr, /already running|another server/);
+      assert.doesNotMatch(r.stdout + r.stderr, /server ready/);
+    }
+    assert.equal((await s.cli(['status'])).code, 0);
+    assert.equal((await s.cli(['stop'])).code, 0);
+    assert.equal((await winner.done).code, 0);
+  });
+
   test('start --detach: returns once the server answers; a client started at once waits for a server still starting', async (t) => {
     const dir = tempDir();
     const dataDir = path.join(dir, '.data');
