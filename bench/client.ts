@@ -4,7 +4,7 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { type BenchResult, type Opts, type Target, CLI, ROOT, Server, envWithNode, fmt, median, now, quantile, run, tempDir, writeScript } from './lib.ts';
+import { type BenchResult, type Opts, type Target, CLI, ROOT, Server, bareCli, envWithNode, fmt, median, now, quantile, run, tempDir, writeScript } from './lib.ts';
 
 type Probe = { label: string; cmd: string; args: string[]; env: NodeJS.ProcessEnv; cwd: string; check?: (out: string) => boolean };
 
@@ -30,28 +30,28 @@ export async function client(o: Opts): Promise<BenchResult> {
       const r = spawnSync(path.join(o.node24, 'node'), ['--no-warnings', '-e', `const m=require('node:module'),fs=require('fs');fs.writeFileSync(${JSON.stringify(js)}, m.stripTypeScriptTypes(fs.readFileSync(${JSON.stringify(CLI)},'utf8')))`], { encoding: 'utf8' });
       if (r.status === 0) stripped = js; else notes.push(`could not strip types with Node 24: ${r.stderr.trim().slice(0, 200)}`);
     }
-    const addJob = (env: NodeJS.ProcessEnv): Probe => ({
-      label: '', cmd: CLI, args: ['--data-dir', srv.dataDir, 'add_job', script, 'x'], env, cwd: dir, check: (out) => /^\d+\n$/.test(out),
+    const addJob = (env: NodeJS.ProcessEnv, cli = CLI): Probe => ({
+      label: '', cmd: cli, args: ['--data-dir', srv.dataDir, 'add_job', script, 'x'], env, cwd: dir, check: (out) => /^\d+\n$/.test(out),
     });
     type Series = { label: string; node: string; main: Probe; floors: Probe[]; n: number };
     const series: Series[] = [{
-      label: 'Node 20 (tsx)', node: '20', n: n20,
+      label: 'Node 20 (the cached JS copy)', node: '20', n: n20,
       main: { ...addJob(env20), label: 'cli.ts add_job' },
       floors: [
         { label: 'node -e 0', cmd: 'node', args: ['-e', '0'], env: env20, cwd: dir },
         { label: 'node --import tsx empty.ts', cmd: 'node', args: ['--import', 'tsx', empty], env: env20, cwd: ROOT },
         { label: 'cli.ts help (no server call)', cmd: CLI, args: ['help'], env: env20, cwd: dir },
-        ...(stripped ? [{ label: 'node cli-stripped.mjs add_job (no tsx; what a cached JS copy would cost)', cmd: 'node', args: [stripped, '--data-dir', srv.dataDir, 'add_job', script, 'x'], env: env20, cwd: dir, check: (out: string) => /^\d+\n$/.test(out) }] : []),
+        ...(stripped ? [{ label: 'node cli-stripped.mjs add_job (types stripped by Node 24, for comparison)', cmd: 'node', args: [stripped, '--data-dir', srv.dataDir, 'add_job', script, 'x'], env: env20, cwd: dir, check: (out: string) => /^\d+\n$/.test(out) }] : []),
       ],
     }];
     if (o.node24) {
-      const env24 = envWithNode(o.node24);
+      const env24 = envWithNode(o.node24), bare = bareCli(dir);
       series.push({
         label: 'Node 24 (native type stripping)', node: '24', n: n24,
-        main: { ...addJob(env24), label: 'cli.ts add_job' },
+        main: { ...addJob(env24, bare), label: 'cli.ts add_job' },
         floors: [
           { label: 'node -e 0', cmd: 'node', args: ['-e', '0'], env: env24, cwd: dir },
-          { label: 'cli.ts help (no server call)', cmd: CLI, args: ['help'], env: env24, cwd: dir },
+          { label: 'cli.ts help (no server call)', cmd: bare, args: ['help'], env: env24, cwd: dir },
         ],
       });
     } else notes.push('Node 24 missing: its series was skipped (install with `npm install --prefix /tmp/djs-node24 node@24` or set DJS_NODE24=DIR)');

@@ -130,6 +130,18 @@ export function writeScript(file: string, body: string): string {
   return file;
 }
 
+/** A copy of the cli.ts under test in a directory of its own, without node_modules: on
+ *  Node >= 22.18 it runs with native type stripping, not the cached JS copy that runs on
+ *  Node 20 leave in node_modules/.cache/djs (which any node would run). */
+export function bareCli(dir: string): string {
+  const d = path.join(dir, 'bare');
+  fs.mkdirSync(d, { recursive: true });
+  const file = path.join(d, 'cli.ts');
+  fs.copyFileSync(CLI, file);
+  fs.chmodSync(file, 0o755);
+  return file;
+}
+
 /** Environment with Node 24's directory first on PATH (so ./cli.ts's `exec node` runs it). */
 export function envWithNode(dir: string | null): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = { ...process.env, NO_COLOR: '1' };

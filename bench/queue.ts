@@ -4,7 +4,7 @@
 // every size alike. At each size: adding 1,000 more jobs, `status`, memory, restarts.
 import fs from 'node:fs';
 import path from 'node:path';
-import { type BenchResult, type Opts, type Target, Conn, Server, envWithNode, fmt, max, median, memOf, now, sleep, tempDir, writeScript } from './lib.ts';
+import { type BenchResult, type Opts, type Target, Conn, Server, bareCli, envWithNode, fmt, max, median, memOf, now, runOk, sleep, tempDir, writeScript } from './lib.ts';
 
 type Level = {
   size: number; srv: Server;
@@ -74,6 +74,7 @@ export async function queue(o: Opts): Promise<BenchResult> {
   const dir = tempDir('djsb-q-');
   const notes: string[] = [];
   const env24 = o.node24 ? envWithNode(o.node24) : null;
+  const bare24 = env24 ? bareCli(dir) : '';
   const levels: Level[] = sizes.map((size) => ({
     size, srv: new Server(path.join(dir, `q${size}`)), build: [], socketAdds: [], socketPerAdd: [], cliAdds: [], statusRtt: [], status20: [], status24: [],
     rss: 0, hwm: 0, stop: [], start: [], rssAfter: [], hwmAfter: [], journalMiB: 0, snapshotMiB: 0, queued: 0, runs: [],
@@ -142,7 +143,7 @@ export async function queue(o: Opts): Promise<BenchResult> {
     for (let i = 0; i < 7; i++) {
       for (const lv of levels) {
         lv.status20.push((await lv.srv.ok(['status'])).ms);
-        if (env24) lv.status24.push((await lv.srv.ok(['status'], { env: env24 })).ms);
+        if (env24) lv.status24.push((await runOk(bare24, ['--data-dir', lv.srv.dataDir, 'status'], { env: env24 })).ms);
       }
     }
     for (const lv of levels) {
@@ -209,7 +210,7 @@ export async function queue(o: Opts): Promise<BenchResult> {
   ];
   if (last.status24.length) targets.push({ what: `status at ${n} jobs: \`cli.ts status\` on Node 24`, measured: `${fmt(median(last.status24), 0)} ms (at 0 jobs: ${fmt(median(first.status24), 0)} ms)`, limit: '≤ 200 ms', met: median(last.status24) <= 200 });
   targets.push(
-    { what: `status at ${n} jobs: \`cli.ts status\` on Node 20 (tsx)`, measured: `${fmt(median(last.status20), 0)} ms (at 0 jobs: ${fmt(median(first.status20), 0)} ms)`, limit: '≤ 200 ms', met: median(last.status20) <= 200 },
+    { what: `status at ${n} jobs: \`cli.ts status\` on Node 20 (the cached JS copy)`, measured: `${fmt(median(last.status20), 0)} ms (at 0 jobs: ${fmt(median(first.status20), 0)} ms)`, limit: '≤ 200 ms', met: median(last.status20) <= 200 },
     { what: `restart (stop, then start until ready) at ${n} jobs`, measured: `${fmt(restart / 1000, 2)} s`, limit: '< 10 s', met: restart < 10_000 },
     { what: `server memory: peak VmHWM over all sizes, builds and restarts`, measured: `${fmt(peakHwm, 0)} MiB`, limit: '< 1024 MiB', met: peakHwm < 1024 },
   );
