@@ -815,10 +815,12 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
 /** The launcher: one bash process for the life of the server that starts every job, so
  *  that a start never forks the server (a fork costs time in proportion to the memory of
  *  the process that forks: milliseconds for a server holding a million jobs) and costs
- *  no new shell either. It runs as `bash --norc --noprofile -c 'eval "$DJS_LAUNCHER_CODE"'
- *  djs-launcher DATA_DIR LOG_DIR [NAME=VALUE | -NAME]...` (the code comes in through the environment,
- *  so `ps` shows a short line; the NAME words are what the jobs' environment must say
- *  but the launcher's must not, see launcherArgs). The server writes one line per job,
+ *  no new shell either. It runs as
+ *    bash --norc --noprofile -c 'eval "$DJS_LAUNCHER_CODE"' djs-launcher DATA_DIR LOG_DIR
+ *         [NAME=VALUE | -NAME]...
+ *  (the code comes in through the environment, so `ps` shows a short line; the NAME
+ *  words are what the jobs' environment must say but the launcher's must not, see
+ *  launcherArgs). The server writes one line per job,
  *  `j ID RUN CWD MARKER WORKER SLOT ATTEMPT SCRIPT ARGS...`, every word quoted with
  *  bashWord (short lines: bash reads a pipe one byte at a time).
  *
@@ -1467,7 +1469,8 @@ function adoptJob(job: Job): void {
 function finishAdopted(id: number, proc: Proc): void {
   const run = readRunFile(runFile(cfg.dataDir, id, proc.run, 'pid'));
   if (run?.claim !== String(proc.pid)) {
-    // Its wrapper could not claim the run (it exited 253): the job never started.
+    // Its wrapper could not create its pid file, or died before writing its pid: the
+    // job never started.
     if (procs.get(id) === proc) procs.delete(id);
     return fact({ e: 'unstart', t: Date.now(), id });
   }
@@ -1736,10 +1739,10 @@ function lockDataDir(dataDir: string): void {
 /** A lock that the kernel lets go of when this process ends, however it ends: an abstract
  *  Unix socket (Linux) named after the user and the data dir's device and inode. Of two
  *  starts racing for one data dir (both finding the pid file of a crashed server) only
- *  one can hold it; the pid file then names the holder. Elsewhere: null, and the pid
- *  file alone decides. */
-async function holdDirLock(dataDir: string): Promise<net.Server | null> {
-  if (process.platform !== 'linux') return null;
+ *  one can hold it; the pid file then names the holder. Elsewhere the pid file alone
+ *  decides. */
+async function holdDirLock(dataDir: string): Promise<void> {
+  if (process.platform !== 'linux') return;
   const dir = fs.statSync(dataDir);
   const lock = net.createServer((c) => c.destroy());
   try {
@@ -1748,12 +1751,11 @@ async function holdDirLock(dataDir: string): Promise<net.Server | null> {
       lock.listen(`\0djs-${process.getuid?.() ?? ''}-${dir.dev}-${dir.ino}`, () => resolve());
     });
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') return null;
+    if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') return;
     const pid = liveServerPid(dataDir);
     throw failure(`a server is already running on data dir '${dataDir}'${pid ? ` (pid ${pid})` : ''}`, 'stop it first with: cli.ts stop');
   }
   lock.unref();
-  return lock;
 }
 
 /** Where the socket of a data dir is, and how to reach it when its absolute path is too
