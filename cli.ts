@@ -27,6 +27,7 @@
  *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
+ *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
  *   run/ID.R.pid  created by the wrapper of start R of job ID as it claims the run: its
  *                 pid, and a second line with the job's exit code when it ends
  *   Job output goes to LOG_DIR/ID.log (default ./logs).
@@ -74,6 +75,7 @@
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -842,8 +844,10 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
  *    x ID RUN - WHY    the job did not start: WHY is `log` or `cwd` (no claim made),
  *                      `taken` (a server claimed the run first) or `nowrite` (the pid
  *                      file could not be created)
- *  The wrappers outlive the launcher, and the launcher ends with its input, that is
- *  with the server. */
+ *  When its input ends (the server is gone) the launcher stays until its wrappers have
+ *  ended: a process group whose parent leaves the session is orphaned, and the kernel
+ *  sends SIGHUP to an orphaned group that holds a stopped process (a job paused with
+ *  SIGSTOP would die of it). */
 const LAUNCHER = `unset DJS_LAUNCHER_CODE
 __djs_D=$1 __djs_L=$2; shift 2
 __djs_env=("$@")
@@ -867,11 +871,11 @@ j() {
       echo "x $1 $2 - nowrite" >&3; exit 1
     fi
     set +C
-    echo $BASHPID >&4
+    echo $BASHPID >&4 || { echo "djs: cannot write $__djs_p (disk full?); the job was not started"; echo "x $1 $2 - nowrite" >&3; exit 1; }
     [ -z "$4" ] || printf %s "$4"
     __djs_i=$1 __djs_r=$2; shift 7
     for __djs_v in "\${__djs_env[@]}"; do
-      if [ "\${__djs_v#-}" != "$__djs_v" ]; then unset "\${__djs_v#-}"; else export "$__djs_v"; fi
+      if [ "\${__djs_v#-}" != "$__djs_v" ]; then unset -v "\${__djs_v#-}"; else export "$__djs_v"; fi
     done
     if [ -z "$__djs_k" ]; then "$@" 3>&- 4>&-; __djs_c=$?; else __djs_c=143; fi
     echo $__djs_c >&4
@@ -879,7 +883,18 @@ j() {
   ) & disown
   echo "s $1 $2 $!"
 }
-while IFS= read -r __djs_line; do eval "$__djs_line"; done`;
+while IFS= read -r __djs_line; do eval "$__djs_line"; done
+exec 1>/dev/null 3>&-
+while :; do
+  __djs_n=0
+  for __djs_f in /proc/[0-9]*/stat; do
+    read -r __djs_s < "$__djs_f" 2>/dev/null || continue
+    __djs_s=\${__djs_s##*) }; __djs_s=\${__djs_s#* }
+    [ "\${__djs_s%% *}" = $$ ] && __djs_n=1 && break
+  done
+  [ $__djs_n = 0 ] && exit 0
+  sleep 1
+done`;
 /** A word for the launcher: plain if it is safe so, else $'...' with backslashes and
  *  quotes escaped and every byte outside printable ASCII written as \xHH (so any string
  *  stays one word on one line, whatever the locale's multibyte encoding). */
@@ -961,10 +976,25 @@ function findWrapper(pidFile: string): number | null {
   return null;
 }
 
-/** True while any process is in the process group `pgid` (a group's id is not given to a
- *  new process while the group exists). */
-function groupAlive(pgid: number): boolean {
-  try { process.kill(-pgid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+/** True while a process of job `id` lives on in the process group its wrapper `pgid` led
+ *  (a script whose wrapper was killed): a live (not zombie) member of that group whose
+ *  environment names this job and data dir, so that neither a reused pid nor a process
+ *  of another job counts. Without /proc: whether the group exists at all. */
+function jobGroupAlive(id: number, pgid: number, dataDir: string): boolean {
+  try { process.kill(-pgid, 0); } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false; }
+  if (!HAVE_PROC) return true;
+  const marks = [`JOB_ID=${id}`, `DJS_DATA_DIR=${dataDir}`];
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${name}/stat`, 'utf8');
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (state === 'Z' || Number(pgrp) !== pgid) continue;
+      const env = fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0');
+      if (marks.every((m) => env.includes(m))) return true;
+    } catch { /* gone, or not ours */ }
+  }
+  return false;
 }
 
 function signalGroup(pid: number, sig: NodeJS.Signals): void {
@@ -1015,8 +1045,9 @@ type Request = Record<string, unknown> & { op: string };
 type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; ev: Event } | { kind: 'tick' };
 /** A job's process as the server knows it: started by our launcher (its wrapper reports
  *  its end), or adopted (watched through its run files). `missed`: a launched wrapper
- *  was found gone once (see watchProcs). */
-type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null; missed: boolean };
+ *  was found gone once; `unheard`: its re-adoption failed and is tried again (see
+ *  watchProcs). */
+type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null; missed: boolean; unheard?: boolean };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
@@ -1460,7 +1491,7 @@ function adoptJob(job: Job): void {
   // The wrapper may have written its pid (and even ended) while we looked for it.
   if (pid === 0) { const again = claim(); if (/^\d+$/.test(again)) pid = Number(again); }
   const proc: Proc = { pid, run, launched: false, pendingSignal: null, missed: false };
-  if (pid > 0 && isWrapper(pid, pidFile)) procs.set(id, proc);
+  if (pid > 0 && procAlive(id, proc)) procs.set(id, proc);
   else if (pid === 0) fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
   else finishAdopted(id, proc);
 }
@@ -1496,33 +1527,40 @@ function readopt(id: number, p: Proc): void {
   try {
     adoptJob(job);
   } catch (e) {
-    // Its run could not be claimed for the server (disk full): try again in a second.
-    log(`error: ${(e as Error).message}; trying again`);
-    procs.set(id, p);
-    setTimeout(() => { if (procs.get(id) === p) readopt(id, p); }, 1000);
+    // Its run could not be claimed for the server (disk full): the next checks try again.
+    if (!p.unheard) log(`error: ${(e as Error).message}; trying again every second`);
+    procs.set(id, { ...p, unheard: true, missed: true });
     return;
   }
   const q = procs.get(id);
   if (q && p.pendingSignal) signalGroup(q.pid, p.pendingSignal); // a kill asked for meanwhile
 }
 
+/** True while the job of a proc runs: its wrapper lives (known by its pid file; a
+ *  launched one also before it has claimed its run), or, when the wrapper was killed
+ *  before it could record an exit code, the script lives on. */
+function procAlive(id: number, p: Proc): boolean {
+  const pidFile = runFile(cfg.dataDir, id, p.run, 'pid');
+  if (isWrapper(p.pid, pidFile)) return true;
+  if (p.launched && processStartTicks(p.pid) !== null) return true;
+  return readRunFile(pidFile)?.code === null && jobGroupAlive(id, p.pid, cfg.dataDir);
+}
+
 /** Jobs whose end no notice may tell: adopted ones (not our children), and launched ones
  *  whose wrapper was killed outright (SIGKILL), which cannot send its own. Every second
- *  each is checked: an adopted wrapper by its pid file, a launched one by its process
- *  group (it may not have claimed its run yet; and while a script whose wrapper was
- *  killed still runs, its job has not ended). One that is gone is found out from its run
- *  files (a launched one only when found gone twice in a row, so that a notice still on
- *  its way is read first). While adopted jobs run, the run dir is also watched for their
- *  pid files. Both stop when no job runs. */
+ *  each is checked with procAlive; one that is gone is found out from its run files (a
+ *  launched one only when found gone twice in a row, so that a notice still on its way
+ *  is read first; one whose re-adoption failed, every other check). While adopted jobs
+ *  run, the run dir is also watched for their pid files. Both stop when no job runs. */
 function watchProcs(): void {
   const check = (adoptedOnly: boolean) => {
     for (const [id, p] of procs) {
       if (p.launched) {
         if (adoptedOnly) continue;
-        if (p.pid === 0 || groupAlive(p.pid)) p.missed = false;
+        if (!p.unheard && (p.pid === 0 || procAlive(id, p))) p.missed = false;
         else if (!p.missed) p.missed = true;
         else readopt(id, p);
-      } else if (!isWrapper(p.pid, runFile(cfg.dataDir, id, p.run, 'pid'))) finishAdopted(id, p);
+      } else if (!procAlive(id, p)) finishAdopted(id, p);
     }
     if (adoptWatch && ![...procs.values()].some((p) => !p.launched)) { adoptWatch.close(); adoptWatch = null; }
     if (procTimer && procs.size === 0) { clearInterval(procTimer); procTimer = null; }
@@ -1737,18 +1775,26 @@ function lockDataDir(dataDir: string): void {
 }
 
 /** A lock that the kernel lets go of when this process ends, however it ends: an abstract
- *  Unix socket (Linux) named after the user and the data dir's device and inode. Of two
- *  starts racing for one data dir (both finding the pid file of a crashed server) only
- *  one can hold it; the pid file then names the holder. Elsewhere the pid file alone
+ *  Unix socket (Linux). Of two starts racing for one data dir (both finding the pid file
+ *  of a crashed server) only one can hold it; the pid file then names the holder.
+ *  Abstract sockets have no permissions, so the name comes from a random token kept in
+ *  the (0700) data dir, which no other user can read, with the dir's device and inode
+ *  (a copy of the dir is another dir); it fills the whole address (108 bytes), which is
+ *  the one form Node 20 and later Node versions bind alike. Elsewhere the pid file alone
  *  decides. */
 async function holdDirLock(dataDir: string): Promise<void> {
   if (process.platform !== 'linux') return;
+  const tokenFile = path.join(dataDir, 'lock.token');
+  try { fs.writeFileSync(tokenFile, crypto.randomBytes(16).toString('hex') + '\n', { flag: 'wx', mode: 0o600 }); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
   const dir = fs.statSync(dataDir);
+  const name = `\0djs-${fs.readFileSync(tokenFile, 'utf8').trim()}-${dir.dev}-${dir.ino}-`.padEnd(108, 'x');
   const lock = net.createServer((c) => c.destroy());
   try {
     await new Promise<void>((resolve, reject) => {
       lock.once('error', reject);
-      lock.listen(`\0djs-${process.getuid?.() ?? ''}-${dir.dev}-${dir.ino}`, () => resolve());
+      lock.listen(name, () => resolve());
     });
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') return;

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
+import { alive, startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
 
 /** The exit code a job script picks for its id, so the test can check what was recorded. */
 const codeFor = (id: number) => [0, 0, 1, 0, 7][id % 5];
@@ -352,31 +352,63 @@ test('the job launcher killed under a running server: its jobs are still recorde
   }
 });
 
-test('a job whose wrapper is killed outright is recorded as lost once its script is gone, and its slot is used again', { timeout: 60_000 }, async () => {
+test('a job whose wrapper is killed outright is recorded as lost once its script is gone, also across a restart, and only then retried', { timeout: 60_000 }, async () => {
   const dir = tempDir();
-  const script = writeScript(dir, 'gated.sh', `echo $$ > "${dir}/pid.$JOB_ID"; while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done`);
-  const s = await startServer({ dir });
+  const script = writeScript(dir, 'gated.sh', `echo "start $$" >> "${dir}/log.$JOB_ID"; echo $$ > "${dir}/pid.$JOB_ID"
+while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; echo "end $$" >> "${dir}/log.$JOB_ID"`);
+  let s = await startServer({ dir });
   try {
     await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
-    for (let i = 0; i < 3; i++) await s.ok(['add_job', script]);
-    const wrapperOf = async (id: number) => {
-      const pid = Number(await until(() => { try { return fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8').trim(); } catch { return ''; } }, `job ${id} to run`));
-      return Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
-    };
+    await s.ok(['add_job', '--retries', '1', script]);
+    for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
+    const scriptOf = (id: number) => until(() => { try { return Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8')); } catch { return 0; } }, `job ${id} to run`);
+    const wrapperOf = async (id: number) => Number(fs.readFileSync(`/proc/${await scriptOf(id)}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
     // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
     process.kill(await wrapperOf(1), 'SIGKILL');
     process.kill(-(await wrapperOf(2)), 'SIGKILL');
     const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
     assert.equal(two.state, 'failed');
     assert.match(two.reason, /lost/);
-    await wrapperOf(3); // job 3 got job 2's slot
+    await scriptOf(3); // job 3 got job 2's slot
     assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
+    await s.crash();
+    s = await s.restart();
+    assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1\'s script too');
+    fs.rmSync(path.join(dir, 'pid.1'));
     fs.writeFileSync(path.join(dir, 'go.1'), '');
-    const one = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded', 15_000);
-    assert.equal(one.state, 'failed');
-    assert.match(one.reason, /lost/);
     fs.writeFileSync(path.join(dir, 'go.3'), '');
-    assert.equal((await s.cli(['wait', '3'])).code, 0);
+    assert.equal((await s.cli(['wait', '1', '3'])).code, 0);
+    const one = await s.job(1);
+    assert.equal(one.attempts, 2, 'retried once its first script had ended');
+    assert.match(one.history[0].reason, /lost/);
+    const log = fs.readFileSync(path.join(dir, 'log.1'), 'utf8').trim().split('\n').map((l) => l.split(' ')[0]);
+    assert.deepEqual(log, ['start', 'end', 'start', 'end'], 'the two attempts never overlapped');
+  } finally {
+    await s.stop();
+    killJobsUnder(dir);
+  }
+});
+
+test('a job stopped with SIGSTOP survives a server stop and start, and its exit code is recorded', { timeout: 60_000 }, async () => {
+  const dir = tempDir();
+  const script = writeScript(dir, 'gated.sh', `echo $$ > "${dir}/pid.$JOB_ID"; while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit 7`);
+  let s = await startServer({ dir });
+  try {
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
+    await s.ok(['add_job', script]);
+    const pid = await until(() => { try { return Number(fs.readFileSync(path.join(dir, 'pid.1'), 'utf8')); } catch { return 0; } }, 'job 1 to run');
+    const group = Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[3]);
+    const launcher = Number(fs.readFileSync(`/proc/${group}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+    process.kill(-group, 'SIGSTOP');
+    await s.stop();
+    const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
+    await until(() => !alive(launcher) || sawEnd(), 'the launcher to see its input end');
+    process.kill(-group, 'SIGCONT');
+    fs.writeFileSync(path.join(dir, 'go.1'), '');
+    s = await s.restart();
+    assert.equal((await s.cli(['wait', '1'])).code, 1);
+    const job = await s.job(1);
+    assert.equal(job.exitCode, 7, `ended by its own exit, not by a hangup (${job.reason ?? ''})`);
   } finally {
     await s.stop();
     killJobsUnder(dir);
