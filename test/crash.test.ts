@@ -397,7 +397,7 @@ test('a job stopped with SIGSTOP survives a server stop and start, and its exit 
     await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
     await s.ok(['add_job', script]);
     const pid = await until(() => { try { return Number(fs.readFileSync(path.join(dir, 'pid.1'), 'utf8')); } catch { return 0; } }, 'job 1 to run');
-    const group = Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[3]);
+    const group = Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[2]); // its wrapper's
     const launcher = Number(fs.readFileSync(`/proc/${group}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
     process.kill(-group, 'SIGSTOP');
     await s.stop();
