@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { alive, startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
+import { alive, procIds, startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
 
 /** The exit code a job script picks for its id, so the test can check what was recorded. */
 const codeFor = (id: number) => [0, 0, 1, 0, 7][id % 5];
@@ -336,7 +336,7 @@ test('the job launcher killed under a running server: its jobs are still recorde
     const launcher = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((pid) => {
       try {
         return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('djs-launcher') &&
-          fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(s.proc.pid);
+          procIds(pid).ppid === s.proc.pid;
       } catch { return false; }
     });
     assert.ok(launcher, 'the server has a launcher process');
@@ -362,7 +362,7 @@ while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; echo "end $$" >> "${dir
     await s.ok(['add_job', '--retries', '1', script]);
     for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
     const scriptOf = (id: number) => until(() => { try { return Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8')); } catch { return 0; } }, `job ${id} to run`);
-    const wrapperOf = async (id: number) => Number(fs.readFileSync(`/proc/${await scriptOf(id)}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+    const wrapperOf = async (id: number) => procIds(await scriptOf(id)).ppid;
     // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
     process.kill(await wrapperOf(1), 'SIGKILL');
     process.kill(-(await wrapperOf(2)), 'SIGKILL');
@@ -397,8 +397,8 @@ test('a job stopped with SIGSTOP survives a server stop and start, and its exit 
     await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
     await s.ok(['add_job', script]);
     const pid = await until(() => { try { return Number(fs.readFileSync(path.join(dir, 'pid.1'), 'utf8')); } catch { return 0; } }, 'job 1 to run');
-    const group = Number(fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')[2]); // its wrapper's
-    const launcher = Number(fs.readFileSync(`/proc/${group}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
+    const group = procIds(pid).pgrp; // its wrapper's
+    const launcher = procIds(group).ppid;
     process.kill(-group, 'SIGSTOP');
     await s.stop();
     const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
