@@ -937,16 +937,22 @@ function readRunFile(pidFile: string): { claim: string; code: number | null } | 
 
 const HAVE_PROC = fs.existsSync('/proc/self/stat');
 
+/** The fields of /proc/PID/stat after the command name (0: state, 1: parent, 2: process
+ *  group, 19: start time), or null if there is no such process. */
+function procStat(pid: number | string): string[] | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  } catch { return null; }
+}
+
 /** A process's start time in clock ticks since boot, from /proc (it does not move when
  *  the wall clock is set); '' where there is no /proc but the process exists; null if
  *  there is no such process (or only a zombie). */
 export function processStartTicks(pid: number): string | null {
   if (HAVE_PROC) {
-    try {
-      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return fields[0] === 'Z' ? null : fields[19];
-    } catch { return null; }
+    const fields = procStat(pid);
+    return fields === null || fields[0] === 'Z' ? null : fields[19];
   }
   try { process.kill(pid, 0); return ''; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM' ? '' : null; }
 }
@@ -986,10 +992,9 @@ function jobGroupAlive(id: number, pgid: number, dataDir: string): boolean {
   const marks = [`JOB_ID=${id}`, `DJS_DATA_DIR=${dataDir}`];
   for (const name of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
+    const fields = procStat(name);
+    if (fields === null || fields[0] === 'Z' || Number(fields[2]) !== pgid) continue;
     try {
-      const stat = fs.readFileSync(`/proc/${name}/stat`, 'utf8');
-      const [state, , pgrp] = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (state === 'Z' || Number(pgrp) !== pgid) continue;
       const env = fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0');
       if (marks.every((m) => env.includes(m))) return true;
     } catch { /* gone, or not ours */ }
@@ -1425,7 +1430,7 @@ function pauseStarts(): number {
 function wrapperFailed(id: number, proc: Proc): void {
   if (procs.get(id) === proc) procs.delete(id);
   const delay = pauseStarts();
-  log(`error: job ${id} could not be started (its run file could not be written, see its log); starts pause for ${delay} ms`);
+  log(`error: job ${id} did not start (its run file could not be written, see its log, or a server claimed its run); starts pause for ${delay} ms`);
   try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* reported by the next failure */ }
   fact({ e: 'unstart', t: Date.now(), id });
 }
@@ -1551,16 +1556,20 @@ function procAlive(id: number, p: Proc): boolean {
  *  each is checked with procAlive; one that is gone is found out from its run files (a
  *  launched one only when found gone twice in a row, so that a notice still on its way
  *  is read first; one whose re-adoption failed, every other check). While adopted jobs
- *  run, the run dir is also watched for their pid files. Both stop when no job runs. */
+ *  run, the run dir is also watched, so that an exit code they write is taken at once.
+ *  Both stop when no job runs. */
 function watchProcs(): void {
   const check = (adoptedOnly: boolean) => {
     for (const [id, p] of procs) {
-      if (p.launched) {
-        if (adoptedOnly) continue;
+      if (!p.launched) {
+        // A run-dir event only looks for an exit code (cheap); the timer checks the rest.
+        const ended = adoptedOnly ? readRunFile(runFile(cfg.dataDir, id, p.run, 'pid'))?.code != null : !procAlive(id, p);
+        if (ended) finishAdopted(id, p);
+      } else if (!adoptedOnly) {
         if (!p.unheard && (p.pid === 0 || procAlive(id, p))) p.missed = false;
         else if (!p.missed) p.missed = true;
         else readopt(id, p);
-      } else if (!procAlive(id, p)) finishAdopted(id, p);
+      }
     }
     if (adoptWatch && ![...procs.values()].some((p) => !p.launched)) { adoptWatch.close(); adoptWatch = null; }
     if (procTimer && procs.size === 0) { clearInterval(procTimer); procTimer = null; }
