@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { alive, procIds, startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
+import { alive, pidOf, procIds, release, startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
 
 /** The exit code a job script picks for its id, so the test can check what was recorded. */
 const codeFor = (id: number) => [0, 0, 1, 0, 7][id % 5];
@@ -342,7 +342,7 @@ test('the job launcher killed under a running server: its jobs are still recorde
     assert.ok(launcher, 'the server has a launcher process');
     process.kill(launcher, 'SIGKILL');
     await until(() => /launcher ended/.test(s.output()), 'the server to notice');
-    for (let id = 1; id <= 4; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+    for (let id = 1; id <= 4; id++) release(s, id);
     assert.equal((await s.cli(['wait'])).code, 1);
     const jobs = await s.jobs();
     assert.deepEqual(jobs.map((j: any) => [j.id, j.exitCode]), [[1, 21], [2, 22], [3, 23], [4, 24]]);
@@ -361,22 +361,21 @@ while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; echo "end $$" >> "${dir
     await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
     await s.ok(['add_job', '--retries', '1', script]);
     for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
-    const scriptOf = (id: number) => until(() => { try { return Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8')); } catch { return 0; } }, `job ${id} to run`);
-    const wrapperOf = async (id: number) => procIds(await scriptOf(id)).ppid;
+    const wrapperOf = async (id: number) => procIds(await pidOf(s, id)).ppid;
     // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
     process.kill(await wrapperOf(1), 'SIGKILL');
     process.kill(-(await wrapperOf(2)), 'SIGKILL');
     const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
     assert.equal(two.state, 'failed');
     assert.match(two.reason, /lost/);
-    await scriptOf(3); // job 3 got job 2's slot
+    await pidOf(s, 3); // job 3 got job 2's slot
     assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
     await s.crash();
     s = await s.restart();
     assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1\'s script too');
     fs.rmSync(path.join(dir, 'pid.1'));
-    fs.writeFileSync(path.join(dir, 'go.1'), '');
-    fs.writeFileSync(path.join(dir, 'go.3'), '');
+    release(s, 1);
+    release(s, 3);
     assert.equal((await s.cli(['wait', '1', '3'])).code, 0);
     const one = await s.job(1);
     assert.equal(one.attempts, 2, 'retried once its first script had ended');
@@ -396,7 +395,7 @@ test('a job stopped with SIGSTOP survives a server stop and start, and its exit 
   try {
     await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
     await s.ok(['add_job', script]);
-    const pid = await until(() => { try { return Number(fs.readFileSync(path.join(dir, 'pid.1'), 'utf8')); } catch { return 0; } }, 'job 1 to run');
+    const pid = await pidOf(s, 1);
     const group = procIds(pid).pgrp; // its wrapper's
     const launcher = procIds(group).ppid;
     process.kill(-group, 'SIGSTOP');
@@ -404,7 +403,7 @@ test('a job stopped with SIGSTOP survives a server stop and start, and its exit 
     const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
     await until(() => !alive(launcher) || sawEnd(), 'the launcher to see its input end');
     process.kill(-group, 'SIGCONT');
-    fs.writeFileSync(path.join(dir, 'go.1'), '');
+    release(s, 1);
     s = await s.restart();
     assert.equal((await s.cli(['wait', '1'])).code, 1);
     const job = await s.job(1);
