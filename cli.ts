@@ -1691,7 +1691,7 @@ function streamJobs(sock: net.Socket, state: JobState | undefined): void {
 
 /** Both ends of the socket speak newline-delimited JSON: splits a stream into lines,
  *  scanning each chunk once (a request line may be many megabytes). */
-function onLines(sock: Readable, fn: (line: string) => void): void {
+export function onLines(sock: Readable, fn: (line: string) => void): void {
   let parts: string[] = [];
   sock.setEncoding('utf8');
   sock.on('data', (chunk: string) => {

@@ -6,6 +6,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { onLines } from '../cli.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 /** The cli.ts under test: this repository's, or DJS_BENCH_CLI (e.g. a patched copy, for before/after runs). */
@@ -267,23 +268,16 @@ export class Server {
  *  time, each resolved with the answer line that carries `ok`. */
 export class Conn {
   sock: net.Socket;
-  buf = '';
   waiting: { resolve: (m: Record<string, unknown>) => void; reject: (e: Error) => void; onLine?: (m: Record<string, unknown>) => void } | null = null;
   constructor(sock: net.Socket) {
     this.sock = sock;
-    sock.setEncoding('utf8');
-    sock.on('data', (d: string) => {
-      this.buf += d;
-      let nl: number;
-      while ((nl = this.buf.indexOf('\n')) >= 0) {
-        const m = JSON.parse(this.buf.slice(0, nl)) as Record<string, unknown>;
-        this.buf = this.buf.slice(nl + 1);
-        const w = this.waiting;
-        if (!w) continue;
-        if (m.ok === undefined) { w.onLine?.(m); continue; }
-        this.waiting = null;
-        if (m.ok) w.resolve(m); else w.reject(new Error(String(m.error)));
-      }
+    onLines(sock, (line) => {
+      const m = JSON.parse(line) as Record<string, unknown>;
+      const w = this.waiting;
+      if (!w) return;
+      if (m.ok === undefined) return w.onLine?.(m);
+      this.waiting = null;
+      if (m.ok) w.resolve(m); else w.reject(new Error(String(m.error)));
     });
     sock.on('error', (e) => { this.waiting?.reject(e); this.waiting = null; });
     sock.on('close', () => { this.waiting?.reject(new Error('connection closed')); this.waiting = null; });
@@ -351,6 +345,7 @@ export function machine(node24: string | null): Record<string, string> {
     'node (PATH)': ver('node', ['--version']),
     'node 24': node24 ? ver(path.join(node24, 'node'), ['--version']) : 'missing',
     tsx: tsxVersion,
+    bash: ver('bash', ['--version']),
     'filesystem of the temp dirs': `${os.tmpdir()}: ${spawnSync('df', ['--output=fstype', os.tmpdir()], { encoding: 'utf8' }).stdout.split('\n')[1]?.trim() ?? '?'}`,
     'cli.ts under test': CLI,
     xargs: ver('xargs', ['--version']),
