@@ -1,5 +1,39 @@
 #!/bin/sh
-":" //; _djs_f=$(readlink -f "$0"); _djs_d=${_djs_f%/*}; _djs_k=$(cksum < "$_djs_f"); _djs_c=$_djs_d/node_modules/.cache/djs/cli-${_djs_k% *}-${_djs_k#* }.mjs; [ -s "$_djs_c" ] && exec node "$_djs_c" "$@"; exec node --disable-warning=ExperimentalWarning --import "data:text/javascript,import m from'node:module';if(m.enableCompileCache)m.enableCompileCache();if(!process.features.typescript){await import('file://$_djs_d/node_modules/tsx/dist/loader.mjs').catch(()=>{process.stderr.write('error: this Node.js cannot run TypeScript by itself: run npm ci in $_djs_d (for tsx), or use Node 22.18 or newer\\n');process.exit(2)});try{const fs=await import('node:fs'),e=(await import('file://$_djs_d/node_modules/esbuild/lib/main.js')).default,t='$_djs_c.'+process.pid;fs.mkdirSync('$_djs_d/node_modules/.cache/djs',{recursive:true});const o=fs.openSync(t,'w');fs.writeSync(o,e.transformSync(fs.readFileSync('$_djs_f','utf8'),{loader:'ts',format:'esm'}).code);fs.fsyncSync(o);fs.closeSync(o);fs.renameSync(t,'$_djs_c');for(const n of fs.readdirSync('$_djs_d/node_modules/.cache/djs')){const p='$_djs_d/node_modules/.cache/djs/'+n;if(p!=='$_djs_c'&&fs.statSync(p).mtimeMs<Date.now()-864e5)fs.rmSync(p,{force:true})}}catch{}}" "$0" "$@"
+":" /*
+# The bootstrap (see BOOTSTRAP in the header). Paths go to node as data, never as code.
+_djs_f=$(readlink -f "$0")
+_djs_k=$(cksum < "$_djs_f")
+_djs_c=${_djs_f%/*}/node_modules/.cache/djs/cli-${_djs_k% *}-${_djs_k#* }.mjs
+[ -s "$_djs_c" ] && exec node "$_djs_c" "$@"
+export DJS_BOOT_COPY="$_djs_c"
+exec node --disable-warning=ExperimentalWarning --import 'data:text/javascript,
+import fs from "node:fs"; import mod from "node:module"; import path from "node:path";
+import { pathToFileURL } from "node:url";
+const copy = process.env.DJS_BOOT_COPY;
+delete process.env.DJS_BOOT_COPY;
+if (mod.enableCompileCache) mod.enableCompileCache();
+if (!process.features.typescript) {
+  const file = fs.realpathSync(process.argv[1]), dir = path.dirname(file);
+  const load = (p) => import(pathToFileURL(path.join(dir, "node_modules", p)).href);
+  await load("tsx/dist/loader.mjs").catch(() => {
+    process.stderr.write("error: this Node.js cannot run TypeScript by itself: run npm ci in "
+      + dir + " (for tsx), or use Node 22.18 or newer\n");
+    process.exit(2);
+  });
+  if (copy) try {
+    const esbuild = (await load("esbuild/lib/main.js")).default;
+    const js = esbuild.transformSync(fs.readFileSync(file, "utf8"), { loader: "ts", format: "esm" }).code;
+    const cache = path.dirname(copy), tmp = copy + "." + process.pid;
+    fs.mkdirSync(cache, { recursive: true });
+    const fd = fs.openSync(tmp, "w");
+    fs.writeSync(fd, js); fs.fsyncSync(fd); fs.closeSync(fd); fs.renameSync(tmp, copy);
+    for (const name of fs.readdirSync(cache)) {
+      const old = path.join(cache, name);
+      if (old !== copy && fs.statSync(old).mtimeMs < Date.now() - 864e5) fs.rmSync(old, { force: true });
+    }
+  } catch {}
+}' "$0" "$@"
+*/
 /*
  * djs — a distributed job scheduler for the machines you can ssh into.
  *
@@ -72,6 +106,22 @@
  *
  * EXIT CODES of the client
  *   0 success, 1 the operation failed, 2 usage error, 3 no server on that data dir.
+ *
+ * BOOTSTRAP (the lines above this comment; Node >= 20.11 for --disable-warning)
+ *   To sh, line 2 is the no-op `:` and the lines after it are shell; to JavaScript it
+ *   is a string and a comment that hides them. sh finds the real file (through a
+ *   symlink on PATH) and names its plain-JS copy by content:
+ *   node_modules/.cache/djs/cli-CRC-SIZE.mjs (cksum). If that copy exists, node runs
+ *   it, and Node 20 skips tsx. Otherwise node runs this file after a small loader, a
+ *   data: URL, which turns on the compile cache (Node >= 22.1) and, on a Node without
+ *   native TypeScript, loads tsx and writes the copy (temp file, fsync, rename),
+ *   removing copies older than a day. Paths reach the loader only as data: this file as
+ *   argv[1], the copy as DJS_BOOT_COPY, which the loader deletes so that neither the
+ *   server nor its jobs inherit it (a server that `start --detach` starts through the
+ *   loader runs it again, from execArgv, without the variable, and writes no copy). The
+ *   loader's text is a URL: it holds no `#`, `%` or `?`, no `'` (sh quotes it), and
+ *   since the URL parser drops its newlines, no // comment and no line break between
+ *   two words.
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
