@@ -43,7 +43,8 @@ if (!process.features.typescript) {
  * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
  *
  * SYNOPSIS
- *   cli.ts start [-d] [DATA_DIR] [LOG_DIR]    run the server (-d: in the background)
+ *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [DATA_DIR] [LOG_DIR]
+ *                                             run the server (-d: in the background)
  *   cli.ts stop                               stop it; running jobs keep running
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...
  *   cli.ts remove_slave [--wait|--kill] HOST...
@@ -56,15 +57,20 @@ if (!process.features.typescript) {
  *   cli.ts clean [--logs]
  *   Every command takes --data-dir DIR (env DJS_DATA_DIR, default ./.data).
  *
+ * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
+ *   DJS_DATA_DIR, DJS_LOG_DIR, DJS_KILL_GRACE; for the server's ssh: DJS_SSH_CONFIG,
+ *   DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX; DJS_SNAPSHOT_MIN_BYTES
+ *   (tests); NO_COLOR. Jobs get JOB_ID, SLAVE_IP, SLAVE_SLOT, JOB_ATTEMPT, DJS_DATA_DIR.
+ *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
  *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
- *   run/ID.R.pid  created by the wrapper of start R of job ID as it claims the run: its
- *                 pid, and a second line with the job's exit code when it ends
- *   Job output goes to LOG_DIR/ID.log (default ./logs).
+ *   run/ID.R.pid  the claim of run R of job ID: "PID LAUNCHER_PID" of its process (or
+ *                 "void": a server claimed it, so it never ran), then its exit code
+ *   Job output goes to LOG_DIR/ID.log (default ./logs), mode 0600.
  *
  * STATE MACHINES
  *   job:    waiting -> running -> done (exit 0) | failed (exit != 0, timeout) | killed
@@ -78,10 +84,15 @@ if (!process.features.typescript) {
  *   All state changes are events applied by one pure function, applyEvent. The server
  *   appends each event to the journal and applies it; at start-up it loads the snapshot
  *   and replays the journal through the same function, so recovery is not a second
- *   code path. Scheduling is a pure function of the state (planStarts) that says which
- *   job to start on which slot; timers come from another (dueActions) that names the
- *   next deadline. The shell carries the decisions out and feeds outcomes (a process
- *   exited, a probe answered) back as events.
+ *   code path. Every request is served through one table of operations (OPS): a read,
+ *   a change decided by a pure function of (state, request, now) that returns events
+ *   and an answer, a change that needs I/O first (ssh logins, executable scripts), a
+ *   stream, or the shutdown. Every scheduling decision is another pure function, plan:
+ *   which jobs to start on which slots, which to kill (timeouts) or SIGKILL, which
+ *   workers to probe, and when the next of these falls due. The shell carries the
+ *   decisions out (effectsOf names what each event calls for) and feeds outcomes (a
+ *   process ended, a probe answered) back as events. One supervisor (checkRun) decides
+ *   whether a job's process lives, ended, or never started.
  *
  *   Group commit: requests that arrive together are applied, written with one write
  *   and one fdatasync, and only then answered; effects (starting a process, signals)
@@ -89,20 +100,24 @@ if (!process.features.typescript) {
  *   If the write fails, the journal is cut back, the state reloaded from disk, the
  *   clients of that batch get an error, and the outcomes that were lost are retried.
  *
- *   Exactly once: "start job J (its R-th start)" is durable before J's process is
- *   spawned. The process is a wrapper (a bash subshell forked by the launcher, in a
- *   process group of its own) that first creates run/J.R.pid exclusively (O_EXCL),
- *   keeps it open and writes its pid there, then runs the script, then adds the exit
- *   code. A server that finds J running in its journal after a crash (or whose
- *   launcher died) looks there: a pid file naming a live process that holds that very
- *   file open (so neither a reused pid nor a clock step fools it) means J runs: adopt
- *   it; a pid file without such a process means J ended: record the code from the
- *   file (or "lost" without one); no pid file means the wrapper never started the job:
- *   the server creates the pid file itself, exclusively, so a late wrapper finds it
- *   taken and exits without running the job, and J goes back to the queue. Either the
- *   wrapper or the server wins that file, never both, so J is neither lost nor run
- *   twice. The launcher is one bash process, not the server, so a start costs the same
- *   however much memory the server holds, and no more than a fork of a small shell.
+ *   Exactly once: "start run R of job J" is durable before J's process is forked. The
+ *   launcher (one perl process; see LAUNCHER) forks the run's process, which first
+ *   creates run/J.R.pid exclusively (O_EXCL), writes its pid and the launcher's there
+ *   and keeps the file open across the exec of the script; the launcher reaps it and
+ *   adds the exit code. A server that finds J running in its journal after a crash (or
+ *   whose launcher died) asks checkRun: an exit code in the file means J ended; a live
+ *   process of the run's group that holds that very file open or carries J's JOB_ID and
+ *   data dir (so a reused pid does not count) means J runs: it is watched; so does a
+ *   gone process whose launcher still lives (it is about to write the code); a gone
+ *   process whose launcher is gone too means J ended with its code lost; no file means
+ *   the run never started: the server creates the file itself, exclusively ("void"),
+ *   so a late process finds it taken and exits without running the job, and J goes
+ *   back to the queue. Either the run's process or the server wins that file, never
+ *   both. A void claim is kept while any launcher of an earlier server lives, since
+ *   only such a launcher could still try to claim it; a failed check of /proc (out of
+ *   file descriptors, say) is "unknown" and asked again, never taken for "ended".
+ *   The launcher is not the server, so a start costs the same however much memory the
+ *   server holds: one fork of a small process and one exec.
  *
  * EXIT CODES of the client
  *   0 success, 1 the operation failed, 2 usage error, 3 no server on that data dir.
@@ -140,10 +155,13 @@ import { fileURLToPath } from 'node:url';
 export const JOB_STATES = ['waiting', 'running', 'done', 'failed', 'killed'] as const;
 export type JobState = (typeof JOB_STATES)[number];
 export type WorkerState = 'up' | 'down' | 'draining';
-/** Why a running job is being stopped: by the user, by its --timeout, or to requeue it. */
-export type StopReason = 'user' | 'timeout' | 'requeue';
+/** Why a running job is being killed: by the user, by its --timeout, or to requeue it
+ *  (its worker was removed with --kill). */
+export type KillReason = 'user' | 'timeout' | 'requeue';
 
-const FORMAT_VERSION = 1;
+/** 2: events `kill` (was `stop`) and `start` with host/slot (was w/s); jobs keep one
+ *  start counter, `run`. Data dirs of version 1 load too (see upgradeRecord). */
+const FORMAT_VERSION = 2;
 const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
 /** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
 export const WORKER_FAILED_EXIT = 255;
@@ -152,6 +170,8 @@ export const MAX_REQUEUES = 5;
 export const PROBE_BACKOFF_MIN_MS = 5_000;
 export const PROBE_BACKOFF_MAX_MS = 300_000;
 const QUEUE_HEAD = 10;
+/** The journal is folded into a snapshot past this size (DJS_SNAPSHOT_MIN_BYTES lowers
+ *  it, for tests). */
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
 const MAX_HOST_LENGTH = 255;
 const MAX_SLOTS = 10_000;
@@ -166,14 +186,13 @@ export type Job = {
   retries: number; timeout: number;      // timeout in seconds, 0 = none
   state: JobState;
   queuedAt: number;
-  attempts: number;                      // attempts started so far
-  runs: number;                          // starts ever made; names the run files, never reused
+  run: number;                           // starts ever made; numbers the run files, never reused
   retriesUsed: number;                   // failed attempts charged to --retries
   requeues: number;                      // worker failures, not charged to --retries
   worker: string | null; slot: number;   // of the current or last attempt
   startedAt: number; endedAt: number;
   exitCode: number | null; reason: string | null;
-  stopping: StopReason | null; killAt: number;
+  killing: KillReason | null; killAt: number;
   avoid: string[] | null;                // workers this job failed on
   history: Attempt[] | null;             // earlier attempts, oldest first
   qtok: number;                          // which queue entry is this job's live one
@@ -204,12 +223,12 @@ export type JobSpec = string[]; // [script, ...args]
 export type Event =
   | { e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[] }
   | { e: 'remove'; t: number; ids: number[] }
-  | { e: 'start'; t: number; id: number; w: string; s: number }
+  | { e: 'start'; t: number; id: number; host: string; slot: number }
   | { e: 'unstart'; t: number; id: number }
   | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string }
-  | { e: 'stop'; t: number; ids: number[]; why: StopReason; grace: number }
+  | { e: 'kill'; t: number; ids: number[]; why: KillReason; grace: number }
   | { e: 'retry'; t: number; ids: number[] }
-  | { e: 'clean'; t: number }
+  | { e: 'clean'; t: number; logs?: boolean }
   | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean }
   | { e: 'drain'; t: number; host: string }
   | { e: 'unworker'; t: number; host: string }
@@ -300,8 +319,8 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
   return {
     id, script: intern(st, spec[0]), args: spec.length > 1 ? spec.slice(1) : NO_ARGS, cwd: intern(st, ev.cwd),
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
-    attempts: 0, runs: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
-    exitCode: null, reason: null, stopping: null, killAt: 0, avoid: null, history: null, qtok: 0,
+    run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
+    exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
   };
 }
 const NO_ARGS: string[] = [];
@@ -336,26 +355,30 @@ function avoidWorker(job: Job, host: string | null): void {
   else if (!job.avoid.includes(host)) job.avoid.push(host);
 }
 
+/** Attempts started so far: the ended ones in the history, and the one running. A start
+ *  that was cut short before the job ran (`unstart`) is no attempt. */
+export const attemptsOf = (job: Job) => (job.history?.length ?? 0) + (job.state === 'running' ? 1 : 0);
+
 /** Decides how an attempt that ended counts: done, failed, killed, or back to the queue. */
 function endAttempt(st: State, job: Job, code: number | null, why: string | undefined, t: number): void {
   const host = job.worker;
   (job.history ??= []).push({
-    n: job.attempts, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
-    exitCode: code, reason: job.stopping === 'timeout' ? 'timeout' : job.stopping === 'user' ? 'killed' : (why ?? null),
+    n: job.history.length + 1, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
+    exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : (why ?? null),
   });
   job.exitCode = code;
   freeSlot(st, job);
-  const stopping = job.stopping;
-  job.stopping = null;
+  const killing = job.killing;
+  job.killing = null;
   job.killAt = 0;
   const failOrRetry = (reason: string | null) => {
     avoidWorker(job, host);
     if (job.retriesUsed < job.retries) { job.retriesUsed++; settle(st, job, 'requeue', reason, t); }
     else settle(st, job, 'failed', reason, t);
   };
-  if (stopping === 'user') settle(st, job, 'killed', 'killed', t);
-  else if (stopping === 'requeue') settle(st, job, 'requeue', 'worker removed', t);
-  else if (stopping === 'timeout') failOrRetry(`timeout after ${job.timeout}s`);
+  if (killing === 'user') settle(st, job, 'killed', 'killed', t);
+  else if (killing === 'requeue') settle(st, job, 'requeue', 'worker removed', t);
+  else if (killing === 'timeout') failOrRetry(`timeout after ${job.timeout}s`);
   else if (why !== undefined) failOrRetry(why);
   else if (code === 0) settle(st, job, 'done', null, t);
   else if (code === WORKER_FAILED_EXIT) {
@@ -390,15 +413,14 @@ export function applyEvent(st: State, ev: Event): void {
       trimQueue(st);
       break;
     case 'start': {
-      const job = st.jobs.get(ev.id), w = st.workers.get(ev.w);
+      const job = st.jobs.get(ev.id), w = st.workers.get(ev.host);
       if (!job || job.state !== 'waiting' || !w) break;
       setJobState(st, job, 'running');
-      job.attempts++;
-      job.runs++;
-      job.worker = intern(st, ev.w); job.slot = ev.s; job.startedAt = ev.t; job.endedAt = 0;
-      job.exitCode = null; job.reason = null; job.stopping = null; job.killAt = 0;
-      while (w.running.length <= ev.s) w.running.push(0);
-      w.running[ev.s] = job.id;
+      job.run++;
+      job.worker = intern(st, ev.host); job.slot = ev.slot; job.startedAt = ev.t; job.endedAt = 0;
+      job.exitCode = null; job.reason = null; job.killing = null; job.killAt = 0;
+      while (w.running.length <= ev.slot) w.running.push(0);
+      w.running[ev.slot] = job.id;
       trimQueue(st);
       break;
     }
@@ -406,9 +428,8 @@ export function applyEvent(st: State, ev: Event): void {
       const job = st.jobs.get(ev.id);
       if (!job || job.state !== 'running') break;
       freeSlot(st, job);
-      job.attempts--;
-      const killed = job.stopping === 'user';
-      job.stopping = null; job.killAt = 0;
+      const killed = job.killing === 'user';
+      job.killing = null; job.killAt = 0;
       // A job the user killed before it got going stays killed.
       if (killed) settle(st, job, 'killed', 'killed before it started', ev.t);
       else { setJobState(st, job, 'waiting'); enqueue(st, job, true); }
@@ -416,17 +437,17 @@ export function applyEvent(st: State, ev: Event): void {
     }
     case 'end': {
       const job = st.jobs.get(ev.id);
-      if (job && job.state === 'running' && job.runs === ev.run) endAttempt(st, job, ev.code, ev.why, ev.t);
+      if (job && job.state === 'running' && job.run === ev.run) endAttempt(st, job, ev.code, ev.why, ev.t);
       break;
     }
-    case 'stop':
+    case 'kill':
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job) continue;
-        if (job.state === 'running' && (job.stopping === null || ev.why === 'user')) {
+        if (job.state === 'running' && (job.killing === null || ev.why === 'user')) {
           // A user's kill overrides a timeout or requeue under way (and keeps its deadline).
-          if (job.stopping === null) job.killAt = ev.t + ev.grace;
-          job.stopping = ev.why;
+          if (job.killing === null) job.killAt = ev.t + ev.grace;
+          job.killing = ev.why;
         } else if (job.state === 'waiting' && ev.why === 'user') {
           settle(st, job, 'killed', 'killed before it started', ev.t);
         }
@@ -521,26 +542,232 @@ export function planStarts(st: State): Start[] {
   return starts;
 }
 
-export type Due = { kind: 'timeout'; id: number } | { kind: 'sigkill'; id: number } | { kind: 'probe'; host: string };
+/** What the server is doing besides what the journal holds, which the core's decisions
+ *  take into account: probes under way, jobs already sent SIGKILL, and the pause of job
+ *  starts after starts that failed for the scheduler's own reasons. Not durable: a new
+ *  server starts with none of it. */
+export type Runtime = { probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number };
+export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0 });
 
-/** What is due at `now` (timeouts, SIGKILLs after the grace period, probes) and when
- *  the next thing falls due. `busy` names what the shell is already doing. */
-export function dueActions(
-  st: State, now: number, busy: { probing: ReadonlySet<string>; sigkilled: ReadonlySet<number> },
-): { due: Due[]; next: number } {
-  const due: Due[] = [];
+/** The longest pause of starts after failed starts. */
+const START_PAUSE_MAX_MS = 60_000;
+
+/** A start that failed for the scheduler's own reasons (its run file could not be made):
+ *  starts pause, 0.5 s after the first failure in a row, doubling up to a minute, so a
+ *  broken data dir does not spin through the queue. Returns the pause. */
+export function pauseStarts(rt: Runtime, now: number): number {
+  rt.startFailures++;
+  const delay = Math.min(START_PAUSE_MAX_MS, 500 * 2 ** Math.min(7, rt.startFailures - 1));
+  rt.startsPausedUntil = now + delay;
+  return delay;
+}
+
+/** What the shell carries out, after the events that call for it are on disk. */
+export type Effect =
+  | { kind: 'launch'; id: number }                                   // hand a started job to the launcher
+  | { kind: 'signal'; id: number; sig: 'SIGTERM' | 'SIGKILL' }       // to the job's process group
+  | { kind: 'probe'; host: string }                                  // ssh login check of a worker
+  | { kind: 'forget-run'; id: number; run: number }                  // remove the run file of an ended run
+  | { kind: 'remove-logs'; ids: number[] };
+
+/** The effects an event calls for, read from the state after it was applied: a start is
+ *  launched, a kill signals the jobs it stops, an end lets go of its run file. The run
+ *  file goes only once the end is on disk: until then it is what tells a restarted
+ *  server that the run happened. */
+export function effectsOf(st: State, ev: Event): Effect[] {
+  switch (ev.e) {
+    case 'start': return st.jobs.get(ev.id)?.state === 'running' ? [{ kind: 'launch', id: ev.id }] : [];
+    case 'kill': return ev.ids.filter((id) => st.jobs.get(id)?.state === 'running').map((id) => ({ kind: 'signal', id, sig: 'SIGTERM' }));
+    case 'end': return [{ kind: 'forget-run', id: ev.id, run: ev.run }];
+    default: return [];
+  }
+}
+
+export type Plan = { events: Event[]; effects: Effect[]; next: number };
+
+/** The scheduler's decisions at `now`, made once per turn of the server: jobs whose
+ *  --timeout passed are killed; jobs still running a grace period after their kill get
+ *  SIGKILL; workers whose probe is due are probed; free slots get waiting jobs (unless
+ *  starts pause); and `next` is when the earliest of these falls due next, counting what
+ *  this plan starts and kills. Reads the state and the runtime only. */
+export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): Plan {
+  const events: Event[] = [], effects: Effect[] = [];
   let next = Infinity;
-  const at = (t: number, d: Due) => { if (t <= now) due.push(d); else next = Math.min(next, t); };
+  const at = (t: number) => { next = Math.min(next, t); };
   for (const w of st.workers.values()) {
-    if (w.ssh && w.probeAt > 0 && !busy.probing.has(w.host)) at(w.probeAt, { kind: 'probe', host: w.host });
+    if (w.ssh && w.probeAt > 0 && !rt.probing.has(w.host)) {
+      if (w.probeAt <= now) effects.push({ kind: 'probe', host: w.host }); else at(w.probeAt);
+    }
     for (const id of w.running) {
       const job = id ? st.jobs.get(id) : undefined;
       if (!job || job.state !== 'running') continue;
-      if (job.stopping) { if (!busy.sigkilled.has(id)) at(job.killAt, { kind: 'sigkill', id }); }
-      else if (job.timeout > 0) at(job.startedAt + job.timeout * 1000, { kind: 'timeout', id });
+      if (job.killing) {
+        if (rt.killSent.has(id)) continue;
+        if (job.killAt <= now) effects.push({ kind: 'signal', id, sig: 'SIGKILL' }); else at(job.killAt);
+      } else if (job.timeout > 0) {
+        const due = job.startedAt + job.timeout * 1000;
+        if (due <= now) { events.push({ e: 'kill', t: now, ids: [id], why: 'timeout', grace: killGraceMs }); at(now + killGraceMs); }
+        else at(due);
+      }
     }
   }
-  return { due, next };
+  if (now < rt.startsPausedUntil) {
+    if (st.counts.waiting > 0) at(rt.startsPausedUntil);
+  } else {
+    for (const s of planStarts(st)) {
+      events.push({ e: 'start', t: now, id: s.id, host: s.host, slot: s.slot });
+      const timeout = st.jobs.get(s.id)!.timeout;
+      if (timeout > 0) at(now + timeout * 1000);
+    }
+  }
+  return { events, effects, next };
+}
+
+// ---- requests: what each operation decides -------------------------------------
+// Each decision is a pure function of the state, the request and `now`: the events to
+// commit, the answer, and any effect of its own; or a UserError, and nothing changes.
+// The server's operation table (OPS) names which one serves which op.
+
+export type Request = Record<string, unknown> & { op: string };
+export type Decision = { events: Event[]; answer: Record<string, unknown>; effects?: Effect[] };
+/** What a decision may read besides the state and the request. */
+export type DecideContext = { now: number; killGraceMs: number };
+
+/** A whole number from a request (JSON numbers only: "3" or [3] is no number). */
+export const num = (v: unknown, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): number => {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))}`);
+  return v;
+};
+const idList = (v: unknown): number[] => {
+  if (!Array.isArray(v) || v.length === 0) throw usage('no job ids given');
+  return v.map((x) => num(x, 'job id', 1));
+};
+export function jobOrFail(st: State, id: number): Job {
+  const job = st.jobs.get(id);
+  if (!job) throw failure(`no such job '${id}'`, id >= st.nextId ? 'ids so far end at ' + (st.nextId - 1) : 'it may have been removed or cleaned');
+  return job;
+}
+const strings = (v: unknown): v is string[] => Array.isArray(v) && v.every((w) => typeof w === 'string');
+
+/** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout}: the scripts were checked
+ *  (absolute, executable) before; ids are handed out in order. */
+export function decideAddJobs(st: State, req: Request, c: DecideContext): Decision {
+  const { cwd, jobs } = req;
+  if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
+  if (!Array.isArray(jobs) || jobs.length === 0) throw usage('no jobs given');
+  for (const spec of jobs) {
+    if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
+    if (spec.some((w) => w.includes('\0'))) throw usage("a job's words cannot hold NUL bytes");
+    if (!path.isAbsolute(spec[0])) throw usage(`script path is not absolute: ${quoteForError(spec[0])}`);
+  }
+  const id = st.nextId;
+  const ev: Event = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
+  return { events: [ev], answer: { first: id, count: jobs.length } };
+}
+
+/** remove_jobs {ids} | {script, args}: waiting jobs only. */
+export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Decision {
+  let ids: number[];
+  if (req.ids !== undefined) {
+    ids = idList(req.ids);
+    for (const id of ids) {
+      const job = jobOrFail(st, id);
+      if (job.state !== 'waiting') throw failure(`job '${id}' is ${job.state}, not waiting`, job.state === 'running' ? `stop it with: kill ${id}` : undefined);
+    }
+  } else {
+    const { script, args } = req;
+    if (typeof script !== 'string' || !strings(args)) throw usage('remove_job needs a script and args');
+    ids = [];
+    for (const job of waitingJobs(st)) {
+      if (job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i])) ids.push(job.id);
+    }
+    if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
+  }
+  return { events: [{ e: 'remove', t: c.now, ids }], answer: { ids } };
+}
+
+/** kill {ids} | {all}: running jobs get SIGTERM (then SIGKILL after the grace), waiting
+ *  ones end `killed` without running. */
+export function decideKill(st: State, req: Request, c: DecideContext): Decision {
+  let ids: number[];
+  if (req.all === true) ids = [...st.jobs.values()].filter((j) => j.state === 'running' || j.state === 'waiting').map((j) => j.id);
+  else {
+    ids = idList(req.ids);
+    for (const id of ids) {
+      const job = jobOrFail(st, id);
+      if (isFinished(job.state)) throw failure(`job '${id}' is not running (it is ${job.state})`);
+    }
+  }
+  return { events: ids.length ? [{ e: 'kill', t: c.now, ids, why: 'user', grace: c.killGraceMs }] : [], answer: { ids } };
+}
+
+/** retry {ids} | {failed, killed}: finished jobs go back to the queue. */
+export function decideRetry(st: State, req: Request, c: DecideContext): Decision {
+  const byState = req.failed === true || req.killed === true;
+  let ids: number[];
+  if (byState) ids = [...st.jobs.values()].filter((j) => (req.failed === true && j.state === 'failed') || (req.killed === true && j.state === 'killed')).map((j) => j.id);
+  else {
+    ids = idList(req.ids);
+    for (const id of ids) {
+      const job = jobOrFail(st, id);
+      if (!isFinished(job.state)) throw failure(`job '${id}' is ${job.state}; only finished jobs can be retried`);
+    }
+  }
+  return { events: ids.length ? [{ e: 'retry', t: c.now, ids }] : [], answer: { ids } };
+}
+
+/** clean {logs}: forgets finished jobs (and removes their logs). */
+export function decideClean(st: State, req: Request, c: DecideContext): Decision {
+  const ids = [...st.jobs.values()].filter((j) => isFinished(j.state)).map((j) => j.id);
+  const logs = req.logs === true;
+  return {
+    events: ids.length ? [{ e: 'clean', t: c.now, logs }] : [],
+    answer: { count: ids.length },
+    effects: logs && ids.length ? [{ kind: 'remove-logs', ids }] : [],
+  };
+}
+
+export type WorkerSpec = { host: string; slots: number };
+
+/** The workers of an add_workers request, checked (hosts, slot counts). */
+export function workerSpecs(req: Request): WorkerSpec[] {
+  const list = req.workers;
+  if (!Array.isArray(list) || list.length === 0) throw usage('no hosts given');
+  return list.map((w: { host?: unknown; slots?: unknown }) => {
+    if (typeof w?.host !== 'string') throw usage('a worker needs a host');
+    validateHost(w.host);
+    return { host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS) };
+  });
+}
+
+/** add_workers {workers, skipCheck}: the ssh login check (unless skipped) passed before. */
+export function decideAddWorkers(_st: State, req: Request, c: DecideContext): Decision {
+  const workers = workerSpecs(req);
+  return {
+    events: workers.map((w) => ({ e: 'worker', t: c.now, host: w.host, slots: w.slots, ssh: req.skipCheck !== true })),
+    answer: { added: workers.map((w) => w.host) },
+  };
+}
+
+/** remove_workers {hosts, mode}: an idle worker goes at once; a busy one needs mode
+ *  `wait` (drain: it takes nothing new and goes when its last job ends) or `kill` (its
+ *  jobs are killed and queued again). */
+export function decideRemoveWorkers(st: State, req: Request, c: DecideContext): Decision {
+  if (!strings(req.hosts) || req.hosts.length === 0) throw usage('no hosts given');
+  const events: Event[] = [], result: { host: string; running: number }[] = [];
+  for (const host of new Set(req.hosts)) {
+    const w = st.workers.get(host);
+    if (!w) throw failure(`no such worker '${host}'`);
+    const running = w.running.filter(Boolean);
+    if (running.length && req.mode !== 'wait' && req.mode !== 'kill') {
+      throw failure(`worker '${host}' is running ${running.length} job(s)`, 'use --wait to let them finish first, or --kill to stop and requeue them');
+    }
+    result.push({ host, running: running.length });
+    if (!running.length) { events.push({ e: 'unworker', t: c.now, host }); continue; }
+    events.push({ e: 'drain', t: c.now, host });
+    if (req.mode === 'kill') events.push({ e: 'kill', t: c.now, ids: running, why: 'requeue', grace: c.killGraceMs });
+  }
+  return { events, answer: { workers: result } };
 }
 
 /** Host strings reach ssh and scripts: a user@ prefix, a name or address, nothing a
@@ -614,7 +841,7 @@ export function jobView(job: Job, now: number) {
   const end = job.state === 'running' ? now : job.endedAt;
   return {
     id: job.id, state: job.state, worker: job.worker, slot: job.slot >= 0 ? job.slot : null,
-    exitCode: job.exitCode, reason: job.reason, attempts: job.attempts,
+    exitCode: job.exitCode, reason: job.reason, attempts: attemptsOf(job),
     retries: job.retries, timeout: job.timeout || null,
     queuedAt: iso(job.queuedAt), startedAt: job.startedAt ? iso(job.startedAt) : null,
     endedAt: job.endedAt ? iso(job.endedAt) : null,
@@ -644,7 +871,7 @@ export function statusView(st: State) {
   const queue: { id: number; command: string; queuedAt: string; attempts: number }[] = [];
   for (const job of waitingJobs(st)) {
     if (queue.length >= QUEUE_HEAD) break;
-    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: job.attempts });
+    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: attemptsOf(job) });
   }
   return {
     counts: { ...st.counts, total: st.jobs.size },
@@ -658,7 +885,8 @@ export type StatusView = ReturnType<typeof statusView>;
 // The journal: the state on disk
 // ============================================================================
 
-export type LoadResult = { state: State; warnings: string[]; journalSize: number; snapshotSize: number };
+/** `version`: the oldest format version among the files read. */
+export type LoadResult = { state: State; warnings: string[]; journalSize: number; snapshotSize: number; version: number };
 
 class DamagedState extends UserError {}
 const damaged = (file: string, line: number, what: string) =>
@@ -701,11 +929,27 @@ function parseLine(file: string, line: string, no: number): Record<string, unkno
   throw damaged(file, no, 'not a JSON object');
 }
 
-function checkHeader(file: string, header: Record<string, unknown>, format: string): void {
+/** Checks a state file's first line; returns its format version. */
+function checkHeader(file: string, header: Record<string, unknown>, format: string): number {
   if (header.format !== format) throw damaged(file, 1, `not a ${format} file`);
   if (typeof header.version !== 'number' || header.version > FORMAT_VERSION) {
     throw new DamagedState(EXIT_FAILED, `state file '${file}' has format version ${String(header.version)}, newer than this program's ${FORMAT_VERSION}`, 'use a newer cli.ts; nothing was changed');
   }
+  return header.version;
+}
+
+/** Brings a journal event or a snapshot job of format version 1 to this version's
+ *  names: events `stop` -> `kill`, `start` {w, s} -> {host, slot}; jobs
+ *  {attempts, runs, stopping} -> {run, killing} (attempts are counted from the history). */
+export function upgradeRecord(rec: Record<string, unknown>, version: number): Record<string, unknown> {
+  if (version >= 2) return rec;
+  if (rec.e === 'stop') return { ...rec, e: 'kill' };
+  if (rec.e === 'start' && 'w' in rec) { const { w, s, ...rest } = rec; return { ...rest, host: w, slot: s }; }
+  if (rec.j && 'runs' in (rec.j as object)) {
+    const { attempts: _attempts, runs, stopping, ...job } = rec.j as Record<string, unknown>;
+    return { j: { ...job, run: runs, killing: stopping } };
+  }
+  return rec;
 }
 
 /** Loads the snapshot, then replays the journal after it. A journal whose last line
@@ -715,14 +959,15 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
   const st = newState();
   const warnings: string[] = [];
   const snapFile = path.join(dataDir, 'snapshot'), journalFile = path.join(dataDir, 'journal');
-  let snapshotSize = 0, journalSize = 0;
+  let snapshotSize = 0, journalSize = 0, oldest = FORMAT_VERSION;
   if (fs.existsSync(snapFile)) {
     snapshotSize = fs.statSync(snapFile).size;
-    let complete = false;
+    let complete = false, version = FORMAT_VERSION;
     const { tail } = forEachLine(snapFile, Infinity, (line, no) => {
-      const rec = parseLine(snapFile, line, no);
+      const rec = upgradeRecord(parseLine(snapFile, line, no), version);
       if (no === 1) {
-        checkHeader(snapFile, rec, 'djs-snapshot');
+        version = checkHeader(snapFile, rec, 'djs-snapshot');
+        oldest = Math.min(oldest, version);
         st.seq = Number(rec.seq); st.nextId = Number(rec.nextId);
         if (!Number.isSafeInteger(st.seq) || !Number.isSafeInteger(st.nextId)) throw damaged(snapFile, 1, 'bad header');
       } else if (rec.w) {
@@ -746,12 +991,13 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
     if (tail.length || !complete) throw damaged(snapFile, 0, 'incomplete snapshot (no end record)');
   }
   if (fs.existsSync(journalFile)) {
-    let lastNo = 0;
+    let lastNo = 0, version = FORMAT_VERSION;
     const { tail, tailAt } = forEachLine(journalFile, journalLimit, (line, no, end) => {
       lastNo = no;
-      const rec = parseLine(journalFile, line, no);
+      const rec = upgradeRecord(parseLine(journalFile, line, no), version);
       if (no === 1) {
-        checkHeader(journalFile, rec, 'djs-journal');
+        version = checkHeader(journalFile, rec, 'djs-journal');
+        oldest = Math.min(oldest, version);
         if (Number(rec.after) > st.seq) throw damaged(journalFile, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
       } else {
         const n = rec.n;
@@ -770,7 +1016,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
       journalSize = tailAt;
     }
   }
-  return { state: st, warnings, journalSize, snapshotSize };
+  return { state: st, warnings, journalSize, snapshotSize, version: oldest };
 }
 
 function fsyncDir(dir: string): void {
@@ -801,8 +1047,10 @@ export class Journal {
   size: number;
   snapshotSize: number;
   mustCut = false; // a failed write could not be cut back yet: the file is longer than `size`
-  constructor(dir: string, size: number, snapshotSize: number) {
+  snapshotMinBytes: number;
+  constructor(dir: string, size: number, snapshotSize: number, snapshotMinBytes = SNAPSHOT_MIN_JOURNAL_BYTES) {
     this.dir = dir;
+    this.snapshotMinBytes = snapshotMinBytes;
     const file = path.join(dir, 'journal');
     if (!fs.existsSync(file) || size === 0) replaceFile(file, (fd) => writeAll(fd, journalHeader(0)));
     this.fd = fs.openSync(file, 'r+');
@@ -828,7 +1076,7 @@ export class Journal {
   }
 
   needsSnapshot(): boolean {
-    return this.size > SNAPSHOT_MIN_JOURNAL_BYTES && this.size > this.snapshotSize / 2;
+    return this.size > this.snapshotMinBytes && this.size > this.snapshotSize / 2;
   }
 
   /** Writes the whole state as a new snapshot, then starts an empty journal after it.
@@ -864,136 +1112,175 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
 // The runner: job processes, probes, process identity
 // ============================================================================
 
-/** The launcher: one bash process for the life of the server that starts every job, so
- *  that a start never forks the server (a fork costs time in proportion to the memory of
- *  the process that forks: milliseconds for a server holding a million jobs) and costs
- *  no new shell either. It runs as
- *    bash --norc --noprofile -c 'eval "$DJS_LAUNCHER_CODE"' djs-launcher DATA_DIR LOG_DIR
- *         [NAME=VALUE | -NAME]...
- *  (the code comes in through the environment, so `ps` shows a short line; the NAME
- *  words are what the jobs' environment must say but the launcher's must not, see
- *  launcherArgs). The server writes one line per job,
- *  `j ID RUN CWD MARKER WORKER SLOT ATTEMPT SCRIPT ARGS...`, every word quoted with
- *  bashWord (short lines: bash reads a pipe one byte at a time).
+/** The launcher: one perl process for the life of the server that starts every job and
+ *  reaps it. A start never forks the server (a fork costs time in proportion to the
+ *  memory of the process that forks: milliseconds for a server holding a million jobs),
+ *  and each job costs one fork and one exec. Perl, not bash: bash cannot wait for its
+ *  input and its children at once (a trap cannot run while `read` blocks, and `wait -n`
+ *  loses background jobs killed by a signal to job notification), and perl is on every
+ *  system that has a package manager (Debian's perl-base is essential). It runs as
+ *    perl -e 'eval of $DJS_LAUNCHER_CODE' djs-launcher DATA_DIR LOG_DIR SERVER_PID
+ *  (the code comes through the environment, so `ps` shows a short line).
  *
- *  `j` forks the job's wrapper: a subshell in a process group of its own (job control is
- *  on), in the launcher's session, which has no terminal. The wrapper claims the run by
- *  creating its pid file exclusively and keeps it open on fd 4 (which is how a later
- *  server tells this run's wrapper from any other process), writes its pid there, runs
- *  the script with the job's argv, adds the exit code on a second line (one file per
- *  run: creating and deleting files is a good part of a start's cost), and then tells
- *  the server. TERM/INT/HUP are trapped, not ignored, so the script gets them with
- *  default handling while the wrapper lives on to record the code; one that comes
- *  before the script starts stops it from starting. The launcher's own variables start
- *  with __djs_, so that no variable of the server's environment gets in their way.
+ *  Input (from the server, binary-safe: nothing in it is ever evaluated): one record per
+ *  job, `%08x` length, then `ID RUN SLOT ATTEMPT NENV LEN...\n` and the fields those
+ *  lengths cut out of the bytes that follow: CWD, MARKER, WORKER, NENV `NAME=VALUE`
+ *  words, SCRIPT, ARGS. Read in blocks, so a long argument costs what its bytes cost.
  *
- *  Lines to the server (each one write, well under PIPE_BUF, so they never interleave;
- *  an `x` may come before its `s`):
- *    s ID RUN PID      the wrapper of that run was forked
- *    x ID RUN CODE     it ended: the script's exit code, 128+N for signal N
- *    x ID RUN - WHY    the job did not start: WHY is `log` or `cwd` (no claim made),
- *                      `taken` (a server claimed the run first) or `nowrite` (the pid
- *                      file could not be created)
- *  When its input ends (the server is gone) the launcher stays until its wrappers have
- *  ended: a process group whose parent leaves the session is orphaned, and the kernel
- *  sends SIGHUP to an orphaned group that holds a stopped process (a job paused with
- *  SIGSTOP would die of it). */
-const LAUNCHER = `unset DJS_LAUNCHER_CODE
-__djs_D=$1 __djs_L=$2; shift 2
-__djs_env=("$@")
-export DJS_DATA_DIR="$__djs_D"
-set -m
-exec 3>&1 4>&-
-j() {
-  (
-    __djs_k=
-    trap '__djs_k=1' TERM INT HUP
-    __djs_p=$__djs_D/run/$1.$2.pid
-    export JOB_ID=$1 SLAVE_IP=$5 SLAVE_SLOT=$6 JOB_ATTEMPT=$7
-    exec </dev/null
-    { exec >>"$__djs_L/$1.log"; } 2>/dev/null || { echo "x $1 $2 - log" >&3; exit 1; }
-    exec 2>&1
-    cd -- "$3" 2>/dev/null || { echo "x $1 $2 - cwd" >&3; exit 1; }
-    if ! { set -C; exec 4>"$__djs_p"; } 2>/dev/null; then
-      __djs_q=; read -r __djs_q < "$__djs_p" 2>/dev/null
-      [ -n "$__djs_q" ] && echo "x $1 $2 - taken" >&3 && exit 1
-      echo "djs: cannot create $__djs_p (disk full?); the job was not started"
-      echo "x $1 $2 - nowrite" >&3; exit 1
-    fi
-    set +C
-    echo $BASHPID >&4 || { echo "djs: cannot write $__djs_p (disk full?); the job was not started"; echo "x $1 $2 - nowrite" >&3; exit 1; }
-    [ -z "$4" ] || printf %s "$4"
-    __djs_i=$1 __djs_r=$2; shift 7
-    for __djs_v in "\${__djs_env[@]}"; do
-      if [ "\${__djs_v#-}" != "$__djs_v" ]; then unset -v "\${__djs_v#-}"; else export "$__djs_v"; fi
-    done
-    if [ -z "$__djs_k" ]; then "$@" 3>&- 4>&-; __djs_c=$?; else __djs_c=143; fi
-    echo $__djs_c >&4
-    echo "x $__djs_i $__djs_r $__djs_c" >&3
-  ) & disown
-  echo "s $1 $2 $!"
+ *  For each record the launcher forks a child in a process group of its own, which
+ *    1. claims the run: creates run/ID.RUN.pid exclusively (O_EXCL, no symlink followed)
+ *       and writes `PID LAUNCHER_PID` there, keeping the file open (also in the job,
+ *       which is how a later server tells this run's process from any other);
+ *    2. enters CWD, opens LOG_DIR/ID.log (append, no symlink, no FIFO: a log that would
+ *       block fails the start instead), and makes it the job's stdout and stderr;
+ *    3. sets JOB_ID, SLAVE_IP, SLAVE_SLOT, JOB_ATTEMPT and the NAME=VALUE words, and
+ *       execs SCRIPT with ARGS (no shell).
+ *  The launcher reaps each child, appends its exit code (128+N for signal N) to the run
+ *  file if the claim there is the child's, and then tells the server. Before each fork
+ *  it checks that its parent is still the server: the launcher of a server that is gone
+ *  starts nothing more (the next server queues those jobs again), but goes on reaping
+ *  and recording exit codes until its last job has ended.
+ *
+ *  Output (to the server; each line one write, so lines never interleave):
+ *    s ID RUN PID     the run's process was forked (the server can now signal it)
+ *    f ID RUN WHY     the run failed before the script ran: `taken` (a server claimed
+ *                     the run first), `nowrite` (the run file could not be made),
+ *                     `cwd`, `log`; comes before the run's `x`
+ *    x ID RUN CODE    the run's process ended */
+const LAUNCHER = String.raw`
+use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_APPEND O_NOFOLLOW O_NONBLOCK F_GETFL F_SETFL);
+my (undef, $D, $L, $S) = @ARGV;   # @ARGV starts with the name djs-launcher
+delete $ENV{DJS_LAUNCHER_CODE};
+my @kept = grep { /^DJS_KEPT_/ } keys %ENV;
+$SIG{PIPE} = 'IGNORE';
+$| = 1;
+pipe(my $sr, my $sw) or die "djs-launcher: pipe: $!\n";
+fcntl($sw, F_SETFL, fcntl($sw, F_GETFL, 0) | O_NONBLOCK);
+$SIG{CHLD} = sub { syswrite($sw, 'c') };
+my (%job, $buf);
+my $alive = 1;
+$buf = '';
+sub fail { syswrite(STDOUT, "f $_[0] $_[1] $_[2]\n"); exit 1 }
+sub child {
+  my ($id, $run, $slot, $att, $nenv, $cwd, $marker, $worker, @w) = @_;
+  $SIG{CHLD} = $SIG{PIPE} = 'DEFAULT';
+  setpgrp(0, 0);
+  $^F = 1023;   # what is opened from here on stays open across exec
+  sysopen(my $pf, "$D/run/$id.$run.pid", O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW, 0600)
+    or fail($id, $run, $!{EEXIST} ? 'taken' : 'nowrite');
+  syswrite($pf, "$$ " . getppid() . "\n") or fail($id, $run, 'nowrite');
+  chdir($cwd) or fail($id, $run, 'cwd');
+  sysopen(my $lf, "$L/$id.log", O_WRONLY|O_CREAT|O_APPEND|O_NOFOLLOW|O_NONBLOCK, 0600) or fail($id, $run, 'log');
+  -f $lf or fail($id, $run, 'log');
+  fcntl($lf, F_SETFL, fcntl($lf, F_GETFL, 0) & ~O_NONBLOCK);
+  open(STDIN, '<', '/dev/null');
+  open(STDOUT, '>&', $lf) and open(STDERR, '>&', $lf) or fail($id, $run, 'log');
+  close($lf);
+  syswrite(STDOUT, $marker) if length $marker;
+  for my $k (@kept) { my $v = delete $ENV{$k}; $k =~ s/^DJS_KEPT_//; $ENV{$k} = $v }
+  @ENV{qw(JOB_ID SLAVE_IP SLAVE_SLOT JOB_ATTEMPT)} = ($id, $worker, $slot, $att);
+  for (1 .. $nenv) { my ($k, $v) = split /=/, shift(@w), 2; $ENV{$k} = $v }
+  { exec { $w[0] } @w }
+  my $err = $!;
+  print STDERR "djs: cannot run $w[0]: $err\n";
+  exit($!{ENOENT} ? 127 : 126);
 }
-while IFS= read -r __djs_line; do eval "$__djs_line"; done
-exec 1>/dev/null 3>&-
-while :; do
-  __djs_n=0
-  for __djs_f in /proc/[0-9]*/stat; do
-    read -r __djs_s < "$__djs_f" 2>/dev/null || continue
-    __djs_s=\${__djs_s##*) }; __djs_s=\${__djs_s#* }
-    [ "\${__djs_s%% *}" = $$ ] && __djs_n=1 && break
-  done
-  [ $__djs_n = 0 ] && exit 0
-  sleep 1
-done`;
-/** A word for the launcher: plain if it is safe so, else $'...' with backslashes and
- *  quotes escaped and every byte outside printable ASCII written as \xHH (so any string
- *  stays one word on one line, whatever the locale's multibyte encoding). */
-export const bashWord = (s: string): string =>
-  /^[\w/.,:@%+=-]+$/.test(s) ? s : `$'${s.replace(/[\\']|[^\x20-\x7e]/gu, (c) =>
-    c === '\\' || c === "'" ? '\\' + c : [...Buffer.from(c, 'utf8')].map((b) => '\\x' + b.toString(16).padStart(2, '0')).join(''))}'`;
+sub take {
+  while (length($buf) >= 8) {
+    my $len = hex(substr($buf, 0, 8));
+    return if length($buf) < 8 + $len;
+    my $rec = substr($buf, 8, $len);
+    substr($buf, 0, 8 + $len) = '';
+    if (getppid() != $S) { $alive = 0; open(STDOUT, '>', '/dev/null'); return }
+    my $nl = index($rec, "\n");
+    my @f = split / /, substr($rec, 0, $nl);
+    my ($o, @w) = ($nl + 1);
+    for my $n (@f[5 .. $#f]) { push @w, substr($rec, $o, $n); $o += $n }
+    my $pid = fork();
+    if (!defined $pid) { print "f $f[0] $f[1] nowrite\nx $f[0] $f[1] 1\n"; next }
+    child(@f[0 .. 4], @w) if $pid == 0;
+    setpgrp($pid, $pid);
+    $job{$pid} = "$f[0] $f[1]";
+    print "s $f[0] $f[1] $pid\n";
+  }
+}
+sub reap {
+  while ((my $pid = waitpid(-1, 1)) > 0) {
+    my $r = delete $job{$pid};
+    next unless defined $r;
+    my $c = ($? & 127) ? 128 + ($? & 127) : $? >> 8;
+    my ($id, $run) = split / /, $r;
+    if (open(my $fh, '+<', "$D/run/$id.$run.pid")) {
+      my $claim = <$fh> // '';
+      if ($claim =~ /^$pid /) { seek($fh, 0, 2); print $fh "$c\n" }
+      close($fh);
+    }
+    print "x $r $c\n";
+  }
+}
+while ($alive || %job) {
+  my $rin = '';
+  vec($rin, fileno($sr), 1) = 1;
+  vec($rin, 0, 1) = 1 if $alive;
+  next if select(my $rout = $rin, undef, undef, undef) <= 0;
+  if (vec($rout, fileno($sr), 1)) { sysread($sr, my $x, 4096); reap() }
+  if ($alive && vec($rout, 0, 1)) {
+    my $n = sysread(STDIN, $buf, 1 << 16, length $buf);
+    if ($n) { take() }
+    elsif (defined $n || !$!{EINTR}) { $alive = 0; open(STDOUT, '>', '/dev/null') }
+  }
+}
+`;
 
-/** Variables bash acts on (at start-up or when set) or sets itself: kept from the
- *  launcher, and set (or unset) again in each wrapper just before the script runs, as
- *  they were in the server's environment. */
-const FOR_JOBS_ONLY = ['BASH_ENV', 'POSIXLY_CORRECT', 'TMOUT', 'SHLVL', 'OLDPWD'];
-/** ... and what neither gets: SHELLOPTS and BASHOPTS (bash makes them read-only), and
- *  functions exported from bash (BASH_FUNC_*), which could stand in for the builtins the
- *  launcher uses. */
-const keptFromLauncher = (name: string) => FOR_JOBS_ONLY.includes(name) || name === 'SHELLOPTS' || name === 'BASHOPTS' || name.startsWith('BASH_FUNC_');
+/** Variables perl acts on at start-up: kept from the launcher (as DJS_KEPT_NAME) and
+ *  given back to each job as they were. */
+const keptFromLauncher = (name: string) => /^PERL/.test(name);
 
-/** The launcher's environment and its arguments after the code (see LAUNCHER). */
-function launcherArgs(env: NodeJS.ProcessEnv, dataDir: string, logDir: string): { env: NodeJS.ProcessEnv; args: string[] } {
-  const forJobs = FOR_JOBS_ONLY.map((name) => (env[name] === undefined ? `-${name}` : `${name}=${env[name]}`));
+/** The launcher's environment and arguments (see LAUNCHER). */
+export function launcherArgs(env: NodeJS.ProcessEnv, dataDir: string, logDir: string, serverPid: number): { env: NodeJS.ProcessEnv; args: string[] } {
+  const own: NodeJS.ProcessEnv = { DJS_LAUNCHER_CODE: LAUNCHER, DJS_DATA_DIR: dataDir };
+  for (const [name, value] of Object.entries(env)) {
+    if (name.startsWith('DJS_KEPT_')) continue;
+    if (keptFromLauncher(name)) own[`DJS_KEPT_${name}`] = value; else own[name] ??= value;
+  }
+  return { env: own, args: ['-e', 'my $c = $ENV{DJS_LAUNCHER_CODE}; eval $c; die $@ if $@', 'djs-launcher', dataDir, logDir, String(serverPid)] };
+}
+
+/** One job for the launcher (see LAUNCHER): its record, as bytes. */
+export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: string[]; script: string; args: string[] }): Buffer {
+  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map((f) => Buffer.from(f));
+  const head = Buffer.from(`${j.id} ${j.run} ${j.slot} ${j.attempt} ${j.env.length} ${fields.map((f) => f.length).join(' ')}\n`);
+  let len = head.length;
+  for (const f of fields) len += f.length;
+  return Buffer.concat([Buffer.from(len.toString(16).padStart(8, '0')), head, ...fields]);
+}
+
+/** Run files are named by the job and its run number, which is never reused. */
+const runFile = (dataDir: string, id: number, run: number) => path.join(dataDir, 'run', `${id}.${run}.pid`);
+
+/** What a run file says: who claimed the run (`void`: a server, so it never ran; else
+ *  the pid of the run's process and of the launcher that forked it; '' while the claim
+ *  is being written) and, once the run ended, its exit code. Version 1 files hold only
+ *  the pid on the first line. Throws the read error (ENOENT: no claim). */
+function readRunFile(file: string): { claim: string; pid: number; launcher: number; code: number | null } {
+  const [first, code] = fs.readFileSync(file, 'utf8').split('\n');
+  const [pid, launcher] = first.trim().split(' ');
   return {
-    env: { ...Object.fromEntries(Object.entries(env).filter(([name]) => !keptFromLauncher(name))), DJS_LAUNCHER_CODE: LAUNCHER },
-    // --norc: its stdin is a socket, and bash given one reads ~/.bashrc as if run by sshd.
-    args: ['--norc', '--noprofile', '-c', 'eval "$DJS_LAUNCHER_CODE"', 'djs-launcher', dataDir, logDir, ...forJobs],
+    claim: first.trim(), pid: /^\d+$/.test(pid) ? Number(pid) : 0, launcher: /^\d+$/.test(launcher ?? '') ? Number(launcher) : 0,
+    code: /^\d+$/.test(code ?? '') ? Number(code) : null,
   };
 }
 
-/** Run files are named by the job and its start count, which is never reused. (`exit`
- *  files hold the exit codes of wrappers of earlier versions, which had two files.) */
-const runFile = (dataDir: string, id: number, run: number, kind: 'pid' | 'exit') =>
-  path.join(dataDir, 'run', `${id}.${run}.${kind}`);
-
-/** What a pid file says: its first line ('' while being written, 'void' when a server
- *  claimed the run, else the wrapper's pid), and the exit code once the job ended. */
-function readRunFile(pidFile: string): { claim: string; code: number | null } | null {
-  let text: string;
-  try { text = fs.readFileSync(pidFile, 'utf8'); } catch { return null; }
-  const [claim, code] = text.split('\n');
-  return { claim: claim.trim(), code: /^\d+$/.test(code ?? '') ? Number(code) : null };
-}
-
 const HAVE_PROC = fs.existsSync('/proc/self/stat');
+const gone = (e: unknown) => ['ENOENT', 'ESRCH'].includes((e as NodeJS.ErrnoException).code ?? '');
 
 /** The fields of /proc/PID/stat after the command name (0: state, 1: parent, 2: process
- *  group, 19: start time), or null if there is no such process. */
+ *  group, 19: start time), or null if there is no such process. Other errors (out of
+ *  file descriptors, say) are thrown: they say nothing about the process. */
 function procStat(pid: number | string): string[] | null {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  } catch { return null; }
+  let stat: string;
+  try { stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8'); } catch (e) { if (gone(e)) return null; throw e; }
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
 }
 
 /** A process's start time in clock ticks since boot, from /proc (it does not move when
@@ -1007,49 +1294,107 @@ export function processStartTicks(pid: number): string | null {
   try { process.kill(pid, 0); return ''; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM' ? '' : null; }
 }
 
-/** True if `pid` is the live wrapper of the run whose pid file is `pidFile`: it holds that
- *  very file open on fd 4 (or, for a wrapper of an earlier version, names it in its
- *  argv), so neither a reused pid nor a clock step can fool it. Without /proc, only
- *  existence can be checked. */
-function isWrapper(pid: number, pidFile: string, file?: fs.Stats): boolean {
-  if (!HAVE_PROC) return processStartTicks(pid) !== null;
-  try {
-    const held = fs.statSync(`/proc/${pid}/fd/4`), f = file ?? fs.statSync(pidFile);
-    if (held.ino === f.ino && held.dev === f.dev) return true;
-  } catch { /* no such process, no fd 4, or no pid file */ }
-  try { return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(pidFile); } catch { return false; }
-}
-
-/** The pid of the live wrapper of a run (for a pid file that its wrapper created but had
- *  not written yet), or null. */
-function findWrapper(pidFile: string): number | null {
-  if (!HAVE_PROC) return null;
-  let file: fs.Stats;
-  try { file = fs.statSync(pidFile); } catch { return null; }
-  for (const name of fs.readdirSync('/proc')) {
-    if (/^\d+$/.test(name) && isWrapper(Number(name), pidFile, file)) return Number(name);
-  }
-  return null;
-}
-
-/** True while a process of job `id` lives on in the process group its wrapper `pgid` led
- *  (a script whose wrapper was killed): a live (not zombie) member of that group whose
- *  environment names this job and data dir, so that neither a reused pid nor a process
- *  of another job counts. Without /proc: whether the group exists at all. */
-function jobGroupAlive(id: number, pgid: number, dataDir: string): boolean {
-  try { process.kill(-pgid, 0); } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'EPERM') return false; }
-  if (!HAVE_PROC) return true;
+/** True if some process of group `pgid` (a run's process group) holds run file `file`
+ *  open or carries this job's JOB_ID and data dir in its environment (a script that
+ *  closed its inherited files, or a child it left behind); a zombie counts, since its
+ *  exit code is still to be recorded by its parent. Neither a reused pid nor another
+ *  job's process can pass. Throws when /proc cannot be read (then nothing is known). */
+function runHolds(pgid: number, id: number, dataDir: string, file: fs.Stats): boolean {
+  if (!HAVE_PROC) { try { process.kill(-pgid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; } }
   const marks = [`JOB_ID=${id}`, `DJS_DATA_DIR=${dataDir}`];
   for (const name of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     const fields = procStat(name);
-    if (fields === null || fields[0] === 'Z' || Number(fields[2]) !== pgid) continue;
+    if (fields === null || Number(fields[2]) !== pgid) continue;
+    if (fields[0] === 'Z') return true;
     try {
-      const env = fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0');
-      if (marks.every((m) => env.includes(m))) return true;
-    } catch { /* gone, or not ours */ }
+      for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
+        const held = fs.statSync(`/proc/${name}/fd/${fd}`);
+        if (held.ino === file.ino && held.dev === file.dev) return true;
+      }
+      if (marks.every((m) => fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0').includes(m))) return true;
+    } catch (e) { if (!gone(e)) throw e; }
   }
   return false;
+}
+
+/** The pid of a process that holds run file `file` open: the process that created it
+ *  and has not written its claim yet (or null). Throws when /proc cannot be read. */
+function runCreator(file: fs.Stats): number | null {
+  if (!HAVE_PROC) return null;
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
+        const held = fs.statSync(`/proc/${name}/fd/${fd}`);
+        if (held.ino === file.ino && held.dev === file.dev) return Number(name);
+      }
+    } catch (e) { if (!gone(e)) throw e; }
+  }
+  return null;
+}
+
+/** True while the launcher `pid` of this data dir runs: it may still record an exit code. */
+function launcherAlive(pid: number, dataDir: string): boolean {
+  if (pid <= 0) return false;
+  let argv: string[];
+  try { argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0'); } catch (e) { if (gone(e)) return false; throw e; }
+  return argv.includes('djs-launcher') && argv.includes(dataDir);
+}
+
+/** What became of a run, as its run file and /proc tell:
+ *   unclaimed  no process claimed it (no run file, or a server's `void`): it never ran
+ *   running    its process (or the process about to record its exit) lives
+ *   ended      it ended: with its exit code, or null when nobody recorded one
+ *   unknown    the check itself failed (out of file descriptors, say): ask again later;
+ *              never taken for "ended"
+ *  The one place that decides whether a job's process lives, used at start-up, when the
+ *  launcher dies, and for jobs whose launcher is not ours. */
+export type RunCheck = { is: 'unclaimed' } | { is: 'running'; pid: number } | { is: 'ended'; code: number | null } | { is: 'unknown'; why: string };
+
+export function checkRun(dataDir: string, id: number, run: number): RunCheck {
+  const file = runFile(dataDir, id, run);
+  try {
+    const r = readRunFile(file);
+    if (r.code !== null) return { is: 'ended', code: r.code };
+    if (r.claim === 'void') return { is: 'unclaimed' };
+    const stat = fs.statSync(file);
+    if (r.pid === 0) {
+      // Created, its claim not written yet: by a process that still holds it, or by one
+      // that died before it got to run the job.
+      const creator = runCreator(stat);
+      return creator === null ? { is: 'unclaimed' } : { is: 'running', pid: creator };
+    }
+    if (runHolds(r.pid, id, dataDir, stat)) return { is: 'running', pid: r.pid };
+    // Its process is gone; its launcher may be about to record the exit code.
+    if (launcherAlive(r.launcher, dataDir)) {
+      const again = readRunFile(file);
+      return again.code !== null ? { is: 'ended', code: again.code } : { is: 'running', pid: r.pid };
+    }
+    const last = readRunFile(file);
+    return { is: 'ended', code: last.code };
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { is: 'unclaimed' };
+    return { is: 'unknown', why: (e as Error).message };
+  }
+}
+
+/** Claims a run for the server, so that no process can claim it after: true if the
+ *  claim is the server's now (or was already), false if a process claimed it first. */
+export function voidRun(dataDir: string, id: number, run: number): boolean {
+  const file = runFile(dataDir, id, run);
+  try {
+    fs.writeFileSync(file, 'void\n', { flag: 'wx', mode: 0o600 });
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
+  const r = readRunFile(file);
+  if (r.claim === 'void') return true;
+  if (r.pid !== 0 || runCreator(fs.statSync(file)) !== null) return false;
+  // Created by a process that died before writing its claim: it never ran the job.
+  fs.writeFileSync(file, 'void\n', { mode: 0o600 });
+  return true;
 }
 
 function signalGroup(pid: number, sig: NodeJS.Signals): void {
@@ -1090,23 +1435,26 @@ export function probeHost(host: string, ssh: SshSettings): Promise<string | null
 }
 
 // ============================================================================
-// The server: the socket, the flush loop, effects
+// The server: the operation table, the flush loop, the process supervisor, the socket
 // ============================================================================
 
 type Reply = (msg: Record<string, unknown>) => void;
-type Request = Record<string, unknown> & { op: string };
-/** Inputs wait in the inbox for the next flush: client requests that change state,
- *  outcomes (facts) from processes and probes, and ticks (a timer fired). */
-type Input = { kind: 'request'; req: Request; reply: Reply } | { kind: 'fact'; ev: Event } | { kind: 'tick' };
-/** A job's process as the server knows it: started by our launcher (its wrapper reports
- *  its end), or adopted (watched through its run files). `missed`: a launched wrapper
- *  was found gone once; `unheard`: its re-adoption failed and is tried again (see
- *  watchProcs). */
-type Proc = { pid: number; run: number; launched: boolean; pendingSignal: NodeJS.Signals | null; missed: boolean; unheard?: boolean };
+/** A client's connection, for operations that answer over time. */
+type Conn = { send: Reply; sock: net.Socket };
+type Decide = (st: State, req: Request, c: DecideContext) => Decision;
+/** Inputs wait in the inbox for the next flush: requests that change state (with the
+ *  decision that serves them), facts (a process ended, a probe answered), and ticks (a
+ *  timer fired). */
+type Input = { kind: 'request'; req: Request; decide: Decide; reply: Reply } | { kind: 'fact'; ev: Event } | { kind: 'tick' };
+/** A job's process as the supervisor knows it: `launched` by our launcher, whose lines
+ *  tell its pid and its end; or `watched`, any other (it outlived an earlier server or
+ *  our launcher), whose end its run file tells (checkRun). `failed`: why the launcher
+ *  said it could not start; `signal`: one asked for before its pid was known. */
+type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
-type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; ssh: SshSettings };
+type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings };
 
 // All server state, in one place.
 let cfg: ServerConfig;
@@ -1114,21 +1462,19 @@ let st: State;
 let journal: Journal;
 let server: net.Server;
 let baseEnv: NodeJS.ProcessEnv;
+const rt = newRuntime();
 const inbox: Input[] = [];
 let flushQueued = false;
 let timer: NodeJS.Timeout | null = null;
 let writeRetryMs = 0;
 const procs = new Map<number, Proc>();     // processes of running jobs, by job id
 let launcher: ChildProcess | null = null;
-const probing = new Set<string>();
-const sigkilled = new Set<number>();
+let watchedCheck: NodeJS.Timeout | null = null;
+let voidsKept = false;                     // void claims wait in run/ for earlier launchers to end
+let runDirWatch: fs.FSWatcher | null = null;
 const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
-let adoptWatch: fs.FSWatcher | null = null;
-let procTimer: NodeJS.Timeout | null = null;
-let stopping = false;
-let startFailures = 0;           // wrappers in a row that could not claim their run
-let startsPausedUntil = 0;
+let shuttingDown = false;
 
 const log = (msg: string) => process.stdout.write(`${new Date().toISOString()} ${msg}\n`);
 
@@ -1138,106 +1484,66 @@ function submit(input: Input): void {
 }
 const fact = (ev: Event) => submit({ kind: 'fact', ev });
 
-/** Ids of the jobs an event touches (for wait), or 'all'. */
-function touchedBy(ev: Event): number[] | 'all' {
-  switch (ev.e) {
-    case 'add': return Array.from({ length: ev.jobs.length }, (_, i) => ev.id + i);
-    case 'remove': case 'stop': case 'retry': return ev.ids;
-    case 'start': case 'unstart': case 'end': return [ev.id];
-    case 'clean': return 'all';
-    default: return [];
-  }
-}
+// ---- the operation table --------------------------------------------------------
 
-/** One turn of the server: apply every queued input, start what can start, write all
- *  resulting events with one write and one fdatasync, then answer and carry out the
- *  effects. Nothing leaves the server before its events are on disk. */
-function flush(): void {
-  flushQueued = false;
-  if (stopping) return;
-  const now = Date.now();
-  const lines: string[] = [];
-  const answers: { reply: Reply; answer: Record<string, unknown> }[] = [];
-  const effects: (() => void)[] = [];
-  const facts: Event[] = [];
-  const touched = new Set<number>();
-  let touchedAll = false;
-  const commit = (ev: Event) => {
-    applyEvent(st, ev);
-    st.seq++;
-    lines.push(JSON.stringify({ n: st.seq, ...ev }));
-    if (waiters.size) { // only `wait` clients need to know which jobs changed
-      const ids = touchedBy(ev);
-      if (ids === 'all') touchedAll = true; else for (const id of ids) touched.add(id);
-    }
-    // The run files of an attempt go only once its end is on disk: until then they are
-    // what tells a restarted server that the attempt ran.
-    if (ev.e === 'end') effects.push(() => removeRunFiles(ev.id, ev.run));
-    if (ev.e === 'unstart') sigkilled.delete(ev.id);
-  };
+/** Every request the socket takes, and how it is served:
+ *    read      answered at once from the state
+ *    change    decided in the next flush, answered once its events are on disk
+ *    check     I/O first (ssh logins, executable scripts), then decided like a change
+ *    stream    answered over time (list in chunks, wait, log -f)
+ *    shutdown  the server stops once the answer is out
+ *  The client's COMMANDS table is the other end of most of these. */
+type Op =
+  | { kind: 'read'; answer: (req: Request) => Record<string, unknown> }
+  | { kind: 'change'; decide: Decide }
+  | { kind: 'check'; check: (req: Request) => Promise<Request>; decide: Decide }
+  | { kind: 'stream'; open: (req: Request, conn: Conn) => void }
+  | { kind: 'shutdown' };
 
-  // 1. Requests and facts, in arrival order.
-  for (const input of inbox.splice(0)) {
-    if (input.kind === 'tick') continue;
-    if (input.kind === 'fact') { facts.push(input.ev); commit(input.ev); continue; }
-    try {
-      answers.push({ reply: input.reply, answer: handleChange(input.req, now, commit, effects) });
-    } catch (e) {
-      sendError(input.reply, e);
-    }
-  }
-  // 2. Deadlines: timeouts become stops; SIGKILLs and probes are effects.
-  const { due } = dueActions(st, now, { probing, sigkilled });
-  for (const d of due) {
-    if (d.kind === 'timeout') {
-      commit({ e: 'stop', t: now, ids: [d.id], why: 'timeout', grace: cfg.killGraceMs });
-      effects.push(() => signalJob(d.id, 'SIGTERM'));
-    } else if (d.kind === 'sigkill') {
-      sigkilled.add(d.id);
-      effects.push(() => signalJob(d.id, 'SIGKILL'));
-    } else {
-      probing.add(d.host);
-      effects.push(() => runProbe(d.host));
-    }
-  }
-  // 3. Scheduling: fill the free slots (unless starts pause after wrapper failures).
-  for (const s of now < startsPausedUntil ? [] : planStarts(st)) {
-    commit({ e: 'start', t: now, id: s.id, w: s.host, s: s.slot });
-    effects.push(() => startJob(s.id));
-  }
-  // 4. Make it durable; then answer and act.
-  if (lines.length) {
-    try {
-      journal.append(lines.join('\n') + '\n');
-      writeRetryMs = 0;
-    } catch (e) {
-      for (const d of due) if (d.kind === 'probe') probing.delete(d.host); else if (d.kind === 'sigkill') sigkilled.delete(d.id);
-      recoverFromWriteFailure(e as NodeJS.ErrnoException, answers.map((a) => a.reply), facts);
-      return;
-    }
-  }
-  for (const a of answers) a.reply({ ok: true, ...a.answer });
-  for (const fx of effects) fx();
-  if (lines.length) notifyWatchers(now, touchedAll ? null : touched);
-  if (journal.needsSnapshot()) takeSnapshot();
-  armTimer();
-}
+const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir });
 
-/** The journal could not be written (disk full, read-only): memory is ahead of the
- *  disk, so reload the state from disk, refuse the requests of the batch, and retry the
- *  facts (processes did end; probes did answer) with a growing delay. */
-function recoverFromWriteFailure(e: NodeJS.ErrnoException, refused: Reply[], facts: Event[]): void {
-  const what = `cannot write the journal '${path.join(cfg.dataDir, 'journal')}': ${e.message}`;
-  log(`error: ${what}; ${refused.length} request(s) refused, ${facts.length} outcome(s) kept for retry`);
+const OPS: Record<string, Op> = {
+  ping: { kind: 'read', answer: serverInfo },
+  status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st) }) },
+  list: { kind: 'stream', open: streamJobs },
+  log: { kind: 'stream', open: openLog },
+  wait: { kind: 'stream', open: openWait },
+  add_jobs: { kind: 'check', check: checkScripts, decide: decideAddJobs },
+  remove_jobs: { kind: 'change', decide: decideRemoveJobs },
+  kill: { kind: 'change', decide: decideKill },
+  retry: { kind: 'change', decide: decideRetry },
+  clean: { kind: 'change', decide: decideClean },
+  add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers },
+  remove_workers: { kind: 'change', decide: decideRemoveWorkers },
+  stop: { kind: 'shutdown' },
+};
+
+/** One request line: parsed, looked up in OPS, served by its kind. Never throws. */
+function handleRequestLine(line: string, conn: Conn): void {
+  let req: Request;
   try {
-    st = loadState(cfg.dataDir, journal.size).state;
-  } catch (e2) {
-    log(`fatal: cannot reload the state after a failed write: ${(e2 as Error).message}; running jobs keep running`);
-    process.exit(1);
+    const v = JSON.parse(line);
+    if (!v || typeof v !== 'object' || Array.isArray(v) || typeof v.op !== 'string') throw new Error('no op');
+    req = v;
+  } catch {
+    conn.send({ ok: false, code: EXIT_USAGE, error: 'malformed request: expected one JSON object with an "op" per line' });
+    return;
   }
-  for (const reply of refused) reply({ ok: false, code: EXIT_FAILED, error: what, hint: 'nothing was changed; free space or fix the data dir, then try again' });
-  writeRetryMs = Math.min(30_000, writeRetryMs ? writeRetryMs * 2 : 250);
-  setTimeout(() => { for (const ev of facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
+  const op = Object.hasOwn(OPS, req.op) ? OPS[req.op] : undefined;
+  try {
+    if (!op) throw usage(`unknown request ${quoteForError(req.op)}`);
+    switch (op.kind) {
+      case 'read': return conn.send({ ok: true, ...op.answer(req) });
+      case 'change': return submit({ kind: 'request', req, decide: op.decide, reply: conn.send });
+      case 'check': return void op.check(req).then(
+        (checked) => submit({ kind: 'request', req: checked, decide: op.decide, reply: conn.send }),
+        (e) => sendError(conn.send, e));
+      case 'stream': return op.open(req, conn);
+      case 'shutdown': return void conn.sock.end(JSON.stringify({ ok: true, pid: process.pid }) + '\n', () => shutdown('stop requested'));
+    }
+  } catch (e) {
+    sendError(conn.send, e);
+  }
 }
 
 function sendError(reply: Reply, e: unknown): void {
@@ -1245,148 +1551,27 @@ function sendError(reply: Reply, e: unknown): void {
   reply({ ok: false, error: err.message, hint: err.hint, code: err.code });
 }
 
-function takeSnapshot(): void {
-  const t0 = Date.now();
-  try {
-    journal.snapshot(st);
-    log(`snapshot of ${st.jobs.size} jobs written in ${Date.now() - t0} ms`);
-  } catch (e) {
-    log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
+/** add_jobs, before deciding: every script is an executable regular file. */
+async function checkScripts(req: Request): Promise<Request> {
+  const seen = new Set<string>();
+  for (const spec of Array.isArray(req.jobs) ? req.jobs : []) {
+    const script = Array.isArray(spec) ? spec[0] : undefined;
+    if (typeof script !== 'string' || !path.isAbsolute(script) || seen.has(script)) continue;
+    seen.add(script);
+    checkExecutable(script, script);
   }
+  return req;
 }
 
-/** Sets the one timer to the next deadline the core names. */
-function armTimer(): void {
-  if (timer) { clearTimeout(timer); timer = null; }
-  const now = Date.now();
-  const { due, next: deadline } = dueActions(st, now, { probing, sigkilled });
-  // Something fell due while the flush ran (fsync, spawns): take it now.
-  if (due.length) return submit({ kind: 'tick' });
-  const next = startsPausedUntil > now && st.counts.waiting > 0 ? Math.min(deadline, startsPausedUntil) : deadline;
-  if (next === Infinity) return;
-  timer = setTimeout(() => { timer = null; submit({ kind: 'tick' }); }, Math.max(0, Math.min(next - now, 2 ** 31 - 1)));
-}
-
-// ---- state-changing requests ------------------------------------------------
-
-const num = (v: unknown, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): number => {
-  const n = typeof v === 'number' ? v : Number(v);
-  if (!Number.isSafeInteger(n) || n < min || n > max) throw usage(`invalid ${name} ${quoteForError(String(v))}`);
-  return n;
-};
-const idList = (v: unknown): number[] => {
-  if (!Array.isArray(v) || v.length === 0) throw usage('no job ids given');
-  return v.map((x) => num(x, 'job id', 1));
-};
-function jobOrFail(id: number): Job {
-  const job = st.jobs.get(id);
-  if (!job) throw failure(`no such job '${id}'`, id >= st.nextId ? 'ids so far end at ' + (st.nextId - 1) : 'it may have been removed or cleaned');
-  return job;
-}
-
-/** Validates one state-changing request against the state, commits its events, and
- *  returns the answer. Throws UserError (nothing committed) when the request is wrong. */
-function handleChange(req: Request, now: number, commit: (ev: Event) => void, effects: (() => void)[]): Record<string, unknown> {
-  switch (req.op) {
-    case 'add_jobs': {
-      const cwd = req.cwd, jobs = req.jobs;
-      if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
-      if (!Array.isArray(jobs) || jobs.length === 0) throw usage('no jobs given');
-      const checked = new Set<string>();
-      for (const spec of jobs) {
-        if (!Array.isArray(spec) || spec.length === 0 || !spec.every((w) => typeof w === 'string')) throw usage('a job is a list of strings');
-        if (spec.some((w) => w.includes('\0'))) throw usage('a job\'s words cannot hold NUL bytes');
-        if (!checked.has(spec[0])) { checkScript(spec[0]); checked.add(spec[0]); }
-      }
-      const id = st.nextId;
-      commit({ e: 'add', t: now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] });
-      return { first: id, count: jobs.length };
-    }
-    case 'remove_jobs': {
-      let ids: number[];
-      if (req.ids !== undefined) {
-        ids = idList(req.ids);
-        for (const id of ids) {
-          const job = jobOrFail(id);
-          if (job.state !== 'waiting') throw failure(`job '${id}' is ${job.state}, not waiting`, job.state === 'running' ? `stop it with: kill ${id}` : undefined);
-        }
-      } else {
-        const script = req.script, args = req.args;
-        if (typeof script !== 'string' || !Array.isArray(args)) throw usage('remove_job needs a script and args');
-        ids = [];
-        for (const job of waitingJobs(st)) {
-          if (job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i])) ids.push(job.id);
-        }
-        if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args.map(String)].map(shellQuote).join(' '))}`);
-      }
-      commit({ e: 'remove', t: now, ids });
-      return { ids };
-    }
-    case 'kill': {
-      const ids = req.all ? [...st.jobs.values()].filter((j) => j.state === 'running' || j.state === 'waiting').map((j) => j.id) : idList(req.ids);
-      if (!req.all) for (const id of ids) {
-        const job = jobOrFail(id);
-        if (isFinished(job.state)) throw failure(`job '${id}' is not running (it is ${job.state})`);
-      }
-      if (ids.length) commit({ e: 'stop', t: now, ids, why: 'user', grace: cfg.killGraceMs });
-      for (const id of ids) if (st.jobs.get(id)?.state === 'running') effects.push(() => signalJob(id, 'SIGTERM'));
-      return { ids };
-    }
-    case 'retry': {
-      const byState = req.failed || req.killed;
-      const ids = byState ? [...st.jobs.values()].filter((j) => (req.failed && j.state === 'failed') || (req.killed && j.state === 'killed')).map((j) => j.id) : idList(req.ids);
-      if (!byState) for (const id of ids) {
-        const job = jobOrFail(id);
-        if (!isFinished(job.state)) throw failure(`job '${id}' is ${job.state}; only finished jobs can be retried`);
-      }
-      if (ids.length) commit({ e: 'retry', t: now, ids });
-      return { ids };
-    }
-    case 'clean': {
-      const ids = [...st.jobs.values()].filter((j) => isFinished(j.state)).map((j) => j.id);
-      if (ids.length) commit({ e: 'clean', t: now });
-      if (req.logs) effects.push(() => { for (const id of ids) fs.rm(logFile(id), { force: true }, () => {}); });
-      return { count: ids.length };
-    }
-    case 'add_workers': {
-      const list = req.workers as { host: string; slots: number }[];
-      for (const w of list) commit({ e: 'worker', t: now, host: w.host, slots: w.slots, ssh: !req.skipCheck });
-      return { added: list.map((w) => w.host) };
-    }
-    case 'remove_workers': {
-      if (!Array.isArray(req.hosts) || !req.hosts.every((h) => typeof h === 'string')) throw usage('no hosts given');
-      const hosts = [...new Set(req.hosts as string[])];
-      const result: { host: string; running: number }[] = [];
-      for (const host of hosts) {
-        const w = st.workers.get(host);
-        if (!w) throw failure(`no such worker '${host}'`);
-        const running = w.running.filter(Boolean);
-        if (running.length && req.mode !== 'wait' && req.mode !== 'kill') {
-          throw failure(`worker '${host}' is running ${running.length} job(s)`, 'use --wait to let them finish first, or --kill to stop and requeue them');
-        }
-        result.push({ host, running: running.length });
-      }
-      for (const { host } of result) {
-        const w = st.workers.get(host)!;
-        const running = w.running.filter(Boolean);
-        if (!running.length) { commit({ e: 'unworker', t: now, host }); continue; }
-        commit({ e: 'drain', t: now, host });
-        if (req.mode === 'kill') {
-          commit({ e: 'stop', t: now, ids: running, why: 'requeue', grace: cfg.killGraceMs });
-          for (const id of running) effects.push(() => signalJob(id, 'SIGTERM'));
-        }
-      }
-      return { workers: result };
-    }
-    default:
-      throw usage(`unknown request '${req.op}'`);
-  }
-}
-
-/** A job's script must be an executable regular file, named by an absolute path. */
-function checkScript(script: string): void {
-  if (!path.isAbsolute(script)) throw usage(`script path is not absolute: ${quoteForError(script)}`);
-  checkExecutable(script, script);
+/** add_workers, before deciding: unless told to skip it, ssh logs in to every host (in
+ *  parallel); if any fails, none is added. */
+async function checkLogins(req: Request): Promise<Request> {
+  const workers = workerSpecs(req);
+  if (req.skipCheck === true) return { ...req, workers };
+  const errs = await Promise.all(workers.map((w) => probeHost(w.host, cfg.ssh)));
+  const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
+  if (bad.length) throw failure(`ssh login check failed for ${bad.join(', ')}; no worker added`, 'check with: ssh -o BatchMode=yes HOST true (keys, known_hosts), or add with --skip_ssh_auth_check');
+  return { ...req, workers };
 }
 
 /** Throws unless `abs` is an executable regular file; errors name it as `shown`. */
@@ -1402,111 +1587,267 @@ function checkExecutable(abs: string, shown: string, where = ''): void {
 const asUserError = (e: unknown) => (e instanceof UserError ? e : new UserError(EXIT_FAILED, `internal error: ${(e as Error)?.message ?? String(e)}`));
 const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
 
-// ---- effects ---------------------------------------------------------------
+// ---- the flush loop ------------------------------------------------------------
+
+/** What one flush collects before it writes: journal lines, answers, effects. */
+type Turn = { lines: string[]; answers: { reply: Reply; answer: Record<string, unknown> }[]; effects: Effect[]; facts: Event[]; touched: Set<number> | null };
+
+/** Applies an event, numbers it for the journal, and notes its effects. */
+function commit(turn: Turn, ev: Event): void {
+  applyEvent(st, ev);
+  st.seq++;
+  turn.lines.push(JSON.stringify({ n: st.seq, ...ev }));
+  for (const fx of effectsOf(st, ev)) turn.effects.push(fx);
+  if (waiters.size && turn.touched) { // only `wait` clients need to know which jobs changed
+    const ids = touchedBy(ev);
+    if (ids === 'all') turn.touched = null; else for (const id of ids) turn.touched.add(id);
+  }
+}
+
+/** Ids of the jobs an event touches (for wait), or 'all'. */
+function touchedBy(ev: Event): number[] | 'all' {
+  switch (ev.e) {
+    case 'add': return Array.from({ length: ev.jobs.length }, (_, i) => ev.id + i);
+    case 'remove': case 'kill': case 'retry': return ev.ids;
+    case 'start': case 'unstart': case 'end': return [ev.id];
+    case 'clean': return 'all';
+    default: return [];
+  }
+}
+
+/** One turn of the server. Nothing leaves it before its events are on disk:
+ *    1. inputs to events: facts as they are, requests through their op's decision
+ *    2. the scheduler's plan: timeouts, SIGKILLs, probes, starts, the next deadline
+ *    3. append the events and fdatasync them (group commit)
+ *    4. answer the requests
+ *    5. carry out the effects
+ *    6. arm the one timer for the plan's next deadline */
+function flush(): void {
+  flushQueued = false;
+  if (shuttingDown) return;
+  const now = Date.now();
+  const turn: Turn = { lines: [], answers: [], effects: [], facts: [], touched: new Set() };
+  for (const input of inbox.splice(0)) {
+    if (input.kind === 'fact') { turn.facts.push(input.ev); commit(turn, input.ev); }
+    else if (input.kind === 'request') {
+      try {
+        const d = input.decide(st, input.req, { now, killGraceMs: cfg.killGraceMs });
+        for (const ev of d.events) commit(turn, ev);
+        if (d.effects) turn.effects.push(...d.effects);
+        turn.answers.push({ reply: input.reply, answer: d.answer });
+      } catch (e) {
+        sendError(input.reply, e);
+      }
+    }
+  }
+  const p = plan(st, rt, now, cfg.killGraceMs);
+  for (const ev of p.events) commit(turn, ev);
+  turn.effects.push(...p.effects);
+  if (turn.lines.length) {
+    try {
+      journal.append(turn.lines.join('\n') + '\n');
+      writeRetryMs = 0;
+    } catch (e) {
+      return recoverFromWriteFailure(e as NodeJS.ErrnoException, turn);
+    }
+  }
+  for (const a of turn.answers) a.reply({ ok: true, ...a.answer });
+  for (const fx of turn.effects) perform(fx);
+  if (turn.lines.length) notifyWatchers(now, turn.touched);
+  if (journal.needsSnapshot()) takeSnapshot();
+  armTimer(p.next);
+}
+
+/** The journal could not be written (disk full, read-only): memory is ahead of the
+ *  disk, so reload the state from disk, refuse the requests of the turn, drop its
+ *  effects, and retry the facts (processes did end; probes did answer) with a growing
+ *  delay. */
+function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
+  const what = `cannot write the journal '${path.join(cfg.dataDir, 'journal')}': ${e.message}`;
+  log(`error: ${what}; ${turn.answers.length} request(s) refused, ${turn.facts.length} outcome(s) kept for retry`);
+  try {
+    st = loadState(cfg.dataDir, journal.size).state;
+  } catch (e2) {
+    log(`fatal: cannot reload the state after a failed write: ${(e2 as Error).message}; running jobs keep running`);
+    process.exit(1);
+  }
+  for (const a of turn.answers) a.reply({ ok: false, code: EXIT_FAILED, error: what, hint: 'nothing was changed; free space or fix the data dir, then try again' });
+  writeRetryMs = Math.min(30_000, writeRetryMs ? writeRetryMs * 2 : 250);
+  setTimeout(() => { for (const ev of turn.facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
+}
+
+function takeSnapshot(): void {
+  const t0 = Date.now();
+  try {
+    journal.snapshot(st);
+    log(`snapshot of ${st.jobs.size} jobs written in ${Date.now() - t0} ms`);
+  } catch (e) {
+    log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
+  }
+}
+
+/** Sets the one timer to the next deadline the plan named. */
+function armTimer(next: number): void {
+  if (timer) { clearTimeout(timer); timer = null; }
+  if (next === Infinity) return;
+  timer = setTimeout(() => { timer = null; submit({ kind: 'tick' }); }, Math.max(0, Math.min(next - Date.now(), 2 ** 31 - 1)));
+}
+
+/** Carries out one effect of a turn whose events are on disk. */
+function perform(fx: Effect): void {
+  switch (fx.kind) {
+    case 'launch': return launchJob(fx.id);
+    case 'signal':
+      if (fx.sig === 'SIGKILL') rt.killSent.add(fx.id);
+      return signalJob(fx.id, fx.sig);
+    case 'probe':
+      rt.probing.add(fx.host);
+      return runProbe(fx.host);
+    case 'forget-run': return fs.unlink(runFile(cfg.dataDir, fx.id, fx.run), () => {});
+    case 'remove-logs': for (const id of fx.ids) fs.rm(logFile(id), { force: true }, () => {}); return;
+  }
+}
+
+// ---- the process supervisor ----------------------------------------------------
 
 function ensureLauncher(): ChildProcess {
   if (launcher) return launcher;
-  const { env, args } = launcherArgs(baseEnv, cfg.dataDir, cfg.logDir);
-  const l = spawn('bash', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
+  const { env, args } = launcherArgs(baseEnv, cfg.dataDir, cfg.logDir, process.pid);
+  const l = spawn('perl', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
   l.stdin!.on('error', () => {});
   onLines(l.stdout!, launcherSaid);
   l.on('exit', () => launcherGone(l));
-  l.on('error', (e) => { log(`error: cannot run the job launcher (bash): ${e.message}`); launcherGone(l); });
+  l.on('error', (e) => { log(`error: cannot run the job launcher (perl): ${e.message}`); launcherGone(l); });
   launcher = l;
   return l;
 }
 
-/** Starts the process of a job whose start is durable: hands it to the launcher. */
-function startJob(id: number): void {
+/** Hands a job whose start is on disk to the launcher. */
+function launchJob(id: number): void {
   const job = st.jobs.get(id);
   if (!job || job.state !== 'running' || job.worker === null) return;
-  const run = job.runs, attempt = job.attempts;
-  let marker: string | undefined;
+  const attempt = attemptsOf(job);
+  let marker = '';
   if (attempt > 1) {
     const prev = job.history?.at(-1);
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
-  procs.set(id, { pid: 0, run, launched: true, pendingSignal: null, missed: false });
-  const words = [job.cwd, marker ?? '', job.worker, String(job.slot), String(attempt), job.script, ...job.args];
-  ensureLauncher().stdin!.write(`j ${id} ${run} ${words.map(bashWord).join(' ')}\n`);
-  if (!procTimer) watchProcs();
+  procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null });
+  ensureLauncher().stdin!.write(launchRecord({
+    id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env: [], script: job.script, args: job.args,
+  }));
 }
 
-/** What the launcher and the wrappers report (see LAUNCHER): a wrapper's pid, or its end. */
+/** What the launcher says (see LAUNCHER): a run's pid, why it failed to start, its end. */
 function launcherSaid(line: string): void {
-  const [kind, idText, runText, what, why] = line.split(' ');
+  const [kind, idText, runText, what] = line.split(' ');
   const id = Number(idText), p = procs.get(id);
-  if (!p || p.run !== Number(runText) || !p.launched) return;
+  if (!p || p.how !== 'launched' || p.run !== Number(runText)) return;
   if (kind === 's') {
     p.pid = Number(what);
-    if (p.pendingSignal) { signalGroup(p.pid, p.pendingSignal); p.pendingSignal = null; }
-    return;
+    if (p.signal) { signalGroup(p.pid, p.signal); p.signal = null; }
+  } else if (kind === 'f') {
+    p.failed = what;
+  } else if (kind === 'x') {
+    procs.delete(id);
+    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created`);
+    if (p.failed) {
+      const job = st.jobs.get(id);
+      return ended(id, p, null, p.failed === 'log' ? `cannot open the log ${logFile(id)}` : `cannot start: cannot enter ${job?.cwd ?? 'its directory'} (does it still exist?)`);
+    }
+    rt.startFailures = 0;
+    ended(id, p, Number(what));
   }
-  if (what === '-') {
-    if (why === 'taken' || why === 'nowrite') return wrapperFailed(id, p);
-    const job = st.jobs.get(id);
-    return endProc(id, p, null, why === 'log' ? `cannot open the log ${logFile(id)}` : `cannot start: cannot enter ${job?.cwd ?? 'its directory'} (does it still exist?)`);
-  }
-  const code = Number(what);
-  startFailures = 0;
-  endProc(id, p, code);
 }
 
-/** The launcher ended under a running server (killed, crashed): the wrappers it forked
- *  run on by themselves, so their jobs are adopted (a wrapper that had not claimed its
- *  run yet never will: the server claims it); a new launcher starts with the next job. */
-function launcherGone(l: ChildProcess): void {
-  if (launcher !== l) return; // already handled (an error and an exit both come)
-  launcher = null;
-  if (stopping) return;
-  log('warning: the job launcher ended; the jobs it started are watched through their run files');
-  pauseStarts(); // a launcher that cannot run must not spin through the queue
-  for (const [id, p] of procs) if (p.launched) readopt(id, p);
-  watchProcs();
-}
-
-/** Pauses job starts for a growing delay after starts that failed; returns the delay. */
-function pauseStarts(): number {
-  startFailures++;
-  const delay = Math.min(60_000, 500 * 2 ** Math.min(7, startFailures - 1));
-  startsPausedUntil = Date.now() + delay;
-  return delay;
-}
-
-/** The wrapper could not claim its run (run/ gone, disk full; or a server claimed it
- *  first): the job never started, so it goes back to the queue uncharged, and starts
- *  pause with a growing delay so that a broken data dir does not spin through the queue. */
-function wrapperFailed(id: number, proc: Proc): void {
-  if (procs.get(id) === proc) procs.delete(id);
-  const delay = pauseStarts();
-  log(`error: job ${id} did not start (its run file could not be written, see its log, or a server claimed its run); starts pause for ${delay} ms`);
-  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* reported by the next failure */ }
+/** A start that failed for the scheduler's own reasons: the job never ran, so it goes
+ *  back to the queue uncharged, and starts pause (pauseStarts). */
+function startFailed(id: number, why: string): void {
+  const delay = pauseStarts(rt, Date.now());
+  log(`error: job ${id} did not start: ${why}; starts pause for ${delay} ms`);
+  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* the next failure says so */ }
   fact({ e: 'unstart', t: Date.now(), id });
 }
 
-/** Records that the process of a job ended, and forgets it. */
-function endProc(id: number, proc: Proc, code: number | null, why?: string): void {
-  if (procs.get(id) === proc) procs.delete(id);
-  sigkilled.delete(id);
+/** Records that a job's run ended, and forgets its process. */
+function ended(id: number, p: Proc, code: number | null, why?: string): void {
+  if (procs.get(id) === p) procs.delete(id);
+  rt.killSent.delete(id);
   const t = Date.now();
-  fact(why ? { e: 'end', t, id, run: proc.run, code, why } : { e: 'end', t, id, run: proc.run, code });
+  fact(why ? { e: 'end', t, id, run: p.run, code, why } : { e: 'end', t, id, run: p.run, code });
 }
 
-function removeRunFiles(id: number, run: number): void {
-  fs.unlink(runFile(cfg.dataDir, id, run, 'pid'), () => {}); // (an earlier version's exit file goes at the next start)
+/** The launcher ended under a running server (killed): the runs it forked go on by
+ *  themselves, so they are watched through their run files from now on; a new launcher
+ *  starts with the next job. */
+function launcherGone(l: ChildProcess): void {
+  if (launcher !== l) return; // already handled (an error and an exit both come)
+  launcher = null;
+  if (shuttingDown) return;
+  log('warning: the job launcher ended; the jobs it started are watched through their run files');
+  pauseStarts(rt, Date.now()); // a launcher that cannot run must not spin through the queue
+  for (const p of procs.values()) if (p.how === 'launched') p.how = 'watched';
+  checkWatched();
 }
+
+/** Finds out what became of every watched run (checkRun) and acts on it: a run that
+ *  ended is recorded; one never claimed is claimed for the server and its job queued
+ *  again; one still running keeps being watched. While any run is watched, the run dir
+ *  is watched for exit codes being written, and — a deliberate poll, since nothing
+ *  tells this process when a process that is not its child dies — every run is checked
+ *  again every WATCH_MS. */
+function checkWatched(only?: number): void {
+  for (const [id, p] of procs) {
+    if (p.how !== 'watched' || (only !== undefined && id !== only)) continue;
+    const r = checkRun(cfg.dataDir, id, p.run);
+    if (r.is === 'running') {
+      p.pid = r.pid;
+      if (p.signal) { signalGroup(p.pid, p.signal); p.signal = null; }
+    } else if (r.is === 'ended') {
+      const job = st.jobs.get(id);
+      let code = r.code;
+      if (code === null && rt.killSent.has(id)) code = 128 + 9; // SIGKILLed by us, launcher and all
+      ended(id, p, code, code === null && !job?.killing ? 'lost: its process ended and no exit code was recorded (its launcher was killed?)' : undefined);
+    } else if (r.is === 'unclaimed') {
+      let claimed: boolean;
+      try { claimed = voidRun(cfg.dataDir, id, p.run); } catch (e) { log(`error: cannot claim run ${id}.${p.run}: ${(e as Error).message}; trying again`); continue; }
+      if (!claimed) continue; // a process claimed it meanwhile: the next check finds it
+      procs.delete(id);
+      voidsKept = true;
+      log(`job ${id} was about to start when its start was cut short; queued again`);
+      fact({ e: 'unstart', t: Date.now(), id });
+    } else {
+      log(`warning: cannot check on job ${id}: ${r.why}; trying again`);
+    }
+  }
+  const watching = [...procs.values()].some((p) => p.how === 'watched');
+  if ((watching || voidsKept) && !watchedCheck) {
+    watchedCheck = setInterval(() => { checkWatched(); if (voidsKept) sweepRunDir(); }, WATCH_MS);
+  }
+  if (watching && !runDirWatch) {
+    try {
+      runDirWatch = fs.watch(path.join(cfg.dataDir, 'run'), (_ev, name) => {
+        const m = /^(\d+)\.\d+\.pid$/.exec(String(name ?? ''));
+        if (m && procs.get(Number(m[1]))?.how === 'watched') checkWatched(Number(m[1]));
+      });
+    } catch { /* the poll still checks */ }
+  }
+  if (!watching && runDirWatch) { runDirWatch.close(); runDirWatch = null; }
+  if (!watching && !voidsKept && watchedCheck) { clearInterval(watchedCheck); watchedCheck = null; }
+}
+const WATCH_MS = 1000;
 
 function signalJob(id: number, sig: NodeJS.Signals): void {
-  const proc = procs.get(id);
-  if (!proc) return;
-  if (proc.pid > 0) signalGroup(proc.pid, sig);
-  else proc.pendingSignal = sig; // sent once the launcher says which pid it is
+  const p = procs.get(id);
+  if (!p) return;
+  if (p.pid > 0) signalGroup(p.pid, sig);
+  else p.signal = sig; // sent once the launcher (or the run file) says which pid it is
 }
 
 function runProbe(host: string): void {
   probeHost(host, cfg.ssh).then((err) => {
-    probing.delete(host);
+    rt.probing.delete(host);
     const w = st.workers.get(host);
     if (!w) return;
     if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
@@ -1514,123 +1855,7 @@ function runProbe(host: string): void {
   });
 }
 
-// ---- adoption of jobs that outlived a server ---------------------------------
-
-/** For every job the journal says is running, finds out what became of its process:
- *  ended (record its code), alive (adopt it), or never started (back to the queue). */
-function adoptRunningJobs(): void {
-  for (const job of st.jobs.values()) if (job.state === 'running') adoptJob(job);
-  watchProcs();
-}
-
-/** Finds out what became of the process of one running job that no launcher of ours
- *  started: never started (queued again), alive (watched), or ended (recorded). */
-function adoptJob(job: Job): void {
-  const id = job.id, run = job.runs, now = Date.now();
-  const pidFile = runFile(cfg.dataDir, id, run, 'pid');
-  try {
-    // Claim the run for the server: if this succeeds, the wrapper never got to run
-    // the job and never will (its own exclusive create will fail).
-    fs.writeFileSync(pidFile, 'void\n', { flag: 'wx' });
-    log(`job ${id} was about to start when its start was cut short; queued again`);
-    fact({ e: 'unstart', t: now, id });
-    return;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot check on running job ${id}: ${(e as Error).message}`, 'nothing was changed; fix the data dir and start again');
-  }
-  const claim = () => readRunFile(pidFile)?.claim ?? '';
-  const text = claim();
-  if (text === 'void') return fact({ e: 'unstart', t: now, id }); // an earlier server's claim
-  // An empty file: the wrapper created it and had not written its pid yet.
-  let pid = /^\d+$/.test(text) ? Number(text) : findWrapper(pidFile) ?? 0;
-  // The wrapper may have written its pid (and even ended) while we looked for it.
-  if (pid === 0) { const again = claim(); if (/^\d+$/.test(again)) pid = Number(again); }
-  const proc: Proc = { pid, run, launched: false, pendingSignal: null, missed: false };
-  if (pid > 0 && procAlive(id, proc)) procs.set(id, proc);
-  else if (pid === 0) fact({ e: 'unstart', t: now, id }); // its wrapper died before running the job
-  else finishAdopted(id, proc);
-}
-
-/** Records the end of an adopted job from its pid file (or as lost, without a code). */
-function finishAdopted(id: number, proc: Proc): void {
-  const run = readRunFile(runFile(cfg.dataDir, id, proc.run, 'pid'));
-  if (run?.claim !== String(proc.pid)) {
-    // Its wrapper could not create its pid file, or died before writing its pid: the
-    // job never started.
-    if (procs.get(id) === proc) procs.delete(id);
-    return fact({ e: 'unstart', t: Date.now(), id });
-  }
-  let code = run.code;
-  if (code === null) {
-    try {
-      const text = fs.readFileSync(runFile(cfg.dataDir, id, proc.run, 'exit'), 'utf8').trim();
-      if (/^\d+$/.test(text)) code = Number(text);
-    } catch { /* no exit file */ }
-  }
-  if (code === null && sigkilled.has(id)) code = 128 + 9; // we killed it, wrapper and all
-  const job = st.jobs.get(id);
-  const why = code === null && !job?.stopping ? 'lost: its wrapper ended without recording an exit code (killed?)' : undefined;
-  endProc(id, proc, code, why);
-}
-
-/** A launched job whose notices will not come (its launcher or its wrapper is gone):
- *  found out again from its run files, as after a restart. */
-function readopt(id: number, p: Proc): void {
-  procs.delete(id);
-  const job = st.jobs.get(id);
-  if (job?.state !== 'running') return;
-  try {
-    adoptJob(job);
-  } catch (e) {
-    // Its run could not be claimed for the server (disk full): the next checks try again.
-    if (!p.unheard) log(`error: ${(e as Error).message}; trying again every second`);
-    procs.set(id, { ...p, unheard: true, missed: true });
-    return;
-  }
-  const q = procs.get(id);
-  if (q && p.pendingSignal) signalGroup(q.pid, p.pendingSignal); // a kill asked for meanwhile
-}
-
-/** True while the job of a proc runs: its wrapper lives (known by its pid file; a
- *  launched one also before it has claimed its run), or, when the wrapper was killed
- *  before it could record an exit code, the script lives on. */
-function procAlive(id: number, p: Proc): boolean {
-  const pidFile = runFile(cfg.dataDir, id, p.run, 'pid');
-  if (isWrapper(p.pid, pidFile)) return true;
-  if (p.launched && processStartTicks(p.pid) !== null) return true;
-  return readRunFile(pidFile)?.code === null && jobGroupAlive(id, p.pid, cfg.dataDir);
-}
-
-/** Jobs whose end no notice may tell: adopted ones (not our children), and launched ones
- *  whose wrapper was killed outright (SIGKILL), which cannot send its own. Every second
- *  each is checked with procAlive; one that is gone is found out from its run files (a
- *  launched one only when found gone twice in a row, so that a notice still on its way
- *  is read first; one whose re-adoption failed, every other check). While adopted jobs
- *  run, the run dir is also watched, so that an exit code they write is taken at once.
- *  Both stop when no job runs. */
-function watchProcs(): void {
-  const check = (adoptedOnly: boolean) => {
-    for (const [id, p] of procs) {
-      if (!p.launched) {
-        // A run-dir event only looks for an exit code (cheap); the timer checks the rest.
-        const ended = adoptedOnly ? readRunFile(runFile(cfg.dataDir, id, p.run, 'pid'))?.code != null : !procAlive(id, p);
-        if (ended) finishAdopted(id, p);
-      } else if (!adoptedOnly) {
-        if (!p.unheard && (p.pid === 0 || procAlive(id, p))) p.missed = false;
-        else if (!p.missed) p.missed = true;
-        else readopt(id, p);
-      }
-    }
-    if (adoptWatch && ![...procs.values()].some((p) => !p.launched)) { adoptWatch.close(); adoptWatch = null; }
-    if (procTimer && procs.size === 0) { clearInterval(procTimer); procTimer = null; }
-  };
-  if (!procTimer && procs.size) procTimer = setInterval(() => check(false), 1000);
-  if (!adoptWatch && [...procs.values()].some((p) => !p.launched)) {
-    try { adoptWatch = fs.watch(path.join(cfg.dataDir, 'run'), () => check(true)); } catch { /* the timer still checks */ }
-  }
-}
-
-// ---- watchers: wait and log -f -----------------------------------------------
+// ---- streams: list, wait, log -f ------------------------------------------------
 
 function waitCounts(w: Waiter) {
   if (!w.ids) return { ...st.counts, total: st.jobs.size, missing: 0 };
@@ -1675,55 +1900,38 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
   }
 }
 
-// ---- read-only requests --------------------------------------------------------
-
-/** Answers a request that changes nothing, at once. Streams long answers in chunks. */
-function handleRead(req: Request, send: Reply, sock: net.Socket): boolean {
-  switch (req.op) {
-    case 'ping':
-      send({ ok: true, pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir });
-      return true;
-    case 'status':
-      send({ ok: true, server: { pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir }, ...statusView(st) });
-      return true;
-    case 'list': {
-      const state = req.state;
-      if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(String(state))}`, `states are ${JOB_STATES.join(', ')}`);
-      streamJobs(sock, state as JobState | undefined);
-      return true;
-    }
-    case 'log': {
-      const job = jobOrFail(num(req.id, 'job id', 1));
-      const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode };
-      if (!req.follow || isFinished(job.state)) { send({ ok: true, ...info }); return true; }
-      send({ info });
-      const f: Follower = { id: job.id, send };
-      followers.add(f);
-      sock.on('close', () => followers.delete(f));
-      return true;
-    }
-    case 'wait': {
-      let ids: Set<number> | null = null;
-      if (Array.isArray(req.ids) && req.ids.length) {
-        ids = new Set(idList(req.ids));
-        for (const id of ids) jobOrFail(id);
-      }
-      const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
-      const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send, lastSent: 0, lastKey: '' };
-      waiters.add(w);
-      sock.on('close', () => waiters.delete(w));
-      notifyWatchers(Date.now(), new Set());
-      return true;
-    }
-    default:
-      return false;
+/** wait {ids} | {hosts}: answers when those jobs (all, without ids) have finished, or
+ *  those workers are gone; progress lines meanwhile. */
+function openWait(req: Request, conn: Conn): void {
+  let ids: Set<number> | null = null;
+  if (Array.isArray(req.ids) && req.ids.length) {
+    ids = new Set(req.ids.map((x) => num(x, 'job id', 1)));
+    for (const id of ids) jobOrFail(st, id);
   }
+  const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
+  const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '' };
+  waiters.add(w);
+  conn.sock.on('close', () => waiters.delete(w));
+  notifyWatchers(Date.now(), new Set());
 }
 
-/** Sends list rows in chunks, waiting for the socket to drain, so a million jobs need
- *  neither one giant string nor a blocked server. */
-function streamJobs(sock: net.Socket, state: JobState | undefined): void {
-  const it = st.jobs.values();
+/** log {id, follow}: where the job's log is; with follow, a last line when it ends. */
+function openLog(req: Request, conn: Conn): void {
+  const job = jobOrFail(st, num(req.id, 'job id', 1));
+  const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode };
+  if (req.follow !== true || isFinished(job.state)) return conn.send({ ok: true, ...info });
+  conn.send({ info });
+  const f: Follower = { id: job.id, send: conn.send };
+  followers.add(f);
+  conn.sock.on('close', () => followers.delete(f));
+}
+
+/** list {state}: rows in chunks, waiting for the socket to drain, so a million jobs
+ *  need neither one giant string nor a blocked server. */
+function streamJobs(req: Request, conn: Conn): void {
+  const state = req.state;
+  if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(String(state))}`, `states are ${JOB_STATES.join(', ')}`);
+  const it = st.jobs.values(), sock = conn.sock;
   const now = Date.now();
   const pump = () => {
     for (;;) {
@@ -1738,6 +1946,8 @@ function streamJobs(sock: net.Socket, state: JobState | undefined): void {
   };
   pump();
 }
+
+// ---- the socket ------------------------------------------------------------------
 
 /** Both ends of the socket speak newline-delimited JSON: splits a stream into lines,
  *  scanning each chunk once (a request line may be many megabytes). */
@@ -1758,48 +1968,9 @@ export function onLines(sock: Readable, fn: (line: string) => void): void {
 }
 
 function onConnection(sock: net.Socket): void {
-  const send: Reply = (msg) => { if (!sock.destroyed) sock.write(JSON.stringify(msg) + '\n'); };
+  const conn: Conn = { sock, send: (msg) => { if (!sock.destroyed) sock.write(JSON.stringify(msg) + '\n'); } };
   sock.on('error', () => {});
-  onLines(sock, (line) => handleRequestLine(line, send, sock));
-}
-
-function handleRequestLine(line: string, send: Reply, sock: net.Socket): void {
-  let req: Request;
-  try {
-    const v = JSON.parse(line);
-    if (!v || typeof v !== 'object' || typeof v.op !== 'string') throw new Error('no op');
-    req = v;
-  } catch {
-    send({ ok: false, code: EXIT_USAGE, error: 'malformed request: expected one JSON object with an "op" per line' });
-    return;
-  }
-  try {
-    if (req.op === 'stop') { sock.end(JSON.stringify({ ok: true, pid: process.pid }) + '\n', () => shutdown('stop requested')); return; }
-    if (handleRead(req, send, sock)) return;
-    if (req.op === 'add_workers') return void addWorkers(req, send);
-    submit({ kind: 'request', req, reply: send });
-  } catch (e) {
-    sendError(send, e);
-  }
-}
-
-/** add_slave: validate every host, check ssh logins in parallel unless told not to,
- *  and add all of them or none. */
-function addWorkers(req: Request, send: Reply): void {
-  const list = req.workers;
-  if (!Array.isArray(list) || list.length === 0) throw usage('no hosts given');
-  const workers = list.map((w: { host?: unknown; slots?: unknown }) => {
-    if (typeof w?.host !== 'string') throw usage('a worker needs a host');
-    validateHost(w.host);
-    return { host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS) };
-  });
-  const go = () => submit({ kind: 'request', req: { ...req, workers }, reply: send });
-  if (req.skipCheck) return go();
-  Promise.all(workers.map((w) => probeHost(w.host, cfg.ssh))).then((errs) => {
-    const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
-    if (bad.length === 0) return go();
-    send({ ok: false, code: EXIT_FAILED, error: `ssh login check failed for ${bad.join(', ')}; no worker added`, hint: 'check with: ssh -o BatchMode=yes HOST true (keys, known_hosts), or add with --skip_ssh_auth_check' });
-  });
+  onLines(sock, (line) => handleRequestLine(line, conn));
 }
 
 // ---- server life -------------------------------------------------------------
@@ -1870,16 +2041,17 @@ function socketPath(dataDir: string): { abs: string; usable: string; relative: b
   return Buffer.byteLength(abs) < 100 ? { abs, usable: abs, relative: false } : { abs, usable: 'server.sock', relative: true };
 }
 
-/** Jobs start through bash (see LAUNCHER): refuses to start without bash 4 or newer. */
-function checkBash(): void {
-  const r = spawnSync('bash', ['-c', 'echo "${BASH_VERSINFO[0]}"'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
-  if (r.error) throw failure(`cannot run bash, which starts the jobs: ${r.error.message}`, 'install bash 4 or newer (it is on the PATH of most systems)');
-  if (!(Number(r.stdout) >= 4)) throw failure(`bash 4 or newer is needed to start jobs; this bash says version '${r.stdout.trim()}'`);
+/** Jobs start through perl (see LAUNCHER): refuses to start without perl 5.10 or newer
+ *  and its Fcntl module. */
+function checkPerl(): void {
+  const r = spawnSync('perl', ['-e', 'use Fcntl qw(O_NOFOLLOW); print $] >= 5.010 ? "ok" : $]'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  if (r.error) throw failure(`cannot run perl, which starts the jobs: ${r.error.message}`, 'install perl 5.10 or newer (Debian and Ubuntu always have it; elsewhere the package is perl or perl-interpreter)');
+  if (r.stdout !== 'ok') throw failure(`perl 5.10 or newer with Fcntl is needed to start jobs; this perl says '${(r.stdout + r.stderr).trim().split('\n')[0]}'`);
 }
 
 async function runServer(config: ServerConfig): Promise<void> {
   cfg = config;
-  checkBash();
+  checkPerl();
   fs.mkdirSync(cfg.dataDir, { recursive: true, mode: 0o700 });
   fs.chmodSync(cfg.dataDir, 0o700);
   fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 });
@@ -1893,10 +2065,13 @@ async function runServer(config: ServerConfig): Promise<void> {
     if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);
     for (const w of loaded.warnings) process.stderr.write(`warning: ${w}\n`);
     st = loaded.state;
-    journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize);
+    journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize, cfg.snapshotMinBytes);
     baseEnv = { ...process.env };
-    adoptRunningJobs();
+    // A data dir of an earlier format is written anew in this one before anything is
+    // appended to it, so no file mixes two versions.
+    if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
     sweepRunDir();
+    watchRunningJobs();
     if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);
   } catch (e) {
     if (liveServerPid(cfg.dataDir) === process.pid) fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true });
@@ -1922,20 +2097,49 @@ async function runServer(config: ServerConfig): Promise<void> {
   submit({ kind: 'tick' });
 }
 
-/** Removes run files of attempts that are not running (left by a crash after an end
- *  was recorded but before its files were removed). */
+/** Every job the journal says is running is watched (checkWatched): ended ones are
+ *  recorded, live ones followed, ones whose start was cut short queued again. */
+function watchRunningJobs(): void {
+  for (const job of st.jobs.values()) {
+    if (job.state === 'running') procs.set(job.id, { run: job.run, pid: 0, how: 'watched', failed: null, signal: null });
+  }
+  checkWatched();
+}
+
+/** Removes run files of runs that are not running (left by a crash after an end was
+ *  recorded but before its file was removed). A server's `void` claim stays while a
+ *  launcher of an earlier server lives: that launcher (stopped, say, with records still
+ *  unread in its pipe) could otherwise claim the run and run the job a second time.
+ *  Kept claims are swept again every WATCH_MS until no such launcher is left. */
 function sweepRunDir(): void {
-  for (const name of fs.readdirSync(path.join(cfg.dataDir, 'run'))) {
-    const m = /^(\d+)\.(\d+)\.(pid|exit)$/.exec(name);
+  const dir = path.join(cfg.dataDir, 'run');
+  const keepVoid = otherLaunchers(cfg.dataDir);
+  voidsKept = false;
+  for (const name of fs.readdirSync(dir)) {
+    const m = /^(\d+)\.(\d+)\.pid$/.exec(name);
     const job = m ? st.jobs.get(Number(m[1])) : undefined;
-    if (!job || job.state !== 'running' || job.runs !== Number(m![2])) fs.rmSync(path.join(cfg.dataDir, 'run', name), { force: true });
+    if (job && job.state === 'running' && job.run === Number(m![2])) continue;
+    if (keepVoid) { try { if (readRunFile(path.join(dir, name)).claim === 'void') { voidsKept = true; continue; } } catch { continue; } }
+    fs.rmSync(path.join(dir, name), { force: true });
   }
 }
 
+/** True if a launcher of this data dir runs that is not this server's (or /proc cannot
+ *  tell). */
+function otherLaunchers(dataDir: string): boolean {
+  if (!HAVE_PROC) return true;
+  try {
+    for (const name of fs.readdirSync('/proc')) {
+      if (/^\d+$/.test(name) && Number(name) !== launcher?.pid && launcherAlive(Number(name), dataDir)) return true;
+    }
+    return false;
+  } catch { return true; }
+}
+
 function shutdown(why: string): void {
-  if (stopping) return;
+  if (shuttingDown) return;
   if (inbox.length) flush(); // what was already asked is written and answered first
-  stopping = true;
+  shuttingDown = true;
   log(`stopping (${why}); ${procs.size} running job(s) keep running`);
   server.close();
   try { fs.rmSync(socketPath(cfg.dataDir).abs, { force: true }); } catch { /* gone */ }
@@ -2147,7 +2351,8 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   const grace = intOption(p.values['kill-grace'] ?? process.env.DJS_KILL_GRACE, 'kill grace', 0) ?? 10;
   const probeMax = intOption(process.env.DJS_PROBE_BACKOFF_MAX, 'DJS_PROBE_BACKOFF_MAX', 1) ?? PROBE_BACKOFF_MAX_MS / 1000;
   if (p.values.detach) return startDetached(dataDir, logDir, grace, ctx);
-  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, ssh: sshSettings(process.env) });
+  const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
+  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, snapshotMinBytes, ssh: sshSettings(process.env) });
   return -1; // keeps running
 }
 
@@ -2399,9 +2604,23 @@ const COMMANDS: Record<string, Command> = {
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
 
+/** The environment variables the program reads (the header and the README list the same). */
+const ENVIRONMENT: [string, string][] = [
+  ['DJS_DATA_DIR', 'the data dir, as --data-dir (default ./.data)'],
+  ['DJS_LOG_DIR', 'start: the log dir, as --log-dir (default ./logs)'],
+  ['DJS_KILL_GRACE', 'start: seconds from SIGTERM to SIGKILL, as --kill-grace (default 10)'],
+  ['DJS_SSH_CONFIG', 'start: an ssh config file for login checks and probes (ssh -F)'],
+  ['DJS_SSH_OPTIONS', 'start: extra ssh words for login checks and probes'],
+  ['DJS_SSH_TIMEOUT', 'start: ssh connect timeout of checks and probes, seconds (default 10)'],
+  ['DJS_PROBE_BACKOFF_MAX', 'start: longest wait between probes of a down worker, seconds (default 300)'],
+  ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
+  ['NO_COLOR', 'no colours in status and list'],
+];
+
 function helpText(): string {
   return `usage: cli.ts [--data-dir DIR] COMMAND [OPTIONS] [ARGS]\n\ncommands:\n${Object.values(COMMANDS).map((c) => `  ${c.synopsis}`).join('\n')}\n\n` +
     `--data-dir DIR (env DJS_DATA_DIR, default ./.data) selects the server on every command.\n` +
+    `environment:\n${ENVIRONMENT.map(([name, what]) => `  ${name.padEnd(23)}${what}`).join('\n')}\n` +
     `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
 }
 

@@ -5,17 +5,27 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
 import { after, describe, test } from 'node:test';
 import {
-  bashWord,
-  applyEvent, dueActions, formatStatus, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
+  applyEvent, attemptsOf, plan, newRuntime, pauseStarts, effectsOf, launchRecord, type Runtime, formatStatus,
+  decideAddJobs, decideRemoveJobs, decideKill, decideRetry, decideClean, decideAddWorkers, decideRemoveWorkers,
+  type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
-  validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type StopReason,
+  validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
 } from '../cli.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
-const NOT_BUSY = { probing: new Set<string>(), sigkilled: new Set<number>() };
+/** What plan() leaves to do at `now`, apart from starts: timeouts (as kills), SIGKILLs,
+ *  probes; and the next deadline. */
+function dueActions(st: State, now: number, rt: Runtime = newRuntime()) {
+  const p = plan(st, rt, now, 5000);
+  const due = [
+    ...p.events.flatMap((e) => (e.e === 'kill' ? e.ids.map((id) => ({ kind: 'timeout', id })) : [])),
+    ...p.effects.map((f) => (f.kind === 'probe' ? { kind: 'probe', host: f.host } : f.kind === 'signal' ? { kind: 'sigkill', id: f.id } : f)),
+  ];
+  return { due, next: p.next };
+}
+const busy = (probing: string[], killSent: number[]): Runtime => ({ ...newRuntime(), probing: new Set(probing), killSent: new Set(killSent) });
 
 // ---- helpers -----------------------------------------------------------------
 
@@ -85,14 +95,14 @@ function worker(st: State, host: string, slots = 1, ssh = false, t = T0): void {
   step(st, { e: 'worker', t, host, slots, ssh });
 }
 function start(st: State, id: number, host: string, slot = 0, t = T0): void {
-  step(st, { e: 'start', t, id, w: host, s: slot });
+  step(st, { e: 'start', t, id, host: host, slot: slot });
 }
 function end(st: State, id: number, code: number | null, t = T0 + 1000, why?: string): void {
-  const run = st.jobs.get(id)!.runs;
+  const run = st.jobs.get(id)!.run;
   step(st, why === undefined ? { e: 'end', t, id, run, code } : { e: 'end', t, id, run, code, why });
 }
-function stop(st: State, ids: number[], why: StopReason, t = T0 + 500, grace = 5000): void {
-  step(st, { e: 'stop', t, ids, why, grace });
+function stop(st: State, ids: number[], why: KillReason, t = T0 + 500, grace = 5000): void {
+  step(st, { e: 'kill', t, ids, why, grace });
 }
 const job = (st: State, id: number): Job => {
   const j = st.jobs.get(id);
@@ -151,8 +161,8 @@ describe('applyEvent', () => {
     start(st, 2, 'a', 1, T0 + 20);
     const j1 = job(st, 1);
     assert.equal(j1.state, 'running');
-    assert.equal(j1.attempts, 1);
-    assert.equal(j1.runs, 1);
+    assert.equal(attemptsOf(j1), 1);
+    assert.equal(j1.run, 1);
     assert.equal(j1.worker, 'a');
     assert.equal(j1.startedAt, T0 + 10);
     assert.deepEqual(st.workers.get('a')!.running, [1, 2]);
@@ -188,7 +198,7 @@ describe('applyEvent', () => {
     assert.equal(st.counts.failed, 0);
 
     start(st, 1, 'b');
-    assert.equal(j.attempts, 2);
+    assert.equal(attemptsOf(j), 2);
     end(st, 1, 7);
     assert.equal(j.state, 'failed', 'no retries left');
     assert.equal(j.retriesUsed, 1);
@@ -244,7 +254,7 @@ describe('applyEvent', () => {
     stop(st, [1, 2], 'user', T0 + 500, 5000);
     const j1 = job(st, 1);
     assert.equal(j1.state, 'running', 'still running until its process ends');
-    assert.equal(j1.stopping, 'user');
+    assert.equal(j1.killing, 'user');
     assert.equal(j1.killAt, T0 + 5500);
     assert.equal(job(st, 2).state, 'killed');
     assert.deepEqual(queue(st), [3]);
@@ -308,13 +318,13 @@ describe('applyEvent', () => {
     step(st, { e: 'unstart', t: T0, id: 1 });
     const j = job(st, 1);
     assert.equal(j.state, 'waiting');
-    assert.equal(j.attempts, 0);
+    assert.equal(attemptsOf(j), 0);
     assert.deepEqual(st.workers.get('a')!.running, [0]);
     assert.deepEqual(queue(st), [1, 2, 3]);
     assert.deepEqual(planStarts(st), [{ id: 1, host: 'a', slot: 0 }]);
     start(st, 1, 'a');
-    assert.equal(j.runs, 2, 'a new start gets a new run number');
-    assert.equal(j.attempts, 1);
+    assert.equal(j.run, 2, 'a new start gets a new run number');
+    assert.equal(attemptsOf(j), 1);
   });
 
   test('retry queues finished jobs again at the back with fresh retries', () => {
@@ -441,7 +451,7 @@ describe('applyEvent', () => {
     end(st, 1, 255);
     assert.ok(st.workers.get('a')!.probeAt > 0, 'the worker is being checked');
     worker(st, 'a', 1, false);
-    assert.deepEqual(dueActions(st, T0 + 10_000_000, NOT_BUSY).due, [], 'a worker without ssh is never probed');
+    assert.deepEqual(dueActions(st, T0 + 10_000_000).due, [], 'a worker without ssh is never probed');
     assert.equal(planStarts(st).length, 1, 'so it must be schedulable');
   });
 
@@ -453,7 +463,7 @@ describe('applyEvent', () => {
     end(st, 1, 255);               // probe started now
     worker(st, 'a', 1, false);     // add_slave --skip_ssh_auth_check a
     step(st, { e: 'probe', t: T0 + 5000, host: 'a', ok: false, err: 'timeout' }); // the probe in flight answers
-    const { due, next } = dueActions(st, T0 + 10_000_000, NOT_BUSY);
+    const { due, next } = dueActions(st, T0 + 10_000_000);
     const w = st.workers.get('a')!;
     assert.ok(w.state === 'up' && w.probeAt === 0 || due.length > 0 || next < Infinity,
       `worker is ${w.state} with no probe ever due: it is stuck`);
@@ -466,7 +476,7 @@ describe('applyEvent', () => {
     start(st, 1, 'a');
     end(st, 1, 1);
     start(st, 1, 'a');
-    assert.equal(job(st, 1).runs, 2);
+    assert.equal(job(st, 1).run, 2);
     const before = view(st);
     step(st, { e: 'end', t: T0 + 5000, id: 1, run: 1, code: 0 });
     step(st, { e: 'end', t: T0 + 5000, id: 1, run: 3, code: 0 });
@@ -485,13 +495,13 @@ describe('applyEvent', () => {
     const before = view(st);
     const noops: Event[] = [
       { e: 'remove', t: T0, ids: [99] },
-      { e: 'start', t: T0, id: 99, w: 'a', s: 0 },
-      { e: 'start', t: T0, id: 3, w: 'nohost', s: 0 },
+      { e: 'start', t: T0, id: 99, host: 'a', slot: 0 },
+      { e: 'start', t: T0, id: 3, host: 'nohost', slot: 0 },
       { e: 'unstart', t: T0, id: 99 },
       { e: 'unstart', t: T0, id: 3 },
       { e: 'end', t: T0, id: 99, run: 1, code: 0 },
       { e: 'end', t: T0, id: 3, run: 0, code: 0 },
-      { e: 'stop', t: T0, ids: [99], why: 'user', grace: 1 },
+      { e: 'kill', t: T0, ids: [99], why: 'user', grace: 1 },
       { e: 'retry', t: T0, ids: [99, 3] },
       { e: 'drain', t: T0, host: 'nohost' },
       { e: 'unworker', t: T0, host: 'nohost' },
@@ -532,16 +542,16 @@ function randomEvent(st: State, rnd: () => number, t: number): { ev: Event; inva
   if (r < 0.12) return { ev: addEv(st, 1 + Math.floor(rnd() * 3), { retries: pick([0, 0, 1, 2]), timeout: pick([0, 30]), t }), invalid: false };
   if (r < 0.30) {
     const s = planStarts(st);
-    if (s.length) { const p = pick(s); return { ev: { e: 'start', t, id: p.id, w: p.host, s: p.slot }, invalid: false }; }
+    if (s.length) { const p = pick(s); return { ev: { e: 'start', t, id: p.id, host: p.host, slot: p.slot }, invalid: false }; }
   }
   if (r < 0.50) {
     const running = jobsIn('running');
     if (running.length) {
       const j = pick(running);
       const code = pick([0, 0, 1, 2, 255, 255, null]);
-      if (rnd() < 0.1) return { ev: { e: 'end', t, id: j.id, run: j.runs, code: null, why: 'lost' }, invalid: false };
-      if (rnd() < 0.1) return { ev: { e: 'end', t, id: j.id, run: j.runs - 1 - Math.floor(rnd() * 2), code }, invalid: true };
-      return { ev: { e: 'end', t, id: j.id, run: j.runs, code }, invalid: false };
+      if (rnd() < 0.1) return { ev: { e: 'end', t, id: j.id, run: j.run, code: null, why: 'lost' }, invalid: false };
+      if (rnd() < 0.1) return { ev: { e: 'end', t, id: j.id, run: j.run - 1 - Math.floor(rnd() * 2), code }, invalid: true };
+      return { ev: { e: 'end', t, id: j.id, run: j.run, code }, invalid: false };
     }
   }
   if (r < 0.55) {
@@ -550,7 +560,7 @@ function randomEvent(st: State, rnd: () => number, t: number): { ev: Event; inva
   }
   if (r < 0.63) {
     const live = [...st.jobs.values()].filter((j) => !['done', 'failed', 'killed'].includes(j.state));
-    if (live.length) return { ev: { e: 'stop', t, ids: [pick(live).id, pick(live).id], why: pick(['user', 'timeout', 'requeue'] as const), grace: 3000 }, invalid: false };
+    if (live.length) return { ev: { e: 'kill', t, ids: [pick(live).id, pick(live).id], why: pick(['user', 'timeout', 'requeue'] as const), grace: 3000 }, invalid: false };
   }
   if (r < 0.67) {
     const waiting = jobsIn('waiting');
@@ -581,25 +591,25 @@ function randomEvent(st: State, rnd: () => number, t: number): { ev: Event; inva
   const unknown = st.nextId + 5 + Math.floor(rnd() * 10);
   const bad: Event[] = [
     { e: 'end', t, id: unknown, run: 1, code: 0 },
-    { e: 'start', t, id: unknown, w: pick(hosts), s: 0 },
+    { e: 'start', t, id: unknown, host: pick(hosts), slot: 0 },
     { e: 'unstart', t, id: unknown },
-    { e: 'stop', t, ids: [unknown], why: 'user', grace: 1 },
+    { e: 'kill', t, ids: [unknown], why: 'user', grace: 1 },
     { e: 'retry', t, ids: [unknown] },
     { e: 'remove', t, ids: [unknown] },
     { e: 'drain', t, host: 'nohost' },
     { e: 'unworker', t, host: 'nohost' },
     { e: 'probe', t, host: 'nohost', ok: true },
-    { e: 'start', t, id: [...st.jobs.keys()][0] ?? unknown, w: 'nohost', s: 0 },
+    { e: 'start', t, id: [...st.jobs.keys()][0] ?? unknown, host: 'nohost', slot: 0 },
   ];
   if (notWaiting.length) {
     const j = pick(notWaiting);
     bad.push({ e: 'remove', t, ids: [j.id] });
     const w = [...st.workers.values()].find((x) => x.running.includes(0));
-    if (w) bad.push({ e: 'start', t, id: j.id, w: w.host, s: w.running.indexOf(0) });
+    if (w) bad.push({ e: 'start', t, id: j.id, host: w.host, slot: w.running.indexOf(0) });
   }
   if (notRunning.length) {
     const j = pick(notRunning);
-    bad.push({ e: 'unstart', t, id: j.id }, { e: 'end', t, id: j.id, run: j.runs, code: 0 });
+    bad.push({ e: 'unstart', t, id: j.id }, { e: 'end', t, id: j.id, run: j.run, code: 0 });
   }
   if (notFinished.length) bad.push({ e: 'retry', t, ids: [pick(notFinished).id] });
   return { ev: pick(bad), invalid: true };
@@ -751,7 +761,7 @@ describe('dueActions', () => {
     worker(st, 'a');
     add(st, 2);
     start(st, 1, 'a');
-    assert.deepEqual(dueActions(st, T0 + 1e9, NOT_BUSY), { due: [], next: Infinity });
+    assert.deepEqual(dueActions(st, T0 + 1e9), { due: [], next: Infinity });
   });
 
   test('a timeout is due at start + timeout and named as the next deadline before', () => {
@@ -759,8 +769,8 @@ describe('dueActions', () => {
     worker(st, 'a');
     add(st, 1, { timeout: 10 });
     start(st, 1, 'a', 0, T0);
-    assert.deepEqual(dueActions(st, T0 + 9_999, NOT_BUSY), { due: [], next: T0 + 10_000 });
-    assert.deepEqual(dueActions(st, T0 + 10_000, NOT_BUSY).due, [{ kind: 'timeout', id: 1 }]);
+    assert.deepEqual(dueActions(st, T0 + 9_999), { due: [], next: T0 + 10_000 });
+    assert.deepEqual(dueActions(st, T0 + 10_000).due, [{ kind: 'timeout', id: 1 }]);
   });
 
   test('a stopping job gets SIGKILL after killAt unless already sent, and no timeout', () => {
@@ -769,9 +779,9 @@ describe('dueActions', () => {
     add(st, 1, { timeout: 1 });
     start(st, 1, 'a', 0, T0);
     stop(st, [1], 'user', T0 + 100, 5000);
-    assert.deepEqual(dueActions(st, T0 + 2000, NOT_BUSY), { due: [], next: T0 + 5100 });
-    assert.deepEqual(dueActions(st, T0 + 5100, NOT_BUSY).due, [{ kind: 'sigkill', id: 1 }]);
-    assert.deepEqual(dueActions(st, T0 + 9000, { probing: new Set(), sigkilled: new Set([1]) }), { due: [], next: Infinity });
+    assert.deepEqual(dueActions(st, T0 + 2000), { due: [], next: T0 + 5100 });
+    assert.deepEqual(dueActions(st, T0 + 5100).due, [{ kind: 'sigkill', id: 1 }]);
+    assert.deepEqual(dueActions(st, T0 + 9000, busy([], [1])), { due: [], next: Infinity });
   });
 
   test('probes are due at probeAt unless one is already running', () => {
@@ -782,9 +792,168 @@ describe('dueActions', () => {
     start(st, 1, 'a');
     end(st, 1, 255, T0 + 50);
     step(st, { e: 'probe', t: T0, host: 'b', ok: false });
-    assert.deepEqual(dueActions(st, T0 + 50, NOT_BUSY), { due: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
-    assert.deepEqual(dueActions(st, T0 + 50, { probing: new Set(['a']), sigkilled: new Set() }), { due: [], next: T0 + PROBE_BACKOFF_MIN_MS });
-    assert.deepEqual(dueActions(st, T0 + PROBE_BACKOFF_MIN_MS, { probing: new Set(['a']), sigkilled: new Set() }).due, [{ kind: 'probe', host: 'b' }]);
+    assert.deepEqual(dueActions(st, T0 + 50), { due: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
+    assert.deepEqual(dueActions(st, T0 + 50, busy(['a'], [])), { due: [], next: T0 + PROBE_BACKOFF_MIN_MS });
+    assert.deepEqual(dueActions(st, T0 + PROBE_BACKOFF_MIN_MS, busy(['a'], [])).due, [{ kind: 'probe', host: 'b' }]);
+  });
+});
+
+// ---- the operations' decisions -------------------------------------------------
+
+describe('operations (pure decisions of the operation table)', () => {
+  const C = { now: T0 + 1000, killGraceMs: 7000 };
+  /** Decides and, unless it throws, applies the events; returns the decision. */
+  function run(st: State, decide: (st: State, req: Request, c: DecideContext) => Decision, req: Record<string, unknown>): Decision {
+    const d = decide(st, { op: 'x', ...req }, C);
+    step(st, ...d.events);
+    return d;
+  }
+  /** Decides expecting a UserError with that exit code and message; the state is untouched. */
+  function refused(st: State, decide: (st: State, req: Request, c: DecideContext) => Decision, req: Record<string, unknown>, code: number, msg: RegExp): void {
+    const before = view(st);
+    assert.throws(() => decide(st, { op: 'x', ...req }, C), (e: unknown) => e instanceof UserError && e.code === code && msg.test(e.message));
+    assert.deepEqual(view(st), before);
+  }
+
+  test('add_jobs hands out ids in order and records retries and timeout', () => {
+    const st = newState();
+    add(st, 2);
+    const d = run(st, decideAddJobs, { cwd: '/w', jobs: [['/bin/a.sh', 'x'], ['/bin/b.sh']], retries: 2, timeout: 30 });
+    assert.deepEqual(d.answer, { first: 3, count: 2 });
+    assert.deepEqual([job(st, 3).args, job(st, 4).script, job(st, 4).retries, job(st, 4).timeout], [['x'], '/bin/b.sh', 2, 30]);
+  });
+
+  test('add_jobs refuses bad shapes: no cwd, no jobs, a non-string word, a NUL, a relative script, a string number', () => {
+    const st = newState();
+    refused(st, decideAddJobs, { jobs: [['/a']] }, 2, /absolute cwd/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [] }, 2, /no jobs/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a', 3]] }, 2, /list of strings/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a', 'x\0y']] }, 2, /NUL/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [['a.sh']] }, 2, /not absolute/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a']], retries: '3' }, 2, /invalid retries/);
+  });
+
+  test('remove_jobs by ids or by exact command, waiting jobs only', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 3);
+    start(st, 1, 'a');
+    refused(st, decideRemoveJobs, { ids: [1] }, 1, /job '1' is running, not waiting/);
+    refused(st, decideRemoveJobs, { ids: [9] }, 1, /no such job '9'/);
+    refused(st, decideRemoveJobs, { ids: [[2]] }, 2, /invalid job id/);
+    refused(st, decideRemoveJobs, { script: '/bin/job.sh', args: ['nope'] }, 1, /no waiting job runs/);
+    assert.deepEqual(run(st, decideRemoveJobs, { script: '/bin/job.sh', args: ['arg3'] }).answer, { ids: [3] });
+    assert.deepEqual(run(st, decideRemoveJobs, { ids: [2] }).answer, { ids: [2] });
+    assert.deepEqual([...st.jobs.keys()], [1]);
+  });
+
+  test('kill: a running job is being killed with the grace period, a waiting one ends killed, a finished one is refused', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 3);
+    start(st, 1, 'a');
+    const d = run(st, decideKill, { ids: [1, 2] });
+    assert.deepEqual(d.events, [{ e: 'kill', t: C.now, ids: [1, 2], why: 'user', grace: 7000 }]);
+    assert.deepEqual(effectsOf(st, d.events[0]), [{ kind: 'signal', id: 1, sig: 'SIGTERM' }]);
+    assert.deepEqual([job(st, 1).state, job(st, 1).killing, job(st, 1).killAt, job(st, 2).state], ['running', 'user', C.now + 7000, 'killed']);
+    refused(st, decideKill, { ids: [2] }, 1, /not running \(it is killed\)/);
+    assert.deepEqual(run(st, decideKill, { all: true }).answer, { ids: [1, 3] });
+    assert.deepEqual(decideKill(newState(), { op: 'kill', all: true }, C), { events: [], answer: { ids: [] } });
+  });
+
+  test('retry: finished jobs by id, or every failed and/or killed one', () => {
+    const st = newState();
+    worker(st, 'a', 3);
+    add(st, 4);
+    start(st, 1, 'a', 0); start(st, 2, 'a', 1); start(st, 3, 'a', 2);
+    end(st, 1, 1); end(st, 2, 0);
+    stop(st, [4], 'user');
+    refused(st, decideRetry, { ids: [3] }, 1, /job '3' is running; only finished jobs/);
+    assert.deepEqual(run(st, decideRetry, { failed: true }).answer, { ids: [1] });
+    assert.deepEqual(run(st, decideRetry, { ids: [2] }).answer, { ids: [2] });
+    assert.deepEqual(run(st, decideRetry, { killed: true }).answer, { ids: [4] });
+    assert.deepEqual(queue(st), [1, 2, 4]);
+  });
+
+  test('clean forgets finished jobs and, with logs, names their logs for removal', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 2);
+    start(st, 1, 'a');
+    end(st, 1, 0);
+    const d = run(st, decideClean, { logs: true });
+    assert.deepEqual([d.answer, d.effects], [{ count: 1 }, [{ kind: 'remove-logs', ids: [1] }]]);
+    assert.deepEqual([...st.jobs.keys()], [2]);
+    assert.deepEqual(decideClean(st, { op: 'clean' }, C), { events: [], answer: { count: 0 }, effects: [] });
+  });
+
+  test('add_workers and remove_workers: idle goes at once; busy needs --wait (drain) or --kill (requeue)', () => {
+    const st = newState();
+    run(st, decideAddWorkers, { workers: [{ host: 'a', slots: 2 }, { host: 'b' }], skipCheck: true });
+    assert.deepEqual([...st.workers.values()].map((w) => [w.host, w.slots, w.ssh]), [['a', 2, false], ['b', 1, false]]);
+    refused(st, decideAddWorkers, { workers: [{ host: '-oProxyCommand=x' }] }, 2, /invalid host/);
+    refused(st, decideAddWorkers, { workers: [{ host: 'c', slots: '3' }] }, 2, /invalid slot count/);
+    add(st, 2);
+    start(st, 1, 'a'); start(st, 2, 'b');
+    refused(st, decideRemoveWorkers, { hosts: ['a'] }, 1, /worker 'a' is running 1 job/);
+    refused(st, decideRemoveWorkers, { hosts: ['zz'] }, 1, /no such worker 'zz'/);
+    run(st, decideRemoveWorkers, { hosts: ['a'], mode: 'wait' });
+    assert.equal(st.workers.get('a')!.state, 'draining');
+    const d = run(st, decideRemoveWorkers, { hosts: ['b'], mode: 'kill' });
+    assert.deepEqual(d.events.map((e) => e.e), ['drain', 'kill']);
+    assert.equal(job(st, 2).killing, 'requeue');
+    end(st, 2, 143);
+    assert.deepEqual([job(st, 2).state, st.workers.has('b')], ['waiting', false]);
+  });
+});
+
+describe('plan (the scheduler\'s decisions) and effectsOf', () => {
+  test('starts pause after a failed start and resume when the pause ends; the pause is the next deadline', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1);
+    const rt = newRuntime();
+    assert.equal(pauseStarts(rt, T0), 500);
+    assert.deepEqual(plan(st, rt, T0 + 100, 5000), { events: [], effects: [], next: T0 + 500 });
+    assert.deepEqual(plan(st, rt, T0 + 500, 5000).events, [{ e: 'start', t: T0 + 500, id: 1, host: 'a', slot: 0 }]);
+    assert.equal(pauseStarts(rt, T0), 1000, 'a second failure in a row doubles the pause');
+  });
+
+  test('a start\'s timeout counts in the next deadline of the plan that starts it', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1, { timeout: 30 });
+    const p = plan(st, newRuntime(), T0, 5000);
+    assert.equal(p.next, T0 + 30_000);
+    step(st, ...p.events);
+    assert.deepEqual(effectsOf(st, p.events[0]), [{ kind: 'launch', id: 1 }]);
+  });
+
+  test('an end lets go of its run file', () => {
+    const st = newState();
+    worker(st, 'a');
+    add(st, 1);
+    start(st, 1, 'a');
+    const ev: Event = { e: 'end', t: T0, id: 1, run: 1, code: 0 };
+    step(st, ev);
+    assert.deepEqual(effectsOf(st, ev), [{ kind: 'forget-run', id: 1, run: 1 }]);
+  });
+});
+
+describe('launchRecord', () => {
+  test('length, header and fields, byte for byte, for any bytes but NUL', () => {
+    const args = ['', 'a b', "it's", '\n\r\t', 'é€😀', '$(id)', 'x'.repeat(70_000)];
+    const rec = launchRecord({ id: 7, run: 2, slot: 1, attempt: 3, cwd: '/w d', marker: '', worker: 'h', env: ['A=1'], script: '/s.sh', args });
+    const len = parseInt(rec.subarray(0, 8).toString(), 16);
+    assert.equal(len, rec.length - 8);
+    const body = rec.subarray(8), nl = body.indexOf(10);
+    const head = body.subarray(0, nl).toString().split(' ').map(Number);
+    assert.deepEqual(head.slice(0, 5), [7, 2, 1, 3, 1]);
+    const fields: string[] = [];
+    let o = nl + 1;
+    for (const n of head.slice(5)) { fields.push(body.subarray(o, o + n).toString()); o += n; }
+    assert.equal(o, body.length);
+    assert.deepEqual(fields, ['/w d', '', 'h', 'A=1', '/s.sh', ...args]);
   });
 });
 
@@ -899,14 +1068,14 @@ function journalled() {
 function someHistory(st: State, commit: (...evs: Event[]) => void): void {
   commit({ e: 'worker', t: T0, host: 'a', slots: 2, ssh: true }, { e: 'worker', t: T0, host: 'b', slots: 1, ssh: false });
   commit(addEv(st, 5, { retries: 1, timeout: 30 }));
-  commit({ e: 'start', t: T0 + 1, id: 1, w: 'a', s: 0 }, { e: 'start', t: T0 + 1, id: 2, w: 'b', s: 0 }, { e: 'start', t: T0 + 1, id: 3, w: 'a', s: 1 });
+  commit({ e: 'start', t: T0 + 1, id: 1, host: 'a', slot: 0 }, { e: 'start', t: T0 + 1, id: 2, host: 'b', slot: 0 }, { e: 'start', t: T0 + 1, id: 3, host: 'a', slot: 1 });
   commit({ e: 'end', t: T0 + 2, id: 1, run: 1, code: 0 }, { e: 'end', t: T0 + 2, id: 2, run: 1, code: 1 });
   commit({ e: 'end', t: T0 + 3, id: 3, run: 1, code: 255 }, { e: 'probe', t: T0 + 4, host: 'a', ok: false, err: 'refused' });
-  commit({ e: 'start', t: T0 + 5, id: 2, w: 'b', s: 0 }, { e: 'stop', t: T0 + 6, ids: [2, 4], why: 'user', grace: 1000 });
+  commit({ e: 'start', t: T0 + 5, id: 2, host: 'b', slot: 0 }, { e: 'kill', t: T0 + 6, ids: [2, 4], why: 'user', grace: 1000 });
   commit({ e: 'end', t: T0 + 7, id: 2, run: 2, code: 143 }, { e: 'remove', t: T0 + 8, ids: [5] });
-  commit(addEv(st, 2), { e: 'retry', t: T0 + 9, ids: [2] }, { e: 'start', t: T0 + 10, id: 3, w: 'b', s: 0 });
+  commit(addEv(st, 2), { e: 'retry', t: T0 + 9, ids: [2] }, { e: 'start', t: T0 + 10, id: 3, host: 'b', slot: 0 });
   commit({ e: 'unstart', t: T0 + 11, id: 3 }, { e: 'clean', t: T0 + 12 }, { e: 'probe', t: T0 + 13, host: 'a', ok: true });
-  commit({ e: 'start', t: T0 + 14, id: 6, w: 'a', s: 1 }, { e: 'drain', t: T0 + 15, host: 'a' });
+  commit({ e: 'start', t: T0 + 14, id: 6, host: 'a', slot: 1 }, { e: 'drain', t: T0 + 15, host: 'a' });
 }
 
 /** Every file of a dir with its bytes. */
@@ -937,7 +1106,7 @@ describe('loadState and Journal', () => {
     const header = JSON.parse(fs.readFileSync(path.join(j.dir, 'journal'), 'utf8').split('\n')[0]);
     assert.equal(header.after, j.st.seq, 'the new journal starts after the snapshot');
     const nextId = j.st.nextId;
-    j.commit(addEv(j.st, 1), { e: 'start', t: T0 + 20, id: nextId, w: 'b', s: 0 });
+    j.commit(addEv(j.st, 1), { e: 'start', t: T0 + 20, id: nextId, host: 'b', slot: 0 });
     j.close();
     const r = loadState(j.dir);
     assert.deepEqual(r.warnings, []);
@@ -946,7 +1115,7 @@ describe('loadState and Journal', () => {
 
     // Reload from the snapshot alone (no job of the newest id kept): nextId survives.
     const j2 = journalled();
-    j2.commit(addEv(j2.st, 3), { e: 'stop', t: T0, ids: [1, 2, 3], why: 'user', grace: 0 }, { e: 'clean', t: T0 });
+    j2.commit(addEv(j2.st, 3), { e: 'kill', t: T0, ids: [1, 2, 3], why: 'user', grace: 0 }, { e: 'clean', t: T0 });
     j2.journal().snapshot(j2.st);
     j2.close();
     const r2 = loadState(j2.dir);
@@ -957,11 +1126,11 @@ describe('loadState and Journal', () => {
   test('the queue order survives a snapshot, front-queued jobs included', () => {
     const j = journalled();
     j.commit({ e: 'worker', t: T0, host: 'a', slots: 2, ssh: false }, addEv(j.st, 4));
-    j.commit({ e: 'start', t: T0, id: 1, w: 'a', s: 0 }, { e: 'start', t: T0, id: 2, w: 'a', s: 1 });
+    j.commit({ e: 'start', t: T0, id: 1, host: 'a', slot: 0 }, { e: 'start', t: T0, id: 2, host: 'a', slot: 1 });
     j.commit({ e: 'end', t: T0, id: 2, run: 1, code: 255 }, { e: 'unstart', t: T0, id: 1 });
     assert.deepEqual(queue(j.st), [1, 2, 3, 4]);
     j.journal().snapshot(j.st);
-    j.commit(addEv(j.st, 1), { e: 'start', t: T0, id: 1, w: 'a', s: 0 }, { e: 'end', t: T0, id: 1, run: 2, code: 255 });
+    j.commit(addEv(j.st, 1), { e: 'start', t: T0, id: 1, host: 'a', slot: 0 }, { e: 'end', t: T0, id: 1, run: 2, code: 255 });
     j.close();
     const r = loadState(j.dir);
     assert.deepEqual(queue(r.state), [1, 2, 3, 4, 5]);
@@ -1132,17 +1301,3 @@ describe('jobView', () => {
   });
 });
 
-describe('bashWord', () => {
-  test('every string comes back from bash as the same argument, on one line', () => {
-    const words = ['', 'plain', 'a b', "it's", '"', '\\', 'end\\', "$'x'", '$HOME', '`id`', '$(id)', '*', '~', '{a,b}', '!x', '%1',
-      '-n', '--', 'a=b', 'new\nline', '\r\t\v\f', 'é€😀', '\u2028\u0085', '\x7f', String.fromCharCode(...Array.from({ length: 126 }, (_, i) => i + 1)), '\\x41'];
-    const line = words.map(bashWord).join(' ');
-    assert.equal(line.includes('\n'), false);
-    const out = execFileSync('bash', ['-c', `printf '%s\\0' ${line}`], { env: { PATH: process.env.PATH, LC_ALL: 'C' } });
-    assert.deepEqual(out.toString('utf8').split('\0').slice(0, -1), words);
-  });
-  test('simple words stay as they are', () => {
-    assert.equal(bashWord('/data/run/12.3.pid'), '/data/run/12.3.pid');
-    assert.equal(bashWord('JOB_ID=12'), 'JOB_ID=12');
-  });
-});
