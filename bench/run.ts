@@ -8,7 +8,8 @@
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
-//   same rounds, for before/after numbers (dispatch, and dispatch out of the big queues).
+//   same rounds, for before/after numbers (dispatch, latency, breakdown, and dispatch out
+//   of the big queues). Each copy is labelled by its directory's name.
 //   BENCH_SYSTEMS=REGEX limits which systems the dispatch benchmark runs.
 //   DJS_BENCH_CLI=PATH: measure that cli.ts instead of this repository's.
 //   DJS_NODE24=DIR: a directory with Node 24's `node` (else /tmp/djs-node24 is used,
