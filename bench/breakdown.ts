@@ -367,7 +367,7 @@ export async function breakdown(o: Opts): Promise<BenchResult> {
   const shm = fs.existsSync('/dev/shm');
   if (!shm) notes.push('no /dev/shm: the tmpfs control is skipped');
   const systems: System[] = [{ label: 'xargs -P 8 -n 1' }, { label: 'djs' }, ...(shm ? [{ label: 'djs, data+logs on tmpfs', tmpfs: true }] : []),
-    ...o.patched.map((p) => ({ label: `djs ${p.label}`, cli: p.path }))];
+    ...o.patched.flatMap((p) => [{ label: `djs ${p.label}`, cli: p.path }, ...(shm ? [{ label: `djs ${p.label}, data+logs on tmpfs`, cli: p.path, tmpfs: true }] : [])])];
   const go = (s: System, r: Run, t?: Tracer) => (s.label.startsWith('xargs') ? runXargs(r, t) : runDjs(r, s, t, scratch));
   const scratch: string[] = [];
   const exact = new Map<string, Exact[]>(systems.map((s) => [s.label, []]));
@@ -454,10 +454,15 @@ export async function breakdown(o: Opts): Promise<BenchResult> {
         for (const r of roles) { out.set(r, tot ? exactMs * roleTotal(p, r) / tot : 0); out.set(`factor:${r}`, roleTotal(p, r) ? out.get(r)! / ms(roleTotal(p, r)) : 0); }
       };
       if (l.startsWith('xargs')) split(OWN, med(l, (e) => e.own));
-      else {
-        split(['server'], med(l, (e) => e.serverU + e.serverS + e.serverReaped));
+      else if (med(l, (e) => e.serverReaped) <= 0.01 * med(l, (e) => e.own)) {
+        split(['server'], med(l, (e) => e.serverU + e.serverS));
         split(['launcher'], med(l, (e) => e.launcher));
         split(['wrappers', 'job, before exec', 'job, the script'], med(l, (e) => e.reaped));
+      } else {
+        // The server reaps processes itself (no long-lived launcher, or one per job): all
+        // but the server's own time is split by perf.
+        split(['server'], med(l, (e) => e.serverU + e.serverS));
+        split(['launcher', 'wrappers', 'job, before exec', 'job, the script'], med(l, (e) => e.launcher + e.reaped + e.serverReaped));
       }
       return out;
     };
@@ -536,9 +541,9 @@ export async function breakdown(o: Opts): Promise<BenchResult> {
     sections.push({ title: `c. syscalls per job by role (strace -f -y, one run of ${nStrace} jobs each)`, columns: ['system', 'role', 'syscalls/job', 'by name (≥ 0.05/job; "(file)", "(pipe)": what the fd is)'], rows });
   }
   for (const p of o.patched) notes.push(`djs ${p.label} = ${p.path}.`);
-  if (shm) notes.push('"djs, data+logs on tmpfs": the same cli.ts with its data dir (journal, run files) and the job logs on /dev/shm: the file-system work of a start without the cost of this machine\'s ext4 (RESULTS.md, F7).');
+  if (shm) notes.push('"data+logs on tmpfs": the same cli.ts with its data dir (journal, run files) and the job logs on /dev/shm: the file-system work of a start without the cost of this machine\'s ext4 (RESULTS.md, F7).');
   notes.push(`Each run: ${n} jobs over 8 slots, each the sh script \`echo "\${JOB_ID:-$1}" >> out.txt\`; djs: a fresh server, \`add_slave w:8\`, then \`add_jobs\` + \`wait\` (timed); xargs: \`seq 1 N | xargs -P 8 -n 1 ./job.sh\`. Directories are deleted after the last run (RESULTS.md, F7).`);
-  notes.push('The first table: server and launcher are the exact numbers of table a; the time the launcher reaped (xargs: everything its bash reaped) is split among wrappers and job processes in the proportions perf sampled; the "of which" rows are perf\'s samples in those kernel paths, scaled by each role\'s exact/perf ratio.');
+  notes.push('The first table: server and launcher are the exact numbers of table a; the time the launcher reaped (xargs: everything its bash reaped; a server that reaps processes itself: those and its child processes\' time) is split among the other roles in the proportions perf sampled; the "of which" rows are perf\'s samples in those kernel paths, scaled by each role\'s exact/perf ratio.');
   notes.push('a: "launcher itself" is the user + sys of the server\'s child processes (the launcher), "reaped by the launcher" their children\'s (wrappers and job processes, each with what it reaped); for xargs, everything its bash reaped (xargs, seq and the jobs). "clients" is `cli.ts add_jobs` + `cli.ts wait` with their trampoline, not part of "total".');
   notes.push(`b: every sample is ${PERIOD_NS / 1e6} ms of CPU time; the role of a process comes from the process tree perf recorded: the root (server, or xargs's bash) → its children (launcher; xargs and seq) → deeper (wrappers) → the process that execs job.sh (job: "before exec" while it still runs its parent's code, "the script" after). The kernel path is the syscall its kernel stack is in ("write, file" vs "write, pipe or socket"; "close" includes the deferred release of the file, also at exit; "fork" includes the child's first steps; "exec" includes the teardown of the old memory), or page faults, interrupts and scheduling; "user space" has no kernel stack. perf's own sampling slows the run; the totals beside the exact ones say how far to trust the split.`);
   notes.push('c: counts of syscalls per job (a job\'s "before exec" includes its execve). strace -p on the server follows every thread and process the server starts; the bash reading the launcher\'s pipe reads one byte per read(2).');

@@ -70,7 +70,7 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
     djs('djs, w:8', ['w:8']),
     djs('djs, 2×4', ['w1:4', 'w2:4']),
     djs('djs, w:8, data+logs on tmpfs', ['w:8'], undefined, true),
-    ...o.patched.flatMap((p) => [djs(`djs ${p.label}, w:8`, ['w:8'], p.path), djs(`djs ${p.label}, 2×4`, ['w1:4', 'w2:4'], p.path)]),
+    ...o.patched.flatMap((p) => [djs(`djs ${p.label}, w:8`, ['w:8'], p.path), djs(`djs ${p.label}, 2×4`, ['w1:4', 'w2:4'], p.path), djs(`djs ${p.label}, w:8, data+logs on tmpfs`, ['w:8'], p.path, true)]),
     {
       name: 'task-spooler (tsp -S 8)',
       missing: which('tsp') ? undefined : 'tsp not installed (Debian package task-spooler); skipped',
@@ -98,7 +98,7 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
       },
     },
   ];
-  for (const s of systems) if (s.missing) { notes.push(s.missing); o.log(s.missing); }
+  for (const s of systems) if (s.missing && !notes.includes(s.missing)) { notes.push(s.missing); o.log(s.missing); }
   const only = process.env.BENCH_SYSTEMS ? new RegExp(process.env.BENCH_SYSTEMS, 'i') : null;
   const live = systems.filter((s) => !s.missing && (!only || only.test(s.name)));
   const times = new Map<string, number[]>(live.map((s) => [s.name, []]));
@@ -160,7 +160,7 @@ export async function dispatch(o: Opts): Promise<BenchResult> {
   notes.push(`How each system runs the jobs: xargs \`seq 1 N | xargs -P 8 -n 1 ./job.sh\` (one fork + exec of the script per job, the id as its argument: the limit); djs \`cli.ts add_jobs FILE\` (N lines \`./job.sh\`, JOB_ID in the environment) + \`cli.ts wait\` on a fresh server with one worker of 8 slots (w:8) or two of 4 (2×4); tsp N calls \`tsp ./job.sh ID\` (each client forks and execs the script) and a last \`tsp -N 8 true\` waited for with \`tsp -w\`; GNU parallel \`seq 1 N | parallel -j 8 ./job.sh\` (parallel always starts a command through a shell: \`bash -c './job.sh ID'\`, which execs the script). djs and tsp keep a log file per job, xargs and parallel do not.`);
   notes.push('"server CPU ms/job": user + sys of the djs server process during the run, per job. "own CPU ms/job": CPU time (user + sys) of the system\'s own processes per job, immune to other load on the machine: for xargs and parallel their shell\'s reaped children (bash `times`), for djs the server (with any children it reaped) plus its child processes (the launcher) with their reaped children (every job process); the `add_jobs`/`wait` clients are not included. tsp runs jobs from daemonized clients, so it has none.');
   notes.push('"machine CPU ms/job": busy CPU time of the whole machine (/proc/stat, both cores) during the run divided by N; it includes whatever else ran on the shared machine, so compare it within a round.');
-  if (times.has('djs, w:8, data+logs on tmpfs')) notes.push('"data+logs on tmpfs": the same djs with its data dir and the job logs on /dev/shm, a control for the file system under the data dir (a start creates and deletes files there).');
+  if (times.has('djs, w:8, data+logs on tmpfs')) notes.push('"data+logs on tmpfs": the same djs (this cli.ts, and each --patched copy) with its data dir and the job logs on /dev/shm, a control for the file system under the data dir (a start creates and deletes files there).');
   return {
     name: 'dispatch', title: `1. Dispatch throughput (${n} trivial jobs, 8 slots)`,
     sections: [{ title: 'submit → last job finished', columns: ['system', 'best s', 'median s', 'worst s', 'jobs/s (best)', '× xargs (best)', 'jobs/s (median)', '× xargs (median)', 'server CPU ms/job', 'own CPU ms/job', 'machine CPU ms/job'], rows }],
