@@ -2,11 +2,14 @@
 // Runs whole commands and servers from outside, each against baselines measured in the
 // same invocation, prints one table per benchmark, and writes the machine description
 // and the results to bench/last-run.md and bench/last-run.json.
-//   NAME: dispatch, client, queue (= addcost + scale), latency, durable; default all.
+//   NAME: dispatch, client, queue (= addcost + scale), latency, durable; default all of
+//   these. Only when named: breakdown (where a start's CPU goes, by process and kernel
+//   path; --patched copies too) and primitives (what fork, exec and file operations cost).
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
-//   same rounds, for before/after numbers (dispatch, and dispatch out of the big queues).
+//   same rounds, for before/after numbers (dispatch, latency, breakdown, and dispatch out
+//   of the big queues). Each copy is labelled by its directory's name.
 //   BENCH_SYSTEMS=REGEX limits which systems the dispatch benchmark runs.
 //   DJS_BENCH_CLI=PATH: measure that cli.ts instead of this repository's.
 //   DJS_NODE24=DIR: a directory with Node 24's `node` (else /tmp/djs-node24 is used,
@@ -21,8 +24,11 @@ import { client } from './client.ts';
 import { queue } from './queue.ts';
 import { latency } from './latency.ts';
 import { durable } from './durable.ts';
+import { breakdown } from './breakdown.ts';
+import { primitives } from './primitives.ts';
 
-const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable };
+const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, breakdown, primitives };
+const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable'];
 const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue', scale: 'queue' };
 
 /** A directory holding Node 24's `node`: DJS_NODE24, else the npm cache dir (installed on demand). */
@@ -63,7 +69,7 @@ async function main(): Promise<number> {
     options: { quick: { type: 'boolean' }, runs: { type: 'string' }, patched: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
   });
   if (values.help) { process.stdout.write(fs.readFileSync(new URL(import.meta.url), 'utf8').split('\n').filter((l) => l.startsWith('//')).map((l) => l.slice(3)).join('\n') + '\n'); return 0; }
-  const names = positionals.length ? positionals.map((p) => ALIASES[p] ?? p) : Object.keys(BENCHES);
+  const names = positionals.length ? positionals.map((p) => ALIASES[p] ?? p) : DEFAULT;
   for (const n of names) if (!BENCHES[n]) { process.stderr.write(`unknown benchmark '${n}'; known: ${[...Object.keys(BENCHES), ...Object.keys(ALIASES)].join(', ')}\n`); return 2; }
   const log = (m: string) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${m}\n`);
   const quick = Boolean(values.quick) || process.env.BENCH_QUICK === '1';
