@@ -224,7 +224,7 @@ export type Event =
   | { e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[] }
   | { e: 'remove'; t: number; ids: number[] }
   | { e: 'start'; t: number; id: number; host: string; slot: number }
-  | { e: 'unstart'; t: number; id: number }
+  | { e: 'unstart'; t: number; id: number; back?: boolean } // back: behind the others (its start failed)
   | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string }
   | { e: 'kill'; t: number; ids: number[]; why: KillReason; grace: number }
   | { e: 'retry'; t: number; ids: number[] }
@@ -432,7 +432,7 @@ export function applyEvent(st: State, ev: Event): void {
       job.killing = null; job.killAt = 0;
       // A job the user killed before it got going stays killed.
       if (killed) settle(st, job, 'killed', 'killed before it started', ev.t);
-      else { setJobState(st, job, 'waiting'); enqueue(st, job, true); }
+      else { setJobState(st, job, 'waiting'); enqueue(st, job, !ev.back); }
       break;
     }
     case 'end': {
@@ -630,8 +630,13 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
 
 export type Request = Record<string, unknown> & { op: string };
 export type Decision = { events: Event[]; answer: Record<string, unknown>; effects?: Effect[] };
-/** What a decision may read besides the state and the request. */
-export type DecideContext = { now: number; killGraceMs: number };
+/** What a decision may read besides the state and the request: the clock, the kill
+ *  grace, and the bytes an exec leaves for a job's arguments (ARG_MAX less the
+ *  environment jobs get). */
+export type DecideContext = { now: number; killGraceMs: number; argSpace: number };
+
+/** The kernel's limit on one argument or environment string (Linux MAX_ARG_STRLEN). */
+export const MAX_ARG_BYTES = 128 * 1024 - 1;
 
 /** A whole number from a request (JSON numbers only: "3" or [3] is no number). */
 export const num = (v: unknown, name: string, min = 0, max = Number.MAX_SAFE_INTEGER): number => {
@@ -659,6 +664,14 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
     if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
     if (spec.some((w) => w.includes('\0'))) throw usage("a job's words cannot hold NUL bytes");
     if (!path.isAbsolute(spec[0])) throw usage(`script path is not absolute: ${quoteForError(spec[0])}`);
+    // An exec that the kernel refuses would fail the job every time it starts.
+    let bytes = 0;
+    for (const w of spec) {
+      const n = Buffer.byteLength(w);
+      if (n > MAX_ARG_BYTES) throw usage(`an argument of ${n} bytes is longer than the system allows one argument (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
+      bytes += n + 1 + 8;
+    }
+    if (bytes > c.argSpace) throw usage(`a job's arguments take ${bytes} bytes, more than the ${c.argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
   }
   const id = st.nextId;
   const ev: Event = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
@@ -1440,7 +1453,10 @@ export function probeHost(host: string, ssh: SshSettings): Promise<string | null
 
 type Reply = (msg: Record<string, unknown>) => void;
 /** A client's connection, for operations that answer over time. */
-type Conn = { send: Reply; sock: net.Socket };
+/** A client's connection. `busy`: its request being served (until the final answer, one
+ *  with `ok`); further request lines wait in line behind it, so one connection can never
+ *  have the server work on more than one of its requests at a time. */
+type Conn = { send: Reply; sock: net.Socket; busy: boolean; lastActive: number };
 type Decide = (st: State, req: Request, c: DecideContext) => Decision;
 /** Inputs wait in the inbox for the next flush: requests that change state (with the
  *  decision that serves them), facts (a process ended, a probe answered), and ticks (a
@@ -1454,7 +1470,10 @@ type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: str
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string };
 type Follower = { id: number; send: Reply };
-type ServerConfig = { dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings };
+type ServerConfig = {
+  dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
+  maxConnections: number;
+};
 
 // All server state, in one place.
 let cfg: ServerConfig;
@@ -1475,6 +1494,7 @@ let runDirWatch: fs.FSWatcher | null = null;
 const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
 let shuttingDown = false;
+let argSpace = 0;                          // bytes an exec leaves for a job's argv (see argSpaceOf)
 
 const log = (msg: string) => process.stdout.write(`${new Date().toISOString()} ${msg}\n`);
 
@@ -1522,6 +1542,7 @@ const OPS: Record<string, Op> = {
 function handleRequestLine(line: string, conn: Conn): void {
   let req: Request;
   try {
+    if (line.length > 1 << 20 && containers(line) > line.length / 8) throw new Error('too many arrays and objects');
     const v = JSON.parse(line);
     if (!v || typeof v !== 'object' || Array.isArray(v) || typeof v.op !== 'string') throw new Error('no op');
     req = v;
@@ -1544,6 +1565,16 @@ function handleRequestLine(line: string, conn: Conn): void {
   } catch (e) {
     sendError(conn.send, e);
   }
+}
+
+/** How many arrays and objects a request line may open at the most (an upper bound: it
+ *  counts brackets in strings too). JSON.parse of `[[],[],...]` allocates about twenty
+ *  times the bytes it reads; real requests open one array per job. */
+function containers(line: string): number {
+  let n = 0;
+  for (let i = line.indexOf('['); i >= 0; i = line.indexOf('[', i + 1)) n++;
+  for (let i = line.indexOf('{'); i >= 0; i = line.indexOf('{', i + 1)) n++;
+  return n;
 }
 
 function sendError(reply: Reply, e: unknown): void {
@@ -1631,7 +1662,7 @@ function flush(): void {
     if (input.kind === 'fact') { turn.facts.push(input.ev); commit(turn, input.ev); }
     else if (input.kind === 'request') {
       try {
-        const d = input.decide(st, input.req, { now, killGraceMs: cfg.killGraceMs });
+        const d = input.decide(st, input.req, { now, killGraceMs: cfg.killGraceMs, argSpace });
         for (const ev of d.events) commit(turn, ev);
         if (d.effects) turn.effects.push(...d.effects);
         turn.answers.push({ reply: input.reply, answer: d.answer });
@@ -1653,6 +1684,7 @@ function flush(): void {
   }
   for (const a of turn.answers) a.reply({ ok: true, ...a.answer });
   for (const fx of turn.effects) perform(fx);
+  flushLaunches();
   if (turn.lines.length) notifyWatchers(now, turn.touched);
   if (journal.needsSnapshot()) takeSnapshot();
   armTimer(p.next);
@@ -1734,9 +1766,17 @@ function launchJob(id: number): void {
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null });
-  ensureLauncher().stdin!.write(launchRecord({
+  launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env: [], script: job.script, args: job.args,
   }));
+}
+const launches: Buffer[] = [];
+
+/** Hands the turn's launches to the launcher in one write. */
+function flushLaunches(): void {
+  if (launches.length === 0) return;
+  ensureLauncher().stdin!.write(launches.length === 1 ? launches[0] : Buffer.concat(launches));
+  launches.length = 0;
 }
 
 /** What the launcher says (see LAUNCHER): a run's pid, why it failed to start, its end. */
@@ -1751,23 +1791,26 @@ function launcherSaid(line: string): void {
     p.failed = what;
   } else if (kind === 'x') {
     procs.delete(id);
-    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created`);
-    if (p.failed) {
-      const job = st.jobs.get(id);
-      return ended(id, p, null, p.failed === 'log' ? `cannot open the log ${logFile(id)}` : `cannot start: cannot enter ${job?.cwd ?? 'its directory'} (does it still exist?)`);
-    }
+    // The scheduler's own trouble (its run dir or log dir) is not the job's: it goes back
+    // to the queue uncharged. A directory the job needs that is gone is the job's.
+    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created (is the data dir's disk full?)`);
+    if (p.failed === 'log') return startFailed(id, `its log ${logFile(id)} could not be opened (is the log dir there and writable, and the log a plain file?)`);
+    if (p.failed) return ended(id, p, null, `cannot start: cannot enter ${st.jobs.get(id)?.cwd ?? 'its directory'} (does it still exist?)`);
+    if (rt.startFailures > 0) log(`jobs start again after ${rt.startFailures} failed start(s)`);
     rt.startFailures = 0;
     ended(id, p, Number(what));
   }
 }
 
 /** A start that failed for the scheduler's own reasons: the job never ran, so it goes
- *  back to the queue uncharged, and starts pause (pauseStarts). */
+ *  back to the queue uncharged, behind the others (so that one job whose log cannot be
+ *  opened does not hold up the rest), and starts pause (pauseStarts). */
 function startFailed(id: number, why: string): void {
   const delay = pauseStarts(rt, Date.now());
-  log(`error: job ${id} did not start: ${why}; starts pause for ${delay} ms`);
+  // Once per episode: the pauses that follow grow up to a minute.
+  if (rt.startFailures === 1) log(`error: job ${id} did not start: ${why}; it is queued again, and starts pause (${delay} ms, growing while this lasts)`);
   try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* the next failure says so */ }
-  fact({ e: 'unstart', t: Date.now(), id });
+  fact({ e: 'unstart', t: Date.now(), id, back: true });
 }
 
 /** Records that a job's run ended, and forgets its process. */
@@ -1967,10 +2010,76 @@ export function onLines(sock: Readable, fn: (line: string) => void): void {
   });
 }
 
+/** What one client may cost the server: a request line of at most MAX_REQUEST_BYTES
+ *  (more, even unfinished or queued, is refused and the connection closed); answers it
+ *  does not read up to MAX_UNREAD_BYTES (then the connection is closed); and no more
+ *  than cfg.maxConnections connections at once (then the one idle the longest goes). */
+const MAX_REQUEST_BYTES = 16 << 20;
+const MAX_UNREAD_BYTES = 64 << 20;
+const connections = new Set<Conn>();
+
 function onConnection(sock: net.Socket): void {
-  const conn: Conn = { sock, send: (msg) => { if (!sock.destroyed) sock.write(JSON.stringify(msg) + '\n'); } };
+  const conn: Conn = {
+    sock, busy: false, lastActive: Date.now(),
+    send: (msg) => {
+      if (sock.destroyed) return;
+      if (sock.writableLength > MAX_UNREAD_BYTES) { sock.destroy(); return; } // it does not read
+      sock.write(JSON.stringify(msg) + '\n');
+      if (msg.ok !== undefined && conn.busy) { conn.busy = false; conn.lastActive = Date.now(); setImmediate(next); }
+    },
+  };
   sock.on('error', () => {});
-  onLines(sock, (line) => handleRequestLine(line, conn));
+  sock.on('close', () => connections.delete(conn));
+  if (!admit(conn)) return;
+  const lines: Buffer[] = [];
+  let parts: Buffer[] = [], partBytes = 0, queuedBytes = 0;
+  const refuse = (what: string) => {
+    sock.removeAllListeners('data');
+    lines.length = 0;
+    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code: EXIT_USAGE, error: what }) + '\n');
+  };
+  const next = () => {
+    while (!conn.busy && lines.length && !sock.destroyed) {
+      const line = lines.shift()!;
+      queuedBytes -= line.length;
+      conn.busy = true;
+      conn.lastActive = Date.now();
+      handleRequestLine(line.toString('utf8'), conn);
+    }
+    if (lines.length) sock.pause(); else if (!sock.destroyed) sock.resume();
+  };
+  sock.on('data', (chunk: Buffer) => {
+    let start = 0, nl: number;
+    while ((nl = chunk.indexOf(10, start)) >= 0) {
+      const piece = chunk.subarray(start, nl);
+      const line = parts.length ? Buffer.concat([...parts, piece]) : Buffer.from(piece);
+      parts = []; partBytes = 0;
+      start = nl + 1;
+      if (line.length > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
+      lines.push(line);
+      queuedBytes += line.length;
+    }
+    if (start < chunk.length) { parts.push(chunk.subarray(start)); partBytes += chunk.length - start; }
+    if (partBytes > MAX_REQUEST_BYTES || queuedBytes > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
+    next();
+  });
+}
+
+/** Takes a new connection in, closing the connection idle the longest when there are
+ *  cfg.maxConnections already; if none is idle, the new one is refused. */
+function admit(conn: Conn): boolean {
+  if (connections.size >= cfg.maxConnections) {
+    let oldest: Conn | undefined;
+    for (const c of connections) if (!c.busy && (!oldest || c.lastActive < oldest.lastActive)) oldest = c;
+    if (!oldest) {
+      conn.sock.end(JSON.stringify({ ok: false, code: EXIT_FAILED, error: `the server has ${cfg.maxConnections} busy connections`, hint: 'try again later' }) + '\n');
+      return false;
+    }
+    oldest.sock.destroy();
+    connections.delete(oldest);
+  }
+  connections.add(conn);
+  return true;
 }
 
 // ---- server life -------------------------------------------------------------
@@ -2041,6 +2150,42 @@ function socketPath(dataDir: string): { abs: string; usable: string; relative: b
   return Buffer.byteLength(abs) < 100 ? { abs, usable: abs, relative: false } : { abs, usable: 'server.sock', relative: true };
 }
 
+/** Makes `dir` (mode 0700, parents too) or checks the one that is there: a directory,
+ *  this user's own, that no one else can write to. A directory another user made (in
+ *  /tmp or a shared scratch dir, say) could hold files the server would trust, or take
+ *  the place of ones it writes; so this runs before anything in it is read or written. */
+export function ownDir(dir: string, what: string): void {
+  try { fs.mkdirSync(dir, { recursive: true, mode: 0o700 }); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot create the ${what} '${dir}': ${(e as Error).message}`);
+  }
+  checkOwnDir(dir, what);
+}
+
+/** Throws unless `dir` (or the symlink that names it, and its target) is a directory of
+ *  this user's that no one else can write to. */
+export function checkOwnDir(dir: string, what: string): void {
+  const uid = process.getuid?.();
+  if (uid === undefined) return;
+  const link = fs.lstatSync(dir);
+  const stat = link.isSymbolicLink() ? fs.statSync(dir) : link;
+  if (!stat.isDirectory()) throw failure(`the ${what} '${dir}' is not a directory`);
+  for (const [s, name] of [[link, dir], [stat, dir]] as const) {
+    if (s.uid !== uid) throw failure(`the ${what} '${name}' belongs to user ${s.uid}, not to you (user ${uid})`, 'someone else made it; choose another directory, or have it removed');
+  }
+  if (stat.mode & 0o022) throw failure(`the ${what} '${dir}' can be written by others (mode ${(stat.mode & 0o777).toString(8)})`, `make it yours alone with: chmod go-w ${shellQuote(dir)}`);
+}
+
+/** The bytes an exec of a job leaves for its argv: ARG_MAX (getconf; 2 MiB where it
+ *  cannot be asked) less the environment a job gets and a margin for the variables djs
+ *  adds (JOB_ID, SLAVE_IP, ...). */
+function argSpaceOf(env: NodeJS.ProcessEnv): number {
+  const r = spawnSync('getconf', ['ARG_MAX'], { encoding: 'utf8' });
+  const argMax = Number(r.stdout) > 0 ? Number(r.stdout) : 2 << 20;
+  let envBytes = 0;
+  for (const [k, v] of Object.entries(env)) envBytes += Buffer.byteLength(k) + Buffer.byteLength(v ?? '') + 2 + 8;
+  return Math.max(0, argMax - envBytes - 4096);
+}
+
 /** Jobs start through perl (see LAUNCHER): refuses to start without perl 5.10 or newer
  *  and its Fcntl module. */
 function checkPerl(): void {
@@ -2052,10 +2197,10 @@ function checkPerl(): void {
 async function runServer(config: ServerConfig): Promise<void> {
   cfg = config;
   checkPerl();
-  fs.mkdirSync(cfg.dataDir, { recursive: true, mode: 0o700 });
+  ownDir(cfg.dataDir, 'data dir');
   fs.chmodSync(cfg.dataDir, 0o700);
-  fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 });
-  fs.mkdirSync(cfg.logDir, { recursive: true });
+  ownDir(path.join(cfg.dataDir, 'run'), 'run dir');
+  ownDir(cfg.logDir, 'log dir');
   await holdDirLock(cfg.dataDir); // held until this process ends
   lockDataDir(cfg.dataDir);
   try {
@@ -2067,6 +2212,7 @@ async function runServer(config: ServerConfig): Promise<void> {
     st = loaded.state;
     journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize, cfg.snapshotMinBytes);
     baseEnv = { ...process.env };
+    argSpace = argSpaceOf(baseEnv);
     // A data dir of an earlier format is written anew in this one before anything is
     // appended to it, so no file mixes two versions.
     if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
@@ -2173,6 +2319,10 @@ export async function request(dataDir: string, msg: Record<string, unknown>, onL
 function requestOnce(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
   const sock = socketPath(dataDir);
   return new Promise((resolve, reject) => {
+    // A socket in a data dir someone else controls could be theirs: never talk to it.
+    try { checkOwnDir(dataDir, 'data dir'); } catch (e) {
+      return reject((e as NodeJS.ErrnoException).code === 'ENOENT' ? noServer(dataDir) : e);
+    }
     let conn: net.Socket;
     if (sock.relative) {
       const here = process.cwd();
@@ -2352,16 +2502,17 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   const probeMax = intOption(process.env.DJS_PROBE_BACKOFF_MAX, 'DJS_PROBE_BACKOFF_MAX', 1) ?? PROBE_BACKOFF_MAX_MS / 1000;
   if (p.values.detach) return startDetached(dataDir, logDir, grace, ctx);
   const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
-  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, snapshotMinBytes, ssh: sshSettings(process.env) });
+  const maxConnections = intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1) ?? 1000;
+  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, snapshotMinBytes, maxConnections, ssh: sshSettings(process.env) });
   return -1; // keeps running
 }
 
 /** start --detach: runs the server as a background process (its output appended to
  *  LOG_DIR/server.log), waits until it answers, prints its ready line, and returns. */
 async function startDetached(dataDir: string, logDir: string, grace: number, ctx: Ctx): Promise<number> {
-  fs.mkdirSync(logDir, { recursive: true });
+  ownDir(logDir, 'log dir');
   const logPath = path.join(logDir, 'server.log');
-  const fd = fs.openSync(logPath, 'a');
+  const fd = fs.openSync(logPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_APPEND | fs.constants.O_NOFOLLOW, 0o600);
   const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'start', '--kill-grace', String(grace), dataDir, logDir], {
     detached: true, stdio: ['ignore', fd, fd],
   });
@@ -2614,6 +2765,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_TIMEOUT', 'start: ssh connect timeout of checks and probes, seconds (default 10)'],
   ['DJS_PROBE_BACKOFF_MAX', 'start: longest wait between probes of a down worker, seconds (default 300)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
+  ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
   ['NO_COLOR', 'no colours in status and list'],
 ];
 

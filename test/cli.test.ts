@@ -3,6 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -283,23 +284,33 @@ echo "stderr of $JOB_ID" >&2`);
     assert.deepEqual(jobs.map((j: any) => [j.state, j.exitCode, j.attempts]), Array.from({ length: 20 }, (_, i) => ['failed', 253 + (i % 2), 1]));
   });
 
-  test('a job whose directory is gone or whose log cannot be opened fails with the reason and does not run', async (t) => {
+  test('a job whose directory is gone fails with the reason; one whose log cannot be opened (a directory, a FIFO) waits uncharged until it can, and runs once', async (t) => {
     const s = await serve(t, { env: { POSIXLY_CORRECT: 'y' } });
-    const script = writeScript(s.dir, 'mark.sh', `echo "$POSIXLY_CORRECT" > "${s.dir}/ran.$JOB_ID"`);
+    const script = writeScript(s.dir, 'mark.sh', `echo "$POSIXLY_CORRECT" >> "${s.dir}/ran.$JOB_ID"`);
     const gone = path.join(s.dir, 'gone');
     fs.mkdirSync(gone);
-    const ids = [(await s.ok(['add_job', script], { cwd: gone })).trim(), (await s.ok(['add_job', script])).trim(), (await s.ok(['add_job', script])).trim()];
+    const ids = [(await s.ok(['add_job', script], { cwd: gone })).trim(), (await s.ok(['add_job', script])).trim(), (await s.ok(['add_job', script])).trim(), (await s.ok(['add_job', script])).trim()];
     fs.rmdirSync(gone);
     fs.mkdirSync(path.join(s.logDir, `${ids[1]}.log`), { recursive: true }); // a log that cannot be opened for writing
+    execFileSync('mkfifo', [path.join(s.logDir, `${ids[3]}.log`)]);         // one that would block an open
     await addWorkers(s, 'w1');
-    assert.equal((await s.cli(['wait'])).code, 1);
-    const [a, b, c] = await Promise.all(ids.map((id) => s.job(id)));
-    assert.deepEqual([a.state, b.state, c.state], ['failed', 'failed', 'done']);
+    await until(async () => (await s.job(ids[2])).state === 'done', 'the job with a usable log to run');
+    const [a, b, , d] = await Promise.all(ids.map((id) => s.job(id)));
+    assert.equal(a.state, 'failed');
     assert.match(a.reason, /cannot enter .*gone/);
-    assert.match(b.reason, /cannot open the log/);
-    assert.deepEqual(ids.map((id) => fs.existsSync(path.join(s.dir, `ran.${id}`))), [false, false, true]);
-    assert.equal(readIf(path.join(s.dir, `ran.${ids[2]}`)).trim(), 'y', 'POSIXLY_CORRECT, kept from the launcher, reaches the job');
+    assert.deepEqual([b.state, b.attempts, d.state, d.attempts], ['waiting', 0, 'waiting', 0], 'jobs whose log cannot be opened wait, uncharged');
+    assert.match(s.output(), /did not start: its log .* could not be opened/);
+    const said = s.output().match(/did not start/g)!.length;
+    const startsOf = (id: string) => fs.readFileSync(path.join(s.dataDir, 'journal'), 'utf8').split('\n').filter((l) => l.includes(`"e":"start"`) && l.includes(`"id":${id},`)).length;
+    await until(() => startsOf(ids[1]) >= 4, 'job 2 to fail to start a few more times');
+    assert.ok(s.output().match(/did not start/g)!.length <= said + 1, `said once per episode, not per failed start:\n${s.output()}`);
+    fs.rmdirSync(path.join(s.logDir, `${ids[1]}.log`));
+    fs.rmSync(path.join(s.logDir, `${ids[3]}.log`));
+    assert.equal((await s.cli(['wait', ids[1], ids[2], ids[3]])).code, 0);
+    assert.deepEqual(ids.map((id) => readIf(path.join(s.dir, `ran.${id}`))), ['', 'y\n', 'y\n', 'y\n'], 'each ran once; POSIXLY_CORRECT reaches the job');
+    assert.match(s.output(), /jobs start again/);
   });
+
 
   test('add_job: the job runs in a process group of its own, in a session without a terminal', async (t) => {
     const s = await serve(t);

@@ -801,7 +801,7 @@ describe('dueActions', () => {
 // ---- the operations' decisions -------------------------------------------------
 
 describe('operations (pure decisions of the operation table)', () => {
-  const C = { now: T0 + 1000, killGraceMs: 7000 };
+  const C = { now: T0 + 1000, killGraceMs: 7000, argSpace: 200_000 };
   /** Decides and, unless it throws, applies the events; returns the decision. */
   function run(st: State, decide: (st: State, req: Request, c: DecideContext) => Decision, req: Record<string, unknown>): Decision {
     const d = decide(st, { op: 'x', ...req }, C);
@@ -831,6 +831,9 @@ describe('operations (pure decisions of the operation table)', () => {
     refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a', 'x\0y']] }, 2, /NUL/);
     refused(st, decideAddJobs, { cwd: '/w', jobs: [['a.sh']] }, 2, /not absolute/);
     refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a']], retries: '3' }, 2, /invalid retries/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a', 'x'.repeat(131_072)]] }, 2, /argument of 131072 bytes is longer than the system allows one argument \(131071 bytes\)/);
+    refused(st, decideAddJobs, { cwd: '/w', jobs: [['/a', ...Array(3).fill('y'.repeat(100_000))]] }, 2, /more than the 200000 an exec leaves/);
+    assert.equal(decideAddJobs(st, { op: 'x', cwd: '/w', jobs: [['/a', 'x'.repeat(131_071)]] }, C).events.length, 1);
   });
 
   test('remove_jobs by ids or by exact command, waiting jobs only', () => {
