@@ -1,0 +1,84 @@
+// Tier 2: what one client can do to the server. Requests too large, answers not read,
+// connections piled up, arrays nested to make the parser allocate: each gets an error
+// or a closed connection, and the server keeps answering with its memory in bounds.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { test } from 'node:test';
+import { cleanUp, startServer, until, writeScript, type TestServer } from './server.ts';
+
+/** A raw connection to the server's socket, with what it has received so far. */
+function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(path.join(s.dataDir, 'server.sock'));
+    let got = '', closed = false;
+    sock.on('data', (d) => { got += d; });
+    sock.on('close', () => { closed = true; });
+    sock.on('error', () => {});
+    sock.once('connect', () => resolve({ sock, got: () => got, closed: () => closed }));
+    sock.once('error', reject);
+  });
+}
+
+/** The server's resident memory in MiB. */
+const rssMiB = (s: TestServer) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${s.proc.pid}/status`, 'utf8'))![1]) / 1024;
+
+test('a request line over 16 MiB, finished or not, is refused and its connection closed; the server goes on', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const big = Buffer.alloc((16 << 20) + 10, 'a');
+  for (const tail of ['\n', '']) {
+    const c = await connect(s);
+    c.sock.write(big);
+    c.sock.write(tail);
+    await until(() => c.closed(), 'the connection to be closed', 20_000);
+    assert.match(c.got(), /"ok":false.*request over 16 MiB/);
+  }
+  assert.equal((await s.status()).counts.total, 0);
+});
+
+test('arrays nested to make the parser allocate are refused without parsing', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const before = rssMiB(s);
+  const c = await connect(s);
+  c.sock.write('{"op":"status","x":[' + '[],'.repeat(3 << 20) + '[]]}\n');
+  await until(() => c.got().includes('\n'), 'an answer');
+  assert.match(c.got(), /malformed request/);
+  assert.ok(rssMiB(s) - before < 100, `the server grew by ${rssMiB(s) - before} MiB`);
+  c.sock.destroy();
+});
+
+test('a client that pipelines list requests and never reads costs the server one answer at a time', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(200)}\n`.repeat(20_000) });
+  const before = rssMiB(s);
+  const c = await connect(s);
+  c.sock.pause(); // never reads
+  c.sock.write('{"op":"list"}\n'.repeat(2000));
+  // The first list fills the socket's buffers and waits for it to drain; the others wait
+  // behind it, as request lines (a few bytes each), not as answers.
+  await until(async () => (await s!.cli(['status'])).code === 0, 'the server to answer others');
+  const grown = rssMiB(s) - before;
+  assert.ok(grown < 150, `the server grew by ${grown.toFixed(0)} MiB for one client that does not read`);
+  c.sock.destroy();
+  assert.equal((await s.status()).counts.waiting, 20_000);
+});
+
+test('connections beyond DJS_MAX_CONNECTIONS close the one idle the longest; the server keeps answering', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_MAX_CONNECTIONS: '20' } });
+  const conns: Awaited<ReturnType<typeof connect>>[] = [];
+  for (let i = 0; i < 50; i++) conns.push(await connect(s));
+  await until(() => conns.filter((c) => c.closed()).length >= 30, 'the oldest idle connections to be closed');
+  assert.deepEqual(conns.slice(0, 30).map((c) => c.closed()), Array(30).fill(true), 'the oldest went first');
+  assert.equal((await s.cli(['status'])).code, 0, 'a new client is served');
+  for (const c of conns) c.sock.destroy();
+});
