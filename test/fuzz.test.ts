@@ -2,6 +2,7 @@
 // live server for a bounded time. After each burst the server must answer, and its state
 // must equal a replay of its journal (the data dir loaded afresh by the core).
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -18,20 +19,22 @@ test(`fuzz: ${SECONDS} s of random and mutated requests; the server answers and 
   let s: TestServer | undefined;
   t.after(() => cleanUp(s));
   s = await startServer({ env: { DJS_KILL_GRACE: '1' } });
-  const script = writeScript(s.dir, 'job.sh', 'sleep 0.0$(( JOB_ID % 5 )); exit $(( JOB_ID % 3 ))');
+  const script = writeScript(s.dir, 'job.sh', 'sleep 0.$(( JOB_ID % 7 )); exit $(( JOB_ID % 3 ))');
   const seed = Number(process.env.DJS_FUZZ_SEED ?? Date.now() % 100000);
   t.diagnostic(`seed ${seed} (DJS_FUZZ_SEED=${seed} repeats this run)`);
   const rand = prng(seed);
   const pick = <T>(xs: T[]): T => xs[Math.floor(rand() * xs.length)];
   const anyValue = (): unknown => pick([0, -1, 1, 2 ** 53, 1.5, NaN, '', '1', 'x'.repeat(300), null, true, [], [1], [[1]], {}, { a: 1 }, '\u0000', '../..', -0]);
-  const id = () => (rand() < 0.8 ? 1 + Math.floor(rand() * 40) : anyValue());
+  let lastId = 1; // the highest id an add was answered with
+  const id = () => (rand() < 0.85 ? 1 + Math.floor(rand() * (lastId + 2)) : anyValue());
+  const addJobs = () => ({ op: 'add_jobs', cwd: s!.dir, jobs: Array.from({ length: 1 + Math.floor(rand() * 4) }, () => [script, String(Math.floor(rand() * 9))]), retries: Math.floor(rand() * 2), timeout: pick([0, 0, 1, 5]) });
   const shapes: (() => Record<string, unknown>)[] = [
-    () => ({ op: 'add_jobs', cwd: s!.dir, jobs: Array.from({ length: 1 + Math.floor(rand() * 4) }, () => [script, String(Math.floor(rand() * 9))]), retries: Math.floor(rand() * 2), timeout: pick([0, 0, 1, 5]) }),
+    addJobs, addJobs, addJobs,
     () => ({ op: 'remove_jobs', ids: [id(), id()] }),
     () => ({ op: 'remove_jobs', script, args: [String(Math.floor(rand() * 9))] }),
-    () => ({ op: 'kill', ids: [id()] }),
+    () => ({ op: 'kill', ids: [id()] }), () => ({ op: 'kill', ids: [id()] }), () => ({ op: 'kill', ids: [id()] }),
     () => ({ op: 'kill', all: rand() < 0.1 }),
-    () => ({ op: 'retry', ids: [id()] }),
+    () => ({ op: 'retry', ids: [id()] }), () => ({ op: 'retry', ids: [id()] }),
     () => ({ op: 'retry', failed: true }),
     () => ({ op: 'clean', logs: rand() < 0.5 }),
     () => ({ op: 'add_workers', workers: [{ host: pick(['w1', 'w2', 'w3']), slots: 1 + Math.floor(rand() * 3) }], skipCheck: true }),
@@ -64,6 +67,7 @@ test(`fuzz: ${SECONDS} s of random and mutated requests; the server answers and 
         const line = buf.slice(0, nl); buf = buf.slice(nl + 1);
         const m = JSON.parse(line);
         if (m.ok !== undefined) answers.push(line);
+        if (m.ok === true && typeof m.first === 'number') lastId = Math.max(lastId, m.first + m.count - 1);
         if (answers.length === lines.length) sock.end();
       }
     });
@@ -88,7 +92,9 @@ test(`fuzz: ${SECONDS} s of random and mutated requests; the server answers and 
       return mine.sort().join(' ') === theirs.sort().join(' ');
     }, `the server's state after burst ${bursts} (seed ${seed}) to equal a replay of its journal`, 15_000);
   }
-  t.diagnostic(`${bursts} bursts, ${requests} requests`);
+  const kinds = new Map<string, number>();
+  for (const line of fs.readFileSync(path.join(s.dataDir, 'journal'), 'utf8').split('\n').slice(1, -1)) { const e = JSON.parse(line).e; kinds.set(e, (kinds.get(e) ?? 0) + 1); }
+  t.diagnostic(`${bursts} bursts, ${requests} requests; events: ${[...kinds].map(([k, n]) => `${n} ${k}`).join(', ')}`);
   assert.ok(requests > 50, `only ${requests} requests were sent`);
   assert.equal(s.proc.exitCode, null, 'the server is still running');
 });
