@@ -82,3 +82,37 @@ test('connections beyond DJS_MAX_CONNECTIONS close the one idle the longest; the
   assert.equal((await s.cli(['status'])).code, 0, 'a new client is served');
   for (const c of conns) c.sock.destroy();
 });
+
+test('a launcher stopped with records unread, across a kill -9 and a new server: no job runs twice', { timeout: 90_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const dir = s.dir;
+  const script = writeScript(dir, 'job.sh', `echo "$JOB_ID" >> "${dir}/started"; sleep 0.2`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1:2']);
+  await s.ok(['add_jobs', '-'], { input: `${script}\n`.repeat(30) });
+  await until(() => fs.existsSync(path.join(dir, 'started')), 'jobs to start');
+  const launcher = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((p) => {
+    try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher') && fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(s!.proc.pid); } catch { return false; }
+  })!;
+  assert.ok(launcher, 'found the launcher');
+  process.kill(launcher, 'SIGSTOP');
+  // More slots: the server hands the stopped launcher records it cannot read yet.
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w2:6']);
+  await until(async () => (await s!.status()).counts.running >= 6, 'starts to be handed to the stopped launcher');
+  await s.crash();
+  s = await s.restart();
+  // The new server voids the runs the stopped launcher never read, and must keep those
+  // claims while that launcher lives: give its sweeps (every second) time to go wrong.
+  const voids = () => fs.readdirSync(path.join(s!.dataDir, 'run')).filter((f) => fs.readFileSync(path.join(s!.dataDir, 'run', f), 'utf8').startsWith('void'));
+  await until(() => voids().length > 0, 'the unread runs to be voided');
+  await new Promise((r) => setTimeout(r, 2500));
+  assert.ok(voids().length > 0, 'void claims are kept while the old launcher lives');
+  process.kill(launcher, 'SIGCONT');
+  assert.equal((await s.cli(['wait'])).code, 0);
+  const started = fs.readFileSync(path.join(dir, 'started'), 'utf8').trim().split('\n').map(Number);
+  const counts = new Map<number, number>();
+  for (const id of started) counts.set(id, (counts.get(id) ?? 0) + 1);
+  assert.deepEqual([...counts].filter(([, n]) => n !== 1), [], 'every job started exactly once');
+  assert.equal(counts.size, 30);
+});
