@@ -116,3 +116,32 @@ test('a launcher stopped with records unread, across a kill -9 and a new server:
   assert.deepEqual([...counts].filter(([, n]) => n !== 1), [], 'every job started exactly once');
   assert.equal(counts.size, 30);
 });
+
+test('out of file descriptors while an adopted job ends: the job is neither taken as ended early nor run again', { timeout: 90_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const dir = s.dir;
+  const script = writeScript(dir, 'job.sh', `echo "start" >> "${dir}/runs.$JOB_ID"; while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await s.ok(['add_job', script]);
+  await until(() => fs.existsSync(path.join(dir, 'runs.1')), 'the job to start');
+  await s.crash();
+  // A server with few file descriptors adopts the job; then every descriptor it has left
+  // goes to connections, and the job ends meanwhile.
+  s = await startServer({ dir, limitFiles: 60, env: { DJS_MAX_CONNECTIONS: '100000' } });
+  assert.equal((await s.job(1)).state, 'running');
+  const conns: net.Socket[] = [];
+  for (let i = 0; i < 80; i++) conns.push(net.connect(path.join(s.dataDir, 'server.sock')).on('error', () => {}));
+  await until(() => conns.filter((c) => c.readyState === 'open').length > 30, 'the connections to take the descriptors');
+  fs.writeFileSync(path.join(dir, 'go'), '');
+  // The job ends (its launcher, of the crashed server, records the code) while the
+  // server cannot open a file; its checks of the job fail and must not count as "ended".
+  await until(() => fs.readFileSync(path.join(s!.dataDir, 'run', '1.1.pid'), 'utf8').split('\n').length === 3, 'the job to end');
+  await new Promise((r) => setTimeout(r, 1500)); // at least one check of the job meanwhile
+  for (const c of conns) c.destroy();
+  assert.equal((await s.cli(['wait', '1'])).code, 1);
+  const job = await s.job(1);
+  assert.deepEqual([job.state, job.exitCode, job.attempts], ['failed', 3, 1]);
+  assert.equal(fs.readFileSync(path.join(dir, 'runs.1'), 'utf8'), 'start\n', 'the job ran once');
+});

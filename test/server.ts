@@ -68,11 +68,15 @@ export type TestServer = {
 };
 
 /** Starts `cli.ts start` in a temp dir (or the given one) and resolves once it is ready. */
-export async function startServer(opts: { dir?: string; env?: NodeJS.ProcessEnv; args?: string[] } = {}): Promise<TestServer> {
+export async function startServer(opts: { dir?: string; env?: NodeJS.ProcessEnv; args?: string[]; limitFiles?: number } = {}): Promise<TestServer> {
   const dir = opts.dir ?? tempDir();
   const dataDir = path.join(dir, '.data'), logDir = path.join(dir, 'logs');
   const env = { ...process.env, NO_COLOR: '1', ...opts.env };
-  const proc = spawn(CLI, ['start', dataDir, logDir, ...(opts.args ?? [])], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const args = ['start', dataDir, logDir, ...(opts.args ?? [])];
+  // limitFiles: the server runs with that many file descriptors at most (ulimit -n).
+  const proc = opts.limitFiles
+    ? spawn('sh', ['-c', `ulimit -n ${opts.limitFiles} && exec "$0" "$@"`, CLI, ...args], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
+    : spawn(CLI, args, { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   proc.stdout!.on('data', (d) => { out += d; });
   proc.stderr!.on('data', (d) => { out += d; });
