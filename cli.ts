@@ -2116,31 +2116,61 @@ function lockDataDir(dataDir: string): void {
 /** A lock that the kernel lets go of when this process ends, however it ends: an abstract
  *  Unix socket (Linux). Of two starts racing for one data dir (both finding the pid file
  *  of a crashed server) only one can hold it; the pid file then names the holder.
- *  Abstract sockets have no permissions, so the name comes from a random token kept in
- *  the (0700) data dir, which no other user can read, with the dir's device and inode
- *  (a copy of the dir is another dir); it fills the whole address (108 bytes), which is
- *  the one form Node 20 and later Node versions bind alike. Elsewhere the pid file alone
- *  decides. */
+ *  Abstract sockets have no permissions and their names are listed in /proc/net/unix
+ *  for every user to see, so another user can bind the name a server used once it has
+ *  stopped. Hence the holder must prove itself: the name is a hash of a random token kept
+ *  in the (0700) data dir with the dir's device and inode (a copy of the dir is another
+ *  dir), and a start that finds the name taken sends the holder a random challenge that
+ *  only a process that can read the token answers (an HMAC of it). A holder that cannot
+ *  answer is a squatter: the token is replaced, which gives a new name. The name fills
+ *  the whole address (108 bytes), the one form Node 20 and later versions bind alike.
+ *  Elsewhere than Linux the pid file alone decides. */
 async function holdDirLock(dataDir: string): Promise<void> {
   if (process.platform !== 'linux') return;
   const tokenFile = path.join(dataDir, 'lock.token');
   try { fs.writeFileSync(tokenFile, crypto.randomBytes(16).toString('hex') + '\n', { flag: 'wx', mode: 0o600 }); } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
   }
-  const dir = fs.statSync(dataDir);
-  const name = `\0djs-${fs.readFileSync(tokenFile, 'utf8').trim()}-${dir.dev}-${dir.ino}-`.padEnd(108, 'x');
-  const lock = net.createServer((c) => c.destroy());
-  try {
-    await new Promise<void>((resolve, reject) => {
-      lock.once('error', reject);
-      lock.listen(name, () => resolve());
+  for (let tries = 0; ; tries++) {
+    const token = fs.readFileSync(tokenFile, 'utf8').trim();
+    const dir = fs.statSync(dataDir);
+    const name = `\0djs-${crypto.createHash('sha256').update(`${token}-${dir.dev}-${dir.ino}`).digest('hex')}-`.padEnd(108, 'x');
+    const answer = (nonce: string) => crypto.createHmac('sha256', token).update(nonce).digest('hex');
+    const lock = net.createServer((c) => {
+      c.on('error', () => {});
+      c.setTimeout(2000, () => c.destroy());
+      onLines(c, (nonce) => c.end(answer(nonce) + '\n'));
     });
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') return;
-    const pid = liveServerPid(dataDir);
-    throw failure(`a server is already running on data dir '${dataDir}'${pid ? ` (pid ${pid})` : ''}`, 'stop it first with: cli.ts stop');
+    try {
+      await new Promise<void>((resolve, reject) => {
+        lock.once('error', reject);
+        lock.listen(name, () => resolve());
+      });
+      lock.unref();
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE') return;
+    }
+    const nonce = crypto.randomBytes(16).toString('hex');
+    const reply = await new Promise<string>((resolve) => {
+      const c = net.connect(name);
+      let got = '';
+      c.setTimeout(2000, () => c.destroy());
+      c.on('connect', () => c.write(nonce + '\n'));
+      c.on('data', (d) => { got += d; });
+      c.on('error', () => {});
+      c.on('close', () => resolve(got.trim()));
+    });
+    if (reply === answer(nonce)) {
+      const pid = liveServerPid(dataDir);
+      throw failure(`a server is already running on data dir '${dataDir}'${pid ? ` (pid ${pid})` : ''}`, 'stop it first with: cli.ts stop');
+    }
+    if (tries >= 2) throw failure(`cannot take the lock of data dir '${dataDir}': its name is held by a process that is not a djs server of yours`);
+    process.stderr.write(`warning: the lock name of data dir '${dataDir}' is held by a process that cannot prove it is a djs server of yours; taking a new one\n`);
+    const tmp = `${tokenFile}.${process.pid}`;
+    fs.writeFileSync(tmp, crypto.randomBytes(16).toString('hex') + '\n', { flag: 'wx', mode: 0o600 });
+    fs.renameSync(tmp, tokenFile);
   }
-  lock.unref();
 }
 
 /** Where the socket of a data dir is, and how to reach it when its absolute path is too

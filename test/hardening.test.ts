@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanUp, startServer, until, writeScript, type TestServer } from './server.ts';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { cleanUp, runCli, startServer, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -144,4 +145,28 @@ test('out of file descriptors while an adopted job ends: the job is neither take
   const job = await s.job(1);
   assert.deepEqual([job.state, job.exitCode, job.attempts], ['failed', 3, 1]);
   assert.equal(fs.readFileSync(path.join(dir, 'runs.1'), 'utf8'), 'start\n', 'the job ran once');
+});
+
+test('another user squatting the start lock after a stop does not keep the owner from starting; a second start of the owner is still refused', { timeout: 60_000, skip: process.getuid?.() !== 0 && 'needs root to act as another user' }, async (t) => {
+  let s: TestServer | undefined;
+  let squatter: ChildProcess | undefined;
+  t.after(async () => { squatter?.kill('SIGKILL'); await cleanUp(s); });
+  s = await startServer();
+  const lockNames = () => fs.readFileSync('/proc/net/unix', 'utf8').split('\n').map((l) => l.split(' ').at(-1)!).filter((n) => n.startsWith('@djs-'));
+  const before = new Set(lockNames());
+  await s.stop();
+  s = await startServer({ dir: s.dir });
+  const name = lockNames().find((n) => !before.has(n)) ?? lockNames()[0];
+  assert.ok(name, 'the server holds an abstract lock');
+  await s.stop();
+  // Another user binds that name: it is listed for everyone in /proc/net/unix.
+  squatter = spawn(process.execPath, ['-e', `require('net').createServer().listen('\\0' + process.argv[1], () => console.log('bound'))`, name.slice(1)], { uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'inherit'] });
+  let said = '';
+  squatter.stdout!.on('data', (d) => { said += d; });
+  await until(() => said.includes('bound'), 'the squatter to bind the name');
+  s = await startServer({ dir: s.dir });
+  assert.match(s.output(), /cannot prove it is a djs server of yours; taking a new one/);
+  const second = await runCli(['start', s.dataDir, s.logDir], { cwd: s.dir });
+  assert.equal(second.code, 1);
+  assert.match(second.stderr, /already running/);
 });
