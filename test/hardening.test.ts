@@ -49,6 +49,7 @@ test('arrays nested to make the parser allocate are refused without parsing', { 
   c.sock.write('{"op":"status","x":[' + '[],'.repeat(3 << 20) + '[]]}\n');
   await until(() => c.got().includes('\n'), 'an answer');
   assert.match(c.got(), /malformed request/);
+  t.diagnostic(`server RSS ${before.toFixed(0)} MiB before, grew by ${(rssMiB(s) - before).toFixed(0)} MiB`);
   assert.ok(rssMiB(s) - before < 100, `the server grew by ${rssMiB(s) - before} MiB`);
   c.sock.destroy();
 });
@@ -67,6 +68,7 @@ test('a client that pipelines list requests and never reads costs the server one
   // behind it, as request lines (a few bytes each), not as answers.
   await until(async () => (await s!.cli(['status'])).code === 0, 'the server to answer others');
   const grown = rssMiB(s) - before;
+  t.diagnostic(`server RSS ${before.toFixed(0)} MiB before, grew by ${grown.toFixed(0)} MiB`);
   assert.ok(grown < 150, `the server grew by ${grown.toFixed(0)} MiB for one client that does not read`);
   c.sock.destroy();
   assert.equal((await s.status()).counts.waiting, 20_000);
