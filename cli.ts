@@ -1162,7 +1162,7 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
  *    x ID RUN CODE    the run's process ended */
 const LAUNCHER = String.raw`
 use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_APPEND O_NOFOLLOW O_NONBLOCK F_GETFL F_SETFL);
-my (undef, $D, $L, $S) = @ARGV;   # @ARGV starts with the name djs-launcher
+my (undef, $D, $L, $S, $SETSID) = @ARGV;   # @ARGV starts with the name djs-launcher
 delete $ENV{DJS_LAUNCHER_CODE};
 my @kept = grep { /^DJS_KEPT_/ } keys %ENV;
 $SIG{PIPE} = 'IGNORE';
@@ -1177,7 +1177,9 @@ sub fail { syswrite(STDOUT, "f $_[0] $_[1] $_[2]\n"); exit 1 }
 sub child {
   my ($id, $run, $slot, $att, $nenv, $cwd, $marker, $worker, @w) = @_;
   $SIG{CHLD} = $SIG{PIPE} = 'DEFAULT';
-  setpgrp(0, 0);
+  # A session of its own (setsid; its number per machine comes from the server), so the
+  # job never shares a process group or session with the launcher.
+  ($SETSID > 0 && syscall($SETSID) >= 0) or setpgrp(0, 0);
   $^F = 1023;   # what is opened from here on stays open across exec
   sysopen(my $pf, "$D/run/$id.$run.pid", O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW, 0600)
     or fail($id, $run, $!{EEXIST} ? 'taken' : 'nowrite');
@@ -1212,7 +1214,6 @@ sub take {
     my $pid = fork();
     if (!defined $pid) { print "f $f[0] $f[1] nowrite\nx $f[0] $f[1] 1\n"; next }
     child(@f[0 .. 4], @w) if $pid == 0;
-    setpgrp($pid, $pid);
     $job{$pid} = "$f[0] $f[1]";
     print "s $f[0] $f[1] $pid\n";
   }
@@ -1256,8 +1257,14 @@ export function launcherArgs(env: NodeJS.ProcessEnv, dataDir: string, logDir: st
     if (name.startsWith('DJS_KEPT_')) continue;
     if (keptFromLauncher(name)) own[`DJS_KEPT_${name}`] = value; else own[name] ??= value;
   }
-  return { env: own, args: ['-e', 'my $c = $ENV{DJS_LAUNCHER_CODE}; eval $c; die $@ if $@', 'djs-launcher', dataDir, logDir, String(serverPid)] };
+  return { env: own, args: ['-e', 'my $c = $ENV{DJS_LAUNCHER_CODE}; eval $c; die $@ if $@', 'djs-launcher', dataDir, logDir, String(serverPid), String(SETSID_SYSCALL[process.arch] ?? 0)] };
 }
+
+/** Linux's number of the setsid system call, by machine (perl has no setsid without its
+ *  large POSIX module); elsewhere the launcher falls back to a process group of its own. */
+const SETSID_SYSCALL: Record<string, number> = process.platform === 'linux'
+  ? { x64: 112, arm64: 157, riscv64: 157, loong64: 157, ia32: 66, arm: 66, ppc64: 66, s390x: 66 }
+  : {};
 
 /** One job for the launcher (see LAUNCHER): its record, as bytes. */
 export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: string[]; script: string; args: string[] }): Buffer {
@@ -1314,7 +1321,6 @@ export function processStartTicks(pid: number): string | null {
  *  job's process can pass. Throws when /proc cannot be read (then nothing is known). */
 function runHolds(pgid: number, id: number, dataDir: string, file: fs.Stats): boolean {
   if (!HAVE_PROC) { try { process.kill(-pgid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; } }
-  const marks = [`JOB_ID=${id}`, `DJS_DATA_DIR=${dataDir}`];
   for (const name of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     const fields = procStat(name);
@@ -1325,18 +1331,28 @@ function runHolds(pgid: number, id: number, dataDir: string, file: fs.Stats): bo
         const held = fs.statSync(`/proc/${name}/fd/${fd}`);
         if (held.ino === file.ino && held.dev === file.dev) return true;
       }
-      if (marks.every((m) => fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0').includes(m))) return true;
+      const env = fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0');
+      if (env.includes(`JOB_ID=${id}`) && sameDir(env.find((e) => e.startsWith('DJS_DATA_DIR='))?.slice(13), dataDir)) return true;
     } catch (e) { if (!gone(e)) throw e; }
   }
   return false;
 }
 
-/** The pid of a process that holds run file `file` open: the process that created it
- *  and has not written its claim yet (or null). Throws when /proc cannot be read. */
-function runCreator(file: fs.Stats): number | null {
+/** True if two paths name one directory (a data dir may be spelled differently by two
+ *  servers: through a symlink, say). */
+function sameDir(a: string | undefined, b: string): boolean {
+  if (a === undefined) return false;
+  if (a === b) return true;
+  try { const x = fs.statSync(a), y = fs.statSync(b); return x.dev === y.dev && x.ino === y.ino; } catch { return false; }
+}
+
+/** The pid of the process that created run file `file` and has not written its claim
+ *  yet: a launcher's child before its exec (it runs the launcher's code, so its command
+ *  line is the launcher's); or null. Throws when /proc cannot be read. */
+function runCreator(file: fs.Stats, dataDir: string): number | null {
   if (!HAVE_PROC) return null;
   for (const name of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
+    if (!/^\d+$/.test(name) || !launcherAlive(Number(name), dataDir)) continue;
     try {
       for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
         const held = fs.statSync(`/proc/${name}/fd/${fd}`);
@@ -1347,12 +1363,14 @@ function runCreator(file: fs.Stats): number | null {
   return null;
 }
 
-/** True while the launcher `pid` of this data dir runs: it may still record an exit code. */
+/** True while `pid` is a launcher of this data dir (or a child of one before its exec):
+ *  it may still claim a run or record an exit code. */
 function launcherAlive(pid: number, dataDir: string): boolean {
   if (pid <= 0) return false;
   let argv: string[];
   try { argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0'); } catch (e) { if (gone(e)) return false; throw e; }
-  return argv.includes('djs-launcher') && argv.includes(dataDir);
+  const at = argv.indexOf('djs-launcher');
+  return at >= 0 && sameDir(argv[at + 1], dataDir);
 }
 
 /** What became of a run, as its run file and /proc tell:
@@ -1374,16 +1392,20 @@ export function checkRun(dataDir: string, id: number, run: number): RunCheck {
     const stat = fs.statSync(file);
     if (r.pid === 0) {
       // Created, its claim not written yet: by a process that still holds it, or by one
-      // that died before it got to run the job.
-      const creator = runCreator(stat);
-      return creator === null ? { is: 'unclaimed' } : { is: 'running', pid: creator };
+      // that died before it got to run the job (then its claim never comes: the file
+      // is read again after the search, in case the claim came meanwhile).
+      const creator = runCreator(stat, dataDir);
+      if (creator !== null) return { is: 'running', pid: creator };
+      const again = readRunFile(file);
+      return again.pid === 0 && again.claim !== 'void' ? { is: 'unclaimed' } : checkRun(dataDir, id, run);
     }
-    if (runHolds(r.pid, id, dataDir, stat)) return { is: 'running', pid: r.pid };
-    // Its process is gone; its launcher may be about to record the exit code.
+    // Its launcher lives: the run's process runs, or the launcher is about to record its
+    // exit code (it is the process's parent). No need to look further.
     if (launcherAlive(r.launcher, dataDir)) {
       const again = readRunFile(file);
       return again.code !== null ? { is: 'ended', code: again.code } : { is: 'running', pid: r.pid };
     }
+    if (runHolds(r.pid, id, dataDir, stat)) return { is: 'running', pid: r.pid };
     const last = readRunFile(file);
     return { is: 'ended', code: last.code };
   } catch (e) {
@@ -1396,22 +1418,35 @@ export function checkRun(dataDir: string, id: number, run: number): RunCheck {
  *  claim is the server's now (or was already), false if a process claimed it first. */
 export function voidRun(dataDir: string, id: number, run: number): boolean {
   const file = runFile(dataDir, id, run);
+  // Written aside and linked into place (which fails if the name exists), so the file
+  // is never seen empty, whenever this process dies.
+  const tmp = `${file}.void.${process.pid}`;
+  fs.writeFileSync(tmp, 'void\n', { mode: 0o600 });
   try {
-    fs.writeFileSync(file, 'void\n', { flag: 'wx', mode: 0o600 });
+    fs.linkSync(tmp, file);
     return true;
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  } finally {
+    fs.rmSync(tmp, { force: true });
   }
   const r = readRunFile(file);
   if (r.claim === 'void') return true;
-  if (r.pid !== 0 || runCreator(fs.statSync(file)) !== null) return false;
-  // Created by a process that died before writing its claim: it never ran the job.
+  if (r.pid !== 0 || runCreator(fs.statSync(file), dataDir) !== null) return false;
+  // Created by a process that died before writing its claim (nothing holds it): it never
+  // ran the job, and no process can write the file any more. Read again in case the claim
+  // came while /proc was searched.
+  if (readRunFile(file).claim !== '') return false;
   fs.writeFileSync(file, 'void\n', { mode: 0o600 });
   return true;
 }
 
+/** Signals a run's process group; a process that has not made its group yet (it was
+ *  just forked) gets the signal itself. */
 function signalGroup(pid: number, sig: NodeJS.Signals): void {
-  try { process.kill(-pid, sig); } catch { /* already gone */ }
+  try { process.kill(-pid, sig); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ESRCH') try { process.kill(pid, sig); } catch { /* already gone */ }
+  }
 }
 
 export type SshSettings = { config: string | undefined; options: string[]; timeoutS: number };
@@ -2228,6 +2263,9 @@ async function runServer(config: ServerConfig): Promise<void> {
   cfg = config;
   checkPerl();
   ownDir(cfg.dataDir, 'data dir');
+  // One spelling of the data dir for everything that names it (jobs' DJS_DATA_DIR, the
+  // launcher's argv), whatever symlink the start went through.
+  cfg = { ...cfg, dataDir: fs.realpathSync(cfg.dataDir) };
   fs.chmodSync(cfg.dataDir, 0o700);
   ownDir(path.join(cfg.dataDir, 'run'), 'run dir');
   ownDir(cfg.logDir, 'log dir');

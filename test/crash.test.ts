@@ -279,7 +279,7 @@ test('disk trouble: a full data dir refuses changes, keeps the state, and recove
   const dir = tempDir();
   const dataDir = path.join(dir, '.data');
   fs.mkdirSync(dataDir);
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dataDir]);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', dataDir]);
   const script = writeScript(dir, 'gate.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
   let s: TestServer | null = null;
   try {

@@ -2,6 +2,7 @@
 // connections piled up, arrays nested to make the parser allocate: each gets an error
 // or a closed connection, and the server keeps answering with its memory in bounds.
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -154,12 +155,10 @@ test('another user squatting the start lock after a stop does not keep the owner
   let squatter: ChildProcess | undefined;
   t.after(async () => { squatter?.kill('SIGKILL'); await cleanUp(s); });
   s = await startServer();
-  const lockNames = () => fs.readFileSync('/proc/net/unix', 'utf8').split('\n').map((l) => l.split(' ').at(-1)!).filter((n) => n.startsWith('@djs-'));
-  const before = new Set(lockNames());
-  await s.stop();
-  s = await startServer({ dir: s.dir });
-  const name = lockNames().find((n) => !before.has(n)) ?? lockNames()[0];
-  assert.ok(name, 'the server holds an abstract lock');
+  // The name a server of this data dir binds, as anyone can read it in /proc/net/unix.
+  const token = fs.readFileSync(path.join(s.dataDir, 'lock.token'), 'utf8').trim(), d = fs.statSync(s.dataDir);
+  const name = `@djs-${createHash('sha256').update(`${token}-${d.dev}-${d.ino}`).digest('hex')}-`.padEnd(108, 'x');
+  assert.ok(fs.readFileSync('/proc/net/unix', 'utf8').includes(name), 'the server holds that name');
   await s.stop();
   // Another user binds that name: it is listed for everyone in /proc/net/unix.
   squatter = spawn(process.execPath, ['-e', `require('net').createServer().listen('\\0' + process.argv[1], () => console.log('bound'))`, name.slice(1)], { uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'inherit'] });
@@ -171,4 +170,52 @@ test('another user squatting the start lock after a stop does not keep the owner
   const second = await runCli(['start', s.dataDir, s.logDir], { cwd: s.dir });
   assert.equal(second.code, 1);
   assert.match(second.stderr, /already running/);
+});
+
+/** The pid of the launcher of server `s`. */
+function launcherOf(s: TestServer): number {
+  const pid = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((p) => {
+    try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher') && fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(s.proc.pid); } catch { return false; }
+  });
+  assert.ok(pid, 'the server has a launcher');
+  return pid;
+}
+
+test('an empty run file left by a crash (its creator gone) does not leave the job running forever: it is claimed for the server and the job runs once', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const dir = s.dir;
+  const script = writeScript(dir, 'job.sh', `echo run >> "${dir}/runs"`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  const launcher = launcherOf(s);
+  process.kill(launcher, 'SIGSTOP');
+  await s.ok(['add_job', script]);
+  await s.crash();
+  process.kill(launcher, 'SIGKILL');
+  fs.writeFileSync(path.join(s.dataDir, 'run', '1.1.pid'), ''); // created, its claim never written
+  s = await s.restart();
+  assert.equal((await s.cli(['wait', '1'])).code, 0);
+  assert.equal(fs.readFileSync(path.join(dir, 'runs'), 'utf8'), 'run\n');
+});
+
+test('a server started through another spelling of the data dir (a symlink) still knows the jobs of the last one as running', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  s = await startServer();
+  const dir = s.dir;
+  t.after(() => cleanUp(s, dir));
+  // The job closes every file it inherited, so only its environment tells it apart.
+  const script = writeScript(dir, 'job.sh', `for fd in 3 4 5 6 7 8 9; do eval "exec $fd>&-"; done
+echo run >> "${dir}/runs"; while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await s.ok(['add_job', '--retries', '1', script]);
+  await until(() => fs.existsSync(path.join(dir, 'runs')), 'the job to run');
+  await s.crash();
+  fs.symlinkSync(dir, path.join(dir, 'link'));
+  s = await startServer({ dir: path.join(dir, 'link') });
+  await new Promise((r) => setTimeout(r, 1500)); // a check of the job or two
+  assert.equal((await s.job(1)).state, 'running', 'the job is still running');
+  fs.writeFileSync(path.join(dir, 'go'), '');
+  assert.equal((await s.cli(['wait', '1'])).code, 0);
+  assert.equal(fs.readFileSync(path.join(dir, 'runs'), 'utf8'), 'run\n', 'it ran once');
 });
