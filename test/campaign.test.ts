@@ -4,27 +4,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import {
-  alive, cleanUp, pidOf, readIf, release, socketClients, spawnCli, startServer, until, untilState, within, writeScript, type TestServer,
+  GATED, addJob, addWorkers, alive, pidOf, readIf, release, serve, socketClients, spawnCli, until, untilState, within, writeScript, type TestServer,
 } from './server.ts';
-
-/** A server for one test, ended (with its jobs and dir) when the test ends. */
-async function serve(t: TestContext, opts: Parameters<typeof startServer>[0] = {}): Promise<TestServer> {
-  const s = await startServer(opts);
-  t.after(() => cleanUp(s));
-  return s;
-}
-
-const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
-const addJob = async (s: TestServer, ...args: string[]) => (await s.ok(['add_job', ...args])).trim();
-
-/** Waits until the file go.$JOB_ID appears in its cwd, after writing its pid to
- *  pid.$JOB_ID (each run overwrites it); exits with $1 if that is a number. */
-const BLOCKING = `echo $$ > "pid.$JOB_ID"
-echo "job $JOB_ID running on $SLAVE_IP"
-while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
-case "$1" in [0-9]*) exit "$1" ;; esac`;
 
 /** Counts its runs in count.$JOB_ID and fails (exit $1, default 1) until run $2 (default 3). */
 const FLAKY = `n=$(( $(cat "count.$JOB_ID" 2>/dev/null || echo 0) + 1 ))
@@ -42,7 +25,7 @@ sleep 300 &
 echo $! > "child.$JOB_ID"
 echo $$ > "pid.$JOB_ID"
 wait`);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const id = await addJob(s, './term.sh');
     const pid = await pidOf(s, id);
@@ -99,7 +82,7 @@ while :; do sleep 0.05; done`);
 
   test('kill and --timeout reach jobs that a restarted server adopted', async (t) => {
     const s = await serve(t, { args: ['--kill-grace', '1'] });
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     writeScript(s.dir, 'stubborn.sh', `trap '' TERM
 echo $$ > "pid.$JOB_ID"
 while :; do sleep 0.05; done`);
@@ -112,7 +95,6 @@ while :; do sleep 0.05; done`);
     await s.exited;
     assert.ok(pids.every(alive));
     const s2 = await s.restart();
-    t.after(() => s2.crash());
     assert.equal((await s2.cli(['kill', k, hard])).code, 0);
     await untilState(s2, k, 'killed', 5000);
     await untilState(s2, hard, 'killed', 8000);
@@ -193,7 +175,7 @@ wait`);
   test('retry ID and retry --failed queue finished jobs again under the same id', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'flaky.sh', FLAKY);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const [a, b] = (await s.ok(['add_jobs', '-'], { input: './flaky.sh 1 2\n./flaky.sh 1 2\n' })).trim().split('\n');
     assert.equal((await s.cli(['wait', a, b])).code, 1);
@@ -231,7 +213,7 @@ wait`);
 
   test('remove_slave: busy needs a flag; --wait drains (status shows draining); an idle worker goes at once', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'wa', 'idle');
     assert.deepEqual(await workerHosts(s), ['idle', 'wa']);
     const gone = await s.cli(['remove_slave', 'idle']);
@@ -289,7 +271,7 @@ wait`);
 
   test('remove_slave --kill stops its job, which is queued again and runs on another worker', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'wa');
     const id = await addJob(s, './block.sh');
     const pid1 = await pidOf(s, id);
@@ -315,7 +297,7 @@ wait`);
 
   test('wait: 0 when all done, 1 when one failed, returns promptly after the last job ends; no ids waits for all', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:3');
     const [a, b, c] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n./block.sh 3\n' })).trim().split('\n');
     for (const id of [a, b, c]) await pidOf(s, id);
@@ -375,7 +357,7 @@ echo "last line"`);
 
   test('clean forgets finished jobs (waiting and running stay); clean --logs deletes their logs', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1');
     const [ok, bad] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh 3\n' })).trim().split('\n');
     release(s, ok);

@@ -5,9 +5,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
-import { alive, pidOf, procIds, release, startServer, runCli, tempDir, writeScript, until, killJobsUnder, type TestServer } from './server.ts';
+import {
+  addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, writeScript,
+  type TestServer,
+} from './server.ts';
 
 /** The exit code a job script picks for its id, so the test can check what was recorded. */
 const codeFor = (id: number) => [0, 0, 1, 0, 7][id % 5];
@@ -32,7 +34,7 @@ function countsOf(ids: number[]): Map<number, number> {
 }
 
 test('kill -9 at random moments: every acknowledged job runs exactly once, exit codes recorded, no slot leaks', { timeout: 300_000 }, async (t) => {
-  const dir = tempDir();
+  const dir = testDir(t);
   const script = jobScript(dir);
   const acked = new Set<number>();
   let server: TestServer | null = null;
@@ -42,7 +44,7 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
   try {
     for (let round = 0; round < rounds; round++) {
       server = await startServer({ dir });
-      if (round === 0) await server.ok(['add_slave', '--skip_ssh_auth_check', 'w1:3', 'w2:3']);
+      if (round === 0) await addWorkers(server, 'w1:3', 'w2:3');
       const dataDir = server.dataDir;
       // Several concurrent clients: single adds and small batches.
       let stopClients = false;
@@ -62,16 +64,16 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
         while (!stopClients) {
           const n = 1 + Math.floor(rand() * 3);
           let a: any;
-          try { a = await rawRequest(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
+          try { a = await socketRequest(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
           if (!a.ok) throw new Error(`add refused: ${a.error}`);
           for (let i = 0; i < a.count; i++) acked.add(a.first + i);
-          await new Promise((r) => setTimeout(r, 5 + Math.floor(rand() * 20)));
+          await delay(5 + Math.floor(rand() * 20));
         }
       };
       const clients = [cliClient(), cliClient(), socketClient(1), socketClient(2), socketClient(3)];
       // Kill at a random moment: sometimes right away (mid-start-up work), sometimes
       // in the middle of bursts of adds and completions.
-      await new Promise((r) => setTimeout(r, Math.floor(rand() * 1500)));
+      await delay(Math.floor(rand() * 1500));
       await server.crash();
       stopClients = true;
       await Promise.all(clients);
@@ -104,120 +106,105 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
     assert.equal(st.counts.total, jobs.length);
     assert.equal(st.counts.done + st.counts.failed, started.size);
     for (const wk of st.workers) assert.deepEqual(wk.running, [], `worker ${wk.host} still has jobs in its slots`);
-    assert.equal(fs.readdirSync(path.join(server.dataDir, 'run')).length, 0, 'run files left behind');
+    const runDir = path.join(server.dataDir, 'run');
+    assert.deepEqual(fs.readdirSync(runDir).map((f) => `${f}: ${JSON.stringify(readIf(path.join(runDir, f)))}`), [], `run files left behind; the last server said:\n${server.output()}`);
   } finally {
     await server?.stop();
-    killJobsUnder(dir);
   }
 });
 
-test('a server killed while 8 jobs run: those that end with no server are recorded, the rest adopted, slots refilled', { timeout: 60_000 }, async () => {
-  const dir = tempDir();
+test('a server killed while 8 jobs run: those that end with no server are recorded, the rest adopted, slots refilled', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
   // Each job waits for its own go-file, then exits with a code of its own.
   const script = writeScript(dir, 'gated.sh', `
 echo $$ > "${dir}/pid.$JOB_ID"
 while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done
 exit $(( JOB_ID + 10 ))`);
   let s = await startServer({ dir });
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:4', 'b:4']);
-    for (let i = 0; i < 12; i++) await s.ok(['add_job', script]);
-    await until(async () => (await s.status()).counts.running === 8, '8 running jobs');
-    await until(() => [1, 2, 3, 4, 5, 6, 7, 8].every((id) => fs.existsSync(path.join(dir, `pid.${id}`))), 'all 8 scripts to start');
-    await s.crash();
-    // Half of them end while no server runs.
-    for (const id of [1, 3, 5, 7]) fs.writeFileSync(path.join(dir, `go.${id}`), '');
-    await until(() => [1, 3, 5, 7].every((id) => {
-      const pid = Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8'));
-      try { process.kill(pid, 0); return false; } catch { return true; }
-    }), 'the released jobs to exit');
-    s = await s.restart();
-    const running = (await s.jobs()).filter((j) => j.state === 'running').map((j) => j.id).sort((a, b) => a - b);
-    // The ended ones are recorded at once; their slots go to jobs 9..12.
-    await until(async () => {
-      const jobs = await s.jobs();
-      return [1, 3, 5, 7].every((id) => jobs.find((j) => j.id === id)?.state === 'failed');
-    }, 'the jobs that ended without a server to be recorded');
-    await until(async () => (await s.status()).counts.running === 8, 'freed slots to be refilled');
-    assert.ok([2, 4, 6, 8].every((id) => running.includes(id)), `adopted jobs shown running after restart: ${running}`);
-    for (let id = 1; id <= 12; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
-    const w = await s.cli(['wait']);
-    assert.equal(w.code, 1); // exit codes are 11.., so not done
+  await addWorkers(s, 'a:4', 'b:4');
+  for (let i = 0; i < 12; i++) await s.ok(['add_job', script]);
+  await until(async () => (await s.status()).counts.running === 8, '8 running jobs');
+  await until(() => [1, 2, 3, 4, 5, 6, 7, 8].every((id) => fs.existsSync(path.join(dir, `pid.${id}`))), 'all 8 scripts to start');
+  await s.crash();
+  // Half of them end while no server runs.
+  for (const id of [1, 3, 5, 7]) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+  await until(() => [1, 3, 5, 7].every((id) => {
+    const pid = Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8'));
+    return !alive(pid);
+  }), 'the released jobs to exit');
+  s = await s.restart();
+  const running = (await s.jobs()).filter((j) => j.state === 'running').map((j) => j.id).sort((a, b) => a - b);
+  // The ended ones are recorded at once; their slots go to jobs 9..12.
+  await until(async () => {
     const jobs = await s.jobs();
-    for (let id = 1; id <= 12; id++) {
-      const job = jobs.find((j) => j.id === id);
-      assert.equal(job.exitCode, id + 10, `job ${id} exit code`);
-      assert.equal(job.attempts, 1, `job ${id} attempts`);
-    }
-    const st = await s.status();
-    for (const wk of st.workers) assert.deepEqual(wk.running, []);
-  } finally {
-    await s.stop();
-    killJobsUnder(dir);
+    return [1, 3, 5, 7].every((id) => jobs.find((j) => j.id === id)?.state === 'failed');
+  }, 'the jobs that ended without a server to be recorded');
+  await until(async () => (await s.status()).counts.running === 8, 'freed slots to be refilled');
+  assert.ok([2, 4, 6, 8].every((id) => running.includes(id)), `adopted jobs shown running after restart: ${running}`);
+  for (let id = 1; id <= 12; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+  const w = await s.cli(['wait']);
+  assert.equal(w.code, 1); // exit codes are 11.., so not done
+  const jobs = await s.jobs();
+  for (let id = 1; id <= 12; id++) {
+    const job = jobs.find((j) => j.id === id);
+    assert.equal(job.exitCode, id + 10, `job ${id} exit code`);
+    assert.equal(job.attempts, 1, `job ${id} attempts`);
   }
+  const st = await s.status();
+  for (const wk of st.workers) assert.deepEqual(wk.running, []);
 });
 
-test('a reused pid is not taken for an adopted job', { timeout: 30_000 }, async () => {
-  const dir = tempDir();
+test('a reused pid is not taken for an adopted job', { timeout: 30_000 }, async (t) => {
+  const dir = testDir(t);
   const script = writeScript(dir, 'long.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
   let s = await startServer({ dir });
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
-    await s.ok(['add_job', script]);
-    await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
-    await s.crash();
-    // The job ends while no server runs, and its pid file is made to name a live
-    // process that started long after the file was written (a reused pid).
-    const pidFile = fs.readdirSync(path.join(s.dataDir, 'run')).find((n) => n.endsWith('.pid'))!;
-    const wrapperPid = Number(fs.readFileSync(path.join(s.dataDir, 'run', pidFile), 'utf8'));
-    fs.writeFileSync(path.join(dir, 'go'), '');
-    await until(() => { try { process.kill(wrapperPid, 0); return false; } catch { return true; } }, 'the job to end');
-    fs.writeFileSync(path.join(s.dataDir, 'run', pidFile), `${process.pid}\n`); // and no exit code
-    const old = new Date(Date.now() - 3600_000);
-    fs.utimesSync(path.join(s.dataDir, 'run', pidFile), old, old);
-    s = await s.restart();
-    const job = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded as ended');
-    assert.equal(job.state, 'failed');
-    assert.match(job.reason, /lost/);
-  } finally {
-    await s.stop();
-    killJobsUnder(dir);
-  }
+  await addWorkers(s, 'a');
+  await s.ok(['add_job', script]);
+  await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
+  await s.crash();
+  // The job ends while no server runs, and its pid file is made to name a live
+  // process that started long after the file was written (a reused pid).
+  const pidFile = fs.readdirSync(path.join(s.dataDir, 'run')).find((n) => n.endsWith('.pid'))!;
+  const wrapperPid = Number(fs.readFileSync(path.join(s.dataDir, 'run', pidFile), 'utf8'));
+  fs.writeFileSync(path.join(dir, 'go'), '');
+  await until(() => !alive(wrapperPid), 'the job to end');
+  fs.writeFileSync(path.join(s.dataDir, 'run', pidFile), `${process.pid}\n`); // and no exit code
+  const old = new Date(Date.now() - 3600_000);
+  fs.utimesSync(path.join(s.dataDir, 'run', pidFile), old, old);
+  s = await s.restart();
+  const job = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded as ended');
+  assert.equal(job.state, 'failed');
+  assert.match(job.reason, /lost/);
 });
 
-test('a start that was journaled but never spawned is run once after a crash', { timeout: 30_000 }, async () => {
+test('a start that was journaled but never spawned is run once after a crash', { timeout: 30_000 }, async (t) => {
   // Simulates a crash between "start is durable" and "process spawned": the journal
   // says job 1 runs, but no wrapper ever claimed it.
-  const dir = tempDir();
+  const dir = testDir(t);
   const script = writeScript(dir, 'once.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
   let s = await startServer({ dir });
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
-    await s.stop();
-    const journal = path.join(s.dataDir, 'journal');
-    const lines = fs.readFileSync(journal, 'utf8').split('\n').filter(Boolean);
-    const n = lines.length; // header + events so far: the next event is n
-    const t = Date.now();
-    fs.appendFileSync(journal, [
-      JSON.stringify({ n, e: 'add', t, id: 1, cwd: dir, retries: 0, timeout: 0, jobs: [[script]] }),
-      JSON.stringify({ n: n + 1, e: 'start', t, id: 1, w: 'a', s: 0 }),
-    ].join('\n') + '\n');
-    s = await s.restart();
-    await until(async () => (await s.job(1))?.state === 'done', 'job 1 to run after the restart');
-    assert.deepEqual(readIds(path.join(dir, 'ran')), [1]);
-    const job = await s.job(1);
-    assert.equal(job.attempts, 1);
-  } finally {
-    await s.stop();
-    killJobsUnder(dir);
-  }
+  await addWorkers(s, 'a');
+  await s.stop();
+  const journal = path.join(s.dataDir, 'journal');
+  const lines = fs.readFileSync(journal, 'utf8').split('\n').filter(Boolean);
+  const n = lines.length; // header + events so far: the next event is n
+  const now = Date.now();
+  fs.appendFileSync(journal, [
+    JSON.stringify({ n, e: 'add', t: now, id: 1, cwd: dir, retries: 0, timeout: 0, jobs: [[script]] }),
+    JSON.stringify({ n: n + 1, e: 'start', t: now, id: 1, w: 'a', s: 0 }),
+  ].join('\n') + '\n');
+  s = await s.restart();
+  await until(async () => (await s.job(1))?.state === 'done', 'job 1 to run after the restart');
+  assert.deepEqual(readIds(path.join(dir, 'ran')), [1]);
+  const job = await s.job(1);
+  assert.equal(job.attempts, 1);
 });
 
-test('damaged state: a cut-off last line loads with a warning; garbage in the middle or a newer version stops start and changes nothing', { timeout: 60_000 }, async () => {
-  const dir = tempDir();
+test('damaged state: a cut-off last line loads with a warning; garbage in the middle or a newer version stops start and changes nothing', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
   let s = await startServer({ dir });
   const journal = path.join(s.dataDir, 'journal');
-  await s.ok(['add_slave', '--skip_ssh_auth_check', 'a', 'b', 'c']);
+  await addWorkers(s, 'a', 'b', 'c');
   await s.stop();
   // Cut off: half a line at the end.
   fs.appendFileSync(journal, '{"n":99,"e":"wor');
@@ -245,171 +232,138 @@ test('damaged state: a cut-off last line loads with a warning; garbage in the mi
   assert.match(r2.stderr, /version 99/);
 });
 
-/** One request over the socket, without a client process (fast enough to loop). */
-function rawRequest(dataDir: string, msg: object): Promise<any> {
-  return new Promise((resolve, reject) => {
-    const c = net.connect(path.join(dataDir, 'server.sock'));
-    let buf = '';
-    c.on('connect', () => c.write(JSON.stringify(msg) + '\n'));
-    c.on('data', (d) => { buf += d; if (buf.includes('\n')) { c.end(); resolve(JSON.parse(buf.slice(0, buf.indexOf('\n')))); } });
-    c.on('error', reject);
-    c.on('close', () => reject(new Error('closed without an answer')));
-  });
-}
-
-function canMount(): boolean {
+/** True if this process may mount a tmpfs (root, and not forbidden by the container). */
+async function canMount(): Promise<boolean> {
   if (process.getuid?.() !== 0) return false;
   const probe = tempDir('djs-m-');
   try {
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', probe], { stdio: 'ignore' });
     execFileSync('umount', [probe], { stdio: 'ignore' });
     return true;
-  } catch { return false; }
+  } catch { return false; } finally { await removeDir(probe); }
 }
 
 test('disk trouble: a full data dir refuses changes, keeps the state, and recovers', { timeout: 60_000 }, async (t) => {
-  if (!canMount()) {
+  if (!(await canMount())) {
     if (process.env.CI === 'true') assert.fail('this test needs root and tmpfs mounts in CI');
     t.skip('needs root to mount a small tmpfs');
     return;
   }
-  const dir = tempDir();
+  const dir = testDir(t); // removing it unmounts the tmpfs too
   const dataDir = path.join(dir, '.data');
   fs.mkdirSync(dataDir);
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dataDir]);
   const script = writeScript(dir, 'gate.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
-  let s: TestServer | null = null;
-  try {
-    s = await startServer({ dir });
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
-    await s.ok(['add_job', script]);
-    await until(async () => (await s!.job(1))?.state === 'running', 'job 1 to run');
-    for (let i = 0; i < 10; i++) await s.ok(['add_job', script]); // waiting behind job 1
-    // Fill the disk.
-    const filler = path.join(dataDir, 'filler');
-    try { execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k'], { stdio: 'ignore' }); } catch { /* ENOSPC ends dd */ }
-    // An argument larger than a page, so the write cannot fit in the journal's last page.
-    const r = await s.cli(['add_job', script, 'x'.repeat(10_000)]);
-    assert.equal(r.code, 1, `add on a full disk: ${r.stdout} ${r.stderr}`);
-    assert.match(r.stderr, /cannot write the journal/);
-    // Use up the rest of the journal's last page: adds, then smaller kills, until refused.
-    let total = 11;
-    for (let i = 0; i < 100; i++) {
-      const a = await rawRequest(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
-      if (!a.ok) { assert.match(a.error, /cannot write the journal/); break; }
-      total++;
-    }
-    for (let id = 2; id < 12; id++) {
-      const k = await rawRequest(s.dataDir, { op: 'kill', ids: [id] });
-      if (!k.ok) { assert.match(k.error, /cannot write the journal/); break; }
-    }
-    assert.equal((await s.status()).counts.total, total, 'a refused add changed the state');
-    // Job 1 ends while the disk is full: its end (and the next start) cannot be written
-    // now, and are written once there is room again.
-    fs.writeFileSync(path.join(dir, 'go'), '');
-    await until(() => /[1-9]\d* outcome\(s\) kept for retry/.test(s!.output()), 'the end of job 1 to be refused by the full disk');
-    assert.equal((await s.job(1)).state, 'running', 'an end that was not written is not shown: ' + s.output());
-    fs.rmSync(filler);
-    const job = await until(async () => { const j = await s!.job(1); return j.state === 'failed' && j; }, 'the end of job 1 to be recorded');
-    assert.equal(job.exitCode, 3);
-    assert.equal((await s.ok(['add_job', script])).trim(), String(total + 1));
+  let s = await startServer({ dir });
+  await addWorkers(s, 'a');
+  await s.ok(['add_job', script]);
+  await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
+  for (let i = 0; i < 10; i++) await s.ok(['add_job', script]); // waiting behind job 1
+  // Fill the disk.
+  const filler = path.join(dataDir, 'filler');
+  try { execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k'], { stdio: 'ignore' }); } catch { /* ENOSPC ends dd */ }
+  // An argument larger than a page, so the write cannot fit in the journal's last page.
+  const r = await s.cli(['add_job', script, 'x'.repeat(10_000)]);
+  assert.equal(r.code, 1, `add on a full disk: ${r.stdout} ${r.stderr}`);
+  assert.match(r.stderr, /cannot write the journal/);
+  // Use up the rest of the journal's last page: adds, then smaller kills, until refused.
+  let total = 11;
+  for (let i = 0; i < 100; i++) {
+    const a = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
+    if (!a.ok) { assert.match(a.error, /cannot write the journal/); break; }
     total++;
-    await s.cli(['wait']);
-    await s.stop();
-    s = await startServer({ dir });
-    assert.equal((await s.status()).counts.total, total, 'the state after restart');
-  } finally {
-    await s?.stop();
-    killJobsUnder(dir);
-    try { execFileSync('umount', ['-l', dataDir]); } catch { /* not mounted */ }
   }
+  for (let id = 2; id < 12; id++) {
+    const k = await socketRequest(s.dataDir, { op: 'kill', ids: [id] });
+    if (!k.ok) { assert.match(k.error, /cannot write the journal/); break; }
+  }
+  assert.equal((await s.status()).counts.total, total, 'a refused add changed the state');
+  // Job 1 ends while the disk is full: its end (and the next start) cannot be written
+  // now, and are written once there is room again.
+  fs.writeFileSync(path.join(dir, 'go'), '');
+  await until(() => /[1-9]\d* outcome\(s\) kept for retry/.test(s.output()), 'the end of job 1 to be refused by the full disk');
+  assert.equal((await s.job(1)).state, 'running', 'an end that was not written is not shown: ' + s.output());
+  fs.rmSync(filler);
+  const job = await until(async () => { const j = await s.job(1); return j.state === 'failed' && j; }, 'the end of job 1 to be recorded');
+  assert.equal(job.exitCode, 3);
+  assert.equal((await s.ok(['add_job', script])).trim(), String(total + 1));
+  total++;
+  await s.cli(['wait']);
+  await s.stop();
+  s = await startServer({ dir });
+  assert.equal((await s.status()).counts.total, total, 'the state after restart');
 });
 
-test('the job launcher killed under a running server: its jobs are still recorded, new ones start', { timeout: 60_000 }, async () => {
-  const dir = tempDir();
+test('the job launcher killed under a running server: its jobs are still recorded, new ones start', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
   const script = writeScript(dir, 'gated.sh', `while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit $(( JOB_ID + 20 ))`);
   const s = await startServer({ dir });
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
-    for (let i = 0; i < 4; i++) await s.ok(['add_job', script]);
-    await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
-    const launcher = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((pid) => {
-      try {
-        return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('djs-launcher') &&
-          procIds(pid).ppid === s.proc.pid;
-      } catch { return false; }
-    });
-    assert.ok(launcher, 'the server has a launcher process');
-    process.kill(launcher, 'SIGKILL');
-    await until(() => /launcher ended/.test(s.output()), 'the server to notice');
-    for (let id = 1; id <= 4; id++) release(s, id);
-    assert.equal((await s.cli(['wait'])).code, 1);
-    const jobs = await s.jobs();
-    assert.deepEqual(jobs.map((j: any) => [j.id, j.exitCode]), [[1, 21], [2, 22], [3, 23], [4, 24]]);
-  } finally {
-    await s.stop();
-    killJobsUnder(dir);
-  }
+  await addWorkers(s, 'a:2');
+  for (let i = 0; i < 4; i++) await s.ok(['add_job', script]);
+  await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
+  const launcher = allPids().find((pid) => {
+    try {
+      return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('djs-launcher') &&
+        procIds(pid).ppid === s.proc.pid;
+    } catch { return false; }
+  });
+  assert.ok(launcher, 'the server has a launcher process');
+  process.kill(launcher, 'SIGKILL');
+  await until(() => /launcher ended/.test(s.output()), 'the server to notice');
+  for (let id = 1; id <= 4; id++) release(s, id);
+  assert.equal((await s.cli(['wait'])).code, 1);
+  const jobs = await s.jobs();
+  assert.deepEqual(jobs.map((j: any) => [j.id, j.exitCode]), [[1, 21], [2, 22], [3, 23], [4, 24]]);
 });
 
-test('a job whose wrapper is killed outright is recorded as lost once its script is gone, also across a restart, and only then retried', { timeout: 60_000 }, async () => {
-  const dir = tempDir();
+test('a job whose wrapper is killed outright is recorded as lost once its script is gone, also across a restart, and only then retried', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
   const script = writeScript(dir, 'gated.sh', `echo "start $$" >> "${dir}/log.$JOB_ID"; echo $$ > "${dir}/pid.$JOB_ID"
 while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; echo "end $$" >> "${dir}/log.$JOB_ID"`);
   let s = await startServer({ dir });
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
-    await s.ok(['add_job', '--retries', '1', script]);
-    for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
-    const wrapperOf = async (id: number) => procIds(await pidOf(s, id)).ppid;
-    // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
-    process.kill(await wrapperOf(1), 'SIGKILL');
-    process.kill(-(await wrapperOf(2)), 'SIGKILL');
-    const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
-    assert.equal(two.state, 'failed');
-    assert.match(two.reason, /lost/);
-    await pidOf(s, 3); // job 3 got job 2's slot
-    assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
-    await s.crash();
-    s = await s.restart();
-    assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1\'s script too');
-    fs.rmSync(path.join(dir, 'pid.1'));
-    release(s, 1);
-    release(s, 3);
-    assert.equal((await s.cli(['wait', '1', '3'])).code, 0);
-    const one = await s.job(1);
-    assert.equal(one.attempts, 2, 'retried once its first script had ended');
-    assert.match(one.history[0].reason, /lost/);
-    const log = fs.readFileSync(path.join(dir, 'log.1'), 'utf8').trim().split('\n').map((l) => l.split(' ')[0]);
-    assert.deepEqual(log, ['start', 'end', 'start', 'end'], 'the two attempts never overlapped');
-  } finally {
-    await s.stop();
-    killJobsUnder(dir);
-  }
+  await addWorkers(s, 'a:2');
+  await s.ok(['add_job', '--retries', '1', script]);
+  for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
+  const wrapperOf = async (id: number) => procIds(await pidOf(s, id)).ppid;
+  // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
+  process.kill(await wrapperOf(1), 'SIGKILL');
+  process.kill(-(await wrapperOf(2)), 'SIGKILL');
+  const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
+  assert.equal(two.state, 'failed');
+  assert.match(two.reason, /lost/);
+  await pidOf(s, 3); // job 3 got job 2's slot
+  assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
+  await s.crash();
+  s = await s.restart();
+  assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1\'s script too');
+  fs.rmSync(path.join(dir, 'pid.1'));
+  release(s, 1);
+  release(s, 3);
+  assert.equal((await s.cli(['wait', '1', '3'])).code, 0);
+  const one = await s.job(1);
+  assert.equal(one.attempts, 2, 'retried once its first script had ended');
+  assert.match(one.history[0].reason, /lost/);
+  const log = fs.readFileSync(path.join(dir, 'log.1'), 'utf8').trim().split('\n').map((l) => l.split(' ')[0]);
+  assert.deepEqual(log, ['start', 'end', 'start', 'end'], 'the two attempts never overlapped');
 });
 
-test('a job stopped with SIGSTOP survives a server stop and start, and its exit code is recorded', { timeout: 60_000 }, async () => {
-  const dir = tempDir();
+test('a job stopped with SIGSTOP survives a server stop and start, and its exit code is recorded', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
   const script = writeScript(dir, 'gated.sh', `echo $$ > "${dir}/pid.$JOB_ID"; while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit 7`);
   let s = await startServer({ dir });
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a']);
-    await s.ok(['add_job', script]);
-    const pid = await pidOf(s, 1);
-    const group = procIds(pid).pgrp; // its wrapper's
-    const launcher = procIds(group).ppid;
-    process.kill(-group, 'SIGSTOP');
-    await s.stop();
-    const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
-    await until(() => !alive(launcher) || sawEnd(), 'the launcher to see its input end');
-    process.kill(-group, 'SIGCONT');
-    release(s, 1);
-    s = await s.restart();
-    assert.equal((await s.cli(['wait', '1'])).code, 1);
-    const job = await s.job(1);
-    assert.equal(job.exitCode, 7, `ended by its own exit, not by a hangup (${job.reason ?? ''})`);
-  } finally {
-    await s.stop();
-    killJobsUnder(dir);
-  }
+  await addWorkers(s, 'a');
+  await s.ok(['add_job', script]);
+  const pid = await pidOf(s, 1);
+  const group = procIds(pid).pgrp; // its wrapper's
+  const launcher = procIds(group).ppid;
+  process.kill(-group, 'SIGSTOP');
+  await s.stop();
+  const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
+  await until(() => !alive(launcher) || sawEnd(), 'the launcher to see its input end');
+  process.kill(-group, 'SIGCONT');
+  release(s, 1);
+  s = await s.restart();
+  assert.equal((await s.cli(['wait', '1'])).code, 1);
+  const job = await s.job(1);
+  assert.equal(job.exitCode, 7, `ended by its own exit, not by a hangup (${job.reason ?? ''})`);
 });

@@ -1,12 +1,12 @@
 // Tier 3: the scheduler on real workers — real sshd hosts on 127.0.0.2, 127.0.0.3, …
 // reached with real ssh and rsync by example_job.sh. Faults are real: a host's sshd is
 // killed (refuses) or SIGSTOPped (hangs).
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { startHosts, skipUnlessSsh, findProcesses, type TestHosts } from './hosts.ts';
-import { startServer, writeScript, until, killJobsUnder, ROOT } from './server.ts';
+import { serve, writeScript, until, ROOT } from './server.ts';
 
 const EXAMPLE = path.join(ROOT, 'example_job.sh');
 
@@ -31,12 +31,15 @@ function variant(dir: string, name: string, env: string): string {
   return writeScript(dir, name, `${env} exec ${JSON.stringify(EXAMPLE)} "$@"`);
 }
 
-async function setup(t: import('node:test').TestContext, n: number, opts: { noKeyHosts?: number[] } = {}) {
+/** n ssh hosts and a server whose ssh reaches them; all of it ends with the test. */
+async function setup(t: TestContext, n: number, opts: { noKeyHosts?: number[]; env?: NodeJS.ProcessEnv } = {}) {
   const hosts = await startHosts(n, opts);
-  const s = await startServer({ env: { DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2' } });
+  // The server (and its jobs) go first, then the hosts.
+  const s = await serve(t, { env: { DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2', ...opts.env } })
+    .catch(async (e) => { await hosts.close(); throw e; });
+  t.after(() => hosts.close());
   fs.copyFileSync(EXAMPLE, path.join(s.dir, 'example_job.sh'));
   fs.chmodSync(path.join(s.dir, 'example_job.sh'), 0o755);
-  t.after(async () => { await s.stop(); killJobsUnder(s.dir); await hosts.close(); });
   return { hosts, s };
 }
 
@@ -114,7 +117,7 @@ test('kill during a long remote command leaves no process and no directory on th
 
 /** Runs 60 jobs over 3 hosts and breaks host 2 (index 1) mid-run with `fault`; every
  *  job must end done, the host must go down, and come back up once healed. */
-async function runWithFault(t: import('node:test').TestContext, fault: (h: TestHosts['hosts'][number]) => Promise<void> | void, heal: (h: TestHosts['hosts'][number]) => Promise<void> | void) {
+async function runWithFault(t: TestContext, fault: (h: TestHosts['hosts'][number]) => Promise<void> | void, heal: (h: TestHosts['hosts'][number]) => Promise<void> | void) {
   const { hosts, s } = await setup(t, 3);
   await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:2`)]);
   const words = makeInputs(s.dir, 60);
