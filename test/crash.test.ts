@@ -106,8 +106,17 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
     assert.equal(st.counts.total, jobs.length);
     assert.equal(st.counts.done + st.counts.failed, started.size);
     for (const wk of st.workers) assert.deepEqual(wk.running, [], `worker ${wk.host} still has jobs in its slots`);
-    const runDir = path.join(server.dataDir, 'run');
-    assert.deepEqual(fs.readdirSync(runDir).map((f) => `${f}: ${JSON.stringify(readIf(path.join(runDir, f)))}`), [], `run files left behind; the last server said:\n${server.output()}`);
+    // No run files left behind, but for a claim the last server made on a run it found
+    // journaled and never spawned (a tombstone against a late wrapper; that job ran later
+    // under a new run number, once, as checked above).
+    const last = server;
+    const runDir = path.join(last.dataDir, 'run');
+    const left = fs.readdirSync(runDir).filter((f) => {
+      const id = /^(\d+)\.\d+\.pid$/.exec(f)?.[1];
+      const claimed = readIf(path.join(runDir, f)) === 'void\n' && last.output().includes(`job ${id} was about to start when its start was cut short`);
+      return !(claimed && byId.get(Number(id))?.state !== 'running');
+    });
+    assert.deepEqual(left.map((f) => `${f}: ${JSON.stringify(readIf(path.join(runDir, f)))}`), [], `run files left behind; the last server said:\n${last.output()}`);
   } finally {
     await server?.stop();
   }
