@@ -8,14 +8,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import {
   addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, writeScript,
-  type TestServer,
 } from './server.ts';
 
 /** The exit code a job script picks for its id, so the test can check what was recorded. */
 const codeFor = (id: number) => [0, 0, 1, 0, 7][id % 5];
 
 function jobScript(dir: string): string {
-  // Appends its id when it starts and again when it ends; sleeps a little (sometimes
+  // Appends its id when it starts and again when it ends; sleeps a little (one in seven
   // long enough to outlive a server), then exits with the code picked for its id.
   return writeScript(dir, 'job.sh', `
 echo "$JOB_ID" >> "${dir}/started"
@@ -37,89 +36,96 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
   const dir = testDir(t);
   const script = jobScript(dir);
   const acked = new Set<number>();
-  let server: TestServer | null = null;
   const rounds = Number(process.env.DJS_TORTURE_ROUNDS ?? 30);
   let seed = 12345;
   const rand = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
-  try {
-    for (let round = 0; round < rounds; round++) {
-      server = await startServer({ dir });
-      if (round === 0) await addWorkers(server, 'w1:3', 'w2:3');
-      const dataDir = server.dataDir;
-      // Several concurrent clients: single adds and small batches.
-      let stopClients = false;
-      // The real client, and (to make many requests per round) clients that speak the
-      // socket protocol directly.
-      const cliClient = async () => {
-        while (!stopClients) {
-          const r = rand() < 0.5
-            ? await runCli(['--data-dir', dataDir, 'add_jobs', '-'], { cwd: dir, input: `${script} a\n${script} b\n${script} 'c d'\n` })
-            : await runCli(['--data-dir', dataDir, 'add_job', script, 'x'], { cwd: dir });
-          if (r.code === 0) for (const id of r.stdout.split('\n').filter(Boolean)) acked.add(Number(id));
-          else if (r.code !== 3 && r.code !== 1) throw new Error(`client failed unexpectedly (${r.code}): ${r.stderr}`);
-          else break; // the server is gone
-        }
-      };
-      const socketClient = async (k: number) => {
-        while (!stopClients) {
-          const n = 1 + Math.floor(rand() * 3);
-          let a: any;
-          try { a = await socketRequest(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
-          if (!a.ok) throw new Error(`add refused: ${a.error}`);
-          for (let i = 0; i < a.count; i++) acked.add(a.first + i);
-          await delay(5 + Math.floor(rand() * 20));
-        }
-      };
-      const clients = [cliClient(), cliClient(), socketClient(1), socketClient(2), socketClient(3)];
-      // Kill at a random moment: sometimes right away (mid-start-up work), sometimes
-      // in the middle of bursts of adds and completions.
-      await delay(Math.floor(rand() * 1500));
-      await server.crash();
-      stopClients = true;
-      await Promise.all(clients);
-    }
-    // A last server runs everything that is left to the end.
-    server = await startServer({ dir });
-    const w = await server.cli(['wait']);
-    assert.ok(w.code === 0 || w.code === 1, `wait failed: ${w.stderr}`);
-    const jobs: any[] = await server.jobs();
-    const byId = new Map(jobs.map((j) => [j.id, j]));
-    const started = countsOf(readIds(path.join(dir, 'started')));
-    const ended = countsOf(readIds(path.join(dir, 'ended')));
-    t.diagnostic(`${rounds} crashes, ${acked.size} acknowledged jobs, ${jobs.length} in the state`);
-    assert.ok(acked.size > rounds * 5, `too few acknowledged adds to mean anything: ${acked.size}`);
-    for (const id of acked) {
-      const job = byId.get(id);
-      assert.ok(job, `acknowledged job ${id} was lost`);
-      assert.equal(started.get(id), 1, `job ${id} started ${started.get(id) ?? 0} times`);
-      assert.equal(ended.get(id), 1, `job ${id} ended ${ended.get(id) ?? 0} times`);
-      assert.equal(job.exitCode, codeFor(id), `job ${id}: recorded exit ${job.exitCode}, script chose ${codeFor(id)}`);
-      assert.equal(job.state, codeFor(id) === 0 ? 'done' : 'failed', `job ${id} state`);
-    }
-    // Jobs whose add was durable but not acknowledged may exist; they too ran once.
-    for (const [id, n] of started) assert.equal(n, 1, `job ${id} started ${n} times`);
-    for (const job of jobs) assert.equal(started.get(job.id), 1, `job ${job.id} (${job.state}) in the state did not run exactly once`);
-    // No slot leaks: nothing runs, and status agrees with the files.
-    const st = await server.status();
-    assert.equal(st.counts.running, 0);
-    assert.equal(st.counts.waiting, 0);
-    assert.equal(st.counts.total, jobs.length);
-    assert.equal(st.counts.done + st.counts.failed, started.size);
-    for (const wk of st.workers) assert.deepEqual(wk.running, [], `worker ${wk.host} still has jobs in its slots`);
-    // No run files left behind, but for a claim the last server made on a run it found
-    // journaled and never spawned (a tombstone against a late wrapper; that job ran later
-    // under a new run number, once, as checked above).
-    const last = server;
-    const runDir = path.join(last.dataDir, 'run');
-    const left = fs.readdirSync(runDir).filter((f) => {
-      const id = /^(\d+)\.\d+\.pid$/.exec(f)?.[1];
-      const claimed = readIf(path.join(runDir, f)) === 'void\n' && last.output().includes(`job ${id} was about to start when its start was cut short`);
-      return !(claimed && byId.get(Number(id))?.state !== 'running');
-    });
-    assert.deepEqual(left.map((f) => `${f}: ${JSON.stringify(readIf(path.join(runDir, f)))}`), [], `run files left behind; the last server said:\n${last.output()}`);
-  } finally {
-    await server?.stop();
+  const t0 = Date.now();
+  let startingMs = 0; // of which servers spent starting up
+  // Clients of crashed servers wind down while the next server starts (a client that
+  // reaches the next one has its add acknowledged like any other); their errors are
+  // kept for the end.
+  const windingDown: Promise<unknown>[] = [];
+  const clientErrors: unknown[] = [];
+  for (let round = 0; round < rounds; round++) {
+    const started = Date.now();
+    const server = await startServer({ dir });
+    startingMs += Date.now() - started;
+    // Enough slots that jobs do not queue for long: kills land while jobs start and end.
+    if (round === 0) await addWorkers(server, 'w1:12', 'w2:12');
+    const dataDir = server.dataDir;
+    let stopClients = false;
+    // The real client, and (to make many requests per round, at less cost than a node
+    // process each) clients that speak the socket protocol directly: single adds and
+    // small batches.
+    const cliClient = async () => {
+      while (!stopClients) {
+        const r = rand() < 0.5
+          ? await runCli(['--data-dir', dataDir, 'add_jobs', '-'], { cwd: dir, input: `${script} a\n${script} b\n${script} 'c d'\n` })
+          : await runCli(['--data-dir', dataDir, 'add_job', script, 'x'], { cwd: dir });
+        if (r.code === 0) for (const id of r.stdout.split('\n').filter(Boolean)) acked.add(Number(id));
+        else if (r.code !== 3 && r.code !== 1) throw new Error(`client failed unexpectedly (${r.code}): ${r.stderr}`);
+        else break; // the server is gone
+      }
+    };
+    const socketClient = async (k: number) => {
+      while (!stopClients) {
+        const n = 1 + Math.floor(rand() * 3);
+        let a: any;
+        try { a = await socketRequest(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
+        if (!a.ok) throw new Error(`add refused: ${a.error}`);
+        for (let i = 0; i < a.count; i++) acked.add(a.first + i);
+        await delay(20 + Math.floor(rand() * 80)); // the pace of a busy user, not a flood
+      }
+    };
+    const clients = [cliClient(), socketClient(1), socketClient(2), socketClient(3)];
+    // Kill at a random moment: sometimes right away (mid-start-up work: adoption,
+    // recording ends), sometimes in the middle of bursts of adds and completions.
+    await delay(Math.floor(rand() * 800));
+    await server.crash();
+    stopClients = true;
+    windingDown.push(Promise.all(clients).catch((e) => clientErrors.push(e)));
   }
+  await Promise.all(windingDown);
+  assert.deepEqual(clientErrors, [], 'clients saw answers no crash explains');
+  const crashedAt = Date.now();
+  // A last server runs everything that is left to the end.
+  const server = await startServer({ dir });
+  const w = await server.cli(['wait']);
+  assert.ok(w.code === 0 || w.code === 1, `wait failed: ${w.stderr}`);
+  const jobs: any[] = await server.jobs();
+  const byId = new Map(jobs.map((j) => [j.id, j]));
+  const started = countsOf(readIds(path.join(dir, 'started')));
+  const ended = countsOf(readIds(path.join(dir, 'ended')));
+  t.diagnostic(`${rounds} crashes in ${crashedAt - t0} ms (${startingMs} ms of it starting servers), then the rest ran in ${Date.now() - crashedAt} ms; ${acked.size} acknowledged jobs, ${jobs.length} in the state`);
+  assert.ok(acked.size > rounds * 5, `too few acknowledged adds to mean anything: ${acked.size}`);
+  for (const id of acked) {
+    const job = byId.get(id);
+    assert.ok(job, `acknowledged job ${id} was lost`);
+    assert.equal(started.get(id), 1, `job ${id} started ${started.get(id) ?? 0} times`);
+    assert.equal(ended.get(id), 1, `job ${id} ended ${ended.get(id) ?? 0} times`);
+    assert.equal(job.exitCode, codeFor(id), `job ${id}: recorded exit ${job.exitCode}, script chose ${codeFor(id)}`);
+    assert.equal(job.state, codeFor(id) === 0 ? 'done' : 'failed', `job ${id} state`);
+  }
+  // Jobs whose add was durable but not acknowledged may exist; they too ran once.
+  for (const [id, n] of started) assert.equal(n, 1, `job ${id} started ${n} times`);
+  for (const job of jobs) assert.equal(started.get(job.id), 1, `job ${job.id} (${job.state}) in the state did not run exactly once`);
+  // No slot leaks: nothing runs, and status agrees with the files.
+  const st = await server.status();
+  assert.equal(st.counts.running, 0);
+  assert.equal(st.counts.waiting, 0);
+  assert.equal(st.counts.total, jobs.length);
+  assert.equal(st.counts.done + st.counts.failed, started.size);
+  for (const wk of st.workers) assert.deepEqual(wk.running, [], `worker ${wk.host} still has jobs in its slots`);
+  // No run files left behind, but for a claim the last server made on a run it found
+  // journaled and never spawned (a tombstone against a late wrapper; that job ran later
+  // under a new run number, once, as checked above).
+  const runDir = path.join(server.dataDir, 'run');
+  const left = fs.readdirSync(runDir).filter((f) => {
+    const id = /^(\d+)\.\d+\.pid$/.exec(f)?.[1];
+    const claimed = readIf(path.join(runDir, f)) === 'void\n' && server.output().includes(`job ${id} was about to start when its start was cut short`);
+    return !(claimed && byId.get(Number(id))?.state !== 'running');
+  });
+  assert.deepEqual(left.map((f) => `${f}: ${JSON.stringify(readIf(path.join(runDir, f)))}`), [], `run files left behind; the last server said:\n${server.output()}`);
 });
 
 test('a server killed while 8 jobs run: those that end with no server are recorded, the rest adopted, slots refilled', { timeout: 60_000 }, async (t) => {
