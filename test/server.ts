@@ -18,7 +18,10 @@ import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-export const CLI = path.join(ROOT, 'cli.ts');
+/** The cli.ts under test: this checkout's, or another build's (DJS_TEST_CLI=/path/to/cli.ts,
+ *  e.g. to check that a change of cli.ts keeps what these black-box tests pin, or that a
+ *  test fails when the behaviour it checks is broken in a scratch copy). */
+export const CLI = process.env.DJS_TEST_CLI ? path.resolve(process.env.DJS_TEST_CLI) : path.join(ROOT, 'cli.ts');
 
 // ---------------------------------------------------------------- polling
 
