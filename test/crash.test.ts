@@ -7,7 +7,8 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, writeScript,
+  addJob, addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, untilState,
+  writeScript,
 } from './server.ts';
 
 /** The exit code a job script picks for its id, so the test can check what was recorded. */
@@ -381,4 +382,46 @@ test('a job stopped with SIGSTOP survives a server stop and start, and its exit 
   assert.equal((await s.cli(['wait', '1'])).code, 1);
   const job = await s.job(1);
   assert.equal(job.exitCode, 7, `ended by its own exit, not by a hangup (${job.reason ?? ''})`);
+});
+
+test('a wrapper that cannot claim its run: the job goes back to the queue uncharged, starts pause longer each time, and go on once the run dir is back', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
+  const script = writeScript(dir, 'mark.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
+  const s = await startServer({ dir });
+  await addWorkers(s, 'a');
+  const runDir = path.join(s.dataDir, 'run');
+  /** The run dir becomes a plain file: no wrapper can create its pid file in it, and the server cannot make it again. */
+  const breakRunDir = () => { fs.rmSync(runDir, { recursive: true }); fs.writeFileSync(runDir, ''); };
+  const mendRunDir = () => { fs.rmSync(runDir); fs.mkdirSync(runDir, { mode: 0o700 }); };
+  /** The server's log lines about starts that failed: when, which job, how long starts pause. */
+  const failures = () => [...s.output().matchAll(/^(\S+) .*\bjob (\d+) did not start\b.*; starts pause for (\d+) ms$/gm)]
+    .map((m) => ({ at: Date.parse(m[1]), id: Number(m[2]), pause: Number(m[3]) }));
+
+  breakRunDir();
+  const first = Number(await addJob(s, script));
+  await until(() => failures().length >= 2, 'two failed starts of job 1', 10_000);
+  const job = await until(async () => { const j = await s.job(first); return j.state === 'waiting' && j; }, 'job 1 to be back in the queue');
+  assert.equal(job.attempts, 0, 'a start that failed is not charged to the job');
+  assert.equal(readIf(path.join(dir, 'ran')), '', 'the script did not run');
+  mendRunDir();
+  await untilState(s, first, 'done');
+  const f1 = failures();
+  assert.ok(f1.every((f) => f.id === first), JSON.stringify(f1));
+  // 0.5 s after the first failure in a row, doubling; and no start in between.
+  assert.deepEqual(f1.map((f) => f.pause), f1.map((_, i) => 500 * 2 ** i), 'the pause doubles with each failure in a row');
+  for (let i = 1; i < f1.length; i++) {
+    assert.ok(f1[i].at - f1[i - 1].at >= f1[i - 1].pause - 5, `start ${i + 1} came ${f1[i].at - f1[i - 1].at} ms after a failure that paused starts for ${f1[i - 1].pause} ms`);
+  }
+  assert.equal((await s.job(first)).attempts, 1);
+
+  // A start that worked ends the run of failures: the next failure pauses 0.5 s again.
+  breakRunDir();
+  const second = Number(await addJob(s, script));
+  await until(() => failures().length > f1.length, 'a failed start of job 2', 10_000);
+  const f2 = failures()[f1.length];
+  assert.equal(f2.id, second);
+  assert.equal(f2.pause, 500, 'the pause starts again from 0.5 s');
+  mendRunDir();
+  await untilState(s, second, 'done');
+  assert.deepEqual(readIf(path.join(dir, 'ran')).trim().split('\n').map(Number), [first, second], 'each job ran once');
 });
