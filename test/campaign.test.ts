@@ -355,6 +355,59 @@ echo "last line"`);
     assert.equal(plain, 'first line\nsecond line\nlast line\n');
   });
 
+  test('wait and log -f outlast a server stop and start: they end when their jobs do, with the right exit code and every line once', async (t) => {
+    let s = await serve(t);
+    writeScript(s.dir, 'talk.sh', `echo "first line of $JOB_ID"
+while [ ! -e "step.$JOB_ID" ]; do sleep 0.02; done
+echo "second line of $JOB_ID"
+while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
+echo "last line of $JOB_ID"
+exit "$1"`);
+    await addWorkers(s, 'w1:2');
+    const a = await addJob(s, './talk.sh', '0');
+    const b = await addJob(s, './talk.sh', '5');
+    const logA = path.join(s.logDir, `${a}.log`);
+    await until(() => readIf(logA).includes('first line') && readIf(path.join(s.logDir, `${b}.log`)).includes('first line'), 'both jobs to say their first line');
+    const waitA = spawnCli(['--data-dir', s.dataDir, 'wait', a], { cwd: s.dir });
+    const waitAB = spawnCli(['--data-dir', s.dataDir, 'wait', a, b], { cwd: s.dir });
+    const follow = spawnCli(['--data-dir', s.dataDir, 'log', '-f', a], { cwd: s.dir });
+    const followB = spawnCli(['--data-dir', s.dataDir, 'log', '-f', b], { cwd: s.dir });
+    // Each has its first answer (a progress line, the log so far): the server has taken
+    // every request before it stops.
+    await until(() => follow.stdout().includes('first line') && followB.stdout().includes('first line'), 'log -f to print what is there');
+    await until(() => /finished:/.test(waitA.stderr()) && /finished:/.test(waitAB.stderr()), 'wait to print its progress');
+
+    // The server stops; job a says more and ends while no server runs.
+    await s.stop();
+    fs.writeFileSync(path.join(s.dir, `step.${a}`), '');
+    await until(() => readIf(logA).includes('second line'), 'job a to write while no server runs');
+    await until(() => follow.stdout().includes('second line'), 'log -f to go on printing while no server runs', 5000);
+    release(s, a);
+    await until(() => readIf(logA).includes('last line'), 'job a to end while no server runs');
+    const clients = [waitA, waitAB, follow, followB];
+    assert.deepEqual(clients.map((c) => c.exitCode()), [undefined, undefined, undefined, undefined], `no client gave up when the server went: ${clients.map((c) => c.stderr()).join('')}`);
+
+    // The next server records a's end: wait a and log -f a end; wait a b and log -f b go
+    // on until b, which ran on through the restart, ends.
+    s = await s.restart();
+    const wa = await within(waitA.done, 15_000, 'wait a to end after the restart');
+    assert.equal(wa.code, 0, wa.stderr);
+    const fa = await within(follow.done, 15_000, 'log -f a to end after the restart');
+    assert.equal(fa.code, 0, fa.stderr);
+    assert.equal(fa.stdout, `first line of ${a}\nsecond line of ${a}\nlast line of ${a}\n`, 'every line once, in order');
+    assert.equal(waitAB.exitCode(), undefined, 'wait a b goes on while b runs');
+    await until(() => socketClients(s.dataDir) === 2, 'wait a b and log -f b to reconnect');
+    fs.writeFileSync(path.join(s.dir, `step.${b}`), '');
+    await until(() => followB.stdout().includes('second line'), 'log -f b to print a line written after the restart', 5000);
+    release(s, b);
+    const wab = await within(waitAB.done, 15_000, 'wait a b to end');
+    assert.equal(wab.code, 1, `b failed, so wait a b exits 1: ${wab.stderr}`);
+    assert.match(wab.stderr, /2\/2 finished: 1 done, 1 failed/);
+    const fb = await within(followB.done, 15_000, 'log -f b to end');
+    assert.equal(fb.code, 0, fb.stderr);
+    assert.equal(fb.stdout, `first line of ${b}\nsecond line of ${b}\nlast line of ${b}\n`, 'every line once, in order, across the reconnect');
+  });
+
   test('clean forgets finished jobs (waiting and running stay); clean --logs deletes their logs', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'block.sh', GATED);
