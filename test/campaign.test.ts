@@ -80,6 +80,24 @@ while :; do sleep 0.05; done`);
     assert.equal(job.exitCode, 128 + 9, 'ended by SIGKILL');
   });
 
+  test('DJS_KILL_GRACE in the environment of start: SIGKILL comes that many seconds after SIGTERM, not sooner', async (t) => {
+    const s = await serve(t, { env: { DJS_KILL_GRACE: '2' } });
+    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
+echo $$ > "pid.$JOB_ID"
+while :; do sleep 0.05; done`);
+    await addWorkers(s, 'w1');
+    const id = await addJob(s, './stubborn.sh');
+    const pid = await pidOf(s, id);
+    const t0 = Date.now();
+    assert.equal((await s.cli(['kill', id])).code, 0);
+    await until(() => !alive(pid), 'the job that ignores SIGTERM to be gone', 15_000, 10);
+    const took = Date.now() - t0;
+    assert.ok(took >= 2000, `it was gone ${took} ms after the kill, before the grace of 2 s was over`);
+    assert.ok(took < 5000, `it was gone ${took} ms after the kill, long after the grace of 2 s (the default grace is 10 s)`);
+    const job = await untilState(s, id, 'killed');
+    assert.equal(job.exitCode, 128 + 9, 'ended by SIGKILL');
+  });
+
   test('kill and --timeout reach jobs that a restarted server adopted', async (t) => {
     const s = await serve(t, { args: ['--kill-grace', '1'] });
     writeScript(s.dir, 'block.sh', GATED);
