@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { startHosts, skipUnlessSsh, findProcesses, type TestHosts } from './hosts.ts';
-import { serve, writeScript, until, ROOT } from './server.ts';
+import { serve, startServer, writeScript, until, within, ROOT } from './server.ts';
 
 const EXAMPLE = path.join(ROOT, 'example_job.sh');
 
@@ -71,6 +71,49 @@ test('add_slave checks ssh logins first: a host without key access, one that ref
   assert.equal(fs.existsSync(marker), false);
   await s.ok(['add_slave', `${addr(hosts, 0)}:2`]);
   assert.deepEqual((await s.status()).workers.map((w: any) => w.host), [addr(hosts, 0)]);
+});
+
+test('DJS_SSH_OPTIONS reaches the ssh of login checks and of probes', { timeout: 90_000 }, async (t) => {
+  if (skipUnlessSsh(t)) return;
+  // Options that point ssh at a closed port: the check fails, naming the host and the port.
+  const { hosts, s: first } = await setup(t, 1, { env: { DJS_SSH_OPTIONS: '-o Port=1' } });
+  let s = first;
+  const host = addr(hosts, 0);
+  const hostNamed = new RegExp(`'${host.replace(/\./g, '\\.')}'`);
+  const bad = await s.cli(['add_slave', host]);
+  assert.equal(bad.code, 1, bad.stderr);
+  assert.match(bad.stderr, hostNamed);
+  assert.match(bad.stderr, /port 1: Connection refused/);
+  assert.equal((await s.status()).workers.length, 0);
+  /** The same data dir under a server with other ssh settings. */
+  const restart = async (env: NodeJS.ProcessEnv) => {
+    await s.stop();
+    s = await startServer({ dir: s.dir, env: { DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2', ...env } });
+  };
+  // Without the test hosts' ssh config the check fails; with only DJS_SSH_OPTIONS='-F CONFIG' it passes.
+  await restart({ DJS_SSH_CONFIG: '' });
+  const lost = await s.cli(['add_slave', host]);
+  assert.equal(lost.code, 1, `without the config file: ${lost.stderr}`);
+  assert.match(lost.stderr, hostNamed);
+  await restart({ DJS_SSH_CONFIG: '', DJS_SSH_OPTIONS: `-F ${hosts.sshConfig}` });
+  await s.ok(['add_slave', host]);
+  assert.deepEqual((await s.status()).workers.map((w: any) => [w.host, w.state]), [[host, 'up']]);
+
+  // A job exits 255 (its first run): the probe, with the closed port again, takes the worker down.
+  writeScript(s.dir, 'once255.sh', `n=$(( $(cat "count.$JOB_ID" 2>/dev/null || echo 0) + 1 ))
+echo $n > "count.$JOB_ID"
+[ $n -ge 2 ] || exit 255`);
+  await restart({ DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_OPTIONS: '-o Port=1' });
+  const id = (await s.ok(['add_job', './once255.sh'])).trim();
+  const down = await until(async () => (await s.status()).workers.find((w: any) => w.host === host && w.state === 'down'), `${host} to be down`, 20_000);
+  assert.match(String(down.error), /port 1: Connection refused/);
+  assert.equal((await s.job(id)).state, 'waiting', 'no job goes to a down worker');
+  // With the options gone, the next probe answers, and the job runs again.
+  await restart({ DJS_SSH_CONFIG: hosts.sshConfig });
+  assert.equal((await within(s.cli(['wait', id]), 20_000, 'the job to run again')).code, 0);
+  const job = await s.job(id);
+  assert.deepEqual(job.history.map((h: any) => h.exitCode), [255, 0]);
+  assert.equal((await s.status()).workers[0].state, 'up');
 });
 
 test('40 files over 3 hosts x 2 slots: every job done, right word counts, all hosts used; a failing remote command fails only its job', { timeout: 120_000 }, async (t) => {
