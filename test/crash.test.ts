@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  addJob, addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, untilState,
+  GATED, addJob, addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, untilState,
   writeScript,
 } from './server.ts';
 
@@ -424,4 +424,50 @@ test('a wrapper that cannot claim its run: the job goes back to the queue unchar
   mendRunDir();
   await untilState(s, second, 'done');
   assert.deepEqual(readIf(path.join(dir, 'ran')).trim().split('\n').map(Number), [first, second], 'each job ran once');
+});
+
+test('past DJS_SNAPSHOT_MIN_BYTES of journal the server writes a snapshot and cuts the journal back; a restart loads every job and state', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
+  let s = await startServer({ dir, env: { DJS_SNAPSHOT_MIN_BYTES: '65536' } });
+  const journal = path.join(s.dataDir, 'journal'), snapshot = path.join(s.dataDir, 'snapshot');
+  writeScript(dir, 'code.sh', 'exit "$1"');
+  writeScript(dir, 'gated.sh', GATED);
+  await addWorkers(s, 'w1:2');
+  // Jobs in every state: done and failed, two running (holding both slots), many
+  // waiting, one killed before it ran, one removed.
+  const [done, failed] = (await s.ok(['add_jobs', '-'], { input: './code.sh 0\n./code.sh 3\n' })).trim().split('\n');
+  assert.equal((await s.cli(['wait', done, failed])).code, 1);
+  const running = [await addJob(s, './gated.sh'), await addJob(s, './gated.sh')];
+  for (const id of running) await pidOf(s, id);
+  assert.equal(fs.existsSync(snapshot), false, 'no snapshot of a small journal');
+  // One add of some 80 KB: the journal passes 64 KiB.
+  const pad = 'p'.repeat(100);
+  const waiting = (await s.ok(['add_jobs', '-'], { input: Array.from({ length: 600 }, (_, i) => `./code.sh 0 ${pad}${i}\n`).join('') })).trim().split('\n');
+  await until(() => fs.existsSync(snapshot), 'the server to write a snapshot', 5000);
+  assert.ok(fs.statSync(journal).size < 65536, `the journal was not cut back: ${fs.statSync(journal).size} bytes`);
+  // Changes after the snapshot are in the journal only.
+  await s.ok(['kill', waiting[0]]);
+  await s.ok(['remove_job', '--id', waiting[1]]);
+  const last = await addJob(s, './code.sh', '0', 'after the snapshot');
+  // (in id order: the order of list is not pinned, and it changes with a snapshot)
+  const view = (jobs: any[]) => jobs.map((j) => ({ id: j.id, state: j.state, exitCode: j.exitCode, attempts: j.attempts, worker: j.worker, args: j.args }))
+    .sort((a, b) => a.id - b.id);
+  const before = view(await s.jobs());
+  assert.equal(before.length, 2 + 2 + 600 - 1 + 1);
+  assert.deepEqual(before.filter((j) => j.state !== 'waiting').map((j) => [String(j.id), j.state]),
+    [[done, 'done'], [failed, 'failed'], [running[0], 'running'], [running[1], 'running'], [waiting[0], 'killed']]);
+
+  // Restarted with the default threshold (32 MiB): everything is there, ids go on.
+  await s.stop();
+  s = await startServer({ dir });
+  assert.deepEqual(view(await s.jobs()), before, 'the jobs after the restart');
+  assert.equal(await addJob(s, './code.sh', '0'), String(Number(last) + 1));
+  // ... and a journal past 64 KiB (and past half the snapshot) is no reason for a snapshot now.
+  const snapped = fs.statSync(snapshot);
+  await s.ok(['add_jobs', '-'], { input: Array.from({ length: 1500 }, (_, i) => `./code.sh 0 ${pad}${i}\n`).join('') });
+  await s.ok(['status']); // (a snapshot is written in the same turn as the add it follows)
+  const now = fs.statSync(snapshot);
+  assert.deepEqual([now.ino, now.mtimeMs], [snapped.ino, snapped.mtimeMs], 'a snapshot under the default threshold');
+  const grown = fs.statSync(journal).size;
+  assert.ok(grown > 65536 && grown > snapped.size / 2, `the journal grew to ${grown} bytes only, the snapshot has ${snapped.size}`);
 });
