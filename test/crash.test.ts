@@ -1,7 +1,7 @@
 // Tier 2: the guarantees of SPEC.md under real crashes. The server is killed with
 // SIGKILL at random moments while clients add jobs and jobs finish; restarted servers
 // must adopt what runs, record what ended, and run every acknowledged job exactly once.
-import { test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -129,125 +129,6 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
   assert.deepEqual(left.map((f) => `${f}: ${JSON.stringify(readIf(path.join(runDir, f)))}`), [], `run files left behind; the last server said:\n${server.output()}`);
 });
 
-test('a server killed while 8 jobs run: those that end with no server are recorded, the rest adopted, slots refilled', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  // Each job waits for its own go-file, then exits with a code of its own.
-  const script = writeScript(dir, 'gated.sh', `
-echo $$ > "${dir}/pid.$JOB_ID"
-while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done
-exit $(( JOB_ID + 10 ))`);
-  let s = await startServer({ dir });
-  await addWorkers(s, 'a:4', 'b:4');
-  for (let i = 0; i < 12; i++) await s.ok(['add_job', script]);
-  await until(async () => (await s.status()).counts.running === 8, '8 running jobs');
-  await until(() => [1, 2, 3, 4, 5, 6, 7, 8].every((id) => fs.existsSync(path.join(dir, `pid.${id}`))), 'all 8 scripts to start');
-  await s.crash();
-  // Half of them end while no server runs.
-  for (const id of [1, 3, 5, 7]) fs.writeFileSync(path.join(dir, `go.${id}`), '');
-  await until(() => [1, 3, 5, 7].every((id) => {
-    const pid = Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8'));
-    return !alive(pid);
-  }), 'the released jobs to exit');
-  s = await s.restart();
-  const running = (await s.jobs()).filter((j) => j.state === 'running').map((j) => j.id).sort((a, b) => a - b);
-  // The ended ones are recorded at once; their slots go to jobs 9..12.
-  await until(async () => {
-    const jobs = await s.jobs();
-    return [1, 3, 5, 7].every((id) => jobs.find((j) => j.id === id)?.state === 'failed');
-  }, 'the jobs that ended without a server to be recorded');
-  await until(async () => (await s.status()).counts.running === 8, 'freed slots to be refilled');
-  assert.ok([2, 4, 6, 8].every((id) => running.includes(id)), `adopted jobs shown running after restart: ${running}`);
-  for (let id = 1; id <= 12; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
-  const w = await s.cli(['wait']);
-  assert.equal(w.code, 1); // exit codes are 11.., so not done
-  const jobs = await s.jobs();
-  for (let id = 1; id <= 12; id++) {
-    const job = jobs.find((j) => j.id === id);
-    assert.equal(job.exitCode, id + 10, `job ${id} exit code`);
-    assert.equal(job.attempts, 1, `job ${id} attempts`);
-  }
-  const st = await s.status();
-  for (const wk of st.workers) assert.deepEqual(wk.running, []);
-});
-
-test('a reused pid is not taken for an adopted job', { timeout: 30_000 }, async (t) => {
-  const dir = testDir(t);
-  const script = writeScript(dir, 'long.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
-  let s = await startServer({ dir });
-  await addWorkers(s, 'a');
-  await s.ok(['add_job', script]);
-  await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
-  await s.crash();
-  // The job ends while no server runs, and its pid file is made to name a live
-  // process that started long after the file was written (a reused pid).
-  const pidFile = fs.readdirSync(path.join(s.dataDir, 'run')).find((n) => n.endsWith('.pid'))!;
-  const wrapperPid = Number(fs.readFileSync(path.join(s.dataDir, 'run', pidFile), 'utf8'));
-  fs.writeFileSync(path.join(dir, 'go'), '');
-  await until(() => !alive(wrapperPid), 'the job to end');
-  fs.writeFileSync(path.join(s.dataDir, 'run', pidFile), `${process.pid}\n`); // and no exit code
-  const old = new Date(Date.now() - 3600_000);
-  fs.utimesSync(path.join(s.dataDir, 'run', pidFile), old, old);
-  s = await s.restart();
-  const job = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded as ended');
-  assert.equal(job.state, 'failed');
-  assert.match(job.reason, /lost/);
-});
-
-test('a start that was journaled but never spawned is run once after a crash', { timeout: 30_000 }, async (t) => {
-  // Simulates a crash between "start is durable" and "process spawned": the journal
-  // says job 1 runs, but no wrapper ever claimed it.
-  const dir = testDir(t);
-  const script = writeScript(dir, 'once.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
-  let s = await startServer({ dir });
-  await addWorkers(s, 'a');
-  await s.stop();
-  const journal = path.join(s.dataDir, 'journal');
-  const lines = fs.readFileSync(journal, 'utf8').split('\n').filter(Boolean);
-  const n = lines.length; // header + events so far: the next event is n
-  const now = Date.now();
-  fs.appendFileSync(journal, [
-    JSON.stringify({ n, e: 'add', t: now, id: 1, cwd: dir, retries: 0, timeout: 0, jobs: [[script]] }),
-    JSON.stringify({ n: n + 1, e: 'start', t: now, id: 1, w: 'a', s: 0 }),
-  ].join('\n') + '\n');
-  s = await s.restart();
-  await until(async () => (await s.job(1))?.state === 'done', 'job 1 to run after the restart');
-  assert.deepEqual(readIds(path.join(dir, 'ran')), [1]);
-  const job = await s.job(1);
-  assert.equal(job.attempts, 1);
-});
-
-test('damaged state: a cut-off last line loads with a warning; garbage in the middle or a newer version stops start and changes nothing', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  let s = await startServer({ dir });
-  const journal = path.join(s.dataDir, 'journal');
-  await addWorkers(s, 'a', 'b', 'c');
-  await s.stop();
-  // Cut off: half a line at the end.
-  fs.appendFileSync(journal, '{"n":99,"e":"wor');
-  s = await s.restart();
-  assert.match(s.output(), /cut-off line/);
-  assert.equal((await s.status()).workers.length, 3);
-  await s.stop();
-  // Garbage in the middle: start refuses, names file and line, changes no file.
-  const good = fs.readFileSync(journal, 'utf8').split('\n');
-  good.splice(2, 0, 'this is not json');
-  fs.writeFileSync(journal, good.join('\n'));
-  const before = fs.readFileSync(journal);
-  const r = await runCli(['start', s.dataDir, s.logDir], { cwd: dir });
-  assert.equal(r.code, 1);
-  assert.match(r.stderr, /journal' line 3/);
-  assert.deepEqual(fs.readFileSync(journal), before);
-  assert.ok(!fs.existsSync(path.join(s.dataDir, 'server.pid')), 'a refused start left its pid file');
-  // A newer format version.
-  const lines = before.toString().split('\n');
-  lines.splice(2, 1);
-  lines[0] = lines[0].replace('"version":1', '"version":99');
-  fs.writeFileSync(journal, lines.join('\n'));
-  const r2 = await runCli(['start', s.dataDir, s.logDir], { cwd: dir });
-  assert.equal(r2.code, 1);
-  assert.match(r2.stderr, /version 99/);
-});
-
 /** True if this process may mount a tmpfs (root, and not forbidden by the container). */
 async function canMount(): Promise<boolean> {
   if (process.getuid?.() !== 0) return false;
@@ -259,215 +140,337 @@ async function canMount(): Promise<boolean> {
   } catch { return false; } finally { await removeDir(probe); }
 }
 
-test('disk trouble: a full data dir refuses changes, keeps the state, and recovers', { timeout: 60_000 }, async (t) => {
-  if (!(await canMount())) {
-    if (process.env.CI === 'true') assert.fail('this test needs root and tmpfs mounts in CI');
-    t.skip('needs root to mount a small tmpfs');
-    return;
-  }
-  const dir = testDir(t); // removing it unmounts the tmpfs too
-  const dataDir = path.join(dir, '.data');
-  fs.mkdirSync(dataDir);
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dataDir]);
-  const script = writeScript(dir, 'gate.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
-  let s = await startServer({ dir });
-  await addWorkers(s, 'a');
-  await s.ok(['add_job', script]);
-  await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
-  for (let i = 0; i < 10; i++) await s.ok(['add_job', script]); // waiting behind job 1
-  // Fill the disk.
-  const filler = path.join(dataDir, 'filler');
-  try { execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k'], { stdio: 'ignore' }); } catch { /* ENOSPC ends dd */ }
-  // An argument larger than a page, so the write cannot fit in the journal's last page.
-  const r = await s.cli(['add_job', script, 'x'.repeat(10_000)]);
-  assert.equal(r.code, 1, `add on a full disk: ${r.stdout} ${r.stderr}`);
-  assert.match(r.stderr, /cannot write the journal/);
-  // Use up the rest of the journal's last page: adds, then smaller kills, until refused.
-  let total = 11;
-  for (let i = 0; i < 100; i++) {
-    const a = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
-    if (!a.ok) { assert.match(a.error, /cannot write the journal/); break; }
-    total++;
-  }
-  for (let id = 2; id < 12; id++) {
-    const k = await socketRequest(s.dataDir, { op: 'kill', ids: [id] });
-    if (!k.ok) { assert.match(k.error, /cannot write the journal/); break; }
-  }
-  assert.equal((await s.status()).counts.total, total, 'a refused add changed the state');
-  // Job 1 ends while the disk is full: its end (and the next start) cannot be written
-  // now, and are written once there is room again.
-  fs.writeFileSync(path.join(dir, 'go'), '');
-  await until(() => /[1-9]\d* outcome\(s\) kept for retry/.test(s.output()), 'the end of job 1 to be refused by the full disk');
-  assert.equal((await s.job(1)).state, 'running', 'an end that was not written is not shown: ' + s.output());
-  fs.rmSync(filler);
-  const job = await until(async () => { const j = await s.job(1); return j.state === 'failed' && j; }, 'the end of job 1 to be recorded');
-  assert.equal(job.exitCode, 3);
-  assert.equal((await s.ok(['add_job', script])).trim(), String(total + 1));
-  total++;
-  await s.cli(['wait']);
-  await s.stop();
-  s = await startServer({ dir });
-  assert.equal((await s.status()).counts.total, total, 'the state after restart');
-});
-
-test('the job launcher killed under a running server: its jobs are still recorded, new ones start', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  const script = writeScript(dir, 'gated.sh', `while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit $(( JOB_ID + 20 ))`);
-  const s = await startServer({ dir });
-  await addWorkers(s, 'a:2');
-  for (let i = 0; i < 4; i++) await s.ok(['add_job', script]);
-  await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
-  const launcher = allPids().find((pid) => {
-    try {
-      return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('djs-launcher') &&
-        procIds(pid).ppid === s.proc.pid;
-    } catch { return false; }
+// The rest wait on their jobs more than they work: a few at once.
+describe('crashes, adoption and a damaged data dir', { concurrency: 4 }, () => {
+  test('a server killed while 8 jobs run: those that end with no server are recorded, the rest adopted, slots refilled', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    // Each job waits for its own go-file, then exits with a code of its own.
+    const script = writeScript(dir, 'gated.sh', `
+echo $$ > "${dir}/pid.$JOB_ID"
+while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done
+exit $(( JOB_ID + 10 ))`);
+    let s = await startServer({ dir });
+    await addWorkers(s, 'a:4', 'b:4');
+    for (let i = 0; i < 12; i++) await s.ok(['add_job', script]);
+    await until(async () => (await s.status()).counts.running === 8, '8 running jobs');
+    await until(() => [1, 2, 3, 4, 5, 6, 7, 8].every((id) => fs.existsSync(path.join(dir, `pid.${id}`))), 'all 8 scripts to start');
+    await s.crash();
+    // Half of them end while no server runs.
+    for (const id of [1, 3, 5, 7]) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+    await until(() => [1, 3, 5, 7].every((id) => {
+      const pid = Number(fs.readFileSync(path.join(dir, `pid.${id}`), 'utf8'));
+      return !alive(pid);
+    }), 'the released jobs to exit');
+    s = await s.restart();
+    const running = (await s.jobs()).filter((j) => j.state === 'running').map((j) => j.id).sort((a, b) => a - b);
+    // The ended ones are recorded at once; their slots go to jobs 9..12.
+    await until(async () => {
+      const jobs = await s.jobs();
+      return [1, 3, 5, 7].every((id) => jobs.find((j) => j.id === id)?.state === 'failed');
+    }, 'the jobs that ended without a server to be recorded');
+    await until(async () => (await s.status()).counts.running === 8, 'freed slots to be refilled');
+    assert.ok([2, 4, 6, 8].every((id) => running.includes(id)), `adopted jobs shown running after restart: ${running}`);
+    for (let id = 1; id <= 12; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
+    const w = await s.cli(['wait']);
+    assert.equal(w.code, 1); // exit codes are 11.., so not done
+    const jobs = await s.jobs();
+    for (let id = 1; id <= 12; id++) {
+      const job = jobs.find((j) => j.id === id);
+      assert.equal(job.exitCode, id + 10, `job ${id} exit code`);
+      assert.equal(job.attempts, 1, `job ${id} attempts`);
+    }
+    const st = await s.status();
+    for (const wk of st.workers) assert.deepEqual(wk.running, []);
   });
-  assert.ok(launcher, 'the server has a launcher process');
-  process.kill(launcher, 'SIGKILL');
-  await until(() => /launcher ended/.test(s.output()), 'the server to notice');
-  for (let id = 1; id <= 4; id++) release(s, id);
-  assert.equal((await s.cli(['wait'])).code, 1);
-  const jobs = await s.jobs();
-  assert.deepEqual(jobs.map((j: any) => [j.id, j.exitCode]), [[1, 21], [2, 22], [3, 23], [4, 24]]);
-});
 
-test('a job whose wrapper is killed outright is recorded as lost once its script is gone, also across a restart, and only then retried', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  const script = writeScript(dir, 'gated.sh', `echo "start $$" >> "${dir}/log.$JOB_ID"; echo $$ > "${dir}/pid.$JOB_ID"
+  test('a reused pid is not taken for an adopted job', { timeout: 30_000 }, async (t) => {
+    const dir = testDir(t);
+    const script = writeScript(dir, 'long.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
+    let s = await startServer({ dir });
+    await addWorkers(s, 'a');
+    await s.ok(['add_job', script]);
+    await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
+    await s.crash();
+    // The job ends while no server runs, and its pid file is made to name a live
+    // process that started long after the file was written (a reused pid).
+    const pidFile = fs.readdirSync(path.join(s.dataDir, 'run')).find((n) => n.endsWith('.pid'))!;
+    const wrapperPid = Number(fs.readFileSync(path.join(s.dataDir, 'run', pidFile), 'utf8'));
+    fs.writeFileSync(path.join(dir, 'go'), '');
+    await until(() => !alive(wrapperPid), 'the job to end');
+    fs.writeFileSync(path.join(s.dataDir, 'run', pidFile), `${process.pid}\n`); // and no exit code
+    const old = new Date(Date.now() - 3600_000);
+    fs.utimesSync(path.join(s.dataDir, 'run', pidFile), old, old);
+    s = await s.restart();
+    const job = await until(async () => { const j = await s.job(1); return j.state !== 'running' && j; }, 'job 1 to be recorded as ended');
+    assert.equal(job.state, 'failed');
+    assert.match(job.reason, /lost/);
+  });
+
+  test('a start that was journaled but never spawned is run once after a crash', { timeout: 30_000 }, async (t) => {
+    // Simulates a crash between "start is durable" and "process spawned": the journal
+    // says job 1 runs, but no wrapper ever claimed it.
+    const dir = testDir(t);
+    const script = writeScript(dir, 'once.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
+    let s = await startServer({ dir });
+    await addWorkers(s, 'a');
+    await s.stop();
+    const journal = path.join(s.dataDir, 'journal');
+    const lines = fs.readFileSync(journal, 'utf8').split('\n').filter(Boolean);
+    const n = lines.length; // header + events so far: the next event is n
+    const now = Date.now();
+    fs.appendFileSync(journal, [
+      JSON.stringify({ n, e: 'add', t: now, id: 1, cwd: dir, retries: 0, timeout: 0, jobs: [[script]] }),
+      JSON.stringify({ n: n + 1, e: 'start', t: now, id: 1, w: 'a', s: 0 }),
+    ].join('\n') + '\n');
+    s = await s.restart();
+    await until(async () => (await s.job(1))?.state === 'done', 'job 1 to run after the restart');
+    assert.deepEqual(readIds(path.join(dir, 'ran')), [1]);
+    const job = await s.job(1);
+    assert.equal(job.attempts, 1);
+  });
+
+  test('damaged state: a cut-off last line loads with a warning; garbage in the middle or a newer version stops start and changes nothing', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    let s = await startServer({ dir });
+    const journal = path.join(s.dataDir, 'journal');
+    await addWorkers(s, 'a', 'b', 'c');
+    await s.stop();
+    // Cut off: half a line at the end.
+    fs.appendFileSync(journal, '{"n":99,"e":"wor');
+    s = await s.restart();
+    assert.match(s.output(), /cut-off line/);
+    assert.equal((await s.status()).workers.length, 3);
+    await s.stop();
+    // Garbage in the middle: start refuses, names file and line, changes no file.
+    const good = fs.readFileSync(journal, 'utf8').split('\n');
+    good.splice(2, 0, 'this is not json');
+    fs.writeFileSync(journal, good.join('\n'));
+    const before = fs.readFileSync(journal);
+    const r = await runCli(['start', s.dataDir, s.logDir], { cwd: dir });
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /journal' line 3/);
+    assert.deepEqual(fs.readFileSync(journal), before);
+    assert.ok(!fs.existsSync(path.join(s.dataDir, 'server.pid')), 'a refused start left its pid file');
+    // A newer format version.
+    const lines = before.toString().split('\n');
+    lines.splice(2, 1);
+    lines[0] = lines[0].replace('"version":1', '"version":99');
+    fs.writeFileSync(journal, lines.join('\n'));
+    const r2 = await runCli(['start', s.dataDir, s.logDir], { cwd: dir });
+    assert.equal(r2.code, 1);
+    assert.match(r2.stderr, /version 99/);
+  });
+
+  test('disk trouble: a full data dir refuses changes, keeps the state, and recovers', { timeout: 60_000 }, async (t) => {
+    if (!(await canMount())) {
+      if (process.env.CI === 'true') assert.fail('this test needs root and tmpfs mounts in CI');
+      t.skip('needs root to mount a small tmpfs');
+      return;
+    }
+    const dir = testDir(t); // removing it unmounts the tmpfs too
+    const dataDir = path.join(dir, '.data');
+    fs.mkdirSync(dataDir);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dataDir]);
+    const script = writeScript(dir, 'gate.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
+    let s = await startServer({ dir });
+    await addWorkers(s, 'a');
+    await s.ok(['add_job', script]);
+    await until(async () => (await s.job(1))?.state === 'running', 'job 1 to run');
+    for (let i = 0; i < 10; i++) await s.ok(['add_job', script]); // waiting behind job 1
+    // Fill the disk.
+    const filler = path.join(dataDir, 'filler');
+    try { execFileSync('dd', ['if=/dev/zero', `of=${filler}`, 'bs=64k'], { stdio: 'ignore' }); } catch { /* ENOSPC ends dd */ }
+    // An argument larger than a page, so the write cannot fit in the journal's last page.
+    const r = await s.cli(['add_job', script, 'x'.repeat(10_000)]);
+    assert.equal(r.code, 1, `add on a full disk: ${r.stdout} ${r.stderr}`);
+    assert.match(r.stderr, /cannot write the journal/);
+    // Use up the rest of the journal's last page: adds, then smaller kills, until refused.
+    let total = 11;
+    for (let i = 0; i < 100; i++) {
+      const a = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
+      if (!a.ok) { assert.match(a.error, /cannot write the journal/); break; }
+      total++;
+    }
+    for (let id = 2; id < 12; id++) {
+      const k = await socketRequest(s.dataDir, { op: 'kill', ids: [id] });
+      if (!k.ok) { assert.match(k.error, /cannot write the journal/); break; }
+    }
+    assert.equal((await s.status()).counts.total, total, 'a refused add changed the state');
+    // Job 1 ends while the disk is full: its end (and the next start) cannot be written
+    // now, and are written once there is room again.
+    fs.writeFileSync(path.join(dir, 'go'), '');
+    await until(() => /[1-9]\d* outcome\(s\) kept for retry/.test(s.output()), 'the end of job 1 to be refused by the full disk');
+    assert.equal((await s.job(1)).state, 'running', 'an end that was not written is not shown: ' + s.output());
+    fs.rmSync(filler);
+    const job = await until(async () => { const j = await s.job(1); return j.state === 'failed' && j; }, 'the end of job 1 to be recorded');
+    assert.equal(job.exitCode, 3);
+    assert.equal((await s.ok(['add_job', script])).trim(), String(total + 1));
+    total++;
+    await s.cli(['wait']);
+    await s.stop();
+    s = await startServer({ dir });
+    assert.equal((await s.status()).counts.total, total, 'the state after restart');
+  });
+
+  test('the job launcher killed under a running server: its jobs are still recorded, new ones start', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const script = writeScript(dir, 'gated.sh', `while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit $(( JOB_ID + 20 ))`);
+    const s = await startServer({ dir });
+    await addWorkers(s, 'a:2');
+    for (let i = 0; i < 4; i++) await s.ok(['add_job', script]);
+    await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
+    const launcher = allPids().find((pid) => {
+      try {
+        return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('djs-launcher') &&
+          procIds(pid).ppid === s.proc.pid;
+      } catch { return false; }
+    });
+    assert.ok(launcher, 'the server has a launcher process');
+    process.kill(launcher, 'SIGKILL');
+    await until(() => /launcher ended/.test(s.output()), 'the server to notice');
+    for (let id = 1; id <= 4; id++) release(s, id);
+    assert.equal((await s.cli(['wait'])).code, 1);
+    const jobs = await s.jobs();
+    assert.deepEqual(jobs.map((j: any) => [j.id, j.exitCode]), [[1, 21], [2, 22], [3, 23], [4, 24]]);
+  });
+
+  test('a job whose wrapper is killed outright is recorded as lost once its script is gone, also across a restart, and only then retried', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const script = writeScript(dir, 'gated.sh', `echo "start $$" >> "${dir}/log.$JOB_ID"; echo $$ > "${dir}/pid.$JOB_ID"
 while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; echo "end $$" >> "${dir}/log.$JOB_ID"`);
-  let s = await startServer({ dir });
-  await addWorkers(s, 'a:2');
-  await s.ok(['add_job', '--retries', '1', script]);
-  for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
-  const wrapperOf = async (id: number) => procIds(await pidOf(s, id)).ppid;
-  // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
-  process.kill(await wrapperOf(1), 'SIGKILL');
-  process.kill(-(await wrapperOf(2)), 'SIGKILL');
-  const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
-  assert.equal(two.state, 'failed');
-  assert.match(two.reason, /lost/);
-  await pidOf(s, 3); // job 3 got job 2's slot
-  assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
-  await s.crash();
-  s = await s.restart();
-  assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1\'s script too');
-  fs.rmSync(path.join(dir, 'pid.1'));
-  release(s, 1);
-  release(s, 3);
-  assert.equal((await s.cli(['wait', '1', '3'])).code, 0);
-  const one = await s.job(1);
-  assert.equal(one.attempts, 2, 'retried once its first script had ended');
-  assert.match(one.history[0].reason, /lost/);
-  const log = fs.readFileSync(path.join(dir, 'log.1'), 'utf8').trim().split('\n').map((l) => l.split(' ')[0]);
-  assert.deepEqual(log, ['start', 'end', 'start', 'end'], 'the two attempts never overlapped');
-});
+    let s = await startServer({ dir });
+    await addWorkers(s, 'a:2');
+    await s.ok(['add_job', '--retries', '1', script]);
+    for (let i = 0; i < 2; i++) await s.ok(['add_job', script]);
+    const wrapperOf = async (id: number) => procIds(await pidOf(s, id)).ppid;
+    // Job 1: only its wrapper dies, its script runs on; job 2: its whole process group.
+    process.kill(await wrapperOf(1), 'SIGKILL');
+    process.kill(-(await wrapperOf(2)), 'SIGKILL');
+    const two = await until(async () => { const j = await s.job(2); return j.state !== 'running' && j; }, 'job 2 to be recorded', 15_000);
+    assert.equal(two.state, 'failed');
+    assert.match(two.reason, /lost/);
+    await pidOf(s, 3); // job 3 got job 2's slot
+    assert.equal((await s.job(1)).state, 'running', 'job 1 runs while its script does');
+    await s.crash();
+    s = await s.restart();
+    assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1\'s script too');
+    fs.rmSync(path.join(dir, 'pid.1'));
+    release(s, 1);
+    release(s, 3);
+    assert.equal((await s.cli(['wait', '1', '3'])).code, 0);
+    const one = await s.job(1);
+    assert.equal(one.attempts, 2, 'retried once its first script had ended');
+    assert.match(one.history[0].reason, /lost/);
+    const log = fs.readFileSync(path.join(dir, 'log.1'), 'utf8').trim().split('\n').map((l) => l.split(' ')[0]);
+    assert.deepEqual(log, ['start', 'end', 'start', 'end'], 'the two attempts never overlapped');
+  });
 
-test('a job stopped with SIGSTOP survives a server stop and start, and its exit code is recorded', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  const script = writeScript(dir, 'gated.sh', `echo $$ > "${dir}/pid.$JOB_ID"; while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit 7`);
-  let s = await startServer({ dir });
-  await addWorkers(s, 'a');
-  await s.ok(['add_job', script]);
-  const pid = await pidOf(s, 1);
-  const group = procIds(pid).pgrp; // its wrapper's
-  const launcher = procIds(group).ppid;
-  process.kill(-group, 'SIGSTOP');
-  await s.stop();
-  const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
-  await until(() => !alive(launcher) || sawEnd(), 'the launcher to see its input end');
-  process.kill(-group, 'SIGCONT');
-  release(s, 1);
-  s = await s.restart();
-  assert.equal((await s.cli(['wait', '1'])).code, 1);
-  const job = await s.job(1);
-  assert.equal(job.exitCode, 7, `ended by its own exit, not by a hangup (${job.reason ?? ''})`);
-});
+  test('a job stopped with SIGSTOP survives a server stop and start, and its exit code is recorded', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const script = writeScript(dir, 'gated.sh', `echo $$ > "${dir}/pid.$JOB_ID"; while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; exit 7`);
+    let s = await startServer({ dir });
+    await addWorkers(s, 'a');
+    await s.ok(['add_job', script]);
+    const pid = await pidOf(s, 1);
+    const group = procIds(pid).pgrp; // its wrapper's
+    const launcher = procIds(group).ppid;
+    process.kill(-group, 'SIGSTOP');
+    await s.stop();
+    const sawEnd = () => { try { return fs.readlinkSync(`/proc/${launcher}/fd/1`) === '/dev/null'; } catch { return true; } };
+    await until(() => !alive(launcher) || sawEnd(), 'the launcher to see its input end');
+    process.kill(-group, 'SIGCONT');
+    release(s, 1);
+    s = await s.restart();
+    assert.equal((await s.cli(['wait', '1'])).code, 1);
+    const job = await s.job(1);
+    assert.equal(job.exitCode, 7, `ended by its own exit, not by a hangup (${job.reason ?? ''})`);
+  });
 
-test('a wrapper that cannot claim its run: the job goes back to the queue uncharged, starts pause longer each time, and go on once the run dir is back', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  const script = writeScript(dir, 'mark.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
-  const s = await startServer({ dir });
-  await addWorkers(s, 'a');
-  const runDir = path.join(s.dataDir, 'run');
-  /** The run dir becomes a plain file: no wrapper can create its pid file in it, and the server cannot make it again. */
-  const breakRunDir = () => { fs.rmSync(runDir, { recursive: true }); fs.writeFileSync(runDir, ''); };
-  const mendRunDir = () => { fs.rmSync(runDir); fs.mkdirSync(runDir, { mode: 0o700 }); };
-  /** The server's log lines about starts that failed: when, which job, how long starts pause. */
-  const failures = () => [...s.output().matchAll(/^(\S+) .*\bjob (\d+) did not start\b.*; starts pause for (\d+) ms$/gm)]
-    .map((m) => ({ at: Date.parse(m[1]), id: Number(m[2]), pause: Number(m[3]) }));
+  test('a wrapper that cannot claim its run: the job goes back to the queue uncharged, starts pause longer each time, and go on once the run dir is back', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const script = writeScript(dir, 'mark.sh', `echo "$JOB_ID" >> "${dir}/ran"`);
+    const s = await startServer({ dir });
+    await addWorkers(s, 'a');
+    const runDir = path.join(s.dataDir, 'run');
+    /** The run dir becomes a plain file: no wrapper can create its pid file in it, and the server cannot make it again. */
+    const breakRunDir = () => { fs.rmSync(runDir, { recursive: true }); fs.writeFileSync(runDir, ''); };
+    const mendRunDir = () => { fs.rmSync(runDir); fs.mkdirSync(runDir, { mode: 0o700 }); };
+    /** The server's log lines about starts that failed: when, which job, how long starts pause. */
+    const failures = () => [...s.output().matchAll(/^(\S+) .*\bjob (\d+) did not start\b.*; starts pause for (\d+) ms$/gm)]
+      .map((m) => ({ at: Date.parse(m[1]), id: Number(m[2]), pause: Number(m[3]) }));
 
-  breakRunDir();
-  const first = Number(await addJob(s, script));
-  await until(() => failures().length >= 2, 'two failed starts of job 1', 10_000);
-  const job = await until(async () => { const j = await s.job(first); return j.state === 'waiting' && j; }, 'job 1 to be back in the queue');
-  assert.equal(job.attempts, 0, 'a start that failed is not charged to the job');
-  assert.equal(readIf(path.join(dir, 'ran')), '', 'the script did not run');
-  mendRunDir();
-  await untilState(s, first, 'done');
-  const f1 = failures();
-  assert.ok(f1.every((f) => f.id === first), JSON.stringify(f1));
-  // 0.5 s after the first failure in a row, doubling; and no start in between.
-  assert.deepEqual(f1.map((f) => f.pause), f1.map((_, i) => 500 * 2 ** i), 'the pause doubles with each failure in a row');
-  for (let i = 1; i < f1.length; i++) {
-    assert.ok(f1[i].at - f1[i - 1].at >= f1[i - 1].pause - 5, `start ${i + 1} came ${f1[i].at - f1[i - 1].at} ms after a failure that paused starts for ${f1[i - 1].pause} ms`);
-  }
-  assert.equal((await s.job(first)).attempts, 1);
+    breakRunDir();
+    const first = Number(await addJob(s, script));
+    await until(() => failures().length >= 2, 'two failed starts of job 1', 10_000);
+    const job = await until(async () => { const j = await s.job(first); return j.state === 'waiting' && j; }, 'job 1 to be back in the queue');
+    assert.equal(job.attempts, 0, 'a start that failed is not charged to the job');
+    assert.equal(readIf(path.join(dir, 'ran')), '', 'the script did not run');
+    mendRunDir();
+    await untilState(s, first, 'done');
+    const f1 = failures();
+    assert.ok(f1.every((f) => f.id === first), JSON.stringify(f1));
+    // 0.5 s after the first failure in a row, doubling; and no start in between.
+    assert.deepEqual(f1.map((f) => f.pause), f1.map((_, i) => 500 * 2 ** i), 'the pause doubles with each failure in a row');
+    for (let i = 1; i < f1.length; i++) {
+      assert.ok(f1[i].at - f1[i - 1].at >= f1[i - 1].pause - 5, `start ${i + 1} came ${f1[i].at - f1[i - 1].at} ms after a failure that paused starts for ${f1[i - 1].pause} ms`);
+    }
+    assert.equal((await s.job(first)).attempts, 1);
 
-  // A start that worked ends the run of failures: the next failure pauses 0.5 s again.
-  breakRunDir();
-  const second = Number(await addJob(s, script));
-  await until(() => failures().length > f1.length, 'a failed start of job 2', 10_000);
-  const f2 = failures()[f1.length];
-  assert.equal(f2.id, second);
-  assert.equal(f2.pause, 500, 'the pause starts again from 0.5 s');
-  mendRunDir();
-  await untilState(s, second, 'done');
-  assert.deepEqual(readIf(path.join(dir, 'ran')).trim().split('\n').map(Number), [first, second], 'each job ran once');
-});
+    // A start that worked ends the run of failures: the next failure pauses 0.5 s again.
+    breakRunDir();
+    const second = Number(await addJob(s, script));
+    await until(() => failures().length > f1.length, 'a failed start of job 2', 10_000);
+    const f2 = failures()[f1.length];
+    assert.equal(f2.id, second);
+    assert.equal(f2.pause, 500, 'the pause starts again from 0.5 s');
+    mendRunDir();
+    await untilState(s, second, 'done');
+    assert.deepEqual(readIf(path.join(dir, 'ran')).trim().split('\n').map(Number), [first, second], 'each job ran once');
+  });
 
-test('past DJS_SNAPSHOT_MIN_BYTES of journal the server writes a snapshot and cuts the journal back; a restart loads every job and state', { timeout: 60_000 }, async (t) => {
-  const dir = testDir(t);
-  let s = await startServer({ dir, env: { DJS_SNAPSHOT_MIN_BYTES: '65536' } });
-  const journal = path.join(s.dataDir, 'journal'), snapshot = path.join(s.dataDir, 'snapshot');
-  writeScript(dir, 'code.sh', 'exit "$1"');
-  writeScript(dir, 'gated.sh', GATED);
-  await addWorkers(s, 'w1:2');
-  // Jobs in every state: done and failed, two running (holding both slots), many
-  // waiting, one killed before it ran, one removed.
-  const [done, failed] = (await s.ok(['add_jobs', '-'], { input: './code.sh 0\n./code.sh 3\n' })).trim().split('\n');
-  assert.equal((await s.cli(['wait', done, failed])).code, 1);
-  const running = [await addJob(s, './gated.sh'), await addJob(s, './gated.sh')];
-  for (const id of running) await pidOf(s, id);
-  assert.equal(fs.existsSync(snapshot), false, 'no snapshot of a small journal');
-  // One add of some 80 KB: the journal passes 64 KiB.
-  const pad = 'p'.repeat(100);
-  const waiting = (await s.ok(['add_jobs', '-'], { input: Array.from({ length: 600 }, (_, i) => `./code.sh 0 ${pad}${i}\n`).join('') })).trim().split('\n');
-  await until(() => fs.existsSync(snapshot), 'the server to write a snapshot', 5000);
-  assert.ok(fs.statSync(journal).size < 65536, `the journal was not cut back: ${fs.statSync(journal).size} bytes`);
-  // Changes after the snapshot are in the journal only.
-  await s.ok(['kill', waiting[0]]);
-  await s.ok(['remove_job', '--id', waiting[1]]);
-  const last = await addJob(s, './code.sh', '0', 'after the snapshot');
-  // (in id order: the order of list is not pinned, and it changes with a snapshot)
-  const view = (jobs: any[]) => jobs.map((j) => ({ id: j.id, state: j.state, exitCode: j.exitCode, attempts: j.attempts, worker: j.worker, args: j.args }))
-    .sort((a, b) => a.id - b.id);
-  const before = view(await s.jobs());
-  assert.equal(before.length, 2 + 2 + 600 - 1 + 1);
-  assert.deepEqual(before.filter((j) => j.state !== 'waiting').map((j) => [String(j.id), j.state]),
-    [[done, 'done'], [failed, 'failed'], [running[0], 'running'], [running[1], 'running'], [waiting[0], 'killed']]);
+  test('past DJS_SNAPSHOT_MIN_BYTES of journal the server writes a snapshot and cuts the journal back; a restart loads every job and state', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    let s = await startServer({ dir, env: { DJS_SNAPSHOT_MIN_BYTES: '65536' } });
+    const journal = path.join(s.dataDir, 'journal'), snapshot = path.join(s.dataDir, 'snapshot');
+    writeScript(dir, 'code.sh', 'exit "$1"');
+    writeScript(dir, 'gated.sh', GATED);
+    await addWorkers(s, 'w1:2');
+    // Jobs in every state: done and failed, two running (holding both slots), many
+    // waiting, one killed before it ran, one removed.
+    const [done, failed] = (await s.ok(['add_jobs', '-'], { input: './code.sh 0\n./code.sh 3\n' })).trim().split('\n');
+    assert.equal((await s.cli(['wait', done, failed])).code, 1);
+    const running = [await addJob(s, './gated.sh'), await addJob(s, './gated.sh')];
+    for (const id of running) await pidOf(s, id);
+    assert.equal(fs.existsSync(snapshot), false, 'no snapshot of a small journal');
+    // One add of some 80 KB: the journal passes 64 KiB.
+    const pad = 'p'.repeat(100);
+    const waiting = (await s.ok(['add_jobs', '-'], { input: Array.from({ length: 600 }, (_, i) => `./code.sh 0 ${pad}${i}\n`).join('') })).trim().split('\n');
+    await until(() => fs.existsSync(snapshot), 'the server to write a snapshot', 5000);
+    assert.ok(fs.statSync(journal).size < 65536, `the journal was not cut back: ${fs.statSync(journal).size} bytes`);
+    // Changes after the snapshot are in the journal only.
+    await s.ok(['kill', waiting[0]]);
+    await s.ok(['remove_job', '--id', waiting[1]]);
+    const last = await addJob(s, './code.sh', '0', 'after the snapshot');
+    // (in id order: the order of list is not pinned, and it changes with a snapshot)
+    const view = (jobs: any[]) => jobs.map((j) => ({ id: j.id, state: j.state, exitCode: j.exitCode, attempts: j.attempts, worker: j.worker, args: j.args }))
+      .sort((a, b) => a.id - b.id);
+    const before = view(await s.jobs());
+    assert.equal(before.length, 2 + 2 + 600 - 1 + 1);
+    assert.deepEqual(before.filter((j) => j.state !== 'waiting').map((j) => [String(j.id), j.state]),
+      [[done, 'done'], [failed, 'failed'], [running[0], 'running'], [running[1], 'running'], [waiting[0], 'killed']]);
 
-  // Restarted with the default threshold (32 MiB): everything is there, ids go on.
-  await s.stop();
-  s = await startServer({ dir });
-  assert.deepEqual(view(await s.jobs()), before, 'the jobs after the restart');
-  assert.equal(await addJob(s, './code.sh', '0'), String(Number(last) + 1));
-  // ... and a journal past 64 KiB (and past half the snapshot) is no reason for a snapshot now.
-  const snapped = fs.statSync(snapshot);
-  await s.ok(['add_jobs', '-'], { input: Array.from({ length: 1500 }, (_, i) => `./code.sh 0 ${pad}${i}\n`).join('') });
-  await s.ok(['status']); // (a snapshot is written in the same turn as the add it follows)
-  const now = fs.statSync(snapshot);
-  assert.deepEqual([now.ino, now.mtimeMs], [snapped.ino, snapped.mtimeMs], 'a snapshot under the default threshold');
-  const grown = fs.statSync(journal).size;
-  assert.ok(grown > 65536 && grown > snapped.size / 2, `the journal grew to ${grown} bytes only, the snapshot has ${snapped.size}`);
+    // Restarted with the default threshold (32 MiB): everything is there, ids go on.
+    await s.stop();
+    s = await startServer({ dir });
+    assert.deepEqual(view(await s.jobs()), before, 'the jobs after the restart');
+    assert.equal(await addJob(s, './code.sh', '0'), String(Number(last) + 1));
+    // ... and a journal past 64 KiB (and past half the snapshot) is no reason for a snapshot now.
+    const snapped = fs.statSync(snapshot);
+    await s.ok(['add_jobs', '-'], { input: Array.from({ length: 1500 }, (_, i) => `./code.sh 0 ${pad}${i}\n`).join('') });
+    await s.ok(['status']); // (a snapshot is written in the same turn as the add it follows)
+    const now = fs.statSync(snapshot);
+    assert.deepEqual([now.ino, now.mtimeMs], [snapped.ino, snapped.mtimeMs], 'a snapshot under the default threshold');
+    const grown = fs.statSync(journal).size;
+    assert.ok(grown > 65536 && grown > snapped.size / 2, `the journal grew to ${grown} bytes only, the snapshot has ${snapped.size}`);
+  });
 });
