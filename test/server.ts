@@ -86,7 +86,10 @@ export function launch(cmd: string, args: string[], opts: RunOptions = {}): Runn
   proc.stderr!.setEncoding('utf8').on('data', (d: string) => { err += d; });
   proc.stdin!.on('error', () => {});
   proc.stdin!.end(opts.input);
-  const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => proc.kill('SIGKILL'), opts.timeoutMs);
+  const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => {
+    err += `\n(test harness: ${cmd} ${args.join(' ')} killed after ${opts.timeoutMs} ms)\n`;
+    proc.kill('SIGKILL');
+  }, opts.timeoutMs);
   const done = new Promise<Run>((resolve) => {
     proc.on('error', (e) => { err += String(e); });
     proc.on('close', (c, sig) => {
