@@ -3,12 +3,12 @@
 // symlink `djs` on PATH from another directory; on a Node without native TypeScript
 // (Node 20: tsx, then the cached plain-JS copy) and on Node 24 natively, with no install.
 import assert from 'node:assert/strict';
-import { execFile, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
-import { ROOT, killJobsUnder, within, type Run } from './server.ts';
+import { ROOT, removeDir, run, within, type Run } from './server.ts';
 
 /** Every character that once broke the bootstrap (spliced into JS source and a data: URL). */
 const AWKWARD = "djs boot #'%41é ";
@@ -39,7 +39,7 @@ type Checkout = { dir: string; bin: string; work: string };
  *  left running under it, when the test ends. */
 function checkout(t: TestContext, withModules: boolean): Checkout {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), AWKWARD));
-  t.after(() => { killJobsUnder(root); fs.rmSync(root, { recursive: true, force: true }); });
+  t.after(() => removeDir(root));
   const dir = path.join(root, 'src'), bin = path.join(root, 'bin'), work = path.join(root, 'work');
   for (const d of [dir, bin, work]) fs.mkdirSync(d);
   fs.copyFileSync(path.join(ROOT, 'cli.ts'), path.join(dir, 'cli.ts'));
@@ -59,12 +59,7 @@ function checkout(t: TestContext, withModules: boolean): Checkout {
 /** Runs `djs ARGS` from a shell (/bin/sh), in c.work, with c.bin and then nodeDir
  *  first on PATH. */
 function djs(c: Checkout, nodeDir: string, args: string[]): Promise<Run> {
-  const env = { ...process.env, NO_COLOR: '1', PATH: `${c.bin}:${nodeDir}:${process.env.PATH}` };
-  return new Promise((resolve) => {
-    execFile('/bin/sh', ['-c', 'djs "$@"', 'sh', ...args], { cwd: c.work, env }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
+  return run('/bin/sh', ['-c', 'djs "$@"', 'sh', ...args], { cwd: c.work, env: { NO_COLOR: '1', PATH: `${c.bin}:${nodeDir}:${process.env.PATH}` } });
 }
 
 function assertHelp(r: Run, what: string): void {

@@ -4,27 +4,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import {
-  alive, cleanUp, pidOf, readIf, release, socketClients, spawnCli, startServer, until, untilState, within, writeScript, type TestServer,
+  GATED, addJob, addWorkers, alive, pidOf, readIf, release, serve, socketClients, spawnCli, until, untilState, within, writeScript, type TestServer,
 } from './server.ts';
-
-/** A server for one test, ended (with its jobs and dir) when the test ends. */
-async function serve(t: TestContext, opts: Parameters<typeof startServer>[0] = {}): Promise<TestServer> {
-  const s = await startServer(opts);
-  t.after(() => cleanUp(s));
-  return s;
-}
-
-const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
-const addJob = async (s: TestServer, ...args: string[]) => (await s.ok(['add_job', ...args])).trim();
-
-/** Waits until the file go.$JOB_ID appears in its cwd, after writing its pid to
- *  pid.$JOB_ID (each run overwrites it); exits with $1 if that is a number. */
-const BLOCKING = `echo $$ > "pid.$JOB_ID"
-echo "job $JOB_ID running on $SLAVE_IP"
-while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
-case "$1" in [0-9]*) exit "$1" ;; esac`;
 
 /** Counts its runs in count.$JOB_ID and fails (exit $1, default 1) until run $2 (default 3). */
 const FLAKY = `n=$(( $(cat "count.$JOB_ID" 2>/dev/null || echo 0) + 1 ))
@@ -42,7 +25,7 @@ sleep 300 &
 echo $! > "child.$JOB_ID"
 echo $$ > "pid.$JOB_ID"
 wait`);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const id = await addJob(s, './term.sh');
     const pid = await pidOf(s, id);
@@ -97,9 +80,28 @@ while :; do sleep 0.05; done`);
     assert.equal(job.exitCode, 128 + 9, 'ended by SIGKILL');
   });
 
+  test('DJS_KILL_GRACE in the environment of start: SIGKILL comes that many seconds after SIGTERM, not sooner', async (t) => {
+    const s = await serve(t, { env: { DJS_KILL_GRACE: '2' } });
+    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
+echo $$ > "pid.$JOB_ID"
+while :; do sleep 0.05; done`);
+    await addWorkers(s, 'w1');
+    const id = await addJob(s, './stubborn.sh');
+    const pid = await pidOf(s, id);
+    const asked = Date.now();
+    assert.equal((await s.cli(['kill', id])).code, 0);
+    const answered = Date.now();
+    await until(() => !alive(pid), 'the job that ignores SIGTERM to be gone', 15_000, 10);
+    const gone = Date.now();
+    assert.ok(gone - asked >= 2000, `it was gone ${gone - asked} ms after the kill was asked for, before the grace of 2 s was over`);
+    assert.ok(gone - answered < 4000, `it was gone ${gone - answered} ms after the kill was answered, long after the grace of 2 s (the default is 10 s)`);
+    const job = await untilState(s, id, 'killed');
+    assert.equal(job.exitCode, 128 + 9, 'ended by SIGKILL');
+  });
+
   test('kill and --timeout reach jobs that a restarted server adopted', async (t) => {
     const s = await serve(t, { args: ['--kill-grace', '1'] });
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     writeScript(s.dir, 'stubborn.sh', `trap '' TERM
 echo $$ > "pid.$JOB_ID"
 while :; do sleep 0.05; done`);
@@ -112,7 +114,6 @@ while :; do sleep 0.05; done`);
     await s.exited;
     assert.ok(pids.every(alive));
     const s2 = await s.restart();
-    t.after(() => s2.crash());
     assert.equal((await s2.cli(['kill', k, hard])).code, 0);
     await untilState(s2, k, 'killed', 5000);
     await untilState(s2, hard, 'killed', 8000);
@@ -193,7 +194,7 @@ wait`);
   test('retry ID and retry --failed queue finished jobs again under the same id', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'flaky.sh', FLAKY);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const [a, b] = (await s.ok(['add_jobs', '-'], { input: './flaky.sh 1 2\n./flaky.sh 1 2\n' })).trim().split('\n');
     assert.equal((await s.cli(['wait', a, b])).code, 1);
@@ -231,7 +232,7 @@ wait`);
 
   test('remove_slave: busy needs a flag; --wait drains (status shows draining); an idle worker goes at once', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'wa', 'idle');
     assert.deepEqual(await workerHosts(s), ['idle', 'wa']);
     const gone = await s.cli(['remove_slave', 'idle']);
@@ -289,7 +290,7 @@ wait`);
 
   test('remove_slave --kill stops its job, which is queued again and runs on another worker', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'wa');
     const id = await addJob(s, './block.sh');
     const pid1 = await pidOf(s, id);
@@ -315,7 +316,7 @@ wait`);
 
   test('wait: 0 when all done, 1 when one failed, returns promptly after the last job ends; no ids waits for all', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:3');
     const [a, b, c] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n./block.sh 3\n' })).trim().split('\n');
     for (const id of [a, b, c]) await pidOf(s, id);
@@ -373,9 +374,62 @@ echo "last line"`);
     assert.equal(plain, 'first line\nsecond line\nlast line\n');
   });
 
+  test('wait and log -f outlast a server stop and start: they end when their jobs do, with the right exit code and every line once', async (t) => {
+    let s = await serve(t);
+    writeScript(s.dir, 'talk.sh', `echo "first line of $JOB_ID"
+while [ ! -e "step.$JOB_ID" ]; do sleep 0.02; done
+echo "second line of $JOB_ID"
+while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
+echo "last line of $JOB_ID"
+exit "$1"`);
+    await addWorkers(s, 'w1:2');
+    const a = await addJob(s, './talk.sh', '0');
+    const b = await addJob(s, './talk.sh', '5');
+    const logA = path.join(s.logDir, `${a}.log`);
+    await until(() => readIf(logA).includes('first line') && readIf(path.join(s.logDir, `${b}.log`)).includes('first line'), 'both jobs to say their first line');
+    const waitA = spawnCli(['--data-dir', s.dataDir, 'wait', a], { cwd: s.dir });
+    const waitAB = spawnCli(['--data-dir', s.dataDir, 'wait', a, b], { cwd: s.dir });
+    const follow = spawnCli(['--data-dir', s.dataDir, 'log', '-f', a], { cwd: s.dir });
+    const followB = spawnCli(['--data-dir', s.dataDir, 'log', '-f', b], { cwd: s.dir });
+    // Each has its first answer (a progress line, the log so far): the server has taken
+    // every request before it stops.
+    await until(() => follow.stdout().includes('first line') && followB.stdout().includes('first line'), 'log -f to print what is there');
+    await until(() => /finished:/.test(waitA.stderr()) && /finished:/.test(waitAB.stderr()), 'wait to print its progress');
+
+    // The server stops; job a says more and ends while no server runs.
+    await s.stop();
+    fs.writeFileSync(path.join(s.dir, `step.${a}`), '');
+    await until(() => readIf(logA).includes('second line'), 'job a to write while no server runs');
+    await until(() => follow.stdout().includes('second line'), 'log -f to go on printing while no server runs', 5000);
+    release(s, a);
+    await until(() => readIf(logA).includes('last line'), 'job a to end while no server runs');
+    const clients = [waitA, waitAB, follow, followB];
+    assert.deepEqual(clients.map((c) => c.exitCode()), [undefined, undefined, undefined, undefined], `no client gave up when the server went: ${clients.map((c) => c.stderr()).join('')}`);
+
+    // The next server records a's end: wait a and log -f a end; wait a b and log -f b go
+    // on until b, which ran on through the restart, ends.
+    s = await s.restart();
+    const wa = await within(waitA.done, 15_000, 'wait a to end after the restart');
+    assert.equal(wa.code, 0, wa.stderr);
+    const fa = await within(follow.done, 15_000, 'log -f a to end after the restart');
+    assert.equal(fa.code, 0, fa.stderr);
+    assert.equal(fa.stdout, `first line of ${a}\nsecond line of ${a}\nlast line of ${a}\n`, 'every line once, in order');
+    assert.equal(waitAB.exitCode(), undefined, 'wait a b goes on while b runs');
+    await until(() => socketClients(s.dataDir) === 2, 'wait a b and log -f b to reconnect');
+    fs.writeFileSync(path.join(s.dir, `step.${b}`), '');
+    await until(() => followB.stdout().includes('second line'), 'log -f b to print a line written after the restart', 5000);
+    release(s, b);
+    const wab = await within(waitAB.done, 15_000, 'wait a b to end');
+    assert.equal(wab.code, 1, `b failed, so wait a b exits 1: ${wab.stderr}`);
+    assert.match(wab.stderr, /2\/2 finished: 1 done, 1 failed/);
+    const fb = await within(followB.done, 15_000, 'log -f b to end');
+    assert.equal(fb.code, 0, fb.stderr);
+    assert.equal(fb.stdout, `first line of ${b}\nsecond line of ${b}\nlast line of ${b}\n`, 'every line once, in order, across the reconnect');
+  });
+
   test('clean forgets finished jobs (waiting and running stay); clean --logs deletes their logs', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1');
     const [ok, bad] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh 3\n' })).trim().split('\n');
     release(s, ok);

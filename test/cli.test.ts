@@ -2,59 +2,18 @@
 // job scripts on fake workers (added with --skip_ssh_auth_check), real signals.
 
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import {
-  CLI, alive, cleanUp, killJobsUnder, pidOf, procIds, readIf, release, runCli, spawnCli, startServer, tempDir, until, untilState, within, writeScript,
+  CLI, GATED, addWorkers, alive, pidOf, procIds, rawRequest, readIf, release, run, runCli, serve, spawnCli, startServer, testDir, until, untilState, within, writeScript,
   type Run, type TestServer,
 } from './server.ts';
 
-/** A server for one test, ended (with its jobs and dir) when the test ends. */
-async function serve(t: TestContext, opts: Parameters<typeof startServer>[0] = {}): Promise<TestServer> {
-  const s = await startServer(opts);
-  t.after(() => cleanUp(s));
-  return s;
-}
-
 /** Runs a shell command line with the given environment. */
-function sh(line: string, opts: { cwd?: string; env?: NodeJS.ProcessEnv }): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile('/bin/sh', ['-c', line], { cwd: opts.cwd, env: { ...process.env, NO_COLOR: '1', ...opts.env } }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
-
-/** Adds fake workers that need no ssh. */
-const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
-
-/** A script that waits until the file go.$JOB_ID appears in its cwd, after writing its
- *  pid to pid.$JOB_ID; then exits with $1 if it is a number, else 0. */
-const BLOCKING = `echo $$ > "pid.$JOB_ID"
-echo "job $JOB_ID running"
-while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
-echo "job $JOB_ID released"
-case "$1" in [0-9]*) exit "$1" ;; esac`;
-
-
-/** Sends raw bytes to a server socket; resolves to the reply lines once `lines` arrived
- *  or the server closed the connection (or after `ms`). */
-function rawRequest(sockPath: string, data: string, opts: { end?: boolean; lines?: number; ms?: number } = {}): Promise<{ lines: string[]; closed: boolean }> {
-  return new Promise((resolve, reject) => {
-    const c = net.connect(sockPath);
-    let buf = '', closed = false, done = false;
-    const finish = () => { if (!done) { done = true; clearTimeout(timer); c.destroy(); resolve({ lines: buf.split('\n').filter(Boolean), closed }); } };
-    const timer = setTimeout(finish, opts.ms ?? 5000);
-    c.on('error', (e) => { if (!done) { done = true; clearTimeout(timer); reject(e); } });
-    c.on('connect', () => { if (opts.end) c.end(data); else c.write(data); });
-    c.on('data', (d) => { buf += d; if (buf.split('\n').filter(Boolean).length >= (opts.lines ?? 1)) finish(); });
-    c.on('close', () => { closed = true; finish(); });
-  });
-}
+const sh = (line: string, opts: { cwd?: string; env?: NodeJS.ProcessEnv }): Promise<Run> =>
+  run('/bin/sh', ['-c', line], { ...opts, env: { NO_COLOR: '1', ...opts.env } });
 
 // ---------------------------------------------------------------------------------
 
@@ -115,7 +74,6 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     assert.equal((await s.cli(['status'])).code, 3);
 
     const s2 = await s.restart();
-    t.after(() => s2.crash());
     assert.equal((await s2.cli(['status'])).code, 0);
     assert.equal(fs.statSync(path.join(s2.dataDir, 'server.sock')).mode & 0o777, 0o600);
 
@@ -146,9 +104,8 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
   });
 
   test('start --detach: returns once the server answers; a client started at once waits for a server still starting', async (t) => {
-    const dir = tempDir();
+    const dir = testDir(t); // removing it ends the detached server too
     const dataDir = path.join(dir, '.data');
-    t.after(async () => { await runCli(['--data-dir', dataDir, 'stop']); killJobsUnder(dir); });
     const r = await runCli(['start', '--detach'], { cwd: dir });
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stdout, /^djs server ready: pid \d+/);
@@ -172,13 +129,11 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
   });
 
   test('a data dir whose socket path is longer than a Unix socket allows', async (t) => {
-    const base = tempDir();
+    const base = testDir(t);
     let dir = base;
     while (Buffer.byteLength(path.join(dir, '.data', 'server.sock')) <= 120) dir = path.join(dir, 'a-rather-long-directory-name');
     fs.mkdirSync(dir, { recursive: true });
-    t.after(() => cleanUp(undefined, base));
     const s = await startServer({ dir });
-    t.after(() => s.crash());
     writeScript(dir, 'hi.sh', 'echo "hi from $JOB_ID"');
     await addWorkers(s, 'w1');
     const id = (await s.ok(['add_job', './hi.sh'])).trim();
@@ -207,7 +162,6 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     // A restart (here after a crash) that finds every job cleaned away still knows the ids.
     await s.crash();
     const s2 = await s.restart();
-    t.after(() => s2.crash());
     ids.push(await add(s2));
     for (let i = 1; i < ids.length; i++) assert.ok(ids[i] > ids[i - 1], `ids grow: ${ids.join(' ')}`);
   });
@@ -244,7 +198,7 @@ echo "stderr of $JOB_ID" >&2`);
   });
 
   test('the launcher keeps out of the jobs\' way: their environment is the server\'s but for exported functions, BASH_ENV read by the jobs only', async (t) => {
-    const dir = tempDir();
+    const dir = testDir(t);
     const sourced = path.join(dir, 'sourced');
     fs.writeFileSync(path.join(dir, 'env.sh'), `echo "$$" >> '${sourced}'\n`);
     // Variables bash itself acts on, an exported function standing in for `cd` (what
@@ -314,7 +268,7 @@ echo "stderr of $JOB_ID" >&2`);
 
   test('add_job: the job runs in a process group of its own, in a session without a terminal', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const ids = [(await s.ok(['add_job', './block.sh'])).trim(), (await s.ok(['add_job', './block.sh'])).trim()];
     const pids = await Promise.all(ids.map((id) => pidOf(s, id)));
@@ -431,7 +385,7 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
 
   test('remove_job: by script and args (waiting ones only), by --id; an unknown id removes nothing', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 's.sh', BLOCKING);
+    writeScript(s.dir, 's.sh', GATED);
     writeScript(s.dir, 'o.sh', 'exit 0');
     await addWorkers(s, 'w1');
     const running = (await s.ok(['add_job', './s.sh', 'a'])).trim();
@@ -466,7 +420,7 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
 
   test('status, status --json, list, list --state failed --json, log', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const first = (await s.ok(['add_job', './block.sh'])).trim();
     await pidOf(s, first);
@@ -515,13 +469,13 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
 
     const log = await s.cli(['log', third]);
     assert.equal(log.code, 0, log.stderr);
-    assert.match(log.stdout, new RegExp(`job ${third} running\\njob ${third} released`));
+    assert.match(log.stdout, new RegExp(`job ${third} running on w1\\njob ${third} released`));
     assert.equal((await s.cli(['log', '9999'])).code, 1);
   });
 
   test('stop: running jobs keep running; the next start adopts them and records their exit codes', async (t) => {
     const s = await serve(t);
-    writeScript(s.dir, 'block.sh', BLOCKING);
+    writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:2');
     const [a, b] = (await s.ok(['add_jobs', '-'], { input: './block.sh 3\n./block.sh 0\n' })).trim().split('\n');
     const pidA = await pidOf(s, a), pidB = await pidOf(s, b);
@@ -534,7 +488,6 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
     await until(() => !alive(pidB), 'job b to end');
 
     const s2 = await s.restart();
-    t.after(() => s2.crash());
     const st = await s2.status();
     assert.deepEqual(st.workers[0].running.map((r: { id: number }) => r.id), [Number(a)]);
     assert.equal((await untilState(s2, b, 'done', 5000)).exitCode, 0, 'the exit code of a job that ended while no server ran');
@@ -545,9 +498,8 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
 
   test('the server survives bad input on its socket', async (t) => {
     const s = await serve(t);
-    const sock = path.join(s.dataDir, 'server.sock');
     const errorReply = async (data: string, what: RegExp | null = null) => {
-      const r = await rawRequest(sock, data);
+      const r = await rawRequest(s.dataDir, data);
       assert.equal(r.lines.length, 1, `one reply to ${JSON.stringify(data)}`);
       const m = JSON.parse(r.lines[0]);
       assert.equal(m.ok, false, `an error reply to ${JSON.stringify(data)}`);
@@ -560,7 +512,7 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
     await errorReply('[1,2]\n');
     await errorReply('{"op":42}\n');
 
-    const half = await rawRequest(sock, '{"op":"sta', { end: true });
+    const half = await rawRequest(s.dataDir, '{"op":"sta', { end: true });
     assert.deepEqual(half.lines, [], 'no answer to half a line');
     assert.ok(half.closed, 'the server closes a connection its client ended');
 
@@ -593,9 +545,8 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
 
   test('the server survives a slot count no client would send', async (t) => {
     const s = await serve(t);
-    const sock = path.join(s.dataDir, 'server.sock');
     // The client caps slots; a raw request must get an answer (an error or an ack), not kill the server.
-    const big = await rawRequest(sock, JSON.stringify({ op: 'add_workers', skipCheck: true, workers: [{ host: 'big', slots: 1_000_000_000 }] }) + '\n', { ms: 10_000 });
+    const big = await rawRequest(s.dataDir, JSON.stringify({ op: 'add_workers', skipCheck: true, workers: [{ host: 'big', slots: 1_000_000_000 }] }) + '\n', { ms: 10_000 });
     assert.equal(big.lines.length, 1, `an answer to a huge slot count; server output:\n${s.output().slice(-300)}`);
     const st = await within(s.cli(['status', '--json']), 10_000, 'status after a huge slot count');
     assert.equal(st.code, 0, st.stderr);

@@ -6,12 +6,11 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
-import { findProcesses, run, sshSkip, startHosts, untilTrue as until, type TestHosts } from './hosts.ts';
+import { findProcesses, sshSkip, startHosts, type TestHosts } from './hosts.ts';
+import { ROOT, removeDir, run, tempDir, testDir, until } from './server.ts';
 
-const SCRIPT = fileURLToPath(new URL('../example_job.sh', import.meta.url));
+const SCRIPT = path.join(ROOT, 'example_job.sh');
 const SSH_TIMEOUT_S = 2;
-
 
 describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
   let h: TestHosts;
@@ -19,11 +18,11 @@ describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
 
   before(async () => {
     h = await startHosts(2);
-    cwd = fs.mkdtempSync(path.join(os.tmpdir(), 'djsj-'));
+    cwd = tempDir('djsj-');
   });
   after(async () => {
     await h?.close();
-    if (cwd) fs.rmSync(cwd, { recursive: true, force: true });
+    if (cwd) await removeDir(cwd);
   });
 
   /** The environment the scheduler would give job ID on host ADDR, plus EXTRA. */
@@ -74,13 +73,13 @@ describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
         // ended already
       }
     });
-    await until('the remote sleep', 10_000, () => findProcesses(['sleep', seconds]).length === 1);
+    await until(() => findProcesses(['sleep', seconds]).length === 1, 'the remote sleep', 10_000);
     assert.ok(fs.existsSync(path.join(remoteDir(0, 13), '.pgid')));
 
     process.kill(-child.pid!, 'SIGTERM');
     const code = await exit;
     assert.equal(code, 143);
-    await until('the remote sleep to end', 5_000, () => findProcesses(['sleep', seconds]).length === 0);
+    await until(() => findProcesses(['sleep', seconds]).length === 0, 'the remote sleep to end', 5_000);
     assert.equal(fs.existsSync(remoteDir(0, 13)), false, 'job dir left on the worker');
     assert.equal(fs.existsSync(path.join(cwd, 'finished_work', '13_long.txt.out')), false);
   });
@@ -119,7 +118,7 @@ describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
       host.cont();
       for (const pid of findProcesses(['sleep', seconds])) process.kill(pid, 'SIGKILL'); // the work outlives the hang
     });
-    await until('the remote sleep', 10_000, () => findProcesses(['sleep', seconds]).length === 1);
+    await until(() => findProcesses(['sleep', seconds]).length === 1, 'the remote sleep', 10_000);
     const hung = Date.now();
     host.stop();
     const r = await job;
@@ -150,9 +149,8 @@ describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
 
 describe('example_job.sh on a local worker (no ssh)', () => {
   test('a worker named localN runs the same steps here; SIGTERM stops the work and cleans up', async (t) => {
-    const cwd = fs.mkdtempSync(path.join(os.tmpdir(), 'djsl-'));
+    const cwd = testDir(t, 'djsl-');
     const home = path.join(cwd, 'home');
-    t.after(() => fs.rmSync(cwd, { recursive: true, force: true }));
     fs.writeFileSync(path.join(cwd, 'a file.txt'), 'one two three\nfour\n');
     const env = { ...process.env, JOB_ID: '21', SLAVE_IP: 'local1', DJS_LOCAL_HOME: home };
     const r = await run(SCRIPT, ['a file.txt'], { cwd, env });
@@ -162,10 +160,10 @@ describe('example_job.sh on a local worker (no ssh)', () => {
     const seconds = `31.${process.pid}`;
     const child = spawn(SCRIPT, ['a file.txt'], { cwd, env: { ...env, JOB_ID: '22', DJS_EXAMPLE_SLEEP: seconds }, detached: true, stdio: 'ignore' });
     const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-    await until('the local work to run', 10_000, () => findProcesses(['sleep', seconds]).length > 0);
+    await until(() => findProcesses(['sleep', seconds]).length > 0, 'the local work to run', 10_000);
     process.kill(-child.pid!, 'SIGTERM');
     assert.equal(await exit, 143);
-    await until('the local work to stop', 10_000, () => findProcesses(['sleep', seconds]).length === 0);
+    await until(() => findProcesses(['sleep', seconds]).length === 0, 'the local work to stop', 10_000);
     assert.deepEqual(fs.readdirSync(path.join(home, '.djs-work')), []);
   });
 });

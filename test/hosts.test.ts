@@ -2,13 +2,12 @@
 
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { findProcesses, run, sshSkip, startHosts, untilTrue as until, type TestHosts } from './hosts.ts';
+import { findProcesses, sshSkip, startHosts, type TestHosts } from './hosts.ts';
+import { removeDir, run, tempDir, until } from './server.ts';
 
 const CONNECT_TIMEOUT_S = 3;
-
 
 describe('ssh test hosts', { skip: sshSkip() }, () => {
   let h: TestHosts;
@@ -16,11 +15,11 @@ describe('ssh test hosts', { skip: sshSkip() }, () => {
 
   before(async () => {
     h = await startHosts(3, { noKeyHosts: [2] });
-    local = fs.mkdtempSync(path.join(os.tmpdir(), 'djst-'));
+    local = tempDir('djst-');
   });
   after(async () => {
     await h?.close();
-    if (local) fs.rmSync(local, { recursive: true, force: true });
+    if (local) await removeDir(local);
   });
 
   /** ssh to ADDR in batch mode with a short connect timeout. */
@@ -91,7 +90,7 @@ describe('ssh test hosts', { skip: sshSkip() }, () => {
       ['-F', h.sshConfig, '-o', 'ServerAliveInterval=1', '-o', 'ServerAliveCountMax=2', host.addr, 'touch up; sleep 20'],
       { timeoutMs: 20_000 },
     );
-    await until('the session to start', 5000, () => fs.existsSync(path.join(host.scratch, 'up')));
+    await until(() => fs.existsSync(path.join(host.scratch, 'up')), 'the session to start', 5000);
     host.stop();
     try {
       const r = await session;
@@ -115,7 +114,7 @@ describe('ssh test hosts', { skip: sshSkip() }, () => {
     // A session that outlives its connection: a detached remote sleep.
     const r = await run('ssh', ['-F', own.sshConfig, own.hosts[0].addr, `sleep ${marker} </dev/null >/dev/null 2>&1 &`]);
     assert.equal(r.code, 0, r.stderr);
-    await until('the remote sleep', 5000, () => findProcesses(['sleep', marker]).length === 1);
+    await until(() => findProcesses(['sleep', marker]).length === 1, 'the remote sleep', 5000);
     await own.hosts[0].kill();
     assert.equal(findProcesses(['sleep', marker]).length, 1, 'kill() stops the listener only');
     await own.close();

@@ -21,6 +21,7 @@
 //
 // Works as root (creates /run/sshd, sshd's privilege separation directory, when missing) and
 // as a normal user (sshd then runs unprivileged and admits only that user). Linux only (/proc).
+// Processes, polling and /proc come from the shared harness, test/server.ts.
 
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -29,6 +30,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { TestContext } from 'node:test';
+import { allPids, procStat, removeDir, run, tempDir, until } from './server.ts';
 
 // ---------------------------------------------------------------- vocabulary
 
@@ -67,15 +69,6 @@ export interface TestHosts {
 export interface HostsOptions {
   /** Indexes into hosts whose sshd rejects the user key ("Permission denied"). */
   noKeyHosts?: number[];
-}
-
-/** What run() saw: exit code (null when killed by a signal), output, and duration. */
-export interface RunResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
 }
 
 const MARKER = 'DJS_TEST_HOSTS';
@@ -147,41 +140,6 @@ export function skipUnlessSsh(t: TestContext): boolean {
 
 // ---------------------------------------------------------------- small process helpers
 
-/** Polls CHECK until it returns true; fails naming WHAT after MS milliseconds. */
-export async function untilTrue(what: string, ms: number, check: () => boolean): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise<void>((resolve) => setTimeout(resolve, 25));
-  }
-}
-
-/** Runs CMD ARGS to completion (SIGKILL after timeoutMs, default 60 s); never rejects. */
-export function run(
-  cmd: string,
-  args: string[],
-  opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
-): Promise<RunResult> {
-  const started = Date.now();
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
-    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
-    child.on('error', (err) => {
-      stderr += String(err);
-    });
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr, ms: Date.now() - started });
-    });
-  });
-}
-
-const delay = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
 /** Resolves when CHILD has exited (at once if it already has). */
 function exited(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
@@ -189,7 +147,7 @@ function exited(child: ChildProcess): Promise<void> {
   return new Promise((resolve) => child.once('exit', () => resolve()));
 }
 
-function alive(child: ChildProcess | undefined): child is ChildProcess {
+function running(child: ChildProcess | undefined): child is ChildProcess {
   return child !== undefined && child.exitCode === null && child.signalCode === null;
 }
 
@@ -203,15 +161,9 @@ interface Proc {
 /** Every process in /proc (a snapshot; processes may vanish while it is read). */
 function readProcs(): Proc[] {
   const procs: Proc[] = [];
-  for (const name of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const stat = fs.readFileSync(`/proc/${name}/stat`, 'latin1');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields 3… of proc(5)
-      procs.push({ pid: Number(name), ppid: Number(fields[1]), start: fields[19], zombie: fields[0] === 'Z' });
-    } catch {
-      // gone already
-    }
+  for (const pid of allPids()) {
+    const s = procStat(pid);
+    if (s) procs.push({ pid, ppid: s.ppid, start: s.start, zombie: s.state === 'Z' });
   }
   return procs;
 }
@@ -339,8 +291,8 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
   const sshd = sshdPath();
   if (process.getuid?.() === 0) fs.mkdirSync('/run/sshd', { recursive: true, mode: 0o755 });
 
-  const parent = /^[\w/.-]+$/.test(os.tmpdir()) ? os.tmpdir() : '/tmp';
-  const dir = fs.mkdtempSync(path.join(parent, 'djsh-'));
+  const dir = tempDir('djsh-');
+  assert.match(dir, /^[\w/.-]+$/, 'the hosts dir goes into ssh and sshd configs unquoted');
   const user = os.userInfo().username;
   const addrs = Array.from({ length: n }, (_, i) => `127.0.0.${i + 2}`);
   const noKey = new Set(options.noKeyHosts ?? []);
@@ -353,7 +305,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
     const procs = readProcs();
     const byPid = new Map(procs.map((p) => [p.pid, p]));
     const roots = new Set<number>();
-    for (const child of listeners) if (alive(child) && child.pid) roots.add(child.pid);
+    for (const child of listeners) if (running(child) && child.pid) roots.add(child.pid);
     for (const [pid, start] of orphans) if (byPid.get(pid)?.start === start) roots.add(pid);
     for (const p of procs) if (!p.zombie && envHas(p.pid, `${MARKER}=${dir}`)) roots.add(p.pid);
     roots.delete(process.pid);
@@ -471,28 +423,20 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       return child;
     }
 
-    /** Resolves once host I answers (a login, or a banner for a no-key host); rejects at the deadline. */
+    /** Resolves once host I answers (a login, or a banner for a no-key host); rejects at
+     *  the deadline (naming ssh's last complaint), or at once if its sshd exited. */
     async function waitReady(i: number): Promise<void> {
-      const deadline = Date.now() + READY_MS;
-      let last = '';
-      while (Date.now() < deadline) {
-        const child = listeners[i];
-        if (!alive(child)) {
-          const log = fs.readFileSync(path.join(hostDirs[i], 'sshd.log'), 'utf8').trim();
-          throw new Error(`sshd for ${addrs[i]} exited: ${log.split('\n').slice(-3).join(' | ')}`);
-        }
-        if (noKey.has(i)) {
-          if (await bannerComes(addrs[i], port)) return;
-        } else {
-          const r = await run('ssh', ['-F', sshConfig, '-o', 'ConnectTimeout=2', addrs[i], 'true'], {
-            timeoutMs: 5000,
-          });
-          if (r.code === 0) return;
-          last = r.stderr.trim();
-        }
-        await delay(25);
+      const outcome = await until(async () => {
+        if (!running(listeners[i])) return 'exited';
+        if (noKey.has(i)) return (await bannerComes(addrs[i], port)) && 'ready';
+        const r = await run('ssh', ['-F', sshConfig, '-o', 'ConnectTimeout=2', addrs[i], 'true'], { timeoutMs: 5000 });
+        if (r.code !== 0) throw new Error(r.stderr.trim());
+        return 'ready';
+      }, `sshd for ${addrs[i]} to accept logins`, READY_MS);
+      if (outcome === 'exited') {
+        const log = fs.readFileSync(path.join(hostDirs[i], 'sshd.log'), 'utf8').trim();
+        throw new Error(`sshd for ${addrs[i]} exited: ${log.split('\n').slice(-3).join(' | ')}`);
       }
-      assert.fail(`sshd for ${addrs[i]} did not accept logins in ${READY_MS} ms: ${last}`);
     }
 
     const hosts: TestHost[] = addrs.map((addr, i) => ({
@@ -500,7 +444,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       scratch: path.join(hostDirs[i], 'scratch'),
       async kill() {
         const child = listeners[i];
-        if (!alive(child)) return;
+        if (!running(child)) return;
         const procs = readProcs();
         for (const pid of withDescendants(new Set([child.pid!]), procs)) {
           const p = procs.find((q) => q.pid === pid);
@@ -511,7 +455,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       },
       stop() {
         const child = listeners[i];
-        assert.ok(alive(child), `host not running '${addr}'`);
+        assert.ok(running(child), `host not running '${addr}'`);
         child.kill('SIGSTOP'); // first, so it forks nothing new
         const procs = readProcs();
         for (const pid of withDescendants(new Set([child.pid!]), procs)) {
@@ -527,7 +471,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         stopped[i].clear();
       },
       async restart() {
-        assert.ok(!alive(listeners[i]), `host still running '${addr}'`);
+        assert.ok(!running(listeners[i]), `host still running '${addr}'`);
         spawnSshd(i);
         await waitReady(i);
       },
@@ -542,20 +486,16 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       dir,
       hosts,
       async close() {
-        const deadline = Date.now() + CLOSE_MS;
-        while (killAll() > 0) {
-          if (Date.now() > deadline) assert.fail(`processes of hosts in '${dir}' survive SIGKILL`);
-          await delay(20);
-        }
+        await until(() => killAll() === 0, `the processes of hosts in '${dir}' to be gone (they survive SIGKILL?)`, CLOSE_MS, 20);
         await Promise.all(listeners.map((child) => (child ? exited(child) : undefined)));
         open.delete(handle);
-        fs.rmSync(dir, { recursive: true, force: true });
+        await removeDir(dir);
       },
     };
   } catch (err) {
     killAll();
     open.delete(handle);
-    fs.rmSync(dir, { recursive: true, force: true });
+    await removeDir(dir);
     throw err;
   }
 }

@@ -1,180 +1,42 @@
-// Test harness for tier-2 tests: a real cli.ts server in its own temporary directory,
-// driven through the real client, with polling to deadlines instead of sleeps.
+// The test harness of tiers 2 and 3: processes, polling, temporary directories, and real
+// cli.ts servers driven through the real client (test/hosts.ts adds real ssh hosts).
+//
+// Rules it carries out for every test file:
+//  - Wait for an outcome by polling to a deadline (until, within), never by sleeping.
+//  - Every test removes what it creates: testDir(t) and serve(t) register their removal
+//    with t.after; removeDir kills every process that belongs to the directory (servers,
+//    launchers, jobs, clients: by working directory or by DJS_DATA_DIR), unmounts what
+//    is mounted in it, and deletes it. When a test file's process exits, whatever is
+//    left (a directory no test removed, a server no test stopped) goes the same way.
 import assert from 'node:assert/strict';
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-export const CLI = path.join(ROOT, 'cli.ts');
+/** The cli.ts under test: this checkout's, or another build's (DJS_TEST_CLI=/path/to/cli.ts,
+ *  e.g. to check that a change of cli.ts keeps what these black-box tests pin, or that a
+ *  test fails when the behaviour it checks is broken in a scratch copy). */
+export const CLI = process.env.DJS_TEST_CLI ? path.resolve(process.env.DJS_TEST_CLI) : path.join(ROOT, 'cli.ts');
 
-export type Run = { code: number; stdout: string; stderr: string };
+// ---------------------------------------------------------------- polling
 
-/** Polls fn until it returns a truthy value; fails with `what` after the deadline. */
-export async function until<T>(fn: () => T | Promise<T>, what: string, timeoutMs = 15_000, everyMs = 25): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
+/** Polls fn until it returns a truthy value and resolves to it; fails naming `what`
+ *  after `ms` (with the last error fn threw, if any). fn may throw while not ready. */
+export async function until<T>(fn: () => T | Promise<T>, what: string, ms = 15_000, everyMs = 25): Promise<NonNullable<T>> {
+  const deadline = Date.now() + ms;
   let last: unknown;
   for (;;) {
     try {
       const v = await fn();
       if (v) return v as NonNullable<T>;
     } catch (e) { last = e; }
-    if (Date.now() > deadline) assert.fail(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
-}
-
-/** A fresh short temporary directory (Unix socket paths must stay short). */
-export function tempDir(prefix = 'djs-'): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-}
-
-/** Writes an executable sh script. */
-export function writeScript(dir: string, name: string, body: string): string {
-  const file = path.join(dir, name);
-  fs.writeFileSync(file, `#!/bin/sh\n${body}\n`, { mode: 0o755 });
-  return file;
-}
-
-/** Runs `cli.ts args` to completion. */
-export function runCli(args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string } = {}): Promise<Run> {
-  return new Promise((resolve) => {
-    const child = execFile(CLI, args, { cwd: opts.cwd, env: { ...process.env, NO_COLOR: '1', ...opts.env }, maxBuffer: 1 << 28 }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-    if (opts.input !== undefined) child.stdin!.end(opts.input);
-  });
-}
-
-export type TestServer = {
-  dir: string; dataDir: string; logDir: string;
-  proc: ChildProcess;
-  output: () => string;
-  /** Runs the client against this server (cwd = the test dir unless given). */
-  cli: (args: string[], opts?: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string }) => Promise<Run>;
-  /** Like cli, but fails the test unless it exits 0. */
-  ok: (args: string[], opts?: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string }) => Promise<string>;
-  status: () => Promise<any>;
-  jobs: () => Promise<any[]>;
-  job: (id: number | string) => Promise<any>;
-  /** SIGKILL, as a crash. */
-  crash: () => Promise<void>;
-  stop: () => Promise<void>;
-  /** Starts a new server process on the same dirs. */
-  restart: () => Promise<TestServer>;
-  exited: Promise<number | null>;
-};
-
-/** Starts `cli.ts start` in a temp dir (or the given one) and resolves once it is ready. */
-export async function startServer(opts: { dir?: string; env?: NodeJS.ProcessEnv; args?: string[]; limitFiles?: number } = {}): Promise<TestServer> {
-  const dir = opts.dir ?? tempDir();
-  const dataDir = path.join(dir, '.data'), logDir = path.join(dir, 'logs');
-  const env = { ...process.env, NO_COLOR: '1', ...opts.env };
-  const args = ['start', dataDir, logDir, ...(opts.args ?? [])];
-  // limitFiles: the server runs with that many file descriptors at most (ulimit -n).
-  const proc = opts.limitFiles
-    ? spawn('sh', ['-c', `ulimit -n ${opts.limitFiles} && exec "$0" "$@"`, CLI, ...args], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] })
-    : spawn(CLI, args, { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  proc.stdout!.on('data', (d) => { out += d; });
-  proc.stderr!.on('data', (d) => { out += d; });
-  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => r(code)));
-  let gone = false;
-  exited.then(() => { gone = true; });
-  await until(() => out.includes('server ready') || gone, 'the server to be ready', 30_000);
-  assert.match(out, /server ready/, 'the server did not start');
-  const cli = (args: string[], o: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string } = {}) =>
-    runCli(['--data-dir', dataDir, ...args], { cwd: o.cwd ?? dir, env: { ...opts.env, ...o.env }, input: o.input });
-  const s: TestServer = {
-    dir, dataDir, logDir, proc, exited, output: () => out, cli,
-    ok: async (args, o) => {
-      const r = await cli(args, o);
-      assert.equal(r.code, 0, `cli ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-      return r.stdout;
-    },
-    status: async () => JSON.parse(await s.ok(['status', '--json'])),
-    jobs: async () => JSON.parse(await s.ok(['list', '--json'])),
-    job: async (id) => (await s.jobs()).find((j) => j.id === Number(id)),
-    crash: async () => { if (!gone) { proc.kill('SIGKILL'); await exited; } },
-    stop: async () => { if (!gone) { proc.kill('SIGTERM'); await exited; } },
-    restart: () => startServer({ ...opts, dir }),
-  };
-  return s;
-}
-
-/** Kills every process whose environment says it belongs to a test dir (jobs that a
- *  test left running), so test files do not leak processes into each other. */
-export function killJobsUnder(dir: string): void {
-  for (const pid of fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
-    try {
-      const cwd = fs.readlinkSync(`/proc/${pid}/cwd`);
-      if (cwd === dir || cwd.startsWith(dir + '/')) process.kill(Number(pid), 'SIGKILL');
-    } catch { /* gone or not ours */ }
-  }
-}
-
-/** A client started without waiting for it: its output so far, and its end. */
-export type RunningCli = {
-  proc: ChildProcess;
-  stdout: () => string;
-  stderr: () => string;
-  /** Resolves when the client exits. */
-  done: Promise<Run>;
-  /** The exit code once it exited, else undefined (for polling with until). */
-  exitCode: () => number | undefined;
-};
-
-/** Starts `cli.ts args` and returns at once; output is collected as it arrives. */
-export function spawnCli(args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; input?: string } = {}): RunningCli {
-  const proc = spawn(CLI, args, { cwd: opts.cwd, env: { ...process.env, NO_COLOR: '1', ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
-  let out = '', err = '', code: number | undefined;
-  proc.stdout!.on('data', (d) => { out += d; });
-  proc.stderr!.on('data', (d) => { err += d; });
-  proc.stdin!.on('error', () => {});
-  if (opts.input !== undefined) proc.stdin!.end(opts.input); else proc.stdin!.end();
-  const done = new Promise<Run>((resolve) => proc.on('close', (c, sig) => {
-    code = c ?? 128 + (sig === 'SIGKILL' ? 9 : 15);
-    resolve({ code, stdout: out, stderr: err });
-  }));
-  return { proc, stdout: () => out, stderr: () => err, done, exitCode: () => code };
-}
-
-/** True if process `pid` exists and is not a zombie. */
-export function alive(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch { return false; }
-}
-
-/** The parent, process group, session and controlling terminal of a process, from /proc/PID/stat. */
-export function procIds(pid: number): { ppid: number; pgrp: number; session: number; tty: number } {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return { ppid: Number(f[1]), pgrp: Number(f[2]), session: Number(f[3]), tty: Number(f[4]) };
-}
-
-/** How many clients are connected to the server socket of `dataDir` now (Linux: the
- *  accepted sockets in /proc/net/unix carry the listener's path, state 03). */
-export function socketClients(dataDir: string): number {
-  const sock = path.join(dataDir, 'server.sock');
-  return fs.readFileSync('/proc/net/unix', 'utf8').split('\n')
-    .filter((l) => l.endsWith(` ${sock}`) && l.split(/\s+/)[5] === '03').length;
-}
-
-/** Reads a file, or '' if it does not exist (yet). */
-export function readIf(file: string): string {
-  try { return fs.readFileSync(file, 'utf8'); } catch { return ''; }
-}
-
-/** Ends a test's server (SIGKILL), every process left under its dir, and the dir. */
-export async function cleanUp(s: TestServer | undefined, dir = s?.dir): Promise<void> {
-  await s?.crash();
-  if (dir) {
-    killJobsUnder(dir);
-    fs.rmSync(dir, { recursive: true, force: true });
+    if (Date.now() > deadline) assert.fail(`timed out after ${ms} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+    await delay(everyMs);
   }
 }
 
@@ -185,7 +47,287 @@ export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([p, late]).finally(() => clearTimeout(timer));
 }
 
-/** Lets a gated job (one that waits for the file go.ID in its dir) finish. */
+/** Waits ms. Only for timing a test chooses on purpose (a random moment to crash, the
+ *  pace of a client); to wait for something to happen, use until. */
+export const delay = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+// ---------------------------------------------------------------- processes
+
+/** A finished process: its exit code (128+N when signal N ended it), its output, how long it ran. */
+export type Run = { code: number; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number };
+
+/** A process started without waiting for it: its output so far, and its end. */
+export type Running = {
+  proc: ChildProcess;
+  stdout: () => string;
+  stderr: () => string;
+  /** Resolves when the process has exited and its output is read. */
+  done: Promise<Run>;
+  /** The exit code once it exited, else undefined (for polling with until). */
+  exitCode: () => number | undefined;
+};
+
+export type RunOptions = {
+  cwd?: string;
+  /** Added to (or overriding) this process's environment. */
+  env?: NodeJS.ProcessEnv;
+  /** Written to its stdin, which is then closed (closed at once without it). */
+  input?: string;
+  /** SIGKILL after this long (default: never). */
+  timeoutMs?: number;
+};
+
+/** Starts cmd args and returns at once; output is collected as it arrives. */
+export function launch(cmd: string, args: string[], opts: RunOptions = {}): Running {
+  const started = Date.now();
+  const proc = spawn(cmd, args, { cwd: opts.cwd, env: { ...process.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '', err = '', code: number | undefined;
+  proc.stdout!.setEncoding('utf8').on('data', (d: string) => { out += d; });
+  proc.stderr!.setEncoding('utf8').on('data', (d: string) => { err += d; });
+  proc.stdin!.on('error', () => {});
+  proc.stdin!.end(opts.input);
+  const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => {
+    err += `\n(test harness: ${cmd} ${args.join(' ')} killed after ${opts.timeoutMs} ms)\n`;
+    proc.kill('SIGKILL');
+  }, opts.timeoutMs);
+  const done = new Promise<Run>((resolve) => {
+    proc.on('error', (e) => { err += String(e); });
+    proc.on('close', (c, sig) => {
+      clearTimeout(timer);
+      code = c ?? 128 + (sig ? os.constants.signals[sig] : 0);
+      resolve({ code, signal: sig, stdout: out, stderr: err, ms: Date.now() - started });
+    });
+  });
+  return { proc, stdout: () => out, stderr: () => err, done, exitCode: () => code };
+}
+
+/** Runs cmd args to completion (SIGKILL after opts.timeoutMs, default 60 s); never rejects. */
+export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise<Run> {
+  return launch(cmd, args, { timeoutMs: 60_000, ...opts }).done;
+}
+
+/** Runs `cli.ts args` to completion, without colours. */
+export function runCli(args: string[], opts: RunOptions = {}): Promise<Run> {
+  return run(CLI, args, { ...opts, env: { NO_COLOR: '1', ...opts.env } });
+}
+
+/** Starts `cli.ts args` (wait, log -f, a second start ...) and returns at once. */
+export function spawnCli(args: string[], opts: RunOptions = {}): Running {
+  return launch(CLI, args, { ...opts, env: { NO_COLOR: '1', ...opts.env } });
+}
+
+/** What /proc/PID/stat says of a process (state 'Z' is a zombie), or null if there is none. */
+export function procStat(pid: number | string): { state: string; ppid: number; pgrp: number; session: number; tty: number; start: string } | null {
+  let stat: string;
+  try { stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1'); } catch { return null; }
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields 3… of proc(5)
+  return { state: f[0], ppid: Number(f[1]), pgrp: Number(f[2]), session: Number(f[3]), tty: Number(f[4]), start: f[19] };
+}
+
+/** The parent, process group, session and controlling terminal of a live process. */
+export function procIds(pid: number): { ppid: number; pgrp: number; session: number; tty: number } {
+  const s = procStat(pid);
+  assert.ok(s, `no process ${pid}`);
+  return { ppid: s.ppid, pgrp: s.pgrp, session: s.session, tty: s.tty };
+}
+
+/** True if process `pid` exists and is not a zombie. */
+export function alive(pid: number): boolean {
+  const s = procStat(pid);
+  return s !== null && s.state !== 'Z';
+}
+
+/** Pids of every process in /proc now. */
+export const allPids = (): number[] => fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number);
+
+/** Live processes that belong to dir: their working directory is in it, or their
+ *  environment names a data dir in it (a job that changed directory, its launcher). */
+export function processesUnder(dir: string): number[] {
+  const inDir = (p: string) => p === dir || p.startsWith(dir + '/');
+  return allPids().filter((pid) => {
+    if (pid === process.pid || !alive(pid)) return false;
+    try { if (inDir(fs.readlinkSync(`/proc/${pid}/cwd`))) return true; } catch { return false; }
+    try {
+      return fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').some((v) => v.startsWith('DJS_DATA_DIR=') && inDir(v.slice(13)));
+    } catch { return false; }
+  });
+}
+
+/** SIGKILLs every process of dir; returns how many it found. */
+function killUnder(dir: string): number {
+  const pids = processesUnder(dir);
+  for (const pid of pids) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
+  return pids.length;
+}
+
+// ---------------------------------------------------------------- directories
+
+const liveDirs = new Set<string>();
+const liveServers = new Set<TestServer>();
+
+/** A fresh short temporary directory (Unix socket paths must stay short). The caller
+ *  removes it with removeDir; testDir does that by itself. */
+export function tempDir(prefix = 'djs-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  liveDirs.add(dir);
+  return dir;
+}
+
+/** Mount points in dir, deepest first. */
+function mountsUnder(dir: string): string[] {
+  let text = '';
+  try { text = fs.readFileSync('/proc/self/mounts', 'utf8'); } catch { return []; }
+  return text.split('\n').map((l) => l.split(' ')[1]?.replace(/\\040/g, ' ')).filter((m): m is string => !!m && m.startsWith(dir + '/')).sort().reverse();
+}
+
+/** Unmounts (lazily) whatever is mounted in dir; synchronous, as removeDir also runs at exit. */
+function unmountUnder(dir: string): void {
+  for (const m of mountsUnder(dir)) {
+    if (spawnSync('umount', ['-l', m], { stdio: 'ignore' }).status !== 0) throw new Error(`cannot unmount '${m}'`);
+  }
+}
+
+/** Ends every process of dir (servers first, so nothing new starts), unmounts what is
+ *  mounted in it, and deletes it. */
+export async function removeDir(dir: string): Promise<void> {
+  for (const s of liveServers) if (s.dir === dir || s.dir.startsWith(dir + '/')) await s.crash();
+  await until(() => killUnder(dir) === 0, `the processes of '${dir}' to be gone`, 10_000, 20);
+  unmountUnder(dir);
+  fs.rmSync(dir, { recursive: true, force: true, maxRetries: 5 });
+  liveDirs.delete(dir);
+}
+
+/** Ends a server (SIGKILL) and removes its dir (or `dir`) with every process in it. */
+export async function cleanUp(s: TestServer | undefined, dir = s?.dir): Promise<void> {
+  await s?.crash();
+  if (dir) await removeDir(dir);
+}
+
+/** A temporary directory for one test, removed (with its processes) when the test ends. */
+export function testDir(t: TestContext, prefix = 'djs-'): string {
+  const dir = tempDir(prefix);
+  t.after(() => removeDir(dir));
+  return dir;
+}
+
+// A test that failed before its t.after ran, or a file that forgot one: when the test
+// file's process ends, nothing it started stays behind.
+process.on('exit', () => {
+  for (const s of liveServers) s.proc.kill('SIGKILL');
+  for (const dir of liveDirs) {
+    for (let i = 0; i < 10 && killUnder(dir) > 0; i++);
+    try { unmountUnder(dir); fs.rmSync(dir, { recursive: true, force: true }); } catch { /* best effort at exit */ }
+  }
+});
+
+// ---------------------------------------------------------------- files
+
+/** Writes an executable sh script. */
+export function writeScript(dir: string, name: string, body: string): string {
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, `#!/bin/sh\n${body}\n`, { mode: 0o755 });
+  return file;
+}
+
+/** Reads a file, or '' if it does not exist (yet). */
+export function readIf(file: string): string {
+  try { return fs.readFileSync(file, 'utf8'); } catch { return ''; }
+}
+
+/** A job that writes its pid to pid.$JOB_ID in its directory, says it runs, waits until
+ *  the file go.$JOB_ID appears there (see release), says so, and exits with $1 if that
+ *  is a number, else 0. pidOf and release expect it to run in the server's test dir. */
+export const GATED = `echo $$ > "pid.$JOB_ID"
+echo "job $JOB_ID running on $SLAVE_IP"
+while [ ! -e "go.$JOB_ID" ]; do sleep 0.02; done
+echo "job $JOB_ID released"
+case "$1" in [0-9]*) exit "$1" ;; esac`;
+
+// ---------------------------------------------------------------- servers
+
+export type TestServer = {
+  dir: string; dataDir: string; logDir: string;
+  proc: ChildProcess;
+  output: () => string;
+  /** Runs the client against this server (cwd = the test dir unless given). */
+  cli: (args: string[], opts?: RunOptions) => Promise<Run>;
+  /** Like cli, but fails the test unless it exits 0; resolves to its stdout. */
+  ok: (args: string[], opts?: RunOptions) => Promise<string>;
+  status: () => Promise<any>;
+  jobs: () => Promise<any[]>;
+  job: (id: number | string) => Promise<any>;
+  /** SIGKILL, as a crash. */
+  crash: () => Promise<void>;
+  /** SIGTERM, and waits for the exit. */
+  stop: () => Promise<void>;
+  /** Starts a new server process on the same dirs. */
+  restart: () => Promise<TestServer>;
+  exited: Promise<number | null>;
+};
+
+export type ServerOptions = {
+  /** The test dir (DATA_DIR is dir/.data, LOG_DIR dir/logs); a new temporary one without it. */
+  dir?: string;
+  /** Added to the server's environment, and to its clients'. */
+  env?: NodeJS.ProcessEnv;
+  /** More words for `start`. */
+  args?: string[];
+  /** The server runs with at most this many file descriptors (ulimit -n). */
+  limitFiles?: number;
+};
+
+/** Starts `cli.ts start` and resolves once it printed its ready line. The caller ends it
+ *  (removeDir of its dir does); serve ties that to a test. */
+export async function startServer(opts: ServerOptions = {}): Promise<TestServer> {
+  const dir = opts.dir ?? tempDir();
+  const dataDir = path.join(dir, '.data'), logDir = path.join(dir, 'logs');
+  const args = ['start', dataDir, logDir, ...(opts.args ?? [])];
+  const spawnOpts = { cwd: dir, env: { ...process.env, NO_COLOR: '1', ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'] as ('ignore' | 'pipe')[] };
+  const proc = opts.limitFiles
+    ? spawn('sh', ['-c', `ulimit -n ${opts.limitFiles} && exec "$0" "$@"`, CLI, ...args], spawnOpts)
+    : spawn(CLI, args, spawnOpts);
+  let out = '';
+  proc.stdout!.on('data', (d) => { out += d; });
+  proc.stderr!.on('data', (d) => { out += d; });
+  let gone = false;
+  const exited = new Promise<number | null>((r) => proc.on('exit', (code) => { gone = true; r(code); }));
+  const cli = (args: string[], o: RunOptions = {}) =>
+    runCli(['--data-dir', dataDir, ...args], { ...o, cwd: o.cwd ?? dir, env: { ...opts.env, ...o.env } });
+  const s: TestServer = {
+    dir, dataDir, logDir, proc, exited, output: () => out, cli,
+    ok: async (args, o) => {
+      const r = await cli(args, o);
+      assert.equal(r.code, 0, `cli ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
+      return r.stdout;
+    },
+    status: async () => JSON.parse(await s.ok(['status', '--json'])),
+    jobs: async () => JSON.parse(await s.ok(['list', '--json'])),
+    job: async (id) => (await s.jobs()).find((j) => j.id === Number(id)),
+    crash: async () => { if (!gone) proc.kill('SIGKILL'); await exited; },
+    stop: async () => { if (!gone) proc.kill('SIGTERM'); await exited; },
+    restart: () => startServer({ ...opts, dir }),
+  };
+  liveServers.add(s);
+  exited.then(() => liveServers.delete(s));
+  await until(() => out.includes('server ready') || gone, 'the server to be ready', 30_000);
+  assert.match(out, /server ready/, 'the server did not start');
+  return s;
+}
+
+/** A server for one test, in a new testDir unless opts.dir names one (which must be a
+ *  testDir of the same test): when the test ends, the dir goes, and with it this server,
+ *  its restarts and its jobs. */
+export async function serve(t: TestContext, opts: ServerOptions = {}): Promise<TestServer> {
+  return startServer({ ...opts, dir: opts.dir ?? testDir(t) });
+}
+
+/** Adds workers that need no ssh (--skip_ssh_auth_check). */
+export const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
+
+/** add_job ARGS...; resolves to the new job's id. */
+export const addJob = async (s: TestServer, ...args: string[]) => (await s.ok(['add_job', ...args])).trim();
+
+/** Lets a GATED job (one that waits for the file go.ID in the test dir) finish. */
 export const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');
 
 /** Waits until a job has written its pid to pid.ID in the test dir, and returns it. */
@@ -198,4 +340,38 @@ export async function untilState(s: TestServer, id: string | number, state: stri
   const job = await s.job(id);
   assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
   return job;
+}
+
+// ---------------------------------------------------------------- the socket, bare
+
+/** Sends raw bytes to the server socket of dataDir, without a client process; resolves
+ *  to the reply lines once `lines` (default 1) arrived, the server closed the connection,
+ *  or `ms` (default 5 s) passed. Rejects if it cannot connect. */
+export function rawRequest(dataDir: string, data: string, opts: { end?: boolean; lines?: number; ms?: number } = {}): Promise<{ lines: string[]; closed: boolean }> {
+  return new Promise((resolve, reject) => {
+    const c = net.connect(path.join(dataDir, 'server.sock'));
+    let buf = '', closed = false, done = false;
+    const finish = () => { if (!done) { done = true; clearTimeout(timer); c.destroy(); resolve({ lines: buf.split('\n').filter(Boolean), closed }); } };
+    const timer = setTimeout(finish, opts.ms ?? 5000);
+    c.on('error', (e) => { if (!done) { done = true; clearTimeout(timer); reject(e); } });
+    c.on('connect', () => { if (opts.end) c.end(data); else c.write(data); });
+    c.on('data', (d) => { buf += d; if (buf.split('\n').filter(Boolean).length >= (opts.lines ?? 1)) finish(); });
+    c.on('close', () => { closed = true; finish(); });
+  });
+}
+
+/** One JSON request over the socket (fast enough to loop); resolves to the parsed
+ *  answer, rejects when the server is gone or closes without one. */
+export async function socketRequest(dataDir: string, msg: object): Promise<any> {
+  const r = await rawRequest(dataDir, JSON.stringify(msg) + '\n');
+  if (!r.lines.length) throw new Error(r.closed ? 'closed without an answer' : 'no answer in time');
+  return JSON.parse(r.lines[0]);
+}
+
+/** How many clients are connected to the server socket of `dataDir` now (Linux: the
+ *  accepted sockets in /proc/net/unix carry the listener's path, state 03). */
+export function socketClients(dataDir: string): number {
+  const sock = path.join(dataDir, 'server.sock');
+  return fs.readFileSync('/proc/net/unix', 'utf8').split('\n')
+    .filter((l) => l.endsWith(` ${sock}`) && l.split(/\s+/)[5] === '03').length;
 }

@@ -2,62 +2,50 @@
 // pseudo-terminal, so the client's own isTTY checks decide, as they would for a user.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startServer, writeScript, until, cleanUp, socketClients, CLI } from './server.ts';
+import { addWorkers, serve, writeScript, until, socketClients, run, CLI } from './server.ts';
 
 /** Runs cli.ts on a pseudo-terminal; resolves with everything it printed there. */
-function onTerminal(args: string[], env: NodeJS.ProcessEnv, cwd: string): Promise<{ code: number; out: string }> {
+async function onTerminal(args: string[], env: NodeJS.ProcessEnv, cwd: string): Promise<{ code: number; out: string }> {
   const cmd = [CLI, ...args].map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ');
-  return new Promise((resolve) => {
-    execFile('script', ['-qec', cmd, '/dev/null'], { cwd, env: { ...process.env, TERM: 'xterm', ...env } }, (err, stdout) => {
-      resolve({ code: err ? Number(err.code) : 0, out: stdout });
-    });
-  });
+  const r = await run('script', ['-qec', cmd, '/dev/null'], { cwd, env: { TERM: 'xterm', ...env } });
+  return { code: r.code, out: r.stdout };
 }
 
 const ESC = '\x1b[';
 
-test('status uses colours on a terminal only, and never with NO_COLOR', { timeout: 60_000 }, async () => {
-  const s = await startServer();
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
-    const env = { NO_COLOR: '' };
-    const tty = await onTerminal(['--data-dir', s.dataDir, 'status'], env, s.dir);
-    assert.equal(tty.code, 0);
-    assert.ok(tty.out.includes(ESC), `no colour on a terminal: ${JSON.stringify(tty.out)}`);
-    assert.match(tty.out, /\[\.\.\]/);
-    const noColor = await onTerminal(['--data-dir', s.dataDir, 'status'], { NO_COLOR: '1' }, s.dir);
-    assert.ok(!noColor.out.includes(ESC), 'colour despite NO_COLOR');
-    const piped = await s.cli(['status'], { env: { NO_COLOR: '' } });
-    assert.ok(!piped.stdout.includes(ESC), 'colour into a pipe');
-  } finally {
-    await cleanUp(s);
-  }
+test('status uses colours on a terminal only, and never with NO_COLOR', { timeout: 60_000 }, async (t) => {
+  const s = await serve(t);
+  await addWorkers(s, 'a:2');
+  const env = { NO_COLOR: '' };
+  const tty = await onTerminal(['--data-dir', s.dataDir, 'status'], env, s.dir);
+  assert.equal(tty.code, 0);
+  assert.ok(tty.out.includes(ESC), `no colour on a terminal: ${JSON.stringify(tty.out)}`);
+  assert.match(tty.out, /\[\.\.\]/);
+  const noColor = await onTerminal(['--data-dir', s.dataDir, 'status'], { NO_COLOR: '1' }, s.dir);
+  assert.ok(!noColor.out.includes(ESC), 'colour despite NO_COLOR');
+  const piped = await s.cli(['status'], { env: { NO_COLOR: '' } });
+  assert.ok(!piped.stdout.includes(ESC), 'colour into a pipe');
 });
 
-test('wait shows one live progress line on a terminal and plain lines elsewhere', { timeout: 60_000 }, async () => {
-  const s = await startServer();
-  try {
-    await s.ok(['add_slave', '--skip_ssh_auth_check', 'a:2']);
-    const gate = path.join(s.dir, 'go');
-    const job = writeScript(s.dir, 'gated.sh', `while [ ! -e "${gate}" ]; do sleep 0.05; done`);
-    for (let i = 0; i < 4; i++) await s.ok(['add_job', job]);
-    const waiting = onTerminal(['--data-dir', s.dataDir, 'wait'], {}, s.dir);
-    await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
-    await until(() => socketClients(s.dataDir) > 0, 'wait to connect to the server');
-    fs.writeFileSync(gate, '');
-    const { code, out } = await waiting;
-    assert.equal(code, 0);
-    // Progress lines are redrawn in place (carriage return, clear line), then a summary.
-    assert.match(out, /\r\x1b\[K\d+\/4 finished: .* running, .* waiting/);
-    assert.match(out, /4\/4 finished: 4 done, 0 failed, 0 killed/);
-    const plain = await s.cli(['wait']);
-    assert.equal(plain.code, 0);
-    assert.ok(!plain.stderr.includes('\r'), 'carriage returns into a pipe');
-    assert.match(plain.stderr, /^4\/4 finished: 4 done/m);
-  } finally {
-    await cleanUp(s);
-  }
+test('wait shows one live progress line on a terminal and plain lines elsewhere', { timeout: 60_000 }, async (t) => {
+  const s = await serve(t);
+  await addWorkers(s, 'a:2');
+  const gate = path.join(s.dir, 'go');
+  const job = writeScript(s.dir, 'gated.sh', `while [ ! -e "${gate}" ]; do sleep 0.05; done`);
+  for (let i = 0; i < 4; i++) await s.ok(['add_job', job]);
+  const waiting = onTerminal(['--data-dir', s.dataDir, 'wait'], {}, s.dir);
+  await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
+  await until(() => socketClients(s.dataDir) > 0, 'wait to connect to the server');
+  fs.writeFileSync(gate, '');
+  const { code, out } = await waiting;
+  assert.equal(code, 0);
+  // Progress lines are redrawn in place (carriage return, clear line), then a summary.
+  assert.match(out, /\r\x1b\[K\d+\/4 finished: .* running, .* waiting/);
+  assert.match(out, /4\/4 finished: 4 done, 0 failed, 0 killed/);
+  const plain = await s.cli(['wait']);
+  assert.equal(plain.code, 0);
+  assert.ok(!plain.stderr.includes('\r'), 'carriage returns into a pipe');
+  assert.match(plain.stderr, /^4\/4 finished: 4 done/m);
 });
