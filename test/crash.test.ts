@@ -270,7 +270,7 @@ exit $(( JOB_ID + 10 ))`);
     const dir = testDir(t); // removing it unmounts the tmpfs too
     const dataDir = path.join(dir, '.data');
     fs.mkdirSync(dataDir);
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', dataDir]);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m,mode=0700', 'tmpfs', dataDir]);
     const script = writeScript(dir, 'gate.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.05; done; exit 3`);
     let s = await startServer({ dir });
     await addWorkers(s, 'a');
