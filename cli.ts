@@ -1381,13 +1381,15 @@ function launcherAlive(pid: number, dataDir: string): boolean {
  *              never taken for "ended"
  *  The one place that decides whether a job's process lives, used at start-up, when the
  *  launcher dies, and for jobs whose launcher is not ours. */
-export type RunCheck = { is: 'unclaimed' } | { is: 'running'; pid: number } | { is: 'ended'; code: number | null } | { is: 'unknown'; why: string };
+export type RunCheck = { is: 'unclaimed' } | { is: 'running'; pid: number } | { is: 'ended'; code: number | null; at?: number } | { is: 'unknown'; why: string };
 
 export function checkRun(dataDir: string, id: number, run: number): RunCheck {
   const file = runFile(dataDir, id, run);
   try {
     const r = readRunFile(file);
-    if (r.code !== null) return { is: 'ended', code: r.code };
+    // The exit code was appended when the run ended: that is when it ended, however late
+    // a server looks.
+    if (r.code !== null) return { is: 'ended', code: r.code, at: fs.statSync(file).mtimeMs };
     if (r.claim === 'void') return { is: 'unclaimed' };
     const stat = fs.statSync(file);
     if (r.pid === 0) {
@@ -1849,10 +1851,10 @@ function startFailed(id: number, why: string): void {
 }
 
 /** Records that a job's run ended, and forgets its process. */
-function ended(id: number, p: Proc, code: number | null, why?: string): void {
+function ended(id: number, p: Proc, code: number | null, why?: string, at?: number): void {
   if (procs.get(id) === p) procs.delete(id);
   rt.killSent.delete(id);
-  const t = Date.now();
+  const t = Math.round(Math.min(Date.now(), at ?? Infinity));
   fact(why ? { e: 'end', t, id, run: p.run, code, why } : { e: 'end', t, id, run: p.run, code });
 }
 
@@ -1886,7 +1888,7 @@ function checkWatched(only?: number): void {
       const job = st.jobs.get(id);
       let code = r.code;
       if (code === null && rt.killSent.has(id)) code = 128 + 9; // SIGKILLed by us, launcher and all
-      ended(id, p, code, code === null && !job?.killing ? 'lost: its process ended and no exit code was recorded (its launcher was killed?)' : undefined);
+      ended(id, p, code, code === null && !job?.killing ? 'lost: its process ended and no exit code was recorded (its launcher was killed?)' : undefined, r.at);
     } else if (r.is === 'unclaimed') {
       let claimed: boolean;
       try { claimed = voidRun(cfg.dataDir, id, p.run); } catch (e) { log(`error: cannot claim run ${id}.${p.run}: ${(e as Error).message}; trying again`); continue; }

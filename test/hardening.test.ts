@@ -219,3 +219,24 @@ echo run >> "${dir}/runs"; while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
   assert.equal((await s.cli(['wait', '1'])).code, 0);
   assert.equal(fs.readFileSync(path.join(dir, 'runs'), 'utf8'), 'run\n', 'it ran once');
 });
+
+test('a job that ended while no server ran is recorded as ending when it did, not when a server looked', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const dir = s.dir;
+  const script = writeScript(dir, 'job.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.02; done`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await s.ok(['add_job', script]);
+  await until(async () => (await s!.job(1)).state === 'running', 'the job to run');
+  await s.crash();
+  fs.writeFileSync(path.join(dir, 'go'), '');
+  const runFile = path.join(s.dataDir, 'run', '1.1.pid');
+  await until(() => fs.readFileSync(runFile, 'utf8').split('\n').length === 3, 'the job to end and its code to be written');
+  const endedAt = fs.statSync(runFile).mtimeMs;
+  await new Promise((r) => setTimeout(r, 1500)); // no server for a while
+  s = await s.restart();
+  assert.equal((await s.cli(['wait', '1'])).code, 0);
+  const job = await s.job(1);
+  assert.ok(Math.abs(Date.parse(job.endedAt) - endedAt) < 50, `recorded end ${job.endedAt}, the job ended at ${new Date(endedAt).toISOString()}`);
+});
