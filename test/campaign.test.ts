@@ -63,11 +63,14 @@ wait`);
     assert.equal((await s.job(id)).state, 'killed');
   });
 
+  /** A job that ignores SIGTERM, so only SIGKILL ends it; writes its pid to pid.ID. */
+  const STUBBORN = `trap '' TERM
+echo $$ > "pid.$JOB_ID"
+while :; do sleep 0.05; done`;
+
   test('kill ID: a job that ignores SIGTERM gets SIGKILL after the grace period', async (t) => {
     const s = await serve(t, { args: ['--kill-grace', '2'] });
-    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
-echo $$ > "pid.$JOB_ID"
-while :; do sleep 0.05; done`);
+    writeScript(s.dir, 'stubborn.sh', STUBBORN);
     await addWorkers(s, 'w1');
     const id = await addJob(s, './stubborn.sh');
     const pid = await pidOf(s, id);
@@ -82,9 +85,7 @@ while :; do sleep 0.05; done`);
 
   test('DJS_KILL_GRACE in the environment of start: SIGKILL comes that many seconds after SIGTERM, not sooner', async (t) => {
     const s = await serve(t, { env: { DJS_KILL_GRACE: '2' } });
-    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
-echo $$ > "pid.$JOB_ID"
-while :; do sleep 0.05; done`);
+    writeScript(s.dir, 'stubborn.sh', STUBBORN);
     await addWorkers(s, 'w1');
     const id = await addJob(s, './stubborn.sh');
     const pid = await pidOf(s, id);
@@ -102,9 +103,7 @@ while :; do sleep 0.05; done`);
   test('kill and --timeout reach jobs that a restarted server adopted', async (t) => {
     const s = await serve(t, { args: ['--kill-grace', '1'] });
     writeScript(s.dir, 'block.sh', GATED);
-    writeScript(s.dir, 'stubborn.sh', `trap '' TERM
-echo $$ > "pid.$JOB_ID"
-while :; do sleep 0.05; done`);
+    writeScript(s.dir, 'stubborn.sh', STUBBORN);
     await addWorkers(s, 'w1:3');
     const k = await addJob(s, './block.sh');
     const hard = await addJob(s, './stubborn.sh');
