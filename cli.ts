@@ -2402,8 +2402,12 @@ function requestOnce(dataDir: string, msg: Record<string, unknown>, onLine?: (m:
     let settled = false;
     const settle = (fn: () => void) => { if (!settled) { settled = true; fn(); } };
     conn.on('connect', () => conn.write(JSON.stringify(msg) + '\n'));
+    // A server that went away mid-request (reset, broken pipe) is a lost connection, which
+    // the lasting commands (wait, log -f, remove_slave --wait) ride out like a close.
     conn.on('error', (e: NodeJS.ErrnoException) => settle(() => reject(
-      e.code === 'ENOENT' || e.code === 'ECONNREFUSED' ? noServer(dataDir) : failure(`cannot talk to the server: ${e.message}`))));
+      e.code === 'ENOENT' || e.code === 'ECONNREFUSED' ? noServer(dataDir)
+        : e.code === 'ECONNRESET' || e.code === 'EPIPE' ? new ConnectionLost(EXIT_FAILED, `the server went away: ${e.message}`)
+        : failure(`cannot talk to the server: ${e.message}`))));
     onLines(conn, (line) => {
       const m = JSON.parse(line) as Record<string, unknown>;
       if (m.ok === undefined) return onLine?.(m);

@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { cleanUp, runCli, startServer, until, writeScript, type TestServer } from './server.ts';
+import { cleanUp, runCli, spawnCli, startServer, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -239,4 +239,24 @@ test('a job that ended while no server ran is recorded as ending when it did, no
   assert.equal((await s.cli(['wait', '1'])).code, 0);
   const job = await s.job(1);
   assert.ok(Math.abs(Date.parse(job.endedAt) - endedAt) < 50, `recorded end ${job.endedAt}, the job ended at ${new Date(endedAt).toISOString()}`);
+});
+
+test('wait rides out a server killed before it read the request, and finishes with the new server', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const dir = s.dir;
+  const script = writeScript(dir, 'job.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.02; done`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await s.ok(['add_job', script]);
+  process.kill(s.proc.pid!, 'SIGSTOP');
+  const waiting = spawnCli(['--data-dir', s.dataDir, 'wait', '1'], { cwd: dir });
+  // Its connection sits in the stopped server's backlog, its request unread.
+  const hasSocket = (pid: number) => { try { return fs.readdirSync(`/proc/${pid}/fd`).some((fd) => fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith('socket:')); } catch { return false; } };
+  await until(() => hasSocket(waiting.proc.pid!), 'the client to connect to the stopped server');
+  await s.crash();
+  s = await s.restart();
+  fs.writeFileSync(path.join(dir, 'go'), '');
+  const r = await waiting.done;
+  assert.equal(r.code, 0, r.stderr);
 });
