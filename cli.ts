@@ -1165,6 +1165,13 @@ use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_APPEND O_NOFOLLOW O_NONBLOCK F_GETFL F_SE
 my (undef, $D, $L, $S, $SETSID) = @ARGV;   # @ARGV starts with the name djs-launcher
 delete $ENV{DJS_LAUNCHER_CODE};
 my @kept = grep { /^DJS_KEPT_/ } keys %ENV;
+# Files the launcher inherited beyond stdin, stdout and stderr (from whatever started the
+# server) are closed, so that no job gets them.
+if (opendir(my $dh, '/proc/self/fd')) {
+  my @fds = grep { /^\d+$/ && $_ > 2 && $_ != fileno($dh) } readdir($dh);
+  closedir($dh);
+  for my $fd (@fds) { (open(my $h, "<&=$fd") || open($h, ">&=$fd")) and close($h) }
+}
 $SIG{PIPE} = 'IGNORE';
 $| = 1;
 pipe(my $sr, my $sw) or die "djs-launcher: pipe: $!\n";
@@ -1247,14 +1254,14 @@ while ($alive || %job) {
 `;
 
 /** Variables perl acts on at start-up: kept from the launcher (as DJS_KEPT_NAME) and
- *  given back to each job as they were. */
-const keptFromLauncher = (name: string) => /^PERL/.test(name);
+ *  given back to each job as they were; so is a variable whose name starts with
+ *  DJS_KEPT_ itself, so that it reaches jobs unchanged. */
+const keptFromLauncher = (name: string) => /^PERL/.test(name) || name.startsWith('DJS_KEPT_');
 
 /** The launcher's environment and arguments (see LAUNCHER). */
 export function launcherArgs(env: NodeJS.ProcessEnv, dataDir: string, logDir: string, serverPid: number): { env: NodeJS.ProcessEnv; args: string[] } {
   const own: NodeJS.ProcessEnv = { DJS_LAUNCHER_CODE: LAUNCHER, DJS_DATA_DIR: dataDir };
   for (const [name, value] of Object.entries(env)) {
-    if (name.startsWith('DJS_KEPT_')) continue;
     if (keptFromLauncher(name)) own[`DJS_KEPT_${name}`] = value; else own[name] ??= value;
   }
   return { env: own, args: ['-e', 'my $c = $ENV{DJS_LAUNCHER_CODE}; eval $c; die $@ if $@', 'djs-launcher', dataDir, logDir, String(serverPid), String(SETSID_SYSCALL[process.arch] ?? 0)] };

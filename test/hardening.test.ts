@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { cleanUp, runCli, spawnCli, startServer, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, runCli, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -259,4 +259,27 @@ test('wait rides out a server killed before it read the request, and finishes wi
   fs.writeFileSync(path.join(dir, 'go'), '');
   const r = await waiting.done;
   assert.equal(r.code, 0, r.stderr);
+});
+
+test('a job gets no file the server inherited, and every variable of the server\'s environment (DJS_KEPT_* and PERL* too)', { timeout: 60_000 }, async (t) => {
+  const dir = tempDir();
+  t.after(() => cleanUp(undefined, dir));
+  const dataDir = path.join(dir, '.data'), logDir = path.join(dir, 'logs');
+  fs.writeFileSync(path.join(dir, 'inherited'), '');
+  // The server inherits a file on fd 7 from the shell that starts it.
+  const server = spawn('sh', ['-c', 'exec 7<"$0"; exec "$@"', path.join(dir, 'inherited'), CLI, 'start', dataDir, logDir], { cwd: dir, env: { ...process.env, DJS_KEPT_X: 'kept', PERL5OPT: '-w' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  server.stdout!.on('data', (d) => { out += d; });
+  await until(() => out.includes('server ready'), 'the server to start');
+  const script = writeScript(dir, 'job.sh', `ls -l /proc/$$/fd > "${dir}/fds"; echo "$DJS_KEPT_X $PERL5OPT" > "${dir}/env"`);
+  const cli = (args: string[]) => runCli(['--data-dir', dataDir, ...args], { cwd: dir });
+  await cli(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await cli(['add_job', script]);
+  assert.equal((await cli(['wait', '1'])).code, 0);
+  const fds = fs.readFileSync(path.join(dir, 'fds'), 'utf8').split('\n').flatMap((l) => { const m = / (\d+) -> (.*)$/.exec(l); return m && Number(m[1]) > 2 ? [[m[1], m[2]]] : []; });
+  // Besides stdin, stdout and stderr: its run file, and what sh opens itself (the script, a copy of stdout).
+  const own = [path.join(dataDir, 'run', '1.1.pid'), script, path.join(logDir, '1.log')];
+  assert.deepEqual(fds.filter(([, target]) => !own.includes(target)), [], `the job's files: ${JSON.stringify(fds)}`);
+  assert.equal(fs.readFileSync(path.join(dir, 'env'), 'utf8'), 'kept -w\n');
+  server.kill('SIGKILL');
 });
