@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  GATED, addJob, addWorkers, allPids, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, untilState, type TestServer,
+  GATED, addJob, addWorkers, launcherOf, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, untilState,
   writeScript,
 } from './server.ts';
 
@@ -308,15 +308,6 @@ exit $(( JOB_ID + 10 ))`);
     s = await startServer({ dir });
     assert.equal((await s.status()).counts.total, total, 'the state after restart');
   });
-
-  /** The pid of the server's launcher process. */
-  const launcherOf = (s: TestServer) => {
-    const pid = allPids().find((p) => {
-      try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher') && procIds(p).ppid === s.proc.pid; } catch { return false; }
-    });
-    assert.ok(pid, 'the server has a launcher process');
-    return pid;
-  };
 
   test('the job launcher killed under a running server: its running jobs are watched until they end (their exit codes die with it), new ones start', { timeout: 60_000 }, async (t) => {
     const dir = testDir(t);

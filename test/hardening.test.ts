@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, runCli, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, runCli, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -96,10 +96,7 @@ test('a launcher stopped with records unread, across a kill -9 and a new server:
   await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1:2']);
   await s.ok(['add_jobs', '-'], { input: `${script}\n`.repeat(30) });
   await until(() => fs.existsSync(path.join(dir, 'started')), 'jobs to start');
-  const launcher = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((p) => {
-    try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher') && fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(s!.proc.pid); } catch { return false; }
-  })!;
-  assert.ok(launcher, 'found the launcher');
+  const launcher = launcherOf(s);
   process.kill(launcher, 'SIGSTOP');
   // More slots: the server hands the stopped launcher records it cannot read yet.
   await s.ok(['add_slave', '--skip_ssh_auth_check', 'w2:6']);
@@ -172,15 +169,6 @@ test('another user squatting the start lock after a stop does not keep the owner
   assert.match(second.stderr, /already running/);
 });
 
-/** The pid of the launcher of server `s`. */
-function launcherOf(s: TestServer): number {
-  const pid = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).find((p) => {
-    try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher') && fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[1] === String(s.proc.pid); } catch { return false; }
-  });
-  assert.ok(pid, 'the server has a launcher');
-  return pid;
-}
-
 test('an empty run file left by a crash (its creator gone) does not leave the job running forever: it is claimed for the server and the job runs once', { timeout: 60_000 }, async (t) => {
   let s: TestServer | undefined;
   t.after(() => cleanUp(s));
@@ -220,14 +208,21 @@ echo run >> "${dir}/runs"; while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
   assert.equal(fs.readFileSync(path.join(dir, 'runs'), 'utf8'), 'run\n', 'it ran once');
 });
 
+/** A server with one worker and job 1 running a script that waits for the file `go` in
+ *  the server's dir. */
+async function serverWithGatedJob(): Promise<TestServer> {
+  const s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', `while [ ! -e "${s.dir}/go" ]; do sleep 0.02; done`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await s.ok(['add_job', script]);
+  return s;
+}
+
 test('a job that ended while no server ran is recorded as ending when it did, not when a server looked', { timeout: 60_000 }, async (t) => {
   let s: TestServer | undefined;
   t.after(() => cleanUp(s));
-  s = await startServer();
+  s = await serverWithGatedJob();
   const dir = s.dir;
-  const script = writeScript(dir, 'job.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.02; done`);
-  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
-  await s.ok(['add_job', script]);
   await until(async () => (await s!.job(1)).state === 'running', 'the job to run');
   await s.crash();
   fs.writeFileSync(path.join(dir, 'go'), '');
@@ -244,11 +239,8 @@ test('a job that ended while no server ran is recorded as ending when it did, no
 test('wait rides out a server killed before it read the request, and finishes with the new server', { timeout: 60_000 }, async (t) => {
   let s: TestServer | undefined;
   t.after(() => cleanUp(s));
-  s = await startServer();
+  s = await serverWithGatedJob();
   const dir = s.dir;
-  const script = writeScript(dir, 'job.sh', `while [ ! -e "${dir}/go" ]; do sleep 0.02; done`);
-  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
-  await s.ok(['add_job', script]);
   process.kill(s.proc.pid!, 'SIGSTOP');
   const waiting = spawnCli(['--data-dir', s.dataDir, 'wait', '1'], { cwd: dir });
   // Its connection sits in the stopped server's backlog, its request unread.

@@ -321,6 +321,15 @@ export async function serve(t: TestContext, opts: ServerOptions = {}): Promise<T
   return startServer({ ...opts, dir: opts.dir ?? testDir(t) });
 }
 
+/** The pid of a server's job launcher (its child running djs-launcher). */
+export function launcherOf(s: TestServer): number {
+  const pid = allPids().find((p) => {
+    try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('djs-launcher') && procIds(p).ppid === s.proc.pid; } catch { return false; }
+  });
+  assert.ok(pid, 'the server has a launcher process');
+  return pid;
+}
+
 /** Adds workers that need no ssh (--skip_ssh_auth_check). */
 export const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
 
