@@ -252,7 +252,8 @@ echo "stderr of $JOB_ID" >&2`);
     const [a, b, , d] = await Promise.all(ids.map((id) => s.job(id)));
     assert.equal(a.state, 'failed');
     assert.match(a.reason, /cannot enter .*gone/);
-    assert.deepEqual([b.state, b.attempts, d.state, d.attempts], ['waiting', 0, 'waiting', 0], 'jobs whose log cannot be opened wait, uncharged');
+    // Such a job is retried while starts resume, so it may be caught between its start and its unstart.
+    for (const j of [b, d]) assert.ok(j.state === 'waiting' && j.attempts === 0 || j.state === 'running' && j.attempts === 1, `jobs whose log cannot be opened wait, uncharged: ${j.state} ${j.attempts}`);
     assert.match(s.output(), /did not start: its log .* could not be opened/);
     const said = s.output().match(/did not start/g)!.length;
     const startsOf = (id: string) => fs.readFileSync(path.join(s.dataDir, 'journal'), 'utf8').split('\n').filter((l) => l.includes(`"e":"start"`) && l.includes(`"id":${id},`)).length;
@@ -263,6 +264,7 @@ echo "stderr of $JOB_ID" >&2`);
     fs.rmSync(path.join(s.logDir, `${ids[3]}.log`));
     assert.equal((await s.cli(['wait', ids[1], ids[2], ids[3]])).code, 0);
     assert.deepEqual(ids.map((id) => readIf(path.join(s.dir, `ran.${id}`))), ['', 'y\n', 'y\n', 'y\n'], 'each ran once; POSIXLY_CORRECT reaches the job');
+    assert.deepEqual((await Promise.all(ids.slice(1).map((id) => s.job(id)))).map((j: any) => [j.state, j.attempts]), [['done', 1], ['done', 1], ['done', 1]], 'the failed starts were not charged');
     assert.match(s.output(), /jobs start again/);
   });
 
