@@ -160,8 +160,11 @@ export type WorkerState = 'up' | 'down' | 'draining';
 export type KillReason = 'user' | 'timeout' | 'requeue';
 
 /** 2: events `kill` (was `stop`) and `start` with host/slot (was w/s); jobs keep one
- *  start counter, `run`. Data dirs of version 1 load too (see upgradeRecord). */
-const FORMAT_VERSION = 2;
+ *  start counter, `run`. 3: campaigns: `add` with tags, priority, after and env; events
+ *  `priority`, `pause`, `resume`; `clean` of chosen ids. Data dirs of versions 1 and 2
+ *  load too (see upgradeRecord); a program of version 2 refuses version 3, which it would
+ *  misread (it would start a job before its dependencies). */
+const FORMAT_VERSION = 3;
 const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
 /** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
 export const WORKER_FAILED_EXIT = 255;
@@ -175,6 +178,11 @@ const QUEUE_HEAD = 10;
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
 const MAX_HOST_LENGTH = 255;
 const MAX_SLOTS = 10_000;
+/** Tags name campaigns on the command line and in status lines: short, plain words. */
+const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}$/;
+export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
+/** Variables the server sets for each job itself; a job's --env cannot replace them. */
+const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT']);
 
 export type Attempt = {
   n: number; worker: string; slot: number; startedAt: number; endedAt: number;
@@ -195,7 +203,12 @@ export type Job = {
   killing: KillReason | null; killAt: number;
   avoid: string[] | null;                // workers this job failed on
   history: Attempt[] | null;             // earlier attempts, oldest first
-  qtok: number;                          // which queue entry is this job's live one
+  qtok: number;                          // which queue entry (> 0) or hold (< 0) is this job's live one
+  tags: string[];                        // sorted; shared by the jobs of one add
+  priority: number;                      // higher starts first
+  after: number[] | null;                // jobs that must end `done` before this one starts
+  env: string[] | null;                  // NAME=VALUE on top of the server's environment
+  blockers: number;                      // of `after`, how many have not ended done yet
 };
 
 export type Worker = {
@@ -207,28 +220,51 @@ export type Worker = {
   error: string | null; since: number;
 };
 
-/** The queue of waiting jobs: requeued ones in front (a stack), new ones behind. */
-export type Queue = { front: number[]; frontTok: number[]; ids: number[]; toks: number[]; head: number };
+/** The waiting jobs of one priority and one set of tags, in the order they start:
+ *  requeued ones in front (a stack), new ones behind. Entries of jobs that left are
+ *  dropped lazily (see liveEntry). Waiting jobs are split into lanes so that a start
+ *  looks only at the head of each lane, and a paused tag costs nothing: its lanes are
+ *  skipped whole. */
+export type Lane = {
+  key: string; priority: number; tags: string[];
+  front: number[]; frontTok: number[]; ids: number[]; toks: number[]; head: number;
+};
+
+export type Counts = Record<JobState, number>;
 
 export type State = {
   seq: number; nextId: number; tok: number;
   jobs: Map<number, Job>;
   workers: Map<string, Worker>;
-  queue: Queue;
-  counts: Record<JobState, number>;
-  strings: Map<string, string>; // see intern
+  lanes: Map<string, Lane>;
+  prios: number[];                     // the priorities that have lanes, highest first
+  counts: Counts;
+  tagCounts: Map<string, Counts>;      // the same counts, per tag
+  dependents: Map<number, number[]>;   // job id -> [id, hold token]... of jobs held for it
+  forgotten: Set<number>;              // ids removed or cleaned before they ended done
+  paused: boolean;                     // nothing new starts
+  pausedTags: Set<string>;             // nothing new of these tags starts
+  strings: Map<string, string>;        // see intern
+  cascades: number;                    // jobs failed for a dependency so far (not kept; tells waiters)
 };
 
 export type JobSpec = string[]; // [script, ...args]
 export type Event =
-  | { e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[] }
+  | {
+    e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[];
+    tags?: string[]; priority?: number; after?: number[]; env?: string[];
+    sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
+  }
   | { e: 'remove'; t: number; ids: number[] }
   | { e: 'start'; t: number; id: number; host: string; slot: number }
   | { e: 'unstart'; t: number; id: number; back?: boolean } // back: behind the others (its start failed)
   | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string }
   | { e: 'kill'; t: number; ids: number[]; why: KillReason; grace: number }
   | { e: 'retry'; t: number; ids: number[] }
-  | { e: 'clean'; t: number; logs?: boolean }
+  | { e: 'clean'; t: number; logs?: boolean; ids?: number[] } // ids: these only (else every finished job)
+  | { e: 'priority'; t: number; ids: number[]; priority: number }
+  | { e: 'pause'; t: number; tag?: string }
+  | { e: 'resume'; t: number; tag?: string }
   | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean }
   | { e: 'drain'; t: number; host: string }
   | { e: 'unworker'; t: number; host: string }
@@ -253,12 +289,12 @@ const failure = (msg: string, hint?: string) => new UserError(EXIT_FAILED, msg, 
 
 export function newState(): State {
   return {
-    seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(),
-    queue: { front: [], frontTok: [], ids: [], toks: [], head: 0 },
-    counts: { waiting: 0, running: 0, done: 0, failed: 0, killed: 0 },
-    strings: new Map(),
+    seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(), lanes: new Map(), prios: [],
+    counts: noCounts(), tagCounts: new Map(), dependents: new Map(), forgotten: new Set(),
+    paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0,
   };
 }
+const noCounts = (): Counts => ({ waiting: 0, running: 0, done: 0, failed: 0, killed: 0 });
 
 /** One copy of each script path and directory, however many jobs share it: a million
  *  jobs of one script would otherwise hold a million copies of its path. */
@@ -271,18 +307,50 @@ export function intern(st: State, s: string): string {
 
 export const isFinished = (s: JobState) => s === 'done' || s === 'failed' || s === 'killed';
 
+/** Counts a job in `state` (delta 1) or no longer (delta -1), overall and per tag. */
+function count(st: State, job: Job, state: JobState, delta: number): void {
+  st.counts[state] += delta;
+  for (const tag of job.tags) {
+    let c = st.tagCounts.get(tag);
+    if (!c) st.tagCounts.set(tag, c = noCounts());
+    c[state] += delta;
+    if (delta < 0 && c.waiting + c.running + c.done + c.failed + c.killed === 0) st.tagCounts.delete(tag);
+  }
+}
+
 function setJobState(st: State, job: Job, to: JobState): void {
-  st.counts[job.state]--;
-  st.counts[to]++;
+  count(st, job, job.state, -1);
+  count(st, job, to, 1);
   job.state = to;
 }
 
-/** Puts a waiting job in the queue: behind the others, or in front (requeued jobs). */
+/** Adds a job to the state's jobs, or takes it out (a removed or cleaned job). */
+function addJob(st: State, job: Job): void { st.jobs.set(job.id, job); count(st, job, job.state, 1); }
+function dropJob(st: State, job: Job): void {
+  st.jobs.delete(job.id);
+  count(st, job, job.state, -1);
+  if (job.state !== 'done') st.forgotten.add(job.id);
+}
+
+const laneKey = (priority: number, tags: string[]) => tags.length ? `${priority}\t${tags.join('\t')}` : String(priority);
+
+function laneOf(st: State, job: Job): Lane {
+  const key = laneKey(job.priority, job.tags);
+  let lane = st.lanes.get(key);
+  if (!lane) {
+    lane = { key, priority: job.priority, tags: job.tags, front: [], frontTok: [], ids: [], toks: [], head: 0 };
+    st.lanes.set(key, lane);
+    if (!st.prios.includes(job.priority)) { st.prios.push(job.priority); st.prios.sort((a, b) => b - a); }
+  }
+  return lane;
+}
+
+/** Puts a waiting job in its lane: behind the others, or in front (requeued jobs). */
 function enqueue(st: State, job: Job, inFront: boolean): void {
   job.qtok = ++st.tok;
-  const q = st.queue;
-  if (inFront) { q.front.push(job.id); q.frontTok.push(job.qtok); }
-  else { q.ids.push(job.id); q.toks.push(job.qtok); }
+  const lane = laneOf(st, job);
+  if (inFront) { lane.front.push(job.id); lane.frontTok.push(job.qtok); }
+  else { lane.ids.push(job.id); lane.toks.push(job.qtok); }
 }
 
 const liveEntry = (st: State, id: number, tok: number) => {
@@ -290,30 +358,173 @@ const liveEntry = (st: State, id: number, tok: number) => {
   return j !== undefined && j.state === 'waiting' && j.qtok === tok ? j : undefined;
 };
 
-/** Drops entries of jobs that left the queue from both ends, so the head stays cheap. */
-function trimQueue(st: State): void {
-  const q = st.queue;
-  while (q.front.length && !liveEntry(st, q.front[q.front.length - 1], q.frontTok[q.frontTok.length - 1])) {
-    q.front.pop(); q.frontTok.pop();
+/** Drops entries of jobs that left a lane from both its ends, so its head stays cheap,
+ *  and the lane itself once it is empty. */
+function trimLane(st: State, lane: Lane): void {
+  while (lane.front.length && !liveEntry(st, lane.front[lane.front.length - 1], lane.frontTok[lane.frontTok.length - 1])) {
+    lane.front.pop(); lane.frontTok.pop();
   }
-  while (q.head < q.ids.length && !liveEntry(st, q.ids[q.head], q.toks[q.head])) q.head++;
-  if (q.head > 4096 && q.head * 2 > q.ids.length) {
-    q.ids = q.ids.slice(q.head); q.toks = q.toks.slice(q.head); q.head = 0;
+  while (lane.head < lane.ids.length && !liveEntry(st, lane.ids[lane.head], lane.toks[lane.head])) lane.head++;
+  if (lane.front.length === 0 && lane.head === lane.ids.length) {
+    st.lanes.delete(lane.key);
+    for (const l of st.lanes.values()) if (l.priority === lane.priority) return;
+    st.prios.splice(st.prios.indexOf(lane.priority), 1);
+  } else if (lane.head > 4096 && lane.head * 2 > lane.ids.length) {
+    lane.ids = lane.ids.slice(lane.head); lane.toks = lane.toks.slice(lane.head); lane.head = 0;
   }
 }
 
-/** Waiting jobs in the order they start: requeued ones first, then first come first served. */
-export function* waitingJobs(st: State): Generator<Job> {
-  const q = st.queue;
-  for (let i = q.front.length - 1; i >= 0; i--) {
-    const j = liveEntry(st, q.front[i], q.frontTok[i]);
-    if (j) yield j;
-  }
-  for (let i = q.head; i < q.ids.length; i++) {
-    const j = liveEntry(st, q.ids[i], q.toks[i]);
-    if (j) yield j;
+function trimQueue(st: State): void {
+  for (const lane of [...st.lanes.values()]) trimLane(st, lane);
+}
+
+/** Whether the jobs of a lane may start: the queue and none of the lane's tags paused. */
+const laneRuns = (st: State, lane: Lane) => !st.paused && !lane.tags.some((t) => st.pausedTags.has(t));
+
+/** Waiting jobs in the order they start: higher priority first; within one priority,
+ *  requeued jobs first (the last requeued first), then first come first served, across
+ *  all the lanes of that priority. `startable`: skips paused lanes. Jobs held by their
+ *  dependencies are in no lane. Costs O(lanes) to begin and O(log lanes) per job. */
+export function* waitingJobs(st: State, startable = false): Generator<Job> {
+  for (const priority of [...st.prios]) {
+    // One cursor per lane; the heap orders cursors by the key of their next entry:
+    // front entries (newest requeue first) before back entries (oldest first).
+    type Cursor = { lane: Lane; f: number; b: number; key: number };
+    const keyOf = (c: Cursor) => (c.f >= 0 ? -c.lane.frontTok[c.f] - 2 ** 52 : c.b < c.lane.ids.length ? c.lane.toks[c.b] : Infinity);
+    const heap: Cursor[] = [];
+    for (const lane of st.lanes.values()) {
+      if (lane.priority !== priority || (startable && !laneRuns(st, lane))) continue;
+      const c: Cursor = { lane, f: lane.front.length - 1, b: lane.head, key: 0 };
+      c.key = keyOf(c);
+      heap.push(c);
+    }
+    if (heap.length === 0) continue;
+    heap.sort((a, b) => a.key - b.key);
+    if (heap.length === 1) {
+      // The common case, one lane: no heap work.
+      const { lane } = heap[0];
+      for (let i = lane.front.length - 1; i >= 0; i--) { const j = liveEntry(st, lane.front[i], lane.frontTok[i]); if (j) yield j; }
+      for (let i = lane.head; i < lane.ids.length; i++) { const j = liveEntry(st, lane.ids[i], lane.toks[i]); if (j) yield j; }
+      continue;
+    }
+    while (heap.length && heap[0].key !== Infinity) {
+      const c = heap[0];
+      const j = c.f >= 0 ? liveEntry(st, c.lane.front[c.f], c.lane.frontTok[c.f--]) : liveEntry(st, c.lane.ids[c.b], c.lane.toks[c.b++]);
+      c.key = keyOf(c);
+      siftDown(heap, 0);
+      if (j) yield j;
+    }
   }
 }
+
+function siftDown<T extends { key: number }>(heap: T[], i: number): void {
+  for (;;) {
+    const l = 2 * i + 1, r = l + 1;
+    let m = i;
+    if (l < heap.length && heap[l].key < heap[m].key) m = l;
+    if (r < heap.length && heap[r].key < heap[m].key) m = r;
+    if (m === i) return;
+    [heap[i], heap[m]] = [heap[m], heap[i]];
+    i = m;
+  }
+}
+
+/** Whether dependency `id` has been met: it ended done (a job forgotten by `clean`
+ *  after it ended done counts as done). */
+function depDone(st: State, id: number): boolean {
+  const dep = st.jobs.get(id);
+  return dep ? dep.state === 'done' : id < st.nextId && !st.forgotten.has(id);
+}
+
+/** Queues a job that became waiting, or holds it until its dependencies are done. A
+ *  hold has a token of its own, as a queue entry has, so that the entries a job left
+ *  behind in earlier holds (it was killed, then retried) count for nothing. */
+function queueOrHold(st: State, job: Job, inFront: boolean): void {
+  job.blockers = 0;
+  const tok = -(st.tok + 1);
+  for (const d of job.after ?? NO_IDS) {
+    if (depDone(st, d)) continue;
+    job.blockers++;
+    const list = st.dependents.get(d);
+    if (list) list.push(job.id, tok); else st.dependents.set(d, [job.id, tok]);
+  }
+  if (job.blockers === 0) enqueue(st, job, inFront);
+  else { st.tok++; job.qtok = tok; }
+}
+const NO_IDS: number[] = [];
+
+/** A job ended for good (done, failed, killed) or left (removed): the jobs held for it
+ *  are queued once their last dependency is done, or fail, and their own dependents
+ *  after them. Only the jobs held for it are looked at (no scan of all jobs); a worklist,
+ *  not recursion, so a chain of any length is fine. */
+function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'removed', t: number): void {
+  const work: [number, 'done' | 'failed' | 'removed'][] = [[id, how]];
+  while (work.length) {
+    const [dep, outcome] = work.pop()!;
+    const held = st.dependents.get(dep);
+    if (!held) continue;
+    st.dependents.delete(dep);
+    for (let i = 0; i < held.length; i += 2) {
+      const hid = held[i], job = st.jobs.get(hid);
+      if (!job || job.state !== 'waiting' || job.qtok !== held[i + 1]) continue;
+      if (outcome === 'done') {
+        if (--job.blockers === 0) enqueue(st, job, false);
+        continue;
+      }
+      job.blockers = 0;
+      st.cascades++;
+      job.reason = `dependency ${dep} ${outcome}`;
+      job.endedAt = t;
+      setJobState(st, job, 'failed');
+      work.push([hid, 'failed']);
+    }
+  }
+}
+
+/** The most jobs one sweep may make. */
+export const MAX_SWEEP_JOBS = 10_000_000;
+const PLACEHOLDER_RE = /\{(\d*)\}/g;
+
+/** Checks a sweep (`SCRIPT ARGS ::: V... ::: W...`): every list has values, every
+ *  placeholder names a list, and the jobs number at most MAX_SWEEP_JOBS. Returns how
+ *  many jobs it makes. */
+export function checkSweep(template: string[], lists: string[][]): number {
+  if (lists.length === 0) throw usage('a sweep needs at least one ::: list of values');
+  let n = 1;
+  lists.forEach((l, i) => {
+    if (l.length === 0) throw usage(`::: list ${i + 1} has no values`, 'write the values after each :::, as in: add_job ./run.sh {1} ::: a b c');
+    n *= l.length;
+  });
+  if (n > MAX_SWEEP_JOBS) throw usage(`the sweep makes ${n} jobs, more than ${MAX_SWEEP_JOBS}`);
+  for (const arg of template.slice(1)) {
+    for (const m of arg.matchAll(PLACEHOLDER_RE)) {
+      const k = m[1] === '' ? 1 : Number(m[1]);
+      if (k < 1 || k > lists.length) throw usage(`placeholder {${m[1]}} in ${quoteForError(arg)} names no ::: list`, `there ${lists.length === 1 ? 'is 1 list' : `are ${lists.length} lists`}: {1}${lists.length > 1 ? ` to {${lists.length}}` : ''} (and {} for {1})`);
+    }
+  }
+  return n;
+}
+
+/** The jobs of a sweep, in GNU parallel's order (the last list varies fastest): each
+ *  combination replaces {1}, {2}, ... (and {}, which is {1}) in the template's arguments,
+ *  or, where no argument holds a placeholder, is appended to them. */
+export function* sweepJobs(template: string[], lists: string[][]): Generator<JobSpec> {
+  const [script, ...args] = template;
+  const placed = args.some((a) => a.search(PLACEHOLDER_RE) >= 0);
+  const at = lists.map(() => 0);
+  for (;;) {
+    const values = lists.map((l, i) => l[at[i]]);
+    yield placed
+      ? [script, ...args.map((a) => a.replace(PLACEHOLDER_RE, (_m, k: string) => values[k === '' ? 0 : Number(k) - 1]))]
+      : [script, ...args, ...values];
+    let i = lists.length - 1;
+    while (i >= 0 && ++at[i] === lists[i].length) at[i--] = 0;
+    if (i < 0) return;
+  }
+}
+
+/** How many jobs an add event makes. */
+export const addCount = (ev: Extract<Event, { e: 'add' }>) => (ev.sweep ? ev.sweep.reduce((n, l) => n * l.length, 1) : ev.jobs.length);
 
 function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>): Job {
   return {
@@ -321,9 +532,11 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
     exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
+    tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
   };
 }
 const NO_ARGS: string[] = [];
+const NO_TAGS: string[] = [];
 
 function newWorker(host: string, slots: number, ssh: boolean, t: number): Worker {
   return { host, slots, state: 'up', ssh, running: new Array(slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: t };
@@ -337,7 +550,8 @@ function freeSlot(st: State, job: Job): void {
   if (w.state === 'draining' && w.running.every((id) => id === 0)) st.workers.delete(w.host);
 }
 
-/** Sends a job whose attempt ended back to the queue, or ends it in `to`. */
+/** Sends a job whose attempt ended back to the queue, or ends it in `to` (and tells
+ *  the jobs held for it). */
 function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | null, t: number): void {
   job.reason = reason;
   job.endedAt = t;
@@ -346,6 +560,7 @@ function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | 
     enqueue(st, job, true);
   } else {
     setJobState(st, job, to);
+    if (st.dependents.has(job.id)) releaseDependents(st, job.id, to === 'done' ? 'done' : 'failed', t);
   }
 }
 
@@ -396,19 +611,21 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
 export function applyEvent(st: State, ev: Event): void {
   switch (ev.e) {
     case 'add': {
-      for (let i = 0; i < ev.jobs.length; i++) {
-        const job = newJob(st, ev.id + i, ev.jobs[i], ev);
-        st.jobs.set(job.id, job);
-        st.counts.waiting++;
-        enqueue(st, job, false);
+      let id = ev.id;
+      for (const spec of ev.sweep ? sweepJobs(ev.jobs[0], ev.sweep) : ev.jobs) {
+        const job = newJob(st, id++, spec, ev);
+        addJob(st, job);
+        queueOrHold(st, job, false);
       }
-      st.nextId = Math.max(st.nextId, ev.id + ev.jobs.length);
+      st.nextId = Math.max(st.nextId, id);
       break;
     }
     case 'remove':
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
-        if (job && job.state === 'waiting') { st.counts.waiting--; st.jobs.delete(id); }
+        if (!job || job.state !== 'waiting') continue;
+        dropJob(st, job);
+        if (st.dependents.has(id)) releaseDependents(st, id, 'removed', ev.t);
       }
       trimQueue(st);
       break;
@@ -421,7 +638,8 @@ export function applyEvent(st: State, ev: Event): void {
       job.exitCode = null; job.reason = null; job.killing = null; job.killAt = 0;
       while (w.running.length <= ev.slot) w.running.push(0);
       w.running[ev.slot] = job.id;
-      trimQueue(st);
+      const lane = st.lanes.get(laneKey(job.priority, job.tags));
+      if (lane) trimLane(st, lane);
       break;
     }
     case 'unstart': {
@@ -441,7 +659,9 @@ export function applyEvent(st: State, ev: Event): void {
       break;
     }
     case 'kill':
-      for (const id of ev.ids) {
+      // Highest id first: a job's dependents have higher ids than it, so each of them
+      // ends `killed` itself rather than failed for its killed dependency.
+      for (const id of [...ev.ids].sort((a, b) => b - a)) {
         const job = st.jobs.get(id);
         if (!job) continue;
         if (job.state === 'running' && (job.killing === null || ev.why === 'user')) {
@@ -454,20 +674,44 @@ export function applyEvent(st: State, ev: Event): void {
       }
       trimQueue(st);
       break;
-    case 'retry':
+    case 'retry': {
+      // All of them wait first, then each is queued or held: a job retried together with
+      // its dependency waits for it, whichever id comes first.
+      const again: Job[] = [];
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || !isFinished(job.state)) continue;
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
         job.queuedAt = ev.t;
         setJobState(st, job, 'waiting');
-        enqueue(st, job, false);
+        again.push(job);
+      }
+      for (const job of again) queueOrHold(st, job, false);
+      break;
+    }
+    case 'clean':
+      if (ev.ids) {
+        for (const id of ev.ids) { const job = st.jobs.get(id); if (job && isFinished(job.state)) dropJob(st, job); }
+      } else {
+        for (const job of st.jobs.values()) if (isFinished(job.state)) dropJob(st, job);
       }
       break;
-    case 'clean':
-      for (const [id, job] of st.jobs) {
-        if (isFinished(job.state)) { st.counts[job.state]--; st.jobs.delete(id); }
+    case 'priority':
+      for (const id of ev.ids) {
+        const job = st.jobs.get(id);
+        if (!job || job.state !== 'waiting' || job.priority === ev.priority) continue;
+        job.priority = ev.priority;
+        // A queued job moves to the back of its new priority (its old entry dies); a held
+        // one is queued there when its dependencies are done.
+        if (job.blockers === 0) enqueue(st, job, false);
       }
+      trimQueue(st);
+      break;
+    case 'pause':
+      if (ev.tag === undefined) st.paused = true; else st.pausedTags.add(ev.tag);
+      break;
+    case 'resume':
+      if (ev.tag === undefined) st.paused = false; else st.pausedTags.delete(ev.tag);
       break;
     case 'worker': {
       const w = st.workers.get(ev.host);
@@ -529,7 +773,7 @@ export function planStarts(st: State): Start[] {
   }
   const starts: Start[] = [];
   if (free.length === 0) return starts;
-  for (const job of waitingJobs(st)) {
+  for (const job of waitingJobs(st, true)) {
     let pick = 0;
     if (job.avoid) {
       const better = free.findIndex((f) => !job.avoid!.includes(f.host));
@@ -654,13 +898,85 @@ export function jobOrFail(st: State, id: number): Job {
 }
 const strings = (v: unknown): v is string[] => Array.isArray(v) && v.every((w) => typeof w === 'string');
 
-/** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout}: the scripts were checked
- *  (absolute, executable) before; ids are handed out in order. */
+/** A tag from a request, checked. */
+export function tagOf(v: unknown): string {
+  if (typeof v !== 'string' || !TAG_RE.test(v)) {
+    throw usage(`invalid tag ${quoteForError(typeof v === 'string' ? v : JSON.stringify(v) ?? String(v))}`, 'a tag is up to 64 letters, digits and _ . : + - (not starting with one of the last four)');
+  }
+  return v;
+}
+
+/** The ids of a request's jobs chosen by tag ({tag}) or by id ({ids}); `fits` says which
+ *  of the tag's jobs the op acts on, and explains a job given by id that does not fit. */
+function chosenJobs(st: State, req: Request, fits: (j: Job) => string | null): number[] {
+  if (req.tag !== undefined) {
+    const tag = tagOf(req.tag);
+    const ids: number[] = [];
+    for (const job of st.jobs.values()) if (job.tags.includes(tag) && fits(job) === null) ids.push(job.id);
+    return ids;
+  }
+  const ids = idList(req.ids);
+  for (const id of ids) {
+    const why = fits(jobOrFail(st, id));
+    if (why !== null) throw failure(why);
+  }
+  return ids;
+}
+
+export const PRIORITY_LIMIT = 1_000_000_000;
+const priorityOf = (v: unknown) => num(v, 'priority', -PRIORITY_LIMIT, PRIORITY_LIMIT);
+
+/** A job's --env words, checked: NAME=VALUE with a plain name, not one the server sets. */
+export function envOf(v: unknown): string[] {
+  if (!strings(v)) throw usage('env is a list of NAME=VALUE strings');
+  for (const word of v) {
+    const eq = word.indexOf('=');
+    const name = eq < 0 ? word : word.slice(0, eq);
+    if (eq < 0 || !ENV_NAME_RE.test(name)) throw usage(`invalid environment setting ${quoteForError(word)}`, 'write NAME=VALUE, with a name of letters, digits and _ (not starting with a digit)');
+    if (RESERVED_ENV.has(name)) throw usage(`${name} is set by the server for each job; it cannot be given with --env`);
+    if (word.includes('\0')) throw usage(`the value of ${name} holds a NUL byte, which no environment can hold`);
+  }
+  return v;
+}
+
+/** A job's dependencies, checked: each exists (or was cleaned after it ended done) and
+ *  has not ended failed or killed. Sorted, without repeats. */
+function afterOf(st: State, v: unknown): number[] {
+  const ids = [...new Set(idList(v))].sort((a, b) => a - b);
+  for (const id of ids) {
+    const dep = st.jobs.get(id);
+    if (!dep && (id >= st.nextId || st.forgotten.has(id))) {
+      throw failure(`no such job '${id}' to wait for`, id >= st.nextId ? `ids so far end at ${st.nextId - 1}` : 'it was removed, or cleaned before it ended done');
+    }
+    if (dep && (dep.state === 'failed' || dep.state === 'killed')) throw failure(`job '${id}' has already ended ${dep.state}, so a job after it could never start`, `retry it first: retry ${id}`);
+  }
+  return ids;
+}
+
+/** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout, tags?, priority?, after?,
+ *  env?}: the scripts were checked (absolute, executable) before; ids are handed out in
+ *  order. */
 export function decideAddJobs(st: State, req: Request, c: DecideContext): Decision {
   const { cwd, jobs } = req;
   if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
   if (!Array.isArray(jobs) || jobs.length === 0) throw usage('no jobs given');
-  for (const spec of jobs) {
+  if (req.tags !== undefined && !Array.isArray(req.tags)) throw usage('tags is a list');
+  const tags = req.tags === undefined ? [] : [...new Set((req.tags as unknown[]).map(tagOf))].sort();
+  const priority = priorityOf(req.priority ?? 0);
+  const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
+  const env = req.env === undefined ? [] : envOf(req.env);
+  let envBytes = 0;
+  for (const w of env) {
+    const n = Buffer.byteLength(w);
+    if (n > MAX_ARG_BYTES) throw usage(`an environment setting of ${n} bytes is longer than the system allows one (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
+    envBytes += n + 1 + 8;
+  }
+  let count = jobs.length;
+  if (req.sweep !== undefined) {
+    if (!Array.isArray(req.sweep) || !req.sweep.every(strings) || jobs.length !== 1 || !strings(jobs[0])) throw usage('a sweep is one job and lists of strings');
+    count = checkSweep(jobs[0] as string[], req.sweep as string[][]);
+  }
+  for (const spec of req.sweep === undefined ? jobs : sweepJobs(jobs[0] as string[], req.sweep as string[][])) {
     if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
     if (spec.some((w) => w.includes('\0'))) throw usage("a job's words cannot hold NUL bytes");
     if (!path.isAbsolute(spec[0])) throw usage(`script path is not absolute: ${quoteForError(spec[0])}`);
@@ -671,73 +987,120 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
       if (n > MAX_ARG_BYTES) throw usage(`an argument of ${n} bytes is longer than the system allows one argument (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
       bytes += n + 1 + 8;
     }
-    if (bytes > c.argSpace) throw usage(`a job's arguments take ${bytes} bytes, more than the ${c.argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
+    if (bytes + envBytes > c.argSpace) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${c.argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
   }
   const id = st.nextId;
-  const ev: Event = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
-  return { events: [ev], answer: { first: id, count: jobs.length } };
+  const ev: Extract<Event, { e: 'add' }> = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
+  // Campaign fields only where given, so plain jobs cost the journal nothing more.
+  if (tags.length) ev.tags = tags;
+  if (priority) ev.priority = priority;
+  if (after.length) ev.after = after;
+  if (env.length) ev.env = env;
+  if (req.sweep !== undefined) ev.sweep = req.sweep as string[][];
+  return { events: [ev], answer: { first: id, count } };
 }
 
-/** remove_jobs {ids} | {script, args}: waiting jobs only. */
+/** Throws unless some job carries the tag (a typo should not look like "nothing to do"). */
+function tagKnown(st: State, req: Request): void {
+  if (req.tag !== undefined && !st.tagCounts.has(tagOf(req.tag))) throw failure(`no job has the tag ${quoteForError(String(req.tag))}`, 'see the tags in: cli.ts status');
+}
+
+/** remove_jobs {ids} | {tag} | {script, args}: waiting jobs only. Jobs held for a
+ *  removed job fail (`dependency N removed`). */
 export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Decision {
   let ids: number[];
-  if (req.ids !== undefined) {
-    ids = idList(req.ids);
-    for (const id of ids) {
-      const job = jobOrFail(st, id);
-      if (job.state !== 'waiting') throw failure(`job '${id}' is ${job.state}, not waiting`, job.state === 'running' ? `stop it with: kill ${id}` : undefined);
-    }
+  if (req.ids !== undefined || req.tag !== undefined) {
+    tagKnown(st, req);
+    ids = chosenJobs(st, req, (job) => job.state === 'waiting' ? null : `job '${job.id}' is ${job.state}, not waiting${job.state === 'running' ? `; stop it with: kill ${job.id}` : ''}`);
   } else {
     const { script, args } = req;
     if (typeof script !== 'string' || !strings(args)) throw usage('remove_job needs a script and args');
     ids = [];
-    for (const job of waitingJobs(st)) {
-      if (job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i])) ids.push(job.id);
+    for (const job of st.jobs.values()) {
+      if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i])) ids.push(job.id);
     }
     if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
   }
-  return { events: [{ e: 'remove', t: c.now, ids }], answer: { ids } };
+  return { events: ids.length ? [{ e: 'remove', t: c.now, ids }] : [], answer: { ids } };
 }
 
-/** kill {ids} | {all}: running jobs get SIGTERM (then SIGKILL after the grace), waiting
- *  ones end `killed` without running. */
+/** kill {ids} | {all} | {tag}: running jobs get SIGTERM (then SIGKILL after the grace),
+ *  waiting ones end `killed` without running. */
 export function decideKill(st: State, req: Request, c: DecideContext): Decision {
   let ids: number[];
-  if (req.all === true) ids = [...st.jobs.values()].filter((j) => j.state === 'running' || j.state === 'waiting').map((j) => j.id);
+  if (req.all === true) ids = [...st.jobs.values()].filter((j) => !isFinished(j.state)).map((j) => j.id);
   else {
-    ids = idList(req.ids);
-    for (const id of ids) {
-      const job = jobOrFail(st, id);
-      if (isFinished(job.state)) throw failure(`job '${id}' is not running (it is ${job.state})`);
-    }
+    tagKnown(st, req);
+    ids = chosenJobs(st, req, (job) => isFinished(job.state) ? (req.tag !== undefined ? '' : `job '${job.id}' is not running (it is ${job.state})`) : null);
   }
   return { events: ids.length ? [{ e: 'kill', t: c.now, ids, why: 'user', grace: c.killGraceMs }] : [], answer: { ids } };
 }
 
-/** retry {ids} | {failed, killed}: finished jobs go back to the queue. */
+/** retry {ids} | {failed, killed, tag}: finished jobs go back to the queue (by tag
+ *  alone: its failed and killed ones). A job whose dependency ended failed or killed is
+ *  retried only together with it, else it would wait for ever. */
 export function decideRetry(st: State, req: Request, c: DecideContext): Decision {
-  const byState = req.failed === true || req.killed === true;
   let ids: number[];
-  if (byState) ids = [...st.jobs.values()].filter((j) => (req.failed === true && j.state === 'failed') || (req.killed === true && j.state === 'killed')).map((j) => j.id);
-  else {
+  if (req.ids === undefined) {
+    tagKnown(st, req);
+    const tag = req.tag === undefined ? undefined : tagOf(req.tag);
+    const either = req.failed !== true && req.killed !== true;
+    if (either && tag === undefined) throw usage('retry needs ids, a tag, or failed/killed');
+    ids = [];
+    for (const j of st.jobs.values()) {
+      if (tag !== undefined && !j.tags.includes(tag)) continue;
+      if (((either || req.failed === true) && j.state === 'failed') || ((either || req.killed === true) && j.state === 'killed')) ids.push(j.id);
+    }
+  } else {
     ids = idList(req.ids);
     for (const id of ids) {
       const job = jobOrFail(st, id);
       if (!isFinished(job.state)) throw failure(`job '${id}' is ${job.state}; only finished jobs can be retried`);
     }
   }
+  const set = new Set(ids);
+  for (const id of ids) {
+    for (const d of st.jobs.get(id)!.after ?? NO_IDS) {
+      const dep = st.jobs.get(d);
+      if (set.has(d) || depDone(st, d) || (dep && !isFinished(dep.state))) continue;
+      throw failure(`job '${id}' waits for job ${d}, which ${dep ? `ended ${dep.state}` : 'was forgotten before it ended done'}`, dep ? `retry both: retry ${d} ${id}` : undefined);
+    }
+  }
   return { events: ids.length ? [{ e: 'retry', t: c.now, ids }] : [], answer: { ids } };
 }
 
-/** clean {logs}: forgets finished jobs (and removes their logs). */
+/** clean {logs, tag}: forgets finished jobs (of a tag) and removes their logs. */
 export function decideClean(st: State, req: Request, c: DecideContext): Decision {
-  const ids = [...st.jobs.values()].filter((j) => isFinished(j.state)).map((j) => j.id);
+  tagKnown(st, req);
+  const tag = req.tag === undefined ? undefined : tagOf(req.tag);
+  const ids = [...st.jobs.values()].filter((j) => isFinished(j.state) && (tag === undefined || j.tags.includes(tag))).map((j) => j.id);
   const logs = req.logs === true;
+  const ev: Extract<Event, { e: 'clean' }> = { e: 'clean', t: c.now, logs };
+  if (tag !== undefined) ev.ids = ids;
   return {
-    events: ids.length ? [{ e: 'clean', t: c.now, logs }] : [],
+    events: ids.length ? [ev] : [],
     answer: { count: ids.length },
     effects: logs && ids.length ? [{ kind: 'remove-logs', ids }] : [],
   };
+}
+
+/** set_priority {priority, ids | tag}: waiting jobs (held ones too) move to that
+ *  priority, behind the jobs already there. */
+export function decideSetPriority(st: State, req: Request, c: DecideContext): Decision {
+  const priority = priorityOf(req.priority);
+  tagKnown(st, req);
+  const ids = chosenJobs(st, req, (job) => job.state === 'waiting' ? null : req.tag !== undefined ? '' : `job '${job.id}' is ${job.state}; only waiting jobs change priority`);
+  return { events: ids.length ? [{ e: 'priority', t: c.now, ids, priority }] : [], answer: { ids } };
+}
+
+/** pause {tag?} / resume {tag?}: nothing new starts (of that tag); running jobs go on. */
+export function decidePause(st: State, req: Request, c: DecideContext): Decision {
+  const tag = req.tag === undefined ? undefined : tagOf(req.tag);
+  const pause = req.op === 'pause';
+  const was = tag === undefined ? st.paused : st.pausedTags.has(tag);
+  const ev: Extract<Event, { e: 'pause' | 'resume' }> = { e: pause ? 'pause' : 'resume', t: c.now };
+  if (tag !== undefined) ev.tag = tag;
+  return { events: was === pause ? [] : [ev], answer: { changed: was !== pause, pausedTags: [...st.pausedTags] } };
 }
 
 export type WorkerSpec = { host: string; slots: number };
@@ -849,8 +1212,31 @@ function quoteForError(value: string): string {
   return `'${value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)}'`;
 }
 
-/** The public view of a job (list --json, status --json); field names are stable. */
-export function jobView(job: Job, now: number) {
+/** Why waiting jobs that depend on nothing and are not paused are not running: no
+ *  worker, none up, or no slot free (then they are next in line). Once per view. */
+export function queueReason(st: State): string {
+  if (st.workers.size === 0) return 'no workers';
+  let up = false;
+  for (const w of st.workers.values()) {
+    if (!schedulable(w)) continue;
+    up = true;
+    if (w.running.length < w.slots || w.running.some((id) => id === 0)) return 'starting';
+  }
+  return up ? 'no worker free' : 'no worker up';
+}
+
+/** Why a waiting job is not running: the dependencies it waits for, a pause, or the
+ *  queue's reason (queueReason). */
+export function waitReason(st: State, job: Job, queue: string): string {
+  if (job.blockers > 0) return `after ${(job.after ?? NO_IDS).filter((d) => !depDone(st, d)).join(',')}`;
+  if (st.paused) return 'paused';
+  const tag = job.tags.find((t) => st.pausedTags.has(t));
+  return tag !== undefined ? `tag ${tag} paused` : queue;
+}
+
+/** The public view of a job (list --json, status --json); field names are stable.
+ *  `queue` is queueReason(st), computed once for many jobs. */
+export function jobView(st: State, job: Job, now: number, queue = queueReason(st)) {
   const end = job.state === 'running' ? now : job.endedAt;
   return {
     id: job.id, state: job.state, worker: job.worker, slot: job.slot >= 0 ? job.slot : null,
@@ -860,6 +1246,8 @@ export function jobView(job: Job, now: number) {
     endedAt: job.endedAt ? iso(job.endedAt) : null,
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
+    tags: job.tags, priority: job.priority, after: job.after ?? [], env: job.env ?? [],
+    waitingFor: job.state === 'waiting' ? waitReason(st, job, queue) : null,
     history: (job.history ?? []).map((a) => ({
       attempt: a.n, worker: a.worker, slot: a.slot, exitCode: a.exitCode, reason: a.reason,
       startedAt: iso(a.startedAt), endedAt: iso(a.endedAt),
@@ -879,17 +1267,23 @@ function workerView(st: State, w: Worker) {
 const commandOf = (job: Job | undefined) => (job ? [job.script, ...job.args].map(shellQuote).join(' ') : '');
 const iso = (t: number) => new Date(t).toISOString();
 
-/** The status reply: counts, every worker with its slots, and the head of the queue. */
+/** The status reply: counts, every worker with its slots, the head of the queue (the
+ *  jobs that start next), what is paused, and the counts of each tag. */
 export function statusView(st: State) {
-  const queue: { id: number; command: string; queuedAt: string; attempts: number }[] = [];
-  for (const job of waitingJobs(st)) {
+  const queue: { id: number; command: string; queuedAt: string; attempts: number; priority: number }[] = [];
+  for (const job of waitingJobs(st, true)) {
     if (queue.length >= QUEUE_HEAD) break;
-    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: attemptsOf(job) });
+    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: attemptsOf(job), priority: job.priority });
   }
   return {
     counts: { ...st.counts, total: st.jobs.size },
     workers: [...st.workers.values()].map((w) => workerView(st, w)),
     queue,
+    paused: st.paused,
+    pausedTags: [...st.pausedTags].sort(),
+    tags: [...st.tagCounts].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([tag, c]) => ({
+      tag, ...c, total: c.waiting + c.running + c.done + c.failed + c.killed, paused: st.pausedTags.has(tag),
+    })),
   };
 }
 export type StatusView = ReturnType<typeof statusView>;
@@ -976,6 +1370,10 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
   if (fs.existsSync(snapFile)) {
     snapshotSize = fs.statSync(snapFile).size;
     let complete = false, version = FORMAT_VERSION;
+    // Waiting jobs are queued (or held) once every job is in, since holds look at their
+    // dependencies; they come in the order they start, so queueing keeps that order.
+    const waiting: Job[] = [];
+    const tagSets = new Map<string, string[]>();
     const { tail } = forEachLine(snapFile, Infinity, (line, no) => {
       const rec = upgradeRecord(parseLine(snapFile, line, no), version);
       if (no === 1) {
@@ -993,11 +1391,25 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         if (job.args.length === 0) job.args = NO_ARGS;
         job.script = intern(st, job.script); job.cwd = intern(st, job.cwd);
         if (job.worker !== null) job.worker = intern(st, job.worker);
-        st.jobs.set(job.id, job);
-        st.counts[job.state]++;
-        if (job.state === 'waiting') enqueue(st, job, false);
+        // Version 2 jobs have no campaign fields.
+        job.priority ??= 0; job.after ??= null; job.env ??= null; job.blockers = 0;
+        if (!Array.isArray(job.tags) || job.tags.length === 0) job.tags = NO_TAGS;
+        else {
+          const key = job.tags.join('\t');
+          job.tags = tagSets.get(key) ?? (tagSets.set(key, job.tags), job.tags);
+        }
+        addJob(st, job);
+        if (job.state === 'waiting') waiting.push(job);
+      } else if (rec.pause) {
+        const p = rec.pause as { all?: unknown; tags?: unknown };
+        st.paused = p.all === true;
+        if (Array.isArray(p.tags)) for (const t of p.tags) st.pausedTags.add(String(t));
+      } else if (rec.forgotten) {
+        if (!Array.isArray(rec.forgotten)) throw damaged(snapFile, no, 'bad forgotten ids');
+        for (const id of rec.forgotten) st.forgotten.add(Number(id));
       } else if (rec.end) {
         if (rec.jobs !== st.jobs.size) throw damaged(snapFile, no, 'job count does not match');
+        for (const job of waiting) queueOrHold(st, job, false);
         complete = true;
       } else throw damaged(snapFile, no, 'unknown record');
     });
@@ -1105,8 +1517,12 @@ export class Journal {
         if (buf.length > 1 << 20) { writeAll(fd, buf); written += Buffer.byteLength(buf); buf = ''; }
       };
       for (const w of st.workers.values()) put({ w });
+      if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
+      const forgotten = [...st.forgotten];
+      for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
+      // Queued jobs in the order they start, then the others (held ones among them).
       for (const j of waitingJobs(st)) put({ j: { ...j, qtok: 0 } });
-      for (const j of st.jobs.values()) if (j.state !== 'waiting') put({ j });
+      for (const j of st.jobs.values()) if (j.state !== 'waiting' || j.qtok < 0) put({ j: { ...j, qtok: 0 } });
       put({ end: true, jobs: st.jobs.size });
       writeAll(fd, buf); written += Buffer.byteLength(buf);
     });
@@ -1577,6 +1993,9 @@ const OPS: Record<string, Op> = {
   kill: { kind: 'change', decide: decideKill },
   retry: { kind: 'change', decide: decideRetry },
   clean: { kind: 'change', decide: decideClean },
+  set_priority: { kind: 'change', decide: decideSetPriority },
+  pause: { kind: 'change', decide: decidePause },
+  resume: { kind: 'change', decide: decidePause },
   add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers },
   remove_workers: { kind: 'change', decide: decideRemoveWorkers },
   stop: { kind: 'shutdown' },
@@ -1669,12 +2088,13 @@ type Turn = { lines: string[]; answers: { reply: Reply; answer: Record<string, u
 
 /** Applies an event, numbers it for the journal, and notes its effects. */
 function commit(turn: Turn, ev: Event): void {
+  const cascades = st.cascades;
   applyEvent(st, ev);
   st.seq++;
   turn.lines.push(JSON.stringify({ n: st.seq, ...ev }));
   for (const fx of effectsOf(st, ev)) turn.effects.push(fx);
   if (waiters.size && turn.touched) { // only `wait` clients need to know which jobs changed
-    const ids = touchedBy(ev);
+    const ids = st.cascades !== cascades ? 'all' : touchedBy(ev); // jobs failed for a dependency: any
     if (ids === 'all') turn.touched = null; else for (const id of ids) turn.touched.add(id);
   }
 }
@@ -1682,8 +2102,8 @@ function commit(turn: Turn, ev: Event): void {
 /** Ids of the jobs an event touches (for wait), or 'all'. */
 function touchedBy(ev: Event): number[] | 'all' {
   switch (ev.e) {
-    case 'add': return Array.from({ length: ev.jobs.length }, (_, i) => ev.id + i);
-    case 'remove': case 'kill': case 'retry': return ev.ids;
+    case 'add': return Array.from({ length: addCount(ev) }, (_, i) => ev.id + i);
+    case 'remove': case 'kill': case 'retry': case 'priority': return ev.ids;
     case 'start': case 'unstart': case 'end': return [ev.id];
     case 'clean': return 'all';
     default: return [];
@@ -1811,7 +2231,7 @@ function launchJob(id: number): void {
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null });
   launches.push(launchRecord({
-    id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env: [], script: job.script, args: job.args,
+    id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env: job.env ?? NO_ARGS, script: job.script, args: job.args,
   }));
 }
 const launches: Buffer[] = [];
@@ -1987,13 +2407,19 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
   }
 }
 
-/** wait {ids} | {hosts}: answers when those jobs (all, without ids) have finished, or
+/** wait {ids} | {tag} | {hosts}: answers when those jobs (all, without ids) have finished, or
  *  those workers are gone; progress lines meanwhile. */
 function openWait(req: Request, conn: Conn): void {
   let ids: Set<number> | null = null;
   if (Array.isArray(req.ids) && req.ids.length) {
     ids = new Set(req.ids.map((x) => num(x, 'job id', 1)));
     for (const id of ids) jobOrFail(st, id);
+  } else if (req.tag !== undefined) {
+    // The tag's jobs as of now: wait --tag T returns once they have all ended.
+    tagKnown(st, req);
+    const tag = tagOf(req.tag);
+    ids = new Set();
+    for (const job of st.jobs.values()) if (job.tags.includes(tag)) ids.add(job.id);
   }
   const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
   const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '' };
@@ -2018,13 +2444,14 @@ function openLog(req: Request, conn: Conn): void {
 function streamJobs(req: Request, conn: Conn): void {
   const state = req.state;
   if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(String(state))}`, `states are ${JOB_STATES.join(', ')}`);
+  const tag = req.tag === undefined ? undefined : tagOf(req.tag);
   const it = st.jobs.values(), sock = conn.sock;
-  const now = Date.now();
+  const now = Date.now(), queue = queueReason(st);
   const pump = () => {
     for (;;) {
       const rows: JobView[] = [];
       for (let r = it.next(); !r.done; r = it.next()) {
-        if (state === undefined || r.value.state === state) rows.push(jobView(r.value, now));
+        if ((state === undefined || r.value.state === state) && (tag === undefined || r.value.tags.includes(tag))) rows.push(jobView(st, r.value, now, queue));
         if (rows.length >= 2000) break;
       }
       if (rows.length === 0) { sock.end(JSON.stringify({ ok: true }) + '\n'); return; }
@@ -2453,8 +2880,14 @@ const GLOBAL_OPTIONS: OptSpec = {
 
 /** Parses a command's words with node's parseArgs. With `stopAtPositional`, the first
  *  positional word and everything after it are left alone (they belong to the job). */
-function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolean): Parsed {
+function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolean, negatives = false): Parsed {
   const all = { ...GLOBAL_OPTIONS, ...options };
+  if (negatives) {
+    // Words like -5 are numbers here (set_priority -5 ID), not options: hidden from parseArgs
+    // behind a NUL, which no command-line word can hold, and brought back after.
+    const p = parseCommand(args.map((w) => (/^-\d+$/.test(w) ? `\0${w}` : w)), options, stopAtPositional);
+    return { values: p.values, positionals: p.positionals.map((w) => (w.startsWith('\0') ? w.slice(1) : w)) };
+  }
   let own = args, rest: string[] = [];
   if (stopAtPositional) {
     const { tokens } = parseArgs({ args, options: all, strict: false, allowPositionals: true, tokens: true });
@@ -2551,12 +2984,30 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     if (w.state === 'down') line += `  ${w.error ?? ''}${w.nextProbeAt ? `; next check in ${formatDuration(Date.parse(w.nextProbeAt) - now)}` : ''}`;
     out.push(line.trimEnd());
   }
+  if (s.paused || s.pausedTags.length) {
+    out.push(`paused: ${[...(s.paused ? ['the queue (resume to start jobs again)'] : []), ...s.pausedTags.map((t) => `tag ${t}`)].join(', ')}`);
+  }
+  if (s.tags.length) {
+    out.push('tags:');
+    const tw = Math.max(...s.tags.map((t) => t.tag.length));
+    for (const t of s.tags) out.push(formatTagLine(t, tw, c));
+  }
   if (s.queue.length) {
     out.push(`queue (${counts.waiting} waiting, next first):`);
     for (const q of s.queue) out.push(`  ${String(q.id).padStart(6)}  ${formatDuration(now - Date.parse(q.queuedAt)).padStart(6)} ago  ${q.command}`);
     if (counts.waiting > s.queue.length) out.push(`  … and ${counts.waiting - s.queue.length} more`);
   }
   return out.join('\n') + '\n';
+}
+
+/** One tag's progress: a bar of its ended share, then its counts (as JuQueue shows an
+ *  experiment). */
+export function formatTagLine(t: StatusView['tags'][number], width: number, c: (code: string, s: string) => string): string {
+  const ended = t.done + t.failed + t.killed, bar = 20;
+  const full = t.total ? Math.round((ended / t.total) * bar) : 0;
+  return `  ${t.tag.padEnd(width)}  [${'#'.repeat(full)}${'.'.repeat(bar - full)}] ${String(ended).padStart(String(t.total).length)}/${t.total}` +
+    `  ${t.done} ${c(STATE_COLORS.done, 'done')}, ${t.failed} ${c(STATE_COLORS.failed, 'failed')}, ${t.killed} ${c(STATE_COLORS.killed, 'killed')}, ` +
+    `${t.running} ${c(STATE_COLORS.running, 'running')}, ${t.waiting} ${c(STATE_COLORS.waiting, 'waiting')}${t.paused ? '  (paused)' : ''}`;
 }
 
 function formatTime(isoTime: string | null, now: number): string {
@@ -2570,7 +3021,7 @@ export function formatJobRow(j: JobView, now: number, c: (code: string, s: strin
   const exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
   const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
   return [
-    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), (j.worker ?? '-').padEnd(15), exit.padStart(7),
+    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), ((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-').padEnd(15), exit.padStart(7),
     String(j.attempts).padStart(5), formatTime(j.queuedAt, now).padEnd(11), (j.runtimeMs === null ? '-' : formatDuration(j.runtimeMs)).padStart(7), cmd,
   ].join('  ');
 }
@@ -2646,23 +3097,59 @@ async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   return EXIT_OK;
 }
 
-async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[]): Promise<void> {
-  const retries = intOption(p.values.retries, 'retries', 0) ?? 0;
-  const timeout = intOption(p.values.timeout, 'timeout', 1) ?? 0;
-  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: process.cwd(), retries, timeout, jobs });
-  const first = Number(r.first);
+/** A whole number that may be negative (priorities). */
+const signedOption = (v: unknown, name: string): number | undefined => {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (typeof v !== 'string' || !/^[-+]?\d+$/.test(v) || !Number.isSafeInteger(n) || Math.abs(n) > PRIORITY_LIMIT) throw usage(`invalid ${name} ${quoteForError(String(v))}`, `${name} takes a whole number, like 5 or -1`);
+  return n;
+};
+
+/** The campaign options of add_job and add_jobs, as request fields. */
+function jobOptions(p: Parsed): Record<string, unknown> {
+  const list = (v: unknown) => (v === undefined ? [] : (v as string[]));
+  const after = list(p.values.after).flatMap((w) => w.split(',')).map((w) => intOption(w.trim(), 'job id in --after', 1)!);
+  const tags = list(p.values.tag).map(tagOf);
+  const env = envOf(list(p.values.env));
+  return {
+    retries: intOption(p.values.retries, 'retries', 0) ?? 0,
+    timeout: intOption(p.values.timeout, 'timeout', 1) ?? 0,
+    ...(tags.length ? { tags } : {}),
+    ...(p.values.priority !== undefined ? { priority: signedOption(p.values.priority, 'priority') } : {}),
+    ...(after.length ? { after } : {}),
+    ...(env.length ? { env } : {}),
+  };
+}
+
+async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[], sweep?: string[][]): Promise<void> {
+  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: process.cwd(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}) });
+  const first = Number(r.first), count = Number(r.count);
   let text = '';
-  for (let i = 0; i < jobs.length; i++) {
+  for (let i = 0; i < count; i++) {
     text += `${first + i}\n`;
     if (text.length > 65536) { ctx.out.write(text); text = ''; }
   }
   ctx.out.write(text);
 }
 
+/** Splits add_job's words at `:::` into the job's arguments and the sweep's lists. */
+export function splitSweep(words: string[]): { args: string[]; lists: string[][] | undefined } {
+  const at = words.indexOf(':::');
+  if (at < 0) return { args: words, lists: undefined };
+  const lists: string[][] = [];
+  for (const w of words.slice(at)) {
+    if (w === ':::') lists.push([]); else lists[lists.length - 1].push(w);
+  }
+  return { args: words.slice(0, at), lists };
+}
+
 async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
-  if (!p.positionals.length) throw usage('add_job needs a SCRIPT', 'usage: cli.ts add_job [--retries N] [--timeout S] SCRIPT [ARGS...]');
-  const [script, ...args] = p.positionals;
-  await sendJobs(ctx, p, [[resolveScript(script, process.cwd()), ...args]]);
+  if (!p.positionals.length || p.positionals[0] === ':::') throw usage('add_job needs a SCRIPT', `usage: cli.ts ${COMMANDS.add_job.synopsis}`);
+  const [script, ...words] = p.positionals;
+  const { args, lists } = splitSweep(words);
+  const spec = [resolveScript(script, process.cwd()), ...args];
+  if (lists) checkSweep(spec, lists); // the server checks too; this fails before any I/O
+  await sendJobs(ctx, p, [spec], lists);
   return EXIT_OK;
 }
 
@@ -2679,9 +3166,15 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
 
 const parseIds = (words: string[]) => words.map((w) => intOption(w, 'job id', 1)!);
 
+/** The --tag of a command that takes one, as a request field. */
+const tagField = (p: Parsed) => (p.values.tag === undefined ? {} : { tag: tagOf(p.values.tag) });
+
 async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   let msg: Record<string, unknown>;
-  if (p.values.id) {
+  if (p.values.tag !== undefined) {
+    if (p.values.id || p.positionals.length) throw usage('remove_job takes --tag TAG, --id ID... or SCRIPT [ARGS...], one of them');
+    msg = { op: 'remove_jobs', ...tagField(p) };
+  } else if (p.values.id) {
     msg = { op: 'remove_jobs', ids: parseIds(p.positionals) };
     if (!p.positionals.length) throw usage('remove_job --id needs at least one ID');
   } else {
@@ -2696,26 +3189,35 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 async function cmdKill(p: Parsed, ctx: Ctx): Promise<number> {
-  if (p.values.all && p.positionals.length) throw usage('kill takes IDs or --all, not both');
-  if (!p.values.all && !p.positionals.length) throw usage('kill needs IDs or --all');
-  const r = await request(ctx.dataDir, p.values.all ? { op: 'kill', all: true } : { op: 'kill', ids: parseIds(p.positionals) });
+  const ways = Number(Boolean(p.values.all)) + Number(p.values.tag !== undefined) + Number(p.positionals.length > 0);
+  if (ways !== 1) throw usage(ways ? 'kill takes IDs, --tag TAG or --all, one of them' : 'kill needs IDs, --tag TAG or --all');
+  const r = await request(ctx.dataDir, p.values.all ? { op: 'kill', all: true } : p.positionals.length ? { op: 'kill', ids: parseIds(p.positionals) } : { op: 'kill', ...tagField(p) });
   const ids = r.ids as number[];
   ctx.out.write(ids.length ? `killing ${ids.length} job${ids.length === 1 ? '' : 's'}: ${ids.join(' ')}\n` : 'no job to kill\n');
   return EXIT_OK;
 }
 
 async function cmdRetry(p: Parsed, ctx: Ctx): Promise<number> {
-  const byState = Boolean(p.values.failed || p.values.killed);
-  if (byState && p.positionals.length) throw usage('retry takes IDs or --failed/--killed, not both');
-  if (!byState && !p.positionals.length) throw usage('retry needs IDs, --failed or --killed');
-  const r = await request(ctx.dataDir, byState ? { op: 'retry', failed: p.values.failed, killed: p.values.killed } : { op: 'retry', ids: parseIds(p.positionals) });
+  const byState = Boolean(p.values.failed || p.values.killed || p.values.tag !== undefined);
+  if (byState && p.positionals.length) throw usage('retry takes IDs or --failed/--killed/--tag, not both');
+  if (!byState && !p.positionals.length) throw usage('retry needs IDs, --failed, --killed or --tag TAG');
+  const r = await request(ctx.dataDir, byState ? { op: 'retry', failed: p.values.failed, killed: p.values.killed, ...tagField(p) } : { op: 'retry', ids: parseIds(p.positionals) });
   const ids = r.ids as number[];
   ctx.out.write(ids.length ? `queued again: ${ids.join(' ')}\n` : 'no job to retry\n');
   return EXIT_OK;
 }
 
 async function cmdStatus(p: Parsed, ctx: Ctx): Promise<number> {
+  const tag = p.values.tag === undefined ? undefined : tagOf(p.values.tag);
   const r = await request(ctx.dataDir, { op: 'status' });
+  if (tag !== undefined) {
+    // One tag: its line only (and its entry only, with --json).
+    const view = r as unknown as StatusView;
+    const t = view.tags.find((x) => x.tag === tag);
+    if (!t) throw failure(`no job has the tag ${quoteForError(tag)}`, 'see the tags in: cli.ts status');
+    ctx.out.write(p.values.json ? JSON.stringify(t, null, 2) + '\n' : formatTagLine(t, tag.length, color(useColor(ctx.out))) + '\n');
+    return EXIT_OK;
+  }
   if (p.values.json) { const { ok: _ok, ...rest } = r; ctx.out.write(JSON.stringify(rest, null, 2) + '\n'); }
   else ctx.out.write(formatStatus(r as unknown as StatusView, Date.now(), useColor(ctx.out)));
   return EXIT_OK;
@@ -2732,7 +3234,7 @@ async function cmdList(p: Parsed, ctx: Ctx): Promise<number> {
     begun = true;
     ctx.out.write(json ? '[' : `${'ID'.padStart(6)}  ${'STATE'.padEnd(7)}  ${'WORKER'.padEnd(15)}  ${'EXIT'.padStart(7)}  TRIES  ${'QUEUED'.padEnd(11)}  RUNTIME  COMMAND\n`);
   };
-  await request(ctx.dataDir, { op: 'list', state }, (m) => {
+  await request(ctx.dataDir, { op: 'list', state, ...tagField(p) }, (m) => {
     begin();
     const rows = m.rows as JobView[];
     let text = '';
@@ -2776,6 +3278,7 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
 
 async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
   const ids = p.positionals.length ? parseIds(p.positionals) : undefined;
+  if (ids && p.values.tag !== undefined) throw usage('wait takes IDs or --tag TAG, not both');
   const tty = Boolean(ctx.err.isTTY);
   const t0 = Date.now();
   let firstEnded = -1, lastPlain = 0;
@@ -2788,7 +3291,7 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
     const eta = rate > 0 ? `, about ${formatDuration((left / rate) * 1000)} left` : '';
     return `${ended}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed, ${c.running} running, ${c.waiting} waiting — ${rate.toFixed(1)} jobs/s${eta}`;
   };
-  const r = await lastingRequest(ctx.dataDir, { op: 'wait', ids }, (m) => {
+  const r = await lastingRequest(ctx.dataDir, { op: 'wait', ids, ...tagField(p) }, (m) => {
     const line = describe(m.progress as Counts);
     if (tty) ctx.err.write(`\r\x1b[K${line}`);
     else if (Date.now() - lastPlain >= 10_000) { lastPlain = Date.now(); ctx.err.write(line + '\n'); }
@@ -2800,8 +3303,29 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 async function cmdClean(p: Parsed, ctx: Ctx): Promise<number> {
-  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs) });
+  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs), ...tagField(p) });
   ctx.out.write(`forgot ${r.count} finished job${r.count === 1 ? '' : 's'}${p.values.logs ? ' and their logs' : ''}\n`);
+  return EXIT_OK;
+}
+
+async function cmdSetPriority(p: Parsed, ctx: Ctx): Promise<number> {
+  const [n, ...rest] = p.positionals;
+  if (n === undefined) throw usage('set_priority needs a PRIORITY', `usage: cli.ts ${COMMANDS.set_priority.synopsis}`);
+  const priority = signedOption(n, 'priority');
+  if ((p.values.tag !== undefined) === (rest.length > 0)) throw usage('set_priority takes IDs or --tag TAG, one of them');
+  const r = await request(ctx.dataDir, { op: 'set_priority', priority, ...(rest.length ? { ids: parseIds(rest) } : tagField(p)) });
+  const ids = r.ids as number[];
+  ctx.out.write(ids.length ? `priority ${priority}: ${ids.length} waiting job${ids.length === 1 ? '' : 's'}\n` : 'no waiting job to change\n');
+  return EXIT_OK;
+}
+
+async function cmdPause(p: Parsed, ctx: Ctx, op: 'pause' | 'resume'): Promise<number> {
+  const tag = p.values.tag === undefined ? undefined : tagOf(p.values.tag);
+  const r = await request(ctx.dataDir, { op, ...(tag === undefined ? {} : { tag }) });
+  const what = tag === undefined ? 'the queue' : `tag ${tag}`;
+  ctx.out.write(`${r.changed ? (op === 'pause' ? 'paused' : 'resumed') : `already ${op === 'pause' ? 'paused' : 'running'}:`} ${what}${op === 'pause' ? ' (running jobs go on)' : ''}\n`);
+  const still = (r.pausedTags as string[]).filter((t) => t !== tag);
+  if (op === 'resume' && tag === undefined && still.length) ctx.err.write(`still paused: tag${still.length === 1 ? '' : 's'} ${still.join(', ')} (resume --tag TAG)\n`);
   return EXIT_OK;
 }
 
@@ -2816,23 +3340,31 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
   return EXIT_OK;
 }
 
-type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; synopsis: string };
-const JOB_OPTIONS: OptSpec = { retries: { type: 'string' }, timeout: { type: 'string' } };
+type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; negatives?: boolean; synopsis: string };
+const JOB_OPTIONS: OptSpec = {
+  retries: { type: 'string' }, timeout: { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
+  after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true },
+};
+const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]...';
+const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
   add_slave: { run: cmdAddWorkers, options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' } }, synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...' },
   remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },
-  add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: 'add_job [--retries N] [--timeout SECONDS] SCRIPT [ARGS...]' },
-  add_jobs: { run: cmdAddJobs, options: JOB_OPTIONS, synopsis: 'add_jobs [--retries N] [--timeout SECONDS] FILE|-' },
-  remove_job: { run: cmdRemoveJob, options: { id: { type: 'boolean' } }, jobArgs: true, synopsis: 'remove_job SCRIPT [ARGS...] | remove_job --id ID...' },
-  kill: { run: cmdKill, options: { all: { type: 'boolean' } }, synopsis: 'kill ID... | kill --all' },
-  retry: { run: cmdRetry, options: { failed: { type: 'boolean' }, killed: { type: 'boolean' } }, synopsis: 'retry ID... | retry [--failed] [--killed]' },
-  status: { run: cmdStatus, options: { json: { type: 'boolean' } }, noArgs: true, synopsis: 'status [--json]' },
-  list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' } }, noArgs: true, synopsis: 'list [--state STATE] [--json]' },
+  add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: `add_job ${JOB_SYNOPSIS} SCRIPT [ARGS...] [::: V... [::: W...]]` },
+  add_jobs: { run: cmdAddJobs, options: JOB_OPTIONS, synopsis: `add_jobs ${JOB_SYNOPSIS} FILE|-` },
+  remove_job: { run: cmdRemoveJob, options: { id: { type: 'boolean' }, ...TAG }, jobArgs: true, synopsis: 'remove_job SCRIPT [ARGS...] | remove_job --id ID... | remove_job --tag TAG' },
+  kill: { run: cmdKill, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'kill ID... | kill --tag TAG | kill --all' },
+  retry: { run: cmdRetry, options: { failed: { type: 'boolean' }, killed: { type: 'boolean' }, ...TAG }, synopsis: 'retry ID... | retry [--failed] [--killed] [--tag TAG]' },
+  set_priority: { run: cmdSetPriority, options: TAG, negatives: true, synopsis: 'set_priority N ID... | set_priority N --tag TAG' },
+  pause: { run: (p, ctx) => cmdPause(p, ctx, 'pause'), options: TAG, noArgs: true, synopsis: 'pause [--tag TAG]' },
+  resume: { run: (p, ctx) => cmdPause(p, ctx, 'resume'), options: TAG, noArgs: true, synopsis: 'resume [--tag TAG]' },
+  status: { run: cmdStatus, options: { json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'status [--tag TAG] [--json]' },
+  list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'list [--state STATE] [--tag TAG] [--json]' },
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
-  wait: { run: cmdWait, options: {}, synopsis: 'wait [ID...]' },
-  clean: { run: cmdClean, options: { logs: { type: 'boolean' } }, noArgs: true, synopsis: 'clean [--logs]' },
+  wait: { run: cmdWait, options: TAG, synopsis: 'wait [ID... | --tag TAG]' },
+  clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG]' },
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
 
@@ -2884,7 +3416,7 @@ export async function main(argv: string[]): Promise<number> {
     const name = ALIASES[cmdToken.value] ?? cmdToken.value;
     const cmd = COMMANDS[name];
     if (!cmd) throw usage(`unknown command ${quoteForError(cmdToken.value)}`, `commands: ${Object.keys(COMMANDS).join(', ')}`);
-    const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false);
+    const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false, cmd.negatives);
     if (parsed.values.help) { out.write(`usage: cli.ts ${cmd.synopsis}\n`); return EXIT_OK; }
     if (cmd.noArgs && parsed.positionals.length) throw usage(`${name} takes no arguments, not ${quoteForError(parsed.positionals[0])}`, `usage: cli.ts ${cmd.synopsis}`);
     const dataDir = path.resolve(

@@ -1289,14 +1289,14 @@ describe('jobView', () => {
     worker(st, 'a');
     add(st, 1, { timeout: 0 });
     start(st, 1, 'a', 0, T0);
-    const running = jobView(job(st, 1), T0 + 4000);
+    const running = jobView(st, job(st, 1), T0 + 4000);
     assert.equal(running.runtimeMs, 4000);
     assert.equal(running.state, 'running');
     assert.equal(running.worker, 'a');
     assert.equal(running.slot, 0);
     assert.equal(running.timeout, null);
     end(st, 1, 0, T0 + 2500);
-    const done = jobView(job(st, 1), T0 + 99_000);
+    const done = jobView(st, job(st, 1), T0 + 99_000);
     assert.equal(done.runtimeMs, 2500);
     assert.equal(done.exitCode, 0);
     assert.equal(done.history.length, 1);
