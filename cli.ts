@@ -328,6 +328,7 @@ function setJobState(st: State, job: Job, to: JobState): void {
 function addJob(st: State, job: Job): void { st.jobs.set(job.id, job); count(st, job, job.state, 1); }
 function dropJob(st: State, job: Job): void {
   st.jobs.delete(job.id);
+  st.dependents.delete(job.id); // a finished job's held dependents were told already
   count(st, job, job.state, -1);
   if (job.state !== 'done') st.forgotten.add(job.id);
 }
@@ -437,48 +438,66 @@ function depDone(st: State, id: number): boolean {
 }
 
 /** Queues a job that became waiting, or holds it until its dependencies are done. A
- *  hold has a token of its own, as a queue entry has, so that the entries a job left
- *  behind in earlier holds (it was killed, then retried) count for nothing. */
+ *  held job is listed under each of its dependencies (done ones too: a retry of one makes
+ *  it wait again). A hold has a token of its own, as a queue entry has, so the entries a
+ *  job left behind in earlier holds (it was killed, then retried) count for nothing. */
 function queueOrHold(st: State, job: Job, inFront: boolean): void {
   job.blockers = 0;
-  const tok = -(st.tok + 1);
-  for (const d of job.after ?? NO_IDS) {
-    if (depDone(st, d)) continue;
-    job.blockers++;
+  for (const d of job.after ?? NO_IDS) if (!depDone(st, d)) job.blockers++;
+  if (job.blockers === 0) { enqueue(st, job, inFront); return; }
+  job.qtok = -(++st.tok);
+  for (const d of job.after!) {
+    if (!st.jobs.has(d)) continue; // cleaned after it ended done: done for good
     const list = st.dependents.get(d);
-    if (list) list.push(job.id, tok); else st.dependents.set(d, [job.id, tok]);
+    if (list) list.push(job.id, job.qtok); else st.dependents.set(d, [job.id, job.qtok]);
   }
-  if (job.blockers === 0) enqueue(st, job, inFront);
-  else { st.tok++; job.qtok = tok; }
 }
 const NO_IDS: number[] = [];
+
+/** The jobs held under dependency `dep` whose hold is still live, as [job, index]. */
+function* heldFor(st: State, dep: number): Generator<Job> {
+  const list = st.dependents.get(dep);
+  if (!list) return;
+  for (let i = 0; i < list.length; i += 2) {
+    const job = st.jobs.get(list[i]);
+    if (job && job.state === 'waiting' && job.qtok === list[i + 1]) yield job;
+  }
+}
 
 /** A job ended for good (done, failed, killed) or left (removed): the jobs held for it
  *  are queued once their last dependency is done, or fail, and their own dependents
  *  after them. Only the jobs held for it are looked at (no scan of all jobs); a worklist,
  *  not recursion, so a chain of any length is fine. */
 function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'removed', t: number): void {
-  const work: [number, 'done' | 'failed' | 'removed'][] = [[id, how]];
+  if (how === 'done') {
+    const still: number[] = [];
+    for (const job of heldFor(st, id)) {
+      if (--job.blockers === 0) enqueue(st, job, false);
+      else still.push(job.id, job.qtok);
+    }
+    if (still.length) st.dependents.set(id, still); else st.dependents.delete(id);
+    return;
+  }
+  const work: [number, 'failed' | 'removed'][] = [[id, how]];
   while (work.length) {
     const [dep, outcome] = work.pop()!;
-    const held = st.dependents.get(dep);
-    if (!held) continue;
+    const held = [...heldFor(st, dep)];
     st.dependents.delete(dep);
-    for (let i = 0; i < held.length; i += 2) {
-      const hid = held[i], job = st.jobs.get(hid);
-      if (!job || job.state !== 'waiting' || job.qtok !== held[i + 1]) continue;
-      if (outcome === 'done') {
-        if (--job.blockers === 0) enqueue(st, job, false);
-        continue;
-      }
+    for (const job of held) {
       job.blockers = 0;
       st.cascades++;
       job.reason = `dependency ${dep} ${outcome}`;
       job.endedAt = t;
       setJobState(st, job, 'failed');
-      work.push([hid, 'failed']);
+      work.push([job.id, 'failed']);
     }
   }
+}
+
+/** A job that had ended done is queued again (retry): the jobs still held for others
+ *  wait for it again. */
+function reblockDependents(st: State, id: number): void {
+  for (const job of heldFor(st, id)) job.blockers++;
 }
 
 /** The most jobs one sweep may make. */
@@ -560,6 +579,7 @@ function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | 
     enqueue(st, job, true);
   } else {
     setJobState(st, job, to);
+    job.blockers = 0; // a held job that was killed waits for nothing any more
     if (st.dependents.has(job.id)) releaseDependents(st, job.id, to === 'done' ? 'done' : 'failed', t);
   }
 }
@@ -624,8 +644,8 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || job.state !== 'waiting') continue;
-        dropJob(st, job);
         if (st.dependents.has(id)) releaseDependents(st, id, 'removed', ev.t);
+        dropJob(st, job);
       }
       trimQueue(st);
       break;
@@ -681,9 +701,11 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || !isFinished(job.state)) continue;
+        const wasDone = job.state === 'done';
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
         job.queuedAt = ev.t;
         setJobState(st, job, 'waiting');
+        if (wasDone) reblockDependents(st, id);
         again.push(job);
       }
       for (const job of again) queueOrHold(st, job, false);
