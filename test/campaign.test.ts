@@ -1,5 +1,7 @@
 // Tier 2: steering a run — kill, retries, worker failures (exit 255), timeouts, retry,
-// removing workers, wait, log -f and clean, on fake workers (--skip_ssh_auth_check).
+// removing workers, wait, log -f and clean — and campaigns: sweeps, tags, priorities,
+// dependencies, pause and resume, per-job environment; on fake workers
+// (--skip_ssh_auth_check).
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -458,5 +460,196 @@ exit "$1"`);
     assert.ok(fs.existsSync(logOf(wait)), 'the log of a running job stays');
     release(s, wait);
     assert.equal((await s.cli(['wait', wait])).code, 0);
+  });
+});
+
+// ---- campaigns: sweeps, tags, priorities, dependencies, pause, env ------------------
+
+/** Records its run: "JOB_ID ARGS..." appended to order.txt, its arguments one per line in
+ *  args.$JOB_ID, its LR and MSG variables in env.$JOB_ID; exits with $EXIT_WITH or 0. */
+const RECORD = `echo "$JOB_ID $*" >> order.txt
+printf '%s\\n' "$@" > "args.$JOB_ID"
+printf 'LR=%s\\nMSG=%s\\n' "$LR" "$MSG" > "env.$JOB_ID"
+exit "\${EXIT_WITH:-0}"`;
+const order = (s: TestServer) => readIf(path.join(s.dir, 'order.txt')).trim().split('\n').filter(Boolean).map((l) => Number(l.split(' ')[0]));
+const idsOf = (out: string) => out.trim().split('\n').map(Number);
+
+describe('campaigns', { concurrency: 4 }, () => {
+  test('a sweep queues one job per combination in one request; {1} {2} {} are replaced, or the values appended; any file name works', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'rec.sh', RECORD);
+    const ids = idsOf(await s.ok(['add_job', '--tag', 'grid', './rec.sh', '--lr={1}', '--seed', '{2}', ':::', '0.1', '0.01', ':::', '1', '2', '3']));
+    assert.equal(ids.length, 6);
+    assert.deepEqual(ids, ids.map((_, i) => ids[0] + i), 'consecutive ids, all printed');
+    assert.equal(fs.readFileSync(path.join(s.dataDir, 'journal'), 'utf8').split('\n').filter((l) => l.includes('"e":"add"')).length, 1, 'one add event');
+    // Files with spaces, quotes and a leading dash, as `add_job ./rec.sh ::: data/*` gives them.
+    fs.mkdirSync(path.join(s.dir, 'data'));
+    const names = ['run 1.txt', "it's.txt", '-dash.txt', 'x{1}.txt'].sort();
+    for (const n of names) fs.writeFileSync(path.join(s.dir, 'data', n), '');
+    const files = idsOf(await s.ok(['add_job', './rec.sh', ':::', ...names.map((n) => `data/${n}`)]));
+    await addWorkers(s, 'w1:3');
+    assert.equal((await s.cli(['wait'])).code, 0);
+    const argsOf = (id: number) => readIf(path.join(s.dir, `args.${id}`)).split('\n').slice(0, -1);
+    assert.deepEqual(ids.map(argsOf), [
+      ['--lr=0.1', '--seed', '1'], ['--lr=0.1', '--seed', '2'], ['--lr=0.1', '--seed', '3'],
+      ['--lr=0.01', '--seed', '1'], ['--lr=0.01', '--seed', '2'], ['--lr=0.01', '--seed', '3'],
+    ]);
+    assert.deepEqual(files.map(argsOf), names.map((n) => [`data/${n}`]), 'one job per file, the name one argument, as it is');
+    const bad = [
+      [['add_job', './rec.sh', ':::'], /::: list 1 has no values/],
+      [['add_job', './rec.sh', '{3}', ':::', 'a', ':::', 'b'], /placeholder \{3\}/],
+      [['add_job', ':::', 'a'], /needs a SCRIPT/],
+    ] as const;
+    const before = (await s.jobs()).length;
+    for (const [args, msg] of bad) {
+      const r = await s.cli([...args]);
+      assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, msg);
+      assert.equal(r.stderr.split('\n').filter((l) => l.startsWith('error:')).length, 1, 'one error line');
+    }
+    assert.equal((await s.jobs()).length, before, 'bad sweeps queue nothing');
+  });
+
+  test('tags: status shows a progress line per tag; list, wait, kill, retry, remove_job and clean act on one tag', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'rec.sh', RECORD);
+    writeScript(s.dir, 'block.sh', GATED);
+    const a = idsOf(await s.ok(['add_job', '--tag', 'a', './rec.sh', ':::', '1', '2', '3']));
+    const failing = idsOf(await s.ok(['add_job', '--tag', 'a', '--tag', 'f', '-e', 'EXIT_WITH=4', './rec.sh', 'x']));
+    const [blocked] = idsOf(await s.ok(['add_job', '--tag', 'b', './block.sh']));
+    const [blocked2] = idsOf(await s.ok(['add_job', '--tag', 'b', './block.sh']));
+    const human = await s.ok(['status']);
+    assert.match(human, /^tags:$/m);
+    assert.match(human, /^\s+a\s+\[\.+\] 0\/4 .*4 waiting/m);
+    assert.match(human, /^\s+b\s+\[\.+\] 0\/2 /m);
+    await addWorkers(s, 'w1:3');
+    const w = await s.cli(['wait', '--tag', 'a']);
+    assert.equal(w.code, 1, 'a tag with a failed job: wait exits 1');
+    assert.match(w.stderr, /4\/4 finished: 3 done, 1 failed/);
+    assert.deepEqual((await s.ok(['list', '--tag', 'f', '--json'])).length > 0 && JSON.parse(await s.ok(['list', '--tag', 'f', '--json'])).map((j: any) => [j.id, j.state, j.tags]), [[failing[0], 'failed', ['a', 'f']]]);
+    const st = JSON.parse(await s.ok(['status', '--tag', 'a', '--json']));
+    assert.deepEqual([st.tag, st.done, st.failed, st.total], ['a', 3, 1, 4]);
+    assert.match(await s.ok(['retry', '--tag', 'a']), new RegExp(`queued again: ${failing[0]}$`, 'm'));
+    await until(async () => (await s.job(failing[0])).state === 'failed' && (await s.job(failing[0])).attempts === 2, 'the retried job to fail again');
+    await pidOf(s, blocked);
+    await pidOf(s, blocked2);
+    assert.match(await s.ok(['remove_job', '--tag', 'b']), /removed 0 jobs/, 'running jobs are not waiting');
+    await s.ok(['kill', '--tag', 'b']);
+    assert.equal((await s.cli(['wait', '--tag', 'b'])).code, 1);
+    assert.deepEqual([(await s.job(blocked)).state, (await s.job(blocked2)).state], ['killed', 'killed']);
+    assert.match(await s.ok(['clean', '--tag', 'b']), /forgot 2 finished jobs/);
+    assert.deepEqual((await s.jobs()).map((j) => j.id).sort((x, y) => x - y), [...a, ...failing]);
+    const unknown = await s.cli(['kill', '--tag', 'nope']);
+    assert.equal(unknown.code, 1);
+    assert.match(unknown.stderr, /no job has the tag 'nope'/);
+    assert.equal((await s.cli(['add_job', '--tag', 'a b', './rec.sh'])).code, 2);
+    assert.equal(a.every((id) => readIf(path.join(s.dir, `args.${id}`)) !== ''), true);
+  });
+
+  test('priorities: higher first, first come first served within one; set_priority reorders waiting jobs', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'rec.sh', RECORD);
+    writeScript(s.dir, 'block.sh', GATED);
+    await addWorkers(s, 'w1');
+    const gate = await addJob(s, './block.sh');
+    await pidOf(s, gate);
+    const low = idsOf(await s.ok(['add_job', './rec.sh', ':::', 'l1', 'l2']));
+    const high = idsOf(await s.ok(['add_job', '--priority', '10', './rec.sh', ':::', 'h1', 'h2']));
+    const neg = idsOf(await s.ok(['add_job', '--priority=-5', './rec.sh', 'n']));
+    const mid = idsOf(await s.ok(['add_job', '--priority', '3', './rec.sh', 'm']));
+    assert.match(await s.ok(['set_priority', '20', String(low[1])]), /priority 20: 1 waiting job/);
+    assert.match(await s.ok(['set_priority', '-10', String(mid[0])]), /priority -10: 1 waiting job/, 'a negative priority is a number, not an option');
+    const head = JSON.parse(await s.ok(['status', '--json'])).queue.map((q: { id: number }) => q.id);
+    assert.deepEqual(head, [low[1], ...high, low[0], ...neg, ...mid], 'status shows the queue in start order');
+    release(s, gate);
+    assert.equal((await s.cli(['wait'])).code, 0);
+    assert.deepEqual(order(s), [low[1], ...high, low[0], ...neg, ...mid]);
+    const r = await s.cli(['set_priority', '5', String(high[0])]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /only waiting jobs change priority/);
+    assert.equal((await s.cli(['add_job', '--priority', '1.5', './rec.sh'])).code, 2);
+  });
+
+  test('dependencies: --after waits for every dependency to end done; a failure fails the chain with the reason; list says why a job waits', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'rec.sh', RECORD);
+    writeScript(s.dir, 'block.sh', GATED);
+    const [p1, p2] = idsOf(await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n' }));
+    const [sum] = idsOf(await s.ok(['add_job', '--after', `${p1},${p2}`, './rec.sh', 'summary']));
+    const [bad] = idsOf(await s.ok(['add_job', '-e', 'EXIT_WITH=3', './rec.sh', 'bad']));
+    const [x] = idsOf(await s.ok(['add_job', '--after', String(bad), './rec.sh', 'x']));
+    const [y] = idsOf(await s.ok(['add_job', '--after', String(x), '--after', String(sum), './rec.sh', 'y']));
+    await addWorkers(s, 'w1:4');
+    await pidOf(s, p1);
+    await untilState(s, bad, 'failed');
+    const list = await s.ok(['list']);
+    assert.match(list, new RegExp(`^\\s*${sum}\\s+waiting\\s+after ${p1},${p2}\\s`, 'm'), 'list says what the job waits for');
+    const jx = await s.job(x), jy = await s.job(y);
+    assert.deepEqual([jx.state, jx.reason, jy.state, jy.reason], ['failed', `dependency ${bad} failed`, 'failed', `dependency ${x} failed`]);
+    release(s, p1);
+    await untilState(s, p1, 'done');
+    assert.equal((await s.job(sum)).waitingFor, `after ${p2}`);
+    assert.ok(!order(s).includes(sum), 'not started while one dependency runs');
+    release(s, p2);
+    await untilState(s, sum, 'done');
+    // Retry of the chain: alone refused; with its failed dependency, it waits for it.
+    const alone = await s.cli(['retry', String(x)]);
+    assert.equal(alone.code, 1);
+    assert.match(alone.stderr, new RegExp(`waits for job ${bad}, which ended failed`));
+    assert.match(alone.stderr, new RegExp(`retry both: retry ${bad} ${x}`));
+    assert.equal((await s.cli(['add_job', '--after', '999', './rec.sh'])).code, 1);
+    assert.equal((await s.cli(['add_job', '--after', 'x1', './rec.sh'])).code, 2);
+    const failedDep = await s.cli(['add_job', '--after', String(bad), './rec.sh']);
+    assert.equal(failedDep.code, 1);
+    assert.match(failedDep.stderr, /already ended failed/);
+    assert.deepEqual(order(s).filter((id) => id === x || id === y), [], 'the failed chain never ran');
+  });
+
+  test('pause and resume, of everything or of a tag, hold across a restart; running jobs go on', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'rec.sh', RECORD);
+    writeScript(s.dir, 'block.sh', GATED);
+    await addWorkers(s, 'w1:3');
+    const running = await addJob(s, './block.sh');
+    await pidOf(s, running);
+    assert.match(await s.ok(['pause']), /paused the queue/);
+    assert.match(await s.ok(['pause', '--tag', 'late']), /paused tag late/);
+    const [plain] = idsOf(await s.ok(['add_job', './rec.sh', 'plain']));
+    const [late] = idsOf(await s.ok(['add_job', '--tag', 'late', './rec.sh', 'late']));
+    release(s, running);
+    await untilState(s, running, 'done');
+    assert.match(await s.ok(['status']), /^paused: the queue .*tag late/m);
+    await s.stop();
+    const s2 = await s.restart();
+    assert.deepEqual([(await s2.status()).paused, (await s2.status()).pausedTags], [true, ['late']], 'pauses are durable');
+    assert.equal((await s2.job(plain)).waitingFor, 'paused');
+    const r = await s2.cli(['resume']);
+    assert.match(r.stdout, /resumed the queue/);
+    assert.match(r.stderr, /still paused: tag late/);
+    await untilState(s2, plain, 'done');
+    assert.equal((await s2.job(late)).state, 'waiting');
+    assert.equal((await s2.job(late)).waitingFor, 'tag late paused');
+    await s2.ok(['resume', '--tag', 'late']);
+    await untilState(s2, late, 'done');
+    assert.match(await s2.ok(['resume']), /already running: the queue/);
+  });
+
+  test('-e/--env NAME=VALUE reaches the job on top of the server\'s environment, across a restart; bad settings are refused', async (t) => {
+    const s = await serve(t, { env: { MSG: 'from the server', LR: 'server' } });
+    writeScript(s.dir, 'rec.sh', RECORD);
+    const [id] = idsOf(await s.ok(['add_job', '-e', 'LR=0.1', '--env', 'MSG=a b=c \'"$x', './rec.sh']));
+    const [plain] = idsOf(await s.ok(['add_job', './rec.sh']));
+    await s.stop();
+    const s2 = await s.restart();
+    await addWorkers(s2, 'w1');
+    assert.equal((await s2.cli(['wait'])).code, 0);
+    assert.equal(readIf(path.join(s.dir, `env.${id}`)), 'LR=0.1\nMSG=a b=c \'"$x\n');
+    assert.equal(readIf(path.join(s.dir, `env.${plain}`)), 'LR=server\nMSG=from the server\n');
+    assert.deepEqual((await s2.job(id)).env, ['LR=0.1', 'MSG=a b=c \'"$x']);
+    for (const [setting, msg] of [['JOB_ID=7', /set by the server/], ['1X=2', /invalid environment setting/], ['NOVALUE', /invalid environment setting/]] as const) {
+      const r = await s2.cli(['add_job', '-e', setting, './rec.sh']);
+      assert.equal(r.code, 2, setting);
+      assert.match(r.stderr, msg);
+    }
   });
 });
