@@ -48,13 +48,19 @@ if (!process.features.typescript) {
  *   cli.ts stop                               stop it; running jobs keep running
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...
  *   cli.ts remove_slave [--wait|--kill] HOST...
- *   cli.ts add_job [--retries N] [--timeout S] SCRIPT [ARGS...]
- *   cli.ts add_jobs [--retries N] [--timeout S] FILE|-
- *   cli.ts remove_job SCRIPT [ARGS...] | --id ID...
- *   cli.ts kill ID... | --all            cli.ts retry ID... | [--failed] [--killed]
- *   cli.ts status [--json]               cli.ts list [--state S] [--json]
- *   cli.ts log ID [-f]                   cli.ts wait [ID...]
- *   cli.ts clean [--logs]
+ *   cli.ts add_job [JOB OPTIONS] SCRIPT [ARGS...] [::: V... [::: W...]]   (a sweep: one
+ *                                      job per combination; {1} {2} {} in ARGS replaced)
+ *   cli.ts add_jobs [JOB OPTIONS] FILE|-
+ *     JOB OPTIONS: --retries N, --timeout S, --tag TAG..., --priority N,
+ *                  --after ID[,ID]..., -e|--env NAME=VALUE...
+ *   cli.ts remove_job SCRIPT [ARGS...] | --id ID... | --tag TAG
+ *   cli.ts kill ID... | --tag TAG | --all
+ *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
+ *   cli.ts set_priority N ID... | N --tag TAG
+ *   cli.ts pause [--tag TAG]             cli.ts resume [--tag TAG]
+ *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S] [--tag TAG] [--json]
+ *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG]
+ *   cli.ts clean [--logs] [--tag TAG]
  *   Every command takes --data-dir DIR (env DJS_DATA_DIR, default ./.data).
  *
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
@@ -74,6 +80,7 @@ if (!process.features.typescript) {
  *
  * STATE MACHINES
  *   job:    waiting -> running -> done (exit 0) | failed (exit != 0, timeout) | killed
+ *           waiting -> failed   when a job it waits for (--after) ends failed or killed
  *           running -> waiting  when the worker failed (exit 255), a retry is due,
  *                               or the worker was removed with --kill
  *           done|failed|killed -> waiting  by `retry`
@@ -81,6 +88,12 @@ if (!process.features.typescript) {
  *           up|down -> draining (remove --wait) -> gone when its last job ends
  *
  * DESIGN
+ *   Order: waiting jobs start by priority (higher first), then first come first served;
+ *   a job requeued after a worker failure goes first within its priority. They wait in
+ *   lanes, one per priority and tag set, so a start reads lane heads only and a paused
+ *   tag's lanes are skipped whole; jobs held by --after are in no lane until their last
+ *   dependency is done.
+ *
  *   All state changes are events applied by one pure function, applyEvent. The server
  *   appends each event to the journal and applies it; at start-up it loads the snapshot
  *   and replays the journal through the same function, so recovery is not a second

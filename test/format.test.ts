@@ -1,15 +1,18 @@
-// The data dir format: a data dir written by the previous release (format version 1:
-// events `stop` and `start` {w, s}, jobs with `attempts` and `runs`, run files holding a
-// wrapper's pid and exit code) loads into this one, through the core (tier 1) and
-// through a real server (tier 2), which then writes it anew in the current format.
+// The data dir format: data dirs written by earlier releases (format version 1: events
+// `stop` and `start` {w, s}, jobs with `attempts` and `runs`, run files holding a
+// wrapper's pid and exit code; version 2: no campaign fields) load into this one,
+// through the core (tier 1) and through a real server (tier 2), which then writes them
+// anew in the current format.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { attemptsOf, loadState, type State } from '../cli.ts';
+import { attemptsOf, loadState, waitingJobs, type State } from '../cli.ts';
 import { cleanUp, ROOT, startServer, tempDir, type TestServer } from './server.ts';
 
 const FIXTURES = path.join(ROOT, 'test', 'fixtures');
+/** This release's format version (3: campaigns). */
+const FORMAT = 3;
 
 /** The jobs of a state as [id, state, exit code, attempts, run, worker]. */
 const summary = (st: State) => [...st.jobs.values()].sort((a, b) => a.id - b.id)
@@ -53,10 +56,43 @@ for (const name of ['v1-journal', 'v1-snapshot']) {
     ]);
     assert.match(jobs[9].reason, /cannot enter \/nonexistent\/djs-fixture/);
     const header = (file: string) => JSON.parse(fs.readFileSync(path.join(s!.dataDir, file), 'utf8').split('\n')[0]);
-    assert.equal(header('snapshot').version, 2);
-    assert.equal(header('journal').version, 2);
+    assert.equal(header('snapshot').version, FORMAT);
+    assert.equal(header('journal').version, FORMAT);
     await s.stop();
     s = await s.restart();
     assert.deepEqual((await s.jobs()).sort((a, b) => a.id - b.id).map((j) => [j.id, j.state, j.exitCode]), jobs.map((j) => [j.id, j.state, j.exitCode]));
   });
 }
+
+// Version 2, written by the release before campaigns (fixtures made by its own server:
+// three jobs ran on w1, the worker went, then two jobs were queued and one killed).
+const EXPECTED_V2 = [
+  [1, 'done', 0, 1, 1, 'w1'], [2, 'failed', 1, 1, 1, 'w1'], [3, 'done', 0, 1, 1, 'w1'],
+  [4, 'waiting', null, 0, 0, null], [5, 'killed', null, 0, 0, null], [6, 'waiting', null, 0, 0, null],
+];
+
+test('a version 2 journal, and a version 2 snapshot, load with no campaign fields: no tags, priority 0, nothing held', () => {
+  for (const name of ['v2-journal', 'v2-snapshot']) {
+    const loaded = loadState(path.join(FIXTURES, name));
+    assert.equal(loaded.version, 2, name);
+    assert.deepEqual(summary(loaded.state), EXPECTED_V2, name);
+    for (const j of loaded.state.jobs.values()) assert.deepEqual([j.tags, j.priority, j.after, j.env, j.blockers], [[], 0, null, null, 0], `${name} job ${j.id}`);
+    assert.deepEqual([...waitingJobs(loaded.state)].map((j) => j.id), [4, 6], `${name}: the queue, in order`);
+    assert.deepEqual(loaded.state.jobs.get(4)!.args, ['x y', 'é'], name);
+    assert.deepEqual([loaded.state.paused, loaded.state.tagCounts.size], [false, 0], name);
+  }
+});
+
+test('a server started on a version 2 data dir runs its waiting jobs and writes the dir anew in its own format', { timeout: 60_000 }, async (t) => {
+  const dir = tempDir();
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s, dir));
+  fs.cpSync(path.join(FIXTURES, 'v2-snapshot'), path.join(dir, '.data'), { recursive: true });
+  fs.chmodSync(path.join(dir, '.data'), 0o700);
+  s = await startServer({ dir });
+  const header = (file: string) => JSON.parse(fs.readFileSync(path.join(s!.dataDir, file), 'utf8').split('\n')[0]);
+  assert.equal(header('journal').version, FORMAT);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w2']);
+  await s.ok(['add_job', '--tag', 'new', '--after', '4', '/bin/true', 'after 4']);
+  assert.equal((await s.cli(['wait', '4', '6', '7'])).code, 0, 'the old jobs run, and the new one after job 4');
+});
