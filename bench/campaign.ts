@@ -10,20 +10,22 @@
 //      `set_priority N ID` of one job (the command's cost without the tag).
 import fs from 'node:fs';
 import path from 'node:path';
-import { type BenchResult, type Conn, type Opts, type Target, Server, fmt, median, memOf, now, sleep, tempDir, writeScript } from './lib.ts';
+import { type BenchResult, type Conn, type Opts, type Target, Server, cpuOf, fmt, median, memOf, now, sleep, tempDir, writeScript } from './lib.ts';
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => String(i + 1));
 
-/** Jobs finished per second over `windowMs` with 8 slots; leaves no worker behind. */
-async function rate(srv: Server, conn: Conn, windowMs: number): Promise<number> {
+/** Jobs finished per second over `windowMs` with 8 slots, and the server's own CPU time
+ *  per job (ms) meanwhile, which the machine's other load disturbs far less than the
+ *  rate; leaves no worker behind. */
+async function rate(srv: Server, conn: Conn, windowMs: number): Promise<{ rate: number; cpu: number }> {
   const done = async () => ((await conn.request({ op: 'status' })).counts as { done: number }).done;
   await srv.ok(['add_slave', '--skip_ssh_auth_check', 'eight:8']);
   await sleep(1000);
-  const a = await done(), t0 = now();
+  const a = await done(), t0 = now(), c0 = cpuOf(srv.pid);
   await sleep(windowMs);
-  const b = await done(), t1 = now();
+  const b = await done(), t1 = now(), c1 = cpuOf(srv.pid);
   await srv.ok(['remove_slave', '--wait', 'eight']);
-  return ((b - a) / (t1 - t0)) * 1000;
+  return { rate: ((b - a) / (t1 - t0)) * 1000, cpu: ((c1 - c0) * 1000) / Math.max(1, b - a) };
 }
 
 export async function campaign(o: Opts): Promise<BenchResult> {
@@ -37,7 +39,7 @@ export async function campaign(o: Opts): Promise<BenchResult> {
   const serve = async (name: string) => { const s = new Server(path.join(dir, name)); servers.push(s); await s.start(); return s; };
   const sweepJobs = sweep[0] * sweep[1];
   const addSweep: number[] = [], addFile: number[] = [], journalSweep: number[] = [], journalFile: number[] = [];
-  const ratePlain: number[] = [], rateCampaign: number[] = [];
+  const ratePlain: number[] = [], rateCampaign: number[] = [], cpuPlain: number[] = [], cpuCampaign: number[] = [];
   const addEmpty: number[] = [], addBig: number[] = [];
   const prioTag: number[] = [], prioOne: number[] = [];
   let rssPlain = 0, rssCampaign = 0;
@@ -78,9 +80,11 @@ export async function campaign(o: Opts): Promise<BenchResult> {
     o.log(`campaign: queues built: plain ${await waiting(cp)} waiting, campaign ${await waiting(cc)} waiting (1,000 of them held)`);
     rssPlain = memOf(plain.pid).rss; rssCampaign = memOf(camp.pid).rss;
     for (let r = 0; r < rounds; r++) {
-      ratePlain.push(await rate(plain, cp, o.quick ? 2000 : 5000));
-      rateCampaign.push(await rate(camp, cc, o.quick ? 2000 : 5000));
-      o.log(`campaign: dispatch round ${r + 1}: plain ${fmt(ratePlain.at(-1)!, 0)} jobs/s, campaign ${fmt(rateCampaign.at(-1)!, 0)} jobs/s`);
+      for (const [srv, conn, rates, cpus] of [[plain, cp, ratePlain, cpuPlain], [camp, cc, rateCampaign, cpuCampaign]] as const) {
+        const m = await rate(srv, conn, o.quick ? 2000 : 5000);
+        rates.push(m.rate); cpus.push(m.cpu);
+      }
+      o.log(`campaign: dispatch round ${r + 1}: plain ${fmt(ratePlain.at(-1)!, 0)} jobs/s (${fmt(cpuPlain.at(-1)!, 2)} ms CPU/job), campaign ${fmt(rateCampaign.at(-1)!, 0)} jobs/s (${fmt(cpuCampaign.at(-1)!, 2)} ms CPU/job)`);
     }
 
     // 3. Adding one job at a time: the big campaign server against an empty one.
@@ -106,10 +110,10 @@ export async function campaign(o: Opts): Promise<BenchResult> {
     for (const s of servers) await s.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  const ratio = median(rateCampaign) > 0 ? median(ratePlain) / median(rateCampaign) : Infinity;
+  const ratio = median(cpuCampaign) / median(cpuPlain);
   const addRatio = median(addBig) / median(addEmpty);
   const targets: Target[] = [
-    { what: 'dispatch out of 1,000,000 jobs over 10 priorities with 1,000 held, against a plain queue (time per job)', measured: `${fmt(ratio, 2)}×`, limit: '≤ 1.1×', met: o.quick ? null : ratio <= 1.1 },
+    { what: 'dispatch out of 1,000,000 jobs over 10 priorities with 1,000 held, against a plain queue (server CPU per job)', measured: `${fmt(ratio, 2)}×`, limit: '≤ 1.1×', met: o.quick ? null : ratio <= 1.1 },
     { what: 'adding a job at 1,000,000 waiting (priorities, tags) against none', measured: `${fmt(addRatio, 2)}×`, limit: '≤ 1.2×', met: o.quick ? null : addRatio <= 1.2 },
   ];
   notes.push(`the campaign server held ${fmt(rssCampaign, 0)} MiB (VmRSS) against the plain one's ${fmt(rssPlain, 0)} MiB`);
@@ -121,9 +125,10 @@ export async function campaign(o: Opts): Promise<BenchResult> {
         ['one sweep (`::: ` lists)', fmt(median(addSweep), 0), String(median(journalSweep)), fmt(median(addSweep) / median(addFile), 2)],
         ['an add_jobs file', fmt(median(addFile), 0), String(median(journalFile)), '1.00'],
       ] },
-      { title: `dispatch over 8 slots out of ${big.toLocaleString('en')} waiting jobs (jobs/s, median of ${rounds} windows)`, columns: ['queue', 'jobs/s', 'runs'], rows: [
-        ['plain (one priority)', fmt(median(ratePlain), 0), ratePlain.map((x) => fmt(x, 0)).join(' ')],
-        ['10 priorities + 1,000 held by a dependency', fmt(median(rateCampaign), 0), rateCampaign.map((x) => fmt(x, 0)).join(' ')],
+      { title: `dispatch over 8 slots out of ${big.toLocaleString('en')} waiting jobs (median of ${rounds} windows, interleaved)`, columns: ['queue', 'jobs/s', 'server CPU ms/job', 'jobs/s per window'], rows: [
+        ['plain (one priority)', fmt(median(ratePlain), 0), fmt(median(cpuPlain), 3), ratePlain.map((x) => fmt(x, 0)).join(' ')],
+        ['10 priorities + 1,000 held by a dependency', fmt(median(rateCampaign), 0), fmt(median(cpuCampaign), 3), rateCampaign.map((x) => fmt(x, 0)).join(' ')],
+        ['ratio', fmt(median(ratePlain) / median(rateCampaign), 2), fmt(ratio, 2), ''],
       ] },
       { title: '1,000 single-job adds with a priority and a tag (socket, ms)', columns: ['server', 'ms', 'ratio'], rows: [
         ['empty', fmt(median(addEmpty), 0), '1.00'],
