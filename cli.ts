@@ -191,6 +191,7 @@ const QUEUE_HEAD = 10;
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
 const MAX_HOST_LENGTH = 255;
 const MAX_SLOTS = 10_000;
+const MAX_GPUS = 1024;
 /** Tags name campaigns on the command line and in status lines: short, plain words. */
 const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}$/;
 export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
@@ -222,12 +223,30 @@ export type Job = {
   after: number[] | null;                // jobs that must end `done` before this one starts
   env: string[] | null;                  // NAME=VALUE on top of the server's environment
   blockers: number;                      // of `after`, how many have not ended done yet
+  need: Need;                            // what a worker must offer it; shared by the jobs of one add
+  slots: number[] | null;                // all slots of the current or last attempt, when more than one
+  gpus: number[] | null;                 // GPU indices of the current or last attempt
 };
+
+/** What a job needs of a worker: slots and GPUs on one worker, labels it must have
+ *  (require) and must not have (exclude), and the workers it may run on (hosts; any
+ *  when empty). */
+export type Need = { slots: number; gpus: number; require: string[]; exclude: string[]; hosts: string[] };
+export const PLAIN_NEED: Need = Object.freeze({ slots: 1, gpus: 0, require: [], exclude: [], hosts: [] }) as Need;
+const isPlain = (n: Need) => n === PLAIN_NEED || (n.slots === 1 && n.gpus === 0 && !n.require.length && !n.exclude.length && !n.hosts.length);
+export const POLICIES = ['spread', 'pack', 'sequential', 'random'] as const;
+export type Policy = (typeof POLICIES)[number];
+/** cloudmesh-job's names for two of them. */
+const POLICY_ALIASES: Record<string, Policy> = { smart: 'spread', frugal: 'pack' };
 
 export type Worker = {
   host: string; slots: number; state: WorkerState;
   ssh: boolean;                          // probed over ssh (not added with --skip_ssh_auth_check)
-  running: number[];                     // job id per slot, 0 = free
+  running: number[];                     // job id per slot, 0 = free (a job of K slots is in K)
+  labels: string[];
+  gpus: number;                          // GPUs, indices 0..gpus-1
+  gpuJobs: number[];                     // job id per GPU index, 0 = free
+  env: string[] | null;                  // NAME=VALUE for every job on it
   probeAt: number;                       // when to probe next, 0 = no probe due
   probeDelay: number;                    // current backoff
   error: string | null; since: number;
@@ -239,7 +258,7 @@ export type Worker = {
  *  looks only at the head of each lane, and a paused tag costs nothing: its lanes are
  *  skipped whole. */
 export type Lane = {
-  key: string; priority: number; tags: string[];
+  key: string; priority: number; tags: string[]; need: Need;
   front: number[]; frontTok: number[]; ids: number[]; toks: number[]; head: number;
 };
 
@@ -259,6 +278,7 @@ export type State = {
   pausedTags: Set<string>;             // nothing new of these tags starts
   strings: Map<string, string>;        // see intern
   cascades: number;                    // jobs failed for a dependency so far (not kept; tells waiters)
+  policy: Policy;                      // which free worker a job goes to
 };
 
 export type JobSpec = string[]; // [script, ...args]
@@ -267,9 +287,10 @@ export type Event =
     e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[];
     tags?: string[]; priority?: number; after?: number[]; env?: string[];
     sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
+    need?: Need;
   }
   | { e: 'remove'; t: number; ids: number[] }
-  | { e: 'start'; t: number; id: number; host: string; slot: number }
+  | { e: 'start'; t: number; id: number; host: string; slot: number; slots?: number[]; gpus?: number[] } // slots: all, when more than one
   | { e: 'unstart'; t: number; id: number; back?: boolean } // back: behind the others (its start failed)
   | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string }
   | { e: 'kill'; t: number; ids: number[]; why: KillReason; grace: number }
@@ -278,7 +299,8 @@ export type Event =
   | { e: 'priority'; t: number; ids: number[]; priority: number }
   | { e: 'pause'; t: number; tag?: string }
   | { e: 'resume'; t: number; tag?: string }
-  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean }
+  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean; labels?: string[]; gpus?: number; env?: string[] }
+  | { e: 'policy'; t: number; name: Policy }
   | { e: 'drain'; t: number; host: string }
   | { e: 'unworker'; t: number; host: string }
   | { e: 'probe'; t: number; host: string; ok: boolean; err?: string; max?: number }; // max: backoff cap, ms
@@ -304,7 +326,7 @@ export function newState(): State {
   return {
     seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(), lanes: new Map(), prios: [],
     counts: noCounts(), tagCounts: new Map(), dependents: new Map(), forgotten: new Set(),
-    paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0,
+    paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0, policy: 'spread',
   };
 }
 const noCounts = (): Counts => ({ waiting: 0, running: 0, done: 0, failed: 0, killed: 0 });
@@ -346,13 +368,19 @@ function dropJob(st: State, job: Job): void {
   if (job.state !== 'done') st.forgotten.add(job.id);
 }
 
-const laneKey = (priority: number, tags: string[]) => tags.length ? `${priority}\t${tags.join('\t')}` : String(priority);
+/** Jobs share a lane when they share priority, tags and needs. */
+const laneKey = (job: Job) => {
+  let key = String(job.priority);
+  if (job.tags.length) key += `\t${job.tags.join('\t')}`;
+  if (!isPlain(job.need)) key += `\n${JSON.stringify(job.need)}`;
+  return key;
+};
 
 function laneOf(st: State, job: Job): Lane {
-  const key = laneKey(job.priority, job.tags);
+  const key = laneKey(job);
   let lane = st.lanes.get(key);
   if (!lane) {
-    lane = { key, priority: job.priority, tags: job.tags, front: [], frontTok: [], ids: [], toks: [], head: 0 };
+    lane = { key, priority: job.priority, tags: job.tags, need: job.need, front: [], frontTok: [], ids: [], toks: [], head: 0 };
     st.lanes.set(key, lane);
     if (!st.prios.includes(job.priority)) { st.prios.push(job.priority); st.prios.sort((a, b) => b - a); }
   }
@@ -399,7 +427,7 @@ const laneRuns = (st: State, lane: Lane) => !st.paused && !lane.tags.some((t) =>
  *  requeued jobs first (the last requeued first), then first come first served, across
  *  all the lanes of that priority. `startable`: skips paused lanes. Jobs held by their
  *  dependencies are in no lane. Costs O(lanes) to begin and O(log lanes) per job. */
-export function* waitingJobs(st: State, startable = false): Generator<Job> {
+export function* waitingJobs(st: State, startable = false, skip?: Set<string>): Generator<Job> {
   for (const priority of [...st.prios]) {
     // One cursor per lane; the heap orders cursors by the key of their next entry:
     // front entries (newest requeue first) before back entries (oldest first).
@@ -407,7 +435,7 @@ export function* waitingJobs(st: State, startable = false): Generator<Job> {
     const keyOf = (c: Cursor) => (c.f >= 0 ? -c.lane.frontTok[c.f] - 2 ** 52 : c.b < c.lane.ids.length ? c.lane.toks[c.b] : Infinity);
     const heap: Cursor[] = [];
     for (const lane of st.lanes.values()) {
-      if (lane.priority !== priority || (startable && !laneRuns(st, lane))) continue;
+      if (lane.priority !== priority || (startable && !laneRuns(st, lane)) || skip?.has(lane.key)) continue;
       const c: Cursor = { lane, f: lane.front.length - 1, b: lane.head, key: 0 };
       c.key = keyOf(c);
       heap.push(c);
@@ -417,12 +445,13 @@ export function* waitingJobs(st: State, startable = false): Generator<Job> {
     if (heap.length === 1) {
       // The common case, one lane: no heap work.
       const { lane } = heap[0];
-      for (let i = lane.front.length - 1; i >= 0; i--) { const j = liveEntry(st, lane.front[i], lane.frontTok[i]); if (j) yield j; }
-      for (let i = lane.head; i < lane.ids.length; i++) { const j = liveEntry(st, lane.ids[i], lane.toks[i]); if (j) yield j; }
+      for (let i = lane.front.length - 1; i >= 0 && !skip?.has(lane.key); i--) { const j = liveEntry(st, lane.front[i], lane.frontTok[i]); if (j) yield j; }
+      for (let i = lane.head; i < lane.ids.length && !skip?.has(lane.key); i++) { const j = liveEntry(st, lane.ids[i], lane.toks[i]); if (j) yield j; }
       continue;
     }
     while (heap.length && heap[0].key !== Infinity) {
       const c = heap[0];
+      if (skip?.has(c.lane.key)) { c.key = Infinity; siftDown(heap, 0); continue; }
       const j = c.f >= 0 ? liveEntry(st, c.lane.front[c.f], c.lane.frontTok[c.f--]) : liveEntry(st, c.lane.ids[c.b], c.lane.toks[c.b++]);
       c.key = keyOf(c);
       siftDown(heap, 0);
@@ -565,20 +594,30 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
     exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
     tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
+    need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
   };
 }
 const NO_ARGS: string[] = [];
 const NO_TAGS: string[] = [];
 
-function newWorker(host: string, slots: number, ssh: boolean, t: number): Worker {
-  return { host, slots, state: 'up', ssh, running: new Array(slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: t };
+function newWorker(ev: Extract<Event, { e: 'worker' }>): Worker {
+  return {
+    host: ev.host, slots: ev.slots, state: 'up', ssh: ev.ssh, running: new Array(ev.slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: ev.t,
+    labels: ev.labels ?? NO_TAGS, gpus: ev.gpus ?? 0, gpuJobs: new Array(ev.gpus ?? 0).fill(0), env: ev.env ?? null,
+  };
 }
 
+/** The slots a running job holds (one, or all of a multi-slot job's). */
+const slotsOf = (job: Job) => job.slots ?? [job.slot];
+
+/** Lets go of the slots and GPUs of a job whose attempt ended. */
 function freeSlot(st: State, job: Job): void {
   const w = job.worker === null ? undefined : st.workers.get(job.worker);
-  if (!w || w.running[job.slot] !== job.id) return;
-  w.running[job.slot] = 0;
+  if (!w) return;
+  for (const s of slotsOf(job)) if (w.running[s] === job.id) w.running[s] = 0;
+  for (const g of job.gpus ?? NO_IDS) if (w.gpuJobs[g] === job.id) w.gpuJobs[g] = 0;
   while (w.running.length > w.slots && w.running[w.running.length - 1] === 0) w.running.pop();
+  while (w.gpuJobs.length > w.gpus && w.gpuJobs[w.gpuJobs.length - 1] === 0) w.gpuJobs.pop();
   if (w.state === 'draining' && w.running.every((id) => id === 0)) st.workers.delete(w.host);
 }
 
@@ -669,9 +708,16 @@ export function applyEvent(st: State, ev: Event): void {
       job.run++;
       job.worker = intern(st, ev.host); job.slot = ev.slot; job.startedAt = ev.t; job.endedAt = 0;
       job.exitCode = null; job.reason = null; job.killing = null; job.killAt = 0;
-      while (w.running.length <= ev.slot) w.running.push(0);
-      w.running[ev.slot] = job.id;
-      const lane = st.lanes.get(laneKey(job.priority, job.tags));
+      job.slots = ev.slots ?? null; job.gpus = ev.gpus ?? null;
+      for (const s of slotsOf(job)) {
+        while (w.running.length <= s) w.running.push(0);
+        w.running[s] = job.id;
+      }
+      for (const g of job.gpus ?? NO_IDS) {
+        while (w.gpuJobs.length <= g) w.gpuJobs.push(0);
+        w.gpuJobs[g] = job.id;
+      }
+      const lane = st.lanes.get(laneKey(job));
       if (lane) trimLane(st, lane);
       break;
     }
@@ -745,13 +791,19 @@ export function applyEvent(st: State, ev: Event): void {
     case 'pause':
       if (ev.tag === undefined) st.paused = true; else st.pausedTags.add(ev.tag);
       break;
+    case 'policy':
+      st.policy = ev.name;
+      break;
     case 'resume':
       if (ev.tag === undefined) st.paused = false; else st.pausedTags.delete(ev.tag);
       break;
     case 'worker': {
       const w = st.workers.get(ev.host);
-      if (!w) { st.workers.set(ev.host, newWorker(ev.host, ev.slots, ev.ssh, ev.t)); break; }
-      w.slots = ev.slots; w.ssh = ev.ssh;
+      if (!w) { st.workers.set(ev.host, newWorker(ev)); break; }
+      // Added again: its slots, GPUs, labels and environment are the new ones.
+      w.slots = ev.slots; w.ssh = ev.ssh; w.labels = ev.labels ?? NO_TAGS; w.gpus = ev.gpus ?? 0; w.env = ev.env ?? null;
+      while (w.gpuJobs.length < w.gpus) w.gpuJobs.push(0);
+      while (w.gpuJobs.length > w.gpus && w.gpuJobs[w.gpuJobs.length - 1] === 0) w.gpuJobs.pop();
       // Added again, so it passed the login check (or needs none): up, with no probe due.
       if (w.state === 'down') { w.state = 'up'; w.since = ev.t; w.probeAt = 0; w.probeDelay = 0; w.error = null; }
       while (w.running.length < ev.slots) w.running.push(0);
@@ -793,30 +845,84 @@ export function applyEvent(st: State, ev: Event): void {
 /** A worker takes new jobs when it is up and not waiting for a probe's answer. */
 const schedulable = (w: Worker) => w.state === 'up' && w.probeAt === 0;
 
-export type Start = { id: number; host: string; slot: number };
+export type Start = { id: number; host: string; slot: number; slots?: number[]; gpus?: number[] };
 
-/** Which waiting jobs to start on which free slots now: first come, first served;
- *  slots are taken across workers before a second slot of the same worker, and a job
- *  avoids workers it failed on when another slot is free. Reads the state only. */
+/** Whether a worker could ever hold a job with this need: its labels, its name, and its
+ *  size (whatever runs there now). */
+export function admits(w: Worker, need: Need): boolean {
+  if (need.slots > w.slots || need.gpus > w.gpus) return false;
+  if (need.hosts.length && !need.hosts.includes(w.host)) return false;
+  for (const l of need.require) if (!w.labels.includes(l)) return false;
+  for (const l of need.exclude) if (w.labels.includes(l)) return false;
+  return true;
+}
+
+/** A schedulable worker's free slots and GPUs, as planStarts hands them out. */
+type Free = { w: Worker; order: number; slots: number[]; gpus: number[] };
+
+/** Among the workers a job fits on now, the one the policy picks: `spread` the most
+ *  free slots, `pack` the fewest, `sequential` the first added, `random` any (by the
+ *  job's id and run, so a plan is a function of the state). Workers the job failed on
+ *  come last. Ties go to the worker added first. */
+function pickWorker(fits: Free[], job: Job, policy: Policy): Free {
+  let pool = fits;
+  if (job.avoid) {
+    const fresh = fits.filter((f) => !job.avoid!.includes(f.w.host));
+    if (fresh.length) pool = fresh;
+  }
+  if (policy === 'random') return pool[(job.id * 2654435761 + job.run * 40503) % pool.length];
+  const rank = (f: Free) => (policy === 'spread' ? -f.slots.length : policy === 'pack' ? f.slots.length : 0);
+  let best = pool[0];
+  for (const f of pool) {
+    const d = rank(f) - rank(best);
+    if (d < 0 || (d === 0 && f.order < best.order)) best = f;
+  }
+  return best;
+}
+
+/** Which waiting jobs to start on which free slots (and GPUs) now: in queue order
+ *  (priority, then first come first served); each on a worker its need admits with
+ *  enough free slots and GPUs, picked by the policy. A job that fits nowhere now makes
+ *  its whole lane wait (its jobs need the same), so jobs nobody can take cost one look
+ *  per lane; and when a worker could hold it once its running jobs end, that worker
+ *  takes nothing more in this plan, so a big job is not overtaken for ever by a stream
+ *  of small ones (other workers keep filling). Reads the state only. */
 export function planStarts(st: State): Start[] {
-  const free: { host: string; slot: number }[] = [];
-  const workers = [...st.workers.values()].filter(schedulable);
-  let maxSlots = 0;
-  for (const w of workers) maxSlots = Math.max(maxSlots, w.slots);
-  for (let s = 0; s < maxSlots; s++) {
-    for (const w of workers) if (s < w.slots && !w.running[s]) free.push({ host: w.host, slot: s });
+  const pool: Free[] = [];
+  let freeSlots = 0, order = 0;
+  for (const w of st.workers.values()) {
+    order++;
+    if (!schedulable(w)) continue;
+    const f: Free = { w, order, slots: [], gpus: [] };
+    for (let s = 0; s < w.slots; s++) if (!w.running[s]) f.slots.push(s);
+    for (let g = 0; g < w.gpus; g++) if (!w.gpuJobs[g]) f.gpus.push(g);
+    freeSlots += f.slots.length;
+    pool.push(f);
   }
   const starts: Start[] = [];
-  if (free.length === 0) return starts;
-  for (const job of waitingJobs(st, true)) {
-    let pick = 0;
-    if (job.avoid) {
-      const better = free.findIndex((f) => !job.avoid!.includes(f.host));
-      if (better >= 0) pick = better;
+  if (freeSlots === 0) return starts;
+  const skip = new Set<string>(), reserved = new Set<Free>();
+  for (const job of waitingJobs(st, true, skip)) {
+    const need = job.need;
+    const fits = pool.filter((f) => !reserved.has(f) && f.slots.length >= need.slots && f.gpus.length >= need.gpus && admits(f.w, need));
+    if (fits.length) {
+      const f = pickWorker(fits, job, st.policy);
+      const slots = f.slots.splice(0, need.slots), gpus = f.gpus.splice(0, need.gpus);
+      const start: Start = { id: job.id, host: f.w.host, slot: slots[0] };
+      if (slots.length > 1) start.slots = slots;
+      if (gpus.length) start.gpus = gpus;
+      starts.push(start);
+      if ((freeSlots -= slots.length) <= 0) break;
+      continue;
     }
-    const [slot] = free.splice(pick, 1);
-    starts.push({ id: job.id, host: slot.host, slot: slot.slot });
-    if (free.length === 0) break;
+    skip.add(laneKey(job));
+    // The worker it is to wait for: of those that could hold it, the one closest to it.
+    let wait: Free | null = null;
+    for (const f of pool) if (!reserved.has(f) && admits(f.w, need) && (!wait || f.slots.length > wait.slots.length)) wait = f;
+    if (wait) {
+      reserved.add(wait);
+      if ((freeSlots -= wait.slots.length) <= 0) break;
+    }
   }
   return starts;
 }
@@ -877,9 +983,9 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
     if (w.ssh && w.probeAt > 0 && !rt.probing.has(w.host)) {
       if (w.probeAt <= now) effects.push({ kind: 'probe', host: w.host }); else at(w.probeAt);
     }
-    for (const id of w.running) {
-      const job = id ? st.jobs.get(id) : undefined;
-      if (!job || job.state !== 'running') continue;
+    for (let slot = 0; slot < w.running.length; slot++) {
+      const id = w.running[slot], job = id ? st.jobs.get(id) : undefined;
+      if (!job || job.state !== 'running' || job.slot !== slot) continue; // a job of K slots once
       if (job.killing) {
         if (rt.killSent.has(id)) continue;
         if (job.killAt <= now) effects.push({ kind: 'signal', id, sig: 'SIGKILL' }); else at(job.killAt);
@@ -894,7 +1000,7 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
     if (st.counts.waiting > 0) at(rt.startsPausedUntil);
   } else {
     for (const s of planStarts(st)) {
-      events.push({ e: 'start', t: now, id: s.id, host: s.host, slot: s.slot });
+      events.push({ e: 'start', t: now, ...s });
       const timeout = st.jobs.get(s.id)!.timeout;
       if (timeout > 0) at(now + timeout * 1000);
     }
@@ -988,9 +1094,47 @@ function afterOf(st: State, v: unknown): number[] {
   return ids;
 }
 
+/** A label (of a worker, or one a job requires or avoids), checked like a tag. */
+export function labelOf(v: unknown): string {
+  if (typeof v !== 'string' || !TAG_RE.test(v)) {
+    throw usage(`invalid label ${quoteForError(typeof v === 'string' ? v : JSON.stringify(v) ?? String(v))}`, 'a label is up to 64 letters, digits and _ . : + - (not starting with one of the last four)');
+  }
+  return v;
+}
+const labelList = (v: unknown, name: string): string[] => {
+  if (v === undefined) return [];
+  if (!Array.isArray(v)) throw usage(`${name} is a list`);
+  return [...new Set(v.map(labelOf))].sort();
+};
+
+/** What the jobs of an add_jobs request need of a worker (slots, gpus, require, avoid,
+ *  hosts), checked. */
+export function needOf(req: Request): Need {
+  const slots = num(req.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus = num(req.gpus ?? 0, 'GPU count', 0, MAX_GPUS);
+  const require = labelList(req.require, 'require'), exclude = labelList(req.avoid, 'avoid');
+  if (req.hosts !== undefined && !strings(req.hosts)) throw usage('hosts is a list of host names');
+  const hosts = [...new Set((req.hosts as string[] | undefined) ?? [])].sort();
+  for (const h of hosts) validateHost(h);
+  const both = require.find((l) => exclude.includes(l));
+  if (both !== undefined) throw usage(`label ${quoteForError(both)} is both required and avoided`);
+  const need = { slots, gpus, require, exclude, hosts };
+  return isPlain(need) ? PLAIN_NEED : need;
+}
+
+/** A need in words, for messages: "4 slots, 2 GPUs, label gpu, not label slow". */
+export function describeNeed(need: Need): string {
+  const parts: string[] = [];
+  if (need.slots > 1) parts.push(`${need.slots} slots on one worker`);
+  if (need.gpus) parts.push(`${need.gpus} GPU${need.gpus === 1 ? '' : 's'}`);
+  for (const l of need.require) parts.push(`label ${l}`);
+  for (const l of need.exclude) parts.push(`not label ${l}`);
+  if (need.hosts.length) parts.push(`host ${need.hosts.join(' or ')}`);
+  return parts.join(', ') || 'one slot';
+}
+
 /** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout, tags?, priority?, after?,
- *  env?}: the scripts were checked (absolute, executable) before; ids are handed out in
- *  order. */
+ *  env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked (absolute,
+ *  executable) before; ids are handed out in order. */
 export function decideAddJobs(st: State, req: Request, c: DecideContext): Decision {
   const { cwd, jobs } = req;
   if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
@@ -1000,6 +1144,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const priority = priorityOf(req.priority ?? 0);
   const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
   const env = req.env === undefined ? [] : envOf(req.env);
+  const need = needOf(req);
   let envBytes = 0;
   for (const w of env) {
     const n = Buffer.byteLength(w);
@@ -1032,7 +1177,11 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (after.length) ev.after = after;
   if (env.length) ev.env = env;
   if (req.sweep !== undefined) ev.sweep = req.sweep as string[][];
-  return { events: [ev], answer: { first: id, count } };
+  if (!isPlain(need)) ev.need = need;
+  // Workers come and go, so such jobs are queued all the same; but say so.
+  const answer: Record<string, unknown> = { first: id, count };
+  if (!isPlain(need) && ![...st.workers.values()].some((w) => admits(w, need))) answer.warning = `no worker can take ${count === 1 ? 'this job' : 'these jobs'} now (${describeNeed(need)}); ${count === 1 ? 'it waits' : 'they wait'} until one is added`;
+  return { events: [ev], answer };
 }
 
 /** Throws unless some job carries the tag (a typo should not look like "nothing to do"). */
@@ -1138,26 +1287,49 @@ export function decidePause(st: State, req: Request, c: DecideContext): Decision
   return { events: was === pause ? [] : [ev], answer: { changed: was !== pause, pausedTags: [...st.pausedTags] } };
 }
 
-export type WorkerSpec = { host: string; slots: number };
+/** A worker to add: `auto` asks the login check to read its CPUs and GPUs. */
+export type WorkerSpec = { host: string; slots: number; gpus: number; labels: string[]; env: string[]; auto: boolean };
 
-/** The workers of an add_workers request, checked (hosts, slot counts). */
+/** The workers of an add_workers request, checked (hosts, slot and GPU counts, labels,
+ *  environment). */
 export function workerSpecs(req: Request): WorkerSpec[] {
   const list = req.workers;
   if (!Array.isArray(list) || list.length === 0) throw usage('no hosts given');
-  return list.map((w: { host?: unknown; slots?: unknown }) => {
+  return list.map((w: { host?: unknown; slots?: unknown; gpus?: unknown; labels?: unknown; env?: unknown; auto?: unknown }) => {
     if (typeof w?.host !== 'string') throw usage('a worker needs a host');
     validateHost(w.host);
-    return { host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS) };
+    const env = w.env === undefined ? [] : envOf(w.env);
+    return {
+      host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus: num(w.gpus ?? 0, 'GPU count', 0, MAX_GPUS),
+      labels: labelList(w.labels, 'labels'), env, auto: w.auto === true,
+    };
   });
 }
 
-/** add_workers {workers, skipCheck}: the ssh login check (unless skipped) passed before. */
+/** add_workers {workers, skipCheck}: the ssh login check (unless skipped) passed before,
+ *  and filled in the size of `auto` workers. */
 export function decideAddWorkers(_st: State, req: Request, c: DecideContext): Decision {
   const workers = workerSpecs(req);
+  const bad = workers.find((w) => w.auto);
+  if (bad) throw usage(`${quoteForError(bad.host)}: auto needs the ssh login check, which reads the host's CPUs and GPUs`, 'drop --skip_ssh_auth_check, or give --slots N and --gpus N');
   return {
-    events: workers.map((w) => ({ e: 'worker', t: c.now, host: w.host, slots: w.slots, ssh: req.skipCheck !== true })),
-    answer: { added: workers.map((w) => w.host) },
+    events: workers.map((w) => {
+      const ev: Extract<Event, { e: 'worker' }> = { e: 'worker', t: c.now, host: w.host, slots: w.slots, ssh: req.skipCheck !== true };
+      if (w.labels.length) ev.labels = w.labels;
+      if (w.gpus) ev.gpus = w.gpus;
+      if (w.env.length) ev.env = w.env;
+      return ev;
+    }),
+    answer: { added: workers.map((w) => ({ host: w.host, slots: w.slots, gpus: w.gpus, labels: w.labels })) },
   };
+}
+
+/** policy {name?}: shows or sets which free worker a job goes to. */
+export function decidePolicy(st: State, req: Request, c: DecideContext): Decision {
+  if (req.name === undefined) return { events: [], answer: { policy: st.policy } };
+  const name = typeof req.name === 'string' ? (POLICY_ALIASES[req.name] ?? req.name) : '';
+  if (!(POLICIES as readonly string[]).includes(name)) throw usage(`unknown policy ${quoteForError(String(req.name))}`, `policies: ${POLICIES.join(', ')} (smart = spread, frugal = pack)`);
+  return { events: name === st.policy ? [] : [{ e: 'policy', t: c.now, name: name as Policy }], answer: { policy: name, was: st.policy } };
 }
 
 /** remove_workers {hosts, mode}: an idle worker goes at once; a busy one needs mode
@@ -1169,7 +1341,7 @@ export function decideRemoveWorkers(st: State, req: Request, c: DecideContext): 
   for (const host of new Set(req.hosts)) {
     const w = st.workers.get(host);
     if (!w) throw failure(`no such worker '${host}'`);
-    const running = w.running.filter(Boolean);
+    const running = [...new Set(w.running.filter(Boolean))];
     if (running.length && req.mode !== 'wait' && req.mode !== 'kill') {
       throw failure(`worker '${host}' is running ${running.length} job(s)`, 'use --wait to let them finish first, or --kill to stop and requeue them');
     }
@@ -1193,12 +1365,15 @@ export function validateHost(host: string): void {
 }
 
 /** Splits HOST[:SLOTS] into its parts; `[v6]:SLOTS` keeps the brackets on the host. */
-export function parseWorkerArg(arg: string, defaultSlots: number): { host: string; slots: number } {
-  const m = /^([\s\S]*?)(?::(\d+))?$/.exec(arg)!;
-  const host = m[1], slots = m[2] === undefined ? defaultSlots : Number(m[2]);
+/** Splits HOST[:SLOTS|:auto]; `auto` (or defaultAuto, from --slots auto, for a host
+ *  without a count) leaves the size to the login check. */
+export function parseWorkerArg(arg: string, defaultSlots: number, defaultAuto = false): { host: string; slots: number; auto: boolean } {
+  const m = /^([\s\S]*?)(?::(\d+|auto))?$/.exec(arg)!;
+  const host = m[1], auto = m[2] === 'auto' || (m[2] === undefined && defaultAuto);
+  const slots = auto ? 1 : m[2] === undefined ? defaultSlots : Number(m[2]);
   validateHost(host);
-  if (!Number.isSafeInteger(slots) || slots < 1 || slots > MAX_SLOTS) throw usage(`invalid slot count in ${quoteForError(arg)}`, `slots are 1 to ${MAX_SLOTS}`);
-  return { host, slots };
+  if (!Number.isSafeInteger(slots) || slots < 1 || slots > MAX_SLOTS) throw usage(`invalid slot count in ${quoteForError(arg)}`, `slots are 1 to ${MAX_SLOTS}, or auto`);
+  return { host, slots, auto };
 }
 
 /** Splits one line of an add_jobs file into words like a POSIX shell would, without
@@ -1266,7 +1441,11 @@ export function waitReason(st: State, job: Job, queue: string): string {
   if (job.blockers > 0) return `after ${(job.after ?? NO_IDS).filter((d) => !depDone(st, d)).join(',')}`;
   if (st.paused) return 'paused';
   const tag = job.tags.find((t) => st.pausedTags.has(t));
-  return tag !== undefined ? `tag ${tag} paused` : queue;
+  if (tag !== undefined) return `tag ${tag} paused`;
+  if (isPlain(job.need)) return queue;
+  let admitted = false, up = false;
+  for (const w of st.workers.values()) if (admits(w, job.need)) { admitted = true; if (schedulable(w)) up = true; }
+  return !admitted ? `no worker has ${describeNeed(job.need)}` : !up ? `no worker up with ${describeNeed(job.need)}` : `waiting for ${describeNeed(job.need)}`;
 }
 
 /** The public view of a job (list --json, status --json); field names are stable.
@@ -1282,6 +1461,8 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
     tags: job.tags, priority: job.priority, after: job.after ?? [], env: job.env ?? [],
+    need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
+    slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
     waitingFor: job.state === 'waiting' ? waitReason(st, job, queue) : null,
     history: (job.history ?? []).map((a) => ({
       attempt: a.n, worker: a.worker, slot: a.slot, exitCode: a.exitCode, reason: a.reason,
@@ -1294,6 +1475,7 @@ export type JobView = ReturnType<typeof jobView>;
 function workerView(st: State, w: Worker) {
   return {
     host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0,
+    labels: w.labels, gpus: w.gpus, gpusUsed: w.gpuJobs.flatMap((id, g) => (id ? [g] : [])), env: w.env ?? [],
     error: w.error, since: iso(w.since), nextProbeAt: w.state === 'down' && w.probeAt ? iso(w.probeAt) : null,
     running: w.running.flatMap((id, slot) => (id ? [{ slot, id, command: commandOf(st.jobs.get(id)) }] : [])),
   };
@@ -1316,6 +1498,7 @@ export function statusView(st: State) {
     queue,
     paused: st.paused,
     pausedTags: [...st.pausedTags].sort(),
+    policy: st.policy,
     tags: [...st.tagCounts].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([tag, c]) => ({
       tag, ...c, total: c.waiting + c.running + c.done + c.failed + c.killed, paused: st.pausedTags.has(tag),
     })),
@@ -1922,14 +2105,15 @@ export function sshSettings(env: NodeJS.ProcessEnv): SshSettings {
 
 /** Checks that `ssh -o BatchMode=yes` logs in to host and runs `true`; resolves to
  *  null or to why not. Never prompts; gives up after the connect timeout plus a margin. */
-export function probeHost(host: string, ssh: SshSettings): Promise<string | null> {
+export function probeHost(host: string, ssh: SshSettings, command = 'true', result?: { out: string }): Promise<string | null> {
   validateHost(host);
   const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`, '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2'];
   if (ssh.config) args.push('-F', ssh.config);
-  args.push(...ssh.options, '--', host, 'true');
+  args.push(...ssh.options, '--', host, command);
   return new Promise((resolve) => {
     let err = '', done = false;
-    const child = spawn('ssh', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'] });
+    child.stdout?.on('data', (d) => { if (result && result.out.length < 65536) result.out += d; });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
     child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
@@ -1940,6 +2124,18 @@ export function probeHost(host: string, ssh: SshSettings): Promise<string | null
       finish(lines.at(-1) ?? `ssh exited with ${code}`);
     });
   });
+}
+
+/** What `HOST:auto` runs on the host: its CPU count, then one line per GPU (none where
+ *  nvidia-smi is missing or fails). */
+export const SIZE_COMMAND = 'nproc; nvidia-smi -L 2>/dev/null || true';
+
+/** The CPUs and GPUs SIZE_COMMAND printed, or null if it did not print a CPU count. */
+export function parseSize(out: string): { cpus: number; gpus: number } | null {
+  const lines = out.split('\n').map((l) => l.trim());
+  const cpus = Number(lines[0]);
+  if (!/^\d+$/.test(lines[0] ?? '') || cpus < 1) return null;
+  return { cpus: Math.min(cpus, MAX_SLOTS), gpus: Math.min(MAX_GPUS, lines.filter((l) => /^GPU \d+:/.test(l)).length) };
 }
 
 // ============================================================================
@@ -2031,6 +2227,7 @@ const OPS: Record<string, Op> = {
   set_priority: { kind: 'change', decide: decideSetPriority },
   pause: { kind: 'change', decide: decidePause },
   resume: { kind: 'change', decide: decidePause },
+  policy: { kind: 'change', decide: decidePolicy },
   add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers },
   remove_workers: { kind: 'change', decide: decideRemoveWorkers },
   stop: { kind: 'shutdown' },
@@ -2097,9 +2294,16 @@ async function checkScripts(req: Request): Promise<Request> {
 async function checkLogins(req: Request): Promise<Request> {
   const workers = workerSpecs(req);
   if (req.skipCheck === true) return { ...req, workers };
-  const errs = await Promise.all(workers.map((w) => probeHost(w.host, cfg.ssh)));
+  const outs = workers.map(() => ({ out: '' }));
+  const errs = await Promise.all(workers.map((w, i) => probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i])));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
   if (bad.length) throw failure(`ssh login check failed for ${bad.join(', ')}; no worker added`, 'check with: ssh -o BatchMode=yes HOST true (keys, known_hosts), or add with --skip_ssh_auth_check');
+  workers.forEach((w, i) => {
+    if (!w.auto) return;
+    const size = parseSize(outs[i].out);
+    if (!size) throw failure(`cannot read the size of ${quoteForError(w.host)}: nproc printed ${quoteForError(outs[i].out.split('\n')[0] ?? '')}`, 'give the slots with HOST:N or --slots N');
+    w.slots = size.cpus; w.gpus = size.gpus; w.auto = false;
+  });
   return { ...req, workers };
 }
 
@@ -2265,8 +2469,10 @@ function launchJob(id: number): void {
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null });
+  // The worker's environment, then the job's own (which wins), then the slots and GPUs.
+  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`];
   launches.push(launchRecord({
-    id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env: job.env ?? NO_ARGS, script: job.script, args: job.args,
+    id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
 }
 const launches: Buffer[] = [];
@@ -3007,7 +3213,7 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
   const out: string[] = [];
   const counts = s.counts;
   out.push(`jobs: ${JOB_STATES.map((k) => `${counts[k]} ${c(STATE_COLORS[k], k)}`).join(', ')} (${counts.total} in all)`);
-  out.push(`workers: ${s.workers.length}${s.workers.length ? '' : ' (add some with: cli.ts add_slave HOST)'}`);
+  out.push(`workers: ${s.workers.length}${s.workers.length ? `, policy ${s.policy}` : ' (add some with: cli.ts add_slave HOST)'}`);
   const width = Math.max(4, ...s.workers.map((w) => w.host.length));
   for (const w of s.workers) {
     const busy = new Set(w.running.map((r) => r.slot));
@@ -3015,7 +3221,9 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     let state = c(STATE_COLORS[w.state], w.state.padEnd(8));
     if (w.checking) state = c('33', 'checking');
     let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`;
-    if (w.running.length) line += `  ${w.running.map((r) => r.id).join(' ')}`;
+    if (w.gpus) line += `  gpus ${w.gpusUsed.length}/${w.gpus}`;
+    if (w.labels.length) line += `  [${w.labels.join(',')}]`;
+    if (w.running.length) line += `  ${[...new Set(w.running.map((r) => r.id))].join(' ')}`;
     if (w.state === 'down') line += `  ${w.error ?? ''}${w.nextProbeAt ? `; next check in ${formatDuration(Date.parse(w.nextProbeAt) - now)}` : ''}`;
     out.push(line.trimEnd());
   }
@@ -3103,13 +3311,27 @@ async function startDetached(dataDir: string, logDir: string, grace: number, ctx
   return EXIT_OK;
 }
 
+/** Comma lists in a repeatable option (--label a,b --label c), as one list. */
+const commaList = (v: unknown) => (v === undefined ? [] : (v as string[]).flatMap((w) => w.split(',')).map((w) => w.trim()).filter(Boolean));
+
 async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length) throw usage('add_slave needs at least one HOST[:SLOTS]');
-  const slots = intOption(p.values.slots, 'slot count', 1) ?? 1;
-  const workers = p.positionals.map((a) => parseWorkerArg(a, slots));
+  const auto = p.values.slots === 'auto', slots = auto ? 1 : intOption(p.values.slots, 'slot count', 1) ?? 1;
+  const gpus = intOption(p.values.gpus, 'GPU count', 0) ?? 0;
+  const labels = commaList(p.values.label).map(labelOf), env = envOf((p.values.env as string[] | undefined) ?? []);
+  const workers = p.positionals.map((a) => ({ ...parseWorkerArg(a, slots, auto), gpus, labels, env }));
   const r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
-  for (const w of workers) ctx.out.write(`added worker ${w.host} with ${w.slots} slot${w.slots === 1 ? '' : 's'}\n`);
-  return r.ok ? EXIT_OK : EXIT_FAILED;
+  for (const w of r.added as { host: string; slots: number; gpus: number; labels: string[] }[]) {
+    ctx.out.write(`added worker ${w.host} with ${w.slots} slot${w.slots === 1 ? '' : 's'}${w.gpus ? ` and ${w.gpus} GPU${w.gpus === 1 ? '' : 's'}` : ''}${w.labels.length ? `, labels ${w.labels.join(',')}` : ''}\n`);
+  }
+  return EXIT_OK;
+}
+
+async function cmdPolicy(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.positionals.length > 1) throw usage('policy takes at most one NAME', `usage: cli.ts ${COMMANDS.policy.synopsis}`);
+  const r = await request(ctx.dataDir, { op: 'policy', ...(p.positionals.length ? { name: p.positionals[0] } : {}) });
+  ctx.out.write(p.positionals.length && r.was !== r.policy ? `policy: ${r.policy} (was ${r.was})\n` : `policy: ${r.policy}\n`);
+  return EXIT_OK;
 }
 
 async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
@@ -3153,11 +3375,17 @@ function jobOptions(p: Parsed): Record<string, unknown> {
     ...(p.values.priority !== undefined ? { priority: signedOption(p.values.priority, 'priority') } : {}),
     ...(after.length ? { after } : {}),
     ...(env.length ? { env } : {}),
+    ...(p.values.slots !== undefined ? { slots: intOption(p.values.slots, 'slot count', 1) } : {}),
+    ...(p.values.gpus !== undefined ? { gpus: intOption(p.values.gpus, 'GPU count', 0) } : {}),
+    ...(p.values.require !== undefined ? { require: commaList(p.values.require).map(labelOf) } : {}),
+    ...(p.values.avoid !== undefined ? { avoid: commaList(p.values.avoid).map(labelOf) } : {}),
+    ...(p.values.host !== undefined ? { hosts: commaList(p.values.host) } : {}),
   };
 }
 
 async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[], sweep?: string[][]): Promise<void> {
   const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: process.cwd(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}) });
+  if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   const first = Number(r.first), count = Number(r.count);
   let text = '';
   for (let i = 0; i < count; i++) {
@@ -3379,13 +3607,20 @@ type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec
 const JOB_OPTIONS: OptSpec = {
   retries: { type: 'string' }, timeout: { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
   after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true },
+  slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
+  host: { type: 'string', multiple: true },
 };
-const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]...';
+const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]... ' +
+  '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
-  add_slave: { run: cmdAddWorkers, options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' } }, synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...' },
+  add_slave: {
+    run: cmdAddWorkers,
+    options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true } },
+    synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...',
+  },
   remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },
   add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: `add_job ${JOB_SYNOPSIS} SCRIPT [ARGS...] [::: V... [::: W...]]` },
   add_jobs: { run: cmdAddJobs, options: JOB_OPTIONS, synopsis: `add_jobs ${JOB_SYNOPSIS} FILE|-` },
@@ -3395,6 +3630,7 @@ const COMMANDS: Record<string, Command> = {
   set_priority: { run: cmdSetPriority, options: TAG, negatives: true, synopsis: 'set_priority N ID... | set_priority N --tag TAG' },
   pause: { run: (p, ctx) => cmdPause(p, ctx, 'pause'), options: TAG, noArgs: true, synopsis: 'pause [--tag TAG]' },
   resume: { run: (p, ctx) => cmdPause(p, ctx, 'resume'), options: TAG, noArgs: true, synopsis: 'resume [--tag TAG]' },
+  policy: { run: cmdPolicy, options: {}, synopsis: 'policy [spread|pack|sequential|random]' },
   status: { run: cmdStatus, options: { json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'status [--tag TAG] [--json]' },
   list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'list [--state STATE] [--tag TAG] [--json]' },
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
