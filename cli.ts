@@ -46,13 +46,16 @@ if (!process.features.typescript) {
  *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [DATA_DIR] [LOG_DIR]
  *                                             run the server (-d: in the background)
  *   cli.ts stop                               stop it; running jobs keep running
- *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N] HOST[:SLOTS]...
+ *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]...
+ *                    [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
+ *   cli.ts policy [spread|pack|sequential|random]
  *   cli.ts remove_slave [--wait|--kill] HOST...
  *   cli.ts add_job [JOB OPTIONS] SCRIPT [ARGS...] [::: V... [::: W...]]   (a sweep: one
  *                                      job per combination; {1} {2} {} in ARGS replaced)
  *   cli.ts add_jobs [JOB OPTIONS] FILE|-
  *     JOB OPTIONS: --retries N, --timeout S, --tag TAG..., --priority N,
- *                  --after ID[,ID]..., -e|--env NAME=VALUE...
+ *                  --after ID[,ID]..., -e|--env NAME=VALUE..., --slots K, --gpus G,
+ *                  --require LABEL..., --avoid LABEL..., --host HOST...
  *   cli.ts remove_job SCRIPT [ARGS...] | --id ID... | --tag TAG
  *   cli.ts kill ID... | --tag TAG | --all
  *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
@@ -66,7 +69,8 @@ if (!process.features.typescript) {
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
  *   DJS_DATA_DIR, DJS_LOG_DIR, DJS_KILL_GRACE; for the server's ssh: DJS_SSH_CONFIG,
  *   DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX; DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES
- *   (tests); NO_COLOR. Jobs get JOB_ID, SLAVE_IP, SLAVE_SLOT, JOB_ATTEMPT, DJS_DATA_DIR.
+ *   (tests); NO_COLOR. Jobs get JOB_ID, SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS,
+ *   JOB_ATTEMPT, DJS_DATA_DIR, and the worker's and their own --env settings.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
@@ -1591,7 +1595,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
     // Waiting jobs are queued (or held) once every job is in, since holds look at their
     // dependencies; they come in the order they start, so queueing keeps that order.
     const waiting: Job[] = [];
-    const tagSets = new Map<string, string[]>();
+    const tagSets = new Map<string, string[]>(), needs = new Map<string, Need>(); // one copy each
     const { tail } = forEachLine(snapFile, Infinity, (line, no) => {
       const rec = upgradeRecord(parseLine(snapFile, line, no), version);
       if (no === 1) {
@@ -1602,6 +1606,8 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
       } else if (rec.w) {
         const w = rec.w as Worker;
         if (typeof w.host !== 'string' || !Array.isArray(w.running)) throw damaged(snapFile, no, 'bad worker');
+        // Version 2 workers have no placement fields.
+        w.labels ??= NO_TAGS; w.gpus ??= 0; w.gpuJobs ??= new Array(w.gpus).fill(0); w.env ??= null;
         st.workers.set(w.host, w);
       } else if (rec.j) {
         const job = rec.j as Job;
@@ -1610,7 +1616,12 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         job.script = intern(st, job.script); job.cwd = intern(st, job.cwd);
         if (job.worker !== null) job.worker = intern(st, job.worker);
         // Version 2 jobs have no campaign fields.
-        job.priority ??= 0; job.after ??= null; job.env ??= null; job.blockers = 0;
+        job.priority ??= 0; job.after ??= null; job.env ??= null; job.blockers = 0; job.slots ??= null; job.gpus ??= null;
+        if (!job.need || isPlain(job.need)) job.need = PLAIN_NEED;
+        else {
+          const key = JSON.stringify(job.need);
+          job.need = needs.get(key) ?? (needs.set(key, job.need), job.need);
+        }
         if (!Array.isArray(job.tags) || job.tags.length === 0) job.tags = NO_TAGS;
         else {
           const key = job.tags.join('\t');

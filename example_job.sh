@@ -22,6 +22,8 @@
 #
 # Environment:
 #   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
+#   SLAVE_GPUS           set by the scheduler: the GPU indices the job holds on the worker (a
+#                        job added with --gpus G); the work gets them as CUDA_VISIBLE_DEVICES
 #   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
 #   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
 #   DJS_SSH_TIMEOUT=T    seconds to wait for the worker's sshd to answer (default 10); a worker
@@ -205,6 +207,8 @@ copy "$source_path" "$host:$remote_dir/"
 work="sh -c $(shq "$WORK") sh $(shq "$name") $(shq "$result")"
 if [[ -n ${DJS_EXAMPLE_FAIL:-} ]]; then work="(exit $DJS_EXAMPLE_FAIL)"; fi
 if [[ -n ${DJS_EXAMPLE_SLEEP:-} ]]; then work="sleep $DJS_EXAMPLE_SLEEP; $work"; fi
+# The GPUs this job holds, for CUDA programs (the same names of devices on every job's worker).
+if [[ -n ${SLAVE_GPUS:-} ]]; then work="CUDA_VISIBLE_DEVICES=$(shq "$SLAVE_GPUS"); export CUDA_VISIBLE_DEVICES; $work"; fi
 on_worker "cd -- $(shq "$remote_dir") || exit 1
 echo \$\$ > .pgid || exit 1
 $work

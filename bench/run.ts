@@ -2,9 +2,10 @@
 // Runs whole commands and servers from outside, each against baselines measured in the
 // same invocation, prints one table per benchmark, and writes the machine description
 // and the results to bench/last-run.md and bench/last-run.json.
-//   NAME: dispatch, client, queue (= addcost + scale), latency, durable, campaign; default
-//   all of these. Only when named: breakdown (where a start's CPU goes, by process and kernel
-//   path; --patched copies too) and primitives (what fork, exec and file operations cost).
+//   NAME: dispatch, client, queue (= addcost + scale), latency, durable, campaign,
+//   placement; default all of these. Only when named: breakdown (where a start's CPU goes,
+//   by process and kernel path; --patched copies too) and primitives (what fork, exec and
+//   file operations cost).
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
@@ -27,9 +28,10 @@ import { durable } from './durable.ts';
 import { breakdown } from './breakdown.ts';
 import { primitives } from './primitives.ts';
 import { campaign } from './campaign.ts';
+import { placement } from './placement.ts';
 
-const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, breakdown, primitives };
-const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable', 'campaign'];
+const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives };
+const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable', 'campaign', 'placement'];
 const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue', scale: 'queue' };
 
 /** A directory holding Node 24's `node`: DJS_NODE24, else the npm cache dir (installed on demand). */

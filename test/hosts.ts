@@ -7,7 +7,8 @@
 // session runs in it with HOME set to it, so `ssh 127.0.0.2 pwd` prints host 2's scratch and
 // `rsync f 127.0.0.2:sub/` lands in it. Faults are real: kill() refuses connections, stop()
 // hangs the host (new connections never get a banner, open ones go silent), and hosts listed
-// in noKeyHosts reject the user key.
+// in noKeyHosts reject the user key. A host's scratch/bin, when it exists, comes first on
+// the PATH of its sessions (for stand-ins of programs such as nvidia-smi).
 //
 // Files, under one short temporary directory (paths stay short and need no quoting):
 //   user_key, user_key.pub, known_hosts, ssh_config, authorized_keys, session.sh
@@ -348,6 +349,8 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         '# session.sh SCRATCH: runs the ssh command (or a login shell) in SCRATCH, with HOME=SCRATCH.',
         'cd "$1" || exit 1',
         'HOME=$1',
+        '# A host\'s own programs (a stand-in nvidia-smi, say) go in SCRATCH/bin, first on its PATH.',
+        '[ -d "$1/bin" ] && PATH="$1/bin:$PATH" && export PATH',
         `${MARKER}=${dir}`,
         `export HOME ${MARKER}`,
         'if [ -n "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "${SHELL:-/bin/sh}" -c "$SSH_ORIGINAL_COMMAND"; fi',
