@@ -56,7 +56,10 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
     const server = await startServer({ dir });
     startingMs += Date.now() - started;
     // Enough slots that jobs do not queue for long: kills land while jobs start and end.
-    if (round === 0) await addWorkers(server, 'w1:12', 'w2:12');
+    if (round === 0) {
+      await addWorkers(server, 'w2:12');
+      await server.ok(['add_slave', '--skip_ssh_auth_check', '--gpus', '3', 'w1:12']); // GPU jobs go here
+    }
     const dataDir = server.dataDir;
     let stopClients = false;
     // The real client, and (to make many requests per round, at less cost than a node
@@ -88,7 +91,8 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
       while (!stopClients) {
         const pool = [...acked];
         const after = pool.length && rand() < 0.6 ? [pool[Math.floor(rand() * pool.length)]] : [];
-        const req = { op: 'add_jobs', cwd: dir, jobs: [[script, 'camp']], priority: [0, 5, -3, 9][Math.floor(rand() * 4)], tags: ['camp'], ...(after.length ? { after } : {}) };
+        const need = [{}, {}, { slots: 3 }, { gpus: 1 }, { gpus: 2, slots: 2 }][Math.floor(rand() * 5)];
+        const req = { op: 'add_jobs', cwd: dir, jobs: [[script, 'camp']], priority: [0, 5, -3, 9][Math.floor(rand() * 4)], tags: ['camp'], ...need, ...(after.length ? { after } : {}) };
         let a: any;
         try { a = await socketRequest(dataDir, req); } catch { break; }
         if (!a.ok && /already ended (failed|killed)/.test(a.error)) continue;
@@ -143,30 +147,48 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
     }
   }
   // Priorities: replaying the journal, every start is of a job of the highest priority
-  // among the jobs that could start then (all slots are of one kind here).
+  // among the jobs that could start then on that kind of slot; and no slot or GPU is
+  // ever held by two jobs (tracked here from the start, end and unstart events alone).
   const st0 = newState();
-  let starts = 0, version = 3;
+  let starts = 0, version = 3, multi = 0;
+  const holder = new Map<string, number>(), holding = new Map<number, { run: number; keys: string[] }>(), runs = new Map<number, number>();
+  const letGo = (id: number) => { for (const k of holding.get(id)?.keys ?? []) holder.delete(k); holding.delete(id); };
   for (const line of fs.readFileSync(path.join(server.dataDir, 'journal'), 'utf8').split('\n').filter(Boolean)) {
     const rec = JSON.parse(line);
     if (rec.format) { version = rec.version; continue; }
     const ev = upgradeRecord(rec, version) as unknown as Event;
+    if (ev.e === 'start' && st0.jobs.get(ev.id)!.state === 'waiting') {
+      const run = (runs.get(ev.id) ?? 0) + 1;
+      runs.set(ev.id, run);
+      const keys = [...(ev.slots ?? [ev.slot]).map((x) => `${ev.host}/slot ${x}`), ...(ev.gpus ?? []).map((g) => `${ev.host}/GPU ${g}`)];
+      if (keys.length > 1) multi++;
+      for (const k of keys) {
+        assert.equal(holder.get(k), undefined, `job ${ev.id} started on ${k}, which job ${holder.get(k)} held`);
+        holder.set(k, ev.id);
+      }
+      holding.set(ev.id, { run, keys });
+    }
+    if (ev.e === 'end' && holding.get(ev.id)?.run === ev.run) letGo(ev.id);
+    if (ev.e === 'unstart') letGo(ev.id);
     if (ev.e === 'start') {
       const job = st0.jobs.get(ev.id)!;
       if (job.state === 'waiting') {
         starts++;
-        // Recounted here, not asked of the core's queue.
+        // Recounted here, not asked of the core's queue. Jobs needing GPUs or several
+        // slots are another kind of job: a plain one may start while they wait for room.
         const ready = (j: typeof job) => j.state === 'waiting' && (j.after ?? []).every((d) => st0.jobs.get(d)?.state === 'done');
+        const kind = (j: typeof job) => `${j.need.slots}/${j.need.gpus}`;
         assert.ok(ready(job), `job ${ev.id} started while waiting for a dependency`);
         for (const other of st0.jobs.values()) {
-          if (ready(other) && other.priority > job.priority) assert.fail(`job ${ev.id} (priority ${job.priority}) started while job ${other.id} (priority ${other.priority}) waited`);
+          if (ready(other) && kind(other) === kind(job) && other.priority > job.priority) assert.fail(`job ${ev.id} (priority ${job.priority}) started while job ${other.id} (priority ${other.priority}) waited`);
         }
       }
     }
     applyEvent(st0, ev);
   }
   assert.ok(!fs.existsSync(path.join(server.dataDir, 'snapshot')), 'the journal holds the whole history');
-  t.diagnostic(`${chained} jobs ran after their dependencies, ${failedChains} failed for a dependency; ${starts} starts checked for priority`);
-  assert.ok(chained > 5 && failedChains > 0, 'the campaign client exercised little');
+  t.diagnostic(`${chained} jobs ran after their dependencies, ${failedChains} failed for a dependency; ${starts} starts checked for priority, ${multi} of them of several slots or GPUs`);
+  assert.ok(chained > 5 && failedChains > 0 && multi > 5, 'the campaign client exercised little');
   for (const id of acked) {
     const job = byId.get(id);
     assert.ok(job, `acknowledged job ${id} was lost`);
