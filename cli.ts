@@ -1419,11 +1419,61 @@ export function splitWords(line: string): string[] {
 
 /** Quotes a word for a shell only when it needs it, for showing commands to people. */
 export function shellQuote(word: string): string {
-  return /^[A-Za-z0-9_./:=@%+,-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+  if (/^[A-Za-z0-9_./:=@%+,-]+$/.test(word)) return word;
+  // Bytes that are not UTF-8 (see textOf), as bash's $'\xHH', which pastes back exactly.
+  if (LONE_ESCAPE.test(word)) return `$'${word.replace(/[\\']|[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : `\\x${(c.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`))}'`;
+  return `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
 function quoteForError(value: string): string {
-  return `'${value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)}'`;
+  return `'${value.replace(/[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (c) => `\\x${(c.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`)}'`;
+}
+
+// ---- bytes that are not UTF-8 ---------------------------------------------------
+// Arguments, directories and file lines are bytes, and need not be UTF-8 (a file name
+// from an old Latin-1 archive, say). Inside, they are strings; a byte that is not part of
+// valid UTF-8 is kept as the lone surrogate U+DC80..U+DCFF (Python's "surrogateescape"),
+// which JSON carries as \udcXX, and turned back into that byte wherever the string
+// becomes bytes again (the launcher's record, a path the client checks). So every byte
+// sequence but NUL reaches the job exactly.
+
+const LONE_ESCAPE = /(?<![\ud800-\udbff])[\udc80-\udcff]/;
+
+/** Bytes as a string: valid UTF-8 decoded, every other byte B kept as U+DC00+B. */
+export function textOf(buf: Buffer): string {
+  const plain = buf.toString('utf8');
+  if (!plain.includes('\ufffd') || Buffer.from(plain).equals(buf)) return plain;
+  let out = '';
+  for (let i = 0; i < buf.length;) {
+    const b = buf[i];
+    const n = b < 0x80 ? 1 : b >= 0xc2 && b <= 0xdf ? 2 : b >= 0xe0 && b <= 0xef ? 3 : b >= 0xf0 && b <= 0xf4 ? 4 : 0;
+    if (n === 1) { out += String.fromCharCode(b); i++; continue; }
+    let ok = n > 0 && i + n <= buf.length;
+    for (let k = 1; ok && k < n; k++) ok = (buf[i + k] & 0xc0) === 0x80;
+    if (ok) {
+      // Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8.
+      const c1 = buf[i + 1];
+      if ((b === 0xe0 && c1 < 0xa0) || (b === 0xed && c1 >= 0xa0) || (b === 0xf0 && c1 < 0x90) || (b === 0xf4 && c1 >= 0x90)) ok = false;
+    }
+    if (ok) { out += buf.subarray(i, i + n).toString('utf8'); i += n; } else { out += String.fromCharCode(0xdc00 + b); i++; }
+  }
+  return out;
+}
+
+/** A string as the bytes it stands for (the inverse of textOf). */
+export function bytesOf(s: string): Buffer {
+  if (!LONE_ESCAPE.test(s)) return Buffer.from(s);
+  const parts: Buffer[] = [];
+  let from = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 0xdc80 && c <= 0xdcff && !(i > 0 && s.charCodeAt(i - 1) >= 0xd800 && s.charCodeAt(i - 1) <= 0xdbff)) {
+      parts.push(Buffer.from(s.slice(from, i)), Buffer.of(c - 0xdc00));
+      from = i + 1;
+    }
+  }
+  parts.push(Buffer.from(s.slice(from)));
+  return Buffer.concat(parts);
 }
 
 /** Why waiting jobs that depend on nothing and are not paused are not running: no
@@ -1920,7 +1970,7 @@ const SETSID_SYSCALL: Record<string, number> = process.platform === 'linux'
 
 /** One job for the launcher (see LAUNCHER): its record, as bytes. */
 export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: string[]; script: string; args: string[] }): Buffer {
-  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map((f) => Buffer.from(f));
+  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map(bytesOf);
   const head = Buffer.from(`${j.id} ${j.run} ${j.slot} ${j.attempt} ${j.env.length} ${fields.map((f) => f.length).join(' ')}\n`);
   let len = head.length;
   for (const f of fields) len += f.length;
@@ -2321,9 +2371,9 @@ async function checkLogins(req: Request): Promise<Request> {
 /** Throws unless `abs` is an executable regular file; errors name it as `shown`. */
 function checkExecutable(abs: string, shown: string, where = ''): void {
   let stat: fs.Stats;
-  try { stat = fs.statSync(abs); } catch { throw failure(`no such script ${quoteForError(shown)}${where}`); }
+  try { stat = fs.statSync(bytesOf(abs)); } catch { throw failure(`no such script ${quoteForError(shown)}${where}`); }
   if (!stat.isFile()) throw failure(`not a file: ${quoteForError(shown)}${where}`);
-  try { fs.accessSync(abs, fs.constants.X_OK); } catch {
+  try { fs.accessSync(bytesOf(abs), fs.constants.X_OK); } catch {
     throw failure(`script is not executable: ${quoteForError(shown)}${where}`, `make it executable with: chmod +x ${shellQuote(shown)}`);
   }
 }
@@ -3365,6 +3415,13 @@ async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   return EXIT_OK;
 }
 
+/** The client's working directory, as bytes it is (see textOf). */
+function workDir(): string {
+  const here = process.cwd();
+  if (!here.includes('\ufffd')) return here;
+  try { return textOf(fs.readlinkSync('/proc/self/cwd', { encoding: 'buffer' })); } catch { return here; }
+}
+
 /** A whole number that may be negative (priorities). */
 const signedOption = (v: unknown, name: string): number | undefined => {
   if (v === undefined) return undefined;
@@ -3395,7 +3452,7 @@ function jobOptions(p: Parsed): Record<string, unknown> {
 }
 
 async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[], sweep?: string[][]): Promise<void> {
-  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: process.cwd(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}) });
+  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: workDir(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}) });
   if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   const first = Number(r.first), count = Number(r.count);
   let text = '';
@@ -3421,7 +3478,7 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length || p.positionals[0] === ':::') throw usage('add_job needs a SCRIPT', `usage: cli.ts ${COMMANDS.add_job.synopsis}`);
   const [script, ...words] = p.positionals;
   const { args, lists } = splitSweep(words);
-  const spec = [resolveScript(script, process.cwd()), ...args];
+  const spec = [resolveScript(script, workDir()), ...args];
   if (lists) checkSweep(spec, lists); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
   return EXIT_OK;
@@ -3431,8 +3488,8 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.positionals.length !== 1) throw usage('add_jobs needs one FILE (or - for standard input)');
   const name = p.positionals[0];
   let text: string;
-  try { text = fs.readFileSync(name === '-' ? 0 : name, 'utf8'); } catch (e) { throw failure(`cannot read ${quoteForError(name)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
-  const jobs = parseJobsFile(text, process.cwd(), name === '-' ? 'standard input' : name);
+  try { text = textOf(fs.readFileSync(name === '-' ? 0 : bytesOf(name))); } catch (e) { throw failure(`cannot read ${quoteForError(name)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
+  const jobs = parseJobsFile(text, workDir(), name === '-' ? 'standard input' : name);
   if (jobs.length === 0) throw failure(`no jobs in ${quoteForError(name)}`);
   await sendJobs(ctx, p, jobs);
   return EXIT_OK;
@@ -3454,7 +3511,7 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   } else {
     if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
     const [script, ...args] = p.positionals;
-    msg = { op: 'remove_jobs', script: path.resolve(process.cwd(), script), args };
+    msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args };
   }
   const r = await request(ctx.dataDir, msg);
   const ids = r.ids as number[];
@@ -3713,9 +3770,23 @@ const isMain = (() => {
   try { return fs.realpathSync(process.argv[1] ?? '') === fs.realpathSync(fileURLToPath(import.meta.url)); } catch { return false; }
 })();
 
+/** The command's words as the bytes it was given (see textOf): node decodes argv as
+ *  UTF-8 and replaces what is not; Linux keeps the bytes in /proc/self/cmdline, whose
+ *  last words are the command's. Anywhere else, or if the two disagree, argv as node has
+ *  it. */
+function rawArgs(): string[] {
+  const args = process.argv.slice(2);
+  if (!args.some((a) => a.includes('\ufffd'))) return args;
+  try {
+    const raw = fs.readFileSync('/proc/self/cmdline').toString('latin1').split('\0').slice(0, -1).slice(-args.length).map((w) => Buffer.from(w, 'latin1'));
+    if (raw.length === args.length && raw.every((b, i) => b.toString('utf8') === args[i])) return raw.map(textOf);
+    return args;
+  } catch { return args; }
+}
+
 if (isMain) {
   process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(0); });
-  main(process.argv.slice(2)).then((code) => {
+  main(rawArgs()).then((code) => {
     if (code >= 0) process.exitCode = code;
   });
 }

@@ -307,6 +307,38 @@ echo "stderr of $JOB_ID" >&2`);
     assert.equal((await s.jobs())[0].script, path.join(s.dir, 'sub', 'only-here.sh'));
   });
 
+  test('bytes that are not UTF-8 reach the job exactly: in arguments, in an add_jobs file, in the directory; list shows them as $\'\\xHH\'', async (t) => {
+    const s = await serve(t);
+    // Writes its directory and arguments, one per line, as bytes.
+    writeScript(s.dir, 'rec.sh', `printf "%s\\n" "$PWD" "$@" > "${s.dir}/out.$JOB_ID"`);
+    const env = {};
+    const odd = Buffer.from([0x61, 0xff, 0x62]), surrogate = Buffer.from([0xed, 0xa0, 0x80]), cut = Buffer.from([0x78, 0xc3]);
+    // The shell passes the bytes; node could not (it would send them as UTF-8).
+    const q = (b: Buffer) => `"$(printf '${[...b].map((x) => `\\${x.toString(8).padStart(3, '0')}`).join('')}')"`;
+    const one = await sh(`"${CLI}" --data-dir "${s.dataDir}" add_job ./rec.sh ${q(odd)} é ${q(surrogate)}`, { cwd: s.dir, env });
+    assert.equal(one.code, 0, one.stderr);
+    fs.writeFileSync(path.join(s.dir, 'jobs.txt'), Buffer.concat([Buffer.from('./rec.sh '), Buffer.from([0xfe, 0xff]), Buffer.from(' "'), cut, Buffer.from('"\n')]));
+    const two = await s.cli(['add_jobs', 'jobs.txt'], { env });
+    assert.equal(two.code, 0, two.stderr);
+    const oddDir = Buffer.concat([Buffer.from(path.join(s.dir, 'dir')), Buffer.from([0xff])]);
+    fs.mkdirSync(oddDir);
+    const three = await sh(`cd ${q(oddDir)} && "${CLI}" --data-dir "${s.dataDir}" add_job ../rec.sh x`, { cwd: s.dir, env });
+    assert.equal(three.code, 0, three.stderr);
+    await addWorkers(s, 'w1');
+    assert.equal((await s.cli(['wait'])).code, 0);
+    const lines = (id: number) => {
+      const out = fs.readFileSync(path.join(s.dir, `out.${id}`));
+      const parts: Buffer[] = [];
+      for (let i = 0, j; (j = out.indexOf(10, i)) >= 0; i = j + 1) parts.push(out.subarray(i, j));
+      return parts;
+    };
+    assert.deepEqual(lines(1), [Buffer.from(s.dir), odd, Buffer.from('é'), surrogate]);
+    assert.deepEqual(lines(2), [Buffer.from(s.dir), Buffer.from([0xfe, 0xff]), cut]);
+    assert.deepEqual(lines(3), [oddDir, Buffer.from('x')]);
+    const list = await s.ok(['list']);
+    assert.match(list, /rec\.sh \$'a\\xffb' 'é' \$'\\xed\\xa0\\x80'$/m, 'shown so that pasting it gives the same bytes');
+  });
+
   test('add_jobs FILE and -: quoting, comments, blank lines; a bad line queues nothing', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'rec.sh', 'exit 0');

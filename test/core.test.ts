@@ -12,7 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
-  admits, checkSweep, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep,
+  admits, textOf, bytesOf, shellQuote, checkSweep, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep,
 } from '../cli.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
@@ -1704,5 +1704,22 @@ describe('placement: labels, GPUs, multi-slot jobs, requirements, policies, no s
     assert.deepEqual(parseSize('16\nGPU 0: NVIDIA A100 (UUID: GPU-1)\nGPU 1: NVIDIA A100 (UUID: GPU-2)\n'), { cpus: 16, gpus: 2 });
     assert.deepEqual(parseSize('8\n'), { cpus: 8, gpus: 0 });
     assert.equal(parseSize('bash: nproc: command not found\n'), null);
+  });
+});
+
+describe('textOf and bytesOf: bytes that are not UTF-8', () => {
+  test('any bytes survive the trip through a string and JSON; valid UTF-8 is plain text', () => {
+    const rnd = prng(7);
+    for (let n = 0; n < 2000; n++) {
+      const buf = Buffer.from(Array.from({ length: Math.floor(rnd() * 12) }, () => (rnd() < 0.5 ? Math.floor(rnd() * 256) : [0xc3, 0xa9, 0xe2, 0x82, 0xac, 0xf0, 0x9f, 0x98, 0x80, 0xed, 0xa0, 0x80, 0xc0, 0xaf][Math.floor(rnd() * 14)])));
+      const text = textOf(buf);
+      assert.deepEqual(bytesOf(JSON.parse(JSON.stringify(text))), buf, `bytes ${buf.toString('hex')}`);
+    }
+    assert.equal(textOf(Buffer.from('plain é € 😀')), 'plain é € 😀');
+    assert.equal(textOf(Buffer.from([0x61, 0xff])), 'a\udcff');
+    assert.equal(textOf(Buffer.from([0xc0, 0xaf])), '\udcc0\udcaf', 'an overlong form is two bytes');
+    assert.deepEqual(bytesOf('😀'), Buffer.from([0xf0, 0x9f, 0x98, 0x80]), 'a surrogate pair is a character, not two escapes');
+    assert.equal(shellQuote('a\udcffb'), "$'a\\xffb'");
+    assert.equal(shellQuote("it's\udcfe"), "$'it\\'s\\xfe'");
   });
 });
