@@ -2220,8 +2220,8 @@ type Input = { kind: 'request'; req: Request; decide: Decide; reply: Reply } | {
  *  said it could not start; `signal`: one asked for before its pid was known. */
 type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
-type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string };
-type Follower = { id: number; send: Reply };
+type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void };
+type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
   maxConnections: number;
@@ -2683,7 +2683,7 @@ const unfinished = (id: number) => { const j = st.jobs.get(id); return j !== und
 function notifyWatchers(now: number, touched: Set<number> | null): void {
   for (const w of waiters) {
     if (w.hosts) {
-      if (w.hosts.every((h) => !st.workers.has(h))) { waiters.delete(w); w.send({ ok: true }); }
+      if (w.hosts.every((h) => !st.workers.has(h))) { w.done(); w.send({ ok: true }); }
       continue;
     }
     if (w.ids && w.pending) {
@@ -2695,7 +2695,7 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
     const finished = w.pending ? w.pending.size === 0 : st.counts.waiting + st.counts.running === 0;
     if (finished) {
       const c = waitCounts(w);
-      waiters.delete(w);
+      w.done();
       w.send({ ok: true, counts: c, allDone: c.done === c.total });
     } else if (now - w.lastSent >= 250) {
       const c = waitCounts(w);
@@ -2705,7 +2705,7 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
   }
   for (const f of followers) {
     const job = st.jobs.get(f.id);
-    if (!job || isFinished(job.state)) { followers.delete(f); f.send({ ok: true, state: job?.state ?? 'removed', exitCode: job?.exitCode ?? null }); }
+    if (!job || isFinished(job.state)) { f.done(); f.send({ ok: true, state: job?.state ?? 'removed', exitCode: job?.exitCode ?? null }); }
   }
 }
 
@@ -2724,10 +2724,19 @@ function openWait(req: Request, conn: Conn): void {
     for (const job of st.jobs.values()) if (job.tags.includes(tag)) ids.add(job.id);
   }
   const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
-  const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '' };
-  waiters.add(w);
-  conn.sock.on('close', () => waiters.delete(w));
+  const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '', done: () => {} };
+  watchUntilClose(conn, waiters, w);
   notifyWatchers(Date.now(), new Set());
+}
+
+/** Adds a wait or log -f to `set` for as long as it lasts: its `done` takes it out, as
+ *  the connection's close does; either way the close listener goes, so a connection
+ *  that asks many times in a row keeps none behind. */
+function watchUntilClose<T extends { done: () => void }>(conn: Conn, set: Set<T>, item: T): void {
+  const drop = () => { set.delete(item); conn.sock.off('close', drop); };
+  item.done = drop;
+  set.add(item);
+  conn.sock.on('close', drop);
 }
 
 /** log {id, follow}: where the job's log is; with follow, a last line when it ends. */
@@ -2736,9 +2745,8 @@ function openLog(req: Request, conn: Conn): void {
   const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode };
   if (req.follow !== true || isFinished(job.state)) return conn.send({ ok: true, ...info });
   conn.send({ info });
-  const f: Follower = { id: job.id, send: conn.send };
-  followers.add(f);
-  conn.sock.on('close', () => followers.delete(f));
+  const f: Follower = { id: job.id, send: conn.send, done: () => {} };
+  watchUntilClose(conn, followers, f);
 }
 
 /** list {state}: rows in chunks, waiting for the socket to drain, so a million jobs

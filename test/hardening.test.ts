@@ -75,6 +75,28 @@ test('a client that pipelines list requests and never reads costs the server one
   assert.equal((await s.status()).counts.waiting, 20_000);
 });
 
+test('one connection asking for wait and log -f many times in a row leaves no listener behind (no MaxListenersExceededWarning)', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  const id = (await s.ok(['add_job', script])).trim();
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w']);
+  assert.equal((await s.cli(['wait', id])).code, 0);
+  const c = await connect(s);
+  const n = 40;
+  c.sock.write(`{"op":"wait","ids":[${id}]}\n{"op":"log","id":${id},"follow":true}\n`.repeat(n));
+  await until(() => c.got().split('\n').filter(Boolean).length >= 2 * n, `${2 * n} answers`);
+  // A wait that is still open when the connection goes is let go too.
+  const blocker = writeScript(s.dir, 'block.sh', `while [ ! -e "${s.dir}/go" ]; do sleep 0.05; done`);
+  const open = (await s.ok(['add_job', blocker])).trim();
+  c.sock.write(`{"op":"wait","ids":[${open}]}\n`);
+  c.sock.destroy();
+  fs.writeFileSync(path.join(s.dir, 'go'), '');
+  assert.equal((await s.cli(['wait', open])).code, 0);
+  assert.doesNotMatch(s.output(), /MaxListenersExceededWarning/);
+});
+
 test('connections beyond DJS_MAX_CONNECTIONS close the one idle the longest; the server keeps answering', { timeout: 60_000 }, async (t) => {
   let s: TestServer | undefined;
   t.after(() => cleanUp(s));
