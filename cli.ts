@@ -296,7 +296,7 @@ export type Event =
   | { e: 'remove'; t: number; ids: number[] }
   | { e: 'start'; t: number; id: number; host: string; slot: number; slots?: number[]; gpus?: number[] } // slots: all, when more than one
   | { e: 'unstart'; t: number; id: number; back?: boolean } // back: behind the others (its start failed)
-  | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string }
+  | { e: 'end'; t: number; id: number; run: number; code: number | null; why?: string; began?: number } // began: when its process was forked
   | { e: 'kill'; t: number; ids: number[]; why: KillReason; grace: number }
   | { e: 'retry'; t: number; ids: number[] }
   | { e: 'clean'; t: number; logs?: boolean; ids?: number[] } // ids: these only (else every finished job)
@@ -738,7 +738,9 @@ export function applyEvent(st: State, ev: Event): void {
     }
     case 'end': {
       const job = st.jobs.get(ev.id);
-      if (job && job.state === 'running' && job.run === ev.run) endAttempt(st, job, ev.code, ev.why, ev.t);
+      if (!job || job.state !== 'running' || job.run !== ev.run) break;
+      if (ev.began !== undefined && ev.began > job.startedAt && ev.began <= ev.t) job.startedAt = ev.began;
+      endAttempt(st, job, ev.code, ev.why, ev.t);
       break;
     }
     case 'kill':
@@ -2218,7 +2220,7 @@ type Input = { kind: 'request'; req: Request; decide: Decide; reply: Reply } | {
  *  tell its pid and its end; or `watched`, any other (it outlived an earlier server or
  *  our launcher), whose end its run file tells (checkRun). `failed`: why the launcher
  *  said it could not start; `signal`: one asked for before its pid was known. */
-type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null };
+type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null; began: number };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
 type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void };
 type Follower = { id: number; send: Reply; done: () => void };
@@ -2529,7 +2531,7 @@ function launchJob(id: number): void {
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
-  procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null });
+  procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs.
   const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`];
   launches.push(launchRecord({
@@ -2552,6 +2554,7 @@ function launcherSaid(line: string): void {
   if (!p || p.how !== 'launched' || p.run !== Number(runText)) return;
   if (kind === 's') {
     p.pid = Number(what);
+    p.began = Date.now();
     if (p.signal) { signalGroup(p.pid, p.signal); p.signal = null; }
   } else if (kind === 'f') {
     p.failed = what;
@@ -2584,7 +2587,12 @@ function ended(id: number, p: Proc, code: number | null, why?: string, at?: numb
   if (procs.get(id) === p) procs.delete(id);
   rt.killSent.delete(id);
   const t = Math.round(Math.min(Date.now(), at ?? Infinity));
-  fact(why ? { e: 'end', t, id, run: p.run, code, why } : { e: 'end', t, id, run: p.run, code });
+  const ev: Extract<Event, { e: 'end' }> = { e: 'end', t, id, run: p.run, code };
+  if (why) ev.why = why;
+  // When the launcher forked it: a start that waited in the launcher's input (a busy
+  // machine, a burst of starts) does not count in the job's run time.
+  if (p.began > 0) ev.began = p.began;
+  fact(ev);
 }
 
 /** The launcher ended under a running server (killed): the runs it forked go on by
@@ -3061,7 +3069,7 @@ async function runServer(config: ServerConfig): Promise<void> {
  *  recorded, live ones followed, ones whose start was cut short queued again. */
 function watchRunningJobs(): void {
   for (const job of st.jobs.values()) {
-    if (job.state === 'running') procs.set(job.id, { run: job.run, pid: 0, how: 'watched', failed: null, signal: null });
+    if (job.state === 'running') procs.set(job.id, { run: job.run, pid: 0, how: 'watched', failed: null, signal: null, began: 0 });
   }
   checkWatched();
 }

@@ -109,6 +109,26 @@ test('connections beyond DJS_MAX_CONNECTIONS close the one idle the longest; the
   for (const c of conns) c.sock.destroy();
 });
 
+test('a job\'s run time starts when its process does, not while its start waited in a stopped launcher', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  assert.equal((await s.cli(['wait', (await s.ok(['add_job', script])).trim()])).code, 0, 'the launcher is up');
+  const launcher = launcherOf(s);
+  process.kill(launcher, 'SIGSTOP');
+  const id = (await s.ok(['add_job', script])).trim();
+  await until(async () => (await s!.job(id)).state === 'running', 'the start to be handed to the stopped launcher');
+  const handed = Date.now();
+  await new Promise((r) => setTimeout(r, 1500)); // the launcher stays stopped this long: the fault itself
+  process.kill(launcher, 'SIGCONT');
+  assert.equal((await s.cli(['wait', id])).code, 0);
+  const job = await s.job(id);
+  assert.ok(job.runtimeMs < 1000, `run time ${job.runtimeMs} ms counts the ${Date.now() - handed} ms the launcher was stopped`);
+  assert.ok(Date.parse(job.history[0].startedAt) >= handed + 1000, 'the attempt started when its process did');
+});
+
 test('a launcher stopped with records unread, across a kill -9 and a new server: no job runs twice', { timeout: 90_000 }, async (t) => {
   let s: TestServer | undefined;
   t.after(() => cleanUp(s));
