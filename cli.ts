@@ -190,6 +190,8 @@ export const MAX_REQUEUES = 5;
 export const PROBE_BACKOFF_MIN_MS = 5_000;
 export const PROBE_BACKOFF_MAX_MS = 300_000;
 const QUEUE_HEAD = 10;
+/** Tags in the human status, at most. */
+const TAGS_SHOWN = 20;
 /** The journal is folded into a snapshot past this size (DJS_SNAPSHOT_MIN_BYTES lowers
  *  it, for tests). */
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
@@ -3308,9 +3310,12 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     out.push(`paused: ${[...(s.paused ? ['the queue (resume to start jobs again)'] : []), ...s.pausedTags.map((t) => `tag ${t}`)].join(', ')}`);
   }
   if (s.tags.length) {
+    // The unfinished tags first; a screenful at most (status --json has them all).
+    const shown = [...s.tags].sort((a, b) => Number(a.waiting + a.running === 0) - Number(b.waiting + b.running === 0)).slice(0, TAGS_SHOWN);
     out.push('tags:');
-    const tw = Math.max(...s.tags.map((t) => t.tag.length));
-    for (const t of s.tags) out.push(formatTagLine(t, tw, c));
+    const tw = Math.max(...shown.map((t) => t.tag.length));
+    for (const t of shown) out.push(formatTagLine(t, tw, c));
+    if (s.tags.length > shown.length) out.push(`  … and ${s.tags.length - shown.length} more tags (status --tag TAG, status --json)`);
   }
   if (s.queue.length) {
     out.push(`queue (${counts.waiting} waiting, next first):`);

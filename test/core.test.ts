@@ -1561,6 +1561,18 @@ describe('campaigns: sweeps, priorities, pause, dependencies, tags, env', () => 
     refusedBy(st, decideAddJobs, { cwd: '/w', jobs: [['/s']], tags: ['-x'] }, /invalid tag/);
   });
 
+  test('status shows a screenful of tags, the unfinished first, and counts the rest', () => {
+    const st = newState();
+    worker(st, 'w', 1);
+    for (let i = 0; i < 25; i++) addC(st, 1, { tags: [`t${String(i).padStart(2, '0')}`] });
+    start(st, 1, 'w'); end(st, 1, 0);
+    const text = formatStatus(statusView(st), T0, false);
+    const lines = text.split('\n').filter((l) => /^ {2}t\d\d /.test(l));
+    assert.equal(lines.length, 20);
+    assert.ok(!lines.some((l) => l.startsWith('  t00 ')), 'the finished tag t00 gives way to unfinished ones');
+    assert.match(text, /… and 5 more tags/);
+  });
+
   test('env: NAME=VALUE with a plain name, never a variable the server sets; values keep any byte but NUL', () => {
     assert.deepEqual(envOf(['A=1', 'B_2=x=y', 'C=', 'D=\u00e9 \n\t\'"']), ['A=1', 'B_2=x=y', 'C=', 'D=\u00e9 \n\t\'"']);
     for (const [bad, msg] of [['1A=x', /invalid environment setting/], ['A', /invalid environment setting/], ['A-B=1', /invalid/], ['JOB_ID=3', /set by the server/], ['SLAVE_IP=h', /set by the server/], ['A=\0', /NUL/]] as const) {
