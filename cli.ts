@@ -1545,10 +1545,11 @@ const iso = (t: number) => new Date(t).toISOString();
 /** The status reply: counts, every worker with its slots, the head of the queue (the
  *  jobs that start next), what is paused, and the counts of each tag. */
 export function statusView(st: State) {
-  const queue: { id: number; command: string; queuedAt: string; attempts: number; priority: number }[] = [];
+  const queue: { id: number; command: string; queuedAt: string; attempts: number; priority: number; waitingFor: string }[] = [];
+  const why = queueReason(st);
   for (const job of waitingJobs(st, true)) {
     if (queue.length >= QUEUE_HEAD) break;
-    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: attemptsOf(job), priority: job.priority });
+    queue.push({ id: job.id, command: commandOf(job), queuedAt: iso(job.queuedAt), attempts: attemptsOf(job), priority: job.priority, waitingFor: waitReason(st, job, why) });
   }
   return {
     counts: { ...st.counts, total: st.jobs.size },
@@ -3319,7 +3320,9 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
   }
   if (s.queue.length) {
     out.push(`queue (${counts.waiting} waiting, next first):`);
-    for (const q of s.queue) out.push(`  ${String(q.id).padStart(6)}  ${formatDuration(now - Date.parse(q.queuedAt)).padStart(6)} ago  ${q.command}`);
+    // A job that waits for a worker that fits it says so; the others wait their turn.
+    const special = (q: StatusView['queue'][number]) => /^(no worker has|no worker up with|waiting for) /.test(q.waitingFor) ? `  (${q.waitingFor})` : '';
+    for (const q of s.queue) out.push(`  ${String(q.id).padStart(6)}  ${formatDuration(now - Date.parse(q.queuedAt)).padStart(6)} ago  ${q.command}${special(q)}`);
     if (counts.waiting > s.queue.length) out.push(`  … and ${counts.waiting - s.queue.length} more`);
   }
   return out.join('\n') + '\n';

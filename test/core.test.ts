@@ -1702,6 +1702,7 @@ describe('placement: labels, GPUs, multi-slot jobs, requirements, policies, no s
     const plain = addN(st, 2);
     assert.deepEqual(run(st), [`${plain[0]}@w:0`, `${plain[1]}@w:1`]);
     assert.equal(waitReason(st, job(st, 1), queueReason(st)), 'no worker has label gpu');
+    assert.match(formatStatus(statusView(st), T0, false), /^ +1 .*j\.sh x0 {2}\(no worker has label gpu\)$/m, 'status says why the head of the queue waits');
     assert.equal(describeNeed(needOf({ op: 'x', slots: 2, gpus: 1, require: ['a'], avoid: ['b'], hosts: ['h'] })), '2 slots on one worker, 1 GPU, label a, not label b, host h');
   });
 
