@@ -94,9 +94,11 @@ if (!process.features.typescript) {
  * DESIGN
  *   Order: waiting jobs start by priority (higher first), then first come first served;
  *   a job requeued after a worker failure goes first within its priority. They wait in
- *   lanes, one per priority and tag set, so a start reads lane heads only and a paused
- *   tag's lanes are skipped whole; jobs held by --after are in no lane until their last
- *   dependency is done.
+ *   lanes, one per priority, tag set and need (slots, GPUs, labels, hosts), so a start
+ *   reads lane heads only, a paused tag's lanes are skipped whole, and so is a lane no
+ *   free worker fits; jobs held by --after are in no lane until their last dependency is
+ *   done. Each job goes to a free worker its need admits, picked by the policy (spread
+ *   by default); a job that fits nowhere yet holds back the worker it waits for.
  *
  *   All state changes are events applied by one pure function, applyEvent. The server
  *   appends each event to the journal and applies it; at start-up it loads the snapshot
@@ -177,8 +179,10 @@ export type WorkerState = 'up' | 'down' | 'draining';
 export type KillReason = 'user' | 'timeout' | 'requeue';
 
 /** 2: events `kill` (was `stop`) and `start` with host/slot (was w/s); jobs keep one
- *  start counter, `run`. 3: campaigns: `add` with tags, priority, after and env; events
- *  `priority`, `pause`, `resume`; `clean` of chosen ids. Data dirs of versions 1 and 2
+ *  start counter, `run`. 3: campaigns and placement: `add` with tags, priority, after,
+ *  env, need and sweeps; `start` with slots and gpus; `end` with began; `worker` with
+ *  labels, gpus and env; events `priority`, `pause`, `resume`, `policy`; `clean` of
+ *  chosen ids. Data dirs of versions 1 and 2
  *  load too (see upgradeRecord); a program of version 2 refuses version 3, which it would
  *  misread (it would start a job before its dependencies). */
 const FORMAT_VERSION = 3;
