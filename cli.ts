@@ -1652,8 +1652,9 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
     snapshotSize = fs.statSync(snapFile).size;
     let complete = false, version = FORMAT_VERSION;
     // Waiting jobs are queued (or held) once every job is in, since holds look at their
-    // dependencies; they come in the order they start, so queueing keeps that order.
-    const waiting: Job[] = [];
+    // dependencies: in the order of the `queue` records, the others (held) after them.
+    // Snapshots of version 2 have no such records: their waiting jobs come in that order.
+    const waiting: Job[] = [], order: number[] = [];
     const tagSets = new Map<string, string[]>(), needs = new Map<string, Need>(); // one copy each
     const { tail } = forEachLine(snapFile, Infinity, (line, no) => {
       const rec = upgradeRecord(parseLine(snapFile, line, no), version);
@@ -1695,9 +1696,17 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
       } else if (rec.forgotten) {
         if (!Array.isArray(rec.forgotten)) throw damaged(snapFile, no, 'bad forgotten ids');
         for (const id of rec.forgotten) st.forgotten.add(Number(id));
+      } else if (rec.queue) {
+        if (!Array.isArray(rec.queue)) throw damaged(snapFile, no, 'bad queue');
+        for (const id of rec.queue) order.push(Number(id));
       } else if (rec.end) {
         if (rec.jobs !== st.jobs.size) throw damaged(snapFile, no, 'job count does not match');
-        for (const job of waiting) queueOrHold(st, job, false);
+        const queued = new Set<Job>();
+        for (const id of order) {
+          const job = st.jobs.get(id);
+          if (job?.state === 'waiting' && !queued.has(job)) { queued.add(job); queueOrHold(st, job, false); }
+        }
+        for (const job of waiting) if (!queued.has(job)) queueOrHold(st, job, false);
         complete = true;
       } else throw damaged(snapFile, no, 'unknown record');
     });
@@ -1808,9 +1817,14 @@ export class Journal {
       if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
       const forgotten = [...st.forgotten];
       for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
-      // Queued jobs in the order they start, then the others (held ones among them).
-      for (const j of waitingJobs(st)) put({ j: { ...j, qtok: 0 } });
-      for (const j of st.jobs.values()) if (j.state !== 'waiting' || j.qtok < 0) put({ j: { ...j, qtok: 0 } });
+      // Every job in id order (as list shows them), then the queue's order of start.
+      for (const j of st.jobs.values()) put({ j: { ...j, qtok: 0 } });
+      let order: number[] = [];
+      for (const j of waitingJobs(st)) {
+        order.push(j.id);
+        if (order.length === 10_000) { put({ queue: order }); order = []; }
+      }
+      if (order.length) put({ queue: order });
       put({ end: true, jobs: st.jobs.size });
       writeAll(fd, buf); written += Buffer.byteLength(buf);
     });

@@ -1203,7 +1203,7 @@ describe('loadState and Journal', () => {
     assert.equal(r2.state.nextId, 4);
   });
 
-  test('the queue order survives a snapshot, front-queued jobs included', () => {
+  test('the queue order survives a snapshot, front-queued jobs included; jobs stay in id order', () => {
     const j = journalled();
     j.commit({ e: 'worker', t: T0, host: 'a', slots: 2, ssh: false }, addEv(j.st, 4));
     j.commit({ e: 'start', t: T0, id: 1, host: 'a', slot: 0 }, { e: 'start', t: T0, id: 2, host: 'a', slot: 1 });
@@ -1215,6 +1215,17 @@ describe('loadState and Journal', () => {
     const r = loadState(j.dir);
     assert.deepEqual(queue(r.state), [1, 2, 3, 4, 5]);
     assert.deepEqual(view(r.state), view(j.st));
+    // Priorities and a finished job ahead of the queue: jobs still come in id order (as
+    // list shows them), the queue in its own.
+    const k = journalled();
+    k.commit({ e: 'worker', t: T0, host: 'a', slots: 1, ssh: false }, addEv(k.st, 2));
+    k.commit({ ...addEv(k.st, 2), priority: 5 } as Event);
+    k.commit({ e: 'start', t: T0, id: 3, host: 'a', slot: 0 }, { e: 'end', t: T0, id: 3, run: 1, code: 0 });
+    k.journal().snapshot(k.st);
+    k.close();
+    const r2 = loadState(k.dir);
+    assert.deepEqual([...r2.state.jobs.keys()], [1, 2, 3, 4]);
+    assert.deepEqual(queue(r2.state), [4, 1, 2]);
   });
 
   test('a journal whose last line was cut off loads the rest with a warning, and the next journal cuts it off', () => {
