@@ -552,8 +552,9 @@ function reblockDependents(st: State, id: number): void {
   for (const job of heldFor(st, id)) job.blockers++;
 }
 
-/** The most jobs one sweep may make. */
-export const MAX_SWEEP_JOBS = 10_000_000;
+/** The most jobs one sweep may make: a request costs the server what its jobs cost
+ *  (~700 bytes each), so one request line of a few words must not ask for gigabytes. */
+export const MAX_SWEEP_JOBS = 1_000_000;
 const PLACEHOLDER_RE = /\{(\d*)\}/g;
 
 /** Checks a sweep (`SCRIPT ARGS ::: V... ::: W...`): every list has values, every
@@ -566,7 +567,7 @@ export function checkSweep(template: string[], lists: string[][]): number {
     if (l.length === 0) throw usage(`::: list ${i + 1} has no values`, 'write the values after each :::, as in: add_job ./run.sh {1} ::: a b c');
     n *= l.length;
   });
-  if (n > MAX_SWEEP_JOBS) throw usage(`the sweep makes ${n} jobs, more than ${MAX_SWEEP_JOBS}`);
+  if (n > MAX_SWEEP_JOBS) throw usage(`the sweep makes ${n} jobs, more than the ${MAX_SWEEP_JOBS} one request may add`, 'split it: one add_job per value of the first list');
   for (const arg of template.slice(1)) {
     for (const m of arg.matchAll(PLACEHOLDER_RE)) {
       const k = m[1] === '' ? 1 : Number(m[1]);

@@ -1428,6 +1428,7 @@ describe('campaigns: sweeps, priorities, pause, dependencies, tags, env', () => 
       [['/s', '{0}'], [['a']], /placeholder \{0\}/],
       [['/s'], [['a'], []], /::: list 2 has no values/],
       [['/s'], [], /at least one ::: list/],
+      [['/s'], [Array.from({ length: 1001 }, String), Array.from({ length: 1000 }, String)], /makes 1001000 jobs, more than the 1000000 one request may add/],
     ] as const) assert.throws(() => checkSweep([...t], l.map((x) => [...x])), (e: unknown) => e instanceof UserError && e.code === 2 && msg.test(e.message), String(msg));
     assert.deepEqual(splitSweep(['a', ':::', '1', '2', ':::', 'x']), { args: ['a'], lists: [['1', '2'], ['x']] });
     assert.deepEqual(splitSweep(['a', 'b']), { args: ['a', 'b'], lists: undefined });
