@@ -226,6 +226,8 @@ export type Job = {
   exitCode: number | null; reason: string | null;
   killing: KillReason | null; killAt: number;
   avoid: string[] | null;                // workers this job failed on
+  retryDelay: number;                    // seconds before the first retry, doubling after
+  notBefore: number;                     // a retry waits until then (ms; 0 = ready)
   history: Attempt[] | null;             // earlier attempts, oldest first
   qtok: number;                          // which queue entry (> 0) or hold (< 0) is this job's live one
   tags: string[];                        // sorted; shared by the jobs of one add
@@ -298,6 +300,7 @@ export type Event =
     tags?: string[]; priority?: number; after?: number[]; env?: string[];
     sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
     need?: Need;
+    retryDelay?: number; // seconds before a first retry (see retryAt)
   }
   | { e: 'remove'; t: number; ids: number[] }
   | { e: 'start'; t: number; id: number; host: string; slot: number; slots?: number[]; gpus?: number[] } // slots: all, when more than one
@@ -606,8 +609,18 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
     tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
     need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
+    retryDelay: ev.retryDelay ?? 0, notBefore: 0,
   };
 }
+
+/** Seconds before a job's first retry when add_job is not told (--retry-delay). */
+export const DEFAULT_RETRY_DELAY_S = 2;
+/** The longest wait before a retry. */
+const RETRY_DELAY_MAX_MS = 3_600_000;
+/** When retry number n (from 1) of a job may start: --retry-delay S before the first,
+ *  doubling for each one after, up to an hour. */
+export const retryAt = (job: Job, n: number, t: number) =>
+  (job.retryDelay ? t + Math.min(RETRY_DELAY_MAX_MS, job.retryDelay * 1000 * 2 ** Math.min(20, n - 1)) : 0);
 const NO_ARGS: string[] = [];
 const NO_TAGS: string[] = [];
 
@@ -637,6 +650,7 @@ function freeSlot(st: State, job: Job): void {
 function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | null, t: number): void {
   job.reason = reason;
   job.endedAt = t;
+  job.notBefore = 0;
   if (to === 'requeue') {
     setJobState(st, job, 'waiting');
     enqueue(st, job, true);
@@ -671,7 +685,7 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
   job.killAt = 0;
   const failOrRetry = (reason: string | null) => {
     avoidWorker(job, host);
-    if (job.retriesUsed < job.retries) { job.retriesUsed++; settle(st, job, 'requeue', reason, t); }
+    if (job.retriesUsed < job.retries) { job.retriesUsed++; settle(st, job, 'requeue', reason, t); job.notBefore = retryAt(job, job.retriesUsed, t); }
     else settle(st, job, 'failed', reason, t);
   };
   if (killing === 'user') settle(st, job, 'killed', 'killed', t);
@@ -775,7 +789,7 @@ export function applyEvent(st: State, ev: Event): void {
         if (!job || !isFinished(job.state)) continue;
         const wasDone = job.state === 'done';
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
-        job.queuedAt = ev.t;
+        job.queuedAt = ev.t; job.notBefore = 0;
         setJobState(st, job, 'waiting');
         if (wasDone) reblockDependents(st, id);
         again.push(job);
@@ -899,8 +913,9 @@ function pickWorker(fits: Free[], job: Job, policy: Policy): Free {
  *  its whole lane wait (its jobs need the same), so jobs nobody can take cost one look
  *  per lane; and when a worker could hold it once its running jobs end, that worker
  *  takes nothing more in this plan, so a big job is not overtaken for ever by a stream
- *  of small ones (other workers keep filling). Reads the state only. */
-export function planStarts(st: State): Start[] {
+ *  of small ones (other workers keep filling). A retry waits out its --retry-delay
+ *  (`due.next`: when the first such wait ends). Reads the state only. */
+export function planStarts(st: State, now = Infinity, due = { next: Infinity }): Start[] {
   const pool: Free[] = [];
   let freeSlots = 0, order = 0;
   for (const w of st.workers.values()) {
@@ -916,6 +931,8 @@ export function planStarts(st: State): Start[] {
   if (freeSlots === 0) return starts;
   const skip = new Set<string>(), reserved = new Set<Free>();
   for (const job of waitingJobs(st, true, skip)) {
+    // A retry waits out its delay (due.next: the earliest such wait to end).
+    if (job.notBefore > now) { due.next = Math.min(due.next, job.notBefore); continue; }
     const need = job.need;
     const fits = pool.filter((f) => !reserved.has(f) && f.slots.length >= need.slots && f.gpus.length >= need.gpus && admits(f.w, need));
     if (fits.length) {
@@ -960,13 +977,37 @@ export function pauseStarts(rt: Runtime, now: number): number {
   return delay;
 }
 
+/** Why waiting jobs cannot start now, for the people waiting on them (wait's progress
+ *  line), or null when nothing holds them back but busy slots. */
+export function whyWaiting(st: State, rt: Runtime, now: number): string | null {
+  if (st.counts.waiting === 0) return null;
+  if (st.paused) return 'paused: resume with cli.ts resume';
+  if (st.workers.size === 0) return 'no workers: add some with add_slave';
+  let up = 0, down = 0;
+  for (const w of st.workers.values()) { if (schedulable(w)) up++; else if (w.state === 'down') down++; }
+  if (up === 0) return down === st.workers.size ? `all ${down} worker${down === 1 ? ' is' : 's are'} down (see status)` : 'no worker takes jobs now (down, draining or being checked; see status)';
+  if (now < rt.startsPausedUntil) return 'starts pause after failed starts (see server.log)';
+  return null;
+}
+
+/** A set of ids as ranges [first, last], ascending: the jobs a `wait` waits for, sent to
+ *  the client so that it can ask for the same ones again after a server restart. */
+export function idRanges(ids: Iterable<number>): [number, number][] {
+  const sorted = [...ids].sort((a, b) => a - b), out: [number, number][] = [];
+  for (const id of sorted) {
+    const last = out[out.length - 1];
+    if (last && id <= last[1] + 1) last[1] = Math.max(last[1], id); else out.push([id, id]);
+  }
+  return out;
+}
+
 /** What the shell carries out, after the events that call for it are on disk. */
 export type Effect =
   | { kind: 'launch'; id: number }                                   // hand a started job to the launcher
   | { kind: 'signal'; id: number; sig: 'SIGTERM' | 'SIGKILL' }       // to the job's process group
   | { kind: 'probe'; host: string }                                  // ssh login check of a worker
   | { kind: 'forget-run'; id: number; run: number }                  // remove the run file of an ended run
-  | { kind: 'remove-logs'; ids: number[] };
+  | { kind: 'remove-logs'; ids: number[]; below?: number }; // below: also N.log of every N < below that is no job
 
 /** The effects an event calls for, read from the state after it was applied: a start is
  *  launched, a kill signals the jobs it stops, an end lets go of its run file. The run
@@ -1012,11 +1053,13 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
   if (now < rt.startsPausedUntil) {
     if (st.counts.waiting > 0) at(rt.startsPausedUntil);
   } else {
-    for (const s of planStarts(st)) {
+    const due = { next: Infinity };
+    for (const s of planStarts(st, now, due)) {
       events.push({ e: 'start', t: now, ...s });
       const timeout = st.jobs.get(s.id)!.timeout;
       if (timeout > 0) at(now + timeout * 1000);
     }
+    at(due.next);
   }
   return { events, effects, next };
 }
@@ -1184,6 +1227,8 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   }
   const id = st.nextId;
   const ev: Extract<Event, { e: 'add' }> = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
+  const retryDelay = num(req.retryDelay ?? DEFAULT_RETRY_DELAY_S, 'retry delay', 0, 86_400);
+  if (retryDelay) ev.retryDelay = retryDelay;
   // Campaign fields only where given, so plain jobs cost the journal nothing more.
   if (tags.length) ev.tags = tags;
   if (priority) ev.priority = priority;
@@ -1193,7 +1238,10 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (!isPlain(need)) ev.need = need;
   // Workers come and go, so such jobs are queued all the same; but say so.
   const answer: Record<string, unknown> = { first: id, count };
-  if (!isPlain(need) && ![...st.workers.values()].some((w) => admits(w, need))) answer.warning = `no worker can take ${count === 1 ? 'this job' : 'these jobs'} now (${describeNeed(need)}); ${count === 1 ? 'it waits' : 'they wait'} until one is added`;
+  // Jobs that nothing will run: the person adding them should know now, not at `wait`.
+  if (st.workers.size === 0) answer.warning = `no workers yet: ${count === 1 ? 'the job waits' : 'the jobs wait'} until you add some with add_slave`;
+  else if (![...st.workers.values()].some((w) => w.state !== 'draining')) answer.warning = 'no worker takes jobs (every one is being removed): add some with add_slave';
+  else if (!isPlain(need) && ![...st.workers.values()].some((w) => admits(w, need))) answer.warning = `no worker can take ${count === 1 ? 'this job' : 'these jobs'} now (${describeNeed(need)}); ${count === 1 ? 'it waits' : 'they wait'} until one is added`;
   return { events: [ev], answer };
 }
 
@@ -1266,7 +1314,8 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
   return { events: ids.length ? [{ e: 'retry', t: c.now, ids }] : [], answer: { ids } };
 }
 
-/** clean {logs, tag}: forgets finished jobs (of a tag) and removes their logs. */
+/** clean {logs, tag}: forgets finished jobs (of a tag) and removes their logs (and, with
+ *  logs, those left by jobs forgotten before). */
 export function decideClean(st: State, req: Request, c: DecideContext): Decision {
   tagKnown(st, req);
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
@@ -1277,7 +1326,7 @@ export function decideClean(st: State, req: Request, c: DecideContext): Decision
   return {
     events: ids.length ? [ev] : [],
     answer: { count: ids.length },
-    effects: logs && ids.length ? [{ kind: 'remove-logs', ids }] : [],
+    effects: logs ? [{ kind: 'remove-logs', ids, below: st.nextId }] : [],
   };
 }
 
@@ -1390,7 +1439,8 @@ export function parseWorkerArg(arg: string, defaultSlots: number, defaultAuto = 
 }
 
 /** Splits one line of an add_jobs file into words like a POSIX shell would, without
- *  expansions: 'single', "double" (with \" \\ \$ \` escapes), backslash escapes, and
+ *  expansions: 'single', "double" (with \" \\ \$ \` escapes), backslash escapes,
+ *  bash's $'...' (what `printf %q` writes for names with control characters), and
  *  # comments at the start of a word. A blank or comment-only line gives []. */
 export function splitWords(line: string): string[] {
   const words: string[] = [];
@@ -1402,6 +1452,9 @@ export function splitWords(line: string): string[] {
       i++;
     } else if (c === '#' && !inWord) {
       break;
+    } else if (c === '$' && line[i + 1] === "'") {
+      const [text, end] = ansiCQuoted(line, i + 2);
+      cur += text; inWord = true; i = end;
     } else if (c === "'") {
       const end = line.indexOf("'", i + 1);
       if (end < 0) throw new Error('unterminated single quote');
@@ -1424,6 +1477,28 @@ export function splitWords(line: string): string[] {
   }
   if (inWord) words.push(cur);
   return words;
+}
+
+const C_ESCAPES: Record<string, number> = { a: 7, b: 8, e: 27, E: 27, f: 12, n: 10, r: 13, t: 9, v: 11, '\\': 92, "'": 39, '"': 34, '?': 63 };
+
+/** The text of a $'...' quote whose body starts at `from`, and where the word goes on.
+ *  Escapes give bytes (\xHH, \NNN octal, \n ...), read as UTF-8 at the closing quote. */
+function ansiCQuoted(line: string, from: number): [string, number] {
+  const bytes: number[] = [];
+  let i = from;
+  for (;;) {
+    if (i >= line.length) throw new Error("unterminated $' quote");
+    const c = line[i];
+    if (c === "'") return [Buffer.from(bytes).toString('utf8'), i + 1];
+    if (c !== '\\') { bytes.push(...Buffer.from(c)); i++; continue; }
+    const d = line[i + 1] ?? '';
+    let m: RegExpExecArray | null;
+    if (d in C_ESCAPES) { bytes.push(C_ESCAPES[d]); i += 2; }
+    else if ((m = /^x([0-9A-Fa-f]{1,2})/.exec(line.slice(i + 1, i + 4)))) { bytes.push(parseInt(m[1], 16)); i += 1 + m[0].length; }
+    else if ((m = /^[0-7]{1,3}/.exec(line.slice(i + 1, i + 4)))) { bytes.push(parseInt(m[0], 8) & 255); i += 1 + m[0].length; }
+    else if ((m = /^(u[0-9A-Fa-f]{1,4}|U[0-9A-Fa-f]{1,8})/.exec(line.slice(i + 1, i + 10)))) { bytes.push(...Buffer.from(String.fromCodePoint(parseInt(m[0].slice(1), 16)))); i += 1 + m[0].length; }
+    else { bytes.push(92); i++; } // an unknown escape stays as it is, backslash and all
+  }
 }
 
 /** Quotes a word for a shell only when it needs it, for showing commands to people. */
@@ -1527,6 +1602,7 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
     waitingFor: job.state === 'waiting' ? waitReason(st, job, queue) : null,
+    retryAt: job.state === 'waiting' && job.notBefore ? iso(job.notBefore) : null,
     history: (job.history ?? []).map((a) => ({
       attempt: a.n, worker: a.worker, slot: a.slot, exitCode: a.exitCode, reason: a.reason,
       startedAt: iso(a.startedAt), endedAt: iso(a.endedAt),
@@ -1674,6 +1750,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         const job = rec.j as Job;
         if (typeof job.id !== 'number' || !JOB_STATES.includes(job.state) || typeof job.script !== 'string' || !Array.isArray(job.args)) throw damaged(snapFile, no, 'bad job');
         if (job.args.length === 0) job.args = NO_ARGS;
+        job.retryDelay ??= 0; job.notBefore ??= 0; // snapshots written before retries waited
         job.script = intern(st, job.script); job.cwd = intern(st, job.cwd);
         if (job.worker !== null) job.worker = intern(st, job.worker);
         // Version 2 jobs have no campaign fields.
@@ -2179,7 +2256,7 @@ function signalGroup(pid: number, sig: NodeJS.Signals): void {
 
 export type SshSettings = { config: string | undefined; options: string[]; timeoutS: number };
 
-export function sshSettings(env: NodeJS.ProcessEnv): SshSettings {
+export function sshSettings(env: Record<string, string | undefined>): SshSettings {
   const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? 10);
   return {
     config: env.DJS_SSH_CONFIG || undefined,
@@ -2188,13 +2265,20 @@ export function sshSettings(env: NodeJS.ProcessEnv): SshSettings {
   };
 }
 
+/** The words of the ssh login check of host (after `ssh`): the check of add_slave and
+ *  the probe of a down worker run exactly this, and errors show it to be run by hand. */
+export function probeArgs(host: string, ssh: SshSettings, command = 'true'): string[] {
+  const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`, '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2'];
+  if (ssh.config) args.push('-F', ssh.config);
+  args.push(...ssh.options, '--', host, command);
+  return args;
+}
+
 /** Checks that `ssh -o BatchMode=yes` logs in to host and runs `true`; resolves to
  *  null or to why not. Never prompts; gives up after the connect timeout plus a margin. */
 export function probeHost(host: string, ssh: SshSettings, command = 'true', result?: { out: string }): Promise<string | null> {
   validateHost(host);
-  const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`, '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2'];
-  if (ssh.config) args.push('-F', ssh.config);
-  args.push(...ssh.options, '--', host, command);
+  const args = probeArgs(host, ssh, command);
   return new Promise((resolve) => {
     let err = '', done = false;
     const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'] });
@@ -2248,7 +2332,7 @@ type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: str
 type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
-  maxConnections: number;
+  maxConnections: number; settings: Settings; changed: [string, string, string][];
 };
 
 // All server state, in one place.
@@ -2296,7 +2380,7 @@ type Op =
   | { kind: 'stream'; open: (req: Request, conn: Conn) => void }
   | { kind: 'shutdown' };
 
-const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir });
+const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings });
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
@@ -2382,7 +2466,12 @@ async function checkLogins(req: Request): Promise<Request> {
   const outs = workers.map(() => ({ out: '' }));
   const errs = await Promise.all(workers.map((w, i) => probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i])));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
-  if (bad.length) throw failure(`ssh login check failed for ${bad.join(', ')}; no worker added`, 'check with: ssh -o BatchMode=yes HOST true (keys, known_hosts), or add with --skip_ssh_auth_check');
+  const i = errs.findIndex((e) => e !== null);
+  if (i >= 0) {
+    const by = ['ssh', ...probeArgs(workers[i].host, cfg.ssh, workers[i].auto ? SIZE_COMMAND : 'true')].map(shellQuote).join(' ');
+    throw failure(`ssh login check failed for ${bad.join(', ')}; no worker added`,
+      `the server ran: ${by}\nrun that by hand to see why (keys, known_hosts, ssh config); the server's ssh settings are in \`cli.ts status\` and change with \`cli.ts stop\` and a \`start\` given new ones; or add with --skip_ssh_auth_check`);
+  }
   workers.forEach((w, i) => {
     if (!w.auto) return;
     const size = parseSize(outs[i].out);
@@ -2524,8 +2613,24 @@ function perform(fx: Effect): void {
       rt.probing.add(fx.host);
       return runProbe(fx.host);
     case 'forget-run': return fs.unlink(runFile(cfg.dataDir, fx.id, fx.run), () => {});
-    case 'remove-logs': for (const id of fx.ids) fs.rm(logFile(id), { force: true }, () => {}); return;
+    case 'remove-logs':
+      for (const id of fx.ids) fs.rm(logFile(id), { force: true }, () => {});
+      if (fx.below) removeForgottenLogs(fx.below);
+      return;
   }
+}
+
+/** Removes LOG_DIR/N.log of every N below `below` that is no job (any more): logs of
+ *  jobs forgotten by a `clean` without --logs. Ids are never reused, so no later job
+ *  can own such a file. */
+function removeForgottenLogs(below: number): void {
+  fs.readdir(cfg.logDir, (err, names) => {
+    if (err) return;
+    for (const name of names) {
+      const m = /^(\d+)\.log$/.exec(name);
+      if (m && Number(m[1]) < below && !st.jobs.has(Number(m[1]))) fs.rm(path.join(cfg.logDir, name), { force: true }, () => {});
+    }
+  });
 }
 
 // ---- the process supervisor ----------------------------------------------------
@@ -2729,20 +2834,25 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
       w.send({ ok: true, counts: c, allDone: c.done === c.total });
     } else if (now - w.lastSent >= 250) {
       const c = waitCounts(w);
-      const key = `${c.waiting}/${c.running}/${c.done}/${c.failed}/${c.killed}`;
-      if (key !== w.lastKey) { w.lastKey = key; w.lastSent = now; w.send({ progress: c }); }
+      const why = c.waiting ? whyWaiting(st, rt, now) : null;
+      const key = `${c.waiting}/${c.running}/${c.done}/${c.failed}/${c.killed}/${why}`;
+      if (key !== w.lastKey) { w.lastKey = key; w.lastSent = now; w.send(why ? { progress: c, why } : { progress: c }); }
     }
   }
   for (const f of followers) {
     const job = st.jobs.get(f.id);
-    if (!job || isFinished(job.state)) { f.done(); f.send({ ok: true, state: job?.state ?? 'removed', exitCode: job?.exitCode ?? null }); }
+    if (!job || isFinished(job.state)) { f.done(); f.send({ ok: true, state: job?.state ?? 'removed', exitCode: job?.exitCode ?? null, reason: job?.reason ?? null }); }
   }
 }
 
-/** wait {ids} | {tag} | {hosts}: answers when those jobs (all, without ids) have finished, or
- *  those workers are gone; progress lines meanwhile. */
+/** wait {ids} | {tag} | {ranges} | {all} | {} | {hosts}: answers when those jobs have
+ *  finished (ids; the tag's jobs as of now; ranges [first, last] of ids, of which unknown
+ *  ones count as removed; every job, with all; without any of these, the jobs that had
+ *  not finished when it was asked, whose ranges go to the client first), or when those
+ *  workers are gone; progress lines meanwhile. */
 function openWait(req: Request, conn: Conn): void {
   let ids: Set<number> | null = null;
+  const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
   if (Array.isArray(req.ids) && req.ids.length) {
     ids = new Set(req.ids.map((x) => num(x, 'job id', 1)));
     for (const id of ids) jobOrFail(st, id);
@@ -2752,8 +2862,19 @@ function openWait(req: Request, conn: Conn): void {
     const tag = tagOf(req.tag);
     ids = new Set();
     for (const job of st.jobs.values()) if (job.tags.includes(tag)) ids.add(job.id);
+  } else if (Array.isArray(req.ranges)) {
+    ids = new Set();
+    for (const r of req.ranges) {
+      if (!Array.isArray(r) || r.length !== 2) throw usage('ranges are [first, last] pairs');
+      const first = num(r[0], 'job id', 1), last = num(r[1], 'job id', first, first + 10_000_000);
+      for (let id = first; id <= last; id++) ids.add(id);
+    }
+  } else if (req.all !== true && !hosts) {
+    ids = new Set();
+    for (const job of st.jobs.values()) if (!isFinished(job.state)) ids.add(job.id);
+    conn.send({ ranges: idRanges(ids) });
   }
-  const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
+  if (hosts) conn.send({ draining: hosts });
   const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '', done: () => {} };
   watchUntilClose(conn, waiters, w);
   notifyWatchers(Date.now(), new Set());
@@ -2772,7 +2893,7 @@ function watchUntilClose<T extends { done: () => void }>(conn: Conn, set: Set<T>
 /** log {id, follow}: where the job's log is; with follow, a last line when it ends. */
 function openLog(req: Request, conn: Conn): void {
   const job = jobOrFail(st, num(req.id, 'job id', 1));
-  const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode };
+  const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode, reason: job.reason };
   if (req.follow !== true || isFinished(job.state)) return conn.send({ ok: true, ...info });
   conn.send({ info });
   const f: Follower = { id: job.id, send: conn.send, done: () => {} };
@@ -2782,8 +2903,10 @@ function openLog(req: Request, conn: Conn): void {
 /** list {state}: rows in chunks, waiting for the socket to drain, so a million jobs
  *  need neither one giant string nor a blocked server. */
 function streamJobs(req: Request, conn: Conn): void {
-  const state = req.state;
-  if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(String(state))}`, `states are ${JOB_STATES.join(', ')}`);
+  // state: one state, or a list of them.
+  const wanted = req.state === undefined ? null : Array.isArray(req.state) ? req.state : [req.state];
+  for (const one of wanted ?? []) if (!JOB_STATES.includes(one as JobState)) throw usage(`unknown state ${quoteForError(String(one))}`, `states are ${JOB_STATES.join(', ')}`);
+  const states = wanted && new Set(wanted as JobState[]);
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
   const it = st.jobs.values(), sock = conn.sock;
   const now = Date.now(), queue = queueReason(st);
@@ -2791,7 +2914,7 @@ function streamJobs(req: Request, conn: Conn): void {
     for (;;) {
       const rows: JobView[] = [];
       for (let r = it.next(); !r.done; r = it.next()) {
-        if ((state === undefined || r.value.state === state) && (tag === undefined || r.value.tags.includes(tag))) rows.push(jobView(st, r.value, now, queue));
+        if ((!states || states.has(r.value.state)) && (tag === undefined || r.value.tags.includes(tag))) rows.push(jobView(st, r.value, now, queue));
         if (rows.length >= 2000) break;
       }
       if (rows.length === 0) { sock.end(JSON.stringify({ ok: true }) + '\n'); return; }
@@ -2892,6 +3015,86 @@ function admit(conn: Conn): boolean {
   connections.add(conn);
   return true;
 }
+
+// ---- settings --------------------------------------------------------------------
+
+/** A setting of the server: given to `start` by an option or an environment variable,
+ *  kept in DATA_DIR/settings, and used by every later `start` on that data dir unless
+ *  given again (an empty value given is a value: DJS_SSH_CONFIG= means none). `value`
+ *  checks what was given and returns the form kept (paths absolute, against the
+ *  directory `start` runs in); `initial` is the value of a data dir that never had one.
+ *  `jobs`: every job gets the variable set to the kept value (unset when empty), so a
+ *  job script's ssh is the ssh the server checks workers with. A new setting is one
+ *  more entry here (and a line in ENVIRONMENT). */
+type Setting = {
+  env: string; option?: string; what: string; jobs?: boolean;
+  initial: () => string; value: (given: string, name: string) => string;
+};
+export type Settings = Record<string, string>; // by variable name
+
+const wholeNumber = (min: number) => (v: string, name: string) => String(intOption(v, name, min));
+
+export const SETTINGS: Setting[] = [
+  { env: 'DJS_LOG_DIR', option: 'log-dir', what: 'log dir', initial: () => path.resolve('logs'), value: (v) => path.resolve(v) },
+  { env: 'DJS_KILL_GRACE', option: 'kill-grace', what: 'kill grace (s)', initial: () => '10', value: wholeNumber(0) },
+  { env: 'DJS_SSH_CONFIG', what: 'ssh config', jobs: true, initial: () => '', value: (v) => (v ? path.resolve(v) : '') },
+  { env: 'DJS_SSH_OPTIONS', what: 'ssh options', jobs: true, initial: () => '', value: (v) => v.trim() },
+  { env: 'DJS_SSH_TIMEOUT', what: 'ssh timeout (s)', jobs: true, initial: () => '10', value: wholeNumber(1) },
+  { env: 'DJS_PROBE_BACKOFF_MAX', what: 'probe backoff max (s)', initial: () => String(PROBE_BACKOFF_MAX_MS / 1000), value: wholeNumber(1) },
+];
+
+/** The settings a start runs with: each one given (checked), else the kept one, else
+ *  its initial value; and what differs from the kept ones, as [what, was, now]. */
+export function resolveSettings(kept: Settings | null, given: Settings): { values: Settings; changed: [string, string, string][] } {
+  const values: Settings = {}, changed: [string, string, string][] = [];
+  for (const s of SETTINGS) {
+    const was = kept?.[s.env] === undefined ? undefined : s.value(kept[s.env], `kept ${s.env}`);
+    const v = given[s.env] !== undefined ? s.value(given[s.env], s.option ? `--${s.option}` : s.env) : was ?? s.initial();
+    values[s.env] = v;
+    if (was !== undefined && was !== v) changed.push([s.what, was, v]);
+  }
+  return { values, changed };
+}
+
+/** What a start was given: options first, then the environment. */
+function givenSettings(p: Parsed, env: NodeJS.ProcessEnv): Settings {
+  const given: Settings = {};
+  for (const s of SETTINGS) {
+    const v = (s.option ? p.values[s.option] : undefined) ?? env[s.env];
+    if (typeof v === 'string') given[s.env] = v;
+  }
+  return given;
+}
+
+const settingsFile = (dataDir: string) => path.join(dataDir, 'settings');
+
+/** The settings kept in a data dir, or null if it has none (new, or from a version that
+ *  kept none). A damaged file stops the start, naming it. */
+export function readSettings(dataDir: string): Settings | null {
+  const file = settingsFile(dataDir);
+  let text: string;
+  try { text = fs.readFileSync(file, 'utf8'); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw failure(`cannot read the settings '${file}': ${(e as Error).message}`);
+  }
+  let v: unknown;
+  try { v = JSON.parse(text); } catch { v = null; }
+  const rec = v as { format?: unknown; values?: unknown } | null;
+  if (!rec || rec.format !== 'djs-settings' || !rec.values || typeof rec.values !== 'object') {
+    throw failure(`damaged settings file '${file}'`, 'move it aside (the next start writes a new one from what it is given), then start again');
+  }
+  const out: Settings = {};
+  for (const [k, val] of Object.entries(rec.values as object)) if (typeof val === 'string') out[k] = val;
+  return out;
+}
+
+function writeSettings(dataDir: string, values: Settings): void {
+  replaceFile(settingsFile(dataDir), (fd) => writeAll(fd, JSON.stringify({ format: 'djs-settings', version: 1, values }, null, 1) + '\n'));
+}
+
+/** "log dir was '/a/logs', now '/b/logs'; ..." */
+export const describeChanges = (changed: [string, string, string][]) =>
+  changed.map(([what, was, now]) => `${what} was ${shellQuote(was)}, now ${shellQuote(now)}`).join('; ');
 
 // ---- server life -------------------------------------------------------------
 
@@ -2996,10 +3199,37 @@ function socketPath(dataDir: string): { abs: string; usable: string; relative: b
  *  /tmp or a shared scratch dir, say) could hold files the server would trust, or take
  *  the place of ones it writes; so this runs before anything in it is read or written. */
 export function ownDir(dir: string, what: string): void {
-  try { fs.mkdirSync(dir, { recursive: true, mode: 0o700 }); } catch (e) {
+  try { makeDirs(dir); } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot create the ${what} '${dir}': ${(e as Error).message}`);
   }
   checkOwnDir(dir, what);
+}
+
+/** mkdir -p, mode 0700. Not fs.mkdirSync's `recursive`, which loops forever where the
+ *  kernel answers ENOENT for a parent that exists (/proc/nope). */
+function makeDirs(dir: string): void {
+  try { fs.mkdirSync(dir, { mode: 0o700 }); } catch (e) {
+    const parent = path.dirname(dir);
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT' || parent === dir) throw e;
+    try { makeDirs(parent); } catch (e2) { if ((e2 as NodeJS.ErrnoException).code !== 'EEXIST') throw e2; }
+    fs.mkdirSync(dir, { mode: 0o700 });
+  }
+}
+
+/** Names djs makes in a data dir (and their temporary files). */
+const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|run)(\.(tmp|\d+))?$/;
+
+/** The data dir: made, or checked (ownDir); one that holds files djs did not make is
+ *  refused (a directory given by mistake, a home or a logs dir), so that nothing of
+ *  the user's is taken over or has its mode changed. */
+export function ownDataDir(dir: string): void {
+  ownDir(dir, 'data dir');
+  const names = fs.readdirSync(dir);
+  const foreign = names.filter((n) => !DATA_DIR_NAME.test(n));
+  if (foreign.length && !names.includes('journal')) {
+    throw failure(`the data dir '${dir}' is not empty and was not made by djs (it holds ${quoteForError(foreign[0])}${foreign.length > 1 ? ` and ${foreign.length - 1} more` : ''})`,
+      'give a new or empty directory with --data-dir DIR (the default is ./.data)');
+  }
 }
 
 /** Throws unless `dir` (or the symlink that names it, and its target) is a directory of
@@ -3035,13 +3265,22 @@ function checkPerl(): void {
   if (r.stdout !== 'ok') throw failure(`perl 5.10 or newer with Fcntl is needed to start jobs; this perl says '${(r.stdout + r.stderr).trim().split('\n')[0]}'`);
 }
 
-async function runServer(config: ServerConfig): Promise<void> {
-  cfg = config;
+/** The server's configuration: its settings (resolveSettings) and tuning. */
+function serverConfig(dataDir: string, values: Settings, changed: [string, string, string][], tuning: { snapshotMinBytes: number; maxConnections: number }): ServerConfig {
+  return {
+    dataDir, logDir: values.DJS_LOG_DIR, killGraceMs: Number(values.DJS_KILL_GRACE) * 1000, probeMaxMs: Number(values.DJS_PROBE_BACKOFF_MAX) * 1000,
+    ssh: sshSettings(values), settings: values, changed, ...tuning,
+  };
+}
+
+async function runServer(dataDir: string, given: Settings, tuning: { snapshotMinBytes: number; maxConnections: number }): Promise<void> {
   checkPerl();
-  ownDir(cfg.dataDir, 'data dir');
+  ownDataDir(dataDir);
   // One spelling of the data dir for everything that names it (jobs' DJS_DATA_DIR, the
   // launcher's argv), whatever symlink the start went through.
-  cfg = { ...cfg, dataDir: fs.realpathSync(cfg.dataDir) };
+  const realDir = fs.realpathSync(dataDir);
+  const { values, changed } = resolveSettings(readSettings(realDir), given);
+  cfg = serverConfig(realDir, values, changed, tuning);
   fs.chmodSync(cfg.dataDir, 0o700);
   ownDir(path.join(cfg.dataDir, 'run'), 'run dir');
   ownDir(cfg.logDir, 'log dir');
@@ -3055,8 +3294,14 @@ async function runServer(config: ServerConfig): Promise<void> {
     for (const w of loaded.warnings) process.stderr.write(`warning: ${w}\n`);
     st = loaded.state;
     journal = new Journal(cfg.dataDir, loaded.journalSize, loaded.snapshotSize, cfg.snapshotMinBytes);
+    // Jobs use the ssh the server checks workers with.
     baseEnv = { ...process.env };
+    for (const set of SETTINGS) {
+      if (!set.jobs) continue;
+      if (cfg.settings[set.env]) baseEnv[set.env] = cfg.settings[set.env]; else delete baseEnv[set.env];
+    }
     argSpace = argSpaceOf(baseEnv);
+    writeSettings(cfg.dataDir, cfg.settings);
     // A data dir of an earlier format is written anew in this one before anything is
     // appended to it, so no file mixes two versions.
     if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
@@ -3083,6 +3328,7 @@ async function runServer(config: ServerConfig): Promise<void> {
   process.on('SIGHUP', () => {});
   ensureLauncher();
   if (journal.needsSnapshot()) takeSnapshot();
+  if (cfg.changed.length) log(`settings changed: ${describeChanges(cfg.changed)}`);
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers`);
   submit({ kind: 'tick' });
 }
@@ -3142,28 +3388,53 @@ function shutdown(why: string): void {
 // The client: commands and their output
 // ============================================================================
 
-type Ctx = { dataDir: string; out: NodeJS.WriteStream; err: NodeJS.WriteStream };
+/** searched: the data dir was looked for (findDataDir), not named. */
+type Ctx = { dataDir: string; out: NodeJS.WriteStream; err: NodeJS.WriteStream; searched?: boolean };
+
+/** The data dir of a command that names none: the nearest `.data` that djs made, here
+ *  or in a parent directory (as git finds .git), so that a command run in a
+ *  subdirectory of a project finds its server; ./.data if there is none. */
+export function findDataDir(cwd: string): string {
+  for (let dir = cwd; ; dir = path.dirname(dir)) {
+    const candidate = path.join(dir, '.data');
+    if (['journal', 'settings', 'server.pid'].some((f) => fs.existsSync(path.join(candidate, f)))) return candidate;
+    if (path.dirname(dir) === dir) return path.join(cwd, '.data');
+  }
+}
 
 /** Sends one request and calls onLine for every line before the final answer, which
  *  the promise resolves to. ok:false answers become UserErrors. */
 export async function request(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
   // A server that is still starting (replaying a big journal) owns the data dir but does
   // not listen yet: wait for it rather than say there is none.
-  const deadline = Date.now() + 60_000;
+  const t0 = Date.now();
+  let told = false;
   for (;;) {
     try {
       return await requestOnce(dataDir, msg, onLine);
     } catch (e) {
-      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER) || liveServerPid(dataDir) === null || Date.now() > deadline) throw e;
+      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER)) throw e;
+      const pid = liveServerPid(dataDir);
+      if (pid === null) throw e;
+      if (Date.now() - t0 > START_WAIT_MS) throw noServer(dataDir, ` (server ${pid} owns it but did not answer within ${START_WAIT_MS / 1000}s)`);
+      if (!told && Date.now() - t0 > 500) {
+        told = true;
+        process.stderr.write(`waiting up to ${START_WAIT_MS / 1000}s for server ${pid}, which is still starting on data dir '${dataDir}'\n`);
+      }
       await new Promise((r) => setTimeout(r, 50));
     }
   }
 }
+/** How long a client waits for a server that is starting, or coming back. */
+const START_WAIT_MS = 60_000;
 
 function requestOnce(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
   const sock = socketPath(dataDir);
   return new Promise((resolve, reject) => {
     // A socket in a data dir someone else controls could be theirs: never talk to it.
+    let isDir: boolean;
+    try { isDir = fs.statSync(dataDir).isDirectory(); } catch { return reject(noServer(dataDir)); }
+    if (!isDir) return reject(noServer(dataDir, ' (it is not a directory)'));
     try { checkOwnDir(dataDir, 'data dir'); } catch (e) {
       return reject((e as NodeJS.ErrnoException).code === 'ENOENT' ? noServer(dataDir) : e);
     }
@@ -3196,20 +3467,27 @@ class ConnectionLost extends UserError {}
 /** Like request, for commands that wait long (wait, log -f, remove_slave --wait): when
  *  the server goes away (stopped, restarted), asks again once one answers, for a minute. */
 async function lastingRequest(dataDir: string, msg: Record<string, unknown>, onLine?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
-  let lostAt = 0;
+  let lostAt = 0, reached = false;
   for (;;) {
     try {
-      return await request(dataDir, msg, (m) => { lostAt = 0; onLine?.(m); });
+      return await request(dataDir, msg, (m) => { reached = true; lostAt = 0; onLine?.(m); });
     } catch (e) {
       if (!(e instanceof ConnectionLost || (e instanceof UserError && e.code === EXIT_NO_SERVER))) throw e;
-      lostAt ||= Date.now();
-      if (Date.now() - lostAt > 60_000) throw noServer(dataDir);
+      // No server to begin with: say so at once, like every other command.
+      if (!reached && !(e instanceof ConnectionLost)) throw e;
+      reached = true;
+      if (!lostAt) {
+        lostAt = Date.now();
+        process.stderr.write(`\nthe server of data dir '${dataDir}' went away; waiting up to ${START_WAIT_MS / 1000}s for it to come back\n`);
+      }
+      if (Date.now() - lostAt > START_WAIT_MS) throw noServer(dataDir, ` (it went away and did not come back within ${START_WAIT_MS / 1000}s)`);
       await new Promise((r) => setTimeout(r, 250));
     }
   }
 }
 
-const noServer = (dataDir: string) => new UserError(EXIT_NO_SERVER, `no server is running on data dir '${dataDir}'`, `start one with: cli.ts start ${shellQuote(dataDir)}`);
+const noServer = (dataDir: string, why = '') => new UserError(EXIT_NO_SERVER, `no server is running on data dir '${dataDir}'${why}`,
+  `start one with: cli.ts start${dataDir === path.resolve('.data') ? '' : ` ${shellQuote(dataDir)}`} (a command without --data-dir uses the nearest .data here or above)`);
 
 type OptSpec = Record<string, { type: 'string' | 'boolean'; short?: string; multiple?: boolean }>;
 type Parsed = { values: Record<string, string | boolean | string[] | undefined>; positionals: string[] };
@@ -3220,7 +3498,7 @@ const GLOBAL_OPTIONS: OptSpec = {
 
 /** Parses a command's words with node's parseArgs. With `stopAtPositional`, the first
  *  positional word and everything after it are left alone (they belong to the job). */
-function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolean, negatives = false): Parsed {
+function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolean, negatives = false, command?: string): Parsed {
   const all = { ...GLOBAL_OPTIONS, ...options };
   if (negatives) {
     // Words like -5 are numbers here (set_priority -5 ID), not options: hidden from parseArgs
@@ -3241,16 +3519,20 @@ function parseCommand(args: string[], options: OptSpec, stopAtPositional: boolea
     const { values, positionals } = parseArgs({ args: own, options: all, strict: true, allowPositionals: !stopAtPositional });
     return { values: values as Parsed['values'], positionals: [...positionals, ...rest] };
   } catch (e) {
-    throw argsError(e as NodeJS.ErrnoException);
+    throw argsError(e as NodeJS.ErrnoException, all, command);
   }
 }
 
 /** parseArgs's errors, as one short line each. */
-function argsError(e: NodeJS.ErrnoException): UserError {
+function argsError(e: NodeJS.ErrnoException, options: OptSpec, command?: string): UserError {
   const word = /'([^']*)'/.exec(e.message)?.[1] ?? '';
+  const see = command ? `see: cli.ts help ${command}` : 'see: cli.ts help';
   switch (e.code) {
-    case 'ERR_PARSE_ARGS_UNKNOWN_OPTION': return usage(`unknown option ${quoteForError(word)}`, 'see: cli.ts help');
-    case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL': return usage(`unexpected argument ${quoteForError(word)}`, 'see: cli.ts help');
+    case 'ERR_PARSE_ARGS_UNKNOWN_OPTION': {
+      const near = word.startsWith('--') ? nearest(word.slice(2).split('=')[0], Object.keys(options).filter((o) => o.length > 1)) : undefined;
+      return usage(`unknown option ${quoteForError(word)}`, near ? `did you mean --${near}? (${see})` : see);
+    }
+    case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL': return usage(`unexpected argument ${quoteForError(word)}`, see);
     case 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE': {
       const option = word.split(' ')[0];
       return usage(`option ${quoteForError(option)} needs a value`, `write ${option}=VALUE for a value that starts with '-'`);
@@ -3299,7 +3581,8 @@ function useColor(stream: NodeJS.WriteStream): boolean {
 }
 
 export function formatDuration(ms: number): string {
-  if (ms < 10_000) return `${(Math.max(0, ms) / 1000).toFixed(1)}s`;
+  // Tenths below ten seconds (9.94 s is 9.9s; 9.95 s rounds to 10s, not 10.0s).
+  if (ms < 9_950) return `${(Math.max(0, ms) / 1000).toFixed(1)}s`;
   const s = Math.round(ms / 1000);
   if (s < 60) return `${s}s`;
   if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`;
@@ -3307,16 +3590,17 @@ export function formatDuration(ms: number): string {
 }
 
 /** The human status: counts, one line per worker with its slot bar, the queue head. */
-export function formatStatus(s: StatusView, now: number, colorOn: boolean): string {
+export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: string; settings?: Settings } }, now: number, colorOn: boolean): string {
   const c = color(colorOn);
   const out: string[] = [];
   const counts = s.counts;
   out.push(`jobs: ${JOB_STATES.map((k) => `${counts[k]} ${c(STATE_COLORS[k], k)}`).join(', ')} (${counts.total} in all)`);
   out.push(`workers: ${s.workers.length}${s.workers.length ? `, policy ${s.policy}` : ' (add some with: cli.ts add_slave HOST)'}`);
   const width = Math.max(4, ...s.workers.map((w) => w.host.length));
+  const barWidth = Math.max(0, ...s.workers.map((w) => Math.max(w.slots, ...w.running.map((r) => r.slot + 1)))) + 2;
   for (const w of s.workers) {
     const busy = new Set(w.running.map((r) => r.slot));
-    const bar = '[' + Array.from({ length: Math.max(w.slots, ...w.running.map((r) => r.slot + 1)) }, (_, i) => (busy.has(i) ? '*' : '.')).join('') + ']';
+    const bar = ('[' + Array.from({ length: Math.max(w.slots, ...w.running.map((r) => r.slot + 1)) }, (_, i) => (busy.has(i) ? '*' : '.')).join('') + ']').padEnd(barWidth);
     let state = c(STATE_COLORS[w.state], w.state.padEnd(8));
     if (w.checking) state = c('33', 'checking');
     let line = `  ${w.host.padEnd(width)}  ${bar}  ${state}`;
@@ -3344,6 +3628,12 @@ export function formatStatus(s: StatusView, now: number, colorOn: boolean): stri
     for (const q of s.queue) out.push(`  ${String(q.id).padStart(6)}  ${formatDuration(now - Date.parse(q.queuedAt)).padStart(6)} ago  ${q.command}${special(q)}`);
     if (counts.waiting > s.queue.length) out.push(`  … and ${counts.waiting - s.queue.length} more`);
   }
+  if (s.server) {
+    out.push(`server: pid ${s.server.pid}, data ${s.server.dataDir}`);
+    const set = s.server.settings ?? {};
+    out.push(`settings (kept in the data dir; a start given others changes them):`);
+    for (const name of Object.keys(set)) out.push(`  ${name}=${shellQuote(set[name])}`);
+  }
   return out.join('\n') + '\n';
 }
 
@@ -3364,11 +3654,31 @@ function formatTime(isoTime: string | null, now: number): string {
   return d.toDateString() === today.toDateString() ? hms : `${d.toISOString().slice(5, 10)} ${hms.slice(0, 5)}`;
 }
 
+/** The EXIT column of list: the exit code, or why the job failed when the code does not
+ *  say it (timeout, exit 255 xN, lost, dependency N failed, ...), or when a waiting
+ *  job's retry is due. */
+export function exitColumn(j: JobView, now: number): string {
+  if (j.state === 'waiting') {
+    if (j.retryAt && Date.parse(j.retryAt) > now) return `retry ${formatDuration(Date.parse(j.retryAt) - now)}`;
+    return j.exitCode === null ? '-' : String(j.exitCode);
+  }
+  const r = j.reason;
+  if (r && j.state === 'failed') {
+    if (r.startsWith('timeout')) return 'timeout';
+    const m = /^exit 255 \(worker failure\) (\d+) times/.exec(r);
+    if (m) return `exit 255 x${m[1]}`;
+    if (r.startsWith('lost')) return 'lost';
+    if (r.startsWith('cannot start')) return 'no start';
+    if (j.exitCode === null) return r.split(':')[0];
+  }
+  return j.exitCode === null ? (r && j.state !== 'running' ? r.split(' ')[0] : '-') : String(j.exitCode);
+}
+
 export function formatJobRow(j: JobView, now: number, c: (code: string, s: string) => string): string {
-  const exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
+  const exit = exitColumn(j, now);
   const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
   return [
-    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), ((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-').padEnd(15), exit.padStart(7),
+    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), ((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-').padEnd(15), exit.padEnd(11),
     String(j.attempts).padStart(5), formatTime(j.queuedAt, now).padEnd(11), (j.runtimeMs === null ? '-' : formatDuration(j.runtimeMs)).padStart(7), cmd,
   ].join('  ');
 }
@@ -3376,41 +3686,59 @@ export function formatJobRow(j: JobView, now: number, c: (code: string, s: strin
 async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.positionals.length > 2) throw usage('start takes at most DATA_DIR and LOG_DIR');
   const dataDir = path.resolve(p.positionals[0] ?? ctx.dataDir);
-  const logDir = path.resolve(p.positionals[1] ?? (p.values['log-dir'] as string | undefined) ?? process.env.DJS_LOG_DIR ?? 'logs');
-  const grace = intOption(p.values['kill-grace'] ?? process.env.DJS_KILL_GRACE, 'kill grace', 0) ?? 10;
-  const probeMax = intOption(process.env.DJS_PROBE_BACKOFF_MAX, 'DJS_PROBE_BACKOFF_MAX', 1) ?? PROBE_BACKOFF_MAX_MS / 1000;
-  if (p.values.detach) return startDetached(dataDir, logDir, grace, ctx);
+  const given = givenSettings(p, process.env);
+  if (p.positionals[1] !== undefined) given.DJS_LOG_DIR = p.positionals[1];
+  if (p.values.detach) return startDetached(dataDir, given, ctx);
   const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
   const maxConnections = intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1) ?? 1000;
-  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, snapshotMinBytes, maxConnections, ssh: sshSettings(process.env) });
+  await runServer(dataDir, given, { snapshotMinBytes, maxConnections });
   return -1; // keeps running
 }
 
-/** start --detach: runs the server as a background process (its output appended to
- *  LOG_DIR/server.log), waits until it answers, prints its ready line, and returns. */
-async function startDetached(dataDir: string, logDir: string, grace: number, ctx: Ctx): Promise<number> {
+/** start --detach: checks what the server would refuse (no perl, a data dir or log dir
+ *  it cannot use, a server already running) here, so that the error comes at once and
+ *  lands on the terminal, not in a running server's log; runs the server as a
+ *  background process (its output appended to LOG_DIR/server.log) with the settings
+ *  resolved here; waits until it answers, prints its ready line, and returns. */
+async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promise<number> {
+  checkPerl();
+  ownDataDir(dataDir);
+  const running = liveServerPid(dataDir);
+  if (running !== null) throw failure(`a server is already running on data dir '${dataDir}' (pid ${running})`, 'stop it first with: cli.ts stop');
+  const { values, changed } = resolveSettings(readSettings(dataDir), given);
+  const logDir = values.DJS_LOG_DIR;
   ownDir(logDir, 'log dir');
   const logPath = path.join(logDir, 'server.log');
   const fd = fs.openSync(logPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_APPEND | fs.constants.O_NOFOLLOW, 0o600);
-  const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'start', '--kill-grace', String(grace), dataDir, logDir], {
-    detached: true, stdio: ['ignore', fd, fd],
+  const from = fs.fstatSync(fd).size; // what earlier servers wrote is not this start's news
+  const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'start', dataDir], {
+    detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, ...values },
   });
   fs.closeSync(fd);
   let exited: number | null = null;
   child.on('exit', (code) => { exited = code ?? 1; });
   child.unref();
+  const t0 = Date.now();
+  let told = false;
   for (;;) {
     try {
       const r = await requestOnce(dataDir, { op: 'ping' });
       if (Number(r.pid) === child.pid) break; // else another server answered: ours will refuse and exit
     } catch { /* not listening yet */ }
     if (exited !== null) {
-      const tail = fs.readFileSync(logPath, 'utf8').trim().split('\n').filter((l) => l.startsWith('error') || l.startsWith('hint'));
+      const text = fs.readFileSync(logPath).subarray(from).toString('utf8');
+      const tail = text.trim().split('\n').filter((l) => l.startsWith('error') || l.startsWith('hint'));
       for (const line of tail.slice(-2)) ctx.err.write(line + '\n');
+      if (!tail.length) ctx.err.write(`error: the server exited with ${exited} before it answered; its output is in ${logPath}\n`);
       return exited || EXIT_FAILED;
+    }
+    if (!told && Date.now() - t0 > 1000) {
+      told = true;
+      ctx.err.write(`the server (pid ${child.pid}) is loading data dir '${dataDir}'; waiting until it answers (its output goes to ${logPath})\n`);
     }
     await new Promise((r) => setTimeout(r, 50));
   }
+  if (changed.length) ctx.out.write(`settings changed: ${describeChanges(changed)}\n`);
   ctx.out.write(`djs server ready: pid ${child.pid}, data ${dataDir}, logs ${logDir}; its output goes to ${logPath}\n`);
   return EXIT_OK;
 }
@@ -3482,6 +3810,7 @@ function jobOptions(p: Parsed): Record<string, unknown> {
   return {
     retries: intOption(p.values.retries, 'retries', 0) ?? 0,
     timeout: intOption(p.values.timeout, 'timeout', 1) ?? 0,
+    ...(p.values['retry-delay'] !== undefined ? { retryDelay: intOption(p.values['retry-delay'], 'retry delay', 0) } : {}),
     ...(tags.length ? { tags } : {}),
     ...(p.values.priority !== undefined ? { priority: signedOption(p.values.priority, 'priority') } : {}),
     ...(after.length ? { after } : {}),
@@ -3598,15 +3927,16 @@ async function cmdStatus(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 async function cmdList(p: Parsed, ctx: Ctx): Promise<number> {
-  const state = p.values.state as string | undefined;
-  if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(state)}`, `states are ${JOB_STATES.join(', ')}`);
+  const states = (p.values.state as string[] | undefined) ?? [];
+  for (const st of states) if (!JOB_STATES.includes(st as JobState)) throw usage(`unknown state ${quoteForError(st)}`, `states are ${JOB_STATES.join(', ')}`);
+  const state = states.length === 0 ? undefined : states.length === 1 ? states[0] : states;
   const now = Date.now(), c = color(useColor(ctx.out)), json = Boolean(p.values.json);
   let first = true, begun = false;
   // Nothing is printed before the server answers, so "no server" leaves stdout empty.
   const begin = () => {
     if (begun) return;
     begun = true;
-    ctx.out.write(json ? '[' : `${'ID'.padStart(6)}  ${'STATE'.padEnd(7)}  ${'WORKER'.padEnd(15)}  ${'EXIT'.padStart(7)}  TRIES  ${'QUEUED'.padEnd(11)}  RUNTIME  COMMAND\n`);
+    ctx.out.write(json ? '[' : `${'ID'.padStart(6)}  ${'STATE'.padEnd(7)}  ${'WORKER'.padEnd(15)}  ${'EXIT'.padEnd(11)}  TRIES  ${'QUEUED'.padEnd(11)}  RUNTIME  COMMAND\n`);
   };
   await request(ctx.dataDir, { op: 'list', state, ...tagField(p) }, (m) => {
     begin();
@@ -3647,29 +3977,55 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   watch.dir?.close();
   if (!file) file = String(r.path);
   pump();
-  return EXIT_OK;
+  if (!fs.existsSync(file)) ctx.err.write(`note: job ${id} has no log (yet): ${file}\n`);
+  if (!follow) return EXIT_OK;
+  // How the job ended, and an exit code like wait's for it.
+  const how = r.state === 'done' ? 'done' : r.state === 'removed' ? 'removed before it ran'
+    : `${r.state}${r.reason ? ` (${r.reason})` : r.exitCode !== null && r.exitCode !== undefined ? ` (exit ${r.exitCode})` : ''}`;
+  ctx.err.write(`job ${id} ended: ${how}\n`);
+  return r.state === 'done' ? EXIT_OK : EXIT_FAILED;
+}
+
+export type WaitCounts = Record<JobState | 'total' | 'missing', number>;
+
+/** wait's progress line, in the first of its forms (long to short) that fits `width`
+ *  columns (cut to fit at the last). */
+export function formatProgress(c: WaitCounts, rate: number, why: string | null, width: number): string {
+  const ended = c.done + c.failed + c.killed + c.missing;
+  const left = c.waiting + c.running;
+  const eta = rate > 0 && left > 0 ? formatDuration((left / rate) * 1000) : '';
+  const held = why ? ` — waiting: ${why}` : '';
+  const forms = [
+    `${ended}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed, ${c.running} running, ${c.waiting} waiting — ${rate.toFixed(1)} jobs/s${eta ? `, about ${eta} left` : ''}${held}`,
+    `${ended}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed, ${c.running} running, ${c.waiting} waiting${eta ? `, ${eta} left` : ''}${held}`,
+    `${ended}/${c.total} finished: ${c.done} done, ${c.failed + c.killed} failed/killed, ${c.running} running${eta ? `, ${eta} left` : ''}${held}`,
+    `${ended}/${c.total}: ${c.done} ok ${c.failed + c.killed} bad ${c.running} run${eta ? ` ${eta}` : ''}${held}`,
+  ];
+  const fit = forms.find((f) => f.length <= width);
+  return fit ?? (forms[forms.length - 1].slice(0, Math.max(1, width - 1)) + '…');
 }
 
 async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.values.all && p.positionals.length) throw usage('wait takes IDs or --all, not both');
   const ids = p.positionals.length ? parseIds(p.positionals) : undefined;
   if (ids && p.values.tag !== undefined) throw usage('wait takes IDs or --tag TAG, not both');
   const tty = Boolean(ctx.err.isTTY);
   const t0 = Date.now();
-  let firstEnded = -1, lastPlain = 0;
-  type Counts = Record<JobState | 'total' | 'missing', number>;
-  const describe = (c: Counts) => {
+  let firstEnded = -1, lastPlain = 0, lastWhy: string | null = null;
+  const msg: Record<string, unknown> = { op: 'wait', ids, ...tagField(p), all: p.values.all === true || undefined };
+  const r = await lastingRequest(ctx.dataDir, msg, (m) => {
+    // The jobs this wait is for: asked for again by these ids if the server restarts.
+    if (m.ranges) { msg.ranges = m.ranges; return; }
+    if (!m.progress) return;
+    const c = m.progress as WaitCounts, why = (m.why as string | undefined) ?? null;
     const ended = c.done + c.failed + c.killed + c.missing;
     if (firstEnded < 0) firstEnded = ended;
     const rate = (ended - firstEnded) / Math.max(0.001, (Date.now() - t0) / 1000);
-    const left = c.waiting + c.running;
-    const eta = rate > 0 ? `, about ${formatDuration((left / rate) * 1000)} left` : '';
-    return `${ended}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed, ${c.running} running, ${c.waiting} waiting — ${rate.toFixed(1)} jobs/s${eta}`;
-  };
-  const r = await lastingRequest(ctx.dataDir, { op: 'wait', ids, ...tagField(p) }, (m) => {
-    const line = describe(m.progress as Counts);
-    if (tty) ctx.err.write(`\r\x1b[K${line}`);
-    else if (Date.now() - lastPlain >= 10_000) { lastPlain = Date.now(); ctx.err.write(line + '\n'); }
+    if (tty) ctx.err.write(`\r\x1b[K${formatProgress(c, rate, why, (ctx.err.columns || 80) - 1)}`);
+    else if (Date.now() - lastPlain >= 10_000 || why !== lastWhy) { lastPlain = Date.now(); ctx.err.write(formatProgress(c, rate, why, Infinity) + '\n'); }
+    lastWhy = why;
   });
+  type Counts = WaitCounts;
   const c = r.counts as Counts;
   if (tty) ctx.err.write('\r\x1b[K');
   ctx.err.write(`${c.done + c.failed + c.killed + c.missing}/${c.total} finished: ${c.done} done, ${c.failed} failed, ${c.killed} killed${c.missing ? `, ${c.missing} removed` : ''}\n`);
@@ -3716,12 +4072,12 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
 
 type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; negatives?: boolean; synopsis: string };
 const JOB_OPTIONS: OptSpec = {
-  retries: { type: 'string' }, timeout: { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
+  retries: { type: 'string' }, timeout: { type: 'string' }, 'retry-delay': { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
   after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true },
   slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
   host: { type: 'string', multiple: true },
 };
-const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]... ' +
+const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]... ' +
   '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
@@ -3743,12 +4099,141 @@ const COMMANDS: Record<string, Command> = {
   resume: { run: (p, ctx) => cmdPause(p, ctx, 'resume'), options: TAG, noArgs: true, synopsis: 'resume [--tag TAG]' },
   policy: { run: cmdPolicy, options: {}, synopsis: 'policy [spread|pack|sequential|random]' },
   status: { run: cmdStatus, options: { json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'status [--tag TAG] [--json]' },
-  list: { run: cmdList, options: { state: { type: 'string' }, json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'list [--state STATE] [--tag TAG] [--json]' },
+  list: { run: cmdList, options: { state: { type: 'string', multiple: true }, json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'list [--state STATE]... [--tag TAG] [--json]' },
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
-  wait: { run: cmdWait, options: TAG, synopsis: 'wait [ID... | --tag TAG]' },
+  wait: { run: cmdWait, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'wait [ID... | --tag TAG | --all]' },
   clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG]' },
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
+
+/** What `help COMMAND` and `COMMAND --help` print besides the synopsis: what it does,
+ *  each option (every option in COMMANDS has a line here), and examples. */
+const COMMAND_HELP: Record<string, { about: string; options: [string, string][]; examples: string[] }> = {
+  start: {
+    about: 'Runs the server on a data dir. Its settings (the options and variables below) are kept in the data dir and used by the next start unless given again; status shows them.',
+    options: [
+      ['-d, --detach', 'run in the background (output to LOG_DIR/server.log); return once it answers'],
+      ['--log-dir DIR', 'where job logs go (env DJS_LOG_DIR; first default ./logs)'],
+      ['--kill-grace SECONDS', 'from SIGTERM to SIGKILL when a job is stopped (env DJS_KILL_GRACE; first default 10)'],
+      ['DATA_DIR, LOG_DIR', 'the data dir and log dir, as --data-dir and --log-dir'],
+    ],
+    examples: ['cli.ts start --detach', 'DJS_SSH_CONFIG=~/.ssh/lab_config cli.ts start -d   # kept for later starts'],
+  },
+  stop: { about: 'Stops the server; running jobs keep running and the next start adopts them.', options: [], examples: ['cli.ts stop'] },
+  add_slave: {
+    about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',
+    options: [
+      ['--skip_ssh_auth_check', 'add without the ssh check; such workers are never probed'],
+      ['--slots N', 'slots of hosts given without :SLOTS (default 1)'],
+    ],
+    examples: ['cli.ts add_slave node1:8 node2:8 alice@gpu-box:2', 'cli.ts add_slave --skip_ssh_auth_check local1:2'],
+  },
+  remove_slave: {
+    about: 'Removes workers (alias remove_worker). A busy worker needs --wait or --kill.',
+    options: [['--wait', 'let its jobs finish, start nothing new there, return once it is gone'], ['--kill', 'stop its jobs (they are queued again) and remove it']],
+    examples: ['cli.ts remove_slave --wait node3'],
+  },
+  add_job: {
+    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with -.',
+    options: [
+      ['--retries N', 'run a failed job again up to N times, on another worker when one is free'],
+      ['--timeout SECONDS', 'stop a job running longer; it ends failed (reason timeout)'],
+      ['--retry-delay SECONDS', 'wait before a retry: this long before the first, doubling after (default 2)'],
+    ],
+    examples: ['cli.ts add_job --retries 2 ./example_job.sh "data/run 1.txt"', 'id=$(cli.ts add_job ./example_job.sh data/a.txt)'],
+  },
+  add_jobs: {
+    about: 'Queues one job per line of FILE (- for standard input): SCRIPT ARGS..., quoted like a shell (\'...\', "...", \\, $\'...\'), # comments. Prints the ids.',
+    options: [
+      ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'],
+    ],
+    examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
+  },
+  remove_job: {
+    about: 'Removes waiting jobs: every one with exactly that script and those args, or those ids.',
+    options: [['--id', 'the words are job ids']],
+    examples: ['cli.ts remove_job ./example_job.sh data/a.txt', 'cli.ts remove_job --id 12 13'],
+  },
+  kill: {
+    about: 'Stops jobs: SIGTERM to the job\'s process group, SIGKILL after the kill grace; they end killed. A waiting job is killed without running.',
+    options: [['--all', 'every running and waiting job']],
+    examples: ['cli.ts kill 7', 'cli.ts kill --all'],
+  },
+  retry: {
+    about: 'Queues finished jobs again (same id, a new attempt).',
+    options: [['--failed', 'every failed job'], ['--killed', 'every killed job']],
+    examples: ['cli.ts retry 7', 'cli.ts retry --failed'],
+  },
+  status: {
+    about: 'Counts by state, every worker with its slot bar and running jobs, the head of the queue, and the server\'s settings.',
+    options: [['--json', 'one JSON object (see the README)']],
+    examples: ['cli.ts status'],
+  },
+  list: {
+    about: 'One row per job: id, state, worker, exit code or why it failed, attempts, time queued, run time, command.',
+    options: [['--state STATE', 'only jobs in that state (repeatable): waiting, running, done, failed, killed'], ['--json', 'an array of jobs (see the README)']],
+    examples: ['cli.ts list --state failed'],
+  },
+  log: {
+    about: 'Prints a job\'s output.',
+    options: [['-f, --follow', 'follow it until the job ends, then say how it ended; exit 0 if done, 1 otherwise (like wait)']],
+    examples: ['cli.ts log -f 42'],
+  },
+  wait: {
+    about: 'Waits until jobs have ended: those ids, or (without ids) the jobs not ended when it was called. Exit 0 if all ended done, 1 otherwise. Shows a progress line, and why jobs do not start.',
+    options: [['--all', 'every job the data dir has']],
+    examples: ['cli.ts wait && echo "all done"', 'cli.ts wait 40 41 42 || cli.ts list --state failed'],
+  },
+  clean: {
+    about: 'Forgets finished jobs; ids are never reused.',
+    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier']],
+    examples: ['cli.ts clean --logs'],
+  },
+};
+
+/** The version of this program. */
+export const VERSION = '0.1.0';
+
+/** The name among `names` nearest to `word` (- and _ alike), if near enough to be a typo. */
+export function nearest(word: string, names: string[]): string | undefined {
+  const norm = (w: string) => w.toLowerCase().replace(/-/g, '_');
+  let best: string | undefined, bestD = Infinity;
+  for (const name of names) {
+    const d = editDistance(norm(word), norm(name));
+    if (d < bestD) { best = name; bestD = d; }
+  }
+  return best !== undefined && bestD <= Math.max(2, Math.floor(word.length / 3)) ? best : undefined;
+}
+
+/** Levenshtein distance, with a swap of two neighbours counting as one edit. */
+function editDistance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...new Array(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0][j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      d[i][j] = Math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i][j] = Math.min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  }
+  return d[a.length][b.length];
+}
+
+/** `help COMMAND`, `COMMAND --help`: synopsis, what it does, options, examples. */
+export function commandHelp(name: string): string {
+  const cmd = COMMANDS[name], h = COMMAND_HELP[name];
+  const alias = Object.keys(ALIASES).find((a) => ALIASES[a] === name);
+  const lines = [`usage: cli.ts ${cmd.synopsis}`, '', h.about];
+  if (alias) lines.push(`Also called ${alias}.`);
+  const options: [string, string][] = [...h.options, ['--data-dir DIR', 'the server\'s data dir (env DJS_DATA_DIR; default: the nearest .data here or above)']];
+  lines.push('', 'options:', ...options.map(([o, what]) => `  ${o.padEnd(24)}${what}`));
+  lines.push('', 'example:', ...h.examples.map((e) => `  ${e}`));
+  return lines.join('\n') + '\n';
+}
+
+const unknownCommand = (word: string) => {
+  const near = nearest(word, [...Object.keys(COMMANDS), ...Object.keys(ALIASES), 'help']);
+  return usage(`unknown command ${quoteForError(word)}`, near ? `did you mean: cli.ts ${near}?` : `commands: ${Object.keys(COMMANDS).join(', ')} (see: cli.ts help)`);
+};
 
 /** The environment variables the program reads (the header and the README list the same). */
 const ENVIRONMENT: [string, string][] = [
@@ -3765,8 +4250,9 @@ const ENVIRONMENT: [string, string][] = [
 ];
 
 function helpText(): string {
-  return `usage: cli.ts [--data-dir DIR] COMMAND [OPTIONS] [ARGS]\n\ncommands:\n${Object.values(COMMANDS).map((c) => `  ${c.synopsis}`).join('\n')}\n\n` +
-    `--data-dir DIR (env DJS_DATA_DIR, default ./.data) selects the server on every command.\n` +
+  return `usage: cli.ts [--data-dir DIR] COMMAND [OPTIONS] [ARGS]\n\ncommands (cli.ts help COMMAND, or COMMAND --help, for more):\n${Object.values(COMMANDS).map((c) => `  ${c.synopsis}`).join('\n')}\n\n` +
+    `--data-dir DIR (env DJS_DATA_DIR; default: the nearest .data in this directory or above, else ./.data)\n` +
+    `selects the server on every command. --version prints the version.\n` +
     `environment:\n${ENVIRONMENT.map(([name, what]) => `  ${name.padEnd(23)}${what}`).join('\n')}\n` +
     `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
 }
@@ -3779,7 +4265,7 @@ function helpText(): string {
 function reportError(e: unknown, err: NodeJS.WriteStream): number {
   const u = asUserError(e);
   err.write(`error: ${u.message}\n`);
-  if (u.hint) err.write(`hint: ${u.hint}\n`);
+  for (const line of u.hint?.split('\n') ?? []) err.write(`hint: ${line}\n`);
   return u.code;
 }
 
@@ -3788,7 +4274,17 @@ export async function main(argv: string[]): Promise<number> {
   try {
     const { tokens } = parseArgs({ args: argv, options: GLOBAL_OPTIONS, strict: false, allowPositionals: true, tokens: true });
     const cmdToken = tokens.find((t) => t.kind === 'positional');
-    const globals = parseCommand(cmdToken ? argv.slice(0, cmdToken.index) : argv, {}, false);
+    const globals = parseCommand(cmdToken ? argv.slice(0, cmdToken.index) : argv, { version: { type: 'boolean', short: 'V' } }, false);
+    if (globals.values.version) { out.write(`djs ${VERSION}\n`); return EXIT_OK; }
+    if (cmdToken?.value === 'help' && !globals.values.help) {
+      const rest = argv.slice(cmdToken.index + 1).filter((a) => !a.startsWith('-'));
+      if (rest.length) {
+        const name = ALIASES[rest[0]] ?? rest[0];
+        if (!COMMANDS[name]) throw unknownCommand(rest[0]);
+        out.write(commandHelp(name));
+        return EXIT_OK;
+      }
+    }
     if (!cmdToken || globals.values.help || cmdToken.value === 'help') {
       const asked = Boolean(cmdToken || globals.values.help);
       (asked ? out : err).write(helpText());
@@ -3797,13 +4293,13 @@ export async function main(argv: string[]): Promise<number> {
     if (globals.positionals.length) throw usage(`unexpected ${quoteForError(globals.positionals[0])}`);
     const name = ALIASES[cmdToken.value] ?? cmdToken.value;
     const cmd = COMMANDS[name];
-    if (!cmd) throw usage(`unknown command ${quoteForError(cmdToken.value)}`, `commands: ${Object.keys(COMMANDS).join(', ')}`);
-    const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false, cmd.negatives);
-    if (parsed.values.help) { out.write(`usage: cli.ts ${cmd.synopsis}\n`); return EXIT_OK; }
+    if (!cmd) throw unknownCommand(cmdToken.value);
+    const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false, cmd.negatives, name);
+    if (parsed.values.help) { out.write(commandHelp(name)); return EXIT_OK; }
     if (cmd.noArgs && parsed.positionals.length) throw usage(`${name} takes no arguments, not ${quoteForError(parsed.positionals[0])}`, `usage: cli.ts ${cmd.synopsis}`);
-    const dataDir = path.resolve(
-      (parsed.values['data-dir'] ?? parsed.values.server_data_dir ?? globals.values['data-dir'] ?? globals.values.server_data_dir ?? process.env.DJS_DATA_DIR ?? '.data') as string);
-    return await cmd.run(parsed, { dataDir, out, err });
+    const named = (parsed.values['data-dir'] ?? parsed.values.server_data_dir ?? globals.values['data-dir'] ?? globals.values.server_data_dir ?? process.env.DJS_DATA_DIR) as string | undefined;
+    const dataDir = named !== undefined ? path.resolve(named) : findDataDir(process.cwd());
+    return await cmd.run(parsed, { dataDir, out, err, searched: named === undefined });
   } catch (e) {
     return reportError(e, err);
   }
