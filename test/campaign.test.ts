@@ -315,7 +315,7 @@ wait`);
     assert.deepEqual(done.history.map((h: { worker: string }) => h.worker), ['wa', 'wb']);
   });
 
-  test('wait: 0 when all done, 1 when one failed, returns promptly after the last job ends; no ids waits for all', async (t) => {
+  test('wait: 0 when all done, 1 when one failed, returns promptly after the last job ends; --all waits for all', async (t) => {
     const s = await serve(t);
     writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:3');
@@ -333,13 +333,13 @@ wait`);
     assert.equal(r.code, 0, r.stderr);
     assert.ok(Date.now() - t0 < 2000, `wait returned ${Date.now() - t0} ms after the last job ended`);
 
-    const waitAll = spawnCli(['--data-dir', s.dataDir, 'wait'], { cwd: s.dir });
+    const waitAll = spawnCli(['--data-dir', s.dataDir, 'wait', '--all'], { cwd: s.dir });
     await until(() => socketClients(s.dataDir) >= 1, 'wait to connect');
     const d = await addJob(s, './block.sh');
     await pidOf(s, d);
     release(s, c);
     await untilState(s, c, 'failed');
-    assert.equal(waitAll.exitCode(), undefined, 'wait with no ids waits for every job, also ones added later');
+    assert.equal(waitAll.exitCode(), undefined, 'wait --all waits for every job, also ones added later');
     const t1 = Date.now();
     release(s, d);
     const all = await within(waitAll.done, 10_000, 'wait to return');
@@ -424,7 +424,8 @@ exit "$1"`);
     assert.equal(wab.code, 1, `b failed, so wait a b exits 1: ${wab.stderr}`);
     assert.match(wab.stderr, /2\/2 finished: 1 done, 1 failed/);
     const fb = await within(followB.done, 15_000, 'log -f b to end');
-    assert.equal(fb.code, 0, fb.stderr);
+    assert.equal(fb.code, 1, `b failed, so log -f b exits 1: ${fb.stderr}`);
+    assert.match(fb.stderr, new RegExp(`job ${b} ended: failed \\(exit 5\\)`));
     assert.equal(fb.stdout, `first line of ${b}\nsecond line of ${b}\nlast line of ${b}\n`, 'every line once, in order, across the reconnect');
   });
 
@@ -435,7 +436,7 @@ exit "$1"`);
     const [ok, bad] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh 3\n' })).trim().split('\n');
     release(s, ok);
     release(s, bad);
-    assert.equal((await s.cli(['wait'])).code, 1);
+    assert.equal((await s.cli(['wait', ok, bad])).code, 1);
     const [run, wait] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n' })).trim().split('\n');
     await pidOf(s, run);
     const logOf = (id: string) => path.join(s.logDir, `${id}.log`);

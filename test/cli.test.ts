@@ -233,7 +233,7 @@ echo "stderr of $JOB_ID" >&2`);
     const script = writeScript(s.dir, 'code.sh', 'exit $1');
     await s.ok(['add_jobs', '-'], { input: Array.from({ length: 20 }, (_, i) => `${script} ${253 + (i % 2)}\n`).join('') });
     await addWorkers(s, 'w1:4');
-    assert.equal((await s.cli(['wait'])).code, 1);
+    assert.equal((await s.cli(['wait', '--all'])).code, 1);
     const jobs = await s.jobs();
     assert.deepEqual(jobs.map((j: any) => [j.state, j.exitCode, j.attempts]), Array.from({ length: 20 }, (_, i) => ['failed', 253 + (i % 2), 1]));
   });
@@ -486,7 +486,7 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
     assert.deepEqual(js.queue.map((q: { id: number }) => q.id), [Number(third), Number(fourth)]);
 
     for (const id of [first, second, third, fourth]) release(s, id);
-    assert.equal((await s.cli(['wait'])).code, 1, 'one job failed');
+    assert.equal((await s.cli(['wait', '--all'])).code, 1, 'one job failed');
 
     const list = await s.ok(['list']);
     for (const id of [first, second, third, fourth]) assert.match(list, new RegExp(`^\\s*${id}\\s+(done|failed)\\b`, 'm'));

@@ -259,7 +259,7 @@ exit $(( JOB_ID + 10 ))`);
     await until(async () => (await s.status()).counts.running === 8, 'freed slots to be refilled');
     assert.ok([2, 4, 6, 8].every((id) => running.includes(id)), `adopted jobs shown running after restart: ${running}`);
     for (let id = 1; id <= 12; id++) fs.writeFileSync(path.join(dir, `go.${id}`), '');
-    const w = await s.cli(['wait']);
+    const w = await s.cli(['wait', '--all']);
     assert.equal(w.code, 1); // exit codes are 11.., so not done
     const jobs = await s.jobs();
     for (let id = 1; id <= 12; id++) {
@@ -413,7 +413,7 @@ exit $(( JOB_ID + 10 ))`);
     await delay(1500);
     assert.deepEqual((await s.jobs()).map((j: any) => j.state), ['running', 'running', 'waiting', 'waiting']);
     for (let id = 1; id <= 4; id++) release(s, id);
-    assert.equal((await s.cli(['wait'])).code, 1);
+    assert.equal((await s.cli(['wait', '--all'])).code, 1);
     const jobs = await s.jobs();
     assert.deepEqual(jobs.map((j: any) => [j.id, j.state, j.exitCode]), [[1, 'failed', null], [2, 'failed', null], [3, 'failed', 23], [4, 'failed', 24]]);
     assert.match(jobs[0].reason, /lost/);

@@ -120,13 +120,14 @@ describe('the scheduler on real ssh hosts', { concurrency: 3 }, () => {
     assert.match(bad.stderr, hostNamed);
     assert.match(bad.stderr, /port 1: Connection refused/);
     assert.equal((await s.status()).workers.length, 0);
-    /** The same data dir under a server with other ssh settings. */
+    /** The same data dir under a server with other ssh settings (settings not given are
+     *  kept from the start before). */
     const restart = async (env: NodeJS.ProcessEnv) => {
       await s.stop();
       s = await startServer({ dir: s.dir, env: { DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2', ...env } });
     };
     // Without the test hosts' ssh config the check fails; with only DJS_SSH_OPTIONS='-F CONFIG' it passes.
-    await restart({ DJS_SSH_CONFIG: '' });
+    await restart({ DJS_SSH_CONFIG: '', DJS_SSH_OPTIONS: '' });
     const lost = await s.cli(['add_slave', host]);
     assert.equal(lost.code, 1, `without the config file: ${lost.stderr}`);
     assert.match(lost.stderr, hostNamed);
@@ -144,7 +145,7 @@ echo $n > "count.$JOB_ID"
     assert.match(String(down.error), /port 1: Connection refused/);
     assert.equal((await s.job(id)).state, 'waiting', 'no job goes to a down worker');
     // With the options gone, the next probe answers, and the job runs again.
-    await restart({ DJS_SSH_CONFIG: hosts.sshConfig });
+    await restart({ DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_OPTIONS: '' });
     assert.equal((await within(s.cli(['wait', id]), 20_000, 'the job to run again')).code, 0);
     const job = await s.job(id);
     assert.deepEqual(job.history.map((h: any) => h.exitCode), [255, 0]);
@@ -159,7 +160,7 @@ echo $n > "count.$JOB_ID"
     const failing = variant(s.dir, 'failing_job.sh', 'DJS_EXAMPLE_FAIL=3');
     const ids = (await s.ok(['add_jobs', '-'], { input: jobsFile(words.keys()) + `${failing} input/part1.txt\n` })).trim().split('\n').map(Number);
     assert.equal(ids.length, 41);
-    const w = await s.cli(['wait']);
+    const w = await s.cli(['wait', '--all']);
     assert.equal(w.code, 1, 'one job failed, so wait exits 1');
     const jobs = await s.jobs();
     const failed = jobs.filter((j: any) => j.state !== 'done');
