@@ -12,7 +12,7 @@ import {
   resolveSettings, SETTINGS, splitWords, VERSION, whyWaiting, type Event, type State, type WaitCounts,
 } from '../cli.ts';
 import {
-  addJob, addWorkers, CLI, delay, GATED, pidOf, release, ROOT, runCli, serve, spawnCli, socketClients, testDir, until, untilState, within,
+  addJob, addWorkers, GATED, release, ROOT, runCli, serve, spawnCli, socketClients, testDir, until, untilState, within,
   writeScript,
 } from './server.ts';
 
@@ -151,5 +151,292 @@ describe('$\'...\' in add_jobs lines', () => {
     }
     assert.deepEqual(splitWords("$'\\x41\\102\\u00e9\\n' plain"), ['AB\u00e9\n', 'plain']);
     assert.throws(() => splitWords("$'open"), /unterminated/);
+  });
+});
+
+// ---- tier 2 -----------------------------------------------------------------------
+
+/** The client without --data-dir, as a user types it: in `cwd`, no DJS_DATA_DIR. */
+function bare(args: string[], cwd: string, env: NodeJS.ProcessEnv = {}) {
+  const { DJS_DATA_DIR: _d, DJS_SSH_CONFIG: _c, DJS_SSH_OPTIONS: _o, DJS_LOG_DIR: _l, DJS_KILL_GRACE: _k, ...rest } = process.env;
+  return runCli(args, { cwd, env: { ...rest, ...env }, timeoutMs: 30_000 });
+}
+const statusJson = async (cwd: string) => {
+  const r = await bare(['status', '--json'], cwd);
+  assert.equal(r.code, 0, r.stderr);
+  return JSON.parse(r.stdout);
+};
+
+describe('settings that stick, commands that find their server', () => {
+  test('start keeps its settings in the data dir; the next start, from anywhere, runs with them; status shows them; a change is named; jobs get the ssh settings', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const sub = path.join(dir, 'a', 'b');
+    fs.mkdirSync(sub, { recursive: true });
+    const cfg = path.join(dir, 'lab_config');
+    fs.writeFileSync(cfg, 'Host node1\n  HostName 127.0.0.1\n  Port 1\n');
+    const first = await bare(['start', '--detach', '--kill-grace', '3'], dir, { DJS_SSH_CONFIG: 'lab_config', DJS_SSH_OPTIONS: '-o LogLevel=ERROR' });
+    assert.equal(first.code, 0, first.stderr);
+    assert.doesNotMatch(first.stdout, /settings changed/, 'a first start changes nothing');
+    let st = await statusJson(sub);
+    assert.equal(st.server.dataDir, path.join(dir, '.data'), 'found from a subdirectory');
+    assert.deepEqual(
+      [st.server.settings.DJS_LOG_DIR, st.server.settings.DJS_KILL_GRACE, st.server.settings.DJS_SSH_CONFIG, st.server.settings.DJS_SSH_OPTIONS],
+      [path.join(dir, 'logs'), '3', cfg, '-o LogLevel=ERROR'], 'paths kept absolute');
+    const human = await bare(['status'], sub);
+    assert.match(human.stdout, new RegExp(`DJS_SSH_CONFIG=${cfg.replace(/[.]/g, '\\.')}`));
+    assert.equal((await bare(['stop'], sub)).code, 0);
+
+    // Started again from a subdirectory, with none of it given: the same settings, the same
+    // log dir; jobs see the kept ssh settings though the server's shell has none.
+    const again = await bare(['start', '-d'], sub);
+    assert.equal(again.code, 0, again.stderr);
+    assert.doesNotMatch(again.stdout, /settings changed/);
+    assert.match(again.stdout, new RegExp(`logs ${path.join(dir, 'logs')}`));
+    st = await statusJson(dir);
+    assert.equal(st.server.settings.DJS_SSH_CONFIG, cfg);
+    assert.equal(st.server.settings.DJS_KILL_GRACE, '3');
+    writeScript(dir, 'env.sh', 'env > "env.$JOB_ID"; echo "log of $JOB_ID"');
+    assert.equal((await bare(['add_slave', '--skip_ssh_auth_check', 'w1'], sub)).code, 0);
+    const id = (await bare(['add_job', '../../env.sh'], sub)).stdout.trim();
+    assert.equal((await bare(['wait', id], sub)).code, 0);
+    const env = fs.readFileSync(path.join(sub, `env.${id}`), 'utf8');
+    assert.match(env, new RegExp(`^DJS_SSH_CONFIG=${cfg}$`, 'm'));
+    assert.match(env, /^DJS_SSH_OPTIONS=-o LogLevel=ERROR$/m);
+    const log = await bare(['log', id], path.join(dir, 'a'));
+    assert.equal(log.stdout, `log of ${id}\n`, 'log finds the log in the kept log dir');
+    assert.equal((await bare(['stop'], dir)).code, 0);
+
+    // Given again, differently: the start says what changed; an empty value drops one.
+    const changed = await bare(['start', '-d'], dir, { DJS_SSH_CONFIG: '', DJS_KILL_GRACE: '5' });
+    assert.equal(changed.code, 0, changed.stderr);
+    assert.match(changed.stdout, new RegExp(`settings changed: kill grace \\(s\\) was 3, now 5; ssh config was ${cfg.replace(/[.]/g, '\\.')}, now ''`));
+    st = await statusJson(dir);
+    assert.equal(st.server.settings.DJS_SSH_CONFIG, '');
+    assert.equal((await bare(['stop'], dir)).code, 0);
+  });
+
+  test('add_slave checks logins with the server\'s kept ssh settings, not the client\'s, and its error shows the ssh command to run by hand', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const cfg = path.join(dir, 'lab_config');
+    // node1 is port 1 of this machine: refused. Without this config, ssh cannot even resolve it.
+    fs.writeFileSync(cfg, 'Host node1\n  HostName 127.0.0.1\n  Port 1\n');
+    assert.equal((await bare(['start', '-d'], dir, { DJS_SSH_CONFIG: cfg, DJS_SSH_TIMEOUT: '3' })).code, 0);
+    assert.equal((await bare(['stop'], dir)).code, 0);
+    assert.equal((await bare(['start', '-d'], dir)).code, 0, 'restarted from a shell without the variables');
+    const r = await bare(['add_slave', 'node1:2'], dir, { DJS_SSH_CONFIG: '/nonexistent' });
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /ssh login check failed for 'node1' \(.*port 1: Connection refused\)/, 'the kept config was used');
+    const by = /^hint: the server ran: (ssh .*)$/m.exec(r.stderr);
+    assert.ok(by, `the hint names the ssh command: ${r.stderr}`);
+    assert.match(by[1], new RegExp(`-o BatchMode=yes -o ConnectTimeout=3 .*-F ${cfg.replace(/[.]/g, '\\.')} -- node1 true$`));
+    // Run by hand, it fails the same way.
+    const byHand = execFileSync('sh', ['-c', `${by[1]} 2>&1 || true`]).toString();
+    assert.match(byHand, /port 1: Connection refused/);
+    assert.equal((await statusJson(dir)).workers.length, 0);
+    assert.equal((await bare(['stop'], dir)).code, 0);
+  });
+
+  test('every "no server" error names the data dir it looked for; a data dir that is a file is no server (exit 3)', async (t) => {
+    const dir = testDir(t);
+    const r = await bare(['status'], dir);
+    assert.equal(r.code, 3);
+    assert.match(r.stderr, new RegExp(`no server is running on data dir '${path.join(dir, '.data')}'`));
+    const file = path.join(dir, 'afile');
+    fs.writeFileSync(file, 'x');
+    const f = await bare(['--data-dir', file, 'list'], dir);
+    assert.equal(f.code, 3, f.stderr);
+    assert.match(f.stderr, /no server is running on data dir '.*afile' \(it is not a directory\)/);
+  });
+
+  test('start refuses a data dir it cannot use, at once and with the reason, and changes nothing of the user\'s', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const home = path.join(dir, 'home');
+    fs.mkdirSync(home, { mode: 0o755 });
+    fs.chmodSync(home, 0o755);
+    fs.writeFileSync(path.join(home, 'notes.txt'), 'mine');
+    for (const detach of [[], ['--detach']]) {
+      const r = await bare(['--data-dir', home, 'start', ...detach], dir);
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr, /the data dir '.*home' is not empty and was not made by djs \(it holds 'notes\.txt'\)/);
+      assert.equal(fs.statSync(home).mode & 0o777, 0o755, 'not chmodded');
+      assert.deepEqual(fs.readdirSync(home), ['notes.txt']);
+    }
+    const file = path.join(dir, 'afile');
+    fs.writeFileSync(file, 'x');
+    for (const bad of [file, '/proc/nope']) {
+      const r = await within(bare(['--data-dir', bad, 'start', '--detach'], dir), 10_000, `start --detach on ${bad} to return`);
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr, /^error: (the data dir .* is not a directory|cannot create the data dir '\/proc\/nope': .*)$/m);
+      assert.doesNotMatch(r.stderr, /internal error/);
+    }
+  });
+
+  test('start --detach: a refused second start leaves the running server\'s log alone; a failed start\'s error is not shown again by the next', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const data = path.join(dir, '.data');
+    fs.mkdirSync(data, { mode: 0o700 });
+    fs.writeFileSync(path.join(data, 'journal'), 'garbage\n');
+    const broken = await bare(['start', '-d'], dir);
+    assert.equal(broken.code, 1);
+    assert.match(broken.stderr, /damaged state file/);
+    fs.rmSync(path.join(data, 'journal'));
+    const ok = await bare(['start', '-d'], dir);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.equal(ok.stderr, '', 'nothing of the earlier failure');
+    const log = path.join(dir, 'logs', 'server.log');
+    const before = fs.readFileSync(log, 'utf8');
+    const second = await bare(['start', '-d'], dir);
+    assert.equal(second.code, 1);
+    assert.match(second.stderr, /a server is already running on data dir '.*' \(pid \d+\)/);
+    assert.equal(fs.readFileSync(log, 'utf8'), before, 'the running server\'s log is untouched');
+    assert.equal((await bare(['stop'], dir)).code, 0);
+  });
+});
+
+describe('no silent hangs', () => {
+  test('wait and log -f with no server say so at once; a server that does not answer is announced within a second, with how long the client waits', { timeout: 30_000 }, async (t) => {
+    const dir = testDir(t);
+    for (const args of [['wait'], ['log', '-f', '1'], ['wait', '3']]) {
+      const r = await within(bare(args, dir), 5000, `${args.join(' ')} to return`);
+      assert.equal(r.code, 3, r.stderr);
+      assert.match(r.stderr, new RegExp(`no server is running on data dir '${path.join(dir, '.data')}'`));
+    }
+    // A data dir owned by a live process that never listens: a server stuck starting.
+    const data = path.join(dir, '.data');
+    fs.mkdirSync(data, { mode: 0o700 });
+    const ticks = fs.readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' ')[19];
+    fs.writeFileSync(path.join(data, 'server.pid'), `${process.pid} ${ticks}\n`);
+    const client = spawnCli(['status'], { cwd: dir });
+    const t0 = Date.now();
+    await until(() => /waiting up to 60s for server \d+, which is still starting/.test(client.stderr()), 'the client to say it waits', 3000);
+    assert.ok(Date.now() - t0 < 2500, `said after ${Date.now() - t0} ms`);
+    client.proc.kill('SIGKILL');
+    await client.done;
+  });
+
+  test('wait says why its jobs do not start (no workers), and add_job says the jobs will wait', { timeout: 30_000 }, async (t) => {
+    const s = await serve(t);
+    const added = await s.cli(['add_job', '/bin/true']);
+    assert.equal(added.code, 0);
+    assert.match(added.stderr, /note: no workers yet: the jobs wait until you add some with add_slave/);
+    const w = spawnCli(['--data-dir', s.dataDir, 'wait'], { cwd: s.dir });
+    await until(() => /waiting: no workers: add some with add_slave/.test(w.stderr()), 'wait to say why', 5000);
+    await addWorkers(s, 'w1');
+    const r = await within(w.done, 10_000, 'wait to end');
+    assert.equal(r.code, 0, r.stderr);
+  });
+});
+
+describe('wait counts the jobs it was called for', () => {
+  test('after an earlier batch with failures, a new batch all done makes wait exit 0 with its own counts; --all counts every job; the jobs are the same after a restart', { timeout: 60_000 }, async (t) => {
+    let s = await serve(t);
+    writeScript(s.dir, 'block.sh', GATED);
+    await addWorkers(s, 'w1:4');
+    const old = (await s.ok(['add_jobs', '-'], { input: './block.sh 3\n./block.sh\n' })).trim().split('\n');
+    for (const id of old) release(s, id);
+    assert.equal((await s.cli(['wait', '--all'])).code, 1);
+    const batch = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n./block.sh\n' })).trim().split('\n');
+    const w = spawnCli(['--data-dir', s.dataDir, 'wait'], { cwd: s.dir });
+    await until(() => /finished:/.test(w.stderr()), 'wait to show its progress');
+    // The server restarts under it: it asks again for the same three jobs.
+    await s.stop();
+    s = await s.restart();
+    await until(() => socketClients(s.dataDir) === 1, 'wait to reconnect');
+    const late = await addJob(s, './block.sh'); // not one wait was called for
+    for (const id of batch) release(s, id);
+    const r = await within(w.done, 15_000, 'wait to end');
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /3\/3 finished: 3 done, 0 failed, 0 killed\n$/);
+    assert.equal((await s.job(late)).state, 'running', 'wait did not wait for a job added after it');
+    release(s, late);
+    const all = await s.cli(['wait', '--all']);
+    assert.equal(all.code, 1);
+    assert.match(all.stderr, /6\/6 finished: 5 done, 1 failed/);
+  });
+});
+
+describe('help that helps', () => {
+  test('help COMMAND and COMMAND --help show usage, options and an example; --version; unknown words get the nearest', async () => {
+    for (const args of [['help', 'add_job'], ['add_job', '--help'], ['help', 'add-job']]) {
+      const r = await runCli(args);
+      assert.equal(r.code, args[1] === 'add-job' ? 2 : 0, r.stderr);
+      if (r.code) { assert.match(r.stderr, /did you mean: cli\.ts add_job\?/); continue; }
+      assert.match(r.stdout, /^usage: cli\.ts add_job /);
+      assert.match(r.stdout, /--retries N/);
+      assert.match(r.stdout, /--retry-delay SECONDS/);
+      assert.match(r.stdout, /example:\n  cli\.ts add_job/);
+    }
+    const st = await runCli(['help', 'status']);
+    assert.match(st.stdout, /^usage: cli\.ts status \[--json\]/);
+    assert.doesNotMatch(st.stdout, /commands/, 'not the general help');
+    const v = await runCli(['--version']);
+    assert.equal(v.code, 0);
+    assert.equal(v.stdout, `djs ${VERSION}\n`);
+    const typo = await runCli(['stauts']);
+    assert.equal(typo.code, 2);
+    assert.match(typo.stderr, /^error: unknown command 'stauts'\nhint: did you mean: cli\.ts status\?/);
+    const opt = await runCli(['list', '--stat', 'failed']);
+    assert.equal(opt.code, 2);
+    assert.match(opt.stderr, /did you mean --state\?/);
+  });
+});
+
+describe('list, log -f, clean and retries', () => {
+  test('list shows timeout and exit 255 x5 in its table, and takes several --state; log -f ends saying how the job ended, exiting like wait', { timeout: 60_000 }, async (t) => {
+    const s = await serve(t, { env: { DJS_KILL_GRACE: '1' } });
+    await addWorkers(s, 'w1:3');
+    writeScript(s.dir, 'slow.sh', 'sleep 30');
+    writeScript(s.dir, 'unreachable.sh', 'exit 255');
+    writeScript(s.dir, 'fail.sh', 'echo failing; exit 3');
+    const slow = await addJob(s, '--timeout', '1', './slow.sh');
+    const lost = await addJob(s, './unreachable.sh');
+    const fail = await addJob(s, './fail.sh');
+    const ok = await addJob(s, '/bin/true');
+    await untilState(s, slow, 'failed', 20_000);
+    await untilState(s, lost, 'failed', 20_000);
+    const f = await s.cli(['log', '-f', fail]);
+    assert.equal(f.code, 1, 'a failed job: exit 1, like wait');
+    assert.equal(f.stdout, 'failing\n');
+    assert.match(f.stderr, new RegExp(`job ${fail} ended: failed \\(exit 3\\)`));
+    const o = await s.cli(['log', '-f', ok]);
+    assert.equal(o.code, 0);
+    assert.match(o.stderr, new RegExp(`job ${ok} ended: done`));
+    const list = await s.ok(['list']);
+    assert.match(list, new RegExp(`^\\s*${slow}\\s+failed\\s+w1\\s+timeout\\s`, 'm'));
+    assert.match(list, new RegExp(`^\\s*${lost}\\s+failed\\s+w1\\s+exit 255 x5\\s`, 'm'));
+    assert.match(list, new RegExp(`^\\s*${fail}\\s+failed\\s+w1\\s+3\\s`, 'm'));
+    const two = await s.ok(['list', '--state', 'done', '--state', 'failed', '--json']);
+    assert.deepEqual(JSON.parse(two).map((j: any) => j.id).sort(), [slow, lost, fail, ok].map(Number).sort());
+  });
+
+  test('clean --logs also removes the logs of jobs an earlier clean forgot', async (t) => {
+    const s = await serve(t);
+    await addWorkers(s, 'w1');
+    writeScript(s.dir, 'say.sh', 'echo hi');
+    const a = await addJob(s, './say.sh');
+    await untilState(s, a, 'done');
+    const logA = path.join(s.logDir, `${a}.log`);
+    assert.ok(fs.existsSync(logA));
+    await s.ok(['clean']);
+    assert.ok(fs.existsSync(logA), 'clean alone keeps logs');
+    const b = await addJob(s, './say.sh');
+    await untilState(s, b, 'done');
+    fs.writeFileSync(path.join(s.logDir, 'notes.log'), 'not a job log');
+    await s.ok(['clean', '--logs']);
+    await until(() => !fs.existsSync(logA) && !fs.existsSync(path.join(s.logDir, `${b}.log`)), 'both logs to go');
+    assert.ok(fs.existsSync(path.join(s.logDir, 'notes.log')), 'files that are no job log stay');
+  });
+
+  test('a retry waits --retry-delay before it starts', { timeout: 30_000 }, async (t) => {
+    const s = await serve(t);
+    await addWorkers(s, 'w1');
+    writeScript(s.dir, 'fail.sh', 'exit 1');
+    const id = await addJob(s, '--retries', '1', '--retry-delay', '2', './fail.sh');
+    await until(async () => (await s.job(id)).attempts === 1 && (await s.job(id)).state === 'waiting', 'the first attempt to fail');
+    const list = await s.ok(['list']);
+    assert.match(list, new RegExp(`^\\s*${id}\\s+waiting\\s+w1\\s+retry \\d`, 'm'), 'list says when the retry is due');
+    const job = await untilState(s, id, 'failed', 15_000);
+    const [first, second] = job.history;
+    assert.ok(Date.parse(second.startedAt) - Date.parse(first.endedAt) >= 2000, `retried ${Date.parse(second.startedAt) - Date.parse(first.endedAt)} ms after the failure`);
   });
 });
