@@ -215,6 +215,30 @@ describe('settings that stick, commands that find their server', () => {
     assert.equal((await bare(['stop'], dir)).code, 0);
   });
 
+  test('jobs get the ssh settings the server runs with, kept or given, and none that were dropped', { timeout: 60_000 }, async (t) => {
+    const dir = testDir(t);
+    const cfg = path.join(dir, 'lab_config');
+    fs.writeFileSync(cfg, '');
+    writeScript(dir, 'env.sh', 'env > "env.$JOB_ID"');
+    const envOf = async (s: Awaited<ReturnType<typeof serve>>) => {
+      const id = await addJob(s, './env.sh');
+      await untilState(s, id, 'done');
+      return fs.readFileSync(path.join(dir, `env.${id}`), 'utf8');
+    };
+    let s = await serve(t, { dir, env: { DJS_SSH_CONFIG: cfg, DJS_SSH_TIMEOUT: '4' } });
+    await addWorkers(s, 'w1');
+    await s.stop();
+    // Restarted from a shell without them: jobs still get them.
+    s = await serve(t, { dir, env: { DJS_SSH_CONFIG: undefined, DJS_SSH_TIMEOUT: undefined } });
+    const kept = await envOf(s);
+    assert.match(kept, new RegExp(`^DJS_SSH_CONFIG=${cfg.replace(/[.]/g, '\\.')}$`, 'm'));
+    assert.match(kept, /^DJS_SSH_TIMEOUT=4$/m);
+    await s.stop();
+    // Dropped (given empty): jobs do not get it, not even the empty variable.
+    s = await serve(t, { dir, env: { DJS_SSH_CONFIG: '' } });
+    assert.doesNotMatch(await envOf(s), /^DJS_SSH_CONFIG=/m);
+  });
+
   test('add_slave checks logins with the server\'s kept ssh settings, not the client\'s, and its error shows the ssh command to run by hand', { timeout: 60_000 }, async (t) => {
     const dir = testDir(t);
     const cfg = path.join(dir, 'lab_config');
@@ -280,6 +304,13 @@ describe('settings that stick, commands that find their server', () => {
     assert.equal(broken.code, 1);
     assert.match(broken.stderr, /damaged state file/);
     fs.rmSync(path.join(data, 'journal'));
+    // Another failure, one without a hint: what it shows is its own, nothing of the last.
+    fs.rmSync(path.join(data, 'run'), { recursive: true, force: true });
+    fs.writeFileSync(path.join(data, 'run'), '');
+    const again = await bare(['start', '-d'], dir);
+    assert.equal(again.code, 1);
+    assert.deepEqual(again.stderr.split('\n').filter((l) => /^(error|hint)/.test(l)).map((l) => l.replace(/'.*'/, 'X')), ['error: the run dir X is not a directory']);
+    fs.rmSync(path.join(data, 'run'));
     const ok = await bare(['start', '-d'], dir);
     assert.equal(ok.code, 0, ok.stderr);
     assert.equal(ok.stderr, '', 'nothing of the earlier failure');
