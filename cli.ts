@@ -53,7 +53,7 @@ if (!process.features.typescript) {
  *   cli.ts add_job [JOB OPTIONS] SCRIPT [ARGS...] [::: V... [::: W...]]   (a sweep: one
  *                                      job per combination; {1} {2} {} in ARGS replaced)
  *   cli.ts add_jobs [JOB OPTIONS] FILE|-
- *     JOB OPTIONS: --retries N, --timeout S, --tag TAG..., --priority N,
+ *     JOB OPTIONS: --retries N, --timeout S, --retry-delay S, --tag TAG..., --priority N,
  *                  --after ID[,ID]..., -e|--env NAME=VALUE..., --slots K, --gpus G,
  *                  --require LABEL..., --avoid LABEL..., --host HOST...
  *   cli.ts remove_job SCRIPT [ARGS...] | --id ID... | --tag TAG
@@ -61,16 +61,19 @@ if (!process.features.typescript) {
  *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
  *   cli.ts set_priority N ID... | N --tag TAG
  *   cli.ts pause [--tag TAG]             cli.ts resume [--tag TAG]
- *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S] [--tag TAG] [--json]
- *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG]
- *   cli.ts clean [--logs] [--tag TAG]
- *   Every command takes --data-dir DIR (env DJS_DATA_DIR, default ./.data).
+ *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S]... [--tag TAG] [--json]
+ *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG | --all]
+ *   cli.ts clean [--logs] [--tag TAG]    cli.ts help [COMMAND], COMMAND --help, --version
+ *   Every command takes --data-dir DIR (env DJS_DATA_DIR; default: the nearest .data
+ *   that djs made, in the current directory or a parent, else ./.data).
  *
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
- *   DJS_DATA_DIR, DJS_LOG_DIR, DJS_KILL_GRACE; for the server's ssh: DJS_SSH_CONFIG,
- *   DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX; DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES
- *   (tests); NO_COLOR. Jobs get JOB_ID, SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS,
- *   JOB_ATTEMPT, DJS_DATA_DIR, and the worker's and their own --env settings.
+ *   DJS_DATA_DIR; the server's settings (SETTINGS: kept in the data dir by `start`, used
+ *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, and for its ssh
+ *   DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX;
+ *   DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
+ *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, DJS_DATA_DIR, the
+ *   worker's and their own --env settings, and the ssh settings as kept.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
@@ -78,6 +81,8 @@ if (!process.features.typescript) {
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
+ *   settings      the settings of the last start, JSON (see SETTINGS); a data dir that
+ *                 is not empty and holds none of these files is not taken
  *   run/ID.R.pid  the claim of run R of job ID: "PID LAUNCHER_PID" of its process (or
  *                 "void": a server claimed it, so it never ran), then its exit code
  *   Job output goes to LOG_DIR/ID.log (default ./logs), mode 0600.
@@ -3752,7 +3757,13 @@ async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   const gpus = intOption(p.values.gpus, 'GPU count', 0) ?? 0;
   const labels = commaList(p.values.label).map(labelOf), env = envOf((p.values.env as string[] | undefined) ?? []);
   const workers = p.positionals.map((a) => ({ ...parseWorkerArg(a, slots, auto), gpus, labels, env }));
-  const r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
+  let r: Record<string, unknown>;
+  try {
+    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
+  } catch (e) {
+    if (e instanceof UserError && e.code === EXIT_FAILED && /^ssh login check failed/.test(e.message)) await noteSshDifference(ctx);
+    throw e;
+  }
   for (const w of r.added as { host: string; slots: number; gpus: number; labels: string[] }[]) {
     ctx.out.write(`added worker ${w.host} with ${w.slots} slot${w.slots === 1 ? '' : 's'}${w.gpus ? ` and ${w.gpus} GPU${w.gpus === 1 ? '' : 's'}` : ''}${w.labels.length ? `, labels ${w.labels.join(',')}` : ''}\n`);
   }
@@ -3764,6 +3775,22 @@ async function cmdPolicy(p: Parsed, ctx: Ctx): Promise<number> {
   const r = await request(ctx.dataDir, { op: 'policy', ...(p.positionals.length ? { name: p.positionals[0] } : {}) });
   ctx.out.write(p.positionals.length && r.was !== r.policy ? `policy: ${r.policy} (was ${r.was})\n` : `policy: ${r.policy}\n`);
   return EXIT_OK;
+}
+
+/** After a failed login check: ssh settings in this shell that differ from the server's
+ *  (which the check used) are pointed out, with how to change the server's. */
+async function noteSshDifference(ctx: Ctx): Promise<void> {
+  let kept: Settings;
+  try { kept = ((await requestOnce(ctx.dataDir, { op: 'ping' })).settings ?? {}) as Settings; } catch { return; }
+  for (const s of SETTINGS) {
+    const mine = process.env[s.env];
+    if (!s.jobs || mine === undefined || kept[s.env] === undefined) continue;
+    let value: string;
+    try { value = s.value(mine, s.env); } catch { continue; }
+    if (value !== kept[s.env]) {
+      ctx.err.write(`note: the server checks with ${s.env}=${shellQuote(kept[s.env])}, not this shell's ${shellQuote(value)}; to change it: cli.ts stop, then ${s.env}=${shellQuote(value)} cli.ts start -d\n`);
+    }
+  }
 }
 
 async function cmdRemoveWorkers(p: Parsed, ctx: Ctx): Promise<number> {
@@ -4251,13 +4278,13 @@ const unknownCommand = (word: string) => {
 
 /** The environment variables the program reads (the header and the README list the same). */
 const ENVIRONMENT: [string, string][] = [
-  ['DJS_DATA_DIR', 'the data dir, as --data-dir (default ./.data)'],
-  ['DJS_LOG_DIR', 'start: the log dir, as --log-dir (default ./logs)'],
-  ['DJS_KILL_GRACE', 'start: seconds from SIGTERM to SIGKILL, as --kill-grace (default 10)'],
-  ['DJS_SSH_CONFIG', 'start: an ssh config file for login checks and probes (ssh -F)'],
-  ['DJS_SSH_OPTIONS', 'start: extra ssh words for login checks and probes'],
-  ['DJS_SSH_TIMEOUT', 'start: ssh connect timeout of checks and probes, seconds (default 10)'],
-  ['DJS_PROBE_BACKOFF_MAX', 'start: longest wait between probes of a down worker, seconds (default 300)'],
+  ['DJS_DATA_DIR', 'the data dir, as --data-dir (default: the nearest .data here or above)'],
+  ['DJS_LOG_DIR', 'start, kept: the log dir, as --log-dir (first default ./logs)'],
+  ['DJS_KILL_GRACE', 'start, kept: seconds from SIGTERM to SIGKILL, as --kill-grace (default 10)'],
+  ['DJS_SSH_CONFIG', 'start, kept: an ssh config file for checks, probes and jobs (ssh -F)'],
+  ['DJS_SSH_OPTIONS', 'start, kept: extra ssh words for checks and probes; jobs get it'],
+  ['DJS_SSH_TIMEOUT', 'start, kept: ssh connect timeout, seconds (default 10); jobs get it'],
+  ['DJS_PROBE_BACKOFF_MAX', 'start, kept: longest wait between probes of a down worker, s (default 300)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
   ['NO_COLOR', 'no colours in status and list'],
@@ -4268,6 +4295,7 @@ function helpText(): string {
     `--data-dir DIR (env DJS_DATA_DIR; default: the nearest .data in this directory or above, else ./.data)\n` +
     `selects the server on every command. --version prints the version.\n` +
     `environment:\n${ENVIRONMENT.map(([name, what]) => `  ${name.padEnd(23)}${what}`).join('\n')}\n` +
+    `"kept": start keeps the value in the data dir; later starts use it unless given another.\n` +
     `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
 }
 

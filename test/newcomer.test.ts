@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  applyEvent, undocumentedOptions, exitColumn, formatDuration, formatProgress, idRanges, jobView, nearest, newRuntime, newState, plan,
+  applyEvent, undocumentedOptions, exitColumn, formatStatus, statusView, formatDuration, formatProgress, idRanges, jobView, nearest, newRuntime, newState, plan,
   resolveSettings, SETTINGS, splitWords, VERSION, whyWaiting, type Event, type State, type WaitCounts,
 } from '../cli.ts';
 import {
@@ -88,8 +88,32 @@ describe('help and suggestions', () => {
     assert.deepEqual(undocumentedOptions(), []);
   });
 
+  test('the header of cli.ts, help and the README name every setting and the new options', async () => {
+    const cli = fs.readFileSync(path.join(ROOT, 'cli.ts'), 'utf8');
+    const header = cli.slice(0, cli.indexOf('*/', cli.indexOf('djs — ')));
+    const readme = fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8');
+    const help = (await runCli(['help'])).stdout;
+    for (const name of [...SETTINGS.map((s) => s.env), '--retry-delay', '--version', '--all]', '--state S]...']) {
+      const plain = name.replace(']', '').replace('S]...', '');
+      assert.ok(header.includes(name) || header.includes(plain), `the header names ${name}`);
+      assert.ok(readme.includes(plain), `the README names ${plain}`);
+      if (name.startsWith('DJS_')) assert.ok(help.includes(name), `help names ${name}`);
+    }
+  });
+
   test('the version is package.json\'s', () => {
     assert.equal(VERSION, JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')).version);
+  });
+});
+
+describe('status', () => {
+  test('the columns after the slot bars line up whatever the slot counts', () => {
+    const st = newState();
+    apply(st, { e: 'worker', t: T0, host: 'a', slots: 1, ssh: false }, { e: 'worker', t: T0, host: 'bb', slots: 8, ssh: false });
+    const text = formatStatus(statusView(st), T0, false);
+    const cols = text.split('\n').filter((l) => /^  (a|bb) /.test(l)).map((l) => l.indexOf('up'));
+    assert.equal(cols.length, 2);
+    assert.equal(cols[0], cols[1], text);
   });
 });
 
@@ -250,6 +274,7 @@ describe('settings that stick, commands that find their server', () => {
     const r = await bare(['add_slave', 'node1:2'], dir, { DJS_SSH_CONFIG: '/nonexistent' });
     assert.equal(r.code, 1, r.stderr);
     assert.match(r.stderr, /ssh login check failed for 'node1' \(.*port 1: Connection refused\)/, 'the kept config was used');
+    assert.match(r.stderr, new RegExp(`note: the server checks with DJS_SSH_CONFIG=${cfg.replace(/[.]/g, '\\.')}, not this shell's /nonexistent`));
     const by = /^hint: the server ran: (ssh .*)$/m.exec(r.stderr);
     assert.ok(by, `the hint names the ssh command: ${r.stderr}`);
     assert.match(by[1], new RegExp(`-o BatchMode=yes -o ConnectTimeout=3 .*-F ${cfg.replace(/[.]/g, '\\.')} -- node1 true$`));
