@@ -93,8 +93,8 @@ describe('help and suggestions', () => {
     const header = cli.slice(0, cli.indexOf('*/', cli.indexOf('djs — ')));
     const readme = fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8');
     const help = (await runCli(['help'])).stdout;
-    for (const name of [...SETTINGS.map((s) => s.env), '--retry-delay', '--version', '--all]', '--state S]...']) {
-      const plain = name.replace(']', '').replace('S]...', '');
+    const forms: [string, string][] = [...SETTINGS.map((s): [string, string] => [s.env, s.env]), ['--retry-delay', '--retry-delay'], ['--version', '--version'], ['--all]', '--all'], ['--state S]...', '--state']];
+    for (const [name, plain] of forms) {
       assert.ok(header.includes(name) || header.includes(plain), `the header names ${name}`);
       assert.ok(readme.includes(plain), `the README names ${plain}`);
       if (name.startsWith('DJS_')) assert.ok(help.includes(name), `help names ${name}`);
@@ -118,10 +118,10 @@ describe('status', () => {
 });
 
 describe('list and durations', () => {
-  const baseJob = (over: Record<string, unknown>) => ({ ...jobView({
+  const baseJob = (over: Record<string, unknown>) => ({ ...jobView(newState(), {
     id: 7, script: '/j.sh', args: [], cwd: '/', retries: 0, timeout: 0, state: 'failed', queuedAt: T0, run: 1, retriesUsed: 0, requeues: 0,
     worker: 'a', slot: 0, startedAt: T0, endedAt: T0 + 1000, exitCode: 1, reason: null, killing: null, killAt: 0, avoid: null, history: null,
-    qtok: 0, retryDelay: 0, notBefore: 0,
+    qtok: 0, retryDelay: 0, notBefore: 0, tags: [], priority: 0, after: null, env: null, blockers: 0,
   }, T0 + 2000), ...over });
 
   test('the EXIT column says why a job failed where its exit code does not', () => {

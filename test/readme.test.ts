@@ -113,8 +113,11 @@ test('the README\'s quick start and "Running on your machines", pasted line by l
     }
     if (line.startsWith('./cli.ts wait')) assert.equal(r.stdout, 'all done\n');
   }
+  // Step 6 shows two ways to queue the files (a sweep, and a file of commands quoted by
+  // printf %q); both ran: each file was queued twice.
+  assert.equal((await paste('./cli.ts wait --all')).code, 0, 'every job ended done');
   const real = (await jobs()).filter((j: any) => j.id > 6);
-  assert.deepEqual(real.map((j: any) => [j.state, j.args[0]]).sort(), names.map((n) => ['done', `data/${n}`]).sort(), 'one job per file, each name as it is');
+  assert.deepEqual(real.map((j: any) => [j.state, j.args[0]]).sort(), [...names, ...names].map((n) => ['done', `data/${n}`]).sort(), 'one job per file and way, each name as it is');
   assert.ok(real.every((j: any) => /^node[123]$/.test(j.worker)), 'only the real workers ran them');
   for (const j of real) {
     const name = path.basename(j.args[0]);
