@@ -1606,7 +1606,7 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     tags: job.tags, priority: job.priority, after: job.after ?? [], env: job.env ?? [],
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
-    waitingFor: job.state === 'waiting' ? waitReason(st, job, queue) : null,
+    waitingFor: job.state === 'waiting' ? (job.notBefore > now ? 'retry delay' : waitReason(st, job, queue)) : null,
     retryAt: job.state === 'waiting' && job.notBefore ? iso(job.notBefore) : null,
     history: (job.history ?? []).map((a) => ({
       attempt: a.n, worker: a.worker, slot: a.slot, exitCode: a.exitCode, reason: a.reason,
@@ -4166,39 +4166,45 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--retries N', 'run a failed job again up to N times, on another worker when one is free'],
       ['--timeout SECONDS', 'stop a job running longer; it ends failed (reason timeout)'],
       ['--retry-delay SECONDS', 'wait before a retry: this long before the first, doubling after (default 2)'],
+      ['--tag TAG', 'name the campaign (repeatable); status, list, wait, kill, retry, clean take --tag too'],
+      ['--priority N', 'higher starts first (default 0; may be negative)'],
+      ['--after ID[,ID]', 'start only once those jobs ended done (repeatable)'],
+      ['-e, --env NAME=VALUE', 'more environment for the job (repeatable)'],
+      ['::: V... [::: W...]', 'a sweep: one job per combination; {1}, {2} ({} = {1}) in ARGS are replaced, else the values are appended'],
     ],
-    examples: ['cli.ts add_job --retries 2 ./example_job.sh "data/run 1.txt"', 'id=$(cli.ts add_job ./example_job.sh data/a.txt)'],
+    examples: ['cli.ts add_job --retries 2 ./example_job.sh "data/run 1.txt"', 'cli.ts add_job --tag prep ./example_job.sh ::: data/*.txt', 'id=$(cli.ts add_job ./example_job.sh data/a.txt)'],
   },
   add_jobs: {
     about: 'Queues one job per line of FILE (- for standard input): SCRIPT ARGS..., quoted like a shell (\'...\', "...", \\, $\'...\'), # comments. Prints the ids.',
     options: [
-      ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'],
+      ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'], ['--tag TAG', 'as add_job'],
+      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE', 'as add_job'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
   },
   remove_job: {
     about: 'Removes waiting jobs: every one with exactly that script and those args, or those ids.',
-    options: [['--id', 'the words are job ids']],
+    options: [['--id', 'the words are job ids'], ['--tag TAG', 'every waiting job of that tag']],
     examples: ['cli.ts remove_job ./example_job.sh data/a.txt', 'cli.ts remove_job --id 12 13'],
   },
   kill: {
     about: 'Stops jobs: SIGTERM to the job\'s process group, SIGKILL after the kill grace; they end killed. A waiting job is killed without running.',
-    options: [['--all', 'every running and waiting job']],
+    options: [['--all', 'every running and waiting job'], ['--tag TAG', 'every running and waiting job of that tag']],
     examples: ['cli.ts kill 7', 'cli.ts kill --all'],
   },
   retry: {
     about: 'Queues finished jobs again (same id, a new attempt).',
-    options: [['--failed', 'every failed job'], ['--killed', 'every killed job']],
+    options: [['--failed', 'every failed job'], ['--killed', 'every killed job'], ['--tag TAG', 'only that tag\'s (alone: its failed and killed jobs)']],
     examples: ['cli.ts retry 7', 'cli.ts retry --failed'],
   },
   status: {
     about: 'Counts by state, every worker with its slot bar and running jobs, the head of the queue, and the server\'s settings.',
-    options: [['--json', 'one JSON object (see the README)']],
+    options: [['--json', 'one JSON object (see the README)'], ['--tag TAG', 'that tag\'s progress line only']],
     examples: ['cli.ts status'],
   },
   list: {
     about: 'One row per job: id, state, worker, exit code or why it failed, attempts, time queued, run time, command.',
-    options: [['--state STATE', 'only jobs in that state (repeatable): waiting, running, done, failed, killed'], ['--json', 'an array of jobs (see the README)']],
+    options: [['--state STATE', 'only jobs in that state (repeatable): waiting, running, done, failed, killed'], ['--tag TAG', 'only jobs of that tag'], ['--json', 'an array of jobs (see the README)']],
     examples: ['cli.ts list --state failed'],
   },
   log: {
@@ -4208,12 +4214,27 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
   },
   wait: {
     about: 'Waits until jobs have ended: those ids, or (without ids) the jobs not ended when it was called. Exit 0 if all ended done, 1 otherwise. Shows a progress line, and why jobs do not start.',
-    options: [['--all', 'every job the data dir has']],
+    options: [['--all', 'every job the data dir has'], ['--tag TAG', 'the jobs of that tag (as of now)']],
     examples: ['cli.ts wait && echo "all done"', 'cli.ts wait 40 41 42 || cli.ts list --state failed'],
+  },
+  set_priority: {
+    about: 'Changes the priority of waiting jobs (higher starts first).',
+    options: [['--tag TAG', 'every waiting job of that tag']],
+    examples: ['cli.ts set_priority 10 41 42', 'cli.ts set_priority -1 --tag backlog'],
+  },
+  pause: {
+    about: 'Stops starting new jobs (all, or a tag\'s); running jobs go on. resume undoes it.',
+    options: [['--tag TAG', 'only that tag\'s jobs']],
+    examples: ['cli.ts pause', 'cli.ts pause --tag lr-sweep'],
+  },
+  resume: {
+    about: 'Starts new jobs again after pause (all, or a tag\'s).',
+    options: [['--tag TAG', 'only that tag\'s jobs']],
+    examples: ['cli.ts resume'],
   },
   clean: {
     about: 'Forgets finished jobs; ids are never reused.',
-    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier']],
+    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier'], ['--tag TAG', 'only finished jobs of that tag']],
     examples: ['cli.ts clean --logs'],
   },
 };

@@ -423,7 +423,7 @@ describe('help that helps', () => {
       assert.match(r.stdout, /example:\n  cli\.ts add_job/);
     }
     const st = await runCli(['help', 'status']);
-    assert.match(st.stdout, /^usage: cli\.ts status \[--json\]/);
+    assert.match(st.stdout, /^usage: cli\.ts status \[--tag TAG\] \[--json\]/);
     assert.doesNotMatch(st.stdout, /commands/, 'not the general help');
     const v = await runCli(['--version']);
     assert.equal(v.code, 0);
@@ -490,7 +490,7 @@ describe('list, log -f, clean and retries', () => {
     const id = await addJob(s, '--retries', '1', '--retry-delay', '2', './fail.sh');
     await until(async () => (await s.job(id)).attempts === 1 && (await s.job(id)).state === 'waiting', 'the first attempt to fail');
     const list = await s.ok(['list']);
-    assert.match(list, new RegExp(`^\\s*${id}\\s+waiting\\s+w1\\s+retry \\d`, 'm'), 'list says when the retry is due');
+    assert.match(list, new RegExp(`^\\s*${id}\\s+waiting\\s+retry delay\\s+retry \\d`, 'm'), 'list says when the retry is due');
     const job = await untilState(s, id, 'failed', 15_000);
     const [first, second] = job.history;
     assert.ok(Date.parse(second.startedAt) - Date.parse(first.endedAt) >= 2000, `retried ${Date.parse(second.startedAt) - Date.parse(first.endedAt)} ms after the failure`);
