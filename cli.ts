@@ -1495,7 +1495,7 @@ function ansiCQuoted(line: string, from: number): [string, number] {
     if (i >= line.length) throw new Error("unterminated $' quote");
     const c = line[i];
     if (c === "'") return [Buffer.from(bytes).toString('utf8'), i + 1];
-    if (c !== '\\') { bytes.push(...Buffer.from(c)); i++; continue; }
+    if (c !== '\\') { const ch = String.fromCodePoint(line.codePointAt(i)!); bytes.push(...Buffer.from(ch)); i += ch.length; continue; }
     const d = line[i + 1] ?? '';
     let m: RegExpExecArray | null;
     if (d in C_ESCAPES) { bytes.push(C_ESCAPES[d]); i += 2; }
@@ -3483,7 +3483,7 @@ async function lastingRequest(dataDir: string, msg: Record<string, unknown>, onL
       reached = true;
       if (!lostAt) {
         lostAt = Date.now();
-        process.stderr.write(`\nthe server of data dir '${dataDir}' went away; waiting up to ${START_WAIT_MS / 1000}s for it to come back\n`);
+        process.stderr.write(`${process.stderr.isTTY ? '\n' : ''}the server of data dir '${dataDir}' went away; waiting up to ${START_WAIT_MS / 1000}s for it to come back\n`);
       }
       if (Date.now() - lostAt > START_WAIT_MS) throw noServer(dataDir, ` (it went away and did not come back within ${START_WAIT_MS / 1000}s)`);
       await new Promise((r) => setTimeout(r, 250));

@@ -167,7 +167,7 @@ describe('retries wait', () => {
 
 describe('$\'...\' in add_jobs lines', () => {
   test('what bash printf %q writes for any file name reads back as that name', () => {
-    const names = ['run 1.txt', "it's.txt", 'a\nb.txt', 'tab\there', 'é ü', '$HOME', '*', 'x"y', '\x01ctl', 'back\\slash', '-x'];
+    const names = ['run 1.txt', "it's.txt", 'a\nb.txt', 'tab\there', 'é ü', '$HOME', '*', 'x"y', '\x01ctl', 'back\\slash', '-x', '😀\n.txt'];
     for (const locale of ['C', 'C.UTF-8']) {
       const env = { LC_ALL: locale, PATH: process.env.PATH };
       const lines = execFileSync('bash', ['--norc', '-c', 'printf "./job.sh %q\\n" "$@"', 'bash', ...names], { env }).toString().split('\n').filter(Boolean);
