@@ -3478,14 +3478,14 @@ async function lastingRequest(dataDir: string, msg: Record<string, unknown>, onL
       return await request(dataDir, msg, (m) => { reached = true; lostAt = 0; onLine?.(m); });
     } catch (e) {
       if (!(e instanceof ConnectionLost || (e instanceof UserError && e.code === EXIT_NO_SERVER))) throw e;
-      // No server to begin with: say so at once, like every other command.
-      if (!reached && !(e instanceof ConnectionLost)) throw e;
-      reached = true;
+      // A server that is not there (yet: one may be starting) or went away is waited for,
+      // and the wait said at once, with its limit.
       if (!lostAt) {
         lostAt = Date.now();
-        process.stderr.write(`${process.stderr.isTTY ? '\n' : ''}the server of data dir '${dataDir}' went away; waiting up to ${START_WAIT_MS / 1000}s for it to come back\n`);
+        const what = reached || e instanceof ConnectionLost ? 'went away' : 'is not running (yet)';
+        process.stderr.write(`${process.stderr.isTTY && reached ? '\n' : ''}the server of data dir '${dataDir}' ${what}; waiting up to ${START_WAIT_MS / 1000}s for one to answer (Ctrl-C to give up)\n`);
       }
-      if (Date.now() - lostAt > START_WAIT_MS) throw noServer(dataDir, ` (it went away and did not come back within ${START_WAIT_MS / 1000}s)`);
+      if (Date.now() - lostAt > START_WAIT_MS) throw noServer(dataDir, ` (none answered within ${START_WAIT_MS / 1000}s)`);
       await new Promise((r) => setTimeout(r, 250));
     }
   }

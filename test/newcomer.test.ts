@@ -350,13 +350,24 @@ describe('settings that stick, commands that find their server', () => {
 });
 
 describe('no silent hangs', () => {
-  test('wait and log -f with no server say so at once; a server that does not answer is announced within a second, with how long the client waits', { timeout: 30_000 }, async (t) => {
+  test('wait and log -f with no server say at once that they wait, for how long, and for which data dir; a server that does not answer is announced within a second', { timeout: 60_000 }, async (t) => {
     const dir = testDir(t);
-    for (const args of [['wait'], ['log', '-f', '1'], ['wait', '3']]) {
-      const r = await within(bare(args, dir), 5000, `${args.join(' ')} to return`);
-      assert.equal(r.code, 3, r.stderr);
-      assert.match(r.stderr, new RegExp(`no server is running on data dir '${path.join(dir, '.data')}'`));
+    const { DJS_DATA_DIR: _d, ...env } = process.env;
+    for (const args of [['wait'], ['log', '-f', '1']]) {
+      const c = spawnCli(args, { cwd: dir, env });
+      await until(() => c.stderr().includes(`the server of data dir '${path.join(dir, '.data')}' is not running (yet); waiting up to 60s for one to answer`), `${args.join(' ')} to say it waits`, 10_000);
+      assert.equal(c.exitCode(), undefined, 'it waits');
+      c.proc.kill('SIGKILL');
+      await c.done;
     }
+    // A wait that comes before its server returns once the server answers.
+    const early = spawnCli(['wait'], { cwd: dir, env });
+    await until(() => /waiting up to 60s/.test(early.stderr()), 'wait to say it waits', 10_000);
+    assert.equal((await bare(['start', '-d'], dir)).code, 0);
+    const r = await within(early.done, 20_000, 'wait to end once a server answers');
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal((await bare(['stop'], dir)).code, 0);
+    fs.rmSync(path.join(dir, '.data'), { recursive: true });
     // A data dir owned by a live process that never listens: a server stuck starting.
     const data = path.join(dir, '.data');
     fs.mkdirSync(data, { mode: 0o700 });
@@ -483,16 +494,16 @@ describe('list, log -f, clean and retries', () => {
     assert.ok(fs.existsSync(path.join(s.logDir, 'notes.log')), 'files that are no job log stay');
   });
 
-  test('a retry waits --retry-delay before it starts', { timeout: 30_000 }, async (t) => {
+  test('a retry waits --retry-delay before it starts', { timeout: 90_000 }, async (t) => {
     const s = await serve(t);
     await addWorkers(s, 'w1');
     writeScript(s.dir, 'fail.sh', 'exit 1');
-    const id = await addJob(s, '--retries', '1', '--retry-delay', '2', './fail.sh');
-    await until(async () => (await s.job(id)).attempts === 1 && (await s.job(id)).state === 'waiting', 'the first attempt to fail');
+    const id = await addJob(s, '--retries', '1', '--retry-delay', '8', './fail.sh');
+    await until(async () => { const j = await s.job(id); return j.attempts === 1 && j.state === 'waiting'; }, 'the first attempt to fail');
     const list = await s.ok(['list']);
     assert.match(list, new RegExp(`^\\s*${id}\\s+waiting\\s+retry delay\\s+retry \\d`, 'm'), 'list says when the retry is due');
     const job = await untilState(s, id, 'failed', 15_000);
     const [first, second] = job.history;
-    assert.ok(Date.parse(second.startedAt) - Date.parse(first.endedAt) >= 2000, `retried ${Date.parse(second.startedAt) - Date.parse(first.endedAt)} ms after the failure`);
+    assert.ok(Date.parse(second.startedAt) - Date.parse(first.endedAt) >= 8000, `retried ${Date.parse(second.startedAt) - Date.parse(first.endedAt)} ms after the failure`);
   });
 });

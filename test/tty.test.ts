@@ -44,7 +44,7 @@ test('wait shows one live progress line on a terminal and plain lines elsewhere'
   // Progress lines are redrawn in place (carriage return, clear line), then a summary.
   assert.match(out, /\r\x1b\[K\d+\/4 finished: .* running, .* waiting/);
   assert.match(out, /4\/4 finished: 4 done, 0 failed, 0 killed/);
-  const plain = await s.cli(['wait']);
+  const plain = await s.cli(['wait', '--all']);
   assert.equal(plain.code, 0);
   assert.ok(!plain.stderr.includes('\r'), 'carriage returns into a pipe');
   assert.match(plain.stderr, /^4\/4 finished: 4 done/m);
