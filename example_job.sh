@@ -25,6 +25,8 @@
 #   SLAVE_GPUS           set by the scheduler: the GPU indices the job holds on the worker (a
 #                        job added with --gpus G); the work gets them as CUDA_VISIBLE_DEVICES
 #   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
+#   DJS_SSH_OPTIONS      more ssh words for every ssh and rsync, split at blanks (-o ProxyJump=gw);
+#                        the scheduler sets both to what it checks workers with
 #   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
 #   DJS_SSH_TIMEOUT=T    seconds to wait for the worker's sshd to answer (default 10); a worker
 #                        that goes silent mid-job is given up after about 2T (ssh ServerAlive)
@@ -100,6 +102,10 @@ ssh_options=(-o BatchMode=yes -o "ConnectTimeout=$DJS_SSH_TIMEOUT"
 	-o "ServerAliveInterval=$(((DJS_SSH_TIMEOUT + 1) / 2))" -o ServerAliveCountMax=4)
 if [[ -n ${DJS_SSH_CONFIG:-} ]]; then
 	ssh_options=(-F "$DJS_SSH_CONFIG" "${ssh_options[@]}")
+fi
+if [[ -n ${DJS_SSH_OPTIONS:-} ]]; then
+	read -r -a extra_options <<<"$DJS_SSH_OPTIONS" # split at blanks, as the scheduler does
+	ssh_options+=("${extra_options[@]}")
 fi
 rsync_rsh=ssh
 for option in "${ssh_options[@]}"; do rsync_rsh+=" $(rsq "$option")"; done

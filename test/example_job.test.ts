@@ -56,6 +56,17 @@ describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
     assert.equal(fs.existsSync(path.join(h.hosts[1].scratch, 'elsewhere', 'j 12')), false);
   });
 
+  test('honours DJS_SSH_OPTIONS, as the scheduler\'s login checks do', async () => {
+    fs.writeFileSync(path.join(cwd, 'opts.txt'), 'three little words\n');
+    // Port 1 refuses: the options reach ssh, so the worker is unreachable (255).
+    const refused = await run(SCRIPT, ['opts.txt'], { cwd, env: jobEnv(13, h.hosts[0].addr, { DJS_SSH_OPTIONS: '-o Port=1' }) });
+    assert.equal(refused.code, 255, refused.stderr);
+    assert.match(refused.stderr, /port 1: Connection refused/);
+    const ok = await run(SCRIPT, ['opts.txt'], { cwd, env: jobEnv(14, h.hosts[0].addr, { DJS_SSH_OPTIONS: '-o LogLevel=ERROR  -o Compression=yes' }) });
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.equal(fs.readFileSync(path.join(cwd, 'finished_work', '14_opts.txt.out'), 'utf8'), '3\n');
+  });
+
   test('SIGTERM stops the work on the worker and removes its directory', async (t) => {
     const seconds = `30.${process.pid}${Math.floor(Math.random() * 1000)}`; // unique: finds the remote sleep
     fs.writeFileSync(path.join(cwd, 'long.txt'), 'a b c\n');

@@ -338,7 +338,7 @@ describe('settings that stick, commands that find their server', () => {
     fs.rmSync(path.join(data, 'run'));
     const ok = await bare(['start', '-d'], dir);
     assert.equal(ok.code, 0, ok.stderr);
-    assert.equal(ok.stderr, '', 'nothing of the earlier failure');
+    assert.doesNotMatch(ok.stderr, /error|hint|damaged/, 'nothing of the earlier failures');
     const log = path.join(dir, 'logs', 'server.log');
     const before = fs.readFileSync(log, 'utf8');
     const second = await bare(['start', '-d'], dir);
@@ -374,9 +374,8 @@ describe('no silent hangs', () => {
     const ticks = fs.readFileSync('/proc/self/stat', 'utf8').split(') ')[1].split(' ')[19];
     fs.writeFileSync(path.join(data, 'server.pid'), `${process.pid} ${ticks}\n`);
     const client = spawnCli(['status'], { cwd: dir });
-    const t0 = Date.now();
-    await until(() => /waiting up to 60s for server \d+, which is still starting/.test(client.stderr()), 'the client to say it waits', 3000);
-    assert.ok(Date.now() - t0 < 2500, `said after ${Date.now() - t0} ms`);
+    await until(() => new RegExp(`waiting up to 60s for server ${process.pid}, which is still starting on data dir '${data}'`).test(client.stderr()), 'the client to say it waits', 15_000);
+    assert.equal(client.exitCode(), undefined, 'and it waits');
     client.proc.kill('SIGKILL');
     await client.done;
   });
