@@ -1487,15 +1487,16 @@ export function splitWords(line: string): string[] {
 const C_ESCAPES: Record<string, number> = { a: 7, b: 8, e: 27, E: 27, f: 12, n: 10, r: 13, t: 9, v: 11, '\\': 92, "'": 39, '"': 34, '?': 63 };
 
 /** The text of a $'...' quote whose body starts at `from`, and where the word goes on.
- *  Escapes give bytes (\xHH, \NNN octal, \n ...), read as UTF-8 at the closing quote. */
+ *  Escapes give bytes (\xHH, \NNN octal, \n ...), read as text at the closing quote
+ *  (textOf: bytes that are not UTF-8 are kept, as printf %q of such a name meant). */
 function ansiCQuoted(line: string, from: number): [string, number] {
   const bytes: number[] = [];
   let i = from;
   for (;;) {
     if (i >= line.length) throw new Error("unterminated $' quote");
     const c = line[i];
-    if (c === "'") return [Buffer.from(bytes).toString('utf8'), i + 1];
-    if (c !== '\\') { const ch = String.fromCodePoint(line.codePointAt(i)!); bytes.push(...Buffer.from(ch)); i += ch.length; continue; }
+    if (c === "'") return [textOf(Buffer.from(bytes)), i + 1];
+    if (c !== '\\') { const ch = String.fromCodePoint(line.codePointAt(i)!); bytes.push(...bytesOf(ch)); i += ch.length; continue; }
     const d = line[i + 1] ?? '';
     let m: RegExpExecArray | null;
     if (d in C_ESCAPES) { bytes.push(C_ESCAPES[d]); i += 2; }

@@ -894,7 +894,7 @@ describe('operations (pure decisions of the operation table)', () => {
     add(st, 2);
     const d = run(st, decideAddJobs, { cwd: '/w', jobs: [['/bin/a.sh', 'x'], ['/bin/b.sh']], retries: 2, timeout: 30 });
     assert.deepEqual([d.answer.first, d.answer.count], [3, 2]);
-    assert.match(String(d.answer.note), /no workers yet/, 'jobs that nothing will run are pointed out');
+    assert.match(String(d.answer.warning), /no workers yet/, 'jobs that nothing will run are pointed out');
     assert.deepEqual([job(st, 3).args, job(st, 4).script, job(st, 4).retries, job(st, 4).timeout], [['x'], '/bin/b.sh', 2, 30]);
   });
 

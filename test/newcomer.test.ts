@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  applyEvent, undocumentedOptions, exitColumn, formatStatus, statusView, formatDuration, formatProgress, idRanges, jobView, nearest, newRuntime, newState, plan,
+  applyEvent, bytesOf, undocumentedOptions, exitColumn, formatStatus, statusView, formatDuration, formatProgress, idRanges, jobView, nearest, newRuntime, newState, plan,
   resolveSettings, SETTINGS, splitWords, VERSION, whyWaiting, type Event, type State, type WaitCounts,
 } from '../cli.ts';
 import {
@@ -118,11 +118,12 @@ describe('status', () => {
 });
 
 describe('list and durations', () => {
-  const baseJob = (over: Record<string, unknown>) => ({ ...jobView(newState(), {
-    id: 7, script: '/j.sh', args: [], cwd: '/', retries: 0, timeout: 0, state: 'failed', queuedAt: T0, run: 1, retriesUsed: 0, requeues: 0,
-    worker: 'a', slot: 0, startedAt: T0, endedAt: T0 + 1000, exitCode: 1, reason: null, killing: null, killAt: 0, avoid: null, history: null,
-    qtok: 0, retryDelay: 0, notBefore: 0, tags: [], priority: 0, after: null, env: null, blockers: 0,
-  }, T0 + 2000), ...over });
+  const baseJob = (over: Record<string, unknown>) => {
+    const st = newState();
+    apply(st, { e: 'add', t: T0, id: 7, cwd: '/', retries: 0, timeout: 0, jobs: [['/j.sh']] });
+    const job = { ...st.jobs.get(7)!, state: 'failed' as const, run: 1, worker: 'a', slot: 0, startedAt: T0, endedAt: T0 + 1000, exitCode: 1 };
+    return { ...jobView(st, job, T0 + 2000), ...over };
+  };
 
   test('the EXIT column says why a job failed where its exit code does not', () => {
     assert.equal(exitColumn(baseJob({}), T0), '1');
@@ -175,6 +176,8 @@ describe('$\'...\' in add_jobs lines', () => {
     }
     assert.deepEqual(splitWords("$'\\x41\\102\\u00e9\\n' plain"), ['AB\u00e9\n', 'plain']);
     assert.throws(() => splitWords("$'open"), /unterminated/);
+    // A name that is not UTF-8 (Latin-1 é), as printf %q writes it in any locale: its bytes.
+    assert.deepEqual(bytesOf(splitWords("$'\\351t\\351.txt'")[0]), Buffer.from([0xe9, 0x74, 0xe9, ...Buffer.from('.txt')]));
   });
 });
 
@@ -384,7 +387,7 @@ describe('no silent hangs', () => {
     const s = await serve(t);
     const added = await s.cli(['add_job', '/bin/true']);
     assert.equal(added.code, 0);
-    assert.match(added.stderr, /note: no workers yet: the jobs wait until you add some with add_slave/);
+    assert.match(added.stderr, /warning: no workers yet: the job waits until you add some with add_slave/);
     const w = spawnCli(['--data-dir', s.dataDir, 'wait'], { cwd: s.dir });
     await until(() => /waiting: no workers: add some with add_slave/.test(w.stderr()), 'wait to say why', 5000);
     await addWorkers(s, 'w1');
