@@ -4152,7 +4152,10 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',
     options: [
       ['--skip_ssh_auth_check', 'add without the ssh check; such workers are never probed'],
-      ['--slots N', 'slots of hosts given without :SLOTS (default 1)'],
+      ['--slots N|auto', 'slots of hosts given without :SLOTS (default 1; auto: nproc, read over ssh)'],
+      ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them)'],
+      ['--label L[,L]', 'labels that jobs can --require or --avoid (repeatable)'],
+      ['-e, --env NAME=VALUE', 'environment of every job on these workers (repeatable)'],
     ],
     examples: ['cli.ts add_slave node1:8 node2:8 alice@gpu-box:2', 'cli.ts add_slave --skip_ssh_auth_check local1:2'],
   },
@@ -4171,6 +4174,11 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--priority N', 'higher starts first (default 0; may be negative)'],
       ['--after ID[,ID]', 'start only once those jobs ended done (repeatable)'],
       ['-e, --env NAME=VALUE', 'more environment for the job (repeatable)'],
+      ['--slots K', 'K slots of one worker (env SLAVE_SLOTS lists them)'],
+      ['--gpus G', 'G GPUs of one worker (env SLAVE_GPUS lists them)'],
+      ['--require LABEL', 'only workers with this label (repeatable)'],
+      ['--avoid LABEL', 'no worker with this label (repeatable)'],
+      ['--host HOST', 'only one of these workers (repeatable)'],
       ['::: V... [::: W...]', 'a sweep: one job per combination; {1}, {2} ({} = {1}) in ARGS are replaced, else the values are appended'],
     ],
     examples: ['cli.ts add_job --retries 2 ./example_job.sh "data/run 1.txt"', 'cli.ts add_job --tag prep ./example_job.sh ::: data/*.txt', 'id=$(cli.ts add_job ./example_job.sh data/a.txt)'],
@@ -4180,6 +4188,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     options: [
       ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'], ['--tag TAG', 'as add_job'],
       ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE', 'as add_job'],
+      ['--slots K', 'as add_job'], ['--gpus G', 'as add_job'], ['--require LABEL', 'as add_job'], ['--avoid LABEL', 'as add_job'], ['--host HOST', 'as add_job'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
   },
@@ -4232,6 +4241,11 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Starts new jobs again after pause (all, or a tag\'s).',
     options: [['--tag TAG', 'only that tag\'s jobs']],
     examples: ['cli.ts resume'],
+  },
+  policy: {
+    about: 'Shows or sets which free worker gets a job: spread (the most free slots; also smart), pack (the fewest; also frugal), sequential (the first added), random.',
+    options: [],
+    examples: ['cli.ts policy', 'cli.ts policy pack'],
   },
   clean: {
     about: 'Forgets finished jobs; ids are never reused.',
