@@ -43,7 +43,7 @@ describe('settings', () => {
 });
 
 describe('wait', () => {
-  test('whyWaiting names what holds waiting jobs back: no workers, all down, paused starts', () => {
+  test('whyWaiting names what holds waiting jobs back: no workers, all down, paused starts, a pause', () => {
     const st = newState();
     const rt = newRuntime();
     assert.equal(whyWaiting(st, rt, T0), null, 'nothing waits');
@@ -55,6 +55,8 @@ describe('wait', () => {
     assert.equal(whyWaiting(st, rt, T0), null, 'a worker is up');
     rt.startsPausedUntil = T0 + 1000;
     assert.match(String(whyWaiting(st, rt, T0)), /starts pause/);
+    apply(st, { e: 'pause', t: T0 });
+    assert.match(String(whyWaiting(st, rt, T0)), /^paused: resume with cli\.ts resume$/);
   });
 
   test('idRanges packs ids into ascending [first, last] ranges', () => {
