@@ -3179,15 +3179,18 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   if (!stat.isFile() || stat.mode & 0o077) throw failure(`the HTTP token file '${tokenFile}' is not a plain file that only you can read`, `remove it; the next start makes a new one`);
   httpToken = fs.readFileSync(tokenFile, 'utf8').trim();
   if (!/^[0-9a-f]{32,}$/.test(httpToken)) throw failure(`the HTTP token file '${tokenFile}' holds no token`, 'remove it; the next start makes a new one');
-  const s = http.createServer({ maxHeaderSize: 16 << 10 }, serveHttp);
+  const s = http.createServer({ maxHeaderSize: 16 << 10, connectionsCheckingInterval: 1000 }, serveHttp);
   s.headersTimeout = 10_000;      // a client that never finishes its headers goes
   s.requestTimeout = 60_000;      // nor its body (event streams have their headers by then)
   s.keepAliveTimeout = 5_000;
   s.maxConnections = cfg.maxConnections + 64;
-  s.on('clientError', (_e, sock) => { if (sock.writable) sock.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n'); else sock.destroy(); });
+  s.on('clientError', (e: NodeJS.ErrnoException, sock) => {
+    if (!sock.writable) return void sock.destroy();
+    sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
+  });
   await new Promise<void>((resolve, reject) => {
     s.once('error', (e) => reject(failure(`cannot serve HTTP on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}: ${e.message}`, 'choose another port with --http, or stop what listens there')));
-    s.listen(addr.port, addr.host, () => resolve());
+    s.listen({ port: addr.port, host: addr.host, backlog: 4096 }, () => resolve());
   });
   s.on('error', (e) => log(`HTTP error: ${e.message}`));
   httpServer = s;
@@ -3243,7 +3246,7 @@ const httpError = (res: http.ServerResponse, status: number, code: number, error
 function httpStatusOf(m: Record<string, unknown>): number {
   if (m.ok) return 200;
   if (m.code === EXIT_USAGE) return 400;
-  return /^no such /.test(String(m.error)) ? 404 : 409;
+  return /^no such (job|worker) /.test(String(m.error)) ? 404 : 409;
 }
 
 /** Serves a request through OPS and answers with its reply as JSON. */
@@ -3348,7 +3351,10 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
   const declared = Number(req.headers['content-length'] ?? 0);
   const tooBig = () => {
     httpError(res, 413, EXIT_USAGE, `request body over ${MAX_REQUEST_BYTES >> 20} MiB`);
-    res.once('finish', () => req.destroy());
+    // Drop what still comes for a moment (closing on unread bytes resets the connection,
+    // which can lose the answer on its way), then close.
+    req.resume();
+    setTimeout(() => req.destroy(), 2000).unref();
   };
   if (declared > MAX_REQUEST_BYTES) return tooBig();
   const parts: Buffer[] = [];
