@@ -3619,6 +3619,7 @@ select, input { font: inherit; padding: 3px 6px; border: 1px solid #b9c0cc; bord
 dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 4px 14px; margin: 0; }
 dl.kv dt { color: var(--dim); } dl.kv dd { margin: 0; overflow-wrap: anywhere; }
 .actions { display: flex; gap: 6px; flex-wrap: wrap; margin-top: 10px; }
+td .actions { margin-top: 0; }
 dialog { border: 1px solid var(--line); border-radius: 8px; max-width: 420px; }
 dialog menu { display: flex; justify-content: flex-end; gap: 8px; padding: 0; }
 #toast { position: fixed; bottom: 16px; left: 50%; transform: translateX(-50%); background: #1d2330; color: #fff; padding: 8px 14px; border-radius: 6px; max-width: 90vw; }
@@ -3798,7 +3799,7 @@ function renderJobs() {
   fill($('jobs'), el('table', { id: 'job-table' }, el('thead', {}, el('tr', {}, ...head.map(function (h, i) { return el('th', { class: i === 4 || i === 5 ? 'hide-narrow' : null, text: h }); }))),
     el('tbody', {}, ...p.rows.map(function (j) {
       var exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
-      return el('tr', { 'data-id': j.id, 'data-state': j.state }, el('td', { class: 'num' }, el('a', { href: '#/job/' + j.id, text: String(j.id) })), el('td', {}, stateBadge(j.state)),
+      return el('tr', { 'data-id': j.id, 'data-state': j.state, 'data-attempts': j.attempts }, el('td', { class: 'num' }, el('a', { href: '#/job/' + j.id, text: String(j.id) })), el('td', {}, stateBadge(j.state)),
         el('td', { text: j.worker || '-' }), el('td', { class: 'num', text: exit, title: j.reason || null }), el('td', { class: 'num hide-narrow', text: String(j.attempts) }),
         el('td', { class: 'hide-narrow', text: when(j.queuedAt) }), el('td', { class: 'num', text: duration(j.runtimeMs) }),
         el('td', { class: 'cmd' }, command(j), ...(Array.isArray(j.tags) ? j.tags.map(function (t) { return el('span', { class: 'chip', text: t }); }) : [])), el('td', {}, ...jobButtons(j)));
@@ -3860,7 +3861,7 @@ function connect() {
     var s = JSON.parse(e.data); S.status = s;
     $('live').className = 'live'; $('live').textContent = 'live';
     if (!S.jobId) renderStatus();
-    if (s.seq !== S.seq) { S.seq = s.seq; if (!S.timers.refresh || S.timers.refreshDone) refreshSoon(150); }
+    if (s.seq !== S.seq) { S.seq = s.seq; refreshSoon(150); }
   });
   es.onerror = function () { $('live').className = 'live off'; $('live').textContent = 'reconnecting'; };
 }
