@@ -1585,11 +1585,8 @@ export type StatusView = ReturnType<typeof statusView>;
 /** How many ids one `jobs` request looks at, at the most: a filter that matches little
  *  of a million jobs answers in parts (each with a `next` to go on from), so a request
  *  never holds the server up for long. */
-export const PAGE_SCAN_BUDGET = 200_000;
+export const PAGE_SCAN_BUDGET = 50_000;
 export const PAGE_LIMIT_MAX = 1000;
-
-/** Tags of a job, where jobs carry them (the `tags` field of campaigns), else none. */
-const tagsOf = (job: Job): readonly string[] => (job as Job & { tags?: string[] | null }).tags ?? NO_ARGS;
 
 const optText = (v: unknown, name: string): string | undefined => {
   if (v === undefined || v === '') return undefined;
@@ -1614,8 +1611,12 @@ export function pageJobs(st: State, req: Request, now: number) {
   for (let budget = PAGE_SCAN_BUDGET; id >= 1 && rows.length < limit && budget > 0; id--, budget--) {
     const job = st.jobs.get(id);
     if (!job || (state !== undefined && job.state !== state) || (worker !== undefined && job.worker !== worker)) continue;
-    if (tag !== undefined && !tagsOf(job).includes(tag)) continue;
-    if (text !== undefined && id !== textId && !job.script.includes(text) && !job.args.some((a) => a.includes(text)) && !job.reason?.includes(text)) continue;
+    if (tag !== undefined && !job.tags.includes(tag)) continue;
+    if (text !== undefined && id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text))) {
+      let hit = false;
+      for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
+      if (!hit) continue;
+    }
     rows.push(jobView(st, job, now, why));
   }
   const filtered = tag !== undefined || worker !== undefined || text !== undefined;
@@ -3151,16 +3152,17 @@ type LogStream = { id: number; file: string; res: http.ServerResponse; offset: n
 /** What a POST /api/OP may carry: the operations the HTTP side serves and the fields of
  *  each (anything else is refused). Operations that this server's OPS lacks are 404s. */
 const HTTP_OPS: Record<string, string[]> = {
-  add_jobs: ['jobs', 'cwd', 'retries', 'timeout', 'tags', 'priority', 'after', 'env'],
-  remove_jobs: ['ids', 'script', 'args'],
+  add_jobs: ['jobs', 'cwd', 'retries', 'timeout', 'tags', 'priority', 'after', 'env', 'sweep', 'slots', 'gpus', 'require', 'avoid', 'hosts'],
+  remove_jobs: ['ids', 'script', 'args', 'tag'],
   kill: ['ids', 'all', 'tag'],
   retry: ['ids', 'failed', 'killed', 'tag'],
   clean: ['logs', 'tag'],
-  add_workers: ['workers', 'skipCheck'],
-  remove_workers: ['hosts', 'mode'],
+  set_priority: ['ids', 'tag', 'priority'],
   pause: ['tag'],
   resume: ['tag'],
-  set_priority: ['ids', 'tag', 'priority'],
+  policy: ['name'],
+  add_workers: ['workers', 'skipCheck'],
+  remove_workers: ['hosts', 'mode'],
 };
 /** The query parameters of GET /api/jobs (the `jobs` operation). */
 const JOBS_QUERY = ['state', 'tag', 'worker', 'text', 'before', 'limit'];
@@ -3765,7 +3767,8 @@ function renderWorkers(s) {
     var state = w.checking ? 'checking' : w.state, why = null;
     if (w.state === 'down') why = el('div', { class: 'reason', text: (w.error || 'unreachable') + (w.nextProbeAt ? '; next check in ' + duration(Date.parse(w.nextProbeAt) - Date.now()) : '') });
     var extra = [];
-    if (w.gpus !== undefined) extra.push(el('span', { class: 'chip', text: (Array.isArray(w.gpus) ? w.gpus.length : w.gpus) + ' GPU' }));
+    var gpus = Array.isArray(w.gpus) ? w.gpus.length : w.gpus || 0, gpusUsed = Array.isArray(w.gpusUsed) ? w.gpusUsed.length : w.gpusUsed || 0;
+    if (gpus) extra.push(el('span', { class: 'chip', title: 'GPUs in use', text: 'GPU ' + gpusUsed + '/' + gpus }));
     (Array.isArray(w.labels) ? w.labels : []).forEach(function (l) { extra.push(el('span', { class: 'chip', text: l })); });
     var jobs = el('span', {}); w.running.forEach(function (r) { jobs.append(el('a', { href: '#/job/' + r.id, text: String(r.id) }), ' '); });
     var buttons = el('span', { class: 'actions' });
@@ -3786,10 +3789,19 @@ function filters() {
   ['state', 'tag', 'worker', 'text'].forEach(function (k) { var v = f.get(k); if (v) q.set(k, v); });
   return q;
 }
+/** One page of 50: a filter that matches little comes in parts (the server scans a
+ *  bounded number of ids per request), fetched one after another until the page is full. */
+function fetchPage(q, before, rows, parts) {
+  q.set('limit', String(50 - rows.length)); if (before) q.set('before', before);
+  return api('GET', '/api/jobs?' + q).then(function (p) {
+    rows = rows.concat(p.rows);
+    if (rows.length < 50 && p.next !== null && parts < 40) return fetchPage(q, p.next, rows, parts + 1);
+    return { rows: rows, next: p.next, total: p.total };
+  });
+}
 function refreshJobs() {
-  var q = filters(); q.set('limit', '50'); if (S.before) q.set('before', S.before);
-  var key = q.toString(); S.jobsKey = key;
-  return api('GET', '/api/jobs?' + q).then(function (page) { if (S.jobsKey === key) { S.page = page; renderJobs(); } }, function (e) { toast(e.message, true); });
+  var q = filters(), key = q.toString() + '/' + S.before; S.jobsKey = key;
+  return fetchPage(q, S.before, [], 1).then(function (page) { if (S.jobsKey === key) { S.page = page; renderJobs(); } }, function (e) { toast(e.message, true); });
 }
 function renderJobs() {
   var p = S.page; if (!p) return;

@@ -35,7 +35,7 @@ export async function dashboard(o: Opts): Promise<BenchResult> {
     ['GET /api/jobs: 50 from the middle (before=n/2)', time(() => JSON.stringify(pageJobs(st, { op: 'jobs', before: n / 2 }, t)))],
     ['GET /api/jobs?state=failed (1 in 1,000): 50', time(() => JSON.stringify(pageJobs(st, { op: 'jobs', state: 'failed' }, t)))],
     ['GET /api/jobs?worker=node7: 50', time(() => JSON.stringify(pageJobs(st, { op: 'jobs', worker: 'node7' }, t)))],
-    ['GET /api/jobs?text=nothing (no match: one part of 200,000 ids)', time(() => JSON.stringify(pageJobs(st, { op: 'jobs', text: 'nothing' }, t)))],
+    ['GET /api/jobs?text=nothing (no match: one part, PAGE_SCAN_BUDGET ids)', time(() => JSON.stringify(pageJobs(st, { op: 'jobs', text: 'nothing' }, t)))],
     ['event stream view (status + chart)', time(() => JSON.stringify({ ...statusView(st), ...chartOf(m, st, t) }))],
     ['GET /metrics', time(() => formatMetrics(statusView(st), m))],
   ];

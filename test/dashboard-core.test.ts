@@ -41,7 +41,7 @@ describe('pageJobs', () => {
     applyEvent(st, { e: 'start', t: T0 + 1, id: 2, host: 'n1', slot: 0 });
     applyEvent(st, { e: 'start', t: T0 + 1, id: 5, host: 'n2', slot: 0 });
     applyEvent(st, { e: 'end', t: T0 + 2, id: 2, run: 1, code: 3 });
-    (st.jobs.get(4) as unknown as { tags: string[] }).tags = ['sweep'];
+    st.jobs.get(4)!.tags = ['sweep'];
     const failed = pageJobs(st, { op: 'jobs', state: 'failed' }, T0);
     assert.deepEqual(ids(failed), [2]);
     assert.equal(failed.total, 1);
@@ -60,7 +60,7 @@ describe('pageJobs', () => {
     applyEvent(st, { e: 'remove', t: T0, ids: [5] });
     for (const id of [6, n - PAGE_SCAN_BUDGET]) st.jobs.get(id)!.reason = 'needle';
     const p1 = pageJobs(st, { op: 'jobs', text: 'needle' }, T0);
-    assert.deepEqual(ids(p1), [], 'nothing among the newest 200,000 ids matches');
+    assert.deepEqual(ids(p1), [], 'nothing among the newest PAGE_SCAN_BUDGET ids matches');
     assert.equal(p1.next, n - PAGE_SCAN_BUDGET + 1, 'the first part stops at the budget');
     const p2 = pageJobs(st, { op: 'jobs', text: 'needle', before: p1.next! }, T0);
     assert.equal(p2.next, null);

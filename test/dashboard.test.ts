@@ -39,7 +39,7 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   };
   const job = async (id: number) => (await api(`/api/jobs/${id}`)).job;
   await api('/api/add_workers', { workers: [{ host: 'local1', slots: 2 }, { host: 'local2', slots: 2 }], skipCheck: true });
-  await api('/api/add_jobs', { cwd: s.dir, jobs: [0, 0, 0, 0, 0, 1].map((code) => ['./quick.sh', String(code)]) });
+  await api('/api/add_jobs', { cwd: s.dir, jobs: [0, 0, 0, 0, 0, 1].map((code) => ['./quick.sh', String(code)]), tags: ['quick'] });
   await until(async () => (await api('/api/status')).counts.running === 0, 'the quick jobs to end');
   const first = (await api('/api/add_jobs', { cwd: s.dir, jobs: ['0', '0', '3', '0', '0'].map((code) => ['./gated.sh', code]) })).first;
   const gated = [0, 1, 2, 3, 4].map((i) => first + i);
@@ -82,6 +82,15 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   const jobs = await s.jobs();
   assert.deepEqual(rows, jobs.map((j: any) => [j.id, j.state]).reverse(), 'the job list, newest first');
   await page.screenshot({ path: path.join(SHOTS, 'main-desktop.png'), fullPage: true });
+
+  // One progress bar per tag, from the status reply; pause and resume a tag by click.
+  const tagRow = page.locator('#tags tr[data-tag="quick"]');
+  assert.equal(await tagRow.locator('td.num').textContent(), '6/6');
+  await tagRow.locator('button').click();
+  await until(async () => (await api('/api/status')).pausedTags.includes('quick'), 'the tag to be paused');
+  await page.waitForSelector('#tags tr[data-tag="quick"] .chip');
+  await page.click('#tags tr[data-tag="quick"] button');
+  await until(async () => (await api('/api/status')).pausedTags.length === 0, 'the tag to be resumed');
 
   mark('main view checked');
   // Kill: asks first; Cancel changes nothing, OK kills; the row follows live.
