@@ -43,9 +43,11 @@ if (!process.features.typescript) {
  * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
  *
  * SYNOPSIS
- *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [DATA_DIR] [LOG_DIR]
- *                                             run the server (-d: in the background)
+ *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]
+ *                                             run the server (-d: in the background;
+ *                                             --http: also the dashboard, API, /metrics)
  *   cli.ts stop                               stop it; running jobs keep running
+ *   cli.ts dashboard                          the dashboard's URL, with its access token
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]...
  *                    [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
  *   cli.ts policy [spread|pack|sequential|random]
@@ -69,8 +71,8 @@ if (!process.features.typescript) {
  *
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
  *   DJS_DATA_DIR; the server's settings (SETTINGS: kept in the data dir by `start`, used
- *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, and for its ssh
- *   DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX;
+ *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, DJS_HTTP, and for
+ *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX;
  *   DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
  *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, DJS_DATA_DIR, the
  *   worker's and their own --env settings, and the ssh settings as kept.
@@ -83,6 +85,7 @@ if (!process.features.typescript) {
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
  *   settings      the settings of the last start, JSON (see SETTINGS); a data dir that
  *                 is not empty and holds none of these files is not taken
+ *   http.token    the access token of the dashboard and API (start --http; mode 0600)
  *   run/ID.R.pid  the claim of run R of job ID: "PID LAUNCHER_PID" of its process (or
  *                 "void": a server claimed it, so it never ran), then its exit code
  *   Job output goes to LOG_DIR/ID.log (default ./logs), mode 0600.
@@ -116,7 +119,9 @@ if (!process.features.typescript) {
  *   workers to probe, and when the next of these falls due. The shell carries the
  *   decisions out (effectsOf names what each event calls for) and feeds outcomes (a
  *   process ended, a probe answered) back as events. One supervisor (checkRun) decides
- *   whether a job's process lives, ended, or never started.
+ *   whether a job's process lives, ended, or never started. Two doors lead to OPS: the
+ *   Unix socket (one JSON object per line) and, with `start --http`, HTTP (a JSON API,
+ *   the dashboard page and /metrics; see its section); both serve through serveRequest.
  *
  *   Group commit: requests that arrive together are applied, written with one write
  *   and one fdatasync, and only then answered; effects (starting a process, signals)
@@ -166,9 +171,12 @@ if (!process.features.typescript) {
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
+import { StringDecoder } from 'node:string_decoder';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 
@@ -1652,6 +1660,215 @@ export function statusView(st: State) {
 }
 export type StatusView = ReturnType<typeof statusView>;
 
+// ---- the dashboard's reads: pages of jobs, progress, metrics -------------------------
+// What the HTTP side (start --http) shows, decided here from the state: a page of the
+// job list, the rate and the time left, the address it serves, the metrics' text.
+
+/** How many ids one `jobs` request looks at, at the most: a filter that matches little
+ *  of a million jobs answers in parts (each with a `next` to go on from), so a request
+ *  never holds the server up for long. */
+export const PAGE_SCAN_BUDGET = 50_000;
+export const PAGE_LIMIT_MAX = 1000;
+
+const optText = (v: unknown, name: string): string | undefined => {
+  if (v === undefined || v === '') return undefined;
+  if (typeof v !== 'string' || v.length > 4096) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))}`);
+  return v;
+};
+
+/** jobs {state, tag, worker, text, before, limit}: one page of the job list, newest
+ *  first: up to `limit` jobs with ids below `before` that match every filter given
+ *  (`text`: a substring of the script, an argument or the reason, or the id itself).
+ *  `next` is the `before` of the following page (null at the end); `total`, the number
+ *  of matches, is known only when no filter but `state` is given. */
+export function pageJobs(st: State, req: Request, now: number) {
+  const state = optText(req.state, 'state');
+  if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(state)}`, `states are ${JOB_STATES.join(', ')}`);
+  const tag = optText(req.tag, 'tag'), worker = optText(req.worker, 'worker'), text = optText(req.text, 'text');
+  const limit = num(req.limit ?? 50, 'limit', 1, PAGE_LIMIT_MAX);
+  const before = num(req.before ?? st.nextId, 'before', 1);
+  const textId = text !== undefined && /^\d+$/.test(text) ? Number(text) : -1;
+  const rows: JobView[] = [], why = queueReason(st);
+  let id = Math.min(before, st.nextId) - 1;
+  for (let budget = PAGE_SCAN_BUDGET; id >= 1 && rows.length < limit && budget > 0; id--, budget--) {
+    const job = st.jobs.get(id);
+    if (!job || (state !== undefined && job.state !== state) || (worker !== undefined && job.worker !== worker)) continue;
+    if (tag !== undefined && !job.tags.includes(tag)) continue;
+    if (text !== undefined && id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text))) {
+      let hit = false;
+      for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
+      if (!hit) continue;
+    }
+    rows.push(jobView(st, job, now, why));
+  }
+  const filtered = tag !== undefined || worker !== undefined || text !== undefined;
+  return {
+    rows, next: id >= 1 ? id + 1 : null,
+    total: filtered ? null : state !== undefined ? st.counts[state as JobState] : st.jobs.size,
+  };
+}
+
+/** The rate jobs finish at and the time left, as `wait` and the dashboard show them:
+ *  `ended` jobs finished in `ms`, `left` still to run. */
+export function rateAndLeft(ended: number, ms: number, left: number): { rate: number; leftMs: number | null } {
+  const rate = ended / Math.max(0.001, ms / 1000);
+  return { rate, leftMs: rate > 0 ? (left / rate) * 1000 : null };
+}
+
+/** Parses `start --http [HOST:]PORT`: a port alone serves on 127.0.0.1; an IPv6 host
+ *  goes in brackets ([::1]:8080). Port 0 takes any free port (`dashboard` tells which). */
+export function parseHttpAddress(text: string): { host: string; port: number } {
+  const m = /^(?:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*):)?(\d{1,5})$/.exec(text);
+  const port = m ? Number(m[2]) : -1;
+  if (!m || port > 65535) throw usage(`invalid HTTP address ${quoteForError(text)}`, 'give a port, or HOST:PORT, like 8080, 127.0.0.1:8080, [::1]:8080 or 0.0.0.0:8080');
+  return { host: m[1] ? m[1].replace(/^\[|\]$/g, '') : '127.0.0.1', port };
+}
+
+/** True if an HTTP Host header names the address served: one of `names` (host names or
+ *  addresses, IPv6 ones without brackets) with the port (which a browser leaves out for
+ *  port 80). Anything else is refused, so a page of another site that a DNS rebinding
+ *  points at this address cannot talk to it. */
+export function hostAllowed(header: string | undefined, names: readonly string[], port: number): boolean {
+  if (!header) return false;
+  const m = /^(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d+))?$/i.exec(header.trim());
+  if (!m || Number(m[2] ?? 80) !== port) return false;
+  const name = m[1].replace(/^\[|\]$/g, '').toLowerCase();
+  return names.some((n) => n.toLowerCase() === name);
+}
+
+/** Prometheus histograms and counters the server keeps from the events it commits,
+ *  since it started; and jobs finished per minute over the last CHART_MINUTES. */
+export const CHART_MINUTES = 360;
+export type Histogram = { bounds: number[]; counts: number[]; sum: number; count: number };
+export type Metrics = {
+  starts: number; ends: Record<string, number>;
+  fsync: Histogram; queueWait: Histogram;
+  minutes: number[]; minute: number; // finished jobs per minute; minutes[CHART_MINUTES - 1] is minute `minute`
+  startedAt: number;
+};
+const histogram = (bounds: number[]): Histogram => ({ bounds, counts: new Array(bounds.length).fill(0), sum: 0, count: 0 });
+
+export function newMetrics(now: number): Metrics {
+  return {
+    starts: 0, ends: { done: 0, failed: 0, killed: 0, requeued: 0 },
+    fsync: histogram([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]),
+    queueWait: histogram([1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400]),
+    minutes: new Array(CHART_MINUTES).fill(0), minute: Math.floor(now / 60_000), startedAt: now,
+  };
+}
+
+export function observe(h: Histogram, v: number): void {
+  const i = h.bounds.findIndex((b) => v <= b);
+  if (i >= 0) h.counts[i]++;
+  h.sum += v;
+  h.count++;
+}
+
+/** Moves the per-minute window so that it ends at time t's minute. */
+function chartTo(m: Metrics, t: number): void {
+  const minute = Math.floor(t / 60_000), shift = minute - m.minute;
+  if (shift <= 0) return;
+  if (shift >= CHART_MINUTES) m.minutes.fill(0);
+  else { m.minutes.copyWithin(0, shift); m.minutes.fill(0, CHART_MINUTES - shift); }
+  m.minute = minute;
+}
+
+/** Counts a job that finished at t in the per-minute chart. */
+export function chartFinished(m: Metrics, t: number): void {
+  chartTo(m, Math.max(t, m.minute * 60_000));
+  const i = CHART_MINUTES - 1 - (m.minute - Math.floor(t / 60_000));
+  if (i >= 0) m.minutes[i]++;
+}
+
+/** The per-minute chart up to `now`, and the rate and time left over its last five
+ *  minutes. */
+export function chartOf(m: Metrics, st: State, now: number) {
+  chartTo(m, now);
+  // Over the last five minutes, or from the first of them in which a job finished.
+  let ended = 0, from = now;
+  for (let i = CHART_MINUTES - 5; i < CHART_MINUTES; i++) {
+    if (m.minutes[i] && from === now) from = (m.minute - (CHART_MINUTES - 1 - i)) * 60_000;
+    ended += m.minutes[i];
+  }
+  const windowMs = Math.max(1000, now - from);
+  return { perMinute: m.minutes.slice(), lastMinute: new Date(m.minute * 60_000).toISOString(), ...rateAndLeft(ended, windowMs, st.counts.waiting + st.counts.running) };
+}
+
+/** True if a start or an end still fits the state, so that applyEvent acts on it (the
+ *  same conditions); countEvent counts only those. */
+export function counts(st: State, ev: Event): boolean {
+  const job = ev.e === 'start' || ev.e === 'end' ? st.jobs.get(ev.id) : undefined;
+  if (ev.e === 'start') return job?.state === 'waiting' && st.workers.has(ev.host);
+  return ev.e === 'end' && job?.state === 'running' && job.run === ev.run;
+}
+
+/** Counts what a start or an end that fitted (counts) did once applied to st: a start,
+ *  and how long its job had waited; the end of an attempt, and its outcome. */
+export function countEvent(m: Metrics, st: State, ev: Event): void {
+  if (ev.e === 'start') {
+    const job = st.jobs.get(ev.id);
+    if (!job) return;
+    m.starts++;
+    observe(m.queueWait, Math.max(0, ev.t - Math.max(job.queuedAt, job.history?.at(-1)?.endedAt ?? 0)) / 1000);
+  } else if (ev.e === 'end') {
+    const job = st.jobs.get(ev.id);
+    if (!job) return;
+    const outcome = job.state === 'waiting' ? 'requeued' : job.state;
+    m.ends[outcome] = (m.ends[outcome] ?? 0) + 1;
+    if (outcome !== 'requeued') chartFinished(m, ev.t);
+  }
+}
+
+/** A number as Prometheus writes it. */
+const promNumber = (v: number) => (Number.isFinite(v) ? String(v) : v > 0 ? '+Inf' : v < 0 ? '-Inf' : 'NaN');
+const promLabel = (v: string) => v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
+
+/** The Prometheus text format (version 0.0.4) of a status reply (statusView, with
+ *  `tags` where the state has them) and the server's counters. */
+export function formatMetrics(s: StatusView & { tags?: unknown }, m: Metrics): string {
+  const out: string[] = [];
+  const family = (name: string, type: string, help: string, samples: [Record<string, string>, number][]) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [labels, v] of samples) {
+      const l = Object.entries(labels).map(([k, x]) => `${k}="${promLabel(x)}"`).join(',');
+      out.push(`${name}${l ? `{${l}}` : ''} ${promNumber(v)}`);
+    }
+  };
+  const hist = (name: string, help: string, h: Histogram) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} histogram`);
+    let acc = 0;
+    h.bounds.forEach((b, i) => { acc += h.counts[i]; out.push(`${name}_bucket{le="${b}"} ${acc}`); });
+    out.push(`${name}_bucket{le="+Inf"} ${h.count}`, `${name}_sum ${promNumber(h.sum)}`, `${name}_count ${h.count}`);
+  };
+  family('djs_jobs', 'gauge', 'Jobs by state.', JOB_STATES.map((k) => [{ state: k }, s.counts[k]]));
+  const tags = Array.isArray(s.tags) ? s.tags as Record<string, unknown>[] : [];
+  if (tags.length) {
+    family('djs_tag_jobs', 'gauge', 'Jobs of each tag by state.', tags.flatMap((t) =>
+      JOB_STATES.filter((k) => typeof t[k] === 'number').map((k): [Record<string, string>, number] => [{ tag: String(t.tag), state: k }, t[k] as number])));
+  }
+  family('djs_job_starts_total', 'counter', 'Job attempts started since the server started.', [[{}, m.starts]]);
+  family('djs_job_ends_total', 'counter', 'Job attempts ended since the server started, by outcome (requeued: back to the queue for a retry or after a worker failure).',
+    Object.entries(m.ends).map(([outcome, v]) => [{ outcome }, v]));
+  const wstates: Record<string, number> = { up: 0, down: 0, draining: 0 };
+  let slotsUsed = 0, slotsFree = 0, gpusUsed = 0, gpusFree = 0;
+  for (const w of s.workers as (Omit<StatusView['workers'][number], 'gpus' | 'gpusUsed'> & { gpus?: unknown; gpusUsed?: unknown })[]) {
+    wstates[w.state] = (wstates[w.state] ?? 0) + 1;
+    slotsUsed += w.running.length;
+    if (w.state === 'up') slotsFree += Math.max(0, w.slots - w.running.length);
+    const gpus = typeof w.gpus === 'number' ? w.gpus : Array.isArray(w.gpus) ? w.gpus.length : 0;
+    const used = typeof w.gpusUsed === 'number' ? w.gpusUsed : Array.isArray(w.gpusUsed) ? w.gpusUsed.length : 0;
+    gpusUsed += used;
+    if (w.state === 'up') gpusFree += Math.max(0, gpus - used);
+  }
+  family('djs_workers', 'gauge', 'Workers by state.', Object.entries(wstates).map(([state, v]) => [{ state }, v]));
+  family('djs_slots', 'gauge', 'Worker slots in use, and free on workers that are up.', [[{ state: 'used' }, slotsUsed], [{ state: 'free' }, slotsFree]]);
+  family('djs_gpus', 'gauge', 'GPUs in use, and free on workers that are up.', [[{ state: 'used' }, gpusUsed], [{ state: 'free' }, gpusFree]]);
+  hist('djs_journal_fsync_seconds', 'Time to append a batch of events to the journal and fdatasync it.', m.fsync);
+  hist('djs_queue_wait_seconds', 'Time a job waited in the queue before it started.', m.queueWait);
+  family('djs_server_start_time_seconds', 'gauge', 'When the server started, in seconds since the epoch.', [[{}, Math.floor(m.startedAt / 1000)]]);
+  return out.join('\n') + '\n';
+}
+
 // ============================================================================
 // The journal: the state on disk
 // ============================================================================
@@ -2339,6 +2556,7 @@ type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
   maxConnections: number; settings: Settings; changed: [string, string, string][];
+  http: { host: string; port: number } | null;
 };
 
 // All server state, in one place.
@@ -2361,6 +2579,7 @@ const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
 let shuttingDown = false;
 let argSpace = 0;                          // bytes an exec leaves for a job's argv (see argSpaceOf)
+const metrics = newMetrics(Date.now());    // counters for /metrics and the dashboard's chart
 
 const log = (msg: string) => process.stdout.write(`${new Date().toISOString()} ${msg}\n`);
 
@@ -2386,12 +2605,14 @@ type Op =
   | { kind: 'stream'; open: (req: Request, conn: Conn) => void }
   | { kind: 'shutdown' };
 
-const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings });
+const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl() });
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st) }) },
   list: { kind: 'stream', open: streamJobs },
+  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()) },
+  job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }) },
   log: { kind: 'stream', open: openLog },
   wait: { kind: 'stream', open: openWait },
   add_jobs: { kind: 'check', check: checkScripts, decide: decideAddJobs },
@@ -2420,6 +2641,11 @@ function handleRequestLine(line: string, conn: Conn): void {
     conn.send({ ok: false, code: EXIT_USAGE, error: 'malformed request: expected one JSON object with an "op" per line' });
     return;
   }
+  serveRequest(req, conn);
+}
+
+/** Serves one request through OPS, for the socket and for HTTP alike. Never throws. */
+function serveRequest(req: Request, conn: Conn): void {
   const op = Object.hasOwn(OPS, req.op) ? OPS[req.op] : undefined;
   try {
     if (!op) throw usage(`unknown request ${quoteForError(req.op)}`);
@@ -2508,7 +2734,9 @@ type Turn = { lines: string[]; answers: { reply: Reply; answer: Record<string, u
 /** Applies an event, numbers it for the journal, and notes its effects. */
 function commit(turn: Turn, ev: Event): void {
   const cascades = st.cascades;
+  const counted = counts(st, ev);
   applyEvent(st, ev);
+  if (counted) countEvent(metrics, st, ev);
   st.seq++;
   turn.lines.push(JSON.stringify({ n: st.seq, ...ev }));
   for (const fx of effectsOf(st, ev)) turn.effects.push(fx);
@@ -2559,7 +2787,9 @@ function flush(): void {
   turn.effects.push(...p.effects);
   if (turn.lines.length) {
     try {
+      const t0 = performance.now();
       journal.append(turn.lines.join('\n') + '\n');
+      observe(metrics.fsync, (performance.now() - t0) / 1000);
       writeRetryMs = 0;
     } catch (e) {
       return recoverFromWriteFailure(e as NodeJS.ErrnoException, turn);
@@ -2568,7 +2798,7 @@ function flush(): void {
   for (const a of turn.answers) a.reply({ ok: true, ...a.answer });
   for (const fx of turn.effects) perform(fx);
   flushLaunches();
-  if (turn.lines.length) notifyWatchers(now, turn.touched);
+  if (turn.lines.length) { notifyWatchers(now, turn.touched); dashboardChanged(); }
   if (journal.needsSnapshot()) takeSnapshot();
   armTimer(p.next);
 }
@@ -3047,6 +3277,7 @@ export const SETTINGS: Setting[] = [
   { env: 'DJS_SSH_OPTIONS', what: 'ssh options', jobs: true, initial: () => '', value: (v) => v.trim() },
   { env: 'DJS_SSH_TIMEOUT', what: 'ssh timeout (s)', jobs: true, initial: () => '10', value: wholeNumber(1) },
   { env: 'DJS_PROBE_BACKOFF_MAX', what: 'probe backoff max (s)', initial: () => String(PROBE_BACKOFF_MAX_MS / 1000), value: wholeNumber(1) },
+  { env: 'DJS_HTTP', option: 'http', what: 'http', initial: () => '', value: (v) => (v ? (parseHttpAddress(v), v) : '') },
 ];
 
 /** The settings a start runs with: each one given (checked), else the kept one, else
@@ -3101,6 +3332,797 @@ function writeSettings(dataDir: string, values: Settings): void {
 /** "log dir was '/a/logs', now '/b/logs'; ..." */
 export const describeChanges = (changed: [string, string, string][]) =>
   changed.map(([what, was, now]) => `${what} was ${shellQuote(was)}, now ${shellQuote(now)}`).join('; ');
+
+// ---- HTTP: the dashboard, the JSON API and /metrics ------------------------------------
+// `start --http [HOST:]PORT` also serves, on 127.0.0.1 unless a host is given: a page
+// (its HTML, CSS, JavaScript and SVG are the strings at the end of this section; nothing
+// is fetched from elsewhere), a JSON API, and metrics in the Prometheus text format.
+// The API is a second door to OPS: every route builds a request and serves it through
+// serveRequest, so its changes take the same flush, journal and answers as the socket's,
+// and nothing the HTTP side does can hold the scheduler up for long (pages of jobs scan
+// a bounded number of ids; logs are read asynchronously; slow readers are dropped).
+// Access needs the random token in DATA_DIR/http.token (mode 0600): in a header
+// (`Authorization: Bearer T` or `X-DJS-Token: T`), or in the page's cookie (HttpOnly,
+// SameSite=Strict) that `/?token=T` sets once. Changes are POSTs and need the header (a
+// cookie alone could ride on a request forged by another site); a Host header that does
+// not name the address served is refused (DNS rebinding).
+
+let httpServer: http.Server | null = null;
+let httpToken = '';
+let httpNames: string[] = [];
+let httpPort = 0;
+let httpHostShown = '';
+const eventStreams = new Set<http.ServerResponse>();
+let eventsTimer: NodeJS.Timeout | null = null;
+let eventsPing: NodeJS.Timeout | null = null;
+const logStreams = new Set<LogStream>();
+let logDirWatch: fs.FSWatcher | null = null;
+/** A client following a job's log: the bytes sent so far, and how the job ended once it has. */
+type LogStream = { id: number; file: string; res: http.ServerResponse; offset: number; reading: boolean; again: boolean; decoder: StringDecoder; end: Record<string, unknown> | null };
+
+/** What a POST /api/OP may carry: the operations the HTTP side serves and the fields of
+ *  each (anything else is refused). Operations that this server's OPS lacks are 404s. */
+const HTTP_OPS: Record<string, string[]> = {
+  add_jobs: ['jobs', 'cwd', 'retries', 'timeout', 'tags', 'priority', 'after', 'env', 'sweep', 'slots', 'gpus', 'require', 'avoid', 'hosts'],
+  remove_jobs: ['ids', 'script', 'args', 'tag'],
+  kill: ['ids', 'all', 'tag'],
+  retry: ['ids', 'failed', 'killed', 'tag'],
+  clean: ['logs', 'tag'],
+  set_priority: ['ids', 'tag', 'priority'],
+  pause: ['tag'],
+  resume: ['tag'],
+  policy: ['name'],
+  add_workers: ['workers', 'skipCheck'],
+  remove_workers: ['hosts', 'mode'],
+};
+/** The query parameters of GET /api/jobs (the `jobs` operation). */
+const JOBS_QUERY = ['state', 'tag', 'worker', 'text', 'before', 'limit'];
+const MAX_EVENT_BACKLOG = 1 << 20;   // bytes an event stream may leave unread before it is dropped
+const LOG_CHUNK = 1 << 20;            // bytes of a log one answer or one event carries at the most
+
+const httpUrl = () => (httpServer ? `http://${httpHostShown}:${httpPort}/` : null);
+
+/** Listens on the address asked for, with the token of the data dir (made on first use). */
+async function startHttp(addr: { host: string; port: number }): Promise<void> {
+  const tokenFile = path.join(cfg.dataDir, 'http.token');
+  try { fs.writeFileSync(tokenFile, crypto.randomBytes(24).toString('hex') + '\n', { flag: 'wx', mode: 0o600 }); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
+  const stat = fs.lstatSync(tokenFile);
+  if (!stat.isFile() || stat.mode & 0o077) throw failure(`the HTTP token file '${tokenFile}' is not a plain file that only you can read`, `remove it; the next start makes a new one`);
+  httpToken = fs.readFileSync(tokenFile, 'utf8').trim();
+  if (!/^[0-9a-f]{32,}$/.test(httpToken)) throw failure(`the HTTP token file '${tokenFile}' holds no token`, 'remove it; the next start makes a new one');
+  const s = http.createServer({ maxHeaderSize: 16 << 10, connectionsCheckingInterval: 1000 }, serveHttp);
+  s.headersTimeout = 10_000;      // a client that never finishes its headers goes
+  s.requestTimeout = 60_000;      // nor its body (event streams have their headers by then)
+  s.keepAliveTimeout = 5_000;
+  s.maxConnections = cfg.maxConnections + 64;
+  s.on('clientError', (e: NodeJS.ErrnoException, sock) => {
+    if (!sock.writable) return void sock.destroy();
+    sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
+  });
+  await new Promise<void>((resolve, reject) => {
+    s.once('error', (e) => reject(failure(`cannot serve HTTP on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}: ${e.message}`, 'choose another port with --http, or stop what listens there')));
+    s.listen({ port: addr.port, host: addr.host, backlog: 4096 }, () => resolve());
+  });
+  s.on('error', (e) => log(`HTTP error: ${e.message}`));
+  httpServer = s;
+  httpPort = (s.address() as net.AddressInfo).port;
+  const wildcard = addr.host === '0.0.0.0' || addr.host === '::';
+  const loopback = wildcard || /^(127\.|::1$|localhost$)/i.test(addr.host);
+  httpNames = [addr.host, ...(loopback ? ['localhost', '127.0.0.1', '::1'] : [])];
+  if (wildcard) {
+    httpNames.push(os.hostname());
+    for (const list of Object.values(os.networkInterfaces())) for (const a of list ?? []) httpNames.push(a.address);
+  }
+  httpHostShown = wildcard ? '127.0.0.1' : addr.host.includes(':') ? `[${addr.host}]` : addr.host;
+  for (const job of st.jobs.values()) if (isFinished(job.state) && job.endedAt > Date.now() - CHART_MINUTES * 60_000) chartFinished(metrics, job.endedAt);
+  eventsPing = setInterval(() => { for (const res of eventStreams) sendEvent(res, ': ping\n\n'); }, 20_000);
+  eventsPing.unref();
+}
+
+const sameToken = (given: string | undefined | null) =>
+  typeof given === 'string' && given.length === httpToken.length && crypto.timingSafeEqual(Buffer.from(given), Buffer.from(httpToken));
+
+/** The token a request carries in a header, or null. */
+function headerToken(req: http.IncomingMessage): string | null {
+  const auth = req.headers.authorization;
+  if (auth?.startsWith('Bearer ')) return auth.slice(7).trim();
+  const h = req.headers['x-djs-token'];
+  return typeof h === 'string' ? h.trim() : null;
+}
+
+function cookieToken(req: http.IncomingMessage): string | null {
+  const name = `djs_${httpPort}=`;
+  for (const part of (req.headers.cookie ?? '').split(';')) if (part.trim().startsWith(name)) return part.trim().slice(name.length);
+  return null;
+}
+
+const SECURITY_HEADERS = {
+  'X-Content-Type-Options': 'nosniff', 'Referrer-Policy': 'no-referrer', 'Cache-Control': 'no-store',
+  'X-Frame-Options': 'DENY',
+};
+
+function sendJson(res: http.ServerResponse, status: number, body: Record<string, unknown>): void {
+  if (res.headersSent) { res.destroy(); return; }
+  const text = JSON.stringify(body) + '\n';
+  res.writeHead(status, { ...SECURITY_HEADERS, 'Content-Type': 'application/json; charset=utf-8', 'Content-Length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+/** An error the HTTP side finds itself, as the socket's errors look: {ok, error, hint, code}. */
+const httpError = (res: http.ServerResponse, status: number, code: number, error: string, hint?: string) => sendJson(res, status, { ok: false, error, hint, code });
+
+/** The HTTP status of an answer of OPS: 200; 400 for a usage error (exit code 2); 404
+ *  for an unknown job or worker and 409 for any other failure (exit code 1). The body
+ *  keeps the exit code the CLI would give, as `code`. */
+function httpStatusOf(m: Record<string, unknown>): number {
+  if (m.ok) return 200;
+  if (m.code === EXIT_USAGE) return 400;
+  return /^no such (job|worker) /.test(String(m.error)) ? 404 : 409;
+}
+
+/** Serves a request through OPS and answers with its reply as JSON. */
+function callOp(req: http.IncomingMessage, res: http.ServerResponse, request: Request, pick?: (m: Record<string, unknown>) => Record<string, unknown>): void {
+  let answered = false;
+  const send: Reply = (m) => {
+    if (answered || m.ok === undefined) return;
+    answered = true;
+    sendJson(res, httpStatusOf(m), m.ok && pick ? { ok: true, ...pick(m) } : m);
+  };
+  serveRequest(request, { send, sock: req.socket, busy: true, lastActive: Date.now() });
+}
+
+/** Every HTTP request: the Host check, the token, then the route. Never throws. */
+function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
+  res.on('error', () => {});
+  try {
+    if (shuttingDown) return httpError(res, 503, EXIT_NO_SERVER, 'the server is stopping');
+    if (!hostAllowed(req.headers.host, httpNames, httpPort)) return httpError(res, 403, EXIT_FAILED, `refused Host ${quoteForError(String(req.headers.host ?? ''))}`, `use the address the server serves: ${httpUrl()}`);
+    const url = new URL(req.url ?? '/', 'http://djs');
+    const given = headerToken(req);
+    if (req.method === 'GET' && url.pathname === '/' && url.searchParams.has('token')) {
+      if (!sameToken(url.searchParams.get('token'))) return httpError(res, 401, EXIT_FAILED, 'wrong access token', 'open the URL that cli.ts dashboard prints');
+      res.writeHead(303, { ...SECURITY_HEADERS, Location: '/', 'Set-Cookie': `djs_${httpPort}=${httpToken}; HttpOnly; SameSite=Strict; Path=/` });
+      return void res.end();
+    }
+    const authorized = given !== null ? sameToken(given) : sameToken(cookieToken(req));
+    if (!authorized) {
+      res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
+      return httpError(res, 401, EXIT_FAILED, given !== null ? 'wrong access token' : 'this needs the access token', 'open the URL that cli.ts dashboard prints, or send the token of DATA_DIR/http.token as Authorization: Bearer TOKEN');
+    }
+    if (req.method === 'POST') {
+      if (given === null) return httpError(res, 403, EXIT_FAILED, 'a change needs the token in a header', 'send it as Authorization: Bearer TOKEN or X-DJS-Token: TOKEN');
+      const m = /^\/api\/([a-z_]+)$/.exec(url.pathname);
+      if (!m) return httpError(res, 404, EXIT_USAGE, `no such resource ${quoteForError(url.pathname)}`);
+      return postOp(req, res, m[1]);
+    }
+    if (req.method !== 'GET' && req.method !== 'HEAD') return httpError(res, 405, EXIT_USAGE, `method ${quoteForError(String(req.method))} not allowed`, 'reads are GETs, changes are POSTs to /api/OPERATION');
+    return getRoute(req, res, url);
+  } catch (e) {
+    const err = asUserError(e);
+    httpError(res, err.code === EXIT_USAGE ? 400 : 500, err.code, err.message, err.hint);
+  }
+}
+
+/** The GET routes: the page and its parts, /metrics, and the reads of the API. */
+function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL): void {
+  const p = url.pathname, q = url.searchParams;
+  const only = (names: string[]) => {
+    for (const k of q.keys()) if (!names.includes(k)) throw usage(`unknown parameter ${quoteForError(k)}`, names.length ? `parameters here: ${names.join(', ')}` : 'this takes no parameters');
+  };
+  const asset = ASSETS[p];
+  if (asset) {
+    only([]);
+    const body = p === '/' ? asset.body.replace('%TOKEN%', httpToken) : asset.body;
+    res.writeHead(200, {
+      ...SECURITY_HEADERS, 'Content-Type': asset.type, 'Content-Length': Buffer.byteLength(body),
+      'Content-Security-Policy': "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    });
+    return void res.end(req.method === 'HEAD' ? undefined : body);
+  }
+  if (p === '/metrics') {
+    only([]);
+    const text = formatMetrics(statusAnswer(), metrics);
+    res.writeHead(200, { ...SECURITY_HEADERS, 'Content-Type': 'text/plain; version=0.0.4; charset=utf-8', 'Content-Length': Buffer.byteLength(text) });
+    return void res.end(text);
+  }
+  if (p === '/api/status') { only([]); return callOp(req, res, { op: 'status' }); }
+  if (p === '/api/workers') { only([]); return callOp(req, res, { op: 'status' }, (m) => ({ workers: m.workers })); }
+  if (p === '/api/events') { only([]); return openEvents(res); }
+  if (p === '/api/jobs') {
+    only(JOBS_QUERY);
+    const r: Request = { op: 'jobs' };
+    for (const [k, v] of q) r[k] = k === 'before' || k === 'limit' ? numberParam(v, k) : v;
+    return callOp(req, res, r);
+  }
+  const m = /^\/api\/jobs\/([^/]+)(\/log)?$/.exec(p);
+  if (m) {
+    const id = numberParam(m[1], 'job id');
+    if (!m[2]) { only([]); return callOp(req, res, { op: 'job', id }); }
+    only(['offset', 'tail', 'follow']);
+    const offset = q.has('offset') ? numberParam(q.get('offset')!, 'offset') : null;
+    const tail = q.has('tail') ? numberParam(q.get('tail')!, 'tail') : null;
+    return openJobLog(req, res, id, offset, tail, q.get('follow') === '1' || q.get('follow') === 'true');
+  }
+  httpError(res, 404, EXIT_USAGE, `no such resource ${quoteForError(p)}`, 'see the README for the routes of the API');
+}
+
+/** A whole number from a query or a path (the operation checks its range). */
+function numberParam(v: string, name: string): number {
+  if (!/^\d{1,15}$/.test(v)) throw usage(`invalid ${name} ${quoteForError(v)}`);
+  return Number(v);
+}
+
+const statusAnswer = () => (OPS.status as Extract<Op, { kind: 'read' }>).answer({ op: 'status' }) as StatusView & { tags?: unknown };
+
+/** POST /api/OP: a JSON object of the operation's fields, served through OPS. */
+function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: string): void {
+  const fields = Object.hasOwn(HTTP_OPS, name) && Object.hasOwn(OPS, name) ? HTTP_OPS[name] : undefined;
+  if (!fields) return httpError(res, 404, EXIT_USAGE, `unknown operation ${quoteForError(name)}`, `operations: ${Object.keys(HTTP_OPS).filter((k) => Object.hasOwn(OPS, k)).join(', ')}`);
+  if (!/^application\/json\b/i.test(req.headers['content-type'] ?? '')) return httpError(res, 415, EXIT_USAGE, 'a request body must be JSON', 'send Content-Type: application/json');
+  const declared = Number(req.headers['content-length'] ?? 0);
+  const tooBig = () => {
+    httpError(res, 413, EXIT_USAGE, `request body over ${MAX_REQUEST_BYTES >> 20} MiB`);
+    // Drop what still comes for a moment (closing on unread bytes resets the connection,
+    // which can lose the answer on its way), then close.
+    req.resume();
+    setTimeout(() => req.destroy(), 2000).unref();
+  };
+  if (declared > MAX_REQUEST_BYTES) return tooBig();
+  const parts: Buffer[] = [];
+  let bytes = 0, over = false;
+  req.on('data', (d: Buffer) => {
+    if (over) return;
+    bytes += d.length;
+    if (bytes > MAX_REQUEST_BYTES) { over = true; parts.length = 0; return tooBig(); }
+    parts.push(d);
+  });
+  req.on('end', () => {
+    if (over || res.headersSent) return;
+    const text = Buffer.concat(parts).toString('utf8');
+    let body: unknown;
+    try {
+      if (text.length > 1 << 20 && containers(text) > text.length / 8) throw new Error('too many arrays and objects');
+      body = JSON.parse(text || '{}');
+    } catch {
+      return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
+    }
+    if (!body || typeof body !== 'object' || Array.isArray(body)) return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
+    for (const k of Object.keys(body)) {
+      if (!fields.includes(k)) return httpError(res, 400, EXIT_USAGE, `unknown field ${quoteForError(k)} for ${name}`, `fields of ${name}: ${fields.join(', ')}`);
+    }
+    const request: Request = { ...(body as Record<string, unknown>), op: name };
+    // Scripts named relative to the job's directory, as add_job takes them from a shell.
+    if (name === 'add_jobs' && typeof request.cwd === 'string' && path.isAbsolute(request.cwd) && Array.isArray(request.jobs)) {
+      request.jobs = request.jobs.map((j: unknown) => (Array.isArray(j) && typeof j[0] === 'string' && j[0] && !path.isAbsolute(j[0]) ? [path.resolve(request.cwd as string, j[0]), ...j.slice(1)] : j));
+    }
+    callOp(req, res, request);
+  });
+}
+
+/** Writes to an event stream; one that has left too much unread is dropped. */
+function sendEvent(res: http.ServerResponse, text: string): void {
+  if (res.destroyed) return;
+  if (res.writableLength > MAX_EVENT_BACKLOG) { res.destroy(); return; }
+  res.write(text);
+}
+
+function startEvents(res: http.ServerResponse): void {
+  res.writeHead(200, { ...SECURITY_HEADERS, 'Content-Type': 'text/event-stream; charset=utf-8', 'X-Accel-Buffering': 'no' });
+  res.socket?.setTimeout(0);
+  res.write('retry: 2000\n\n');
+}
+
+/** The dashboard's view: the status reply, the chart and rate, the journal's count. */
+function dashboardView() {
+  return { ...statusAnswer(), ...chartOf(metrics, st, Date.now()), seq: st.seq, now: iso(Date.now()) };
+}
+
+/** GET /api/events: server-sent events, `status` (dashboardView) now and after changes. */
+function openEvents(res: http.ServerResponse): void {
+  if (eventStreams.size >= cfg.maxConnections) return httpError(res, 503, EXIT_FAILED, `${eventStreams.size} event streams are open already`, 'close some dashboards, or raise DJS_MAX_CONNECTIONS');
+  startEvents(res);
+  eventStreams.add(res);
+  res.on('close', () => eventStreams.delete(res));
+  sendEvent(res, `event: status\ndata: ${JSON.stringify(dashboardView())}\n\n`);
+}
+
+/** Called after every flush that wrote events: the event streams get the new view, at
+ *  most four times a second, built once for all of them. */
+function dashboardChanged(): void {
+  if (!eventStreams.size || eventsTimer) return;
+  eventsTimer = setTimeout(() => {
+    eventsTimer = null;
+    const text = `event: status\ndata: ${JSON.stringify(dashboardView())}\n\n`;
+    for (const res of eventStreams) sendEvent(res, text);
+  }, 250);
+}
+
+/** GET /api/jobs/ID/log: the log from `offset` (or its last `tail` bytes) as text, with
+ *  headers X-DJS-Log-Offset (where the text starts), X-DJS-Log-Next (where it ends) and
+ *  X-DJS-Job-State; with follow=1, server-sent events instead: `log` ({offset, text})
+ *  as the log grows, and `end` ({state, exitCode}) once the job has finished. */
+function openJobLog(req: http.IncomingMessage, res: http.ServerResponse, id: number, offset: number | null, tail: number | null, follow: boolean): void {
+  let ls: LogStream | null = null;
+  const send: Reply = (m) => {
+    const info = (m.info ?? (m.ok ? m : null)) as { path: string; state: string; exitCode: number | null } | null;
+    if (!ls) {
+      if (!info) return sendJson(res, httpStatusOf(m), m);
+      let size = 0;
+      try { size = fs.statSync(info.path).size; } catch { /* no log yet */ }
+      const from = offset ?? (tail !== null ? Math.max(0, size - tail) : 0);
+      if (!follow) return void sendLogText(res, info.path, from, info.state);
+      ls = { id: Number(id), file: info.path, res, offset: from, reading: false, again: false, decoder: new StringDecoder('utf8'), end: null };
+      startEvents(res);
+      logStreams.add(ls);
+      const me = ls;
+      res.on('close', () => { logStreams.delete(me); if (!logStreams.size && logDirWatch) { logDirWatch.close(); logDirWatch = null; } });
+      watchLogDir();
+    }
+    if (m.ok !== undefined) ls.end = { state: m.state, exitCode: m.exitCode };
+    void pumpLog(ls);
+  };
+  serveRequest({ op: 'log', id, follow }, { send, sock: req.socket, busy: true, lastActive: Date.now() });
+}
+
+/** Reads one piece of a log and answers with it as text. */
+async function sendLogText(res: http.ServerResponse, file: string, from: number, state: string): Promise<void> {
+  let text = Buffer.alloc(0);
+  try {
+    const fh = await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    try {
+      const buf = Buffer.alloc(LOG_CHUNK);
+      const { bytesRead } = await fh.read(buf, 0, LOG_CHUNK, from);
+      text = buf.subarray(0, bytesRead);
+    } finally { await fh.close(); }
+  } catch { /* no log (yet) */ }
+  if (res.destroyed) return;
+  res.writeHead(200, {
+    ...SECURITY_HEADERS, 'Content-Type': 'text/plain; charset=utf-8', 'Content-Length': text.length,
+    'X-DJS-Log-Offset': from, 'X-DJS-Log-Next': from + text.length, 'X-DJS-Job-State': state,
+  });
+  res.end(text);
+}
+
+/** One watch of the log dir for every followed log. */
+function watchLogDir(): void {
+  if (logDirWatch) return;
+  try {
+    logDirWatch = fs.watch(cfg.logDir, (_ev, name) => {
+      const m = /^(\d+)\.log$/.exec(String(name ?? ''));
+      for (const ls of logStreams) if (!m || ls.id === Number(m[1])) void pumpLog(ls);
+    });
+    logDirWatch.on('error', () => { logDirWatch?.close(); logDirWatch = null; });
+  } catch { /* without a watch, logs arrive when their job ends */ }
+}
+
+/** Sends what a followed log gained since the last time; once its job has ended, the
+ *  rest and an `end` event. One read at a time per stream; a reader that does not keep
+ *  up is paused on (backpressure), not buffered for. */
+async function pumpLog(ls: LogStream): Promise<void> {
+  if (ls.reading) { ls.again = true; return; }
+  ls.reading = true;
+  try {
+    do {
+      ls.again = false;
+      let fh: fs.promises.FileHandle;
+      try { fh = await fs.promises.open(ls.file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch { break; }
+      try {
+        const buf = Buffer.alloc(64 << 10);
+        for (;;) {
+          const { bytesRead } = await fh.read(buf, 0, buf.length, ls.offset);
+          if (bytesRead === 0 || ls.res.destroyed) break;
+          const text = ls.decoder.write(buf.subarray(0, bytesRead));
+          ls.offset += bytesRead;
+          if (!ls.res.write(`event: log\ndata: ${JSON.stringify({ offset: ls.offset, text })}\n\n`)) {
+            await new Promise((r) => { ls.res.once('drain', r); ls.res.once('close', r); });
+          }
+        }
+      } finally { await fh.close(); }
+    } while (ls.again && !ls.res.destroyed);
+  } finally { ls.reading = false; }
+  if (ls.end && !ls.again && !ls.res.destroyed) {
+    const rest = ls.decoder.end();
+    if (rest) ls.res.write(`event: log\ndata: ${JSON.stringify({ offset: ls.offset, text: rest })}\n\n`);
+    ls.res.end(`event: end\ndata: ${JSON.stringify(ls.end)}\n\n`);
+  } else if (ls.again) void pumpLog(ls);
+}
+
+
+// The page. The token reaches its script in a <meta> of the page itself, which only a
+// holder of the token (its cookie) can load; the script sends it as a header on POSTs.
+// Everything a job or a worker says is put in the page as text, never as HTML.
+const DASHBOARD_HTML = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="djs-token" content="%TOKEN%">
+<title>djs</title>
+<link rel="icon" href="/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/app.css">
+<script src="/app.js" defer></script>
+</head>
+<body>
+<header>
+  <a class="brand" href="#/"><img src="/favicon.svg" alt="" width="22" height="22"> djs</a>
+  <span id="server"></span>
+  <span id="queue-pause"></span>
+  <span id="live" class="live off" title="live updates">connecting</span>
+</header>
+<main id="main-view">
+  <section id="summary" aria-label="jobs by state"></section>
+  <section class="panel"><h2>Finished per minute</h2><div id="chart"></div></section>
+  <section class="panel" id="tags-panel" hidden><h2>Tags</h2><div id="tags"></div></section>
+  <section class="panel"><h2>Workers</h2><div id="workers"></div></section>
+  <section class="panel"><h2>Jobs</h2>
+    <form id="filters" role="search">
+      <label>state <select name="state"><option value="">all</option><option>waiting</option><option>running</option><option>done</option><option>failed</option><option>killed</option></select></label>
+      <label id="tag-filter" hidden>tag <select name="tag"><option value="">all</option></select></label>
+      <label>worker <select name="worker"><option value="">all</option></select></label>
+      <label class="grow">text <input name="text" type="search" placeholder="id, script, argument, reason"></label>
+    </form>
+    <div id="jobs"></div>
+    <nav class="pager"><button id="newer" type="button">&larr; newer</button><span id="page-info"></span><button id="older" type="button">older &rarr;</button></nav>
+  </section>
+</main>
+<main id="job-view" hidden>
+  <p><a href="#/">&larr; all jobs</a></p>
+  <section class="panel" id="job"></section>
+  <section class="panel"><h2>Attempts</h2><div id="attempts"></div></section>
+  <section class="panel"><h2>Log <span id="log-state"></span></h2><pre id="log" tabindex="0"></pre></section>
+</main>
+<dialog id="confirm"><form method="dialog"><p id="confirm-text"></p><menu><button value="no" type="submit">Cancel</button> <button value="yes" class="danger" id="confirm-yes" type="submit">OK</button></menu></form></dialog>
+<div id="toast" role="status" hidden></div>
+</body>
+</html>
+`;
+
+const DASHBOARD_CSS = `
+:root { --bg: #f6f7f9; --panel: #fff; --ink: #1d2330; --dim: #6b7385; --line: #dde1e8;
+  --waiting: #8a93a6; --running: #1f7ae0; --done: #1a9b5b; --failed: #d43d3d; --killed: #c98a12;
+  --up: #1a9b5b; --down: #d43d3d; --draining: #c98a12; }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; background: var(--bg); color: var(--ink); }
+header { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; padding: 10px 16px; background: #1d2330; color: #fff; }
+header .brand { color: #fff; font-weight: 700; font-size: 17px; text-decoration: none; display: flex; gap: 6px; align-items: center; }
+#server { color: #b8c0d0; font-size: 12px; flex: 1; overflow-wrap: anywhere; }
+.live { font-size: 12px; padding: 2px 8px; border-radius: 10px; background: #2e7d4f; }
+.live.off { background: #7d2e2e; }
+main { max-width: 1200px; margin: 0 auto; padding: 12px; }
+.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px; margin: 12px 0; overflow-x: auto; }
+h2 { font-size: 15px; margin: 0 0 8px; }
+#summary { display: grid; grid-template-columns: repeat(auto-fit, minmax(110px, 1fr)); gap: 8px; }
+.count { text-decoration: none; color: inherit; background: var(--panel); border: 1px solid var(--line); border-left: 5px solid var(--c, var(--dim)); border-radius: 8px; padding: 8px 10px; }
+.count b { display: block; font-size: 22px; font-variant-numeric: tabular-nums; }
+.count span { color: var(--dim); }
+.count.eta { --c: #1d2330; grid-column: span 2; }
+.state { display: inline-block; min-width: 62px; padding: 1px 6px; border-radius: 4px; color: #fff; font-size: 12px; text-align: center; background: var(--dim); }
+.s-waiting { background: var(--waiting); } .s-running { background: var(--running); } .s-done { background: var(--done); }
+.s-failed { background: var(--failed); } .s-killed { background: var(--killed); }
+.s-up { background: var(--up); } .s-down { background: var(--down); } .s-draining { background: var(--draining); } .s-checking { background: var(--killed); }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--dim); font-weight: 600; font-size: 12px; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.cmd { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; overflow-wrap: anywhere; min-width: 200px; }
+a { color: #1f5fbf; }
+button { font: inherit; padding: 3px 10px; border-radius: 5px; border: 1px solid #b9c0cc; background: #fff; cursor: pointer; }
+button:hover { background: #eef2f8; } button:disabled { opacity: .45; cursor: default; }
+button.danger { border-color: var(--failed); color: var(--failed); }
+.slots { display: inline-flex; gap: 2px; vertical-align: middle; flex-wrap: wrap; max-width: 260px; }
+.slot { width: 12px; height: 14px; border-radius: 2px; background: #e3e7ee; border: 1px solid #cdd3dd; }
+.slot.busy { background: var(--running); border-color: var(--running); }
+.bar { position: relative; display: flex; height: 14px; min-width: 160px; border-radius: 4px; overflow: hidden; background: #e3e7ee; }
+.bar i { display: block; height: 100%; }
+.reason { color: var(--failed); font-size: 12px; }
+.dim { color: var(--dim); }
+.chip { display: inline-block; padding: 0 6px; margin: 1px 2px; border: 1px solid var(--line); border-radius: 9px; font-size: 11px; color: var(--dim); }
+#chart svg { width: 100%; height: 120px; display: block; border-bottom: 1px solid #cdd3dd; }
+#chart .b { fill: var(--done); }
+#chart .axis { display: flex; justify-content: space-between; color: var(--dim); font-size: 11px; }
+#filters { display: flex; flex-wrap: wrap; gap: 8px 14px; margin-bottom: 8px; }
+#filters label { display: flex; gap: 6px; align-items: center; color: var(--dim); }
+#filters .grow { flex: 1; min-width: 180px; } #filters input { flex: 1; }
+select, input { font: inherit; padding: 3px 6px; border: 1px solid #b9c0cc; border-radius: 5px; background: #fff; }
+.pager { display: flex; gap: 10px; align-items: center; justify-content: flex-end; margin-top: 8px; }
+#log { background: #10141c; color: #dfe5ef; padding: 10px; border-radius: 6px; max-height: 60vh; overflow: auto; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; margin: 0; min-height: 3em; }
+dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 4px 14px; margin: 0; }
+dl.kv dt { color: var(--dim); } dl.kv dd { margin: 0; overflow-wrap: anywhere; }
+.actions { display: flex; gap: 6px; flex-wrap: wrap; margin-top: 10px; }
+td .actions { margin-top: 0; }
+dialog { border: 1px solid var(--line); border-radius: 8px; max-width: 420px; }
+dialog menu { display: flex; justify-content: flex-end; gap: 8px; padding: 0; }
+#toast { position: fixed; bottom: 16px; left: 50%; transform: translateX(-50%); background: #1d2330; color: #fff; padding: 8px 14px; border-radius: 6px; max-width: 90vw; }
+#toast.error { background: var(--failed); }
+@media (max-width: 640px) {
+  main { padding: 6px; } .panel { padding: 8px; }
+  .hide-narrow { display: none; }
+  .count.eta { grid-column: 1 / -1; }
+  td.cmd { min-width: 140px; }
+}
+`;
+
+const FAVICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" fill="#1f7ae0"/><rect x="6" y="7" width="20" height="4" rx="1" fill="#fff"/><rect x="6" y="14" width="14" height="4" rx="1" fill="#fff"/><rect x="6" y="21" width="8" height="4" rx="1" fill="#fff"/></svg>
+`;
+
+// The page's script: plain JavaScript with no template literals (this is one itself).
+const DASHBOARD_JS = String.raw`'use strict';
+var TOKEN = document.querySelector('meta[name=djs-token]').content;
+var STATES = ['waiting', 'running', 'done', 'failed', 'killed'];
+var S = { status: null, seq: -1, before: null, cursors: [], page: null, jobId: null, job: null, logES: null, logOffset: 0, busy: {}, timers: {} };
+function $(id) { return document.getElementById(id); }
+function el(tag, attrs) {
+  var e = document.createElement(tag);
+  for (var k in attrs || {}) {
+    var v = attrs[k];
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'text') e.textContent = v; else if (k === 'style') e.style.cssText = v; else if (k.slice(0, 2) === 'on') e.addEventListener(k.slice(2), v); else e.setAttribute(k, v === true ? '' : v);
+  }
+  for (var i = 2; i < arguments.length; i++) { var c = arguments[i]; if (c === null || c === undefined) continue; e.append(c); }
+  return e;
+}
+function svg(tag, attrs) { var e = document.createElementNS('http://www.w3.org/2000/svg', tag); for (var k in attrs) e.setAttribute(k, attrs[k]); return e; }
+function fill(node) { node.replaceChildren.apply(node, Array.prototype.slice.call(arguments, 1).filter(function (c) { return c !== null && c !== undefined; })); }
+function duration(ms) {
+  if (ms === null || ms === undefined) return '-';
+  if (ms < 10000) return (Math.max(0, ms) / 1000).toFixed(1) + 's';
+  var s = Math.round(ms / 1000);
+  if (s < 60) return s + 's';
+  if (s < 3600) return Math.floor(s / 60) + 'm' + String(s % 60).padStart(2, '0') + 's';
+  return Math.floor(s / 3600) + 'h' + String(Math.floor((s % 3600) / 60)).padStart(2, '0') + 'm';
+}
+function when(iso) { if (!iso) return '-'; var d = new Date(iso); return d.toDateString() === new Date().toDateString() ? d.toTimeString().slice(0, 8) : d.toISOString().slice(5, 16).replace('T', ' '); }
+function quote(w) { return /^[A-Za-z0-9_.\/:=@%+,-]+$/.test(w) ? w : "'" + w.replace(/'/g, "'\\''") + "'"; }
+function command(j) { return [j.script].concat(j.args).map(quote).join(' '); }
+function stateBadge(s) { return el('span', { class: 'state s-' + s, text: s }); }
+function toast(msg, error) {
+  var t = $('toast'); t.textContent = msg; t.className = error ? 'error' : ''; t.hidden = false;
+  clearTimeout(S.timers.toast); S.timers.toast = setTimeout(function () { t.hidden = true; }, error ? 6000 : 2500);
+}
+function api(method, path, body) {
+  var opts = { method: method, headers: {} };
+  if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.headers['X-DJS-Token'] = TOKEN; opts.body = JSON.stringify(body || {}); }
+  return fetch(path, opts).then(function (r) {
+    return r.json().then(function (j) { if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : '')); return j; });
+  });
+}
+/** Asks before an action that stops work; resolves to true if the user agreed. */
+function confirmed(text, yes) {
+  var d = $('confirm');
+  $('confirm-text').textContent = text; $('confirm-yes').textContent = yes || 'OK';
+  return new Promise(function (resolve) {
+    d.addEventListener('close', function once() { d.removeEventListener('close', once); resolve(d.returnValue === 'yes'); });
+    d.returnValue = ''; d.showModal();
+  });
+}
+function act(op, body, done, ask, yes) {
+  (ask ? confirmed(ask, yes) : Promise.resolve(true)).then(function (ok) {
+    if (!ok) return;
+    api('POST', '/api/' + op, body).then(function (r) { toast(done(r)); refreshSoon(0); }, function (e) { toast(e.message, true); });
+  });
+}
+function killJob(id) { act('kill', { ids: [id] }, function () { return 'killing job ' + id; }, 'Kill job ' + id + '? If it runs, it gets SIGTERM, then SIGKILL after the grace period.', 'Kill'); }
+function retryJob(id) { act('retry', { ids: [id] }, function () { return 'job ' + id + ' queued again'; }); }
+function jobButtons(j) {
+  var b = [];
+  if (j.state === 'waiting' || j.state === 'running') b.push(el('button', { type: 'button', class: 'danger', 'data-action': 'kill', onclick: function () { killJob(j.id); }, text: 'kill' }));
+  else b.push(el('button', { type: 'button', 'data-action': 'retry', onclick: function () { retryJob(j.id); }, text: 'retry' }));
+  return b;
+}
+
+// ---- the main view
+function renderStatus() {
+  var s = S.status; if (!s) return;
+  fill($('server'), 'pid ' + s.server.pid + ' \u00b7 ' + s.server.dataDir);
+  var c = s.counts, boxes = STATES.map(function (k) {
+    return el('a', { class: 'count', href: '#/?state=' + k, style: '--c: var(--' + k + ')', 'data-state': k }, el('b', { text: String(c[k]) }), el('span', { text: k }));
+  });
+  boxes.push(el('div', { class: 'count', 'data-state': 'total' }, el('b', { text: String(c.total) }), el('span', { text: 'in all' })));
+  var eta = s.rate > 0 ? (s.rate * 60).toFixed(1) + ' jobs/min' + (s.leftMs !== null && c.waiting + c.running > 0 ? ', about ' + duration(s.leftMs) + ' left' : '') : (c.waiting + c.running > 0 ? 'no job finished lately' : 'nothing left to run');
+  boxes.push(el('div', { class: 'count eta', id: 'eta' }, el('b', { text: eta }), el('span', { text: 'rate over the last 5 minutes' })));
+  fill.apply(null, [$('summary')].concat(boxes));
+  if (typeof s.paused === 'boolean') {
+    fill($('queue-pause'), el('button', { type: 'button', id: 'pause-queue', onclick: function () {
+      act(s.paused ? 'resume' : 'pause', {}, function () { return s.paused ? 'queue resumed' : 'queue paused'; });
+    }, text: s.paused ? 'resume queue' : 'pause queue' }), s.paused ? el('span', { class: 'chip', text: 'paused' }) : null);
+  } else fill($('queue-pause'));
+  renderChart(s); renderTags(s); renderWorkers(s);
+}
+function renderChart(s) {
+  var m = s.perMinute || [], n = m.length, first = n;
+  for (var i = 0; i < n; i++) if (m[i]) { first = i; break; }
+  var span = Math.min(n, Math.max(60, Math.ceil((n - first) / 30) * 30)), data = m.slice(n - span), max = Math.max.apply(null, data.concat([1]));
+  var W = 720, H = 120, bw = W / span, g = svg('svg', { viewBox: '0 0 ' + W + ' ' + H, preserveAspectRatio: 'none', role: 'img', 'aria-label': 'jobs finished per minute' });
+  data.forEach(function (v, i) {
+    if (!v) return;
+    var h = (H - 4) * v / max, r = svg('rect', { class: 'b', x: (i * bw).toFixed(2), y: (H - h).toFixed(2), width: Math.max(1, bw - 0.5).toFixed(2), height: h.toFixed(2) });
+    var t = svg('title', {}); t.textContent = v + ' at ' + new Date(Date.parse(s.lastMinute) - (span - 1 - i) * 60000).toTimeString().slice(0, 5); r.append(t); g.append(r);
+  });
+  fill($('chart'), el('div', { class: 'axis' }, el('span', { text: 'max ' + max + ' per minute' })), g,
+    el('div', { class: 'axis' }, el('span', { text: (span >= 120 ? span / 60 + ' h' : span + ' min') + ' ago' }), el('span', { text: 'now' })));
+}
+function renderTags(s) {
+  var tags = Array.isArray(s.tags) ? s.tags : [];
+  $('tags-panel').hidden = !tags.length; $('tag-filter').hidden = !tags.length;
+  syncOptions(document.querySelector('#filters [name=tag]'), tags.map(function (t) { return t.tag; }));
+  if (!tags.length) return;
+  fill($('tags'), el('table', {}, el('tbody', {}, ...tags.map(function (t) {
+    var total = t.total || STATES.reduce(function (a, k) { return a + (t[k] || 0); }, 0), bar = el('div', { class: 'bar', title: STATES.map(function (k) { return (t[k] || 0) + ' ' + k; }).join(', ') });
+    ['done', 'failed', 'killed', 'running'].forEach(function (k) { if (t[k]) bar.append(el('i', { style: 'width:' + (100 * t[k] / Math.max(1, total)) + '%; background: var(--' + k + ')' })); });
+    var ended = (t.done || 0) + (t.failed || 0) + (t.killed || 0), btn = null;
+    if (typeof t.paused === 'boolean') btn = el('button', { type: 'button', 'data-tag': t.tag, onclick: function () {
+      act(t.paused ? 'resume' : 'pause', { tag: t.tag }, function () { return 'tag ' + t.tag + (t.paused ? ' resumed' : ' paused'); });
+    }, text: t.paused ? 'resume' : 'pause' });
+    return el('tr', { 'data-tag': t.tag }, el('td', {}, el('a', { href: '#/?tag=' + encodeURIComponent(t.tag), text: t.tag }), t.paused ? el('span', { class: 'chip', text: 'paused' }) : null),
+      el('td', { style: 'width:50%' }, bar), el('td', { class: 'num', text: ended + '/' + total }), el('td', {}, btn));
+  }))));
+}
+function syncOptions(select, values) {
+  var have = Array.prototype.slice.call(select.options, 1).map(function (o) { return o.value; });
+  if (have.join('\n') === values.join('\n')) return;
+  var cur = select.value;
+  fill.apply(null, [select, el('option', { value: '', text: 'all' })].concat(values.map(function (v) { return el('option', { value: v, text: v }); })));
+  select.value = values.indexOf(cur) >= 0 ? cur : '';
+}
+function renderWorkers(s) {
+  syncOptions(document.querySelector('#filters [name=worker]'), s.workers.map(function (w) { return w.host; }));
+  if (!s.workers.length) return fill($('workers'), el('p', { class: 'dim', text: 'No workers yet: add some with cli.ts add_slave HOST[:SLOTS].' }));
+  var rows = s.workers.map(function (w) {
+    var busy = {}; w.running.forEach(function (r) { busy[r.slot] = r.id; });
+    var n = Math.max(w.slots, w.running.length ? Math.max.apply(null, w.running.map(function (r) { return r.slot + 1; })) : 0), bar;
+    if (n <= 48) { bar = el('span', { class: 'slots' }); for (var i = 0; i < n; i++) bar.append(el('span', { class: 'slot' + (busy[i] ? ' busy' : ''), title: busy[i] ? 'slot ' + i + ': job ' + busy[i] : 'slot ' + i + ' free' })); }
+    else bar = el('div', { class: 'bar' }, el('i', { style: 'width:' + (100 * w.running.length / n) + '%; background: var(--running)' }));
+    var state = w.checking ? 'checking' : w.state, why = null;
+    if (w.state === 'down') why = el('div', { class: 'reason', text: (w.error || 'unreachable') + (w.nextProbeAt ? '; next check in ' + duration(Date.parse(w.nextProbeAt) - Date.now()) : '') });
+    var extra = [];
+    var gpus = Array.isArray(w.gpus) ? w.gpus.length : w.gpus || 0, gpusUsed = Array.isArray(w.gpusUsed) ? w.gpusUsed.length : w.gpusUsed || 0;
+    if (gpus) extra.push(el('span', { class: 'chip', title: 'GPUs in use', text: 'GPU ' + gpusUsed + '/' + gpus }));
+    (Array.isArray(w.labels) ? w.labels : []).forEach(function (l) { extra.push(el('span', { class: 'chip', text: l })); });
+    var jobs = el('span', {}); w.running.forEach(function (r) { jobs.append(el('a', { href: '#/job/' + r.id, text: String(r.id) }), ' '); });
+    var buttons = el('span', { class: 'actions' });
+    if (w.state !== 'draining') buttons.append(el('button', { type: 'button', 'data-action': 'drain', onclick: function () {
+      act('remove_workers', { hosts: [w.host], mode: 'wait' }, function () { return 'draining ' + w.host; }, 'Drain ' + w.host + '? It starts no new job and goes once its ' + w.running.length + ' running job(s) end.', 'Drain');
+    }, text: 'drain' }));
+    buttons.append(el('button', { type: 'button', class: 'danger', 'data-action': 'remove', onclick: function () {
+      act('remove_workers', w.running.length ? { hosts: [w.host], mode: 'kill' } : { hosts: [w.host] }, function () { return 'removed ' + w.host; },
+        w.running.length ? 'Remove ' + w.host + ' now? Its ' + w.running.length + ' running job(s) are killed and queued again.' : 'Remove ' + w.host + '?', 'Remove');
+    }, text: 'remove' }));
+    return el('tr', { 'data-host': w.host }, el('td', { text: w.host }), el('td', {}, bar, el('span', { class: 'dim', text: ' ' + w.running.length + '/' + w.slots })),
+      el('td', {}, stateBadge(state), why), el('td', { class: 'hide-narrow' }, ...extra), el('td', { class: 'hide-narrow' }, jobs), el('td', {}, buttons));
+  });
+  fill($('workers'), el('table', {}, el('thead', {}, el('tr', {}, ...['host', 'slots', 'state', '', 'running', ''].map(function (h, i) { return el('th', { class: i === 3 || i === 4 ? 'hide-narrow' : null, text: h }); }))), el('tbody', {}, ...rows)));
+}
+function filters() {
+  var f = new FormData($('filters')), q = new URLSearchParams();
+  ['state', 'tag', 'worker', 'text'].forEach(function (k) { var v = f.get(k); if (v) q.set(k, v); });
+  return q;
+}
+/** One page of 50: a filter that matches little comes in parts (the server scans a
+ *  bounded number of ids per request), fetched one after another until the page is full. */
+function fetchPage(q, before, rows, parts) {
+  q.set('limit', String(50 - rows.length)); if (before) q.set('before', before);
+  return api('GET', '/api/jobs?' + q).then(function (p) {
+    rows = rows.concat(p.rows);
+    if (rows.length < 50 && p.next !== null && parts < 40) return fetchPage(q, p.next, rows, parts + 1);
+    return { rows: rows, next: p.next, total: p.total };
+  });
+}
+function refreshJobs() {
+  var q = filters(), key = q.toString() + '/' + S.before; S.jobsKey = key;
+  return fetchPage(q, S.before, [], 1).then(function (page) { if (S.jobsKey === key) { S.page = page; renderJobs(); } }, function (e) { toast(e.message, true); });
+}
+function renderJobs() {
+  var p = S.page; if (!p) return;
+  $('newer').disabled = !S.cursors.length; $('older').disabled = p.next === null;
+  fill($('page-info'), p.rows.length ? 'ids ' + p.rows[0].id + '\u2013' + p.rows[p.rows.length - 1].id + (p.total !== null ? ' of ' + p.total : '') : (p.next !== null ? 'none here; look further' : 'no jobs'));
+  var head = ['id', 'state', 'worker', 'exit', 'tries', 'queued', 'runtime', 'command', ''];
+  fill($('jobs'), el('table', { id: 'job-table' }, el('thead', {}, el('tr', {}, ...head.map(function (h, i) { return el('th', { class: i === 4 || i === 5 ? 'hide-narrow' : null, text: h }); }))),
+    el('tbody', {}, ...p.rows.map(function (j) {
+      var exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
+      return el('tr', { 'data-id': j.id, 'data-state': j.state, 'data-attempts': j.attempts }, el('td', { class: 'num' }, el('a', { href: '#/job/' + j.id, text: String(j.id) })), el('td', {}, stateBadge(j.state)),
+        el('td', { text: j.worker || '-' }), el('td', { class: 'num', text: exit, title: j.reason || null }), el('td', { class: 'num hide-narrow', text: String(j.attempts) }),
+        el('td', { class: 'hide-narrow', text: when(j.queuedAt) }), el('td', { class: 'num', text: duration(j.runtimeMs) }),
+        el('td', { class: 'cmd' }, command(j), ...(Array.isArray(j.tags) ? j.tags.map(function (t) { return el('span', { class: 'chip', text: t }); }) : [])), el('td', {}, ...jobButtons(j)));
+    }))));
+}
+
+// ---- the job view
+function renderJob() {
+  var j = S.job; if (!j) return;
+  var kv = el('dl', { class: 'kv' });
+  function row(k, v) { kv.append(el('dt', { text: k }), el('dd', {}, v)); }
+  row('state', stateBadge(j.state)); row('command', el('code', { text: command(j) })); row('directory', j.cwd);
+  row('worker', j.worker ? j.worker + ' slot ' + j.slot : '-'); row('exit code', j.exitCode === null ? '-' : String(j.exitCode));
+  if (j.reason) row('reason', j.reason);
+  row('attempts', j.attempts + ' (retries ' + j.retries + ')'); if (j.timeout) row('timeout', j.timeout + 's');
+  if (Array.isArray(j.tags) && j.tags.length) row('tags', j.tags.join(', '));
+  row('queued', when(j.queuedAt)); row('started', when(j.startedAt)); row('ended', when(j.endedAt)); row('runtime', duration(j.runtimeMs));
+  fill($('job'), el('h2', { text: 'Job ' + j.id }), kv, el('div', { class: 'actions' }, ...jobButtons(j)));
+  var hist = j.history.slice();
+  if (j.state === 'running') hist.push({ attempt: j.attempts, worker: j.worker, slot: j.slot, exitCode: null, reason: 'running', startedAt: j.startedAt, endedAt: null });
+  fill($('attempts'), hist.length ? el('table', {}, el('thead', {}, el('tr', {}, ...['#', 'worker', 'exit', 'reason', 'started', 'ended'].map(function (h) { return el('th', { text: h }); }))),
+    el('tbody', {}, ...hist.map(function (a) {
+      return el('tr', {}, el('td', { class: 'num', text: String(a.attempt) }), el('td', { text: a.worker + ' slot ' + a.slot }), el('td', { class: 'num', text: a.exitCode === null ? '-' : String(a.exitCode) }),
+        el('td', { text: a.reason || '' }), el('td', { text: when(a.startedAt) }), el('td', { text: when(a.endedAt) }));
+    }))) : el('p', { class: 'dim', text: 'not started yet' }));
+  fill($('log-state'), j.state === 'running' ? el('span', { class: 'chip', id: 'following', text: 'following' }) : null);
+}
+function refreshJob() {
+  var id = S.jobId;
+  return api('GET', '/api/jobs/' + id).then(function (r) {
+    if (S.jobId !== id) return;
+    var was = S.job && S.job.state; S.job = r.job; renderJob();
+    if (r.job.state === 'running' && was !== 'running' && !S.logES) followLog(); // started (again): follow its new output
+  }, function (e) { toast(e.message, true); });
+}
+function followLog(reset) {
+  if (S.logES) { S.logES.close(); S.logES = null; }
+  var id = S.jobId, url = '/api/jobs/' + id + '/log?follow=1&' + (reset || !S.logOffset ? 'tail=262144' : 'offset=' + S.logOffset);
+  if (reset) { $('log').textContent = ''; S.logOffset = 0; }
+  var es = new EventSource(url); S.logES = es;
+  es.addEventListener('log', function (e) {
+    var m = JSON.parse(e.data), pre = $('log'), atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.append(m.text); S.logOffset = m.offset;
+    if (pre.textContent.length > 2000000) pre.textContent = pre.textContent.slice(-1000000);
+    if (atEnd) pre.scrollTop = pre.scrollHeight;
+  });
+  es.addEventListener('end', function () { es.close(); if (S.logES === es) S.logES = null; refreshJob(); });
+  es.onerror = function () { es.close(); if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES) followLog(); }, 2000); } };
+}
+
+// ---- live updates and navigation
+function refreshSoon(ms) {
+  clearTimeout(S.timers.refresh);
+  S.timers.refresh = setTimeout(function () { if (S.jobId) refreshJob(); else refreshJobs(); }, ms);
+}
+function connect() {
+  var es = new EventSource('/api/events');
+  es.addEventListener('status', function (e) {
+    var s = JSON.parse(e.data); S.status = s;
+    $('live').className = 'live'; $('live').textContent = 'live';
+    if (!S.jobId) renderStatus();
+    if (s.seq !== S.seq) { S.seq = s.seq; refreshSoon(150); }
+  });
+  es.onerror = function () { $('live').className = 'live off'; $('live').textContent = 'reconnecting'; };
+}
+function route() {
+  var h = location.hash.replace(/^#\/?/, ''), m = /^job\/(\d+)/.exec(h);
+  if (S.logES) { S.logES.close(); S.logES = null; }
+  if (m) {
+    S.jobId = Number(m[1]); S.job = null; S.logOffset = 0;
+    $('main-view').hidden = true; $('job-view').hidden = false;
+    fill($('job'), el('p', { class: 'dim', text: 'loading job ' + S.jobId + '\u2026' })); fill($('attempts')); $('log').textContent = '';
+    refreshJob().then(function () { if (S.job && !S.logES) followLog(true); });
+    return;
+  }
+  S.jobId = null; $('job-view').hidden = true; $('main-view').hidden = false;
+  var q = new URLSearchParams(h.replace(/^[^?]*\??/, '')), form = $('filters');
+  ['state', 'tag', 'worker', 'text'].forEach(function (k) { if (q.has(k)) { var f = form.elements[k]; if (f.tagName === 'SELECT' && !Array.prototype.some.call(f.options, function (o) { return o.value === q.get(k); })) f.append(el('option', { value: q.get(k), text: q.get(k) })); f.value = q.get(k); } });
+  S.before = null; S.cursors = [];
+  renderStatus(); refreshJobs();
+}
+function filtersChanged() {
+  var q = filters(); S.before = null; S.cursors = [];
+  history.replaceState(null, '', '#/' + (q.toString() ? '?' + q : '')); refreshJobs();
+}
+$('filters').addEventListener('change', filtersChanged);
+$('filters').addEventListener('input', function (e) { if (e.target.name === 'text') { clearTimeout(S.timers.text); S.timers.text = setTimeout(filtersChanged, 300); } });
+$('filters').addEventListener('submit', function (e) { e.preventDefault(); });
+$('older').addEventListener('click', function () { if (!S.page || S.page.next === null) return; S.cursors.push(S.before); S.before = S.page.next; refreshJobs(); });
+$('newer').addEventListener('click', function () { if (!S.cursors.length) return; S.before = S.cursors.pop(); refreshJobs(); });
+window.addEventListener('hashchange', route);
+connect(); route();
+`;
+
+const ASSETS: Record<string, { type: string; body: string }> = {
+  '/': { type: 'text/html; charset=utf-8', body: DASHBOARD_HTML },
+  '/app.css': { type: 'text/css; charset=utf-8', body: DASHBOARD_CSS },
+  '/app.js': { type: 'text/javascript; charset=utf-8', body: DASHBOARD_JS },
+  '/favicon.svg': { type: 'image/svg+xml', body: FAVICON_SVG },
+};
 
 // ---- server life -------------------------------------------------------------
 
@@ -3276,6 +4298,7 @@ function serverConfig(dataDir: string, values: Settings, changed: [string, strin
   return {
     dataDir, logDir: values.DJS_LOG_DIR, killGraceMs: Number(values.DJS_KILL_GRACE) * 1000, probeMaxMs: Number(values.DJS_PROBE_BACKOFF_MAX) * 1000,
     ssh: sshSettings(values), settings: values, changed, ...tuning,
+    http: values.DJS_HTTP ? parseHttpAddress(values.DJS_HTTP) : null,
   };
 }
 
@@ -3318,6 +4341,12 @@ async function runServer(dataDir: string, given: Settings, tuning: { snapshotMin
     if (liveServerPid(cfg.dataDir) === process.pid) fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true });
     throw e;
   }
+  if (cfg.http) {
+    try { await startHttp(cfg.http); } catch (e) {
+      fs.rmSync(path.join(cfg.dataDir, 'server.pid'), { force: true });
+      throw e;
+    }
+  }
   process.chdir(cfg.dataDir);
   const sock = socketPath(cfg.dataDir);
   fs.rmSync(sock.abs, { force: true });
@@ -3335,7 +4364,7 @@ async function runServer(dataDir: string, given: Settings, tuning: { snapshotMin
   ensureLauncher();
   if (journal.needsSnapshot()) takeSnapshot();
   if (cfg.changed.length) log(`settings changed: ${describeChanges(cfg.changed)}`);
-  log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers`);
+  log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers${cfg.http ? `; dashboard at ${httpUrl()} (its token: cli.ts dashboard)` : ''}`);
   submit({ kind: 'tick' });
 }
 
@@ -3752,6 +4781,18 @@ async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promis
 /** Comma lists in a repeatable option (--label a,b --label c), as one list. */
 const commaList = (v: unknown) => (v === undefined ? [] : (v as string[]).flatMap((w) => w.split(',')).map((w) => w.trim()).filter(Boolean));
 
+/** dashboard: the URL of the running server's dashboard, with its access token. */
+async function cmdDashboard(_p: Parsed, ctx: Ctx): Promise<number> {
+  const r = await request(ctx.dataDir, { op: 'ping' });
+  if (typeof r.http !== 'string') throw failure(`the server on data dir '${ctx.dataDir}' serves no dashboard`, 'start it with --http PORT (or DJS_HTTP=PORT), e.g. cli.ts stop && cli.ts start --detach --http 8080');
+  let token: string;
+  try { token = fs.readFileSync(path.join(ctx.dataDir, 'http.token'), 'utf8').trim(); } catch (e) {
+    throw failure(`cannot read the dashboard's token '${path.join(ctx.dataDir, 'http.token')}': ${(e as Error).message}`);
+  }
+  ctx.out.write(`${r.http}?token=${token}\n`);
+  return EXIT_OK;
+}
+
 async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length) throw usage('add_slave needs at least one HOST[:SLOTS]');
   const auto = p.values.slots === 'auto', slots = auto ? 1 : intOption(p.values.slots, 'slot count', 1) ?? 1;
@@ -4109,8 +5150,9 @@ const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag
   '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
-  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [DATA_DIR] [LOG_DIR]' },
+  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
+  dashboard: { run: cmdDashboard, options: {}, noArgs: true, synopsis: 'dashboard' },
   add_slave: {
     run: cmdAddWorkers,
     options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true } },
@@ -4317,6 +5359,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_DATA_DIR', 'the data dir, as --data-dir (default: the nearest .data here or above)'],
   ['DJS_LOG_DIR', 'start, kept: the log dir, as --log-dir (first default ./logs)'],
   ['DJS_KILL_GRACE', 'start, kept: seconds from SIGTERM to SIGKILL, as --kill-grace (default 10)'],
+  ['DJS_HTTP', 'start, kept: serve the dashboard, API and metrics on [HOST:]PORT, as --http (empty: off)'],
   ['DJS_SSH_CONFIG', 'start, kept: an ssh config file for checks, probes and jobs (ssh -F)'],
   ['DJS_SSH_OPTIONS', 'start, kept: extra ssh words for checks and probes; jobs get it'],
   ['DJS_SSH_TIMEOUT', 'start, kept: ssh connect timeout, seconds (default 10); jobs get it'],

@@ -1,0 +1,150 @@
+// The dashboard in a real browser: Debian's chromium, headless, driven by playwright-core
+// (a dev dependency that downloads no browser of its own). The page is loaded from a real
+// server (start --http), checked against `status --json`, and used as a person would:
+// kill and retry by clicking (with the confirmation), a job's state and log followed live
+// (server-sent events, no reload), and screenshots of the main views at desktop and
+// phone widths written to DJS_SCREENSHOT_DIR (default: TMPDIR/djs-screenshots).
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { chromium, type Page } from 'playwright-core';
+import { GATED, pidOf, release, serve, until, writeScript } from './server.ts';
+
+const CHROMIUM = process.env.DJS_CHROMIUM ?? '/usr/bin/chromium';
+const SHOTS = path.resolve(process.env.DJS_SCREENSHOT_DIR ?? path.join(os.tmpdir(), 'djs-screenshots'));
+const DESKTOP = { width: 1280, height: 900 }, PHONE = { width: 390, height: 844 };
+
+/** The counts the page shows, by state. */
+const shownCounts = (page: Page) => page.$$eval('#summary [data-state]', (boxes) =>
+  Object.fromEntries(boxes.map((b) => [b.getAttribute('data-state'), Number(b.querySelector('b')!.textContent)])));
+
+test('the dashboard shows the run, kills and retries by click, and follows a job live', { skip: !fs.existsSync(CHROMIUM) && `no chromium at ${CHROMIUM} (apt-get install chromium)`, timeout: 240_000 }, async (t) => {
+  const t0 = Date.now();
+  const mark = (what: string) => t.diagnostic(`${what} at ${Date.now() - t0} ms`);
+  const s = await serve(t, { args: ['--http', '0'] });
+  writeScript(s.dir, 'gated.sh', GATED);
+  writeScript(s.dir, 'quick.sh', 'echo "quick $1"; exit "$1"');
+  const url = (await s.ok(['dashboard'])).trim();
+  // The rest of the setup goes through the API: one client process less per step.
+  const token = new URL(url).searchParams.get('token')!;
+  const api = async (p: string, body?: unknown) => {
+    const r = await fetch(new URL(p, url), body === undefined ? { headers: { Authorization: `Bearer ${token}` } }
+      : { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+    const j = await r.json();
+    assert.ok(j.ok, `${p}: ${j.error}`);
+    return j;
+  };
+  const job = async (id: number) => (await api(`/api/jobs/${id}`)).job;
+  await api('/api/add_workers', { workers: [{ host: 'local1', slots: 2 }, { host: 'local2', slots: 2 }], skipCheck: true });
+  await api('/api/add_jobs', { cwd: s.dir, jobs: [0, 0, 0, 0, 0, 1].map((code) => ['./quick.sh', String(code)]), tags: ['quick'] });
+  await until(async () => (await api('/api/status')).counts.running === 0, 'the quick jobs to end');
+  const first = (await api('/api/add_jobs', { cwd: s.dir, jobs: ['0', '0', '3', '0', '0'].map((code) => ['./gated.sh', code]) })).first;
+  const gated = [0, 1, 2, 3, 4].map((i) => first + i);
+  const [kill, live, fail, follow, queued] = gated; // 4 slots: the fifth waits
+  for (const id of [kill, live, fail, follow]) await pidOf(s, id);
+  release(s, fail);
+  await until(async () => (await job(fail)).state === 'failed', 'the failing job to fail');
+
+  mark('server and jobs ready');
+  const browser = await chromium.launch({ executablePath: CHROMIUM });
+  t.after(() => browser.close());
+  const page = await browser.newPage({ viewport: DESKTOP });
+  const problems: string[] = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error' || m.type() === 'warning') problems.push(`console ${m.type()}: ${m.text()}`); });
+  page.on('requestfailed', (r) => { if (!r.url().includes('/api/')) problems.push(`request failed: ${r.url()}`); });
+  fs.mkdirSync(SHOTS, { recursive: true });
+  t.diagnostic(`screenshots in ${SHOTS}`);
+
+  // The token comes once in the URL and leaves it.
+  await page.goto(url);
+  assert.equal(new URL(page.url()).search, '', 'the token is gone from the address bar');
+  await page.waitForSelector(`#job-table tr[data-id="${queued}"]`);
+  await page.evaluate(() => { (window as any).notReloaded = true; });
+  mark('page loaded');
+
+  // What it shows is what status --json says.
+  const st = await s.status(); // nothing changes now: gated jobs run until released
+  await until(async () => {
+    const shown = await shownCounts(page);
+    return ['waiting', 'running', 'done', 'failed', 'killed', 'total'].every((k) => shown[k] === st.counts[k]);
+  }, 'the counts on the page to equal status --json');
+  for (const w of st.workers) {
+    const row = page.locator(`#workers tr[data-host="${w.host}"]`);
+    assert.equal(await row.locator('.slot').count(), w.slots, `${w.host}: one box per slot`);
+    assert.equal(await row.locator('.slot.busy').count(), w.running.length, `${w.host}: busy slots`);
+    assert.equal(await row.locator('.state').textContent(), w.state);
+  }
+  const rows = await page.$$eval('#job-table tbody tr', (trs) => trs.map((tr) => [Number(tr.getAttribute('data-id')), tr.getAttribute('data-state')]));
+  const jobs = await s.jobs();
+  assert.deepEqual(rows, jobs.map((j: any) => [j.id, j.state]).reverse(), 'the job list, newest first');
+  await page.screenshot({ path: path.join(SHOTS, 'main-desktop.png'), fullPage: true });
+
+  // One progress bar per tag, from the status reply; pause and resume a tag by click.
+  const tagRow = page.locator('#tags tr[data-tag="quick"]');
+  assert.equal(await tagRow.locator('td.num').textContent(), '6/6');
+  await tagRow.locator('button').click();
+  await until(async () => (await api('/api/status')).pausedTags.includes('quick'), 'the tag to be paused');
+  await page.waitForSelector('#tags tr[data-tag="quick"] .chip');
+  await page.click('#tags tr[data-tag="quick"] button');
+  await until(async () => (await api('/api/status')).pausedTags.length === 0, 'the tag to be resumed');
+
+  mark('main view checked');
+  // Kill: asks first; Cancel changes nothing, OK kills; the row follows live.
+  await page.click(`#job-table tr[data-id="${kill}"] button[data-action="kill"]`);
+  await page.waitForSelector('#confirm[open]');
+  assert.match(await page.textContent('#confirm-text') ?? '', new RegExp(`Kill job ${kill}\\?`));
+  await page.click('#confirm button[value="no"]');
+  assert.equal((await job(kill)).state, 'running', 'Cancel kills nothing');
+  await page.click(`#job-table tr[data-id="${kill}"] button[data-action="kill"]`);
+  await page.click('#confirm-yes');
+  await page.waitForSelector(`#job-table tr[data-id="${kill}"][data-state="killed"]`, { timeout: 20_000 });
+  assert.equal((await job(kill)).state, 'killed');
+
+  // Retry the failed job by click; it goes back to the queue and runs again (and, already
+  // released, fails again at once).
+  await page.click(`#job-table tr[data-id="${fail}"] button[data-action="retry"]`);
+  await until(async () => (await job(fail)).attempts === 2, 'the failed job to run again');
+  await page.waitForSelector(`#job-table tr[data-id="${fail}"][data-attempts="2"]`, { timeout: 20_000 });
+
+  // A job's state changes on the page as it changes in the server.
+  release(s, live);
+  await page.waitForSelector(`#job-table tr[data-id="${live}"][data-state="done"]`, { timeout: 20_000 });
+  await until(async () => (await shownCounts(page)).done === (await api('/api/status')).counts.done, 'the done count to follow');
+
+  mark('kill, retry and a live change done');
+  // A job's page: its attempts, and its log followed while it runs.
+  await page.click(`#job-table tr[data-id="${follow}"] a`);
+  await page.waitForSelector('#following');
+  await page.waitForFunction((id) => document.getElementById('log')!.textContent!.includes(`job ${id} running on`), follow);
+  assert.doesNotMatch(await page.textContent('#log') ?? '', /released/);
+  assert.equal(await page.locator('#attempts tbody tr').count(), 1);
+  await page.screenshot({ path: path.join(SHOTS, 'job-desktop.png'), fullPage: true });
+  release(s, follow);
+  await page.waitForFunction((id) => document.getElementById('log')!.textContent!.includes(`job ${id} released`), follow, { timeout: 20_000 });
+  await page.waitForSelector('#job .state.s-done', { timeout: 20_000 });
+  assert.equal(await page.textContent('#log'), fs.readFileSync(path.join(s.logDir, `${follow}.log`), 'utf8'), 'the whole log, once');
+  assert.equal(await page.evaluate(() => (window as any).notReloaded), true, 'all of it live, without a reload');
+
+  // The retried job's page lists both attempts.
+  await page.goto(new URL(`#/job/${fail}`, url).href);
+  await page.waitForSelector('#attempts tbody tr:nth-child(2)');
+
+  mark('job page followed');
+  // Phone width.
+  await page.setViewportSize(PHONE);
+  await page.goto(new URL('#/', url).href);
+  await page.waitForSelector(`#job-table tr[data-id="${queued}"]`);
+  await page.screenshot({ path: path.join(SHOTS, 'main-phone.png'), fullPage: true });
+  await page.goto(new URL(`#/job/${follow}`, url).href);
+  await page.waitForFunction(() => document.getElementById('log')!.textContent!.includes('released'));
+  await page.screenshot({ path: path.join(SHOTS, 'job-phone.png'), fullPage: true });
+  const wide = await page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(wide <= PHONE.width + 1, `the page fits a phone's width (${wide} px)`);
+
+  assert.deepEqual(problems, [], 'no errors in the page');
+  for (const id of gated) release(s, id);
+});
