@@ -5185,11 +5185,17 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['-d, --detach', 'run in the background (output to LOG_DIR/server.log); return once it answers'],
       ['--log-dir DIR', 'where job logs go (env DJS_LOG_DIR; first default ./logs)'],
       ['--kill-grace SECONDS', 'from SIGTERM to SIGKILL when a job is stopped (env DJS_KILL_GRACE; first default 10)'],
+      ['--http [HOST:]PORT', 'also serve the dashboard, the JSON API and /metrics (env DJS_HTTP; on 127.0.0.1 unless a host is given; empty: off)'],
       ['DATA_DIR, LOG_DIR', 'the data dir and log dir, as --data-dir and --log-dir'],
     ],
     examples: ['cli.ts start --detach', 'DJS_SSH_CONFIG=~/.ssh/lab_config cli.ts start -d   # kept for later starts'],
   },
   stop: { about: 'Stops the server; running jobs keep running and the next start adopts them.', options: [], examples: ['cli.ts stop'] },
+  dashboard: {
+    about: 'Prints the URL of the running server\'s dashboard, with its access token (start it with --http), or says how to turn it on.',
+    options: [],
+    examples: ['cli.ts dashboard', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
+  },
   add_slave: {
     about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',
     options: [
