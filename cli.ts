@@ -206,7 +206,7 @@ const MAX_GPUS = 1024;
 const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}$/;
 export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Variables the server sets for each job itself; a job's --env cannot replace them. */
-const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT']);
+const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT']);
 
 export type Attempt = {
   n: number; worker: string; slot: number; startedAt: number; endedAt: number;
@@ -249,9 +249,16 @@ export type Policy = (typeof POLICIES)[number];
 /** cloudmesh-job's names for two of them. */
 const POLICY_ALIASES: Record<string, Policy> = { smart: 'spread', frugal: 'pack' };
 
+/** A worker that is a Slurm partition: its jobs run through srun, on LOGIN_HOST over ssh
+ *  when one is named, else here. */
+export type SlurmTarget = { partition: string; login: string | null };
+/** How often an up Slurm worker is asked (sinfo) whether its partition still takes jobs. */
+export const SLURM_CHECK_MS = 30_000;
+
 export type Worker = {
   host: string; slots: number; state: WorkerState;
-  ssh: boolean;                          // probed over ssh (not added with --skip_ssh_auth_check)
+  ssh: boolean;                          // probed over ssh, or with sinfo (not added with --skip_ssh_auth_check)
+  slurm: SlurmTarget | null;             // a Slurm partition (named slurm:PARTITION[@LOGIN_HOST]), else an ssh host
   running: number[];                     // job id per slot, 0 = free (a job of K slots is in K)
   labels: string[];
   gpus: number;                          // GPUs, indices 0..gpus-1
@@ -615,6 +622,7 @@ function newWorker(ev: Extract<Event, { e: 'worker' }>): Worker {
   return {
     host: ev.host, slots: ev.slots, state: 'up', ssh: ev.ssh, running: new Array(ev.slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: ev.t,
     labels: ev.labels ?? NO_TAGS, gpus: ev.gpus ?? 0, gpuJobs: new Array(ev.gpus ?? 0).fill(0), env: ev.env ?? null,
+    slurm: slurmTarget(ev.host),
   };
 }
 
@@ -944,8 +952,11 @@ export function planStarts(st: State): Start[] {
  *  take into account: probes under way, jobs already sent SIGKILL, and the pause of job
  *  starts after starts that failed for the scheduler's own reasons. Not durable: a new
  *  server starts with none of it. */
-export type Runtime = { probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number };
-export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0 });
+export type Runtime = {
+  probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number;
+  slurmCheckAt: Map<string, number>;   // when an up Slurm worker is next asked (none yet: now)
+};
+export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, slurmCheckAt: new Map() });
 
 /** The longest pause of starts after failed starts. */
 const START_PAUSE_MAX_MS = 60_000;
@@ -964,7 +975,7 @@ export function pauseStarts(rt: Runtime, now: number): number {
 export type Effect =
   | { kind: 'launch'; id: number }                                   // hand a started job to the launcher
   | { kind: 'signal'; id: number; sig: 'SIGTERM' | 'SIGKILL' }       // to the job's process group
-  | { kind: 'probe'; host: string }                                  // ssh login check of a worker
+  | { kind: 'probe'; host: string }                                  // ssh login check of a worker (sinfo for Slurm)
   | { kind: 'forget-run'; id: number; run: number }                  // remove the run file of an ended run
   | { kind: 'remove-logs'; ids: number[] };
 
@@ -995,6 +1006,12 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
   for (const w of st.workers.values()) {
     if (w.ssh && w.probeAt > 0 && !rt.probing.has(w.host)) {
       if (w.probeAt <= now) effects.push({ kind: 'probe', host: w.host }); else at(w.probeAt);
+    }
+    // A Slurm partition can go down with no job of ours failing (an admin drains it, its
+    // nodes fail): an up Slurm worker is asked every so often too.
+    if (w.slurm && w.ssh && w.state === 'up' && w.probeAt === 0 && !rt.probing.has(w.host)) {
+      const due = rt.slurmCheckAt.get(w.host) ?? now;
+      if (due <= now) effects.push({ kind: 'probe', host: w.host }); else at(due);
     }
     for (let slot = 0; slot < w.running.length; slot++) {
       const id = w.running[slot], job = id ? st.jobs.get(id) : undefined;
@@ -1311,6 +1328,7 @@ export function workerSpecs(req: Request): WorkerSpec[] {
   return list.map((w: { host?: unknown; slots?: unknown; gpus?: unknown; labels?: unknown; env?: unknown; auto?: unknown }) => {
     if (typeof w?.host !== 'string') throw usage('a worker needs a host');
     validateHost(w.host);
+    if (w.auto === true && slurmTarget(w.host)) throw usage(`${quoteForError(w.host)}: a Slurm worker needs a slot count, not auto`, 'its slots are how many jobs may be in the partition at once: slurm:PARTITION:N');
     const env = w.env === undefined ? [] : envOf(w.env);
     return {
       host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus: num(w.gpus ?? 0, 'GPU count', 0, MAX_GPUS),
@@ -1372,8 +1390,27 @@ const HOST_RE = /^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-
 
 export function validateHost(host: string): void {
   if (host.length === 0) throw usage(`empty host name`);
+  if (host.startsWith(SLURM_PREFIX)) return validateSlurmWorker(host);
   if (host.length > MAX_HOST_LENGTH || !HOST_RE.test(host)) {
     throw usage(`invalid host ${quoteForError(host)}`, 'a host is a name or address with an optional user@, like node7 or alice@10.0.0.5');
+  }
+}
+
+/** Workers named slurm:PARTITION[@LOGIN_HOST] are Slurm partitions (see SlurmTarget). */
+const SLURM_PREFIX = 'slurm:';
+const SLURM_RE = /^slurm:([A-Za-z0-9_][A-Za-z0-9_.-]*)(?:@([\s\S]+))?$/;
+
+/** The partition and login host a worker's name points at, or null for an ssh host. */
+export function slurmTarget(host: string): SlurmTarget | null {
+  const m = SLURM_RE.exec(host);
+  return m ? { partition: m[1], login: m[2] ?? null } : null;
+}
+
+/** A Slurm worker's name: a plain partition name, and a login host that is a valid ssh host. */
+function validateSlurmWorker(host: string): void {
+  const target = slurmTarget(host);
+  if (host.length > MAX_HOST_LENGTH || !target || (target.login !== null && !HOST_RE.test(target.login))) {
+    throw usage(`invalid Slurm worker ${quoteForError(host)}`, 'a Slurm worker is slurm:PARTITION or slurm:PARTITION@LOGIN_HOST, like slurm:gpu@alice@login.cluster.org');
   }
 }
 
@@ -1537,7 +1574,7 @@ export type JobView = ReturnType<typeof jobView>;
 
 function workerView(st: State, w: Worker) {
   return {
-    host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0,
+    host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0, slurm: w.slurm,
     labels: w.labels, gpus: w.gpus, gpusUsed: w.gpuJobs.flatMap((id, g) => (id ? [g] : [])), env: w.env ?? [],
     error: w.error, since: iso(w.since), nextProbeAt: w.state === 'down' && w.probeAt ? iso(w.probeAt) : null,
     running: w.running.flatMap((id, slot) => (id ? [{ slot, id, command: commandOf(st.jobs.get(id)) }] : [])),
@@ -2211,6 +2248,49 @@ export function probeHost(host: string, ssh: SshSettings, command = 'true', resu
   });
 }
 
+/** Asks Slurm whether a partition takes jobs: `sinfo` here, or on the login host over ssh
+ *  (with the same settings as probeHost); resolves to null or to why not (Slurm's own
+ *  words: the partition's state, the nodes' state and reason, or sinfo's error). */
+export function probeSlurm(target: SlurmTarget, ssh: SshSettings): Promise<string | null> {
+  const args = ['--noheader', `--partition=${target.partition}`, '--format=%a/%T/%E'];
+  const result = { out: '' };
+  const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, ['sinfo', ...args].join(' '), result);
+  return asked.then((err) => err ?? sinfoVerdict(result.out, target.partition));
+}
+
+/** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
+function runSinfo(args: string[], timeoutS: number, result: { out: string }): Promise<string | null> {
+  return new Promise((resolve) => {
+    let err = '', done = false;
+    const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
+    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
+    child.stdout!.on('data', (d) => { if (result.out.length < 65536) result.out += d; });
+    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.on('error', (e) => finish(`cannot run sinfo: ${e.message}`));
+    child.on('close', (code) => finish(code === 0 ? null : (err.split('\n').map((l) => l.trim()).filter(Boolean).at(-1) ?? `sinfo exited with ${code}`)));
+  });
+}
+
+/** Node states (sinfo %T, without its suffixes) in which a node takes or runs jobs. */
+const SLURM_NODE_USABLE = new Set(['idle', 'mixed', 'allocated', 'completing', 'planned', 'reserved']);
+
+/** What `sinfo --format=%a/%T/%E` printed for a partition (a line per group of nodes:
+ *  availability/state/reason) says: null when the partition is up and has a node that
+ *  takes jobs, else why not. A node state ending in `*` does not respond. */
+export function sinfoVerdict(out: string, partition: string): string | null {
+  const lines = out.split('\n').map((l) => l.trim()).filter(Boolean).map((l) => {
+    const [avail, state] = l.split('/', 2);
+    return { avail, state, reason: l.slice(avail.length + state.length + 2) };
+  });
+  if (!lines.length) return `Slurm has no partition '${partition}'`;
+  const off = lines.find((l) => l.avail !== 'up');
+  if (off) return `Slurm partition '${partition}' is ${off.avail}`;
+  if (lines.some((l) => SLURM_NODE_USABLE.has(l.state.replace(/[~#!%$@^+-]+$/, '')))) return null;
+  const why = lines.find((l) => l.reason && l.reason !== 'none') ?? lines[0];
+  return `no node of Slurm partition '${partition}' takes jobs: ${why.state}${why.reason && why.reason !== 'none' ? ` (${why.reason})` : ''}`;
+}
+
 /** What `HOST:auto` runs on the host: its CPU count, then one line per GPU (none where
  *  nvidia-smi is missing or fails). */
 export const SIZE_COMMAND = 'nproc; nvidia-smi -L 2>/dev/null || true';
@@ -2248,7 +2328,7 @@ type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: str
 type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
-  maxConnections: number;
+  maxConnections: number; slurmCheckMs: number;
 };
 
 // All server state, in one place.
@@ -2380,8 +2460,14 @@ async function checkLogins(req: Request): Promise<Request> {
   const workers = workerSpecs(req);
   if (req.skipCheck === true) return { ...req, workers };
   const outs = workers.map(() => ({ out: '' }));
-  const errs = await Promise.all(workers.map((w, i) => probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i])));
+  const errs = await Promise.all(workers.map((w, i) => {
+    const slurm = slurmTarget(w.host);
+    return slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i]);
+  }));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
+  if (bad.length && workers.every((w, i) => errs[i] === null || slurmTarget(w.host))) {
+    throw failure(`Slurm check failed for ${bad.join(', ')}; no worker added`, 'check with: sinfo -p PARTITION (on the login host), or add with --skip_ssh_auth_check');
+  }
   if (bad.length) throw failure(`ssh login check failed for ${bad.join(', ')}; no worker added`, 'check with: ssh -o BatchMode=yes HOST true (keys, known_hosts), or add with --skip_ssh_auth_check');
   workers.forEach((w, i) => {
     if (!w.auto) return;
@@ -2555,7 +2641,7 @@ function launchJob(id: number): void {
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs.
-  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`];
+  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
@@ -2685,8 +2771,10 @@ function signalJob(id: number, sig: NodeJS.Signals): void {
 }
 
 function runProbe(host: string): void {
-  probeHost(host, cfg.ssh).then((err) => {
+  const slurm = st.workers.get(host)?.slurm;
+  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh)).then((err) => {
     rt.probing.delete(host);
+    if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
     const w = st.workers.get(host);
     if (!w) return;
     if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
@@ -3382,7 +3470,8 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.values.detach) return startDetached(dataDir, logDir, grace, ctx);
   const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
   const maxConnections = intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1) ?? 1000;
-  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, snapshotMinBytes, maxConnections, ssh: sshSettings(process.env) });
+  const slurmCheckMs = (intOption(process.env.DJS_SLURM_CHECK, 'DJS_SLURM_CHECK', 1) ?? SLURM_CHECK_MS / 1000) * 1000;
+  await runServer({ dataDir, logDir, killGraceMs: grace * 1000, probeMaxMs: probeMax * 1000, snapshotMinBytes, maxConnections, ssh: sshSettings(process.env), slurmCheckMs });
   return -1; // keeps running
 }
 
