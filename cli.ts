@@ -48,6 +48,8 @@ if (!process.features.typescript) {
  *   cli.ts stop                               stop it; running jobs keep running
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]...
  *                    [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
+ *                      (HOST slurm:PARTITION[@LOGIN_HOST]: a Slurm partition, checked
+ *                      with sinfo; SLOTS = how many jobs may be in it at once)
  *   cli.ts policy [spread|pack|sequential|random]
  *   cli.ts remove_slave [--wait|--kill] HOST...
  *   cli.ts add_job [JOB OPTIONS] SCRIPT [ARGS...] [::: V... [::: W...]]   (a sweep: one
@@ -68,9 +70,9 @@ if (!process.features.typescript) {
  *
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
  *   DJS_DATA_DIR, DJS_LOG_DIR, DJS_KILL_GRACE; for the server's ssh: DJS_SSH_CONFIG,
- *   DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX; DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES
- *   (tests); NO_COLOR. Jobs get JOB_ID, SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS,
- *   JOB_ATTEMPT, DJS_DATA_DIR, and the worker's and their own --env settings.
+ *   DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX; DJS_SLURM_CHECK; DJS_MAX_CONNECTIONS;
+ *   DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID, SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS,
+ *   SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR, and the worker's and their own --env settings.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
@@ -89,6 +91,7 @@ if (!process.features.typescript) {
  *                               or the worker was removed with --kill
  *           done|failed|killed -> waiting  by `retry`
  *   worker: up -> down (probe failed) -> up (probe answered, with backoff);
+ *           a Slurm worker is probed (sinfo) while up too, every DJS_SLURM_CHECK seconds;
  *           up|down -> draining (remove --wait) -> gone when its last job ends
  *
  * DESIGN
@@ -3848,6 +3851,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_OPTIONS', 'start: extra ssh words for login checks and probes'],
   ['DJS_SSH_TIMEOUT', 'start: ssh connect timeout of checks and probes, seconds (default 10)'],
   ['DJS_PROBE_BACKOFF_MAX', 'start: longest wait between probes of a down worker, seconds (default 300)'],
+  ['DJS_SLURM_CHECK', 'start: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, seconds (default 30)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
   ['NO_COLOR', 'no colours in status and list'],

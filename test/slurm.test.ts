@@ -84,15 +84,16 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     await Promise.all([slurm?.close(), hosts?.close()]);
   });
 
-  /** A server whose jobs reach this Slurm (SLURM_CONF) and the ssh hosts, whose Slurm
-   *  workers are checked every second and work in the test's home/ (DJS_SLURM_HOME). */
-  async function server(t: TestContext): Promise<TestServer> {
+  /** A server whose jobs reach this Slurm (SLURM_CONF; not with `remote`: then only the
+   *  login host's sessions know it) and the ssh hosts, whose Slurm workers are checked every
+   *  second and work in the test's home/ (DJS_SLURM_HOME). */
+  async function server(t: TestContext, remote = false): Promise<TestServer> {
     const dir = testDir(t);
     fs.mkdirSync(path.join(dir, 'home'));
     return serve(t, {
       dir,
       env: {
-        ...slurm.env, DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '5', DJS_SLURM_CHECK: '1', DJS_PROBE_BACKOFF_MAX: '1',
+        ...(remote ? {} : slurm.env), DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '5', DJS_SLURM_CHECK: '1', DJS_PROBE_BACKOFF_MAX: '1',
         DJS_SLURM_HOME: path.join(dir, 'home'),
       },
     });
@@ -192,7 +193,8 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
   });
 
   test('slurm:PARTITION@LOGIN_HOST: checked with sinfo over ssh, the work runs through srun there; bad partitions are refused', { timeout: 120_000 }, async (t) => {
-    const s = await server(t);
+    const s = await server(t, true);
+    assert.equal(process.env.SLURM_CONF, undefined, 'the server here knows no Slurm');
     const login = `slurm:debug@${ssh2}`;
     assert.match(await s.ok(['add_slave', `${login}:2`]), new RegExp(`added worker ${login.replace(/\./g, '\\.')} with 2 slots`));
     const [file] = inputs(s, 3).slice(2);
@@ -200,9 +202,9 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     await untilState(s, id, 'done', 60_000);
     assert.equal(fs.readFileSync(path.join(s.dir, 'finished_work', `${id}_${file}.out`), 'utf8'), '3\n');
     assert.equal(fs.existsSync(path.join(hosts.hosts[1].scratch, '.djs-work', `job-${id}`)), false, 'job dir left on the login host');
-    const none = await s.cli(['add_slave', 'slurm:nosuch:2', `slurm:nosuch@${ssh2}`]);
+    const none = await s.cli(['add_slave', `slurm:nosuch@${ssh2}:2`]);
     assert.equal(none.code, 1);
-    assert.match(none.stderr, /Slurm check failed for 'slurm:nosuch' \(Slurm has no partition 'nosuch'\), 'slurm:nosuch@127\.0\.0\.3' \(Slurm has no partition 'nosuch'\); no worker added/);
+    assert.match(none.stderr, /Slurm check failed for 'slurm:nosuch@127\.0\.0\.3' \(Slurm has no partition 'nosuch'\); no worker added/);
     const auto = await s.cli(['add_slave', 'slurm:debug:auto']);
     assert.equal(auto.code, 2);
     assert.match(auto.stderr, /a Slurm worker needs a slot count/);
