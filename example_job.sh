@@ -20,10 +20,18 @@
 # so you can try the scheduler before setting up ssh keys:
 #   ./cli.ts add_slave --skip_ssh_auth_check local1:2 local2:2
 #
+# A worker named `slurm:PARTITION[@LOGIN_HOST]` is a Slurm partition: the steps run on
+# LOGIN_HOST (or here, in $DJS_SLURM_HOME), and the work runs on a compute node through srun
+# (see "Slurm workers" below).
+#
 # Environment:
 #   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
 #   SLAVE_GPUS           set by the scheduler: the GPU indices the job holds on the worker (a
 #                        job added with --gpus G); the work gets them as CUDA_VISIBLE_DEVICES
+#   SLAVE_SLOTS, JOB_TIMEOUT  set by the scheduler: the job's slots (comma list), its --timeout
+#                        in seconds (0: none); a Slurm worker's srun asks for as many CPUs and that time
+#   DJS_SLURM_HOME       a Slurm worker without a login host: where job directories go (default
+#                        $HOME; must be shared with the compute nodes)
 #   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
 #   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
 #   DJS_SSH_TIMEOUT=T    seconds to wait for the worker's sshd to answer (default 10); a worker
@@ -34,7 +42,8 @@
 #
 # Exit codes:
 #   0     done: the result is in finished_work/
-#   255   the worker could not be reached, or stopped answering: the worker failed, not the job
+#   255   the worker could not be reached, or stopped answering: the worker failed, not the job;
+#         on a Slurm worker also: Slurm ended the work or could not start it
 #         (the scheduler requeues the job and checks the worker)
 #   2     usage: wrong arguments or environment
 #   130, 143  stopped by SIGINT, SIGTERM (the work on the worker is stopped and its directory removed)
