@@ -50,6 +50,8 @@ if (!process.features.typescript) {
  *   cli.ts dashboard                          the dashboard's URL, with its access token
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]...
  *                    [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
+ *                      (HOST slurm:PARTITION[@LOGIN_HOST]: a Slurm partition, checked
+ *                      with sinfo; SLOTS = how many jobs may be in it at once)
  *   cli.ts policy [spread|pack|sequential|random]
  *   cli.ts remove_slave [--wait|--kill] HOST...
  *   cli.ts add_job [JOB OPTIONS] SCRIPT [ARGS...] [::: V... [::: W...]]   (a sweep: one
@@ -72,10 +74,10 @@ if (!process.features.typescript) {
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
  *   DJS_DATA_DIR; the server's settings (SETTINGS: kept in the data dir by `start`, used
  *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, DJS_HTTP, and for
- *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX;
- *   DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
- *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, DJS_DATA_DIR, the
- *   worker's and their own --env settings, and the ssh settings as kept.
+ *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX, and
+ *   DJS_SLURM_CHECK; DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs
+ *   get JOB_ID, SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT,
+ *   DJS_DATA_DIR, the worker's and their own --env settings, and the ssh settings as kept.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
@@ -97,6 +99,7 @@ if (!process.features.typescript) {
  *                               or the worker was removed with --kill
  *           done|failed|killed -> waiting  by `retry`
  *   worker: up -> down (probe failed) -> up (probe answered, with backoff);
+ *           a Slurm worker is probed (sinfo) while up too, every DJS_SLURM_CHECK seconds;
  *           up|down -> draining (remove --wait) -> gone when its last job ends
  *
  * DESIGN
@@ -219,7 +222,7 @@ const MAX_GPUS = 1024;
 const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}$/;
 export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Variables the server sets for each job itself; a job's --env cannot replace them. */
-const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT']);
+const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT']);
 
 export type Attempt = {
   n: number; worker: string; slot: number; startedAt: number; endedAt: number;
@@ -264,9 +267,16 @@ export type Policy = (typeof POLICIES)[number];
 /** cloudmesh-job's names for two of them. */
 const POLICY_ALIASES: Record<string, Policy> = { smart: 'spread', frugal: 'pack' };
 
+/** A worker that is a Slurm partition: its jobs run through srun, on LOGIN_HOST over ssh
+ *  when one is named, else here. */
+export type SlurmTarget = { partition: string; login: string | null };
+/** How often an up Slurm worker is asked (sinfo) whether its partition still takes jobs. */
+export const SLURM_CHECK_MS = 30_000;
+
 export type Worker = {
   host: string; slots: number; state: WorkerState;
-  ssh: boolean;                          // probed over ssh (not added with --skip_ssh_auth_check)
+  ssh: boolean;                          // probed over ssh, or with sinfo (not added with --skip_ssh_auth_check)
+  slurm: SlurmTarget | null;             // a Slurm partition (named slurm:PARTITION[@LOGIN_HOST]), else an ssh host
   running: number[];                     // job id per slot, 0 = free (a job of K slots is in K)
   labels: string[];
   gpus: number;                          // GPUs, indices 0..gpus-1
@@ -641,6 +651,7 @@ function newWorker(ev: Extract<Event, { e: 'worker' }>): Worker {
   return {
     host: ev.host, slots: ev.slots, state: 'up', ssh: ev.ssh, running: new Array(ev.slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: ev.t,
     labels: ev.labels ?? NO_TAGS, gpus: ev.gpus ?? 0, gpuJobs: new Array(ev.gpus ?? 0).fill(0), env: ev.env ?? null,
+    slurm: slurmTarget(ev.host),
   };
 }
 
@@ -974,8 +985,11 @@ export function planStarts(st: State, now = Infinity, due = { next: Infinity }):
  *  take into account: probes under way, jobs already sent SIGKILL, and the pause of job
  *  starts after starts that failed for the scheduler's own reasons. Not durable: a new
  *  server starts with none of it. */
-export type Runtime = { probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number };
-export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0 });
+export type Runtime = {
+  probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number;
+  slurmCheckAt: Map<string, number>;   // when an up Slurm worker is next asked (none yet: now)
+};
+export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, slurmCheckAt: new Map() });
 
 /** The longest pause of starts after failed starts. */
 const START_PAUSE_MAX_MS = 60_000;
@@ -1018,7 +1032,7 @@ export function idRanges(ids: Iterable<number>): [number, number][] {
 export type Effect =
   | { kind: 'launch'; id: number }                                   // hand a started job to the launcher
   | { kind: 'signal'; id: number; sig: 'SIGTERM' | 'SIGKILL' }       // to the job's process group
-  | { kind: 'probe'; host: string }                                  // ssh login check of a worker
+  | { kind: 'probe'; host: string }                                  // ssh login check of a worker (sinfo for Slurm)
   | { kind: 'forget-run'; id: number; run: number }                  // remove the run file of an ended run
   | { kind: 'remove-logs'; ids: number[]; below?: number }; // below: also N.log of every N < below that is no job
 
@@ -1049,6 +1063,12 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
   for (const w of st.workers.values()) {
     if (w.ssh && w.probeAt > 0 && !rt.probing.has(w.host)) {
       if (w.probeAt <= now) effects.push({ kind: 'probe', host: w.host }); else at(w.probeAt);
+    }
+    // A Slurm partition can go down with no job of ours failing (an admin drains it, its
+    // nodes fail): an up Slurm worker is asked every so often too.
+    if (w.slurm && w.ssh && w.state === 'up' && w.probeAt === 0 && !rt.probing.has(w.host)) {
+      const due = rt.slurmCheckAt.get(w.host) ?? now;
+      if (due <= now) effects.push({ kind: 'probe', host: w.host }); else at(due);
     }
     for (let slot = 0; slot < w.running.length; slot++) {
       const id = w.running[slot], job = id ? st.jobs.get(id) : undefined;
@@ -1373,6 +1393,7 @@ export function workerSpecs(req: Request): WorkerSpec[] {
   return list.map((w: { host?: unknown; slots?: unknown; gpus?: unknown; labels?: unknown; env?: unknown; auto?: unknown }) => {
     if (typeof w?.host !== 'string') throw usage('a worker needs a host');
     validateHost(w.host);
+    if (w.auto === true && slurmTarget(w.host)) throw usage(`${quoteForError(w.host)}: a Slurm worker needs a slot count, not auto`, 'its slots are how many jobs may be in the partition at once: slurm:PARTITION:N');
     const env = w.env === undefined ? [] : envOf(w.env);
     return {
       host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus: num(w.gpus ?? 0, 'GPU count', 0, MAX_GPUS),
@@ -1434,8 +1455,27 @@ const HOST_RE = /^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-
 
 export function validateHost(host: string): void {
   if (host.length === 0) throw usage(`empty host name`);
+  if (host.startsWith(SLURM_PREFIX)) return validateSlurmWorker(host);
   if (host.length > MAX_HOST_LENGTH || !HOST_RE.test(host)) {
     throw usage(`invalid host ${quoteForError(host)}`, 'a host is a name or address with an optional user@, like node7 or alice@10.0.0.5');
+  }
+}
+
+/** Workers named slurm:PARTITION[@LOGIN_HOST] are Slurm partitions (see SlurmTarget). */
+const SLURM_PREFIX = 'slurm:';
+const SLURM_RE = /^slurm:([A-Za-z0-9_][A-Za-z0-9_.-]*)(?:@([\s\S]+))?$/;
+
+/** The partition and login host a worker's name points at, or null for an ssh host. */
+export function slurmTarget(host: string): SlurmTarget | null {
+  const m = SLURM_RE.exec(host);
+  return m ? { partition: m[1], login: m[2] ?? null } : null;
+}
+
+/** A Slurm worker's name: a plain partition name, and a login host that is a valid ssh host. */
+function validateSlurmWorker(host: string): void {
+  const target = slurmTarget(host);
+  if (host.length > MAX_HOST_LENGTH || !target || (target.login !== null && !HOST_RE.test(target.login))) {
+    throw usage(`invalid Slurm worker ${quoteForError(host)}`, 'a Slurm worker is slurm:PARTITION or slurm:PARTITION@LOGIN_HOST, like slurm:gpu@alice@login.cluster.org');
   }
 }
 
@@ -1627,7 +1667,7 @@ export type JobView = ReturnType<typeof jobView>;
 
 function workerView(st: State, w: Worker) {
   return {
-    host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0,
+    host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0, slurm: w.slurm,
     labels: w.labels, gpus: w.gpus, gpusUsed: w.gpuJobs.flatMap((id, g) => (id ? [g] : [])), env: w.env ?? [],
     error: w.error, since: iso(w.since), nextProbeAt: w.state === 'down' && w.probeAt ? iso(w.probeAt) : null,
     running: w.running.flatMap((id, slot) => (id ? [{ slot, id, command: commandOf(st.jobs.get(id)) }] : [])),
@@ -2518,6 +2558,49 @@ export function probeHost(host: string, ssh: SshSettings, command = 'true', resu
   });
 }
 
+/** Asks Slurm whether a partition takes jobs: `sinfo` here, or on the login host over ssh
+ *  (with the same settings as probeHost); resolves to null or to why not (Slurm's own
+ *  words: the partition's state, the nodes' state and reason, or sinfo's error). */
+export function probeSlurm(target: SlurmTarget, ssh: SshSettings): Promise<string | null> {
+  const args = ['--noheader', `--partition=${target.partition}`, '--format=%a/%T/%E'];
+  const result = { out: '' };
+  const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, ['sinfo', ...args].join(' '), result);
+  return asked.then((err) => err ?? sinfoVerdict(result.out, target.partition));
+}
+
+/** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
+function runSinfo(args: string[], timeoutS: number, result: { out: string }): Promise<string | null> {
+  return new Promise((resolve) => {
+    let err = '', done = false;
+    const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
+    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
+    child.stdout!.on('data', (d) => { if (result.out.length < 65536) result.out += d; });
+    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.on('error', (e) => finish(`cannot run sinfo: ${e.message}`));
+    child.on('close', (code) => finish(code === 0 ? null : (err.split('\n').map((l) => l.trim()).filter(Boolean).at(-1) ?? `sinfo exited with ${code}`)));
+  });
+}
+
+/** Node states (sinfo %T, without its suffixes) in which a node takes or runs jobs. */
+const SLURM_NODE_USABLE = new Set(['idle', 'mixed', 'allocated', 'completing', 'planned', 'reserved']);
+
+/** What `sinfo --format=%a/%T/%E` printed for a partition (a line per group of nodes:
+ *  availability/state/reason) says: null when the partition is up and has a node that
+ *  takes jobs, else why not. A node state ending in `*` does not respond. */
+export function sinfoVerdict(out: string, partition: string): string | null {
+  const lines = out.split('\n').map((l) => l.trim()).filter(Boolean).map((l) => {
+    const [avail, state] = l.split('/', 2);
+    return { avail, state, reason: l.slice(avail.length + state.length + 2) };
+  });
+  if (!lines.length) return `Slurm has no partition '${partition}'`;
+  const off = lines.find((l) => l.avail !== 'up');
+  if (off) return `Slurm partition '${partition}' is ${off.avail}`;
+  if (lines.some((l) => SLURM_NODE_USABLE.has(l.state.replace(/[~#!%$@^+-]+$/, '')))) return null;
+  const why = lines.find((l) => l.reason && l.reason !== 'none') ?? lines[0];
+  return `no node of Slurm partition '${partition}' takes jobs: ${why.state}${why.reason && why.reason !== 'none' ? ` (${why.reason})` : ''}`;
+}
+
 /** What `HOST:auto` runs on the host: its CPU count, then one line per GPU (none where
  *  nvidia-smi is missing or fails). */
 export const SIZE_COMMAND = 'nproc; nvidia-smi -L 2>/dev/null || true';
@@ -2556,7 +2639,7 @@ type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
   maxConnections: number; settings: Settings; changed: [string, string, string][];
-  http: { host: string; port: number } | null;
+  http: { host: string; port: number } | null; slurmCheckMs: number;
 };
 
 // All server state, in one place.
@@ -2696,9 +2779,15 @@ async function checkLogins(req: Request): Promise<Request> {
   const workers = workerSpecs(req);
   if (req.skipCheck === true) return { ...req, workers };
   const outs = workers.map(() => ({ out: '' }));
-  const errs = await Promise.all(workers.map((w, i) => probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i])));
+  const errs = await Promise.all(workers.map((w, i) => {
+    const slurm = slurmTarget(w.host);
+    return slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i]);
+  }));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
-  const i = errs.findIndex((e) => e !== null);
+  if (bad.length && workers.every((w, k) => errs[k] === null || slurmTarget(w.host))) {
+    throw failure(`Slurm check failed for ${bad.join(', ')}; no worker added`, 'check with: sinfo -p PARTITION (on the login host), or add with --skip_ssh_auth_check');
+  }
+  const i = errs.findIndex((e, k) => e !== null && !slurmTarget(workers[k].host));
   if (i >= 0) {
     const by = ['ssh', ...probeArgs(workers[i].host, cfg.ssh, workers[i].auto ? SIZE_COMMAND : 'true')].map(shellQuote).join(' ');
     throw failure(`ssh login check failed for ${bad.join(', ')}; no worker added`,
@@ -2896,7 +2985,7 @@ function launchJob(id: number): void {
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs.
-  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`];
+  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
@@ -3026,11 +3115,16 @@ function signalJob(id: number, sig: NodeJS.Signals): void {
 }
 
 function runProbe(host: string): void {
-  probeHost(host, cfg.ssh).then((err) => {
+  const slurm = st.workers.get(host)?.slurm;
+  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh)).then((err) => {
     rt.probing.delete(host);
+    if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
     const w = st.workers.get(host);
     if (!w) return;
     if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
+    // A Slurm worker's routine check that finds it as it was changes nothing: no journal
+    // line, just a turn, which sets the timer of its next check.
+    if (err === null && w.state === 'up' && w.probeAt === 0) return submit({ kind: 'tick' });
     fact(err === null ? { e: 'probe', t: Date.now(), host, ok: true } : { e: 'probe', t: Date.now(), host, ok: false, err, max: cfg.probeMaxMs });
   });
 }
@@ -3278,6 +3372,7 @@ export const SETTINGS: Setting[] = [
   { env: 'DJS_SSH_TIMEOUT', what: 'ssh timeout (s)', jobs: true, initial: () => '10', value: wholeNumber(1) },
   { env: 'DJS_PROBE_BACKOFF_MAX', what: 'probe backoff max (s)', initial: () => String(PROBE_BACKOFF_MAX_MS / 1000), value: wholeNumber(1) },
   { env: 'DJS_HTTP', option: 'http', what: 'http', initial: () => '', value: (v) => (v ? (parseHttpAddress(v), v) : '') },
+  { env: 'DJS_SLURM_CHECK', what: 'slurm check (s)', initial: () => String(SLURM_CHECK_MS / 1000), value: wholeNumber(1) },
 ];
 
 /** The settings a start runs with: each one given (checked), else the kept one, else
@@ -4298,7 +4393,7 @@ function serverConfig(dataDir: string, values: Settings, changed: [string, strin
   return {
     dataDir, logDir: values.DJS_LOG_DIR, killGraceMs: Number(values.DJS_KILL_GRACE) * 1000, probeMaxMs: Number(values.DJS_PROBE_BACKOFF_MAX) * 1000,
     ssh: sshSettings(values), settings: values, changed, ...tuning,
-    http: values.DJS_HTTP ? parseHttpAddress(values.DJS_HTTP) : null,
+    http: values.DJS_HTTP ? parseHttpAddress(values.DJS_HTTP) : null, slurmCheckMs: Number(values.DJS_SLURM_CHECK) * 1000,
   };
 }
 
@@ -5370,6 +5465,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_OPTIONS', 'start, kept: extra ssh words for checks and probes; jobs get it'],
   ['DJS_SSH_TIMEOUT', 'start, kept: ssh connect timeout, seconds (default 10); jobs get it'],
   ['DJS_PROBE_BACKOFF_MAX', 'start, kept: longest wait between probes of a down worker, s (default 300)'],
+  ['DJS_SLURM_CHECK', 'start, kept: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, s (default 30)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
   ['NO_COLOR', 'no colours in status and list'],

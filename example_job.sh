@@ -20,10 +20,18 @@
 # so you can try the scheduler before setting up ssh keys:
 #   ./cli.ts add_slave --skip_ssh_auth_check local1:2 local2:2
 #
+# A worker named `slurm:PARTITION[@LOGIN_HOST]` is a Slurm partition: the steps run on
+# LOGIN_HOST (or here, in $DJS_SLURM_HOME), and the work runs on a compute node through srun
+# (see "Slurm workers" below).
+#
 # Environment:
 #   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
 #   SLAVE_GPUS           set by the scheduler: the GPU indices the job holds on the worker (a
 #                        job added with --gpus G); the work gets them as CUDA_VISIBLE_DEVICES
+#   SLAVE_SLOTS, JOB_TIMEOUT  set by the scheduler: the job's slots (comma list), its --timeout
+#                        in seconds (0: none); a Slurm worker's srun asks for as many CPUs and that time
+#   DJS_SLURM_HOME       a Slurm worker without a login host: where job directories go (default
+#                        $HOME; must be shared with the compute nodes)
 #   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
 #   DJS_SSH_OPTIONS      more ssh words for every ssh and rsync, split at blanks (-o ProxyJump=gw);
 #                        the scheduler sets both to what it checks workers with
@@ -36,7 +44,8 @@
 #
 # Exit codes:
 #   0     done: the result is in finished_work/
-#   255   the worker could not be reached, or stopped answering: the worker failed, not the job
+#   255   the worker could not be reached, or stopped answering: the worker failed, not the job;
+#         on a Slurm worker also: Slurm ended the work or could not start it
 #         (the scheduler requeues the job and checks the worker)
 #   2     usage: wrong arguments or environment
 #   130, 143  stopped by SIGINT, SIGTERM (the work on the worker is stopped and its directory removed)
@@ -129,6 +138,52 @@ if [[ $host =~ ^local[0-9]*$ ]]; then
 	mkdir -p -- "$local_home"
 fi
 
+# ---------------------------------------------------------------- Slurm workers
+# A worker named slurm:PARTITION[@LOGIN_HOST] is a Slurm partition. Every step runs on
+# LOGIN_HOST over ssh as above (or, with no login host, here, in $DJS_SLURM_HOME, default
+# $HOME), and step 3 runs the work on a compute node with srun: Slurm job name djs-$JOB_ID,
+# one task of as many CPUs as the job has slots (SLAVE_SLOTS), its GPUs (SLAVE_GPUS; Slurm
+# sets CUDA_VISIBLE_DEVICES), and its --timeout (JOB_TIMEOUT) as the time limit, rounded up
+# to minutes. The work's output goes to srun's, so into the job's log. The job directory
+# must be on a file system the compute nodes share (a cluster's home directory is): the
+# work writes its exit code to .rc there, and an srun that ends without one means Slurm
+# ended the work (node failure, preemption, cancelled from outside) or never started it
+# (no allocation): exit 255, and djs runs the job again. Stopping the job (SIGTERM) cancels
+# its Slurm job (scancel) and waits until Slurm no longer lists it.
+slurm_partition=''
+if [[ $host =~ ^slurm:([A-Za-z0-9_][A-Za-z0-9_.-]*)(@(.+))?$ ]]; then
+	slurm_partition=${BASH_REMATCH[1]}
+	if [[ -n ${BASH_REMATCH[3]} ]]; then
+		host=${BASH_REMATCH[3]}
+	else
+		local_home=${DJS_SLURM_HOME:-$HOME}
+	fi
+fi
+
+# count LIST: the number of words in a comma list.
+count() { local IFS=,; local -a a; read -r -a a <<<"$1"; printf '%s' "${#a[@]}"; }
+
+# slurm_run WORK: the shell command that runs WORK under srun and exits with its code, or
+# with 255 when Slurm, not the work, ended it.
+slurm_run() {
+	local srun="srun --job-name=djs-$JOB_ID --partition=$slurm_partition --ntasks=1"
+	srun+=" --cpus-per-task=$(count "${SLAVE_SLOTS:-0}")"
+	if [[ -n ${SLAVE_GPUS:-} ]]; then srun+=" --gpus=$(count "$SLAVE_GPUS")"; fi
+	if ((${JOB_TIMEOUT:-0} > 0)); then srun+=" --time=$(((JOB_TIMEOUT + 59) / 60))"; fi
+	printf '%s' "rm -f .rc; $srun sh -c $(shq "$1
+echo \$? > .rc")
+if [ ! -f .rc ]; then rm -f .pgid; exit 255; fi
+(exit \"\$(cat .rc)\")"
+}
+
+# slurm_cancel: the shell command that cancels this job's Slurm job and waits (up to 10 s)
+# until Slurm no longer lists it.
+slurm_cancel() {
+	local which="-u \"\$(id -un)\" -p $slurm_partition -n djs-$JOB_ID"
+	printf '%s' "scancel $which 2>/dev/null; n=0
+while [ \$n -lt 100 ] && [ -n \"\$(squeue -h $which -o %i 2>/dev/null)\" ]; do sleep 0.1; n=\$((n + 1)); done; "
+}
+
 # on_worker COMMAND: runs the shell COMMAND on the worker; 255 means it was not reached.
 on_worker() {
 	if [[ -n $local_home ]]; then
@@ -170,7 +225,8 @@ copy() {
 # finish CODE: removes the job directory on the worker (unless it is unreachable), exits CODE.
 finish() {
 	trap - TERM INT
-	if ((made_remote_dir && $1 != 255)); then
+	# (Exit 255 from a Slurm worker run here is Slurm's failure: this machine is reachable.)
+	if ((made_remote_dir)) && { (($1 != 255)) || [[ -n $slurm_partition && -n $local_home ]]; }; then
 		on_worker "rm -rf -- $(shq "$remote_dir")" ||
 			printf "example_job.sh: could not remove '%s' on %s\n" "$remote_dir" "$host" >&2
 	fi
@@ -185,7 +241,7 @@ stop_job() {
 	local pgid_file
 	pgid_file=$(shq "$remote_dir/.pgid")
 	# TERM the group; give it 3 s to end, then KILL whatever is left.
-	on_worker "if p=\$(cat $pgid_file 2>/dev/null) && [ -n \"\$p\" ]; then
+	on_worker "$([[ -n $slurm_partition ]] && slurm_cancel)if p=\$(cat $pgid_file 2>/dev/null) && [ -n \"\$p\" ]; then
 		kill -TERM -\$p 2>/dev/null; n=0
 		while [ \$n -lt 30 ] && kill -0 -\$p 2>/dev/null; do sleep 0.1; n=\$((n + 1)); done
 		kill -KILL -\$p 2>/dev/null
@@ -214,7 +270,8 @@ work="sh -c $(shq "$WORK") sh $(shq "$name") $(shq "$result")"
 if [[ -n ${DJS_EXAMPLE_FAIL:-} ]]; then work="(exit $DJS_EXAMPLE_FAIL)"; fi
 if [[ -n ${DJS_EXAMPLE_SLEEP:-} ]]; then work="sleep $DJS_EXAMPLE_SLEEP; $work"; fi
 # The GPUs this job holds, for CUDA programs (the same names of devices on every job's worker).
-if [[ -n ${SLAVE_GPUS:-} ]]; then work="CUDA_VISIBLE_DEVICES=$(shq "$SLAVE_GPUS"); export CUDA_VISIBLE_DEVICES; $work"; fi
+if [[ -n ${SLAVE_GPUS:-} && -z $slurm_partition ]]; then work="CUDA_VISIBLE_DEVICES=$(shq "$SLAVE_GPUS"); export CUDA_VISIBLE_DEVICES; $work"; fi
+if [[ -n $slurm_partition ]]; then work=$(slurm_run "$work"); fi
 on_worker "cd -- $(shq "$remote_dir") || exit 1
 echo \$\$ > .pgid || exit 1
 $work
