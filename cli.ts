@@ -221,6 +221,8 @@ const MAX_GPUS = 1024;
 /** Tags name campaigns on the command line and in status lines: short, plain words. */
 const TAG_RE = /^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}$/;
 export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
+/** A word that reads as NAME=VALUE (cli.py's `--env A=1 B=2` took several at once). */
+const ENV_WORD_RE = /^[A-Za-z_][A-Za-z0-9_]*=/;
 /** Variables the server sets for each job itself; a job's --env cannot replace them. */
 const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT']);
 
@@ -1202,8 +1204,8 @@ export function needOf(req: Request): Need {
   const slots = num(req.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus = num(req.gpus ?? 0, 'GPU count', 0, MAX_GPUS);
   const require = labelList(req.require, 'require'), exclude = labelList(req.avoid, 'avoid');
   if (req.hosts !== undefined && !strings(req.hosts)) throw usage('hosts is a list of host names');
-  const hosts = [...new Set((req.hosts as string[] | undefined) ?? [])].sort();
-  for (const h of hosts) validateHost(h);
+  for (const h of (req.hosts as string[] | undefined) ?? []) validateHost(h);
+  const hosts = [...new Set(((req.hosts as string[] | undefined) ?? []).map(bareHost))].sort();
   const both = require.find((l) => exclude.includes(l));
   if (both !== undefined) throw usage(`label ${quoteForError(both)} is both required and avoided`);
   const need = { slots, gpus, require, exclude, hosts };
@@ -1283,7 +1285,7 @@ function tagKnown(st: State, req: Request): void {
   if (req.tag !== undefined && !st.tagCounts.has(tagOf(req.tag))) throw failure(`no job has the tag ${quoteForError(String(req.tag))}`, 'see the tags in: cli.ts status');
 }
 
-/** remove_jobs {ids} | {tag} | {script, args}: waiting jobs only. Jobs held for a
+/** remove_jobs {ids} | {tag} | {script, args, env?}: waiting jobs only. Jobs held for a
  *  removed job fail (`dependency N removed`). */
 export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Decision {
   let ids: number[];
@@ -1293,9 +1295,12 @@ export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Dec
   } else {
     const { script, args } = req;
     if (typeof script !== 'string' || !strings(args)) throw usage('remove_job needs a script and args');
+    // With env (cli.py's remove_job -e), only jobs with exactly those settings.
+    const env = req.env === undefined ? null : [...envOf(req.env)].sort().join('\0');
     ids = [];
     for (const job of st.jobs.values()) {
-      if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i])) ids.push(job.id);
+      if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
+        (env === null || [...(job.env ?? [])].sort().join('\0') === env)) ids.push(job.id);
     }
     if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
   }
@@ -1394,9 +1399,10 @@ export function workerSpecs(req: Request): WorkerSpec[] {
     if (typeof w?.host !== 'string') throw usage('a worker needs a host');
     validateHost(w.host);
     if (w.auto === true && slurmTarget(w.host)) throw usage(`${quoteForError(w.host)}: a Slurm worker needs a slot count, not auto`, 'its slots are how many jobs may be in the partition at once: slurm:PARTITION:N');
+    const host = bareHost(w.host);
     const env = w.env === undefined ? [] : envOf(w.env);
     return {
-      host: w.host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus: num(w.gpus ?? 0, 'GPU count', 0, MAX_GPUS),
+      host, slots: num(w.slots ?? 1, 'slot count', 1, MAX_SLOTS), gpus: num(w.gpus ?? 0, 'GPU count', 0, MAX_GPUS),
       labels: labelList(w.labels, 'labels'), env, auto: w.auto === true,
     };
   });
@@ -1434,7 +1440,7 @@ export function decidePolicy(st: State, req: Request, c: DecideContext): Decisio
 export function decideRemoveWorkers(st: State, req: Request, c: DecideContext): Decision {
   if (!strings(req.hosts) || req.hosts.length === 0) throw usage('no hosts given');
   const events: Event[] = [], result: { host: string; running: number }[] = [];
-  for (const host of new Set(req.hosts)) {
+  for (const host of new Set(req.hosts.map((h) => (st.workers.has(h) ? h : bareHost(h))))) {
     const w = st.workers.get(host);
     if (!w) throw failure(`no such worker '${host}'`);
     const running = [...new Set(w.running.filter(Boolean))];
@@ -1449,15 +1455,64 @@ export function decideRemoveWorkers(st: State, req: Request, c: DecideContext): 
   return { events, answer: { workers: result } };
 }
 
+/** load_status {cwd, status, alive, skipCheck}: cli.py's state (parseClipyStatus) in
+ *  one decision, so one group commit holds all of it: its workers (1 slot each, their
+ *  envs as worker --env) and its waiting jobs in order (their envs as job --env).
+ *  `alive` names the cli.py jobs whose process still runs here (the check found them):
+ *  such a job is not run again, and its worker is not added while it runs, since the
+ *  job holds it; the answer says so. A job of cli.py that has ended is reported, not
+ *  run again: cli.py kept no exit codes. A worker djs has already keeps its settings. */
+export function decideLoadStatus(st: State, req: Request, c: DecideContext): Decision {
+  if (typeof req.cwd !== 'string' || !path.isAbsolute(req.cwd)) throw usage('load_status needs an absolute cwd');
+  const status = parseClipyStatus(req.status, req.cwd);
+  const alive = new Set(strings(req.alive) ? req.alive : []);
+  if (!status.workers.length && !status.jobs.length) throw failure('nothing to load: no slaves and no waiting jobs');
+  const events: Event[] = [];
+  const added: string[] = [], present: string[] = [], removing: string[] = [];
+  const held: (ClipyRunning & { host: string; env: string[] })[] = [], ended: (ClipyRunning & { host: string })[] = [];
+  const toAdd: Record<string, unknown>[] = [];
+  for (const w of status.workers) {
+    if (w.job && alive.has(w.job.id)) { held.push({ ...w.job, host: w.host, env: w.env }); continue; }
+    if (w.job) ended.push({ ...w.job, host: w.host });
+    if (w.removing) removing.push(w.host);
+    else if (st.workers.has(w.host)) present.push(w.host);
+    else { toAdd.push({ host: w.host, env: w.env }); added.push(w.host); }
+  }
+  if (toAdd.length) events.push(...decideAddWorkers(st, { op: 'add_workers', workers: toAdd, skipCheck: req.skipCheck === true }, c).events);
+  // Jobs in a row with the same envs share one add; ids follow the waitlist's order.
+  let nextId = st.nextId;
+  for (let i = 0; i < status.jobs.length;) {
+    const key = status.jobs[i].env.join('\0');
+    let j = i;
+    while (j < status.jobs.length && status.jobs[j].env.join('\0') === key) j++;
+    const group = status.jobs.slice(i, j);
+    const env = group[0].env;
+    // decideAddJobs numbers from st.nextId; the adds before this one in the same decision took those ids.
+    const d = decideAddJobs({ ...st, nextId }, { op: 'add_jobs', cwd: req.cwd, jobs: group.map((g) => g.argv), ...(env.length ? { env } : {}) }, c);
+    events.push(...d.events);
+    nextId += group.length;
+    i = j;
+  }
+  const changed = status.jobs.filter((j) => shellWouldChange(j.argv.slice(1))).length;
+  return {
+    events,
+    answer: {
+      added, present, removing, held, ended, first: st.nextId, count: status.jobs.length,
+      ...(changed ? { warning: `${changed} job${changed === 1 ? '' : 's'} of the waitlist ha${changed === 1 ? 's' : 've'} arguments a shell would have read differently (cli.py ran jobs through sh -c; djs passes each word as it is): check them with cli.ts list --state waiting` } : {}),
+    },
+  };
+}
+
 /** Host strings reach ssh and scripts: a user@ prefix, a name or address, nothing a
- *  shell or ssh could read as an option or interpret. */
-const HOST_RE = /^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\])$/;
+ *  shell or ssh could read as an option or interpret. An IPv6 address is bare (ssh and
+ *  SLAVE_IP get `::1`, which ssh takes as it is); `[::1]` is accepted as the same host. */
+const HOST_RE = /^(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|(?:[0-9A-Fa-f.]*:){2,}[0-9A-Fa-f.]*(?:%[A-Za-z0-9_.-]+)?|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\])$/;
 
 export function validateHost(host: string): void {
   if (host.length === 0) throw usage(`empty host name`);
   if (host.startsWith(SLURM_PREFIX)) return validateSlurmWorker(host);
   if (host.length > MAX_HOST_LENGTH || !HOST_RE.test(host)) {
-    throw usage(`invalid host ${quoteForError(host)}`, 'a host is a name or address with an optional user@, like node7 or alice@10.0.0.5');
+    throw usage(`invalid host ${quoteForError(host)}`, 'a host is a name or address with an optional user@, like node7, alice@10.0.0.5 or ::1');
   }
 }
 
@@ -1479,17 +1534,110 @@ function validateSlurmWorker(host: string): void {
   }
 }
 
-/** Splits HOST[:SLOTS] into its parts; `[v6]:SLOTS` keeps the brackets on the host. */
+/** A worker's name as ssh gets it: `[v6]` and `user@[v6]` lose their brackets. */
+export const bareHost = (host: string) => host.replace(/^([^@[\]]*@)?\[([^\]]*)\]$/, '$1$2');
+
+/** Slot counts above this, read from HOST:N when the login check is skipped, are more
+ *  likely a port (cli.py took any string as a worker's name: user1@199:1000). */
+export const PLAUSIBLE_SLOTS = 256;
+
 /** Splits HOST[:SLOTS|:auto]; `auto` (or defaultAuto, from --slots auto, for a host
- *  without a count) leaves the size to the login check. */
+ *  without a count) leaves the size to the login check. IPv6: `[::1]:4` (host `::1`, 4
+ *  slots); a bare address (`::1`, `fe80::1`) is all host, its slots from --slots. */
 export function parseWorkerArg(arg: string, defaultSlots: number, defaultAuto = false): { host: string; slots: number; auto: boolean } {
-  const m = /^([\s\S]*?)(?::(\d+|auto))?$/.exec(arg)!;
-  const host = m[1], auto = m[2] === 'auto' || (m[2] === undefined && defaultAuto);
+  const v6 = /^([^@[\]]*@)?\[([^\]]*)\](?::(\d+|auto))?$/.exec(arg);
+  const m: (string | undefined)[] = v6 ? [arg, bareHost(arg.slice(0, arg.indexOf(']') + 1)), v6[3]]
+    : /^(?:[^:]*@)?(?:[0-9A-Fa-f.]*:){2,}/.test(arg) ? [arg, arg, undefined]
+    : /^([\s\S]*?)(?::(\d+|auto))?$/.exec(arg)!;
+  const host = m[1]!, auto = m[2] === 'auto' || (m[2] === undefined && defaultAuto);
   const slots = auto ? 1 : m[2] === undefined ? defaultSlots : Number(m[2]);
   validateHost(host);
   if (!Number.isSafeInteger(slots) || slots < 1 || slots > MAX_SLOTS) throw usage(`invalid slot count in ${quoteForError(arg)}`, `slots are 1 to ${MAX_SLOTS}, or auto`);
   return { host, slots, auto };
 }
+
+/** A warning for HOST:N with N above PLAUSIBLE_SLOTS when no login check reads the
+ *  host's size: cli.py's users wrote ports there. Null when the count is plausible. */
+export function manySlotsWarning(arg: string, slots: number, skipCheck: boolean): string | null {
+  if (!skipCheck || slots <= PLAUSIBLE_SLOTS || !/:\d+$/.test(arg)) return null;
+  const host = arg.slice(0, arg.lastIndexOf(':'));
+  return `${quoteForError(arg)} is worker ${quoteForError(host)} with ${slots} slots; if ${slots} is a port, not a slot count, ` +
+    `put it in ~/.ssh/config (Host ... Port ${slots}) or in the worker's environment (-e PORT=${slots}), and give slots with --slots N`;
+}
+
+// ---- cli.py's state: what load_status reads ---------------------------------------
+// cli.py (the Python scheduler djs replaces) printed its state with `status` as
+// {"job_waitlist": [[ARGV, ENVS], ...], "slaves": [{"ip", "envs", "status",
+// "running_job": null | {"id", "script": ARGV, "envs", "pid", "log_file"},
+// "remove_after_finish"?}]}; ARGV is the script and its arguments, ENVS NAME=VALUE
+// strings. Its README shows older waitlist entries as bare ARGV lists, and slaves
+// without envs; both load.
+
+/** A job cli.py was running when its state was printed. */
+export type ClipyRunning = { id: string; argv: string[]; pid: number; log: string };
+export type ClipyWorker = { host: string; env: string[]; removing: boolean; job: ClipyRunning | null };
+export type ClipyStatus = { workers: ClipyWorker[]; jobs: { argv: string[]; env: string[] }[] };
+
+/** cli.py's status JSON (parsed), checked and read into workers and waiting jobs; a
+ *  relative script is resolved against cwd. Errors name the entry. */
+export function parseClipyStatus(v: unknown, cwd: string): ClipyStatus {
+  const at = <T>(where: string, fn: () => T): T => {
+    try { return fn(); } catch (e) {
+      const u = e instanceof UserError ? e : failure(String((e as Error)?.message ?? e));
+      throw new UserError(EXIT_FAILED, `${where}: ${u.message}`, u.hint);
+    }
+  };
+  const obj = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x);
+  if (!obj(v) || !Array.isArray(v.job_waitlist) || !Array.isArray(v.slaves)) {
+    if (obj(v) && obj(v.counts) && Array.isArray(v.workers)) {
+      throw failure("this is the status of djs, not of cli.py", "to move a djs server, stop it and move its data dir; see 'Coming from cli.py' in the README");
+    }
+    throw failure('not the status of cli.py: expected {"job_waitlist": [...], "slaves": [...]}', 'make it with: ./cli.py status > st.json');
+  }
+  const argvOf = (x: unknown): string[] => {
+    if (!strings(x) || x.length === 0 || x[0] === '') throw failure('a job is a non-empty list of strings: the script, then its arguments');
+    if (x.some((w) => w.includes('\0'))) throw failure("a job's words cannot hold NUL bytes");
+    return [path.resolve(cwd, x[0]), ...x.slice(1)];
+  };
+  const envDict = (x: unknown): string[] => {
+    if (x === undefined || x === null) return [];
+    if (!obj(x) || !Object.values(x).every((y) => typeof y === 'string')) throw failure('envs is an object of NAME: VALUE strings');
+    return envOf(Object.entries(x).map(([k, y]) => `${k}=${y}`));
+  };
+  const jobs = v.job_waitlist.map((entry, i) => at(`job_waitlist[${i}]`, () => {
+    if (Array.isArray(entry) && Array.isArray(entry[0])) {
+      if (entry.length > 2) throw failure('expected [ARGV, ENVS]');
+      return { argv: argvOf(entry[0]), env: entry[1] === undefined ? [] : envOf(entry[1]) };
+    }
+    return { argv: argvOf(entry), env: [] };
+  }));
+  const seen = new Set<string>();
+  const workers = v.slaves.map((x, i) => at(`slaves[${i}]`, (): ClipyWorker => {
+    if (!obj(x) || typeof x.ip !== 'string') throw failure('a slave is an object with an "ip"');
+    const host = at('ip', () => {
+      validateHost(x.ip as string);
+      return bareHost(x.ip as string);
+    });
+    if (seen.has(host)) throw failure(`${quoteForError(host)} is listed twice`);
+    seen.add(host);
+    const r = x.running_job;
+    let job: ClipyRunning | null = null;
+    if (r !== undefined && r !== null) {
+      job = at('running_job', () => {
+        if (!obj(r) || (typeof r.id !== 'string' && typeof r.id !== 'number')) throw failure('a running job has an "id"');
+        if (typeof r.pid !== 'number' || !Number.isSafeInteger(r.pid) || r.pid < 1) throw failure(`invalid pid ${quoteForError(String(r.pid))}`);
+        return { id: String(r.id), argv: argvOf(r.script), pid: r.pid, log: typeof r.log_file === 'string' ? r.log_file : '' };
+      });
+    }
+    return { host, env: at('envs', () => envDict(x.envs)), removing: x.remove_after_finish === true, job };
+  }));
+  return { workers, jobs };
+}
+
+/** Words a shell would have read differently from how they are written: cli.py ran a
+ *  job as `sh -c "ARGV joined by spaces"`; djs passes the words as they are. */
+const SHELL_SPECIAL_RE = /[\s'"\\$`*?[\]~;&|<>(){}#!]/;
+export const shellWouldChange = (argv: string[]) => argv.some((w) => w === '' || SHELL_SPECIAL_RE.test(w));
 
 /** Splits one line of an add_jobs file into words like a POSIX shell would, without
  *  expansions: 'single', "double" (with \" \\ \$ \` escapes), backslash escapes,
@@ -2709,6 +2857,7 @@ const OPS: Record<string, Op> = {
   policy: { kind: 'change', decide: decidePolicy },
   add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers },
   remove_workers: { kind: 'change', decide: decideRemoveWorkers },
+  load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus },
   stop: { kind: 'shutdown' },
 };
 
@@ -2800,6 +2949,29 @@ async function checkLogins(req: Request): Promise<Request> {
     w.slots = size.cpus; w.gpus = size.gpus; w.auto = false;
   });
   return { ...req, workers };
+}
+
+/** load_status, before deciding: the waitlist's scripts are executable, the jobs cli.py
+ *  was running are looked up here (alive: see clipyJobAlive), and the workers to add
+ *  pass the login check (unless skipped), all of them or none. */
+async function checkLoadStatus(req: Request): Promise<Request> {
+  if (typeof req.cwd !== 'string' || !path.isAbsolute(req.cwd)) throw usage('load_status needs an absolute cwd');
+  const status = parseClipyStatus(req.status, req.cwd);
+  for (const script of new Set(status.jobs.map((j) => j.argv[0]))) checkExecutable(script, script, ' (in the waitlist)');
+  const alive = status.workers.flatMap((w) => (w.job && clipyJobAlive(w.job.pid, w.job.id) ? [w.job.id] : []));
+  const workers = status.workers.filter((w) => !w.removing && !(w.job && alive.includes(w.job.id))).map((w) => ({ host: w.host, env: w.env }));
+  if (workers.length && req.skipCheck !== true) await checkLogins({ op: 'add_workers', workers });
+  return { ...req, alive };
+}
+
+/** Whether cli.py's job `id` still runs as process `pid` here: the process lives and
+ *  carries JOB_ID=id (cli.py set it), so a reused pid does not count. A process that is
+ *  not ours to read counts as alive: better to leave a worker out than to overload it. */
+function clipyJobAlive(pid: number, id: string): boolean {
+  try { process.kill(pid, 0); } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+  try { return fs.readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(`JOB_ID=${id}`); } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ENOENT';
+  }
 }
 
 /** Throws unless `abs` is an executable regular file; errors name it as `shown`. */
@@ -4813,9 +4985,29 @@ export function formatJobRow(j: JobView, now: number, c: (code: string, s: strin
   ].join('  ');
 }
 
+/** The files cli.py (the Python scheduler djs replaces) keeps in its data dir. */
+const CLIPY_FILES = ['commands_fifo', 'service_pid', 'server_context.pkl'];
+
+/** Throws when `dataDir` holds cli.py's files: a djs server there would run beside a
+ *  cli.py server (both default to ./.data), or leave its state behind unread. */
+export function refuseClipyDataDir(dataDir: string): void {
+  const found = CLIPY_FILES.filter((f) => { try { fs.lstatSync(path.join(dataDir, f)); return true; } catch { return false; } });
+  if (!found.length) return;
+  let running = '';
+  try {
+    const pid = Number(fs.readFileSync(path.join(dataDir, 'service_pid'), 'utf8').trim());
+    if (Number.isSafeInteger(pid) && pid > 0) { try { process.kill(pid, 0); running = `, and its server (pid ${pid}) is running`; } catch (e) { if ((e as NodeJS.ErrnoException).code === 'EPERM') running = `, and its server (pid ${pid}) is running`; } }
+  } catch { /* no pid file */ }
+  const dir = shellQuote(dataDir);
+  throw failure(`data dir ${quoteForError(dataDir)} belongs to cli.py (it holds ${found.join(', ')})${running}`,
+    `to move to djs: ./cli.py status > st.json; ./cli.py stop; mv ${dir} ${shellQuote(dataDir + '.clipy')}; ./cli.ts start; ./cli.ts load_status st.json (or start djs on another --data-dir)`);
+}
+
 async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.positionals.length > 2) throw usage('start takes at most DATA_DIR and LOG_DIR');
   const dataDir = path.resolve(p.positionals[0] ?? ctx.dataDir);
+  refuseClipyDataDir(dataDir);
+  if (p.values['log-dir'] === undefined && p.values.log_dir !== undefined) p.values['log-dir'] = p.values.log_dir; // cli.py's spelling
   const given = givenSettings(p, process.env);
   if (p.positionals[1] !== undefined) given.DJS_LOG_DIR = p.positionals[1];
   if (p.values.detach) return startDetached(dataDir, given, ctx);
@@ -4873,6 +5065,9 @@ async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promis
   return EXIT_OK;
 }
 
+/** The -e/--env words of a command, with cli.py's spelling `--env,-e=NAME=VALUE`. */
+const envWords = (p: Parsed) => [...((p.values.env as string[] | undefined) ?? []), ...((p.values['env,-e'] as string[] | undefined) ?? [])];
+
 /** Comma lists in a repeatable option (--label a,b --label c), as one list. */
 const commaList = (v: unknown) => (v === undefined ? [] : (v as string[]).flatMap((w) => w.split(',')).map((w) => w.trim()).filter(Boolean));
 
@@ -4892,11 +5087,18 @@ async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length) throw usage('add_slave needs at least one HOST[:SLOTS]');
   const auto = p.values.slots === 'auto', slots = auto ? 1 : intOption(p.values.slots, 'slot count', 1) ?? 1;
   const gpus = intOption(p.values.gpus, 'GPU count', 0) ?? 0;
-  const labels = commaList(p.values.label).map(labelOf), env = envOf((p.values.env as string[] | undefined) ?? []);
-  const workers = p.positionals.map((a) => ({ ...parseWorkerArg(a, slots, auto), gpus, labels, env }));
+  const labels = commaList(p.values.label).map(labelOf), env = envOf(envWords(p));
+  const skipCheck = Boolean(p.values.skip_ssh_auth_check);
+  const workers = p.positionals.map((a) => {
+    if (ENV_WORD_RE.test(a)) throw usage(`invalid host ${quoteForError(a)}`, 'give each environment setting its own -e: -e A=1 -e B=2 HOST');
+    const w = { ...parseWorkerArg(a, slots, auto), gpus, labels, env };
+    const warning = manySlotsWarning(a, w.slots, skipCheck);
+    if (warning) ctx.err.write(`warning: ${warning}\n`);
+    return w;
+  });
   let r: Record<string, unknown>;
   try {
-    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
+    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck });
   } catch (e) {
     if (e instanceof UserError && e.code === EXIT_FAILED && /^ssh login check failed/.test(e.message)) await noteSshDifference(ctx);
     throw e;
@@ -4970,7 +5172,7 @@ function jobOptions(p: Parsed): Record<string, unknown> {
   const list = (v: unknown) => (v === undefined ? [] : (v as string[]));
   const after = list(p.values.after).flatMap((w) => w.split(',')).map((w) => intOption(w.trim(), 'job id in --after', 1)!);
   const tags = list(p.values.tag).map(tagOf);
-  const env = envOf(list(p.values.env));
+  const env = envOf(envWords(p));
   return {
     retries: intOption(p.values.retries, 'retries', 0) ?? 0,
     timeout: intOption(p.values.timeout, 'timeout', 1) ?? 0,
@@ -5014,6 +5216,7 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length || p.positionals[0] === ':::') throw usage('add_job needs a SCRIPT', `usage: cli.ts ${COMMANDS.add_job.synopsis}`);
   const [script, ...words] = p.positionals;
   const { args, lists } = splitSweep(words);
+  if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
   const spec = [resolveScript(script, workDir()), ...args];
   if (lists) checkSweep(spec, lists); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
@@ -5047,7 +5250,8 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   } else {
     if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
     const [script, ...args] = p.positionals;
-    msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args };
+    const env = envWords(p);
+    msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args, ...(env.length ? { env: envOf(env) } : {}) };
   }
   const r = await request(ctx.dataDir, msg);
   const ids = r.ids as number[];
@@ -5223,6 +5427,36 @@ async function cmdPause(p: Parsed, ctx: Ctx, op: 'pause' | 'resume'): Promise<nu
   return EXIT_OK;
 }
 
+/** load_status FILE: cli.py's state (its `status` output) into this server, at once. */
+async function cmdLoadStatus(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.positionals.length !== 1) throw usage('load_status needs one FILE', 'make it with: ./cli.py status > st.json');
+  const name = p.positionals[0], cwd = workDir();
+  let status: unknown;
+  try { status = JSON.parse(fs.readFileSync(name === '-' ? 0 : bytesOf(name), 'utf8')); } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    throw failure(err.code ? `cannot read ${quoteForError(name)}: ${err.code}` : `${quoteForError(name)} is not JSON: ${err.message}`, err.code ? undefined : 'make it with: ./cli.py status > st.json');
+  }
+  parseClipyStatus(status, cwd); // the server checks too; this fails before any I/O
+  const r = await request(ctx.dataDir, { op: 'load_status', cwd, status, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
+  const hosts = (k: string) => r[k] as string[];
+  const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`;
+  if (hosts('added').length) ctx.out.write(`added ${plural(hosts('added').length, 'worker')}: ${hosts('added').join(' ')}\n`);
+  if (hosts('present').length) ctx.out.write(`kept ${plural(hosts('present').length, 'worker')} already here, with their settings: ${hosts('present').join(' ')}\n`);
+  if (hosts('removing').length) ctx.out.write(`left out ${plural(hosts('removing').length, 'worker')} cli.py was removing: ${hosts('removing').join(' ')}\n`);
+  const count = Number(r.count), first = Number(r.first);
+  ctx.out.write(count ? `queued ${plural(count, 'waiting job')}: ids ${first}${count > 1 ? `-${first + count - 1}` : ''}, in the waitlist's order\n` : 'queued no jobs: the waitlist is empty\n');
+  const command = (argv: string[]) => [path.relative(cwd, argv[0]).startsWith('..') ? argv[0] : './' + path.relative(cwd, argv[0]), ...argv.slice(1)].map(shellQuote).join(' ');
+  for (const h of r.held as (ClipyRunning & { host: string; env: string[] })[]) {
+    ctx.out.write(`not added: worker ${h.host}, which cli.py job ${h.id} (pid ${h.pid}) still runs on; djs leaves that job alone (its output: ${h.log || 'unknown'}). ` +
+      `Once it ends: cli.ts add_slave ${h.env.map((e) => `-e ${shellQuote(e)} `).join('')}${shellQuote(h.host)}\n`);
+  }
+  for (const e of r.ended as (ClipyRunning & { host: string })[]) {
+    ctx.out.write(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${command(e.argv)}\n`);
+  }
+  if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
+  return EXIT_OK;
+}
+
 async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
   const r = await request(ctx.dataDir, { op: 'stop' });
   // The server answers before it exits; wait until its socket is gone so that a
@@ -5237,7 +5471,7 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
 type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; negatives?: boolean; synopsis: string };
 const JOB_OPTIONS: OptSpec = {
   retries: { type: 'string' }, timeout: { type: 'string' }, 'retry-delay': { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
-  after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true },
+  after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true },
   slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
   host: { type: 'string', multiple: true },
 };
@@ -5245,18 +5479,21 @@ const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag
   '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
-  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
+  start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, log_dir: { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
   dashboard: { run: cmdDashboard, options: {}, noArgs: true, synopsis: 'dashboard' },
   add_slave: {
     run: cmdAddWorkers,
-    options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true } },
+    options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true } },
     synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...',
   },
   remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },
   add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: `add_job ${JOB_SYNOPSIS} SCRIPT [ARGS...] [::: V... [::: W...]]` },
   add_jobs: { run: cmdAddJobs, options: JOB_OPTIONS, synopsis: `add_jobs ${JOB_SYNOPSIS} FILE|-` },
-  remove_job: { run: cmdRemoveJob, options: { id: { type: 'boolean' }, ...TAG }, jobArgs: true, synopsis: 'remove_job SCRIPT [ARGS...] | remove_job --id ID... | remove_job --tag TAG' },
+  remove_job: {
+    run: cmdRemoveJob, options: { id: { type: 'boolean' }, ...TAG, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true } }, jobArgs: true,
+    synopsis: 'remove_job [-e|--env NAME=VALUE]... SCRIPT [ARGS...] | remove_job --id ID... | remove_job --tag TAG',
+  },
   kill: { run: cmdKill, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'kill ID... | kill --tag TAG | kill --all' },
   retry: { run: cmdRetry, options: { failed: { type: 'boolean' }, killed: { type: 'boolean' }, ...TAG }, synopsis: 'retry ID... | retry [--failed] [--killed] [--tag TAG]' },
   set_priority: { run: cmdSetPriority, options: TAG, negatives: true, synopsis: 'set_priority N ID... | set_priority N --tag TAG' },
@@ -5268,6 +5505,7 @@ const COMMANDS: Record<string, Command> = {
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
   wait: { run: cmdWait, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'wait [ID... | --tag TAG | --all]' },
   clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG]' },
+  load_status: { run: cmdLoadStatus, options: { skip_ssh_auth_check: { type: 'boolean' } }, synopsis: 'load_status [--skip_ssh_auth_check] FILE|-   (the JSON of cli.py status)' },
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
 

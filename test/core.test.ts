@@ -12,7 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
-  admits, textOf, bytesOf, shellQuote, checkSweep, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep,
+  admits, textOf, bytesOf, shellQuote, checkSweep, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep,
 } from '../cli.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
@@ -1092,20 +1092,25 @@ describe('parseJobsFile', () => {
 });
 
 describe('validateHost and parseWorkerArg', () => {
-  test('accepts names, user@address, slots and bracketed IPv6', () => {
-    for (const h of ['node7', 'alice@10.0.0.5', 'a-b.example.org', '[::1]', 'bob@[fe80::1%eth0]']) assert.doesNotThrow(() => validateHost(h), h);
+  test('accepts names, user@address, slots and IPv6 addresses, bare or bracketed', () => {
+    for (const h of ['node7', 'alice@10.0.0.5', 'a-b.example.org', '[::1]', 'bob@[fe80::1%eth0]', '::1', 'fe80::1', 'bob@fe80::1%eth0', '2001:db8::7']) assert.doesNotThrow(() => validateHost(h), h);
     assert.deepEqual(parseWorkerArg('node7', 1), { host: 'node7', slots: 1, auto: false });
     assert.deepEqual(parseWorkerArg('alice@10.0.0.5', 3), { host: 'alice@10.0.0.5', slots: 3, auto: false });
     assert.deepEqual(parseWorkerArg('127.0.0.2:4', 1), { host: '127.0.0.2', slots: 4, auto: false });
-    assert.deepEqual(parseWorkerArg('[::1]:2', 1), { host: '[::1]', slots: 2, auto: false });
-    assert.deepEqual(parseWorkerArg('[::1]', 5), { host: '[::1]', slots: 5, auto: false });
+    // IPv6: the name ssh and SLAVE_IP get is the bare address.
+    assert.deepEqual(parseWorkerArg('[::1]:2', 1), { host: '::1', slots: 2, auto: false });
+    assert.deepEqual(parseWorkerArg('[::1]', 5), { host: '::1', slots: 5, auto: false });
+    assert.deepEqual(parseWorkerArg('::1', 3), { host: '::1', slots: 3, auto: false }, 'a bare address takes --slots');
+    assert.deepEqual(parseWorkerArg('fe80::1:4', 1), { host: 'fe80::1:4', slots: 1, auto: false }, 'a bare address is all host');
+    assert.deepEqual(parseWorkerArg('bob@[fe80::1%eth0]:4', 1), { host: 'bob@fe80::1%eth0', slots: 4, auto: false });
+    assert.deepEqual(parseWorkerArg('[2001:db8::7]:auto', 1), { host: '2001:db8::7', slots: 1, auto: true });
     assert.deepEqual(parseWorkerArg('gpu1:auto', 1), { host: 'gpu1', slots: 1, auto: true });
     assert.deepEqual(parseWorkerArg('gpu1', 1, true), { host: 'gpu1', slots: 1, auto: true }, '--slots auto');
     assert.deepEqual(parseWorkerArg('gpu1:3', 1, true), { host: 'gpu1', slots: 3, auto: false }, 'a count wins over --slots auto');
   });
 
   test('rejects anything ssh or a shell could interpret, empty hosts and zero slots', () => {
-    const bad = ['-oProxyCommand=x', 'a b', 'a;b', '$(x)', 'a\'b', 'a`b`', 'a|b', 'a\x00b', 'a\x1bb', 'a\tb', '', '@host', 'a@-b', '::1', 'x'.repeat(300)];
+    const bad = ['-oProxyCommand=x', 'a b', 'a;b', '$(x)', 'a\'b', 'a`b`', 'a|b', 'a\x00b', 'a\x1bb', 'a\tb', '', '@host', 'a@-b', 'a:b', '[::1', '::1]', '[a b]', 'x'.repeat(300)];
     for (const h of [...bad, 'a\nb', 'node7\n', 'a\rb']) {
       assert.throws(() => validateHost(h), (e: unknown) => e instanceof UserError && e.code === 2, JSON.stringify(h));
     }
@@ -1121,6 +1126,25 @@ describe('validateHost and parseWorkerArg', () => {
     for (const h of ['a\nb', 'node7\n', 'a\rb:2', 'a\u2028b']) {
       assert.throws(() => parseWorkerArg(h, 1), (e: unknown) => e instanceof UserError && e.code === 2, JSON.stringify(h));
     }
+  });
+
+  test('a slot count from HOST:N above a plausible size warns, naming --slots, only when no login check reads the size', () => {
+    const w = manySlotsWarning('user1@199:1000', 1000, true);
+    assert.match(w ?? '', /'user1@199' with 1000 slots/);
+    assert.match(w ?? '', /--slots N/);
+    assert.equal(manySlotsWarning('user1@199:1000', 1000, false), null, 'the login check is on');
+    assert.equal(manySlotsWarning('big:256', 256, true), null, 'plausible');
+    assert.equal(manySlotsWarning('big', 1000, true), null, 'from --slots: meant');
+    assert.equal(manySlotsWarning('[::1]:300', 300, true) !== null, true);
+  });
+
+  test('remove_workers finds an IPv6 worker by its bare or bracketed address', () => {
+    const st = newState();
+    applyEvent(st, { e: 'worker', t: T0, host: '::1', slots: 1, ssh: true });
+    const d = decideRemoveWorkers(st, { op: 'remove_workers', hosts: ['[::1]'] }, { now: T0, killGraceMs: 0, argSpace: 1e6 });
+    assert.deepEqual(d.events, [{ e: 'unworker', t: T0, host: '::1' }]);
+    const added = decideAddWorkers(newState(), { op: 'add_workers', workers: [{ host: '[::1]' }] }, { now: T0, killGraceMs: 0, argSpace: 1e6 });
+    assert.equal((added.events[0] as { host: string }).host, '::1');
   });
 
   test('the error shows control characters escaped', () => {

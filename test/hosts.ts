@@ -12,7 +12,8 @@
 //
 // Files, under one short temporary directory (paths stay short and need no quoting):
 //   user_key, user_key.pub, known_hosts, ssh_config, authorized_keys, session.sh
-//   h2/host_key, h2/sshd_config, h2/sshd.log, h2/scratch/   (one hN per host, N = last octet)
+//   h2/host_key, h2/sshd_config, h2/sshd.log, h2/scratch/   (one hN per host: N = its index + 2,
+//   the last octet of 127.0.0.N)
 //
 // Processes: sshd forks a process per connection, each in its own session, so killing the
 // listener leaves them running. close() kills the listeners, the per-connection processes
@@ -70,6 +71,19 @@ export interface TestHosts {
 export interface HostsOptions {
   /** Indexes into hosts whose sshd rejects the user key ("Permission denied"). */
   noKeyHosts?: number[];
+  /** The hosts' addresses instead of 127.0.0.2, …: e.g. ['::1'] for an IPv6 host (see
+   *  ipv6LoopbackMissing). Host I's files are then in h{I+2}. */
+  addrs?: string[];
+}
+
+/** Why this machine cannot have an IPv6 loopback host ('' when it can): ::1 must be
+ *  bindable. */
+export async function ipv6LoopbackMissing(): Promise<string> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.once('error', (e: NodeJS.ErrnoException) => resolve(`this machine has no IPv6 loopback (::1: ${e.code ?? e.message})`));
+    server.listen(0, '::1', () => server.close(() => resolve('')));
+  });
 }
 
 const MARKER = 'DJS_TEST_HOSTS';
@@ -295,7 +309,8 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
   const dir = tempDir('djsh-');
   assert.match(dir, /^[\w/.-]+$/, 'the hosts dir goes into ssh and sshd configs unquoted');
   const user = os.userInfo().username;
-  const addrs = Array.from({ length: n }, (_, i) => `127.0.0.${i + 2}`);
+  const addrs = options.addrs ?? Array.from({ length: n }, (_, i) => `127.0.0.${i + 2}`);
+  if (addrs.length !== n) throw new Error(`${n} hosts, ${addrs.length} addresses`);
   const noKey = new Set(options.noKeyHosts ?? []);
   const orphans = new Map<number, string>(); // per-connection sshd processes of killed listeners
   const listeners: (ChildProcess | undefined)[] = [];
@@ -330,7 +345,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
     const sshConfig = path.join(dir, 'ssh_config');
     const session = path.join(dir, 'session.sh');
 
-    const hostDirs = addrs.map((addr) => path.join(dir, `h${addr.split('.')[3]}`));
+    const hostDirs = addrs.map((_, i) => path.join(dir, `h${i + 2}`));
     for (const d of hostDirs) fs.mkdirSync(path.join(d, 'scratch'), { recursive: true });
     const [userPub, ...hostPubs] = await Promise.all([
       keygen(userKey),
@@ -387,7 +402,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
       fs.writeFileSync(
         path.join(hostDirs[i], 'sshd_config'),
         [
-          `ListenAddress ${addr}:${port}`,
+          `ListenAddress ${addr.includes(':') ? `[${addr}]` : addr}:${port}`,
           `HostKey ${path.join(hostDirs[i], 'host_key')}`,
           'PidFile none',
           `AuthorizedKeysFile ${noKey.has(i) ? 'none' : authorizedKeys}`,
