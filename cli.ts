@@ -45,7 +45,8 @@ if (!process.features.typescript) {
  * SYNOPSIS
  *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]
  *                                             run the server (-d: in the background;
- *                                             --http: also the dashboard, API, /metrics)
+ *                                             --http: also the dashboard, API, /metrics);
+ *                                             refuses a data dir of cli.py
  *   cli.ts stop                               stop it; running jobs keep running
  *   cli.ts dashboard                          the dashboard's URL, with its access token
  *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]...
@@ -60,7 +61,7 @@ if (!process.features.typescript) {
  *     JOB OPTIONS: --retries N, --timeout S, --retry-delay S, --tag TAG..., --priority N,
  *                  --after ID[,ID]..., -e|--env NAME=VALUE..., --slots K, --gpus G,
  *                  --require LABEL..., --avoid LABEL..., --host HOST...
- *   cli.ts remove_job SCRIPT [ARGS...] | --id ID... | --tag TAG
+ *   cli.ts remove_job [-e NAME=VALUE]... SCRIPT [ARGS...] | --id ID... | --tag TAG
  *   cli.ts kill ID... | --tag TAG | --all
  *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
  *   cli.ts set_priority N ID... | N --tag TAG
@@ -68,8 +69,12 @@ if (!process.features.typescript) {
  *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S]... [--tag TAG] [--json]
  *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG | --all]
  *   cli.ts clean [--logs] [--tag TAG]    cli.ts help [COMMAND], COMMAND --help, --version
+ *   cli.ts load_status [--skip_ssh_auth_check] FILE|-
+ *                     the state of cli.py (the JSON its status printed): its workers and
+ *                     waiting jobs, added in one step or not at all (decideLoadStatus)
  *   Every command takes --data-dir DIR (env DJS_DATA_DIR; default: the nearest .data
  *   that djs made, in the current directory or a parent, else ./.data).
+ *   cli.py's spellings work too: --server_data_dir, --log_dir, --env,-e=NAME=VALUE.
  *
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
  *   DJS_DATA_DIR; the server's settings (SETTINGS: kept in the data dir by `start`, used
@@ -5713,6 +5718,7 @@ function helpText(): string {
   return `usage: cli.ts [--data-dir DIR] COMMAND [OPTIONS] [ARGS]\n\ncommands (cli.ts help COMMAND, or COMMAND --help, for more):\n${Object.values(COMMANDS).map((c) => `  ${c.synopsis}`).join('\n')}\n\n` +
     `--data-dir DIR (env DJS_DATA_DIR; default: the nearest .data in this directory or above, else ./.data)\n` +
     `selects the server on every command. --version prints the version.\n` +
+    `cli.py's spellings work too: --server_data_dir, --log_dir, --env,-e=NAME=VALUE.\n` +
     `environment:\n${ENVIRONMENT.map(([name, what]) => `  ${name.padEnd(23)}${what}`).join('\n')}\n` +
     `"kept": start keeps the value in the data dir; later starts use it unless given another.\n` +
     `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
