@@ -2964,7 +2964,7 @@ async function checkLoadStatus(req: Request): Promise<Request> {
   const status = parseClipyStatus(req.status, req.cwd);
   for (const script of new Set(status.jobs.map((j) => j.argv[0]))) checkExecutable(script, script, ' (in the waitlist)');
   const alive = status.workers.flatMap((w) => (w.job && clipyJobAlive(w.job.pid, w.job.id) ? [w.job.id] : []));
-  const workers = status.workers.filter((w) => !w.removing && !(w.job && alive.includes(w.job.id))).map((w) => ({ host: w.host, env: w.env }));
+  const workers = status.workers.filter((w) => !w.removing && !(w.job && alive.includes(w.job.id)) && !st.workers.has(w.host)).map((w) => ({ host: w.host, env: w.env }));
   if (workers.length && req.skipCheck !== true) await checkLogins({ op: 'add_workers', workers });
   return { ...req, alive };
 }
@@ -5217,11 +5217,19 @@ export function splitSweep(words: string[]): { args: string[]; lists: string[][]
   return { args: words.slice(0, at), lists };
 }
 
+/** cli.py took its own options from anywhere on the line; djs gives the words after
+ *  SCRIPT to the job. Its spellings there are most likely meant for the scheduler. */
+function warnClipyOptions(words: string[], ctx: Ctx): void {
+  const word = words.find((w) => /^--(server_data_dir|env,-e)(=|$)/.test(w));
+  if (word) ctx.err.write(`warning: ${quoteForError(word)} comes after SCRIPT, so it is an argument of the job; options of djs go before SCRIPT\n`);
+}
+
 async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length || p.positionals[0] === ':::') throw usage('add_job needs a SCRIPT', `usage: cli.ts ${COMMANDS.add_job.synopsis}`);
   const [script, ...words] = p.positionals;
   const { args, lists } = splitSweep(words);
   if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
+  warnClipyOptions(words, ctx);
   const spec = [resolveScript(script, workDir()), ...args];
   if (lists) checkSweep(spec, lists); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
@@ -5255,6 +5263,7 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   } else {
     if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
     const [script, ...args] = p.positionals;
+    warnClipyOptions(args, ctx);
     const env = envWords(p);
     msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args, ...(env.length ? { env: envOf(env) } : {}) };
   }

@@ -160,6 +160,10 @@ describe("the original's commands and spellings", () => {
     const many = await cli(['--server_data_dir=srv', 'add_job', '--env', 'FOO=1', 'BAR=2', './job.sh']);
     assert.equal(many.code, 2);
     assert.match(many.stderr, /error: no such script 'BAR=2'\nhint: give each environment setting its own -e: -e A=1 -e B=2 SCRIPT/);
+    // cli.py took its options from anywhere; after SCRIPT they are the job's, and djs says so.
+    const late = await ok(['--server_data_dir=srv', 'add_job', './job.sh', 'late', '--server_data_dir=srv']);
+    assert.match(late.stderr, /warning: '--server_data_dir=srv' comes after SCRIPT, so it is an argument of the job; options of djs go before SCRIPT/);
+    assert.equal((await ok(['--server_data_dir=srv', 'remove_job', '--id', late.stdout.trim()])).code, 0);
     const many2 = await cli(['--server_data_dir=srv', 'add_slave', '--skip_ssh_auth_check', '-e', 'A=1', 'B=2', 'w9']);
     assert.equal(many2.code, 2);
     assert.match(many2.stderr, /hint: give each environment setting its own -e/);
