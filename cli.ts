@@ -1599,10 +1599,15 @@ export function parseClipyStatus(v: unknown, cwd: string): ClipyStatus {
     }
     throw failure('not the status of cli.py: expected {"job_waitlist": [...], "slaves": [...]}', 'make it with: ./cli.py status > st.json');
   }
+  const scripts = new Map<string, string>(); // resolved once per script, not per job
   const argvOf = (x: unknown): string[] => {
     if (!strings(x) || x.length === 0 || x[0] === '') throw failure('a job is a non-empty list of strings: the script, then its arguments');
     if (x.some((w) => w.includes('\0'))) throw failure("a job's words cannot hold NUL bytes");
-    return [path.resolve(cwd, x[0]), ...x.slice(1)];
+    let script = scripts.get(x[0]);
+    if (script === undefined) scripts.set(x[0], script = path.resolve(cwd, x[0]));
+    const argv = x.slice();
+    argv[0] = script;
+    return argv;
   };
   const envDict = (x: unknown): string[] => {
     if (x === undefined || x === null) return [];
