@@ -5003,11 +5003,13 @@ const CLIPY_FILES = ['commands_fifo', 'service_pid', 'server_context.pkl'];
 export function refuseClipyDataDir(dataDir: string): void {
   const found = CLIPY_FILES.filter((f) => { try { fs.lstatSync(path.join(dataDir, f)); return true; } catch { return false; } });
   if (!found.length) return;
-  let running = '';
-  try {
-    const pid = Number(fs.readFileSync(path.join(dataDir, 'service_pid'), 'utf8').trim());
-    if (Number.isSafeInteger(pid) && pid > 0) { try { process.kill(pid, 0); running = `, and its server (pid ${pid}) is running`; } catch (e) { if ((e as NodeJS.ErrnoException).code === 'EPERM') running = `, and its server (pid ${pid}) is running`; } }
-  } catch { /* no pid file */ }
+  let running = '', pid = 0;
+  try { pid = Number(fs.readFileSync(path.join(dataDir, 'service_pid'), 'utf8').trim()); } catch { /* no pid file */ }
+  if (Number.isSafeInteger(pid) && pid > 0) {
+    try { process.kill(pid, 0); running = `, and its server (pid ${pid}) is running`; } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EPERM') running = `, and its server (pid ${pid}) is running`;
+    }
+  }
   const dir = shellQuote(dataDir);
   throw failure(`data dir ${quoteForError(dataDir)} belongs to cli.py (it holds ${found.join(', ')})${running}`,
     `to move to djs: ./cli.py status > st.json; ./cli.py stop; mv ${dir} ${shellQuote(dataDir + '.clipy')}; ./cli.ts start; ./cli.ts load_status st.json (or start djs on another --data-dir)`);
