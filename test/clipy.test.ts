@@ -152,6 +152,9 @@ describe("the original's commands and spellings", () => {
     const big = await ok(['--server_data_dir=srv', 'add_slave', '--skip_ssh_auth_check', 'user1@w201:1000']);
     assert.match(big.stderr, /warning: 'user1@w201:1000' is worker 'user1@w201' with 1000 slots; .*--slots N/);
     await ok(['--server_data_dir=srv', 'remove_slave', 'user1@w201']);
+    // argparse took options after the positional words too, and several hosts at once.
+    assert.match((await ok(['add_slave', 'w300', 'w301', '--skip_ssh_auth_check', '--server_data_dir=srv'])).stdout, /added worker w300 .*\nadded worker w301 /);
+    assert.match((await ok(['remove_slave', 'w300', 'w301', '--server_data_dir', 'srv'])).stdout, /removed worker w300\nremoved worker w301/);
     // add_job with envs in every spelling; the job sees them.
     fs.writeFileSync(path.join(dir, 'hold'), '');
     const id1 = (await ok(['--server_data_dir=srv', 'add_job', '--env,-e=FOO=1', '-e', 'BAR=2', 'job.sh', 'one'])).stdout.trim();
