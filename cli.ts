@@ -5537,7 +5537,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Runs the server on a data dir. Its settings (the options and variables below) are kept in the data dir and used by the next start unless given again; status shows them.',
     options: [
       ['-d, --detach', 'run in the background (output to LOG_DIR/server.log); return once it answers'],
-      ['--log-dir DIR', 'where job logs go (env DJS_LOG_DIR; first default ./logs)'],
+      ['--log-dir DIR (--log_dir)', 'where job logs go (env DJS_LOG_DIR; first default ./logs)'],
       ['--kill-grace SECONDS', 'from SIGTERM to SIGKILL when a job is stopped (env DJS_KILL_GRACE; first default 10)'],
       ['--http [HOST:]PORT', 'also serve the dashboard, the JSON API and /metrics (env DJS_HTTP; on 127.0.0.1 unless a host is given; empty: off)'],
       ['DATA_DIR, LOG_DIR', 'the data dir and log dir, as --data-dir and --log-dir'],
@@ -5557,7 +5557,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--slots N|auto', 'slots of hosts given without :SLOTS (default 1; auto: nproc, read over ssh)'],
       ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them)'],
       ['--label L[,L]', 'labels that jobs can --require or --avoid (repeatable)'],
-      ['-e, --env NAME=VALUE', 'environment of every job on these workers (repeatable)'],
+      ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'environment of every job on these workers (repeatable)'],
     ],
     examples: ['cli.ts add_slave node1:8 node2:8 alice@gpu-box:2', 'cli.ts add_slave --skip_ssh_auth_check local1:2'],
   },
@@ -5575,7 +5575,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--tag TAG', 'name the campaign (repeatable); status, list, wait, kill, retry, clean take --tag too'],
       ['--priority N', 'higher starts first (default 0; may be negative)'],
       ['--after ID[,ID]', 'start only once those jobs ended done (repeatable)'],
-      ['-e, --env NAME=VALUE', 'more environment for the job (repeatable)'],
+      ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'more environment for the job (repeatable)'],
       ['--slots K', 'K slots of one worker (env SLAVE_SLOTS lists them)'],
       ['--gpus G', 'G GPUs of one worker (env SLAVE_GPUS lists them)'],
       ['--require LABEL', 'only workers with this label (repeatable)'],
@@ -5589,14 +5589,14 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Queues one job per line of FILE (- for standard input): SCRIPT ARGS..., quoted like a shell (\'...\', "...", \\, $\'...\'), # comments. Prints the ids.',
     options: [
       ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'], ['--tag TAG', 'as add_job'],
-      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE', 'as add_job'],
+      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
       ['--slots K', 'as add_job'], ['--gpus G', 'as add_job'], ['--require LABEL', 'as add_job'], ['--avoid LABEL', 'as add_job'], ['--host HOST', 'as add_job'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
   },
   remove_job: {
     about: 'Removes waiting jobs: every one with exactly that script and those args, or those ids.',
-    options: [['--id', 'the words are job ids'], ['--tag TAG', 'every waiting job of that tag']],
+    options: [['--id', 'the words are job ids'], ['--tag TAG', 'every waiting job of that tag'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'only jobs with exactly these --env settings (repeatable)']],
     examples: ['cli.ts remove_job ./example_job.sh data/a.txt', 'cli.ts remove_job --id 12 13'],
   },
   kill: {
@@ -5653,6 +5653,11 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Forgets finished jobs; ids are never reused.',
     options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier'], ['--tag TAG', 'only finished jobs of that tag']],
     examples: ['cli.ts clean --logs'],
+  },
+  load_status: {
+    about: "Loads the state of cli.py (the JSON its status printed) into this server, all or nothing: its slaves as workers of 1 slot with their envs, its waitlist in order with its envs. A job cli.py still runs is left alone, and its worker left out until it ends.",
+    options: [['--skip_ssh_auth_check', 'add the workers without the ssh check, as add_slave']],
+    examples: ['./cli.py status > st.json; ./cli.py stop; mv .data .data.clipy; cli.ts start -d; cli.ts load_status st.json'],
   },
 };
 
