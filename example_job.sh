@@ -24,7 +24,10 @@
 #   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
 #   SLAVE_GPUS           set by the scheduler: the GPU indices the job holds on the worker (a
 #                        job added with --gpus G); the work gets them as CUDA_VISIBLE_DEVICES
-#   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
+#   DJS_SSH_SHARED_CONFIG  set by the scheduler: the ssh config file of its shared connection
+#                        to the worker (ssh -F); every ssh and rsync here uses it
+#   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F) when the
+#                        scheduler shares no connection (DJS_SSH_SHARED=0, or run by hand)
 #   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
 #   DJS_SSH_TIMEOUT=T    seconds to wait for the worker's sshd to answer (default 10); a worker
 #                        that goes silent mid-job is given up after about 2T (ssh ServerAlive)
@@ -98,7 +101,11 @@ rsq() { printf "'%s'" "${1//\'/\'\'}"; }
 # ssh with 255 (4 unanswered keepalives, one every T/2 seconds).
 ssh_options=(-o BatchMode=yes -o "ConnectTimeout=$DJS_SSH_TIMEOUT"
 	-o "ServerAliveInterval=$(((DJS_SSH_TIMEOUT + 1) / 2))" -o ServerAliveCountMax=4)
-if [[ -n ${DJS_SSH_CONFIG:-} ]]; then
+# The scheduler's shared connection to the worker (one login for all of its jobs' ssh and
+# rsync; that config file includes DJS_SSH_CONFIG or ~/.ssh/config), else DJS_SSH_CONFIG.
+if [[ -n ${DJS_SSH_SHARED_CONFIG:-} ]]; then
+	ssh_options=(-F "$DJS_SSH_SHARED_CONFIG" "${ssh_options[@]}")
+elif [[ -n ${DJS_SSH_CONFIG:-} ]]; then
 	ssh_options=(-F "$DJS_SSH_CONFIG" "${ssh_options[@]}")
 fi
 rsync_rsh=ssh
