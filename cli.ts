@@ -675,7 +675,7 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
   const host = job.worker;
   (job.history ??= []).push({
     n: job.history.length + 1, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
-    exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : (why ?? null),
+    exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : job.killing === 'down' ? 'worker down' : (why ?? null),
   });
   job.exitCode = code;
   freeSlot(st, job);
@@ -1623,7 +1623,7 @@ function workerView(st: State, w: Worker, h: Health | undefined) {
     host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0,
     labels: w.labels, gpus: w.gpus, gpusUsed: w.gpuJobs.flatMap((id, g) => (id ? [g] : [])), env: w.env ?? [],
     error: w.error, since: iso(w.since), nextProbeAt: w.state === 'down' && w.probeAt ? iso(w.probeAt) : null,
-    seenAt: h && h.okAt ? iso(h.okAt) : null, missedCheck: w.state === 'up' && h?.missingSince ? h.err : null,
+    seenAt: h && h.okAt ? iso(h.okAt) : null,
     requeueOnDown: w.requeueOnDown === true,
     running: w.running.flatMap((id, slot) => (id ? [{ slot, id, command: commandOf(st.jobs.get(id)) }] : [])),
   };

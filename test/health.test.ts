@@ -93,6 +93,7 @@ describe('heartbeats', () => {
     const [j1, j2] = st.workers.get('b')!.running.filter(Boolean);
     apply(st, [{ e: 'end', t: at + 10, id: j1, run: 1, code: 143 }, { e: 'end', t: at + 10, id: j2, run: 1, code: 0 }]);
     assert.deepEqual([st.jobs.get(j1)!.state, st.jobs.get(j1)!.reason, st.jobs.get(j1)!.retriesUsed, st.jobs.get(j1)!.avoid], ['waiting', 'worker down', 0, ['b']]);
+    assert.equal(st.jobs.get(j1)!.history!.at(-1)!.reason, 'worker down');
     assert.equal(st.jobs.get(j2)!.state, 'done');
     // a's jobs ran on; they end with ssh's 255 later and are requeued as ever.
     assert.equal(st.workers.get('a')!.running.filter(Boolean).length, 2);
