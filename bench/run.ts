@@ -4,8 +4,9 @@
 // and the results to bench/last-run.md and bench/last-run.json.
 //   NAME: dispatch, client, queue (= addcost + scale), latency, durable, campaign,
 //   placement; default all of these. Only when named: breakdown (where a start's CPU goes,
-//   by process and kernel path; --patched copies too) and primitives (what fork, exec and
-//   file operations cost).
+//   by process and kernel path; --patched copies too), primitives (what fork, exec and
+//   file operations cost) and ssh (jobs over real loopback sshd hosts against GNU
+//   parallel; see bench/ssh.ts).
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
@@ -29,8 +30,9 @@ import { breakdown } from './breakdown.ts';
 import { primitives } from './primitives.ts';
 import { campaign } from './campaign.ts';
 import { placement } from './placement.ts';
+import { ssh } from './ssh.ts';
 
-const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives };
+const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, ssh };
 const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable', 'campaign', 'placement'];
 const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue', scale: 'queue' };
 
