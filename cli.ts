@@ -3996,7 +3996,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_TIMEOUT', 'start: ssh connect timeout of checks and probes, seconds (default 10)'],
   ['DJS_SSH_SHARED', 'start: 1 (default): one shared ssh connection per worker for checks and jobs; 0: none'],
   ['DJS_SSH_SESSIONS', 'start: slots of a worker that share one ssh connection (default 8; see sshd MaxSessions)'],
-  ['DJS_HEARTBEAT', 'start: seconds between checks of busy workers (default 30; down after 3 missed; 0: off)'],
+  ['DJS_HEARTBEAT', 'start: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
   ['DJS_PROBE_BACKOFF_MAX', 'start: longest wait between probes of a down worker, seconds (default 300)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
