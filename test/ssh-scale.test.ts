@@ -4,6 +4,7 @@
 import { describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { startHosts, skipUnlessSsh, type HostsOptions } from './hosts.ts';
 import { allPids, run, serve, writeScript, until, ROOT, type TestServer } from './server.ts';
@@ -146,6 +147,31 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
     const again = h1.logins() - before[1];
     assert.ok(again >= 2 && again <= 1 + 4, `host 1 logins: ${again}`);
     for (const h of hosts.hosts) assert.equal((await workerOf(s, h.addr)).state, 'up');
+  });
+
+  test("the user's own ssh config still applies (Port, User, IdentityFile, ProxyJump): a worker reached through a jump host shares one connection too", { timeout: 90_000 }, async (t) => {
+    if (skipUnlessSsh(t)) return;
+    const hosts = await startHosts(2);
+    t.after(() => hosts.close());
+    const [target, jump] = hosts.hosts;
+    // A name only this config knows: the target host, reached through the jump host, which
+    // the hosts' own config (included) describes.
+    const config = path.join(hosts.dir, 'user_config');
+    fs.writeFileSync(config, [
+      `Include ${hosts.sshConfig}`, '', 'Host far-node', `  HostName ${target.addr}`, `  Port ${hosts.port}`, `  User ${os.userInfo().username}`, `  ProxyJump ${jump.addr}`,
+      `  IdentityFile ${path.join(hosts.dir, 'user_key')}`, '  IdentitiesOnly yes', `  UserKnownHostsFile ${path.join(hosts.dir, 'known_hosts')}`,
+      ''].join('\n'));
+    const s = await serve(t, { env: { DJS_SSH_CONFIG: config, DJS_SSH_TIMEOUT: String(SSH_TIMEOUT_S), DJS_HEARTBEAT: '1' } });
+    fs.copyFileSync(EXAMPLE, path.join(s.dir, 'example_job.sh'));
+    const before = [target.logins(), jump.logins()];
+    await s.ok(['add_slave', 'far-node:2']);
+    const names = makeInputs(s.dir, 8);
+    const ids = await addJobs(s, names);
+    assert.equal((await s.cli(['wait'])).code, 0);
+    const jobs = await checkAllDoneOnce(s, ids, names);
+    assert.ok(jobs.every((j: any) => j.worker === 'far-node'));
+    assert.equal(fs.readdirSync(path.join(target.scratch, '.djs-work')).length, 0, 'the jobs ran on the target host');
+    assert.deepEqual([target.logins() - before[0], jump.logins() - before[1]], [1, 1], 'one login at each end, for the check and all jobs');
   });
 
   test('sshd at its default limits (MaxStartups 10:30:100, MaxSessions 10): 500 example_job.sh jobs on 16 slots of one host, no exit 255, nothing charged to the worker', { timeout: 240_000 }, async (t) => {
