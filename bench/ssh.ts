@@ -1,4 +1,4 @@
-// 7. Jobs over real ssh: N jobs (600; --quick 120; BENCH_SSH_JOBS=N) over 3 sshd hosts on
+// 9. Jobs over real ssh: N jobs (600; --quick 120; BENCH_SSH_JOBS=N) over 3 sshd hosts on
 // loopback (test/hosts.ts: 127.0.0.2-4) x 4 slots each. Each job copies a small input
 // file to its worker, runs `wc -w` there and copies the result back (example_job.sh's
 // shape). The systems, interleaved round by round:
@@ -128,7 +128,7 @@ export async function ssh(o: Opts): Promise<BenchResult> {
   }
   notes.push(`${n} jobs per run, 3 hosts × ${SLOTS} slots, ${rounds} round(s); logins counted in the hosts' sshd logs, the login checks of add_slave included.`);
   return {
-    name: 'ssh', title: `7. Jobs over ssh: ${n} jobs, 3 loopback sshd hosts × ${SLOTS} slots, copy in, wc -w, copy back`,
+    name: 'ssh', title: `9. Jobs over ssh: ${n} jobs, 3 loopback sshd hosts × ${SLOTS} slots, copy in, wc -w, copy back`,
     sections: [{ title: 'jobs per second (median of the rounds) and ssh logins per job', columns: ['system', 'jobs/s', 'rounds', 'logins/job'], rows }],
     targets, notes, seconds: (now() - t00) / 1000,
   };
