@@ -49,8 +49,8 @@ if (!process.features.typescript) {
  *                                             refuses a data dir of cli.py
  *   cli.ts stop                               stop it; running jobs keep running
  *   cli.ts dashboard                          the dashboard's URL, with its access token
- *   cli.ts add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]...
- *                    [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
+ *   cli.ts add_slave [--skip_ssh_auth_check] [--requeue-on-down] [--slots N|auto] [--gpus N]
+ *                    [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
  *                      (HOST slurm:PARTITION[@LOGIN_HOST]: a Slurm partition, checked
  *                      with sinfo; SLOTS = how many jobs may be in it at once)
  *   cli.ts policy [spread|pack|sequential|random]
@@ -79,10 +79,12 @@ if (!process.features.typescript) {
  * ENVIRONMENT (see ENVIRONMENT; `cli.ts help` lists them)
  *   DJS_DATA_DIR; the server's settings (SETTINGS: kept in the data dir by `start`, used
  *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, DJS_HTTP, and for
- *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_PROBE_BACKOFF_MAX, and
- *   DJS_SLURM_CHECK; DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs
- *   get JOB_ID, SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT,
- *   DJS_DATA_DIR, the worker's and their own --env settings, and the ssh settings as kept.
+ *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_SSH_SHARED,
+ *   DJS_SSH_SESSIONS, DJS_HEARTBEAT, DJS_PROBE_BACKOFF_MAX, and DJS_SLURM_CHECK;
+ *   DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
+ *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR,
+ *   DJS_SSH_SHARED_CONFIG, the worker's and their own --env settings, and the ssh
+ *   settings as kept.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
@@ -95,6 +97,10 @@ if (!process.features.typescript) {
  *   http.token    the access token of the dashboard and API (start --http; mode 0600)
  *   run/ID.R.pid  the claim of run R of job ID: "PID LAUNCHER_PID" of its process (or
  *                 "void": a server claimed it, so it never ran), then its exit code
+ *   ssh/          shared ssh connections (mode 0700): config.N, the ssh config of
+ *                 connection N of each worker (slots N*8 .. N*8+7 by default), which
+ *                 jobs get as DJS_SSH_SHARED_CONFIG; its control sockets, one per worker
+ *                 and N (in a 0700 dir under /tmp when this path is too long for them)
  *   Job output goes to LOG_DIR/ID.log (default ./logs), mode 0600.
  *
  * STATE MACHINES
@@ -103,9 +109,15 @@ if (!process.features.typescript) {
  *           running -> waiting  when the worker failed (exit 255), a retry is due,
  *                               or the worker was removed with --kill
  *           done|failed|killed -> waiting  by `retry`
- *   worker: up -> down (probe failed) -> up (probe answered, with backoff);
+ *   worker: up -> down (a probe failed, or heartbeats went unanswered for 3 periods)
+ *              -> up (probe answered, with backoff);
  *           a Slurm worker is probed (sinfo) while up too, every DJS_SLURM_CHECK seconds;
  *           up|down -> draining (remove --wait) -> gone when its last job ends
+ *           A busy worker (running jobs, or jobs waiting) is checked every DJS_HEARTBEAT
+ *           seconds over its shared connection; one not checked for two periods gets
+ *           no job until a check answers. When it goes down, its running jobs run on to
+ *           their own ssh timeouts (exit 255: requeued), or with --requeue-on-down are
+ *           stopped and requeued at once.
  *
  * DESIGN
  *   Order: waiting jobs start by priority (higher first), then first come first served;
@@ -195,9 +207,9 @@ import { fileURLToPath } from 'node:url';
 export const JOB_STATES = ['waiting', 'running', 'done', 'failed', 'killed'] as const;
 export type JobState = (typeof JOB_STATES)[number];
 export type WorkerState = 'up' | 'down' | 'draining';
-/** Why a running job is being killed: by the user, by its --timeout, or to requeue it
- *  (its worker was removed with --kill). */
-export type KillReason = 'user' | 'timeout' | 'requeue';
+/** Why a running job is being killed: by the user, by its --timeout, to requeue it (its
+ *  worker was removed with --kill), or because its worker went down (--requeue-on-down). */
+export type KillReason = 'user' | 'timeout' | 'requeue' | 'down';
 
 /** 2: events `kill` (was `stop`) and `start` with host/slot (was w/s); jobs keep one
  *  start counter, `run`. 3: campaigns and placement: `add` with tags, priority, after,
@@ -284,6 +296,7 @@ export type Worker = {
   host: string; slots: number; state: WorkerState;
   ssh: boolean;                          // probed over ssh, or with sinfo (not added with --skip_ssh_auth_check)
   slurm: SlurmTarget | null;             // a Slurm partition (named slurm:PARTITION[@LOGIN_HOST]), else an ssh host
+  requeueOnDown?: boolean;               // its running jobs are stopped and requeued when it goes down
   running: number[];                     // job id per slot, 0 = free (a job of K slots is in K)
   labels: string[];
   gpus: number;                          // GPUs, indices 0..gpus-1
@@ -342,7 +355,7 @@ export type Event =
   | { e: 'priority'; t: number; ids: number[]; priority: number }
   | { e: 'pause'; t: number; tag?: string }
   | { e: 'resume'; t: number; tag?: string }
-  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean; labels?: string[]; gpus?: number; env?: string[] }
+  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean; labels?: string[]; gpus?: number; env?: string[]; rod?: boolean } // rod: --requeue-on-down
   | { e: 'policy'; t: number; name: Policy }
   | { e: 'drain'; t: number; host: string }
   | { e: 'unworker'; t: number; host: string }
@@ -659,6 +672,7 @@ function newWorker(ev: Extract<Event, { e: 'worker' }>): Worker {
     host: ev.host, slots: ev.slots, state: 'up', ssh: ev.ssh, running: new Array(ev.slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: ev.t,
     labels: ev.labels ?? NO_TAGS, gpus: ev.gpus ?? 0, gpuJobs: new Array(ev.gpus ?? 0).fill(0), env: ev.env ?? null,
     slurm: slurmTarget(ev.host),
+    ...(ev.rod ? { requeueOnDown: true } : {}),
   };
 }
 
@@ -707,7 +721,7 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
   const host = job.worker;
   (job.history ??= []).push({
     n: job.history.length + 1, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
-    exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : (why ?? null),
+    exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : job.killing === 'down' ? 'worker down' : (why ?? null),
   });
   job.exitCode = code;
   freeSlot(st, job);
@@ -721,6 +735,13 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
   };
   if (killing === 'user') settle(st, job, 'killed', 'killed', t);
   else if (killing === 'requeue') settle(st, job, 'requeue', 'worker removed', t);
+  else if (killing === 'down' && code !== 0) {
+    // Stopped because its worker went down: a worker failure, like exit 255.
+    job.requeues++;
+    avoidWorker(job, host);
+    if (job.requeues >= MAX_REQUEUES) settle(st, job, 'failed', `worker down ${job.requeues} times`, t);
+    else settle(st, job, 'requeue', 'worker down', t);
+  }
   else if (killing === 'timeout') failOrRetry(`timeout after ${job.timeout}s`);
   else if (why !== undefined) failOrRetry(why);
   else if (code === 0) settle(st, job, 'done', null, t);
@@ -858,8 +879,9 @@ export function applyEvent(st: State, ev: Event): void {
     case 'worker': {
       const w = st.workers.get(ev.host);
       if (!w) { st.workers.set(ev.host, newWorker(ev)); break; }
-      // Added again: its slots, GPUs, labels and environment are the new ones.
+      // Added again: its slots, GPUs, labels, environment and flags are the new ones.
       w.slots = ev.slots; w.ssh = ev.ssh; w.labels = ev.labels ?? NO_TAGS; w.gpus = ev.gpus ?? 0; w.env = ev.env ?? null;
+      if (ev.rod) w.requeueOnDown = true; else delete w.requeueOnDown;
       while (w.gpuJobs.length < w.gpus) w.gpuJobs.push(0);
       while (w.gpuJobs.length > w.gpus && w.gpuJobs[w.gpuJobs.length - 1] === 0) w.gpuJobs.pop();
       // Added again, so it passed the login check (or needs none): up, with no probe due.
@@ -945,13 +967,14 @@ function pickWorker(fits: Free[], job: Job, policy: Policy): Free {
  *  per lane; and when a worker could hold it once its running jobs end, that worker
  *  takes nothing more in this plan, so a big job is not overtaken for ever by a stream
  *  of small ones (other workers keep filling). A retry waits out its --retry-delay
- *  (`due.next`: when the first such wait ends). Reads the state only. */
-export function planStarts(st: State, now = Infinity, due = { next: Infinity }): Start[] {
+ *  (`due.next`: when the first such wait ends). Workers in `unchecked` get no job.
+ *  Reads the state only. */
+export function planStarts(st: State, now = Infinity, due = { next: Infinity }, unchecked?: ReadonlySet<string>): Start[] {
   const pool: Free[] = [];
   let freeSlots = 0, order = 0;
   for (const w of st.workers.values()) {
     order++;
-    if (!schedulable(w)) continue;
+    if (!schedulable(w) || unchecked?.has(w.host)) continue; // unchecked: see freshWorker
     const f: Free = { w, order, slots: [], gpus: [] };
     for (let s = 0; s < w.slots; s++) if (!w.running[s]) f.slots.push(s);
     for (let g = 0; g < w.gpus; g++) if (!w.gpuJobs[g]) f.gpus.push(g);
@@ -989,14 +1012,49 @@ export function planStarts(st: State, now = Infinity, due = { next: Infinity }):
 }
 
 /** What the server is doing besides what the journal holds, which the core's decisions
- *  take into account: probes under way, jobs already sent SIGKILL, and the pause of job
- *  starts after starts that failed for the scheduler's own reasons. Not durable: a new
- *  server starts with none of it. */
+ *  take into account: probes under way, jobs already sent SIGKILL, the pause of job
+ *  starts after starts that failed for the scheduler's own reasons, and what the checks
+ *  of each worker said (health). Not durable: a new server starts with none of it. */
 export type Runtime = {
   probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number;
   slurmCheckAt: Map<string, number>;   // when an up Slurm worker is next asked (none yet: now)
+  health: Map<string, Health>;
 };
-export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, slurmCheckAt: new Map() });
+export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, slurmCheckAt: new Map(), health: new Map() });
+
+/** The checks of one worker (heartbeats, probes, the login check), times in ms:
+ *    okAt     when the last check that answered was sent (0: none yet)
+ *    sentAt   when the last heartbeat was sent
+ *    missingSince  when the oldest heartbeat sent since the last answer was sent (0: none)
+ *    busy     a heartbeat is under way
+ *    err      why the last one failed */
+export type Health = { okAt: number; sentAt: number; missingSince: number; busy: boolean; err: string | null };
+export const newHealth = (): Health => ({ okAt: 0, sentAt: 0, missingSince: 0, busy: false, err: null });
+
+/** How workers are watched: a heartbeat every heartbeatMs (0: never) while a worker has
+ *  running jobs or there is waiting work; down after HEARTBEAT_MISSES periods without an
+ *  answer; probeMaxMs caps the backoff of probes of a down worker. */
+export type HealthSettings = { heartbeatMs: number; probeMaxMs: number };
+export const NO_HEARTBEAT: HealthSettings = { heartbeatMs: 0, probeMaxMs: PROBE_BACKOFF_MAX_MS };
+export const HEARTBEAT_MISSES = 3;
+
+/** A worker takes jobs only when a check answered within the last two periods: one idle
+ *  longer (no heartbeats are sent then) is checked again before any job goes to it. */
+export function freshWorker(w: Worker, rt: Runtime, now: number, hs: HealthSettings): boolean {
+  if (!w.ssh || hs.heartbeatMs <= 0) return true;
+  const h = rt.health.get(w.host);
+  return h !== undefined && h.okAt > 0 && now - h.okAt <= 2 * hs.heartbeatMs;
+}
+
+/** The events that take a worker down: the failed check, and for a worker added with
+ *  --requeue-on-down a kill of its running jobs, which then go back to the queue. */
+export function downEvents(st: State, host: string, t: number, err: string, probeMaxMs: number, killGraceMs: number): Event[] {
+  const events: Event[] = [{ e: 'probe', t, host, ok: false, err, max: probeMaxMs }];
+  const w = st.workers.get(host);
+  const running = w ? [...new Set(w.running)].filter((id) => id && st.jobs.get(id)?.state === 'running' && !st.jobs.get(id)!.killing) : [];
+  if (w?.requeueOnDown && w.state === 'up' && running.length) events.push({ e: 'kill', t, ids: running, why: 'down', grace: killGraceMs });
+  return events;
+}
 
 /** The longest pause of starts after failed starts. */
 const START_PAUSE_MAX_MS = 60_000;
@@ -1040,6 +1098,7 @@ export type Effect =
   | { kind: 'launch'; id: number }                                   // hand a started job to the launcher
   | { kind: 'signal'; id: number; sig: 'SIGTERM' | 'SIGKILL' }       // to the job's process group
   | { kind: 'probe'; host: string }                                  // ssh login check of a worker (sinfo for Slurm)
+  | { kind: 'heartbeat'; host: string }                              // the same, of a worker that is up
   | { kind: 'forget-run'; id: number; run: number }                  // remove the run file of an ended run
   | { kind: 'remove-logs'; ids: number[]; below?: number }; // below: also N.log of every N < below that is no job
 
@@ -1060,13 +1119,16 @@ export type Plan = { events: Event[]; effects: Effect[]; next: number };
 
 /** The scheduler's decisions at `now`, made once per turn of the server: jobs whose
  *  --timeout passed are killed; jobs still running a grace period after their kill get
- *  SIGKILL; workers whose probe is due are probed; free slots get waiting jobs (unless
- *  starts pause); and `next` is when the earliest of these falls due next, counting what
- *  this plan starts and kills. Reads the state and the runtime only. */
-export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): Plan {
+ *  SIGKILL; workers whose probe is due are probed; busy workers whose heartbeat is due
+ *  are checked, and those that missed their checks too long go down; free slots of
+ *  workers checked lately get waiting jobs (unless starts pause); and `next` is when the
+ *  earliest of these falls due next, counting what this plan starts and kills. Reads the
+ *  state and the runtime only. */
+export function plan(st: State, rt: Runtime, now: number, killGraceMs: number, hs: HealthSettings = NO_HEARTBEAT): Plan {
   const events: Event[] = [], effects: Effect[] = [];
   let next = Infinity;
   const at = (t: number) => { next = Math.min(next, t); };
+  let stale: Set<string> | null = null;
   for (const w of st.workers.values()) {
     if (w.ssh && w.probeAt > 0 && !rt.probing.has(w.host)) {
       if (w.probeAt <= now) effects.push({ kind: 'probe', host: w.host }); else at(w.probeAt);
@@ -1076,6 +1138,25 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
     if (w.slurm && w.ssh && w.state === 'up' && w.probeAt === 0 && !rt.probing.has(w.host)) {
       const due = rt.slurmCheckAt.get(w.host) ?? now;
       if (due <= now) effects.push({ kind: 'probe', host: w.host }); else at(due);
+    }
+    if (w.ssh && hs.heartbeatMs > 0 && w.state === 'up') {
+      // Heartbeats: only while the worker has running jobs or jobs wait; one at a time,
+      // none while a probe is due. Missed ones count even then: a probe of a hung host
+      // takes its connect timeout to fail.
+      const h = rt.health.get(w.host) ?? newHealth();
+      const limit = h.missingSince > 0 ? h.missingSince + HEARTBEAT_MISSES * hs.heartbeatMs : Infinity;
+      if (limit <= now) {
+        const why = `no answer to checks for ${Math.round((now - h.missingSince) / 1000)}s${h.err ? ` (${h.err})` : ''}`;
+        events.push(...downEvents(st, w.host, now, why, hs.probeMaxMs, killGraceMs));
+        at(now); // plan again once it is down: its probes, its jobs' kills
+        continue;
+      }
+      at(limit);
+      if (w.probeAt === 0 && (w.running.some(Boolean) || st.counts.waiting > 0)) {
+        const due = h.sentAt + hs.heartbeatMs;
+        if (!h.busy) { if (due <= now) effects.push({ kind: 'heartbeat', host: w.host }); else at(due); }
+      }
+      if (!freshWorker(w, rt, now, hs)) (stale ??= new Set()).add(w.host);
     }
     for (let slot = 0; slot < w.running.length; slot++) {
       const id = w.running[slot], job = id ? st.jobs.get(id) : undefined;
@@ -1094,7 +1175,8 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number): 
     if (st.counts.waiting > 0) at(rt.startsPausedUntil);
   } else {
     const due = { next: Infinity };
-    for (const s of planStarts(st, now, due)) {
+    // Workers not checked lately get no job: the heartbeat under way (or due) decides.
+    for (const s of planStarts(st, now, due, stale ?? undefined)) {
       events.push({ e: 'start', t: now, ...s });
       const timeout = st.jobs.get(s.id)!.timeout;
       if (timeout > 0) at(now + timeout * 1000);
@@ -1413,8 +1495,8 @@ export function workerSpecs(req: Request): WorkerSpec[] {
   });
 }
 
-/** add_workers {workers, skipCheck}: the ssh login check (unless skipped) passed before,
- *  and filled in the size of `auto` workers. */
+/** add_workers {workers, skipCheck, requeueOnDown}: the ssh login check (unless skipped)
+ *  passed before, and filled in the size of `auto` workers. */
 export function decideAddWorkers(_st: State, req: Request, c: DecideContext): Decision {
   const workers = workerSpecs(req);
   const bad = workers.find((w) => w.auto);
@@ -1425,6 +1507,7 @@ export function decideAddWorkers(_st: State, req: Request, c: DecideContext): De
       if (w.labels.length) ev.labels = w.labels;
       if (w.gpus) ev.gpus = w.gpus;
       if (w.env.length) ev.env = w.env;
+      if (req.requeueOnDown === true) ev.rod = true;
       return ev;
     }),
     answer: { added: workers.map((w) => ({ host: w.host, slots: w.slots, gpus: w.gpus, labels: w.labels })) },
@@ -1823,11 +1906,13 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
 }
 export type JobView = ReturnType<typeof jobView>;
 
-function workerView(st: State, w: Worker) {
+function workerView(st: State, w: Worker, h: Health | undefined) {
   return {
     host: w.host, slots: w.slots, state: w.state, checking: w.state === 'up' && w.probeAt > 0, slurm: w.slurm,
     labels: w.labels, gpus: w.gpus, gpusUsed: w.gpuJobs.flatMap((id, g) => (id ? [g] : [])), env: w.env ?? [],
     error: w.error, since: iso(w.since), nextProbeAt: w.state === 'down' && w.probeAt ? iso(w.probeAt) : null,
+    seenAt: h && h.okAt ? iso(h.okAt) : null,
+    requeueOnDown: w.requeueOnDown === true,
     running: w.running.flatMap((id, slot) => (id ? [{ slot, id, command: commandOf(st.jobs.get(id)) }] : [])),
   };
 }
@@ -1837,7 +1922,7 @@ const iso = (t: number) => new Date(t).toISOString();
 
 /** The status reply: counts, every worker with its slots, the head of the queue (the
  *  jobs that start next), what is paused, and the counts of each tag. */
-export function statusView(st: State) {
+export function statusView(st: State, health?: Map<string, Health>) {
   const queue: { id: number; command: string; queuedAt: string; attempts: number; priority: number; waitingFor: string }[] = [];
   const why = queueReason(st);
   for (const job of waitingJobs(st, true)) {
@@ -1846,7 +1931,7 @@ export function statusView(st: State) {
   }
   return {
     counts: { ...st.counts, total: st.jobs.size },
-    workers: [...st.workers.values()].map((w) => workerView(st, w)),
+    workers: [...st.workers.values()].map((w) => workerView(st, w, health?.get(w.host))),
     queue,
     paused: st.paused,
     pausedTags: [...st.pausedTags].sort(),
@@ -2675,31 +2760,131 @@ function signalGroup(pid: number, sig: NodeJS.Signals): void {
   }
 }
 
-export type SshSettings = { config: string | undefined; options: string[]; timeoutS: number };
+/** How the server (and the jobs) use ssh. `shared`: one authenticated connection per
+ *  worker and group of `perConnection` slots, kept by OpenSSH (ControlMaster), whose
+ *  control sockets and config files live in `controlDir` (set once the server knows its
+ *  data dir); see sharedConfigText. `heartbeatMs`: how often busy workers are checked. */
+export type SshSettings = {
+  config: string | undefined; options: string[]; timeoutS: number;
+  shared: boolean; perConnection: number; heartbeatMs: number; controlDir: string;
+};
 
+/** Default slots per shared connection: sshd's default MaxSessions is 10, and a job
+ *  holds one session at a time (two while it stops its work), the heartbeat one more. */
+export const SLOTS_PER_CONNECTION = 8;
+/** How long a shared connection stays open with nothing on it, seconds. */
+const CONTROL_PERSIST_S = 600;
+
+/** The server's ssh settings, from DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT,
+ *  DJS_SSH_SHARED, DJS_SSH_SESSIONS and DJS_HEARTBEAT; throws a usage error on a bad value. */
 export function sshSettings(env: Record<string, string | undefined>): SshSettings {
   const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? 10);
+  const whole = (name: string, dflt: number, min: number) => {
+    const v = env[name];
+    if (v === undefined || v === '') return dflt;
+    if (!/^\d+$/.test(v) || Number(v) < min) throw usage(`invalid ${name} ${quoteForError(v)}`, `a whole number, at least ${min}`);
+    return Number(v);
+  };
+  const shared = env.DJS_SSH_SHARED ?? '1';
+  if (shared !== '0' && shared !== '1' && shared !== '') throw usage(`invalid DJS_SSH_SHARED ${quoteForError(shared)}`, '1 (shared connections, the default) or 0');
   return {
     config: env.DJS_SSH_CONFIG || undefined,
     options: (env.DJS_SSH_OPTIONS ?? '').split(/\s+/).filter(Boolean),
     timeoutS: Number.isFinite(timeoutS) && timeoutS > 0 ? timeoutS : 10,
+    shared: shared !== '0',
+    perConnection: whole('DJS_SSH_SESSIONS', SLOTS_PER_CONNECTION, 1),
+    heartbeatMs: whole('DJS_HEARTBEAT', 30, 0) * 1000,
+    controlDir: '',
   };
 }
 
-/** The words of the ssh login check of host (after `ssh`): the check of add_slave and
- *  the probe of a down worker run exactly this, and errors show it to be run by hand. */
-export function probeArgs(host: string, ssh: SshSettings, command = 'true'): string[] {
-  const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`, '-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2'];
-  if (ssh.config) args.push('-F', ssh.config);
+/** Which shared connection slot `slot` of a worker uses, and how many a worker of
+ *  `slots` slots has. */
+export const connectionOf = (slot: number, ssh: SshSettings) => Math.floor(slot / ssh.perConnection);
+export const connectionsOf = (slots: number, ssh: SshSettings) => Math.max(1, Math.ceil(slots / ssh.perConnection));
+
+/** A word for an ssh config file, in double quotes where it needs them. */
+const sshConfigWord = (w: string) => (/^[A-Za-z0-9_.\/~%+,@=:-]+$/.test(w) ? w : `"${w.replace(/[\\"]/g, (c) => '\\' + c)}"`);
+
+/** The ssh config of shared connection `n`: OpenSSH keeps one master connection per
+ *  host (and user and port) with its control socket at CONTROL_DIR/%C.n; every ssh or
+ *  rsync that uses this file rides on it (a new session, no new login), and the first
+ *  that finds none, or a dead one, makes a new one (ControlMaster auto), which lives on
+ *  in the background until idle for CONTROL_PERSIST_S. Keepalives end a master whose
+ *  host went silent, and with it the sessions on it (exit 255). The user's own config
+ *  (DJS_SSH_CONFIG, else ~/.ssh/config) and the system's follow, so User, Port,
+ *  ProxyJump and IdentityFile there apply as ever. */
+export function sharedConfigText(ssh: SshSettings, n: number): string {
+  const alive = Math.max(1, Math.ceil(ssh.timeoutS / 2));
+  return [
+    '# Written by djs for its jobs and checks: ssh -F THIS_FILE HOST ...',
+    'ControlMaster auto',
+    `ControlPath ${sshConfigWord(`${ssh.controlDir}/%C.${n}`)}`,
+    `ControlPersist ${CONTROL_PERSIST_S}`,
+    'BatchMode yes',
+    `ConnectTimeout ${ssh.timeoutS}`,
+    `ServerAliveInterval ${alive}`,
+    'ServerAliveCountMax 4',
+    `Include ${sshConfigWord(ssh.config ?? '~/.ssh/config')}`,
+    'Include /etc/ssh/ssh_config',
+    '',
+  ].join('\n');
+}
+
+/** Config files of shared connections written by this server (rewritten at each start,
+ *  as the settings may have changed). */
+const writtenConfigs = new Set<string>();
+
+/** The ssh config file of shared connection n (see sharedConfigText), written once. */
+export function sharedConfigFile(ssh: SshSettings, n: number): string {
+  const file = path.join(ssh.controlDir, `config.${n}`);
+  if (!writtenConfigs.has(file)) {
+    replaceFile(file, (fd) => writeAll(fd, sharedConfigText(ssh, n)));
+    writtenConfigs.add(file);
+  }
+  return file;
+}
+
+/** Where the control sockets go: DATA_DIR/ssh (mode 0700); when that path is too long
+ *  for a socket (ssh adds 41 bytes plus a temporary suffix of 17 to a limit of 107) or
+ *  holds characters ssh would read as tokens, a 0700 directory named by the data dir in
+ *  the temporary directory instead. */
+export function controlDirFor(dataDir: string, uid: number, tmp: string): string {
+  const own = path.join(dataDir, 'ssh');
+  if (own.length <= 44 && /^[A-Za-z0-9_.\/+,@=-]+$/.test(own)) return own;
+  const hash = crypto.createHash('sha256').update(dataDir).digest('hex').slice(0, 12);
+  const base = /^[A-Za-z0-9_.\/+,@=-]+$/.test(tmp) && tmp.length <= 20 ? tmp : '/tmp';
+  return path.join(base, `djs-${uid}-${hash}`);
+}
+
+/** The ssh words of a login check or probe: through shared connection n when shared. */
+function checkArgs(host: string, ssh: SshSettings, n: number, command: string): string[] {
+  const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`];
+  if (ssh.shared && ssh.controlDir) args.push('-F', sharedConfigFile(ssh, n));
+  else {
+    args.push('-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2');
+    if (ssh.config) args.push('-F', ssh.config);
+  }
   args.push(...ssh.options, '--', host, command);
   return args;
 }
 
-/** Checks that `ssh -o BatchMode=yes` logs in to host and runs `true`; resolves to
- *  null or to why not. Never prompts; gives up after the connect timeout plus a margin. */
-export function probeHost(host: string, ssh: SshSettings, command = 'true', result?: { out: string }): Promise<string | null> {
+/** Checks that `ssh -o BatchMode=yes` logs in to host and runs `command` (its output to
+ *  `result`), over each of the worker's shared connections (which this opens, or
+ *  replaces, when missing or dead; the others run `true`); resolves to null or to why
+ *  not. Never prompts; gives up after the connect timeout plus a margin. */
+export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }): Promise<string | null> {
   validateHost(host);
-  const args = probeArgs(host, ssh, command);
+  const n = ssh.shared && ssh.controlDir ? connectionsOf(slots, ssh) : 1;
+  const errs = await Promise.all(Array.from({ length: n }, (_, i) => checkOnce(checkArgs(host, ssh, i, i === 0 ? command : 'true'), ssh, i === 0 ? result : undefined)));
+  return errs.find((e) => e !== null) ?? null;
+}
+
+/** The words of the login check of host as add_slave runs it (its first connection),
+ *  for errors to show the command to be run by hand. */
+export const probeArgs = (host: string, ssh: SshSettings, command = 'true') => checkArgs(host, ssh, 0, command);
+
+function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): Promise<string | null> {
   return new Promise((resolve) => {
     let err = '', done = false;
     const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'] });
@@ -2722,7 +2907,7 @@ export function probeHost(host: string, ssh: SshSettings, command = 'true', resu
 export function probeSlurm(target: SlurmTarget, ssh: SshSettings): Promise<string | null> {
   const args = ['--noheader', `--partition=${target.partition}`, '--format=%a/%T/%E'];
   const result = { out: '' };
-  const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, ['sinfo', ...args].join(' '), result);
+  const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, 1, ['sinfo', ...args].join(' '), result);
   return asked.then((err) => err ?? sinfoVerdict(result.out, target.partition));
 }
 
@@ -2850,7 +3035,7 @@ const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
-  status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st) }) },
+  status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
   list: { kind: 'stream', open: streamJobs },
   jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()) },
   job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }) },
@@ -2938,11 +3123,13 @@ async function checkLogins(req: Request): Promise<Request> {
   const workers = workerSpecs(req);
   if (req.skipCheck === true) return { ...req, workers };
   const outs = workers.map(() => ({ out: '' }));
+  const sent = Date.now();
   const errs = await Promise.all(workers.map((w, i) => {
     const slurm = slurmTarget(w.host);
-    return slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(w.host, cfg.ssh, w.auto ? SIZE_COMMAND : 'true', outs[i]);
+    return slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i]);
   }));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
+  if (!bad.length) for (const w of workers) answered(w.host, sent);
   if (bad.length && workers.every((w, k) => errs[k] === null || slurmTarget(w.host))) {
     throw failure(`Slurm check failed for ${bad.join(', ')}; no worker added`, 'check with: sinfo -p PARTITION (on the login host), or add with --skip_ssh_auth_check');
   }
@@ -3053,8 +3240,11 @@ function flush(): void {
       }
     }
   }
-  const p = plan(st, rt, now, cfg.killGraceMs);
-  for (const ev of p.events) commit(turn, ev);
+  const p = plan(st, rt, now, cfg.killGraceMs, { heartbeatMs: cfg.ssh.heartbeatMs, probeMaxMs: cfg.probeMaxMs });
+  for (const ev of p.events) {
+    if (ev.e === 'probe' && !ev.ok) log(`worker ${ev.host} is down: ${ev.err}`);
+    commit(turn, ev);
+  }
   turn.effects.push(...p.effects);
   if (turn.lines.length) {
     try {
@@ -3119,6 +3309,7 @@ function perform(fx: Effect): void {
     case 'probe':
       rt.probing.add(fx.host);
       return runProbe(fx.host);
+    case 'heartbeat': return runHeartbeat(fx.host);
     case 'forget-run': return fs.unlink(runFile(cfg.dataDir, fx.id, fx.run), () => {});
     case 'remove-logs':
       for (const id of fx.ids) fs.rm(logFile(id), { force: true }, () => {});
@@ -3166,8 +3357,10 @@ function launchJob(id: number): void {
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
-  // The worker's environment, then the job's own (which wins), then the slots and GPUs.
+  // The worker's environment, then the job's own (which wins), then the slots and GPUs,
+  // and the shared ssh connection of its (first) slot.
   const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
+  if (cfg.ssh.shared) env.push(`DJS_SSH_SHARED_CONFIG=${sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh))}`);
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
@@ -3297,17 +3490,53 @@ function signalJob(id: number, sig: NodeJS.Signals): void {
 }
 
 function runProbe(host: string): void {
+  const sent = Date.now();
   const slurm = st.workers.get(host)?.slurm;
-  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh)).then((err) => {
+  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots)).then((err) => {
     rt.probing.delete(host);
     if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
     const w = st.workers.get(host);
     if (!w) return;
     if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
+    if (err === null) answered(host, sent);
     // A Slurm worker's routine check that finds it as it was changes nothing: no journal
     // line, just a turn, which sets the timer of its next check.
     if (err === null && w.state === 'up' && w.probeAt === 0) return submit({ kind: 'tick' });
-    fact(err === null ? { e: 'probe', t: Date.now(), host, ok: true } : { e: 'probe', t: Date.now(), host, ok: false, err, max: cfg.probeMaxMs });
+    if (err === null) fact({ e: 'probe', t: Date.now(), host, ok: true });
+    else for (const ev of downEvents(st, host, Date.now(), err, cfg.probeMaxMs, cfg.killGraceMs)) fact(ev);
+  });
+}
+
+/** A check of host sent at `sent` answered: the worker is fresh, nothing is missing. */
+function answered(host: string, sent: number): void {
+  const h = rt.health.get(host) ?? newHealth();
+  h.okAt = Math.max(h.okAt, sent); h.missingSince = 0; h.err = null;
+  rt.health.set(host, h);
+}
+
+/** One heartbeat of a worker that is up (see plan): an answer is kept in the runtime
+ *  (nothing goes to the journal), a failure takes the worker down; then the scheduler
+ *  is asked again. */
+function runHeartbeat(host: string): void {
+  const h = rt.health.get(host) ?? newHealth();
+  const sent = Date.now();
+  h.busy = true; h.sentAt = sent;
+  if (h.missingSince === 0) h.missingSince = sent;
+  rt.health.set(host, h);
+  probeHost(host, cfg.ssh, st.workers.get(host)?.slots).then((err) => {
+    h.busy = false;
+    if (err === null) answered(host, sent);
+    else {
+      // ssh said no (refused, or no answer within its timeout): down, as a failed probe
+      // takes it; a check that just hangs counts against the limit (see plan).
+      h.err = err;
+      const w = st.workers.get(host);
+      if (w && w.ssh && w.state === 'up') {
+        log(`worker ${host} is down: ${err}`);
+        for (const ev of downEvents(st, host, Date.now(), err, cfg.probeMaxMs, cfg.killGraceMs)) fact(ev);
+      }
+    }
+    submit({ kind: 'tick' });
   });
 }
 
@@ -3555,6 +3784,9 @@ export const SETTINGS: Setting[] = [
   { env: 'DJS_PROBE_BACKOFF_MAX', what: 'probe backoff max (s)', initial: () => String(PROBE_BACKOFF_MAX_MS / 1000), value: wholeNumber(1) },
   { env: 'DJS_HTTP', option: 'http', what: 'http', initial: () => '', value: (v) => (v ? (parseHttpAddress(v), v) : '') },
   { env: 'DJS_SLURM_CHECK', what: 'slurm check (s)', initial: () => String(SLURM_CHECK_MS / 1000), value: wholeNumber(1) },
+  { env: 'DJS_SSH_SHARED', what: 'shared ssh connections', jobs: false, initial: () => '1', value: (v, name) => { if (v !== '0' && v !== '1') throw usage(`invalid ${name} ${quoteForError(v)}`, '1 (shared connections, the default) or 0'); return v; } },
+  { env: 'DJS_SSH_SESSIONS', what: 'slots per ssh connection', initial: () => String(SLOTS_PER_CONNECTION), value: wholeNumber(1) },
+  { env: 'DJS_HEARTBEAT', what: 'heartbeat (s)', initial: () => '30', value: wholeNumber(0) },
 ];
 
 /** The settings a start runs with: each one given (checked), else the kept one, else
@@ -4589,6 +4821,11 @@ async function runServer(dataDir: string, given: Settings, tuning: { snapshotMin
   cfg = serverConfig(realDir, values, changed, tuning);
   fs.chmodSync(cfg.dataDir, 0o700);
   ownDir(path.join(cfg.dataDir, 'run'), 'run dir');
+  if (cfg.ssh.shared) {
+    cfg.ssh.controlDir = controlDirFor(cfg.dataDir, process.getuid?.() ?? 0, process.env.TMPDIR || '/tmp');
+    ownDir(cfg.ssh.controlDir, 'ssh control dir');
+    fs.chmodSync(cfg.ssh.controlDir, 0o700);
+  }
   ownDir(cfg.logDir, 'log dir');
   await holdDirLock(cfg.dataDir); // held until this process ends
   lockDataDir(cfg.dataDir);
@@ -5110,7 +5347,7 @@ async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   });
   let r: Record<string, unknown>;
   try {
-    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck });
+    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck, requeueOnDown: Boolean(p.values['requeue-on-down']) });
   } catch (e) {
     if (e instanceof UserError && e.code === EXIT_FAILED && /^ssh login check failed/.test(e.message)) await noteSshDifference(ctx);
     throw e;
@@ -5505,8 +5742,8 @@ const COMMANDS: Record<string, Command> = {
   dashboard: { run: cmdDashboard, options: {}, noArgs: true, synopsis: 'dashboard' },
   add_slave: {
     run: cmdAddWorkers,
-    options: { skip_ssh_auth_check: { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true } },
-    synopsis: 'add_slave [--skip_ssh_auth_check] [--slots N|auto] [--gpus N] [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...',
+    options: { skip_ssh_auth_check: { type: 'boolean' }, 'requeue-on-down': { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true } },
+    synopsis: 'add_slave [--skip_ssh_auth_check] [--requeue-on-down] [--slots N|auto] [--gpus N] [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...',
   },
   remove_slave: { run: cmdRemoveWorkers, options: { wait: { type: 'boolean' }, kill: { type: 'boolean' } }, synopsis: 'remove_slave [--wait|--kill] HOST...' },
   add_job: { run: cmdAddJob, options: JOB_OPTIONS, jobArgs: true, synopsis: `add_job ${JOB_SYNOPSIS} SCRIPT [ARGS...] [::: V... [::: W...]]` },
@@ -5730,6 +5967,9 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_TIMEOUT', 'start, kept: ssh connect timeout, seconds (default 10); jobs get it'],
   ['DJS_PROBE_BACKOFF_MAX', 'start, kept: longest wait between probes of a down worker, s (default 300)'],
   ['DJS_SLURM_CHECK', 'start, kept: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, s (default 30)'],
+  ['DJS_SSH_SHARED', 'start, kept: 1 (default): one shared ssh connection per worker for checks and jobs; 0: none'],
+  ['DJS_SSH_SESSIONS', 'start, kept: slots of a worker that share one ssh connection (default 8; see sshd MaxSessions)'],
+  ['DJS_HEARTBEAT', 'start, kept: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
   ['NO_COLOR', 'no colours in status and list'],

@@ -32,7 +32,10 @@
 #                        in seconds (0: none); a Slurm worker's srun asks for as many CPUs and that time
 #   DJS_SLURM_HOME       a Slurm worker without a login host: where job directories go (default
 #                        $HOME; must be shared with the compute nodes)
-#   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F)
+#   DJS_SSH_SHARED_CONFIG  set by the scheduler: the ssh config file of its shared connection
+#                        to the worker (ssh -F); every ssh and rsync here uses it
+#   DJS_SSH_CONFIG       ssh config file used by every ssh and rsync (ssh -F) when the
+#                        scheduler shares no connection (DJS_SSH_SHARED=0, or run by hand)
 #   DJS_SSH_OPTIONS      more ssh words for every ssh and rsync, split at blanks (-o ProxyJump=gw);
 #                        the scheduler sets both to what it checks workers with
 #   DJS_REMOTE_DIR       the job directory on the worker (relative to the remote home, or absolute)
@@ -109,7 +112,11 @@ rsq() { printf "'%s'" "${1//\'/\'\'}"; }
 # ssh with 255 (4 unanswered keepalives, one every T/2 seconds).
 ssh_options=(-o BatchMode=yes -o "ConnectTimeout=$DJS_SSH_TIMEOUT"
 	-o "ServerAliveInterval=$(((DJS_SSH_TIMEOUT + 1) / 2))" -o ServerAliveCountMax=4)
-if [[ -n ${DJS_SSH_CONFIG:-} ]]; then
+# The scheduler's shared connection to the worker (one login for all of its jobs' ssh and
+# rsync; that config file includes DJS_SSH_CONFIG or ~/.ssh/config), else DJS_SSH_CONFIG.
+if [[ -n ${DJS_SSH_SHARED_CONFIG:-} ]]; then
+	ssh_options=(-F "$DJS_SSH_SHARED_CONFIG" "${ssh_options[@]}")
+elif [[ -n ${DJS_SSH_CONFIG:-} ]]; then
 	ssh_options=(-F "$DJS_SSH_CONFIG" "${ssh_options[@]}")
 fi
 if [[ -n ${DJS_SSH_OPTIONS:-} ]]; then

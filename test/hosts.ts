@@ -44,6 +44,9 @@ export interface TestHost {
   scratch: string;
   /** Kills the listening sshd: new connections are refused; open sessions go on. */
   kill(): Promise<void>;
+  /** Kills the listening sshd and every connection and session of the host, as when the
+   *  machine dies: open connections are closed, new ones refused. restart() undoes it. */
+  crash(): Promise<void>;
   /**
    * Hangs the host: SIGSTOPs its sshd and everything it started. New connections are
    * accepted but the banner never comes; open sessions go silent (ServerAlive notices).
@@ -53,6 +56,10 @@ export interface TestHost {
   cont(): void;
   /** Starts the host's sshd again after kill(); resolves once it accepts logins. */
   restart(): Promise<void>;
+  /** Logins so far (new connections authenticated), from the host's sshd log. */
+  logins(): number;
+  /** Connections sshd dropped so far for its MaxStartups limit, from its log. */
+  drops(): number;
 }
 
 /** A set of hosts started together; close() ends every process they started. */
@@ -71,6 +78,12 @@ export interface TestHosts {
 export interface HostsOptions {
   /** Indexes into hosts whose sshd rejects the user key ("Permission denied"). */
   noKeyHosts?: number[];
+  /**
+   * sshd_config settings of every host, by keyword: each replaces the harness's own
+   * (`MaxStartups: '10:30:100'` restores sshd's default limit of new connections) or
+   * is added (`MaxSessions: '10'`).
+   */
+  sshd?: Record<string, string>;
   /** The hosts' addresses instead of 127.0.0.2, …: e.g. ['::1'] for an IPv6 host (see
    *  ipv6LoopbackMissing). Host I's files are then in h{I+2}. */
   addrs?: string[];
@@ -398,10 +411,22 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         )
         .join('\n'),
     );
+    /** Replaces the lines of keywords in options.sshd, adds the others. */
+    const withOptions = (lines: string[]) => {
+      const extra = { ...options.sshd };
+      const out = lines.map((line) => {
+        const key = line.split(' ')[0];
+        if (!Object.hasOwn(extra, key)) return line;
+        const v = extra[key];
+        delete extra[key];
+        return `${key} ${v}`;
+      });
+      return [...Object.entries(extra).map(([k, v]) => `${k} ${v}`), ...out];
+    };
     addrs.forEach((addr, i) => {
       fs.writeFileSync(
         path.join(hostDirs[i], 'sshd_config'),
-        [
+        withOptions([
           `ListenAddress ${addr.includes(':') ? `[${addr}]` : addr}:${port}`,
           `HostKey ${path.join(hostDirs[i], 'host_key')}`,
           'PidFile none',
@@ -416,7 +441,7 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
           'PrintMotd no',
           'PrintLastLog no',
           'X11Forwarding no',
-          'MaxStartups 200', // many jobs may connect at once
+          'MaxStartups 200', // many jobs may connect at once (options.sshd may set sshd's default)
           'LoginGraceTime 30',
           // bash sources ~/.bashrc for commands run by sshd unless it is a nested shell;
           // a host's sessions must not run whatever the test user's rc files do (on this
@@ -424,9 +449,13 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
           'SetEnv SHLVL=1',
           `ForceCommand ${session} ${path.join(hostDirs[i], 'scratch')}`,
           '',
-        ].join('\n'),
+        ]).join('\n'),
       );
     });
+
+    /** Lines of host I's sshd log that match RE. */
+    const countLog = (i: number, re: RegExp) =>
+      fs.readFileSync(path.join(hostDirs[i], 'sshd.log'), 'utf8').split('\n').filter((l) => re.test(l)).length;
 
     /** Starts host I's sshd in the foreground (-D), logging to its sshd.log. */
     function spawnSshd(i: number): ChildProcess {
@@ -471,6 +500,13 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         child.kill('SIGKILL');
         await exited(child);
       },
+      async crash() {
+        const child = listeners[i];
+        assert.ok(running(child), `host not running '${addr}'`);
+        child.kill('SIGSTOP'); // first, so it forks nothing new
+        for (const pid of withDescendants(new Set([child.pid!]), readProcs())) signal(pid, 'SIGKILL');
+        await exited(child);
+      },
       stop() {
         const child = listeners[i];
         assert.ok(running(child), `host not running '${addr}'`);
@@ -493,6 +529,8 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
         spawnSshd(i);
         await waitReady(i);
       },
+      logins: () => countLog(i, /Accepted publickey/),
+      drops: () => countLog(i, /past MaxStartups/),
     }));
 
     addrs.forEach((_, i) => spawnSshd(i));

@@ -124,7 +124,8 @@ describe('the scheduler on real ssh hosts', { concurrency: 3 }, () => {
      *  kept from the start before). */
     const restart = async (env: NodeJS.ProcessEnv) => {
       await s.stop();
-      s = await startServer({ dir: s.dir, env: { DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2', ...env } });
+      // No heartbeats: the job is sent to the worker unchecked, so that its exit 255 calls for the probe.
+      s = await startServer({ dir: s.dir, env: { DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2', DJS_HEARTBEAT: '0', ...env } });
     };
     // Without the test hosts' ssh config the check fails; with only DJS_SSH_OPTIONS='-F CONFIG' it passes.
     await restart({ DJS_SSH_CONFIG: '', DJS_SSH_OPTIONS: '' });
@@ -196,7 +197,8 @@ echo $n > "count.$JOB_ID"
 
   test('a host whose sshd dies mid-run: the run finishes on the others, the host is down, then up again when sshd is back', { timeout: 180_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    await runWithFault(t, (h) => h.kill(), (h) => h.restart());
+    // All of its sshd: the listener and the connections open to it (shared ones included).
+    await runWithFault(t, (h) => h.crash(), (h) => h.restart());
   });
 
   test('a host that hangs mid-run (SIGSTOP): no job stays stuck on it, the run finishes, the host comes back after SIGCONT', { timeout: 180_000 }, async (t) => {
