@@ -302,8 +302,9 @@ describe('on real sshd hosts', () => {
     const unfixed = (await s.ok(['add_job', './unfixed.sh', files[0]])).trim();
     const job = await untilState(s, unfixed, 'failed', 30_000);
     assert.equal(job.exitCode, 143);
-    // A dead host: its jobs exit 255 (ssh), are requeued on the other, and it goes down.
-    await a.kill();
+    // A dead host (its sshd and every connection to it gone, the server's shared one
+    // too): its jobs exit 255 (ssh), are requeued on the other, and it goes down.
+    await a.crash();
     const ids = (await s.ok(['add_jobs', '-'], { input: files.map((f) => `./job.sh ${f}`).join('\n') })).trim().split('\n');
     assert.equal((await s.cli(['wait', ...ids], { timeoutMs: 90_000 })).code, 0);
     const jobs = await s.jobs();
