@@ -4754,7 +4754,7 @@ function makeDirs(dir: string): void {
 }
 
 /** Names djs makes in a data dir (and their temporary files). */
-const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|run)(\.(tmp|\d+))?$/;
+const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|http\.token|run|ssh)(\.(tmp|\d+))?$/;
 
 /** The data dir: made, or checked (ownDir); one that holds files djs did not make is
  *  refused (a directory given by mistake, a home or a logs dir), so that nothing of
@@ -5791,6 +5791,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',
     options: [
       ['--skip_ssh_auth_check', 'add without the ssh check; such workers are never probed'],
+      ['--requeue-on-down', 'when the worker goes down (a failed check, or heartbeats unanswered), stop its running jobs and queue them again at once'],
       ['--slots N|auto', 'slots of hosts given without :SLOTS (default 1; auto: nproc, read over ssh)'],
       ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them)'],
       ['--label L[,L]', 'labels that jobs can --require or --avoid (repeatable)'],
