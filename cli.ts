@@ -1041,7 +1041,7 @@ export const HEARTBEAT_MISSES = 3;
 /** A worker takes jobs only when a check answered within the last two periods: one idle
  *  longer (no heartbeats are sent then) is checked again before any job goes to it. */
 export function freshWorker(w: Worker, rt: Runtime, now: number, hs: HealthSettings): boolean {
-  if (!w.ssh || hs.heartbeatMs <= 0) return true;
+  if (!w.ssh || w.slurm || hs.heartbeatMs <= 0) return true;
   const h = rt.health.get(w.host);
   return h !== undefined && h.okAt > 0 && now - h.okAt <= 2 * hs.heartbeatMs;
 }
@@ -1139,7 +1139,7 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number, h
       const due = rt.slurmCheckAt.get(w.host) ?? now;
       if (due <= now) effects.push({ kind: 'probe', host: w.host }); else at(due);
     }
-    if (w.ssh && hs.heartbeatMs > 0 && w.state === 'up') {
+    if (w.ssh && !w.slurm && hs.heartbeatMs > 0 && w.state === 'up') { // a Slurm worker has checks of its own (sinfo)
       // Heartbeats: only while the worker has running jobs or jobs wait; one at a time,
       // none while a probe is due. Missed ones count even then: a probe of a hung host
       // takes its connect timeout to fail.
