@@ -31,8 +31,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import type { TestContext } from 'node:test';
-import { allPids, procStat, removeDir, run, tempDir, until } from './server.ts';
+import { allPids, packagesFor, procStat, removeDir, run, tempDir, until, which } from './server.ts';
 
 // ---------------------------------------------------------------- vocabulary
 
@@ -107,20 +106,6 @@ const PORT_SPAN = 12_000;
 
 // ---------------------------------------------------------------- tools present?
 
-/** Absolute path of an executable NAME on PATH, or '' when there is none. */
-function which(name: string): string {
-  for (const dir of (process.env.PATH ?? '').split(':')) {
-    const file = path.join(dir || '.', name);
-    try {
-      fs.accessSync(file, fs.constants.X_OK);
-      if (fs.statSync(file).isFile()) return path.resolve(file);
-    } catch {
-      // not in this directory
-    }
-  }
-  return '';
-}
-
 /** The sshd binary (sshd re-executes itself, so the path must be absolute), or ''. */
 function sshdPath(): string {
   try {
@@ -140,31 +125,14 @@ export function sshMissing(): string[] {
   return missing;
 }
 
-function missingMessage(missing: string[]): string {
-  return `real ssh hosts need ${missing.join(', ')}: apt-get install ${missing.join(' ')}`;
-}
-
-/**
- * For `describe(name, { skip: sshSkip() }, …)`: a skip message naming the missing packages,
- * or false when all are present. Under CI (CI=true) never skips: startHosts() then fails.
- */
-export function sshSkip(): string | false {
-  const missing = sshMissing();
-  if (missing.length === 0 || process.env.CI === 'true') return false;
-  return missingMessage(missing);
-}
-
-/**
- * Inside a test: skips it (returning true) when packages are missing; under CI (CI=true) a
- * missing package fails the test instead.
- */
-export function skipUnlessSsh(t: TestContext): boolean {
-  const missing = sshMissing();
-  if (missing.length === 0) return false;
-  if (process.env.CI === 'true') throw new Error(missingMessage(missing));
-  t.skip(missingMessage(missing));
-  return true;
-}
+const sshPackages = packagesFor('real ssh hosts', sshMissing);
+const missingMessage = sshPackages.message;
+/** For `describe(name, { skip: sshSkip() }, …)`: a skip message naming the missing
+ *  packages, or false (under CI always false: startHosts() then fails). */
+export const sshSkip = sshPackages.skip;
+/** Inside a test: skips it (returning true) when packages are missing; under CI a missing
+ *  package fails the test instead. */
+export const skipUnlessSsh = sshPackages.skipUnless;
 
 // ---------------------------------------------------------------- small process helpers
 

@@ -167,6 +167,42 @@ const liveServers = new Set<TestServer>();
 
 /** A fresh short temporary directory (Unix socket paths must stay short). The caller
  *  removes it with removeDir; testDir does that by itself. */
+/** Absolute path of an executable NAME on PATH (then in `more` directories), or ''. */
+export function which(name: string, more: string[] = []): string {
+  for (const dir of [...(process.env.PATH ?? '').split(':'), ...more]) {
+    const file = path.join(dir || '.', name);
+    try {
+      fs.accessSync(file, fs.constants.X_OK);
+      if (fs.statSync(file).isFile()) return path.resolve(file);
+    } catch {
+      // not in this directory
+    }
+  }
+  return '';
+}
+
+/** The Debian packages a kind of test needs (`what`, e.g. "real ssh hosts"): `message`
+ *  names the missing ones; `skip()` is for `describe(name, { skip: … })`; `skipUnless(t)`
+ *  skips a test (returning true). Under CI (CI=true) nothing is skipped: a missing
+ *  package fails the test instead. */
+export function packagesFor(what: string, missing: () => string[]) {
+  const message = (m: string[]) => `${what} need ${m.join(', ')}: apt-get install ${m.join(' ')}`;
+  return {
+    message,
+    skip(): string | false {
+      const m = missing();
+      return m.length === 0 || process.env.CI === 'true' ? false : message(m);
+    },
+    skipUnless(t: TestContext): boolean {
+      const m = missing();
+      if (m.length === 0) return false;
+      if (process.env.CI === 'true') throw new Error(message(m));
+      t.skip(message(m));
+      return true;
+    },
+  };
+}
+
 export function tempDir(prefix = 'djs-'): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
   liveDirs.add(dir);

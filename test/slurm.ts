@@ -18,13 +18,13 @@
 // removes the directory. Process exit does the same for a cluster a test forgot to close.
 // Linux only (/proc); the daemons run as the user running the tests (root in CI).
 
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import type { TestContext } from 'node:test';
-import { allPids, removeDir, run, tempDir, until, type Run } from './server.ts';
+import { allPids, packagesFor, removeDir, run, tempDir, until, which, type Run } from './server.ts';
 
 /** A running cluster of one node. */
 export interface TestSlurm {
@@ -44,49 +44,27 @@ export interface TestSlurm {
 
 const MARKER = 'DJS_TEST_SLURM';
 const READY_MS = 30_000;
+/** Where Debian keeps the daemons, off a normal user's PATH. */
+const SBIN = ['/usr/sbin', '/sbin'];
 
 /** Executables of the two packages, each with the package it comes in. */
 const NEEDED: [string, string][] = [
   ['munged', 'munge'], ['slurmctld', 'slurm-wlm'], ['slurmd', 'slurm-wlm'], ['srun', 'slurm-wlm'], ['sinfo', 'slurm-wlm'],
 ];
 
-function which(name: string): string {
-  for (const dir of [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/sbin']) {
-    const file = path.join(dir || '.', name);
-    try {
-      fs.accessSync(file, fs.constants.X_OK);
-      if (fs.statSync(file).isFile()) return path.resolve(file);
-    } catch {
-      // not here
-    }
-  }
-  return '';
-}
-
 /** Debian packages missing for a real Slurm: munge, slurm-wlm. */
 export function slurmMissing(): string[] {
-  return [...new Set(NEEDED.filter(([exe]) => !which(exe)).map(([, pkg]) => pkg))];
+  return [...new Set(NEEDED.filter(([exe]) => !which(exe, SBIN)).map(([, pkg]) => pkg))];
 }
 
-const missingMessage = (missing: string[]) => `a real Slurm needs ${missing.join(', ')}: apt-get install ${missing.join(' ')}`;
-
+const slurmPackages = packagesFor('tests on a real Slurm', slurmMissing);
+const missingMessage = slurmPackages.message;
 /** For `describe(name, { skip: slurmSkip() }, …)`: a message naming the missing packages, or
  *  false when all are there. Under CI (CI=true) never skips: startSlurm() then fails. */
-export function slurmSkip(): string | false {
-  const missing = slurmMissing();
-  if (missing.length === 0 || process.env.CI === 'true') return false;
-  return missingMessage(missing);
-}
-
+export const slurmSkip = slurmPackages.skip;
 /** Inside a test: skips it (returning true) when packages are missing; under CI a missing
  *  package fails the test instead. */
-export function skipUnlessSlurm(t: TestContext): boolean {
-  const missing = slurmMissing();
-  if (missing.length === 0) return false;
-  if (process.env.CI === 'true') throw new Error(missingMessage(missing));
-  t.skip(missingMessage(missing));
-  return true;
-}
+export const skipUnlessSlurm = slurmPackages.skipUnless;
 
 // ---------------------------------------------------------------- processes
 
@@ -160,7 +138,7 @@ export async function startSlurm(opts: { cpus?: number } = {}): Promise<TestSlur
 
   function daemon(name: string, exe: string, args: string[]): ChildProcess {
     const log = fs.openSync(path.join(dir, `${name}.out`), 'a');
-    const child = spawn(which(exe), args, { cwd: dir, env: daemonEnv, stdio: ['ignore', log, log] });
+    const child = spawn(which(exe, SBIN), args, { cwd: dir, env: daemonEnv, stdio: ['ignore', log, log] });
     fs.closeSync(log);
     child.on('error', () => {});
     child.unref();
@@ -222,7 +200,7 @@ export async function startSlurm(opts: { cpus?: number } = {}): Promise<TestSlur
     }, `Slurm's node ${node} to be idle`, READY_MS, 200).then((outcome) => {
       if (outcome !== 'exited') return;
       const logs = ['munged', 'slurmctld', 'slurmd'].map((n) => `${n}: ${fs.readFileSync(path.join(dir, `${n}.out`), 'utf8').trim().split('\n').slice(-2).join(' | ')}`);
-      throw new Error(`a Slurm daemon exited: ${logs.join('; ')}`);
+      assert.fail(`a Slurm daemon exited: ${logs.join('; ')}`);
     });
 
     return {
