@@ -1881,6 +1881,30 @@ export function waitReason(st: State, job: Job, queue: string): string {
   return !admitted ? `no worker has ${describeNeed(job.need)}` : !up ? `no worker up with ${describeNeed(job.need)}` : `waiting for ${describeNeed(job.need)}`;
 }
 
+/** Why none of the waiting jobs among `ids` can start, for a wait none of whose jobs
+ *  runs: their tag is paused, no worker has what they need or none such is up, or they
+ *  wait for dependencies; null when one of them is only waiting its turn. Looks at the
+ *  first `sample` waiting ones; the two most common reasons, with a way out. */
+export function whyHeld(st: State, ids: Iterable<number>, sample = 1000): string | null {
+  const queue = queueReason(st), counts = new Map<string, number>();
+  let seen = 0;
+  for (const id of ids) {
+    const job = st.jobs.get(id);
+    if (!job || job.state !== 'waiting') continue;
+    const r = waitReason(st, job, queue);
+    let why: string;
+    if (r.startsWith('after ')) why = 'their --after dependencies have not all ended';
+    else if (r.startsWith('tag ')) { const tag = r.slice(4, -' paused'.length); why = `tag ${tag} is paused: resume with cli.ts resume --tag ${tag}`; }
+    else if (r.startsWith('no worker has ')) why = `${r}: add one with add_slave`;
+    else if (r.startsWith('no worker up with ')) why = `${r} (see status)`;
+    else return null; // next in line, or held by the whole queue's reason (whyWaiting)
+    counts.set(why, (counts.get(why) ?? 0) + 1);
+    if (++seen >= sample) break;
+  }
+  if (counts.size === 0) return null;
+  return [...counts].sort((a, b) => b[1] - a[1]).slice(0, 2).map(([why]) => why).join('; ');
+}
+
 /** The public view of a job (list --json, status --json); field names are stable.
  *  `queue` is queueReason(st), computed once for many jobs. */
 export function jobView(st: State, job: Job, now: number, queue = queueReason(st)) {
@@ -3575,7 +3599,7 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
       w.send({ ok: true, counts: c, allDone: c.done === c.total });
     } else if (now - w.lastSent >= 250) {
       const c = waitCounts(w);
-      const why = c.waiting ? whyWaiting(st, rt, now) : null;
+      const why = c.waiting ? whyWaiting(st, rt, now) ?? (c.running === 0 && w.pending ? whyHeld(st, w.pending) : null) : null;
       const key = `${c.waiting}/${c.running}/${c.done}/${c.failed}/${c.killed}/${why}`;
       if (key !== w.lastKey) { w.lastKey = key; w.lastSent = now; w.send(why ? { progress: c, why } : { progress: c }); }
     }
@@ -3589,8 +3613,9 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
 /** wait {ids} | {tag} | {ranges} | {all} | {} | {hosts}: answers when those jobs have
  *  finished (ids; the tag's jobs as of now; ranges [first, last] of ids, of which unknown
  *  ones count as removed; every job, with all; without any of these, the jobs that had
- *  not finished when it was asked, whose ranges go to the client first), or when those
- *  workers are gone; progress lines meanwhile. */
+ *  not finished when it was asked), or when those workers are gone; progress lines
+ *  meanwhile. The ids of a tag's wait and of one without ids go to the client first, as
+ *  ranges, for it to ask for the same jobs again if the server restarts. */
 function openWait(req: Request, conn: Conn): void {
   let ids: Set<number> | null = null;
   const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
@@ -3603,6 +3628,7 @@ function openWait(req: Request, conn: Conn): void {
     const tag = tagOf(req.tag);
     ids = new Set();
     for (const job of st.jobs.values()) if (job.tags.includes(tag)) ids.add(job.id);
+    conn.send({ ranges: idRanges(ids) });
   } else if (Array.isArray(req.ranges)) {
     ids = new Set();
     for (const r of req.ranges) {
@@ -5641,7 +5667,7 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
   const msg: Record<string, unknown> = { op: 'wait', ids, ...tagField(p), all: p.values.all === true || undefined };
   const r = await lastingRequest(ctx.dataDir, msg, (m) => {
     // The jobs this wait is for: asked for again by these ids if the server restarts.
-    if (m.ranges) { msg.ranges = m.ranges; return; }
+    if (m.ranges) { msg.ranges = m.ranges; delete msg.tag; return; }
     if (!m.progress) return;
     const c = m.progress as WaitCounts, why = (m.why as string | undefined) ?? null;
     const ended = c.done + c.failed + c.killed + c.missing;
@@ -5864,7 +5890,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
   },
   wait: {
     about: 'Waits until jobs have ended: those ids, or (without ids) the jobs not ended when it was called. Exit 0 if all ended done, 1 otherwise. Shows a progress line, and why jobs do not start.',
-    options: [['--all', 'every job the data dir has'], ['--tag TAG', 'the jobs of that tag (as of now)']],
+    options: [['--all', 'every job the data dir has'], ['--tag TAG', 'the jobs of that tag when wait is called (the same after a server restart)']],
     examples: ['cli.ts wait && echo "all done"', 'cli.ts wait 40 41 42 || cli.ts list --state failed'],
   },
   set_priority: {

@@ -12,7 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
-  admits, textOf, bytesOf, shellQuote, checkSweep, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep,
+  admits, textOf, bytesOf, shellQuote, checkSweep, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
@@ -1741,6 +1741,24 @@ describe('placement: labels, GPUs, multi-slot jobs, requirements, policies, no s
     assert.equal(waitReason(st, job(st, 1), queueReason(st)), 'no worker has label gpu');
     assert.match(formatStatus(statusView(st), T0, false), /^ +1 .*j\.sh x0 {2}\(no worker has label gpu\)$/m, 'status says why the head of the queue waits');
     assert.equal(describeNeed(needOf({ op: 'x', slots: 2, gpus: 1, require: ['a'], avoid: ['b'], hosts: ['h'] })), '2 slots on one worker, 1 GPU, label a, not label b, host h');
+  });
+
+  test('whyHeld says why none of a wait\'s jobs can start, with the way out, and nothing while one is only waiting its turn', () => {
+    const st = newState();
+    addW(st, [{ host: 'w', slots: 1 }]);
+    const [busy] = addN(st, 1);
+    run(st);
+    const sweep = addN(st, 3, { tags: ['sweep'] });
+    assert.equal(whyHeld(st, sweep), null, 'next in line: the queue decides');
+    step(st, { e: 'pause', t: T0, tag: 'sweep' });
+    assert.equal(whyHeld(st, sweep), 'tag sweep is paused: resume with cli.ts resume --tag sweep');
+    const gpu = addN(st, 2, { require: ['gpu'] });
+    assert.equal(whyHeld(st, [...gpu, ...sweep]), 'tag sweep is paused: resume with cli.ts resume --tag sweep; no worker has label gpu: add one with add_slave', 'the two reasons, the most common first');
+    const later = addN(st, 1, { after: [busy] });
+    assert.equal(whyHeld(st, later), 'their --after dependencies have not all ended');
+    assert.equal(whyHeld(st, [busy, 999]), null, 'a running job and an unknown id hold nothing');
+    step(st, { e: 'resume', t: T0, tag: 'sweep' });
+    assert.equal(whyHeld(st, [...gpu, ...sweep]), null, 'one of them only waits its turn');
   });
 
   test('a worker added again gets the new labels, GPUs and environment; auto needs the login check; the size a host prints', () => {

@@ -428,6 +428,29 @@ describe('wait counts the jobs it was called for', () => {
     assert.equal(all.code, 1);
     assert.match(all.stderr, /6\/6 finished: 5 done, 1 failed/);
   });
+
+  test('wait --tag: the tag\'s jobs as of the call, the same after a restart; a paused tag is named on its progress line', { timeout: 60_000 }, async (t) => {
+    let s = await serve(t);
+    writeScript(s.dir, 'block.sh', GATED);
+    await addWorkers(s, 'w1:4');
+    await s.ok(['pause', '--tag', 'sweep']);
+    const batch = (await s.ok(['add_jobs', '--tag', 'sweep', '-'], { input: './block.sh\n./block.sh\n' })).trim().split('\n');
+    const w = spawnCli(['--data-dir', s.dataDir, 'wait', '--tag', 'sweep'], { cwd: s.dir });
+    await until(() => /0\/2 finished: .*waiting: tag sweep is paused: resume with cli\.ts resume --tag sweep/.test(w.stderr()), 'wait to name the paused tag', 5000);
+    // A job tagged after the call is not one it waits for; the server restarts under it:
+    // it asks again for the same two jobs, not the tag's jobs as of then.
+    const late = await addJob(s, '--tag', 'sweep', './block.sh');
+    await s.stop();
+    s = await s.restart();
+    await until(() => socketClients(s.dataDir) === 1, 'wait to reconnect');
+    await s.ok(['resume', '--tag', 'sweep']);
+    for (const id of batch) release(s, id);
+    const r = await within(w.done, 15_000, 'wait to end');
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /2\/2 finished: 2 done, 0 failed, 0 killed\n$/);
+    assert.equal((await s.job(late)).state, 'running', 'wait did not wait for a job tagged after it');
+    release(s, late);
+  });
 });
 
 describe('help that helps', () => {

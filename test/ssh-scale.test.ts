@@ -141,11 +141,13 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
     assert.equal(check.code, 0, check.stderr);
     assert.notEqual(Number(/pid=(\d+)/.exec(check.stderr)?.[1]), pid);
     // Host 0: 20 jobs of 5 sessions each, the login check and heartbeats every second,
-    // over one login. Host 1: one more for the new master (and a few, at most one per
-    // slot, if jobs came to the dead socket together and did not wait for it).
+    // over one login. Host 1: one more for the new master, and a burst while it logs in:
+    // every ssh that finds no live socket then (each slot's next session, a heartbeat)
+    // logs in by itself, once or twice each on a loaded machine. Far below the 100 logins
+    // of 20 jobs x 5 sessions unshared: the burst ends once the new master is up.
     assert.equal(h0.logins() - before[0], 1, 'host 0 logins');
     const again = h1.logins() - before[1];
-    assert.ok(again >= 2 && again <= 1 + 4, `host 1 logins: ${again}`);
+    assert.ok(again >= 2 && again <= 1 + 2 * 4 + 2, `host 1 logins: ${again}`);
     for (const h of hosts.hosts) assert.equal((await workerOf(s, h.addr)).state, 'up');
   });
 
