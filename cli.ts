@@ -1100,17 +1100,25 @@ export type Effect =
   | { kind: 'probe'; host: string }                                  // ssh login check of a worker (sinfo for Slurm)
   | { kind: 'heartbeat'; host: string }                              // the same, of a worker that is up
   | { kind: 'forget-run'; id: number; run: number }                  // remove the run file of an ended run
+  | { kind: 'close-ssh'; host: string }                              // the shared connections of a worker that is gone
   | { kind: 'remove-logs'; ids: number[]; below?: number }; // below: also N.log of every N < below that is no job
 
 /** The effects an event calls for, read from the state after it was applied: a start is
  *  launched, a kill signals the jobs it stops, an end lets go of its run file. The run
  *  file goes only once the end is on disk: until then it is what tells a restarted
- *  server that the run happened. */
+ *  server that the run happened. A worker that is gone (removed, or drained by this
+ *  end) has its shared ssh connections closed. */
 export function effectsOf(st: State, ev: Event): Effect[] {
   switch (ev.e) {
     case 'start': return st.jobs.get(ev.id)?.state === 'running' ? [{ kind: 'launch', id: ev.id }] : [];
     case 'kill': return ev.ids.filter((id) => st.jobs.get(id)?.state === 'running').map((id) => ({ kind: 'signal', id, sig: 'SIGTERM' }));
-    case 'end': return [{ kind: 'forget-run', id: ev.id, run: ev.run }];
+    case 'end': {
+      const host = st.jobs.get(ev.id)?.history?.at(-1)?.worker;
+      const gone: Effect[] = host && !st.workers.has(host) ? [{ kind: 'close-ssh', host }] : [];
+      return [{ kind: 'forget-run', id: ev.id, run: ev.run }, ...gone];
+    }
+    case 'unworker': return [{ kind: 'close-ssh', host: ev.host }];
+    case 'drain': return st.workers.has(ev.host) ? [] : [{ kind: 'close-ssh', host: ev.host }];
     default: return [];
   }
 }
@@ -2881,10 +2889,14 @@ export function controlDirFor(dataDir: string, uid: number, tmp: string): string
   return path.join(base, `djs-${uid}-${hash}`);
 }
 
-/** The ssh words of a login check or probe: through shared connection n when shared. */
-function checkArgs(host: string, ssh: SshSettings, n: number, command: string): string[] {
+/** The ssh words of a login check or probe: through shared connection n when shared;
+ *  `fresh`: a login of its own all the same (the shared config's settings, no master). */
+function checkArgs(host: string, ssh: SshSettings, n: number, command: string, fresh = false): string[] {
   const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`];
-  if (ssh.shared && ssh.controlDir) args.push('-F', sharedConfigFile(ssh, n));
+  if (ssh.shared && ssh.controlDir) {
+    if (fresh) args.push('-o', 'ControlMaster=no', '-o', 'ControlPath=none'); // given first, these win over the file
+    args.push('-F', sharedConfigFile(ssh, n));
+  }
   else {
     args.push('-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2');
     if (ssh.config) args.push('-F', ssh.config);
@@ -2896,12 +2908,32 @@ function checkArgs(host: string, ssh: SshSettings, n: number, command: string): 
 /** Checks that `ssh -o BatchMode=yes` logs in to host and runs `command` (its output to
  *  `result`), over each of the worker's shared connections (which this opens, or
  *  replaces, when missing or dead; the others run `true`); resolves to null or to why
- *  not. Never prompts; gives up after the connect timeout plus a margin. */
-export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }): Promise<string | null> {
+ *  not. `fresh`: a new login first, as the shared connections may outlive the host's
+ *  sshd (killed, or refusing logins) and answer for a host nothing else can reach.
+ *  Never prompts; gives up after the connect timeout plus a margin. */
+export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }, fresh = false): Promise<string | null> {
   validateHost(host);
   const n = ssh.shared && ssh.controlDir ? connectionsOf(slots, ssh) : 1;
+  if (fresh && ssh.shared && ssh.controlDir) {
+    const err = await checkOnce(checkArgs(host, ssh, 0, 'true', true), ssh);
+    if (err !== null) return err;
+  }
   const errs = await Promise.all(Array.from({ length: n }, (_, i) => checkOnce(checkArgs(host, ssh, i, i === 0 ? command : 'true'), ssh, i === 0 ? result : undefined)));
   return errs.find((e) => e !== null) ?? null;
+}
+
+/** Ends the shared connections to host (ssh -O exit with each config in the control
+ *  dir): a removed worker keeps no login open. A host with none costs a failed local
+ *  call of ssh per config. */
+export function closeShared(host: string, ssh: SshSettings): void {
+  if (!ssh.shared || !ssh.controlDir) return;
+  let names: string[];
+  try { names = fs.readdirSync(ssh.controlDir).filter((n) => /^config\.\d+$/.test(n)); } catch { return; }
+  for (const name of names) {
+    const child = spawn('ssh', ['-F', path.join(ssh.controlDir, name), '-O', 'exit', '--', host], { stdio: 'ignore' });
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    child.on('error', () => clearTimeout(timer)).on('close', () => clearTimeout(timer));
+  }
 }
 
 /** The words of the login check of host as add_slave runs it (its first connection),
@@ -3335,6 +3367,7 @@ function perform(fx: Effect): void {
       return runProbe(fx.host);
     case 'heartbeat': return runHeartbeat(fx.host);
     case 'forget-run': return fs.unlink(runFile(cfg.dataDir, fx.id, fx.run), () => {});
+    case 'close-ssh': return closeShared(fx.host, cfg.ssh);
     case 'remove-logs':
       for (const id of fx.ids) fs.rm(logFile(id), { force: true }, () => {});
       if (fx.below) removeForgottenLogs(fx.below);
@@ -3513,10 +3546,13 @@ function signalJob(id: number, sig: NodeJS.Signals): void {
   else p.signal = sig; // sent once the launcher (or the run file) says which pid it is
 }
 
+/** A probe of a worker (see plan): its answer goes to the journal as the worker's state. */
 function runProbe(host: string): void {
   const sent = Date.now();
   const slurm = st.workers.get(host)?.slurm;
-  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots)).then((err) => {
+  // A probe is due after a job's exit 255 or while the worker is down: a new login
+  // decides, not a shared connection that may have outlived the host's sshd.
+  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots, 'true', undefined, true)).then((err) => {
     rt.probing.delete(host);
     if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
     const w = st.workers.get(host);

@@ -1016,6 +1016,27 @@ describe('plan (the scheduler\'s decisions) and effectsOf', () => {
     step(st, ev);
     assert.deepEqual(effectsOf(st, ev), [{ kind: 'forget-run', id: 1, run: 1 }]);
   });
+
+  test('a worker that is gone has its shared connections closed: removed idle, or drained by its last job\'s end', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    worker(st, 'b');
+    add(st, 2);
+    start(st, 1, 'a');
+    start(st, 2, 'a', 1);
+    const drain: Event = { e: 'drain', t: T0, host: 'a' };
+    step(st, drain);
+    assert.deepEqual(effectsOf(st, drain), [], 'a is busy: it stays until its jobs end');
+    const end1: Event = { e: 'end', t: T0, id: 1, run: 1, code: 0 };
+    step(st, end1);
+    assert.deepEqual(effectsOf(st, end1), [{ kind: 'forget-run', id: 1, run: 1 }]);
+    const end2: Event = { e: 'end', t: T0, id: 2, run: 1, code: 0 };
+    step(st, end2);
+    assert.deepEqual(effectsOf(st, end2), [{ kind: 'forget-run', id: 2, run: 1 }, { kind: 'close-ssh', host: 'a' }]);
+    const gone: Event = { e: 'unworker', t: T0, host: 'b' };
+    step(st, gone);
+    assert.deepEqual(effectsOf(st, gone), [{ kind: 'close-ssh', host: 'b' }]);
+  });
 });
 
 describe('launchRecord', () => {
