@@ -76,7 +76,9 @@ async function hangMidRun(t: TestContext, requeueOnDown: boolean) {
   await s.ok(['add_slave', ...(requeueOnDown ? ['--requeue-on-down'] : []), ...hosts.hosts.map((h) => `${h.addr}:2`)]);
   const names = makeInputs(s.dir, 60);
   const ids = await addJobs(s, names, variant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=1'));
-  await until(async () => (await s.status()).counts.done >= 6 && (await workerOf(s, hung.addr)).running.length === 2, 'the run to get going on every host', 60_000);
+  // Jobs running on the host to hang (on a loaded machine a 1 s heartbeat can leave a
+  // slot idle for a moment, so one of its two will do).
+  await until(async () => (await s.status()).counts.done >= 6 && (await workerOf(s, hung.addr)).running.length > 0, 'the run to get going on every host', 60_000);
   const stoppedAt = Date.now();
   hung.stop();
   t.after(() => hung.cont());
