@@ -2889,6 +2889,19 @@ export function controlDirFor(dataDir: string, uid: number, tmp: string): string
   return path.join(base, `djs-${uid}-${hash}`);
 }
 
+/** The control dir `dir` (see controlDirFor), made or checked; one in the temporary
+ *  directory that someone else took first (its name can be foreseen) is not given up
+ *  for: a new one with a random suffix is made in /tmp instead. */
+export function ownControlDir(dir: string, dataDir: string): string {
+  if (dir === path.join(dataDir, 'ssh')) { ownDir(dir, 'ssh control dir'); return dir; }
+  try { ownDir(dir, 'ssh control dir'); return dir; } catch (e) {
+    if (!(e instanceof UserError)) throw e;
+    const other = fs.mkdtempSync(path.join('/tmp', `${path.basename(dir)}-`));
+    log(`warning: ${e.message}; the ssh control dir is ${other} instead`);
+    return other;
+  }
+}
+
 /** The ssh words of a login check or probe: through shared connection n when shared;
  *  `fresh`: a login of its own all the same (the shared config's settings, no master). */
 function checkArgs(host: string, ssh: SshSettings, n: number, command: string, fresh = false): string[] {
@@ -4798,6 +4811,8 @@ function socketPath(dataDir: string): { abs: string; usable: string; relative: b
  *  /tmp or a shared scratch dir, say) could hold files the server would trust, or take
  *  the place of ones it writes; so this runs before anything in it is read or written. */
 export function ownDir(dir: string, what: string): void {
+  const uid = process.getuid?.();
+  if (uid !== undefined) checkPathTo(dir, what, uid, true); // before anything is made there
   try { makeDirs(dir); } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw failure(`cannot create the ${what} '${dir}': ${(e as Error).message}`);
   }
@@ -4832,7 +4847,8 @@ export function ownDataDir(dir: string): void {
 }
 
 /** Throws unless `dir` (or the symlink that names it, and its target) is a directory of
- *  this user's that no one else can write to. */
+ *  this user's that no one else can write to, on a path no one else can change (see
+ *  checkPathTo). */
 export function checkOwnDir(dir: string, what: string): void {
   const uid = process.getuid?.();
   if (uid === undefined) return;
@@ -4843,6 +4859,37 @@ export function checkOwnDir(dir: string, what: string): void {
     if (s.uid !== uid) throw failure(`the ${what} '${name}' belongs to user ${s.uid}, not to you (user ${uid})`, 'someone else made it; choose another directory, or have it removed');
   }
   if (stat.mode & 0o022) throw failure(`the ${what} '${dir}' can be written by others (mode ${(stat.mode & 0o777).toString(8)})`, `make it yours alone with: chmod go-w ${shellQuote(dir)}`);
+  checkPathTo(dir, what, uid);
+}
+
+/** Throws unless every directory above `dir`, on the path as given and on the real one,
+ *  belongs to root or to this user and, if others may write to it, is sticky (as /tmp):
+ *  whoever may rename entries of a directory above could move the user's directory away
+ *  and put one of their own in its place, after any check of the directory itself (as
+ *  ssh's StrictModes, which looks at the parents of ~/.ssh). */
+export function checkPathTo(dir: string, what: string, uid: number, missingOk = false): void {
+  const hint = 'use a directory under one that only you (or root) can change, such as your home';
+  const above = (p: string) => {
+    for (let cur = path.dirname(p), prev = p; cur !== prev; prev = cur, cur = path.dirname(cur)) {
+      let s: fs.Stats;
+      try { s = fs.lstatSync(cur); } catch (e) {
+        if (missingOk && (e as NodeJS.ErrnoException).code === 'ENOENT') continue; // to be made, this user's
+        throw failure(`cannot check '${cur}', above the ${what} '${dir}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+      if (s.uid !== 0 && s.uid !== uid) throw failure(`the ${what} '${dir}' is under '${cur}', which belongs to user ${s.uid}: they could put another directory in its place`, hint);
+      if (!s.isSymbolicLink() && s.mode & 0o022 && !(s.mode & 0o1000)) {
+        throw failure(`the ${what} '${dir}' is under '${cur}', which others can write to (mode ${(s.mode & 0o777).toString(8)}, not sticky): they could put another directory in its place`, hint);
+      }
+    }
+  };
+  const abs = path.resolve(dir);
+  above(abs);
+  let real: string;
+  try { real = fs.realpathSync(abs); } catch (e) {
+    if (missingOk && (e as NodeJS.ErrnoException).code === 'ENOENT') return; // checked again once made
+    throw e;
+  }
+  if (real !== abs) above(real);
 }
 
 /** The bytes an exec of a job leaves for its argv: ARG_MAX (getconf; 2 MiB where it
@@ -4884,8 +4931,7 @@ async function runServer(dataDir: string, given: Settings, tuning: { snapshotMin
   fs.chmodSync(cfg.dataDir, 0o700);
   ownDir(path.join(cfg.dataDir, 'run'), 'run dir');
   if (cfg.ssh.shared) {
-    cfg.ssh.controlDir = controlDirFor(cfg.dataDir, process.getuid?.() ?? 0, process.env.TMPDIR || '/tmp');
-    ownDir(cfg.ssh.controlDir, 'ssh control dir');
+    cfg.ssh.controlDir = ownControlDir(controlDirFor(cfg.dataDir, process.getuid?.() ?? 0, process.env.TMPDIR || '/tmp'), cfg.dataDir);
     fs.chmodSync(cfg.ssh.controlDir, 0o700);
   }
   ownDir(cfg.logDir, 'log dir');

@@ -6,6 +6,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
+import { controlDirFor } from '../cli.ts';
 import {
   CLI, GATED, addWorkers, alive, pidOf, procIds, rawRequest, readIf, release, run, runCli, serve, spawnCli, startServer, testDir, until, untilState, within, writeScript,
   type Run, type TestServer,
@@ -126,6 +127,57 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     const st = await runCli(['status', '--json'], { cwd: dir });
     assert.equal(st.code, 0, st.stderr);
     assert.equal(JSON.parse(st.stdout).counts.total, 300_000);
+  });
+
+  test('a data dir or log dir under a directory someone else can change is refused, naming it, before anything is made there', async (t) => {
+    const base = testDir(t);
+    const open = path.join(base, 'open');
+    fs.mkdirSync(open);
+    fs.chmodSync(open, 0o775); // a group's scratch dir: its members could rename what is in it
+    const refused = async (args: string[], what: RegExp) => {
+      const r = await runCli(args, { cwd: base });
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr, what);
+    };
+    await refused(['--data-dir', path.join(open, 'me', 'data'), 'start'], /^error: the data dir '.*\/open\/me\/data' is under '.*\/open', which others can write to \(mode 775, not sticky\): they could put another directory in its place$/m);
+    await refused(['--data-dir', path.join(base, 'data'), 'start', '--log-dir', path.join(open, 'logs')], /^error: the log dir '.*\/open\/logs' is under '.*\/open', which others can write to/m);
+    assert.deepEqual(fs.readdirSync(open), [], 'nothing was made there');
+    if (process.getuid?.() === 0) {
+      // Sticky and open to all like /tmp, but someone else's: its owner may rename anything.
+      const theirs = path.join(base, 'theirs');
+      fs.mkdirSync(theirs);
+      fs.chmodSync(theirs, 0o1777);
+      fs.chownSync(theirs, 65534, 65534);
+      await refused(['--data-dir', path.join(theirs, 'data'), 'start'], /^error: the data dir '.*\/theirs\/data' is under '.*\/theirs', which belongs to user 65534: they could put another directory in its place$/m);
+      // Reached through a symlink: the real path counts too.
+      fs.symlinkSync(theirs, path.join(base, 'link'));
+      fs.mkdirSync(path.join(theirs, 'mine'), { mode: 0o700 });
+      await refused(['--data-dir', path.join(base, 'link', 'mine'), 'start'], /is under '.*\/theirs', which belongs to user 65534/);
+    }
+    // A sticky directory of root's or one's own, open to all (as /tmp), is fine.
+    fs.chmodSync(open, 0o1777);
+    const s = await startServer({ dir: open });
+    assert.equal((await s.cli(['status'])).code, 0);
+  });
+
+  test('an ssh control dir in /tmp whose name another user took first does not keep the server from starting', { skip: process.getuid?.() !== 0 && 'needs root to act as another user' }, async (t) => {
+    const dir = path.join(testDir(t), 'a-data-dir-path-too-long-for-ssh-sockets');
+    fs.mkdirSync(dir);
+    const squat = controlDirFor(path.join(dir, '.data'), 0, process.env.TMPDIR || '/tmp');
+    assert.ok(squat.startsWith('/tmp/'), squat);
+    fs.rmSync(squat, { recursive: true, force: true });
+    fs.mkdirSync(squat, { mode: 0o700 });
+    fs.chownSync(squat, 65534, 65534);
+    t.after(() => fs.rmSync(squat, { recursive: true, force: true }));
+    const s = await startServer({ dir });
+    const m = /warning: the ssh control dir '.*' belongs to user 65534, not to you \(user 0\); the ssh control dir is (\/tmp\/djs-\S+) instead/.exec(s.output());
+    assert.ok(m, s.output());
+    t.after(() => fs.rmSync(m[1], { recursive: true, force: true }));
+    assert.equal(fs.statSync(m[1]).mode & 0o777, 0o700);
+    writeScript(dir, 'hi.sh', 'echo hi');
+    await addWorkers(s, 'w1');
+    assert.equal((await s.cli(['wait', (await s.ok(['add_job', './hi.sh'])).trim()])).code, 0);
+    assert.deepEqual(fs.readdirSync(squat), [], 'nothing was put in the other user\'s directory');
   });
 
   test('a data dir whose socket path is longer than a Unix socket allows', async (t) => {
