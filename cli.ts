@@ -4863,7 +4863,8 @@ export function checkOwnDir(dir: string, what: string): void {
 }
 
 /** Throws unless every directory above `dir`, on the path as given and on the real one,
- *  belongs to root or to this user and, if others may write to it, is sticky (as /tmp):
+ *  belongs to root or to this user and, if others may write to it (all, or a group not
+ *  this user's own), is sticky (as /tmp):
  *  whoever may rename entries of a directory above could move the user's directory away
  *  and put one of their own in its place, after any check of the directory itself (as
  *  ssh's StrictModes, which looks at the parents of ~/.ssh). */
@@ -4877,7 +4878,10 @@ export function checkPathTo(dir: string, what: string, uid: number, missingOk = 
         throw failure(`cannot check '${cur}', above the ${what} '${dir}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
       }
       if (s.uid !== 0 && s.uid !== uid) throw failure(`the ${what} '${dir}' is under '${cur}', which belongs to user ${s.uid}: they could put another directory in its place`, hint);
-      if (!s.isSymbolicLink() && s.mode & 0o022 && !(s.mode & 0o1000)) {
+      // Writable by its group only, where that is this user's own group (a home of mode
+      // 775 with a group of one): no one else.
+      const others = s.mode & 0o002 || (s.mode & 0o020 && s.gid !== process.getgid?.());
+      if (!s.isSymbolicLink() && others && !(s.mode & 0o1000)) {
         throw failure(`the ${what} '${dir}' is under '${cur}', which others can write to (mode ${(s.mode & 0o777).toString(8)}, not sticky): they could put another directory in its place`, hint);
       }
     }

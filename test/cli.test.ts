@@ -133,16 +133,28 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     const base = testDir(t);
     const open = path.join(base, 'open');
     fs.mkdirSync(open);
-    fs.chmodSync(open, 0o775); // a group's scratch dir: its members could rename what is in it
+    fs.chmodSync(open, 0o777); // anyone could rename what is in it
     const refused = async (args: string[], what: RegExp) => {
       const r = await runCli(args, { cwd: base });
       assert.equal(r.code, 1, r.stderr);
       assert.match(r.stderr, what);
     };
-    await refused(['--data-dir', path.join(open, 'me', 'data'), 'start'], /^error: the data dir '.*\/open\/me\/data' is under '.*\/open', which others can write to \(mode 775, not sticky\): they could put another directory in its place$/m);
+    await refused(['--data-dir', path.join(open, 'me', 'data'), 'start'], /^error: the data dir '.*\/open\/me\/data' is under '.*\/open', which others can write to \(mode 777, not sticky\): they could put another directory in its place$/m);
     await refused(['--data-dir', path.join(base, 'data'), 'start', '--log-dir', path.join(open, 'logs')], /^error: the log dir '.*\/open\/logs' is under '.*\/open', which others can write to/m);
     assert.deepEqual(fs.readdirSync(open), [], 'nothing was made there');
     if (process.getuid?.() === 0) {
+      // A group's scratch dir (not the user's own group): its members could rename it.
+      const lab = path.join(base, 'lab');
+      fs.mkdirSync(lab);
+      fs.chmodSync(lab, 0o2775);
+      fs.chownSync(lab, 0, 65534);
+      await refused(['--data-dir', path.join(lab, 'me', 'data'), 'start'], /is under '.*\/lab', which others can write to \(mode 775, not sticky\)/);
+      // Writable by the user's own group only: fine.
+      fs.chownSync(lab, 0, process.getgid!());
+      fs.chmodSync(lab, 0o2775);
+      fs.mkdirSync(path.join(lab, 'me'));
+      const mine = await startServer({ dir: path.join(lab, 'me') });
+      assert.equal((await mine.cli(['status'])).code, 0, 'the group is the user\'s own: nothing to refuse');
       // Sticky and open to all like /tmp, but someone else's: its owner may rename anything.
       const theirs = path.join(base, 'theirs');
       fs.mkdirSync(theirs);
