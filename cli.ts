@@ -3992,8 +3992,14 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   eventsPing.unref();
 }
 
-const sameToken = (given: string | undefined | null) =>
-  typeof given === 'string' && given.length === httpToken.length && crypto.timingSafeEqual(Buffer.from(given), Buffer.from(httpToken));
+/** Whether a token given is the token, compared as bytes (UTF-8) in constant time. Bytes,
+ *  not characters: a string of the token's length can be longer in bytes (non-ASCII),
+ *  and timingSafeEqual throws on buffers of unequal length. */
+function sameToken(given: string | undefined | null): boolean {
+  if (typeof given !== 'string') return false;
+  const a = Buffer.from(given, 'utf8'), b = Buffer.from(httpToken, 'utf8');
+  return a.length === b.length && crypto.timingSafeEqual(a, b);
+}
 
 /** The token a request carries in a header, or null. */
 function headerToken(req: http.IncomingMessage): string | null {

@@ -141,6 +141,28 @@ test('access needs the token: 401 without it, a cookie from ?token, POSTs with a
   assert.equal((await d.s.status()).workers.length, 0);
 });
 
+test('a wrong token is a 401 whatever its bytes: non-ASCII of the same length in characters too', async (t) => {
+  const d = await serveHttp(t);
+  assert.equal(d.token.length, 48);
+  // 48 characters as the server reads them (header values as Latin-1, the query as
+  // UTF-8), but more than 48 bytes in UTF-8.
+  const wrong = ['é'.repeat(48), 'Ã©'.repeat(24), 'ü'.repeat(47) + 'a', '\u00ff'.repeat(48)];
+  for (const w of wrong) {
+    for (const h of [{ Authorization: `Bearer ${w}` }, { 'X-DJS-Token': w }] as Record<string, string>[]) {
+      const r = await httpRequest(`${d.base}/api/status`, { headers: h });
+      assert.equal(r.status, 401, `${Object.keys(h)[0]} ${JSON.stringify(w)}: ${r.text}`);
+      assert.match(r.json.error, /wrong access token/);
+    }
+  }
+  for (const q of ['%C3%A9'.repeat(48), '%C3%A9'.repeat(24), '%E9'.repeat(48), '%F0%9F%98%80'.repeat(12), encodeURIComponent('€'.repeat(16))]) {
+    const r = await httpRequest(`${d.base}/?token=${q}`);
+    assert.equal(r.status, 401, `?token=${q}: ${r.text}`);
+    assert.match(r.json.error, /wrong access token/);
+  }
+  assert.equal((await d.get('/api/status')).status, 200, 'the right token still works');
+  assert.equal(d.s.proc.exitCode, null, 'the server is up');
+});
+
 test('the API serves the operations of the CLI, with its answers and its errors', async (t) => {
   const d = await serveHttp(t);
   const { s } = d;
