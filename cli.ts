@@ -3953,6 +3953,37 @@ const LOG_CHUNK = 1 << 20;            // bytes of a log one answer or one event 
 
 const httpUrl = () => (httpServer ? `http://${httpHostShown}:${httpPort}/` : null);
 
+/** HTTP connections: a cap of their own (the Unix socket's connections are counted
+ *  apart, so HTTP clients never take its place), and two kinds. A connection is
+ *  `trusted` once a request on it has carried the token; until then it is `untrusted`,
+ *  which is how every connection starts, slow or not, with or without the token to come.
+ *  At the cap, a new connection closes the oldest untrusted one: clients without the
+ *  token, however many and however slowly they trickle their headers, only ever push
+ *  each other out, while a client with the token needs its connection to live only
+ *  from its connect to its headers (a local round trip) to become trusted, and a
+ *  trusted connection (an open live view, say) is never closed for a newcomer. When
+ *  every connection is trusted, a new one is refused. Untrusted connections also go
+ *  by the headers timeout (10 s) and the keep-alive timeout. */
+const httpUntrusted = new Set<net.Socket>();
+const httpTrusted = new Set<net.Socket>();
+const httpMaxConnections = () => cfg.maxConnections + 64;
+
+function admitHttp(sock: net.Socket): void {
+  if (httpUntrusted.size + httpTrusted.size >= httpMaxConnections()) {
+    const oldest = httpUntrusted.values().next().value;
+    if (!oldest) return void sock.destroy();
+    httpUntrusted.delete(oldest);
+    oldest.destroy();
+  }
+  httpUntrusted.add(sock);
+  sock.once('close', () => { httpUntrusted.delete(sock); httpTrusted.delete(sock); });
+}
+
+/** A request on this connection carried the token. */
+function trustHttp(sock: net.Socket): void {
+  if (httpUntrusted.delete(sock)) httpTrusted.add(sock);
+}
+
 /** Listens on the address asked for, with the token of the data dir (made on first use). */
 async function startHttp(addr: { host: string; port: number }): Promise<void> {
   const tokenFile = path.join(cfg.dataDir, 'http.token');
@@ -3967,7 +3998,7 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   s.headersTimeout = 10_000;      // a client that never finishes its headers goes
   s.requestTimeout = 60_000;      // nor its body (event streams have their headers by then)
   s.keepAliveTimeout = 5_000;
-  s.maxConnections = cfg.maxConnections + 64;
+  s.on('connection', admitHttp);
   s.on('clientError', (e: NodeJS.ErrnoException, sock) => {
     if (!sock.writable) return void sock.destroy();
     sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
@@ -4068,6 +4099,7 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
       res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
       return httpError(res, 401, EXIT_FAILED, given !== null ? 'wrong access token' : 'this needs the access token', 'open the URL that cli.ts dashboard prints, or send the token of DATA_DIR/http.token as Authorization: Bearer TOKEN');
     }
+    trustHttp(req.socket);
     if (req.method === 'POST') {
       if (given === null) return httpError(res, 403, EXIT_FAILED, 'a change needs the token in a header', 'send it as Authorization: Bearer TOKEN or X-DJS-Token: TOKEN');
       const m = /^\/api\/([a-z_]+)$/.exec(url.pathname);

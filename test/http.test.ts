@@ -349,6 +349,60 @@ test('bad input gets a clear 4xx; a slow client holds nothing up; the data stays
   assert.equal(d.s.proc.exitCode, null, 'the server is up');
 });
 
+test('clients that trickle headers without the token cannot lock out those with it, nor the socket', async (t) => {
+  // DJS_MAX_CONNECTIONS=100: the HTTP side takes 164 connections at once.
+  const d = await serveHttp(t, { env: { DJS_MAX_CONNECTIONS: '100' } });
+  const port = Number(new URL(d.base).port);
+  // A live view, open before the flood, stays open through it.
+  let live = '';
+  const view = http.get(`${d.base}/api/events`, { headers: d.auth }, (res) => { res.setEncoding('utf8'); res.on('data', (c) => { live += c; }); });
+  view.on('error', () => {});
+  t.after(() => view.destroy());
+  await until(() => live.includes('event: status'), 'the live view');
+
+  // 300 clients that never finish their headers (a line every half second), each one
+  // back half a second after the server closes it.
+  let stop = false, connected = 0, closedByServer = 0;
+  const socks = new Set<net.Socket>();
+  t.after(() => { stop = true; for (const c of socks) c.destroy(); });
+  const slow = () => {
+    if (stop) return;
+    const c = net.connect(port, '127.0.0.1');
+    socks.add(c);
+    let timer: NodeJS.Timeout | undefined;
+    c.on('connect', () => {
+      connected++;
+      c.write(`GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n`);
+      let n = 0;
+      timer = setInterval(() => c.write(`X-Slow-${n++}: 1\r\n`), 500);
+    });
+    c.on('error', () => {});
+    c.on('close', () => {
+      clearInterval(timer); socks.delete(c);
+      if (stop) return;
+      closedByServer++;
+      setTimeout(slow, 500);
+    });
+  };
+  for (let i = 0; i < 300; i++) slow();
+  await until(() => connected >= 300, 'the slow clients to connect');
+
+  // Well within the headers timeout (10 s): requests with the token are served.
+  const t0 = Date.now();
+  for (let i = 0; i < 5; i++) {
+    const r = await within(d.get('/api/status'), 5000, 'a request with the token');
+    assert.equal(r.status, 200);
+  }
+  assert.ok(Date.now() - t0 < 8000, 'served before the slow clients time out');
+  assert.equal((await d.s.cli(['status'])).code, 0, 'the socket answers');
+  assert.ok(closedByServer > 0, 'slow clients without the token were let go to make room');
+  const before = live.length;
+  await d.s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await until(() => live.slice(before).includes('"host":"w1"'), 'the live view opened before the flood to go on');
+  stop = true;
+  assert.equal(d.s.proc.exitCode, null, 'the server is up');
+});
+
 test('a thousand event streams at once: each gets the live status; the server stays up', async (t) => {
   const d = await serveHttp(t);
   const port = Number(new URL(d.base).port);
