@@ -566,7 +566,7 @@ function* heldFor(st: State, dep: number): Generator<Job> {
  *  are queued once their last dependency is done, or fail, and their own dependents
  *  after them. Only the jobs held for it are looked at (no scan of all jobs); a worklist,
  *  not recursion, so a chain of any length is fine. */
-function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'removed', t: number): void {
+function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'killed' | 'removed', t: number): void {
   if (how === 'done') {
     const still: number[] = [];
     for (const job of heldFor(st, id)) {
@@ -576,7 +576,7 @@ function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'remo
     if (still.length) st.dependents.set(id, still); else st.dependents.delete(id);
     return;
   }
-  const work: [number, 'failed' | 'removed'][] = [[id, how]];
+  const work: [number, 'failed' | 'killed' | 'removed'][] = [[id, how]];
   while (work.length) {
     const [dep, outcome] = work.pop()!;
     const held = [...heldFor(st, dep)];
@@ -702,7 +702,7 @@ function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | 
   } else {
     setJobState(st, job, to);
     job.blockers = 0; // a held job that was killed waits for nothing any more
-    if (st.dependents.has(job.id)) releaseDependents(st, job.id, to === 'done' ? 'done' : 'failed', t);
+    if (st.dependents.has(job.id)) releaseDependents(st, job.id, to === 'done' ? 'done' : to === 'killed' ? 'killed' : 'failed', t);
   }
 }
 
@@ -827,6 +827,8 @@ export function applyEvent(st: State, ev: Event): void {
           if (job.killing === null) job.killAt = ev.t + ev.grace;
           job.killing = ev.why;
         } else if (job.state === 'waiting' && ev.why === 'user') {
+          // Nothing of an earlier attempt (it is in the history) is this one's.
+          job.startedAt = 0; job.worker = null; job.slot = -1;
           settle(st, job, 'killed', 'killed before it started', ev.t);
         }
       }
@@ -1216,7 +1218,7 @@ export const num = (v: unknown, name: string, min = 0, max = Number.MAX_SAFE_INT
 };
 const idList = (v: unknown): number[] => {
   if (!Array.isArray(v) || v.length === 0) throw usage('no job ids given');
-  return v.map((x) => num(x, 'job id', 1));
+  return [...new Set(v.map((x) => num(x, 'job id', 1)))]; // each once, as given
 };
 export function jobOrFail(st: State, id: number): Job {
   const job = st.jobs.get(id);
@@ -1399,7 +1401,10 @@ export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Dec
     }
     if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
   }
-  return { events: ids.length ? [{ e: 'remove', t: c.now, ids }] : [], answer: { ids } };
+  // Later jobs first: one held for another that goes too (its dependencies have lower
+  // ids) is removed with it, not failed for it.
+  const order = [...ids].sort((a, b) => b - a);
+  return { events: ids.length ? [{ e: 'remove', t: c.now, ids: order }] : [], answer: { ids: [...ids].sort((a, b) => a - b) } };
 }
 
 /** kill {ids} | {all} | {tag}: running jobs get SIGTERM (then SIGKILL after the grace),
@@ -1436,15 +1441,28 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
       if (!isFinished(job.state)) throw failure(`job '${id}' is ${job.state}; only finished jobs can be retried`);
     }
   }
-  const set = new Set(ids);
-  for (const id of ids) {
-    for (const d of st.jobs.get(id)!.after ?? NO_IDS) {
-      const dep = st.jobs.get(d);
-      if (set.has(d) || depDone(st, d) || (dep && !isFinished(dep.state))) continue;
-      throw failure(`job '${id}' waits for job ${d}, which ${dep ? `ended ${dep.state}` : 'was forgotten before it ended done'}`, dep ? `retry both: retry ${d} ${id}` : undefined);
+  // A job can run again only if each of its dependencies is done, still to end, or
+  // retried with it. Asked for by id, one that cannot is an error; asked for in bulk
+  // (--failed, --killed, --tag), it is left out, and so are those that wait for it.
+  const set = new Set(ids), skipped: { id: number; why: string; hint?: string }[] = [];
+  for (let changed = true; changed;) {
+    changed = false;
+    for (const id of set) {
+      for (const d of st.jobs.get(id)!.after ?? NO_IDS) {
+        const dep = st.jobs.get(d);
+        if (set.has(d) || depDone(st, d) || (dep && !isFinished(dep.state))) continue;
+        const why = `job ${id} waits for job ${d}, which ${dep ? `ended ${dep.state}` : 'was forgotten before it ended done'}`;
+        const hint = dep ? `retry both: retry ${d} ${id}` : undefined;
+        if (req.ids !== undefined) throw failure(`job '${id}' ${why.slice(`job ${id} `.length)}`, hint);
+        set.delete(id);
+        skipped.push(hint ? { id, why, hint } : { id, why });
+        changed = true;
+        break;
+      }
     }
   }
-  return { events: ids.length ? [{ e: 'retry', t: c.now, ids }] : [], answer: { ids } };
+  const kept = ids.filter((id) => set.has(id));
+  return { events: kept.length ? [{ e: 'retry', t: c.now, ids: kept }] : [], answer: skipped.length ? { ids: kept, skipped } : { ids: kept } };
 }
 
 /** clean {logs, tag}: forgets finished jobs (of a tag) and removes their logs (and, with
@@ -3046,7 +3064,12 @@ type Input = { kind: 'request'; req: Request; decide: Decide; reply: Reply } | {
  *  said it could not start; `signal`: one asked for before its pid was known. */
 type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null; began: number };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
-type Waiter = { ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void };
+/** A wait client: `forgotten` counts its jobs that a clean forgot, by how they ended. */
+type Waiter = {
+  ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void;
+  forgotten?: { done: number; failed: number; killed: number };
+  held?: { seq: number; why: string | null };
+};
 type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
@@ -3262,6 +3285,7 @@ type Turn = { lines: string[]; answers: { reply: Reply; answer: Record<string, u
 function commit(turn: Turn, ev: Event): void {
   const cascades = st.cascades;
   const counted = counts(st, ev);
+  if (ev.e === 'clean' && waiters.size) noteForgotten(ev);
   applyEvent(st, ev);
   if (counted) countEvent(metrics, st, ev);
   st.seq++;
@@ -3622,7 +3646,32 @@ function waitCounts(w: Waiter) {
     const job = st.jobs.get(id);
     if (job) c[job.state]++; else c.missing++;
   }
+  // Jobs that ended and were then cleaned away count as they ended, not as removed.
+  if (w.forgotten) for (const k of ['done', 'failed', 'killed'] as const) { c[k] += w.forgotten[k]; c.missing -= w.forgotten[k]; }
   return c;
+}
+
+/** What holds a wait's jobs (whyHeld), looked at again only after an event. */
+function heldWhy(w: Waiter): string | null {
+  if (w.held?.seq !== st.seq) w.held = { seq: st.seq, why: whyHeld(st, w.pending ?? waitingIds()) };
+  return w.held.why;
+}
+function* waitingIds(): Generator<number> {
+  for (const job of st.jobs.values()) if (job.state === 'waiting') yield job.id;
+}
+
+/** Before a clean forgets finished jobs: each wait that counts some of them keeps how
+ *  they ended (ids are never reused, so a forgotten job never comes back). */
+function noteForgotten(ev: Extract<Event, { e: 'clean' }>): void {
+  const only = ev.ids ? new Set(ev.ids) : null; // else every finished job goes
+  for (const w of waiters) {
+    if (!w.ids) continue;
+    for (const id of only && only.size < w.ids.size ? only : w.ids) {
+      const job = st.jobs.get(id);
+      if (!job || !isFinished(job.state) || !w.ids.has(id) || (only && !only.has(id))) continue;
+      (w.forgotten ??= { done: 0, failed: 0, killed: 0 })[job.state as 'done' | 'failed' | 'killed']++;
+    }
+  }
 }
 
 const unfinished = (id: number) => { const j = st.jobs.get(id); return j !== undefined && !isFinished(j.state); };
@@ -3648,7 +3697,7 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
       w.send({ ok: true, counts: c, allDone: c.done === c.total });
     } else if (now - w.lastSent >= 250) {
       const c = waitCounts(w);
-      const why = c.waiting ? whyWaiting(st, rt, now) ?? (c.running === 0 && w.pending ? whyHeld(st, w.pending) : null) : null;
+      const why = c.waiting ? whyWaiting(st, rt, now) ?? (c.running === 0 ? heldWhy(w) : null) : null;
       const key = `${c.waiting}/${c.running}/${c.done}/${c.failed}/${c.killed}/${why}`;
       if (key !== w.lastKey) { w.lastKey = key; w.lastSent = now; w.send(why ? { progress: c, why } : { progress: c }); }
     }
@@ -5749,7 +5798,7 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   }
   const r = await request(ctx.dataDir, msg);
   const ids = r.ids as number[];
-  ctx.out.write(`removed ${ids.length} job${ids.length === 1 ? '' : 's'}: ${ids.join(' ')}\n`);
+  ctx.out.write(ids.length ? `removed ${ids.length} job${ids.length === 1 ? '' : 's'}: ${ids.join(' ')}\n` : 'no waiting job to remove\n');
   return EXIT_OK;
 }
 
@@ -5767,8 +5816,9 @@ async function cmdRetry(p: Parsed, ctx: Ctx): Promise<number> {
   if (byState && p.positionals.length) throw usage('retry takes IDs or --failed/--killed/--tag, not both');
   if (!byState && !p.positionals.length) throw usage('retry needs IDs, --failed, --killed or --tag TAG');
   const r = await request(ctx.dataDir, byState ? { op: 'retry', failed: p.values.failed, killed: p.values.killed, ...tagField(p) } : { op: 'retry', ids: parseIds(p.positionals) });
-  const ids = r.ids as number[];
+  const ids = r.ids as number[], skipped = (r.skipped ?? []) as { id: number; why: string }[];
   ctx.out.write(ids.length ? `queued again: ${ids.join(' ')}\n` : 'no job to retry\n');
+  for (const k of skipped) ctx.err.write(`not retried: ${k.why}\n`);
   return EXIT_OK;
 }
 
@@ -5874,19 +5924,27 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
   const tty = Boolean(ctx.err.isTTY);
   const t0 = Date.now();
   let firstEnded = -1, lastPlain = 0, lastWhy: string | null = null;
+  let last: { c: WaitCounts; why: string | null } | null = null;
+  const show = (c: WaitCounts, why: string | null, force: boolean) => {
+    const ended = c.done + c.failed + c.killed + c.missing;
+    if (firstEnded < 0) firstEnded = ended;
+    const rate = (ended - firstEnded) / Math.max(0.001, (Date.now() - t0) / 1000);
+    if (tty) ctx.err.write(`\r\x1b[K${formatProgress(c, rate, why, (ctx.err.columns || 80) - 1)}`);
+    else if (force || Date.now() - lastPlain >= 10_000 || why !== lastWhy) { lastPlain = Date.now(); ctx.err.write(formatProgress(c, rate, why, Infinity) + '\n'); }
+    lastWhy = why;
+  };
+  // Elsewhere than a terminal, a line every 10 s even when nothing changed (the server
+  // sends changes only): a log shows the wait is alive.
+  const every = tty ? null : setInterval(() => { if (last && Date.now() - lastPlain >= 10_000) show(last.c, last.why, true); }, 1000);
+  every?.unref();
   const msg: Record<string, unknown> = { op: 'wait', ids, ...tagField(p), all: p.values.all === true || undefined };
   const r = await lastingRequest(ctx.dataDir, msg, (m) => {
     // The jobs this wait is for: asked for again by these ids if the server restarts.
     if (m.ranges) { msg.ranges = m.ranges; delete msg.tag; return; }
     if (!m.progress) return;
-    const c = m.progress as WaitCounts, why = (m.why as string | undefined) ?? null;
-    const ended = c.done + c.failed + c.killed + c.missing;
-    if (firstEnded < 0) firstEnded = ended;
-    const rate = (ended - firstEnded) / Math.max(0.001, (Date.now() - t0) / 1000);
-    if (tty) ctx.err.write(`\r\x1b[K${formatProgress(c, rate, why, (ctx.err.columns || 80) - 1)}`);
-    else if (Date.now() - lastPlain >= 10_000 || why !== lastWhy) { lastPlain = Date.now(); ctx.err.write(formatProgress(c, rate, why, Infinity) + '\n'); }
-    lastWhy = why;
-  });
+    last = { c: m.progress as WaitCounts, why: (m.why as string | undefined) ?? null };
+    show(last.c, last.why, false);
+  }).finally(() => { if (every) clearInterval(every); });
   type Counts = WaitCounts;
   const c = r.counts as Counts;
   if (tty) ctx.err.write('\r\x1b[K');

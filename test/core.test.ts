@@ -1569,6 +1569,36 @@ describe('campaigns: sweeps, priorities, pause, dependencies, tags, env', () => 
     refusedBy(st, decideAddJobs, { cwd: '/w', jobs: [['/s']], after: ['1'] }, /invalid job id/);
   });
 
+  test('bulk retry leaves out the jobs that cannot run again (and says why); remove of a job with its dependent removes both; a killed dependency is named killed; a job killed while waiting shows no earlier run', () => {
+    const st = newState();
+    worker(st, 'a', 4);
+    const [long] = addC(st, 1);
+    const [after] = addC(st, 1, { after: [long] });
+    const [bad] = addC(st, 1);
+    start(st, long, 'a', 0); start(st, bad, 'a', 1);
+    end(st, bad, 3);
+    stop(st, [long], 'user');
+    end(st, long, 143);
+    assert.deepEqual([job(st, after).state, job(st, after).reason], ['failed', `dependency ${long} killed`]);
+    // --failed: job `after` waits for a killed job no one retries: left out, the rest go.
+    const d = decideAndApply(st, decideRetry, { failed: true });
+    assert.deepEqual(d.answer, { ids: [bad], skipped: [{ id: after, why: `job ${after} waits for job ${long}, which ended killed`, hint: `retry both: retry ${long} ${after}` }] });
+    assert.equal(job(st, bad).state, 'waiting');
+    refusedBy(st, decideRetry, { ids: [after] }, new RegExp(`^job '${after}' waits for job ${long}, which ended killed$`));
+    // Removed together, a job and the one held for it both go, whatever the order given.
+    step(st, { e: 'pause', t: T0 });
+    const [p] = addC(st, 1);
+    const [q] = addC(st, 1, { after: [p] });
+    const r = decideAndApply(st, decideRemoveJobs, { ids: [p, q, p] });
+    assert.deepEqual(r.answer, { ids: [p, q] });
+    assert.deepEqual([st.jobs.has(p), st.jobs.has(q)], [false, false]);
+    // A job killed while it waits (after an earlier run) has no run time or worker of its own.
+    decideAndApply(st, decideRetry, { ids: [long, after] });
+    step(st, { e: 'kill', t: T0 + 9000, ids: [long], why: 'user', grace: 1000 });
+    const v = jobView(st, job(st, long), T0 + 9000);
+    assert.deepEqual([v.state, v.reason, v.runtimeMs, v.worker, v.attempts], ['killed', 'killed before it started', null, null, 1]);
+  });
+
   test('dependencies: a job cleaned after it ended done counts as done; a removed one fails its dependents', () => {
     const st = newState();
     worker(st, 'a');

@@ -130,12 +130,12 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
   const neverRan = new Set<number>();
   for (const job of jobs) {
     if (!job.after.length) continue;
-    const why = /^dependency (\d+) failed$/.exec(job.reason ?? '');
+    const why = /^dependency (\d+) (failed|killed)$/.exec(job.reason ?? '');
     if (why) {
       failedChains++;
       neverRan.add(job.id);
       assert.ok(job.after.includes(Number(why[1])), `job ${job.id}: ${job.reason}, but it waits for ${job.after}`);
-      assert.equal(byId.get(Number(why[1]))?.state, 'failed', `job ${job.id}: ${job.reason}`);
+      assert.equal(byId.get(Number(why[1]))?.state, why[2], `job ${job.id}: ${job.reason}`);
       assert.equal(started.get(job.id), undefined, `job ${job.id} ran although dependency ${why[1]} failed`);
       assert.equal(job.state, 'failed');
       continue;

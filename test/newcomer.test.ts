@@ -429,6 +429,31 @@ describe('wait counts the jobs it was called for', () => {
     assert.match(all.stderr, /6\/6 finished: 5 done, 1 failed/);
   });
 
+  test('a job that ended done and was cleaned away counts as done for a wait on it; wait --all names a paused tag, and elsewhere than a terminal repeats its line every 10 s', { timeout: 60_000 }, async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'block.sh', GATED);
+    await addWorkers(s, 'w1:2');
+    const [a, b] = (await s.ok(['add_jobs', '-'], { input: './block.sh\n./block.sh\n' })).trim().split('\n');
+    const w = spawnCli(['--data-dir', s.dataDir, 'wait', a, b], { cwd: s.dir });
+    await until(() => /finished:/.test(w.stderr()), 'wait to show its progress');
+    release(s, a);
+    await untilState(s, a, 'done');
+    assert.match(await s.ok(['clean']), /forgot 1 finished job/);
+    release(s, b);
+    const r = await within(w.done, 15_000, 'wait to end');
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /2\/2 finished: 2 done, 0 failed, 0 killed\n$/);
+
+    await s.ok(['pause', '--tag', 'later']);
+    await s.ok(['add_job', '--tag', 'later', './block.sh']);
+    const all = spawnCli(['--data-dir', s.dataDir, 'wait', '--all'], { cwd: s.dir });
+    const line = /^1\/2 finished: .* — waiting: tag later is paused: resume with cli\.ts resume --tag later$/gm;
+    await until(() => (all.stderr().match(line) ?? []).length >= 1, 'wait --all to name the paused tag', 5000);
+    await until(() => (all.stderr().match(line) ?? []).length >= 2, 'the same line again after 10 s', 20_000, 500);
+    all.proc.kill();
+    await all.done;
+  });
+
   test('wait --tag: the tag\'s jobs as of the call, the same after a restart; a paused tag is named on its progress line', { timeout: 60_000 }, async (t) => {
     let s = await serve(t);
     writeScript(s.dir, 'block.sh', GATED);
