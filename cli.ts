@@ -3758,7 +3758,7 @@ function watchUntilClose<T extends { done: () => void }>(conn: Conn, set: Set<T>
 /** log {id, follow}: where the job's log is; with follow, a last line when it ends. */
 function openLog(req: Request, conn: Conn): void {
   const job = jobOrFail(st, num(req.id, 'job id', 1));
-  const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode, reason: job.reason };
+  const info = { path: logFile(job.id), state: job.state, exitCode: job.exitCode, reason: job.reason, waitsFor: job.state === 'waiting' ? waitReason(st, job, queueReason(st)) : null };
   if (req.follow !== true || isFinished(job.state)) return conn.send({ ok: true, ...info });
   conn.send({ info });
   const f: Follower = { id: job.id, send: conn.send, done: () => {} };
@@ -3772,6 +3772,7 @@ function streamJobs(req: Request, conn: Conn): void {
   const wanted = req.state === undefined ? null : Array.isArray(req.state) ? req.state : [req.state];
   for (const one of wanted ?? []) if (!JOB_STATES.includes(one as JobState)) throw usage(`unknown state ${quoteForError(String(one))}`, `states are ${JOB_STATES.join(', ')}`);
   const states = wanted && new Set(wanted as JobState[]);
+  tagKnown(st, req); // as every command that takes --tag
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
   const it = st.jobs.values(), sock = conn.sock;
   const now = Date.now(), queue = queueReason(st);
@@ -5880,8 +5881,11 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
       while ((n = fs.readSync(fd, buf, 0, buf.length, offset)) > 0) { ctx.out.write(buf.subarray(0, n)); offset += n; }
     } finally { fs.closeSync(fd); }
   };
+  let told = false;
   const r = await (follow ? lastingRequest : request)(ctx.dataDir, { op: 'log', id, follow }, (m) => {
-    file = (m.info as { path: string }).path;
+    const info = m.info as { path: string; waitsFor: string | null };
+    file = info.path;
+    if (info.waitsFor && !told) { told = true; ctx.err.write(`job ${id} has not started (${info.waitsFor}); its log follows once it does\n`); }
     pump();
     watch.dir?.close();
     try { watch.dir = fs.watch(path.dirname(file), (_ev, name) => { if (!name || name === path.basename(file)) pump(); }); } catch { /* no watch: final read only */ }

@@ -528,6 +528,9 @@ describe('campaigns', { concurrency: 4 }, () => {
     assert.equal(w.code, 1, 'a tag with a failed job: wait exits 1');
     assert.match(w.stderr, /4\/4 finished: 3 done, 1 failed/);
     assert.deepEqual((await s.ok(['list', '--tag', 'f', '--json'])).length > 0 && JSON.parse(await s.ok(['list', '--tag', 'f', '--json'])).map((j: any) => [j.id, j.state, j.tags]), [[failing[0], 'failed', ['a', 'f']]]);
+    const typo = await s.cli(['list', '--tag', 'nosuch']);
+    assert.deepEqual([typo.code, typo.stdout], [1, ''], 'a tag no job has is an error, as for every other command');
+    assert.match(typo.stderr, /^error: no job has the tag 'nosuch'$/m);
     const st = JSON.parse(await s.ok(['status', '--tag', 'a', '--json']));
     assert.deepEqual([st.tag, st.done, st.failed, st.total], ['a', 3, 1, 4]);
     assert.match(await s.ok(['retry', '--tag', 'a']), new RegExp(`queued again: ${failing[0]}$`, 'm'));

@@ -462,6 +462,8 @@ describe('wait counts the jobs it was called for', () => {
     const batch = (await s.ok(['add_jobs', '--tag', 'sweep', '-'], { input: './block.sh\n./block.sh\n' })).trim().split('\n');
     const w = spawnCli(['--data-dir', s.dataDir, 'wait', '--tag', 'sweep'], { cwd: s.dir });
     await until(() => /0\/2 finished: .*waiting: tag sweep is paused: resume with cli\.ts resume --tag sweep/.test(w.stderr()), 'wait to name the paused tag', 5000);
+    const follow = spawnCli(['--data-dir', s.dataDir, 'log', '-f', batch[0]], { cwd: s.dir });
+    await until(() => follow.stderr().includes(`job ${batch[0]} has not started (tag sweep paused); its log follows once it does\n`), 'log -f to say why there is no log yet', 5000);
     // A job tagged after the call is not one it waits for; the server restarts under it:
     // it asks again for the same two jobs, not the tag's jobs as of then.
     const late = await addJob(s, '--tag', 'sweep', './block.sh');
@@ -473,6 +475,9 @@ describe('wait counts the jobs it was called for', () => {
     const r = await within(w.done, 15_000, 'wait to end');
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stderr, /2\/2 finished: 2 done, 0 failed, 0 killed\n$/);
+    const f = await within(follow.done, 15_000, 'log -f to end');
+    assert.equal(f.code, 0, f.stderr);
+    assert.match(f.stdout, new RegExp(`job ${batch[0]} released`));
     assert.equal((await s.job(late)).state, 'running', 'wait did not wait for a job tagged after it');
     release(s, late);
   });
