@@ -317,3 +317,117 @@ test('a job gets no file the server inherited, and every variable of the server\
   assert.equal(fs.readFileSync(path.join(dir, 'env'), 'utf8'), 'kept -w\n');
   server.kill('SIGKILL');
 });
+
+// ---- what all clients together may cost: DJS_CLIENT_BYTES each way ----------------
+
+const BUDGET = 24 << 20; // DJS_CLIENT_BYTES in these tests: small, so a few clients reach it
+
+/** Lines of a connection's reply that are whole JSON answers ({ok}). */
+const answers = (got: string) => got.split('\n').slice(0, -1).filter((l) => /^\{"ok":/.test(l));
+
+test('clients that never read their answers cannot make the server hold more than DJS_CLIENT_BYTES: the one holding the most is closed, server.log says so, the others are served', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) } });
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(10_000)}\n`.repeat(200) }); // one page of them: 2 MB
+  const before = rssMiB(s);
+  const conns: Awaited<ReturnType<typeof connect>>[] = [];
+  for (let i = 0; i < 12; i++) {
+    const c = await connect(s);
+    c.sock.pause(); // reads nothing
+    c.sock.write('{"op":"jobs","limit":1000}\n'.repeat(4));
+    conns.push(c);
+  }
+  // 12 clients × 4 answers of 2 MB: twice the budget and more.
+  await until(() => /closed a socket connection that left .* MiB of answers unread, the most of any client/.test(s!.output()), 'server.log to say a client was closed');
+  await until(async () => (await s!.cli(['status'])).code === 0, 'the server to answer others');
+  t.diagnostic(`server RSS ${before.toFixed(0)} MiB before, grew by ${(rssMiB(s) - before).toFixed(0)} MiB`);
+  // Now each reads: it gets its 4 answers, or it was closed; one that had nothing
+  // unread when its answer did not fit is told why.
+  for (const c of conns) c.sock.resume();
+  await until(() => conns.every((c) => c.closed() || answers(c.got()).length === 4), 'every client to be served or closed', 30_000);
+  const served = conns.filter((c) => !c.closed()), told = conns.filter((c) => c.closed() && answers(c.got()).some((a) => !JSON.parse(a).ok));
+  t.diagnostic(`${served.length} served, ${told.length} closed with an error, ${12 - served.length - told.length} closed at once`);
+  assert.ok(served.length >= 1 && served.length < 12, `${served.length} of 12 served`);
+  assert.ok(told.length >= 1, 'some were told why');
+  for (const c of served) for (const a of answers(c.got())) assert.equal(JSON.parse(a).rows.length, 200);
+  for (const c of told) {
+    const m = JSON.parse(answers(c.got()).at(-1)!);
+    assert.equal(m.code, 1);
+    assert.match(m.error, /the server holds at most 24\.0 MiB of unread answers for all its clients/);
+  }
+  for (const c of conns) c.sock.destroy();
+  assert.equal(s.proc.exitCode, null, 'the server is still running');
+});
+
+test('unfinished request lines that together pass DJS_CLIENT_BYTES: the connection holding the most gets a one-line error and is closed; the others finish theirs', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) } });
+  const conns: Awaited<ReturnType<typeof connect>>[] = [];
+  // Each under the 16 MiB a request may hold; 6 of them hold 36 MiB.
+  for (let i = 0; i < 6; i++) {
+    const c = await connect(s);
+    c.sock.write(`{"op":"ping","pad":"${'a'.repeat(6 << 20)}`);
+    conns.push(c);
+  }
+  await until(() => /closed a socket connection that held .* MiB of unfinished requests/.test(s!.output()), 'server.log to say a client was closed');
+  // Each client finishes its line: it is answered, or was refused (with one line) and closed.
+  await until(() => conns.every((c) => c.sock.writableLength === 0), 'the requests to be sent');
+  for (const c of conns) c.sock.write('"}\n');
+  await until(() => conns.every((c) => answers(c.got()).length === 1), 'every client to get one answer');
+  const results = conns.map((c) => JSON.parse(answers(c.got())[0]));
+  const refused = results.filter((m) => !m.ok);
+  t.diagnostic(`${refused.length} of 6 refused`);
+  assert.ok(refused.length >= 1 && refused.length < 6, `${refused.length} of 6 refused`);
+  for (const m of refused) {
+    assert.equal(m.code, 1);
+    assert.match(m.error, /the server holds at most 24\.0 MiB of unfinished requests for all its clients, and this connection held the most/);
+  }
+  await until(() => conns.every((c, i) => results[i].ok || c.closed()), 'the refused connections to be closed');
+  for (const c of conns) c.sock.destroy();
+  assert.equal((await s.cli(['status'])).code, 0);
+});
+
+test('HTTP clients count against DJS_CLIENT_BYTES too: bodies not yet whole and answers not read', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) }, args: ['--http', '0'] });
+  const m = /^http:\/\/127\.0\.0\.1:(\d+)\/\?token=([0-9a-f]+)$/.exec((await s.ok(['dashboard'])).trim())!;
+  const port = Number(m[1]), token = m[2];
+  const tcp = () => new Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }>((resolve, reject) => {
+    const sock = net.connect(port, '127.0.0.1');
+    let got = '', closed = false;
+    sock.on('data', (d) => { got += d; });
+    sock.on('close', () => { closed = true; });
+    sock.on('error', () => {});
+    sock.once('connect', () => resolve({ sock, got: () => got, closed: () => closed }));
+    sock.once('error', reject);
+  });
+  const head = (method: string, p: string, extra = '') => `${method} ${p} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${token}\r\n${extra}\r\n`;
+  // Bodies: 6 POSTs of 8 MiB each, 6 MiB of each sent.
+  const posts: Awaited<ReturnType<typeof tcp>>[] = [];
+  for (let i = 0; i < 6; i++) {
+    const c = await tcp();
+    c.sock.write(head('POST', '/api/kill', `Content-Type: application/json\r\nContent-Length: ${8 << 20}\r\n`) + `{"ids":[1],"x":"` + 'a'.repeat(6 << 20));
+    posts.push(c);
+  }
+  await until(() => posts.some((c) => /^HTTP\/1\.1 503 [^]*the server holds at most 24\.0 MiB of unfinished requests for all its clients/.test(c.got())), 'a POST to be refused');
+  await until(() => /closed an HTTP connection that held .* MiB of unfinished requests/.test(s!.output()), 'server.log to say why');
+  for (const c of posts) c.sock.destroy();
+  // Answers: 200 jobs of 10 KB (2 MB a page); 16 clients ask for pages and read nothing.
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(10_000)}\n`.repeat(200) });
+  const gets: Awaited<ReturnType<typeof tcp>>[] = [];
+  for (let i = 0; i < 16; i++) {
+    const c = await tcp();
+    c.sock.pause();
+    c.sock.write(head('GET', '/api/jobs?limit=1000').repeat(4));
+    gets.push(c);
+  }
+  await until(() => /closed an HTTP connection that left .* MiB of answers unread/.test(s!.output()), 'server.log to say a reader was closed');
+  for (const c of gets) c.sock.destroy();
+  assert.equal((await fetch(`http://127.0.0.1:${port}/api/status`, { headers: { Authorization: `Bearer ${token}` } })).status, 200, 'a new HTTP client is served');
+  assert.equal((await s.cli(['status'])).code, 0);
+});
