@@ -602,12 +602,33 @@ function reblockDependents(st: State, id: number): void {
 /** The most jobs one sweep may make: a request costs the server what its jobs cost
  *  (~700 bytes each), so one request line of a few words must not ask for gigabytes. */
 export const MAX_SWEEP_JOBS = 1_000_000;
+/** The most bytes of arguments and environment settings the jobs of one request may
+ *  hold, all of them together: a job's arguments may take up to ARG_MAX (~2 MB), so a
+ *  sweep of a few kilobytes could otherwise make gigabytes of jobs (and snapshots). */
+export const MAX_ADD_BYTES = 64 << 20;
 const PLACEHOLDER_RE = /\{(\d*)\}/g;
 
+/** The bytes of arguments (not the script) that the jobs of a sweep hold, all of them
+ *  together, counted from the template and the lengths of the values, without making a
+ *  job: each value of list k is in N / (its length) of the N jobs, once per placeholder
+ *  naming it (once, appended, where no argument holds one). Placeholders are checked. */
+export function sweepBytes(template: string[], lists: string[][]): number {
+  const n = lists.reduce((p, l) => p * l.length, 1);
+  const perValue = lists.map((l) => l.reduce((b, v) => b + Buffer.byteLength(v), 0) * (n / l.length));
+  let bytes = 0, placed = false;
+  for (const arg of template.slice(1)) {
+    bytes += n * Buffer.byteLength(arg.replace(PLACEHOLDER_RE, ''));
+    for (const m of arg.matchAll(PLACEHOLDER_RE)) { placed = true; bytes += perValue[m[1] === '' ? 0 : Number(m[1]) - 1]; }
+  }
+  if (!placed) for (const b of perValue) bytes += b;
+  return bytes;
+}
+
 /** Checks a sweep (`SCRIPT ARGS ::: V... ::: W...`): every list has values, every
- *  placeholder names a list, and the jobs number at most MAX_SWEEP_JOBS. Returns how
- *  many jobs it makes. */
-export function checkSweep(template: string[], lists: string[][]): number {
+ *  placeholder names a list, the jobs number at most MAX_SWEEP_JOBS, and their
+ *  arguments, with `envBytes` of environment settings each, come to at most
+ *  MAX_ADD_BYTES. Returns how many jobs it makes. */
+export function checkSweep(template: string[], lists: string[][], envBytes = 0): number {
   if (lists.length === 0) throw usage('a sweep needs at least one ::: list of values');
   let n = 1;
   lists.forEach((l, i) => {
@@ -620,6 +641,12 @@ export function checkSweep(template: string[], lists: string[][]): number {
       const k = m[1] === '' ? 1 : Number(m[1]);
       if (k < 1 || k > lists.length) throw usage(`placeholder {${m[1]}} in ${quoteForError(arg)} names no ::: list`, `there ${lists.length === 1 ? 'is 1 list' : `are ${lists.length} lists`}: {1}${lists.length > 1 ? ` to {${lists.length}}` : ''} (and {} for {1})`);
     }
+  }
+  const bytes = sweepBytes(template, lists) + n * envBytes;
+  if (bytes > MAX_ADD_BYTES) {
+    const first = lists[0].length;
+    throw usage(`the sweep makes ${n} jobs of ${mib(bytes)} of arguments and environment in all, more than the ${MAX_ADD_BYTES >> 20} MiB one request may add`,
+      first > 1 ? `split it by the values of the first ::: list: ${first} of them make ${mib(bytes / first)} each on average, so about ${Math.max(1, Math.floor(first * MAX_ADD_BYTES / bytes))} at a time fit; or pass large data in files` : 'pass large data in files, and their names as arguments');
   }
   return n;
 }
@@ -1332,16 +1359,22 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
   const env = req.env === undefined ? [] : envOf(req.env);
   const need = needOf(req);
-  let envBytes = 0;
+  let envBytes = 0, envText = 0;
   for (const w of env) {
     const n = Buffer.byteLength(w);
     if (n > MAX_ARG_BYTES) throw usage(`an environment setting of ${n} bytes is longer than the system allows one (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
     envBytes += n + 1 + 8;
+    envText += n;
   }
   let count = jobs.length;
   if (req.sweep !== undefined) {
     if (!Array.isArray(req.sweep) || !req.sweep.every(strings) || jobs.length !== 1 || !strings(jobs[0])) throw usage('a sweep is one job and lists of strings');
-    count = checkSweep(jobs[0] as string[], req.sweep as string[][]);
+    count = checkSweep(jobs[0] as string[], req.sweep as string[][], envText);
+  } else {
+    // Each job keeps its own copy of the settings once a snapshot has been loaded.
+    let bytes = count * envText;
+    for (const spec of jobs) if (strings(spec)) for (let i = 1; i < spec.length; i++) bytes += Buffer.byteLength(spec[i]);
+    if (bytes > MAX_ADD_BYTES) throw usage(`the ${count} jobs hold ${mib(bytes)} of arguments and environment in all, more than the ${MAX_ADD_BYTES >> 20} MiB one request may add`, 'split them over several add_jobs, or pass large data in files');
   }
   for (const spec of req.sweep === undefined ? jobs : sweepJobs(jobs[0] as string[], req.sweep as string[][])) {
     if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
@@ -5735,7 +5768,7 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
   warnClipyOptions(words, ctx);
   const spec = [resolveScript(script, workDir()), ...args];
-  if (lists) checkSweep(spec, lists); // the server checks too; this fails before any I/O
+  if (lists) checkSweep(spec, lists, envWords(p).reduce((n, w) => n + Buffer.byteLength(w), 0)); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
   return EXIT_OK;
 }

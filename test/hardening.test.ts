@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, runCli, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, runCli, socketRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -430,4 +430,56 @@ test('HTTP clients count against DJS_CLIENT_BYTES too: bodies not yet whole and 
   for (const c of gets) c.sock.destroy();
   assert.equal((await fetch(`http://127.0.0.1:${port}/api/status`, { headers: { Authorization: `Bearer ${token}` } })).status, 200, 'a new HTTP client is served');
   assert.equal((await s.cli(['status'])).code, 0);
+});
+
+// ---- what one request may expand to ------------------------------------------------
+
+test('a sweep whose jobs would hold more than 64 MiB of arguments is refused, by the client and by the server, saying the limit and how to split it; nothing is added', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  // 4 arguments of 1,000 placeholders, 200 values of 128 characters: 200 jobs of 512 KB.
+  const template = [script, ...Array(4).fill('{}'.repeat(1000))];
+  const values = Array.from({ length: 200 }, (_, i) => String(i).padStart(128, 'v'));
+  const r = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values] });
+  assert.equal(r.ok, false);
+  assert.equal(r.code, 2);
+  assert.match(r.error, /the sweep makes 200 jobs of 97\.7 MiB of arguments and environment in all, more than the 64 MiB one request may add/);
+  assert.match(r.hint, /split it by the values of the first ::: list: 200 of them make 0\.5 MiB each on average, so about 131 at a time fit/);
+  const cli = await s.cli(['add_job', ...template, ':::', ...values]);
+  assert.equal(cli.code, 2, cli.stderr);
+  assert.match(cli.stderr, /more than the 64 MiB one request may add/);
+  // An --env setting each job keeps a copy of (once a snapshot is loaded) counts for each.
+  const big = `BIG=${'e'.repeat(100_000)}`;
+  const listed = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: Array.from({ length: 1000 }, (_, i) => [script, String(i)]) });
+  assert.equal(listed.ok, false);
+  assert.equal(listed.code, 2);
+  assert.match(listed.error, /the 1000 jobs hold 95\.4 MiB of arguments and environment in all, more than the 64 MiB one request may add/);
+  const env = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: [[script, '{}']], sweep: [Array.from({ length: 1000 }, String)] });
+  assert.equal(env.ok, false);
+  assert.match(env.error, /more than the 64 MiB one request may add/);
+  assert.equal((await s.status()).counts.total, 0, 'nothing was added');
+  // Just under the limit is fine.
+  const under = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values.slice(0, 120)] });
+  assert.equal(under.ok, true, JSON.stringify(under));
+  assert.equal((await s.status()).counts.total, 120);
+});
+
+test('a journal that already holds a sweep over the limit (written before there was one) still loads', { timeout: 60_000 }, async (t) => {
+  const dir = tempDir();
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s, dir));
+  const data = path.join(dir, '.data');
+  fs.mkdirSync(data, { mode: 0o700 });
+  const values = Array.from({ length: 300 }, (_, i) => String(i).padStart(128, 'v'));
+  const add = { n: 1, e: 'add', t: Date.now(), id: 1, cwd: '/', retries: 0, timeout: 0, jobs: [['/bin/true', ...Array(2).fill('{}'.repeat(1000))]], sweep: [values] };
+  fs.writeFileSync(path.join(data, 'journal'), JSON.stringify({ format: 'djs-journal', version: 3, after: 0 }) + '\n' + JSON.stringify(add) + '\n');
+  s = await startServer({ dir });
+  assert.equal((await s.status()).counts.waiting, 300);
+  const c = await connect(s);
+  c.sock.write('{"op":"job","id":300}\n');
+  await until(() => c.got().endsWith('\n'), 'the answer');
+  c.sock.destroy();
+  assert.deepEqual(JSON.parse(c.got()).job.args, Array(2).fill(values[299].repeat(1000)));
 });
