@@ -2020,8 +2020,8 @@ export const PAGE_SCAN_BUDGET = 50_000;
 export const PAGE_LIMIT_MAX = 1000;
 
 const optText = (v: unknown, name: string): string | undefined => {
-  if (v === undefined || v === '') return undefined;
-  if (typeof v !== 'string' || v.length > 4096) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))}`);
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string' || v === '' || v.length > 4096) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))}`, v === '' ? `leave ${name} out to filter nothing` : undefined);
   return v;
 };
 
@@ -3146,6 +3146,51 @@ const OPS: Record<string, Op> = {
   stop: { kind: 'shutdown' },
 };
 
+/** The type of each field an operation reads, checked before it is served (socket and
+ *  HTTP alike), so that a field of the wrong type is a usage error rather than taken
+ *  as absent or as something else (`ids: "x"` waiting on every job). Values are the
+ *  operation's to check (ranges, known states, tags); an absent field is undefined,
+ *  and null is a value (of the wrong type, except where it is listed). Fields not
+ *  listed are ignored, as a client of another release may send some. */
+type FieldType = { ok: (v: unknown) => boolean; what: string };
+const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false' };
+const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string' };
+const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number' };
+const LIST: FieldType = { ok: Array.isArray, what: 'a list' };
+const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty' };
+const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object' };
+const REQUEST_FIELDS: Record<string, Record<string, FieldType>> = {
+  list: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT },
+  jobs: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER },
+  job: { id: NUMBER },
+  log: { id: NUMBER, follow: BOOL },
+  wait: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } },
+  add_jobs: {
+    cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
+    sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST,
+  },
+  remove_jobs: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST },
+  kill: { ids: IDS, all: BOOL, tag: TEXT },
+  retry: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT },
+  clean: { logs: BOOL, tag: TEXT },
+  set_priority: { ids: IDS, tag: TEXT, priority: NUMBER },
+  pause: { tag: TEXT },
+  resume: { tag: TEXT },
+  policy: { name: TEXT },
+  add_workers: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL },
+  remove_workers: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } },
+  load_status: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL },
+};
+
+/** Throws a usage error naming the first field of `req` of a type its op does not take. */
+export function checkFields(req: Request): void {
+  const fields = Object.hasOwn(REQUEST_FIELDS, req.op) ? REQUEST_FIELDS[req.op] : undefined;
+  for (const [name, type] of Object.entries(fields ?? {})) {
+    const v = req[name];
+    if (v !== undefined && !type.ok(v)) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))} for ${req.op}`, `${name} is ${type.what}`);
+  }
+}
+
 /** One request line: parsed, looked up in OPS, served by its kind. Never throws. */
 function handleRequestLine(line: string, conn: Conn): void {
   let req: Request;
@@ -3166,6 +3211,7 @@ function serveRequest(req: Request, conn: Conn): void {
   const op = Object.hasOwn(OPS, req.op) ? OPS[req.op] : undefined;
   try {
     if (!op) throw usage(`unknown request ${quoteForError(req.op)}`);
+    checkFields(req);
     switch (op.kind) {
       case 'read': return conn.send({ ok: true, ...op.answer(req) });
       case 'change': return submit({ kind: 'request', req, decide: op.decide, reply: conn.send });
@@ -3688,9 +3734,9 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
  *  ranges, for it to ask for the same jobs again if the server restarts. */
 function openWait(req: Request, conn: Conn): void {
   let ids: Set<number> | null = null;
-  const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
-  if (Array.isArray(req.ids) && req.ids.length) {
-    ids = new Set(req.ids.map((x) => num(x, 'job id', 1)));
+  const hosts = req.hosts === undefined ? null : (req.hosts as string[]);
+  if (req.ids !== undefined) {
+    ids = new Set(idList(req.ids));
     for (const id of ids) jobOrFail(st, id);
   } else if (req.tag !== undefined) {
     // The tag's jobs as of now: wait --tag T returns once they have all ended.
@@ -4307,7 +4353,8 @@ function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL)
   if (p === '/api/jobs') {
     only(JOBS_QUERY);
     const r: Request = { op: 'jobs' };
-    for (const [k, v] of q) r[k] = k === 'before' || k === 'limit' ? numberParam(v, k) : v;
+    // An empty filter (a form's ?state=) filters nothing.
+    for (const [k, v] of q) if (v !== '' || k === 'before' || k === 'limit') r[k] = k === 'before' || k === 'limit' ? numberParam(v, k) : v;
     return callOp(req, res, r);
   }
   const m = /^\/api\/jobs\/([^/]+)(\/log)?$/.exec(p);

@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, runCli, socketRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, runCli, socketRequest, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -482,4 +482,40 @@ test('a journal that already holds a sweep over the limit (written before there 
   await until(() => c.got().endsWith('\n'), 'the answer');
   c.sock.destroy();
   assert.deepEqual(JSON.parse(c.got()).job.args, Array(2).fill(values[299].repeat(1000)));
+});
+
+// ---- fields of a wrong type or value ------------------------------------------------
+
+test('every field of a wrong type or value is a one-line usage error (code 2), on every operation', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_job', '--tag', 'a', script]);
+  const bad: Record<string, unknown>[] = [
+    ...['x', {}, 1, null, [], true].map((ids) => ({ op: 'wait', ids })),
+    { op: 'wait', tag: 1 }, { op: 'wait', all: 'yes' }, { op: 'wait', ranges: 'x' }, { op: 'wait', hosts: 'w1' }, { op: 'wait', hosts: [1] },
+    { op: 'jobs', state: '' }, { op: 'jobs', state: ['done'] }, { op: 'jobs', tag: '' }, { op: 'jobs', worker: 1 }, { op: 'jobs', text: null }, { op: 'jobs', limit: '5' },
+    { op: 'list', state: [] }, { op: 'list', state: '' }, { op: 'list', tag: null },
+    { op: 'log', id: 1, follow: 'yes' }, { op: 'job', id: '1' },
+    { op: 'kill', all: 'yes' }, { op: 'kill', ids: {} }, { op: 'kill', tag: ['a'] },
+    { op: 'retry', failed: 1 }, { op: 'retry', killed: 'true', tag: 'a' }, { op: 'retry', ids: null },
+    { op: 'clean', logs: 'yes' }, { op: 'clean', tag: 1 },
+    { op: 'remove_jobs', ids: 'x' }, { op: 'set_priority', priority: '1', tag: 'a' },
+    { op: 'pause', tag: null }, { op: 'resume', tag: '' }, { op: 'policy', name: 1 },
+    { op: 'add_workers', workers: [{ host: 'w' }], skipCheck: 'yes' }, { op: 'add_workers', workers: [{ host: 'w' }], skipCheck: true, requeueOnDown: 1 },
+    { op: 'remove_workers', hosts: ['w'], mode: 'later' },
+    { op: 'add_jobs', cwd: s.dir, jobs: [[script]], tags: 'a' }, { op: 'add_jobs', cwd: s.dir, jobs: [[script]], sweep: 'x' },
+    { op: 'add_jobs', cwd: s.dir, jobs: [[script]], retryDelay: '1' },
+  ];
+  for (const req of bad) {
+    const r = await rawRequest(s.dataDir, JSON.stringify(req) + '\n');
+    assert.equal(r.lines.length, 1, `an answer to ${JSON.stringify(req)}`);
+    const m = JSON.parse(r.lines[0]);
+    assert.deepEqual([m.ok, m.code], [false, 2], `${JSON.stringify(req)} answered ${r.lines[0]}`);
+  }
+  const m = await socketRequest(s.dataDir, { op: 'wait', ids: 'x' });
+  assert.deepEqual([m.error, m.hint], ['invalid ids \'"x"\' for wait', 'ids is a list of job ids, not empty']);
+  const st = await s.status();
+  assert.deepEqual([st.counts.total, st.workers.length, st.paused], [1, 0, false], 'nothing changed');
 });
