@@ -81,7 +81,7 @@ if (!process.features.typescript) {
  *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, DJS_HTTP, and for
  *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_SSH_SHARED,
  *   DJS_SSH_SESSIONS, DJS_HEARTBEAT, DJS_PROBE_BACKOFF_MAX, and DJS_SLURM_CHECK;
- *   DJS_MAX_CONNECTIONS; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
+ *   DJS_MAX_CONNECTIONS; DJS_CLIENT_BYTES; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
  *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR,
  *   DJS_SSH_SHARED_CONFIG, the worker's and their own --env settings, and the ssh
  *   settings as kept.
@@ -198,6 +198,7 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { StringDecoder } from 'node:string_decoder';
 import { parseArgs } from 'node:util';
+import v8 from 'node:v8';
 import { fileURLToPath } from 'node:url';
 
 // ============================================================================
@@ -601,12 +602,33 @@ function reblockDependents(st: State, id: number): void {
 /** The most jobs one sweep may make: a request costs the server what its jobs cost
  *  (~700 bytes each), so one request line of a few words must not ask for gigabytes. */
 export const MAX_SWEEP_JOBS = 1_000_000;
+/** The most bytes of arguments and environment settings the jobs of one request may
+ *  hold, all of them together: a job's arguments may take up to ARG_MAX (~2 MB), so a
+ *  sweep of a few kilobytes could otherwise make gigabytes of jobs (and snapshots). */
+export const MAX_ADD_BYTES = 64 << 20;
 const PLACEHOLDER_RE = /\{(\d*)\}/g;
 
+/** The bytes of arguments (not the script) that the jobs of a sweep hold, all of them
+ *  together, counted from the template and the lengths of the values, without making a
+ *  job: each value of list k is in N / (its length) of the N jobs, once per placeholder
+ *  naming it (once, appended, where no argument holds one). Placeholders are checked. */
+export function sweepBytes(template: string[], lists: string[][]): number {
+  const n = lists.reduce((p, l) => p * l.length, 1);
+  const perValue = lists.map((l) => l.reduce((b, v) => b + Buffer.byteLength(v), 0) * (n / l.length));
+  let bytes = 0, placed = false;
+  for (const arg of template.slice(1)) {
+    bytes += n * Buffer.byteLength(arg.replace(PLACEHOLDER_RE, ''));
+    for (const m of arg.matchAll(PLACEHOLDER_RE)) { placed = true; bytes += perValue[m[1] === '' ? 0 : Number(m[1]) - 1]; }
+  }
+  if (!placed) for (const b of perValue) bytes += b;
+  return bytes;
+}
+
 /** Checks a sweep (`SCRIPT ARGS ::: V... ::: W...`): every list has values, every
- *  placeholder names a list, and the jobs number at most MAX_SWEEP_JOBS. Returns how
- *  many jobs it makes. */
-export function checkSweep(template: string[], lists: string[][]): number {
+ *  placeholder names a list, the jobs number at most MAX_SWEEP_JOBS, and their
+ *  arguments, with `envBytes` of environment settings each, come to at most
+ *  MAX_ADD_BYTES. Returns how many jobs it makes. */
+export function checkSweep(template: string[], lists: string[][], envBytes = 0): number {
   if (lists.length === 0) throw usage('a sweep needs at least one ::: list of values');
   let n = 1;
   lists.forEach((l, i) => {
@@ -619,6 +641,12 @@ export function checkSweep(template: string[], lists: string[][]): number {
       const k = m[1] === '' ? 1 : Number(m[1]);
       if (k < 1 || k > lists.length) throw usage(`placeholder {${m[1]}} in ${quoteForError(arg)} names no ::: list`, `there ${lists.length === 1 ? 'is 1 list' : `are ${lists.length} lists`}: {1}${lists.length > 1 ? ` to {${lists.length}}` : ''} (and {} for {1})`);
     }
+  }
+  const bytes = sweepBytes(template, lists) + n * envBytes;
+  if (bytes > MAX_ADD_BYTES) {
+    const first = lists[0].length;
+    throw usage(`the sweep makes ${n} jobs of ${mib(bytes)} of arguments and environment in all, more than the ${MAX_ADD_BYTES >> 20} MiB one request may add`,
+      first > 1 ? `split it by the values of the first ::: list: ${first} of them make ${mib(bytes / first)} each on average, so about ${Math.max(1, Math.floor(first * MAX_ADD_BYTES / bytes))} at a time fit; or pass large data in files` : 'pass large data in files, and their names as arguments');
   }
   return n;
 }
@@ -1333,16 +1361,22 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
   const env = req.env === undefined ? [] : envOf(req.env);
   const need = needOf(req);
-  let envBytes = 0;
+  let envBytes = 0, envText = 0;
   for (const w of env) {
     const n = Buffer.byteLength(w);
     if (n > MAX_ARG_BYTES) throw usage(`an environment setting of ${n} bytes is longer than the system allows one (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
     envBytes += n + 1 + 8;
+    envText += n;
   }
   let count = jobs.length;
   if (req.sweep !== undefined) {
     if (!Array.isArray(req.sweep) || !req.sweep.every(strings) || jobs.length !== 1 || !strings(jobs[0])) throw usage('a sweep is one job and lists of strings');
-    count = checkSweep(jobs[0] as string[], req.sweep as string[][]);
+    count = checkSweep(jobs[0] as string[], req.sweep as string[][], envText);
+  } else {
+    // Each job keeps its own copy of the settings once a snapshot has been loaded.
+    let bytes = count * envText;
+    for (const spec of jobs) if (strings(spec)) for (let i = 1; i < spec.length; i++) bytes += Buffer.byteLength(spec[i]);
+    if (bytes > MAX_ADD_BYTES) throw usage(`the ${count} jobs hold ${mib(bytes)} of arguments and environment in all, more than the ${MAX_ADD_BYTES >> 20} MiB one request may add`, 'split them over several add_jobs, or pass large data in files');
   }
   for (const spec of req.sweep === undefined ? jobs : sweepJobs(jobs[0] as string[], req.sweep as string[][])) {
     if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
@@ -2004,8 +2038,8 @@ export const PAGE_SCAN_BUDGET = 50_000;
 export const PAGE_LIMIT_MAX = 1000;
 
 const optText = (v: unknown, name: string): string | undefined => {
-  if (v === undefined || v === '') return undefined;
-  if (typeof v !== 'string' || v.length > 4096) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))}`);
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string' || v === '' || v.length > 4096) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))}`, v === '' ? `leave ${name} out to filter nothing` : undefined);
   return v;
 };
 
@@ -3073,7 +3107,7 @@ type Waiter = {
 type Follower = { id: number; send: Reply; done: () => void };
 type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
-  maxConnections: number; settings: Settings; changed: [string, string, string][];
+  maxConnections: number; clientBytes: number; settings: Settings; changed: [string, string, string][];
   http: { host: string; port: number } | null; slurmCheckMs: number;
 };
 
@@ -3148,6 +3182,51 @@ const OPS: Record<string, Op> = {
   stop: { kind: 'shutdown' },
 };
 
+/** The type of each field an operation reads, checked before it is served (socket and
+ *  HTTP alike), so that a field of the wrong type is a usage error rather than taken
+ *  as absent or as something else (`ids: "x"` waiting on every job). Values are the
+ *  operation's to check (ranges, known states, tags); an absent field is undefined,
+ *  and null is a value (of the wrong type, except where it is listed). Fields not
+ *  listed are ignored, as a client of another release may send some. */
+type FieldType = { ok: (v: unknown) => boolean; what: string };
+const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false' };
+const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string' };
+const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number' };
+const LIST: FieldType = { ok: Array.isArray, what: 'a list' };
+const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty' };
+const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object' };
+const REQUEST_FIELDS: Record<string, Record<string, FieldType>> = {
+  list: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT },
+  jobs: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER },
+  job: { id: NUMBER },
+  log: { id: NUMBER, follow: BOOL },
+  wait: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } },
+  add_jobs: {
+    cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
+    sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST,
+  },
+  remove_jobs: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST },
+  kill: { ids: IDS, all: BOOL, tag: TEXT },
+  retry: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT },
+  clean: { logs: BOOL, tag: TEXT },
+  set_priority: { ids: IDS, tag: TEXT, priority: NUMBER },
+  pause: { tag: TEXT },
+  resume: { tag: TEXT },
+  policy: { name: TEXT },
+  add_workers: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL },
+  remove_workers: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } },
+  load_status: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL },
+};
+
+/** Throws a usage error naming the first field of `req` of a type its op does not take. */
+export function checkFields(req: Request): void {
+  const fields = Object.hasOwn(REQUEST_FIELDS, req.op) ? REQUEST_FIELDS[req.op] : undefined;
+  for (const [name, type] of Object.entries(fields ?? {})) {
+    const v = req[name];
+    if (v !== undefined && !type.ok(v)) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))} for ${req.op}`, `${name} is ${type.what}`);
+  }
+}
+
 /** One request line: parsed, looked up in OPS, served by its kind. Never throws. */
 function handleRequestLine(line: string, conn: Conn): void {
   let req: Request;
@@ -3168,6 +3247,7 @@ function serveRequest(req: Request, conn: Conn): void {
   const op = Object.hasOwn(OPS, req.op) ? OPS[req.op] : undefined;
   try {
     if (!op) throw usage(`unknown request ${quoteForError(req.op)}`);
+    checkFields(req);
     switch (op.kind) {
       case 'read': return conn.send({ ok: true, ...op.answer(req) });
       case 'change': return submit({ kind: 'request', req, decide: op.decide, reply: conn.send });
@@ -3716,9 +3796,9 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
  *  ranges, for it to ask for the same jobs again if the server restarts. */
 function openWait(req: Request, conn: Conn): void {
   let ids: Set<number> | null = null;
-  const hosts = Array.isArray(req.hosts) ? req.hosts.map(String) : null;
-  if (Array.isArray(req.ids) && req.ids.length) {
-    ids = new Set(req.ids.map((x) => num(x, 'job id', 1)));
+  const hosts = req.hosts === undefined ? null : (req.hosts as string[]);
+  if (req.ids !== undefined) {
+    ids = new Set(idList(req.ids));
     for (const id of ids) jobOrFail(st, id);
   } else if (req.tag !== undefined) {
     // The tag's jobs as of now: wait --tag T returns once they have all ended.
@@ -3777,14 +3857,18 @@ function streamJobs(req: Request, conn: Conn): void {
   const it = st.jobs.values(), sock = conn.sock;
   const now = Date.now(), queue = queueReason(st);
   const pump = () => {
-    for (;;) {
+    while (!sock.destroyed) {
       const rows: JobView[] = [];
       for (let r = it.next(); !r.done; r = it.next()) {
         if ((!states || states.has(r.value.state)) && (tag === undefined || r.value.tags.includes(tag))) rows.push(jobView(st, r.value, now, queue));
         if (rows.length >= 2000) break;
       }
       if (rows.length === 0) { sock.end(JSON.stringify({ ok: true }) + '\n'); return; }
-      if (!sock.write(JSON.stringify({ rows }) + '\n')) { sock.once('drain', pump); return; }
+      const text = JSON.stringify({ rows }) + '\n';
+      if (!roomFor(sock, text.length)) return;
+      const more = sock.write(text);
+      recount(sock);
+      if (!more) { sock.once('drain', pump); return; }
     }
   };
   pump();
@@ -3813,31 +3897,154 @@ export function onLines(sock: Readable, fn: (line: string) => void): void {
 /** What one client may cost the server: a request line of at most MAX_REQUEST_BYTES
  *  (more, even unfinished or queued, is refused and the connection closed); answers it
  *  does not read up to MAX_UNREAD_BYTES (then the connection is closed); and no more
- *  than cfg.maxConnections connections at once (then the one idle the longest goes). */
+ *  than cfg.maxConnections connections at once (then the one idle the longest goes).
+ *  What all of them hold together has a budget too (see Holder). */
 const MAX_REQUEST_BYTES = 16 << 20;
 const MAX_UNREAD_BYTES = 64 << 20;
 const connections = new Set<Conn>();
 
+// ---- what all clients may cost together -----------------------------------------------
+
+/** A client connection (socket or HTTP) as the budget sees it: the bytes the server
+ *  holds for it each way, `out` (answers written that it has not read: in the socket's
+ *  buffer, or in HTTP answers waiting for the socket) and `in` (requests not yet whole:
+ *  a line without its newline, lines queued behind the one served, an HTTP body on its
+ *  way); what they were when last counted; and how to let it go (`drop`: with a
+ *  one-line error where one can still reach it, else at once).
+ *
+ *  Each way, all clients together may hold cfg.clientBytes (DJS_CLIENT_BYTES; 256 MiB,
+ *  or an eighth of the heap if that is less): the limits of one connection times
+ *  cfg.maxConnections would be far more than the heap.
+ *   - out: an answer that does not fit is not written. The connection that holds the
+ *     most unread goes, and so does the one asking (its answer would not fit before the
+ *     memory of the first is free, which is once its socket has closed: until then
+ *     its bytes still count). Closing connections after the fact is not enough: many
+ *     answers can be written in one turn of the event loop, and what a closed socket
+ *     held is freed only in a later one.
+ *   - in: what arrived is in memory already; over the budget, the connections holding
+ *     the most go until the rest fit.
+ *  server.log says which and why. The totals add up what each connection held when
+ *  last counted (after each write and each chunk read); what a client has read since
+ *  only lowers the truth, so a total over the budget is counted afresh before anything
+ *  is closed. */
+type Holder = {
+  kind: 'socket' | 'HTTP'; sock: net.Socket; out: () => number; in: () => number;
+  counted: { out: number; in: number }; closing: boolean;
+  drop: (way: Way, error: string, hint: string, res?: http.ServerResponse) => void;
+};
+type Way = 'out' | 'in';
+const holders = new Set<Holder>();
+const heldBytes = { out: 0, in: 0 };
+/** The holder of each client socket (the Unix socket's, and HTTP's TCP ones). */
+const holderOf = new WeakMap<net.Socket, Holder>();
+
+/** DJS_CLIENT_BYTES unless given: 256 MiB, or an eighth of the heap if that is less. */
+export const defaultClientBytes = () => Math.min(256 << 20, Math.floor(v8.getHeapStatistics().heap_size_limit / 8));
+
+const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+const connName = (h: Holder) => (h.kind === 'HTTP' ? 'an HTTP connection' : 'a socket connection');
+const WHOSE = { out: 'unread answers', in: 'unfinished requests' };
+
+function hold(h: Holder): void {
+  holders.add(h);
+  holderOf.set(h.sock, h);
+  // What a closed socket held is freed once it has closed, not before.
+  h.sock.once('close', () => {
+    if (!holders.delete(h)) return;
+    heldBytes.out -= h.counted.out;
+    heldBytes.in -= h.counted.in;
+  });
+}
+
+/** Counts one holder anew (a destroyed socket keeps its count until it has closed). */
+function countHolder(h: Holder): void {
+  if (h.sock.destroyed) return;
+  const o = h.out(), i = h.in();
+  heldBytes.out += o - h.counted.out;
+  heldBytes.in += i - h.counted.in;
+  h.counted.out = o;
+  h.counted.in = i;
+}
+
+function countAll(): void {
+  for (const h of holders) countHolder(h);
+}
+
+/** The open connection holding the most bytes `way`, if any holds some. */
+function topHolder(way: Way): Holder | undefined {
+  let top: Holder | undefined;
+  for (const h of holders) if (!h.sock.destroyed && !h.closing && h.counted[way] > 0 && (!top || h.counted[way] > top.counted[way])) top = h;
+  return top;
+}
+
+/** Closes a connection for the budget, saying so in server.log. */
+function shed(h: Holder, way: Way, why: string, asking = false, res?: http.ServerResponse): void {
+  log(`closed ${connName(h)} that ${why}: all clients' ${WHOSE[way]} came to ${mib(heldBytes[way])}, and the server holds at most ${mib(cfg.clientBytes)} for them (DJS_CLIENT_BYTES)`);
+  h.closing = true;
+  h.drop(way, `the server holds at most ${mib(cfg.clientBytes)} of ${WHOSE[way]} for all its clients, and ${asking ? 'they hold that now' : 'this connection held the most'}`, 'try again later, or ask for less at once', res);
+  countHolder(h);
+}
+
+/** Counts what the client of `sock` holds now, after it wrote or read; over the budget
+ *  the connections holding the most go, until the rest fit. */
+function recount(sock: net.Socket | null | undefined): void {
+  const h = sock && holderOf.get(sock);
+  if (!h || !holders.has(h)) return;
+  countHolder(h);
+  for (const way of ['in', 'out'] as const) {
+    if (heldBytes[way] <= cfg.clientBytes) continue;
+    countAll();
+    for (let top = topHolder(way); top && heldBytes[way] > cfg.clientBytes; top = topHolder(way)) {
+      shed(top, way, way === 'in' ? `held ${mib(top.counted.in)} of unfinished requests, the most of any client` : `left ${mib(top.counted.out)} of answers unread, the most of any client`);
+    }
+  }
+}
+
+/** Whether an answer of n bytes to the client of `sock` fits in the budget; if it
+ *  does not, the client holding the most unread goes, this one too (with a one-line
+ *  error if it has nothing unread; `res` is its HTTP answer), and false says so. */
+function roomFor(sock: net.Socket | null | undefined, n: number, res?: http.ServerResponse): boolean {
+  const h = sock && holderOf.get(sock);
+  if (!h || !holders.has(h)) return true;
+  if (h.sock.destroyed || h.closing) return false;
+  if (heldBytes.out + n <= cfg.clientBytes) return true;
+  countAll();
+  if (heldBytes.out + n <= cfg.clientBytes) return true;
+  const top = topHolder('out');
+  if (top && top !== h) shed(top, 'out', `left ${mib(top.counted.out)} of answers unread, the most of any client`);
+  shed(h, 'out', `was to get an answer of ${mib(n)}${h.counted.out ? ` beside the ${mib(h.counted.out)} it left unread` : ''}`, true, res);
+  return false;
+}
+
 function onConnection(sock: net.Socket): void {
+  const lines: Buffer[] = [];
+  let parts: Buffer[] = [], partBytes = 0, queuedBytes = 0;
   const conn: Conn = {
     sock, busy: false, lastActive: Date.now(),
     send: (msg) => {
       if (sock.destroyed) return;
       if (sock.writableLength > MAX_UNREAD_BYTES) { sock.destroy(); return; } // it does not read
-      sock.write(JSON.stringify(msg) + '\n');
+      const text = JSON.stringify(msg) + '\n';
+      if (!roomFor(sock, text.length)) return;
+      sock.write(text);
+      recount(sock);
       if (msg.ok !== undefined && conn.busy) { conn.busy = false; conn.lastActive = Date.now(); setImmediate(next); }
     },
   };
   sock.on('error', () => {});
   sock.on('close', () => connections.delete(conn));
   if (!admit(conn)) return;
-  const lines: Buffer[] = [];
-  let parts: Buffer[] = [], partBytes = 0, queuedBytes = 0;
-  const refuse = (what: string) => {
+  const refuse = (error: string, code = EXIT_USAGE, hint?: string) => {
     sock.removeAllListeners('data');
-    lines.length = 0;
-    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code: EXIT_USAGE, error: what }) + '\n');
+    lines.length = 0; parts = []; partBytes = queuedBytes = 0;
+    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code, error, hint }) + '\n');
   };
+  hold({
+    kind: 'socket', sock, out: () => sock.writableLength, in: () => partBytes + queuedBytes, counted: { out: 0, in: 0 }, closing: false,
+    // An error line would wait behind answers left unread.
+    drop: (way, error, hint) => (way === 'in' || sock.writableLength === 0 ? refuse(error, EXIT_FAILED, hint) : sock.destroy()),
+  });
+  sock.on('drain', () => recount(sock));
   const next = () => {
     while (!conn.busy && lines.length && !sock.destroyed) {
       const line = lines.shift()!;
@@ -3861,6 +4068,7 @@ function onConnection(sock: net.Socket): void {
     }
     if (start < chunk.length) { parts.push(chunk.subarray(start)); partBytes += chunk.length - start; }
     if (partBytes > MAX_REQUEST_BYTES || queuedBytes > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
+    recount(sock);
     next();
   });
 }
@@ -4067,7 +4275,7 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   s.headersTimeout = 10_000;      // a client that never finishes its headers goes
   s.requestTimeout = 60_000;      // nor its body (event streams have their headers by then)
   s.keepAliveTimeout = 5_000;
-  s.on('connection', admitHttp);
+  s.on('connection', (sock: net.Socket) => { admitHttp(sock); if (!sock.destroyed) holdHttp(sock); });
   s.on('clientError', (e: NodeJS.ErrnoException, sock) => {
     if (!sock.writable) return void sock.destroy();
     sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
@@ -4090,6 +4298,44 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
   for (const job of st.jobs.values()) if (isFinished(job.state) && job.endedAt > Date.now() - CHART_MINUTES * 60_000) chartFinished(metrics, job.endedAt);
   eventsPing = setInterval(() => { for (const res of eventStreams) sendEvent(res, ': ping\n\n'); }, 20_000);
   eventsPing.unref();
+}
+
+/** An HTTP connection as the client budget sees it (Holder): `out` is what its socket
+ *  has not sent yet and the answers waiting for the socket (pipelined requests), `in`
+ *  the body being received, if any (its `refuse` answers 503 and stops reading). */
+type HttpHolder = Holder & { waiting: Set<http.ServerResponse>; body: number; refuse: ((error: string, hint: string) => void) | null };
+
+function holdHttp(sock: net.Socket): void {
+  const h: HttpHolder = {
+    kind: 'HTTP', sock, waiting: new Set(), body: 0, refuse: null, counted: { out: 0, in: 0 }, closing: false,
+    out: () => {
+      let n = sock.writableLength;
+      for (const res of h.waiting) if (!res.socket) n += res.writableLength;
+      return n;
+    },
+    in: () => h.body,
+    drop: (way, error, hint, res) => {
+      if (way === 'in' && h.refuse) return h.refuse(error, hint);
+      // An answer can still say why if nothing waits before it.
+      if (res && !res.headersSent && sock.writableLength === 0 && h.waiting.size === 1) {
+        res.setHeader('Connection', 'close');
+        return sendBody(res, 503, { 'Content-Type': 'application/json; charset=utf-8' }, JSON.stringify({ ok: false, error, hint, code: EXIT_FAILED }) + '\n', true);
+      }
+      sock.destroy();
+    },
+  };
+  hold(h);
+  sock.on('drain', () => recount(sock));
+}
+
+/** Answers an HTTP request with a whole body, if the client budget has room for it
+ *  (`anyway`: a short error that must go out). */
+function sendBody(res: http.ServerResponse, status: number, headers: http.OutgoingHttpHeaders, body: string | Buffer, anyway = false): void {
+  const n = typeof body === 'string' ? Buffer.byteLength(body) : body.length;
+  if (!anyway && !roomFor(res.req.socket as net.Socket | null, n, res)) return;
+  res.writeHead(status, { ...SECURITY_HEADERS, ...headers, 'Content-Length': n });
+  res.end(res.req.method === 'HEAD' ? undefined : body);
+  recount(res.req.socket as net.Socket | null);
 }
 
 /** Whether a token given is the token, compared as bytes (UTF-8) in constant time. Bytes,
@@ -4116,9 +4362,7 @@ const SECURITY_HEADERS = {
 
 function sendJson(res: http.ServerResponse, status: number, body: Record<string, unknown>): void {
   if (res.headersSent) { res.destroy(); return; }
-  const text = JSON.stringify(body) + '\n';
-  res.writeHead(status, { ...SECURITY_HEADERS, 'Content-Type': 'application/json; charset=utf-8', 'Content-Length': Buffer.byteLength(text) });
-  res.end(text);
+  sendBody(res, status, { 'Content-Type': 'application/json; charset=utf-8' }, JSON.stringify(body) + '\n');
 }
 
 /** An error the HTTP side finds itself, as the socket's errors look: {ok, error, hint, code}. */
@@ -4147,6 +4391,12 @@ function callOp(req: http.IncomingMessage, res: http.ServerResponse, request: Re
 /** Every HTTP request: the Host check, the token, then the route. Never throws. */
 function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
   res.on('error', () => {});
+  // A connection closed for the budget may still have pipelined requests parsed.
+  const holder = holderOf.get(req.socket) as HttpHolder | undefined;
+  if (req.socket.destroyed || !holder || holder.closing) return void res.destroy();
+  holder.waiting.add(res);
+  const done = () => holder.waiting.delete(res);
+  res.once('finish', done).once('close', done);
   try {
     if (shuttingDown) return httpError(res, 503, EXIT_NO_SERVER, 'the server is stopping');
     if (!hostAllowed(req.headers.host, httpNames, httpPort)) return httpError(res, 403, EXIT_FAILED, `refused Host ${quoteForError(String(req.headers.host ?? ''))}`, `use the address the server serves: ${httpUrl()}`);
@@ -4186,11 +4436,10 @@ function onlyParams(q: URLSearchParams, names: string[]): void {
 /** The page's shell: the same text for everyone, with no data in it (and no token). */
 function serveAsset(req: http.IncomingMessage, res: http.ServerResponse, url: URL, asset: { type: string; body: string }): void {
   onlyParams(url.searchParams, []);
-  res.writeHead(200, {
-    ...SECURITY_HEADERS, 'Content-Type': asset.type, 'Content-Length': Buffer.byteLength(asset.body),
+  sendBody(res, 200, {
+    'Content-Type': asset.type,
     'Content-Security-Policy': "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-  });
-  res.end(req.method === 'HEAD' ? undefined : asset.body);
+  }, asset.body);
 }
 
 /** The GET routes of the API and /metrics (the token checked). */
@@ -4200,8 +4449,7 @@ function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL)
   if (p === '/metrics') {
     only([]);
     const text = formatMetrics(statusAnswer(), metrics);
-    res.writeHead(200, { ...SECURITY_HEADERS, 'Content-Type': 'text/plain; version=0.0.4; charset=utf-8', 'Content-Length': Buffer.byteLength(text) });
-    return void res.end(text);
+    return sendBody(res, 200, { 'Content-Type': 'text/plain; version=0.0.4; charset=utf-8' }, text);
   }
   if (p === '/api/status') { only([]); return callOp(req, res, { op: 'status' }); }
   if (p === '/api/workers') { only([]); return callOp(req, res, { op: 'status' }, (m) => ({ workers: m.workers })); }
@@ -4209,7 +4457,8 @@ function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL)
   if (p === '/api/jobs') {
     only(JOBS_QUERY);
     const r: Request = { op: 'jobs' };
-    for (const [k, v] of q) r[k] = k === 'before' || k === 'limit' ? numberParam(v, k) : v;
+    // An empty filter (a form's ?state=) filters nothing.
+    for (const [k, v] of q) if (v !== '' || k === 'before' || k === 'limit') r[k] = k === 'before' || k === 'limit' ? numberParam(v, k) : v;
     return callOp(req, res, r);
   }
   const m = /^\/api\/jobs\/([^/]+)(\/log)?$/.exec(p);
@@ -4248,13 +4497,35 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
   if (declared > MAX_REQUEST_BYTES) return tooBig();
   const parts: Buffer[] = [];
   let bytes = 0, over = false;
+  // The body counts against the client budget while it comes in.
+  const holder = holderOf.get(req.socket) as HttpHolder;
+  let counted = true;
+  const received = () => {
+    if (!counted) return;
+    counted = false;
+    holder.body -= bytes;
+    if (holder.refuse === refuse) holder.refuse = null;
+    recount(req.socket);
+  };
+  const refuse = (error: string, hint: string) => {
+    over = true; parts.length = 0; received();
+    res.setHeader('Connection', 'close');
+    sendBody(res, 503, { 'Content-Type': 'application/json; charset=utf-8' }, JSON.stringify({ ok: false, error, hint, code: EXIT_FAILED }) + '\n', true);
+    req.resume();
+    setTimeout(() => req.destroy(), 2000).unref();
+  };
+  holder.refuse = refuse;
+  req.on('close', received);
   req.on('data', (d: Buffer) => {
     if (over) return;
     bytes += d.length;
-    if (bytes > MAX_REQUEST_BYTES) { over = true; parts.length = 0; return tooBig(); }
+    holder.body += d.length;
+    if (bytes > MAX_REQUEST_BYTES) { over = true; parts.length = 0; received(); return tooBig(); }
     parts.push(d);
+    recount(req.socket);
   });
   req.on('end', () => {
+    received();
     if (over || res.headersSent) return;
     const text = Buffer.concat(parts).toString('utf8');
     let body: unknown;
@@ -4281,7 +4552,9 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
 function sendEvent(res: http.ServerResponse, text: string): void {
   if (res.destroyed) return;
   if (res.writableLength > MAX_EVENT_BACKLOG) { res.destroy(); return; }
+  if (!roomFor(res.req.socket as net.Socket | null, text.length)) return;
   res.write(text);
+  recount(res.req.socket as net.Socket | null);
 }
 
 function startEvents(res: http.ServerResponse): void {
@@ -4354,11 +4627,9 @@ async function sendLogText(res: http.ServerResponse, file: string, from: number,
     } finally { await fh.close(); }
   } catch { /* no log (yet) */ }
   if (res.destroyed) return;
-  res.writeHead(200, {
-    ...SECURITY_HEADERS, 'Content-Type': 'text/plain; charset=utf-8', 'Content-Length': text.length,
-    'X-DJS-Log-Offset': from, 'X-DJS-Log-Next': from + text.length, 'X-DJS-Job-State': state,
-  });
-  res.end(text);
+  sendBody(res, 200, {
+    'Content-Type': 'text/plain; charset=utf-8', 'X-DJS-Log-Offset': from, 'X-DJS-Log-Next': from + text.length, 'X-DJS-Job-State': state,
+  }, text);
 }
 
 /** One watch of the log dir for every followed log. */
@@ -4391,9 +4662,11 @@ async function pumpLog(ls: LogStream): Promise<void> {
           if (bytesRead === 0 || ls.res.destroyed) break;
           const text = ls.decoder.write(buf.subarray(0, bytesRead));
           ls.offset += bytesRead;
-          if (!ls.res.write(`event: log\ndata: ${JSON.stringify({ offset: ls.offset, text })}\n\n`)) {
-            await new Promise((r) => { ls.res.once('drain', r); ls.res.once('close', r); });
-          }
+          const event = `event: log\ndata: ${JSON.stringify({ offset: ls.offset, text })}\n\n`;
+          if (!roomFor(ls.res.req.socket as net.Socket | null, event.length)) break;
+          const more = ls.res.write(event);
+          recount(ls.res.req.socket as net.Socket | null);
+          if (!more && !ls.res.destroyed) await new Promise((r) => { ls.res.once('drain', r); ls.res.once('close', r); });
         }
       } finally { await fh.close(); }
     } while (ls.again && !ls.res.destroyed);
@@ -5089,8 +5362,11 @@ function checkPerl(): void {
   if (r.stdout !== 'ok') throw failure(`perl 5.10 or newer with Fcntl is needed to start jobs; this perl says '${(r.stdout + r.stderr).trim().split('\n')[0]}'`);
 }
 
+/** What a start reads from the environment besides its settings (ENVIRONMENT). */
+type Tuning = { snapshotMinBytes: number; maxConnections: number; clientBytes: number };
+
 /** The server's configuration: its settings (resolveSettings) and tuning. */
-function serverConfig(dataDir: string, values: Settings, changed: [string, string, string][], tuning: { snapshotMinBytes: number; maxConnections: number }): ServerConfig {
+function serverConfig(dataDir: string, values: Settings, changed: [string, string, string][], tuning: Tuning): ServerConfig {
   return {
     dataDir, logDir: values.DJS_LOG_DIR, killGraceMs: Number(values.DJS_KILL_GRACE) * 1000, probeMaxMs: Number(values.DJS_PROBE_BACKOFF_MAX) * 1000,
     ssh: sshSettings(values), settings: values, changed, ...tuning,
@@ -5098,7 +5374,7 @@ function serverConfig(dataDir: string, values: Settings, changed: [string, strin
   };
 }
 
-async function runServer(dataDir: string, given: Settings, tuning: { snapshotMinBytes: number; maxConnections: number }): Promise<void> {
+async function runServer(dataDir: string, given: Settings, tuning: Tuning): Promise<void> {
   checkPerl();
   ownDataDir(dataDir);
   // One spelling of the data dir for everything that names it (jobs' DJS_DATA_DIR, the
@@ -5548,7 +5824,8 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.values.detach) return startDetached(dataDir, given, ctx);
   const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
   const maxConnections = intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1) ?? 1000;
-  await runServer(dataDir, given, { snapshotMinBytes, maxConnections });
+  const clientBytes = intOption(process.env.DJS_CLIENT_BYTES, 'DJS_CLIENT_BYTES', 1 << 20) ?? defaultClientBytes();
+  await runServer(dataDir, given, { snapshotMinBytes, maxConnections, clientBytes });
   return -1; // keeps running
 }
 
@@ -5761,7 +6038,7 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
   warnClipyOptions(words, ctx);
   const spec = [resolveScript(script, workDir()), ...args];
-  if (lists) checkSweep(spec, lists); // the server checks too; this fails before any I/O
+  if (lists) checkSweep(spec, lists, envWords(p).reduce((n, w) => n + Buffer.byteLength(w), 0)); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
   return EXIT_OK;
 }
@@ -6271,6 +6548,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_HEARTBEAT', 'start, kept: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
+  ['DJS_CLIENT_BYTES', 'start: bytes held for all clients together, each way: unread answers, unfinished requests (default 256 MiB, or 1/8 of the heap if less)'],
   ['NO_COLOR', 'no colours in status and list'],
 ];
 

@@ -12,7 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
-  admits, textOf, bytesOf, shellQuote, checkSweep, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
+  admits, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
@@ -1478,6 +1478,23 @@ describe('campaigns: sweeps, priorities, pause, dependencies, tags, env', () => 
     ] as const) assert.throws(() => checkSweep([...t], l.map((x) => [...x])), (e: unknown) => e instanceof UserError && e.code === 2 && msg.test(e.message), String(msg));
     assert.deepEqual(splitSweep(['a', ':::', '1', '2', ':::', 'x']), { args: ['a'], lists: [['1', '2'], ['x']] });
     assert.deepEqual(splitSweep(['a', 'b']), { args: ['a', 'b'], lists: undefined });
+  });
+
+  test('the bytes a sweep expands to are counted from its template and value lengths, as its jobs would hold them', () => {
+    const expanded = (t: string[], l: string[][]) => [...sweepJobs(t, l)].reduce((n, j) => n + j.slice(1).reduce((b, a) => b + Buffer.byteLength(a), 0), 0);
+    for (const [t, l] of [
+      [['/s', '--lr', '{1}', '--seed={2}'], [['0.1', '0.01'], ['1', '2', '3']]],
+      [['/s', 'in/{}.txt', 'out/{}-{1}-{2}{2}'], [['a b', "it's", 'é'], ['x', 'yy']]],
+      [['/s', '-v'], [['f1', 'f2'], ['x'], ['ü', 'vvv', '']]],
+      [['/s'], [['a']]],
+      [['/s', '{3}{1}', 'plain'], [['1', '22'], ['333'], ['4444', '', '€']]],
+    ] as const) assert.equal(sweepBytes([...t], l.map((x) => [...x])), expanded([...t], l.map((x) => [...x])), JSON.stringify([t, l]));
+    // 14 arguments of 1,000 placeholders over 300 values of 128 characters: 67 KB asking for 512 MB.
+    const big = (k: number) => [['/s', ...Array(14).fill('{}'.repeat(1000))], [Array.from({ length: k }, (_, i) => String(i).padStart(128, 'v'))]] as const;
+    assert.equal(sweepBytes([...big(300)[0]], [[...big(300)[1][0]]]), 300 * 14 * 1000 * 128);
+    assert.throws(() => checkSweep([...big(300)[0]], [[...big(300)[1][0]]]), (e: unknown) => e instanceof UserError && e.code === 2 && /the sweep makes 300 jobs of 512\.7 MiB .* more than the 64 MiB one request may add/.test(e.message) && /about 37 at a time fit/.test(e.hint ?? ''));
+    assert.equal(checkSweep([...big(37)[0]], [[...big(37)[1][0]]]), 37);
+    assert.throws(() => checkSweep(['/s', '{}'], [Array.from({ length: 1000 }, String)], MAX_ADD_BYTES / 1000), /more than the 64 MiB/, 'environment settings count for each job');
   });
 
   test('a sweep through add_jobs: one event, one job per combination, the journal holds the template only', () => {

@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, runCli, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, runCli, socketRequest, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
@@ -316,4 +316,206 @@ test('a job gets no file the server inherited, and every variable of the server\
   assert.deepEqual(fds.filter(([, target]) => !own.includes(target)), [], `the job's files: ${JSON.stringify(fds)}`);
   assert.equal(fs.readFileSync(path.join(dir, 'env'), 'utf8'), 'kept -w\n');
   server.kill('SIGKILL');
+});
+
+// ---- what all clients together may cost: DJS_CLIENT_BYTES each way ----------------
+
+const BUDGET = 24 << 20; // DJS_CLIENT_BYTES in these tests: small, so a few clients reach it
+
+/** Lines of a connection's reply that are whole JSON answers ({ok}). */
+const answers = (got: string) => got.split('\n').slice(0, -1).filter((l) => /^\{"ok":/.test(l));
+
+test('clients that never read their answers cannot make the server hold more than DJS_CLIENT_BYTES: the one holding the most is closed, server.log says so, the others are served', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) } });
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(10_000)}\n`.repeat(200) }); // one page of them: 2 MB
+  const before = rssMiB(s);
+  const conns: Awaited<ReturnType<typeof connect>>[] = [];
+  for (let i = 0; i < 12; i++) {
+    const c = await connect(s);
+    c.sock.pause(); // reads nothing
+    c.sock.write('{"op":"jobs","limit":1000}\n'.repeat(4));
+    conns.push(c);
+  }
+  // 12 clients × 4 answers of 2 MB: twice the budget and more.
+  await until(() => /closed a socket connection that left .* MiB of answers unread, the most of any client/.test(s!.output()), 'server.log to say a client was closed');
+  await until(async () => (await s!.cli(['status'])).code === 0, 'the server to answer others');
+  t.diagnostic(`server RSS ${before.toFixed(0)} MiB before, grew by ${(rssMiB(s) - before).toFixed(0)} MiB`);
+  // Now each reads: it gets its 4 answers, or it was closed; one that had nothing
+  // unread when its answer did not fit is told why.
+  for (const c of conns) c.sock.resume();
+  await until(() => conns.every((c) => c.closed() || answers(c.got()).length === 4), 'every client to be served or closed', 30_000);
+  const served = conns.filter((c) => !c.closed()), told = conns.filter((c) => c.closed() && answers(c.got()).some((a) => !JSON.parse(a).ok));
+  t.diagnostic(`${served.length} served, ${told.length} closed with an error, ${12 - served.length - told.length} closed at once`);
+  assert.ok(served.length >= 1 && served.length < 12, `${served.length} of 12 served`);
+  assert.ok(told.length >= 1, 'some were told why');
+  for (const c of served) for (const a of answers(c.got())) assert.equal(JSON.parse(a).rows.length, 200);
+  for (const c of told) {
+    const m = JSON.parse(answers(c.got()).at(-1)!);
+    assert.equal(m.code, 1);
+    assert.match(m.error, /the server holds at most 24\.0 MiB of unread answers for all its clients/);
+  }
+  for (const c of conns) c.sock.destroy();
+  assert.equal(s.proc.exitCode, null, 'the server is still running');
+});
+
+test('unfinished request lines that together pass DJS_CLIENT_BYTES: the connection holding the most gets a one-line error and is closed; the others finish theirs', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) } });
+  const conns: Awaited<ReturnType<typeof connect>>[] = [];
+  // Each under the 16 MiB a request may hold; 6 of them hold 36 MiB.
+  for (let i = 0; i < 6; i++) {
+    const c = await connect(s);
+    c.sock.write(`{"op":"ping","pad":"${'a'.repeat(6 << 20)}`);
+    conns.push(c);
+  }
+  await until(() => /closed a socket connection that held .* MiB of unfinished requests/.test(s!.output()), 'server.log to say a client was closed');
+  // Each client finishes its line: it is answered, or was refused (with one line) and closed.
+  await until(() => conns.every((c) => c.sock.writableLength === 0), 'the requests to be sent');
+  for (const c of conns) c.sock.write('"}\n');
+  await until(() => conns.every((c) => answers(c.got()).length === 1), 'every client to get one answer');
+  const results = conns.map((c) => JSON.parse(answers(c.got())[0]));
+  const refused = results.filter((m) => !m.ok);
+  t.diagnostic(`${refused.length} of 6 refused`);
+  assert.ok(refused.length >= 1 && refused.length < 6, `${refused.length} of 6 refused`);
+  for (const m of refused) {
+    assert.equal(m.code, 1);
+    assert.match(m.error, /the server holds at most 24\.0 MiB of unfinished requests for all its clients, and this connection held the most/);
+  }
+  await until(() => conns.every((c, i) => results[i].ok || c.closed()), 'the refused connections to be closed');
+  for (const c of conns) c.sock.destroy();
+  assert.equal((await s.cli(['status'])).code, 0);
+});
+
+test('HTTP clients count against DJS_CLIENT_BYTES too: bodies not yet whole and answers not read', { timeout: 120_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) }, args: ['--http', '0'] });
+  const m = /^http:\/\/127\.0\.0\.1:(\d+)\/#token=([0-9a-f]+)$/.exec((await s.ok(['dashboard'])).trim())!;
+  const port = Number(m[1]), token = m[2];
+  const tcp = () => new Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }>((resolve, reject) => {
+    const sock = net.connect(port, '127.0.0.1');
+    let got = '', closed = false;
+    sock.on('data', (d) => { got += d; });
+    sock.on('close', () => { closed = true; });
+    sock.on('error', () => {});
+    sock.once('connect', () => resolve({ sock, got: () => got, closed: () => closed }));
+    sock.once('error', reject);
+  });
+  const head = (method: string, p: string, extra = '') => `${method} ${p} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${token}\r\n${extra}\r\n`;
+  // Bodies: 6 POSTs of 8 MiB each, 6 MiB of each sent.
+  const posts: Awaited<ReturnType<typeof tcp>>[] = [];
+  for (let i = 0; i < 6; i++) {
+    const c = await tcp();
+    c.sock.write(head('POST', '/api/kill', `Content-Type: application/json\r\nContent-Length: ${8 << 20}\r\n`) + `{"ids":[1],"x":"` + 'a'.repeat(6 << 20));
+    posts.push(c);
+  }
+  await until(() => posts.some((c) => /^HTTP\/1\.1 503 [^]*the server holds at most 24\.0 MiB of unfinished requests for all its clients/.test(c.got())), 'a POST to be refused');
+  await until(() => /closed an HTTP connection that held .* MiB of unfinished requests/.test(s!.output()), 'server.log to say why');
+  for (const c of posts) c.sock.destroy();
+  // Answers: 200 jobs of 10 KB (2 MB a page); 16 clients ask for pages and read nothing.
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(10_000)}\n`.repeat(200) });
+  const gets: Awaited<ReturnType<typeof tcp>>[] = [];
+  for (let i = 0; i < 16; i++) {
+    const c = await tcp();
+    c.sock.pause();
+    c.sock.write(head('GET', '/api/jobs?limit=1000').repeat(4));
+    gets.push(c);
+  }
+  await until(() => /closed an HTTP connection that left .* MiB of answers unread/.test(s!.output()), 'server.log to say a reader was closed');
+  for (const c of gets) c.sock.destroy();
+  assert.equal((await fetch(`http://127.0.0.1:${port}/api/status`, { headers: { Authorization: `Bearer ${token}` } })).status, 200, 'a new HTTP client is served');
+  assert.equal((await s.cli(['status'])).code, 0);
+});
+
+// ---- what one request may expand to ------------------------------------------------
+
+test('a sweep whose jobs would hold more than 64 MiB of arguments is refused, by the client and by the server, saying the limit and how to split it; nothing is added', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  // 4 arguments of 1,000 placeholders, 200 values of 128 characters: 200 jobs of 512 KB.
+  const template = [script, ...Array(4).fill('{}'.repeat(1000))];
+  const values = Array.from({ length: 200 }, (_, i) => String(i).padStart(128, 'v'));
+  const r = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values] });
+  assert.equal(r.ok, false);
+  assert.equal(r.code, 2);
+  assert.match(r.error, /the sweep makes 200 jobs of 97\.7 MiB of arguments and environment in all, more than the 64 MiB one request may add/);
+  assert.match(r.hint, /split it by the values of the first ::: list: 200 of them make 0\.5 MiB each on average, so about 131 at a time fit/);
+  const cli = await s.cli(['add_job', ...template, ':::', ...values]);
+  assert.equal(cli.code, 2, cli.stderr);
+  assert.match(cli.stderr, /more than the 64 MiB one request may add/);
+  // An --env setting each job keeps a copy of (once a snapshot is loaded) counts for each.
+  const big = `BIG=${'e'.repeat(100_000)}`;
+  const listed = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: Array.from({ length: 1000 }, (_, i) => [script, String(i)]) });
+  assert.equal(listed.ok, false);
+  assert.equal(listed.code, 2);
+  assert.match(listed.error, /the 1000 jobs hold 95\.4 MiB of arguments and environment in all, more than the 64 MiB one request may add/);
+  const env = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: [[script, '{}']], sweep: [Array.from({ length: 1000 }, String)] });
+  assert.equal(env.ok, false);
+  assert.match(env.error, /more than the 64 MiB one request may add/);
+  assert.equal((await s.status()).counts.total, 0, 'nothing was added');
+  // Just under the limit is fine.
+  const under = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values.slice(0, 120)] });
+  assert.equal(under.ok, true, JSON.stringify(under));
+  assert.equal((await s.status()).counts.total, 120);
+});
+
+test('a journal that already holds a sweep over the limit (written before there was one) still loads', { timeout: 60_000 }, async (t) => {
+  const dir = tempDir();
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s, dir));
+  const data = path.join(dir, '.data');
+  fs.mkdirSync(data, { mode: 0o700 });
+  const values = Array.from({ length: 300 }, (_, i) => String(i).padStart(128, 'v'));
+  const add = { n: 1, e: 'add', t: Date.now(), id: 1, cwd: '/', retries: 0, timeout: 0, jobs: [['/bin/true', ...Array(2).fill('{}'.repeat(1000))]], sweep: [values] };
+  fs.writeFileSync(path.join(data, 'journal'), JSON.stringify({ format: 'djs-journal', version: 3, after: 0 }) + '\n' + JSON.stringify(add) + '\n');
+  s = await startServer({ dir });
+  assert.equal((await s.status()).counts.waiting, 300);
+  const c = await connect(s);
+  c.sock.write('{"op":"job","id":300}\n');
+  await until(() => c.got().endsWith('\n'), 'the answer');
+  c.sock.destroy();
+  assert.deepEqual(JSON.parse(c.got()).job.args, Array(2).fill(values[299].repeat(1000)));
+});
+
+// ---- fields of a wrong type or value ------------------------------------------------
+
+test('every field of a wrong type or value is a one-line usage error (code 2), on every operation', { timeout: 60_000 }, async (t) => {
+  let s: TestServer | undefined;
+  t.after(() => cleanUp(s));
+  s = await startServer();
+  const script = writeScript(s.dir, 'job.sh', 'exit 0');
+  await s.ok(['add_job', '--tag', 'a', script]);
+  const bad: Record<string, unknown>[] = [
+    ...['x', {}, 1, null, [], true].map((ids) => ({ op: 'wait', ids })),
+    { op: 'wait', tag: 1 }, { op: 'wait', all: 'yes' }, { op: 'wait', ranges: 'x' }, { op: 'wait', hosts: 'w1' }, { op: 'wait', hosts: [1] },
+    { op: 'jobs', state: '' }, { op: 'jobs', state: ['done'] }, { op: 'jobs', tag: '' }, { op: 'jobs', worker: 1 }, { op: 'jobs', text: null }, { op: 'jobs', limit: '5' },
+    { op: 'list', state: [] }, { op: 'list', state: '' }, { op: 'list', tag: null },
+    { op: 'log', id: 1, follow: 'yes' }, { op: 'job', id: '1' },
+    { op: 'kill', all: 'yes' }, { op: 'kill', ids: {} }, { op: 'kill', tag: ['a'] },
+    { op: 'retry', failed: 1 }, { op: 'retry', killed: 'true', tag: 'a' }, { op: 'retry', ids: null },
+    { op: 'clean', logs: 'yes' }, { op: 'clean', tag: 1 },
+    { op: 'remove_jobs', ids: 'x' }, { op: 'set_priority', priority: '1', tag: 'a' },
+    { op: 'pause', tag: null }, { op: 'resume', tag: '' }, { op: 'policy', name: 1 },
+    { op: 'add_workers', workers: [{ host: 'w' }], skipCheck: 'yes' }, { op: 'add_workers', workers: [{ host: 'w' }], skipCheck: true, requeueOnDown: 1 },
+    { op: 'remove_workers', hosts: ['w'], mode: 'later' },
+    { op: 'add_jobs', cwd: s.dir, jobs: [[script]], tags: 'a' }, { op: 'add_jobs', cwd: s.dir, jobs: [[script]], sweep: 'x' },
+    { op: 'add_jobs', cwd: s.dir, jobs: [[script]], retryDelay: '1' },
+  ];
+  for (const req of bad) {
+    const r = await rawRequest(s.dataDir, JSON.stringify(req) + '\n');
+    assert.equal(r.lines.length, 1, `an answer to ${JSON.stringify(req)}`);
+    const m = JSON.parse(r.lines[0]);
+    assert.deepEqual([m.ok, m.code], [false, 2], `${JSON.stringify(req)} answered ${r.lines[0]}`);
+  }
+  const m = await socketRequest(s.dataDir, { op: 'wait', ids: 'x' });
+  assert.deepEqual([m.error, m.hint], ['invalid ids \'"x"\' for wait', 'ids is a list of job ids, not empty']);
+  const st = await s.status();
+  assert.deepEqual([st.counts.total, st.workers.length, st.paused], [1, 0, false], 'nothing changed');
 });
