@@ -2954,14 +2954,10 @@ export function ownControlDir(dir: string, dataDir: string): string {
   }
 }
 
-/** The ssh words of a login check or probe: through shared connection n when shared;
- *  `fresh`: a login of its own all the same (the shared config's settings, no master). */
-function checkArgs(host: string, ssh: SshSettings, n: number, command: string, fresh = false): string[] {
+/** The ssh words of a login check or probe: through shared connection n when shared. */
+function checkArgs(host: string, ssh: SshSettings, n: number, command: string): string[] {
   const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`];
-  if (ssh.shared && ssh.controlDir) {
-    if (fresh) args.push('-o', 'ControlMaster=no', '-o', 'ControlPath=none'); // given first, these win over the file
-    args.push('-F', sharedConfigFile(ssh, n));
-  }
+  if (ssh.shared && ssh.controlDir) args.push('-F', sharedConfigFile(ssh, n));
   else {
     args.push('-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2');
     if (ssh.config) args.push('-F', ssh.config);
@@ -2973,16 +2969,10 @@ function checkArgs(host: string, ssh: SshSettings, n: number, command: string, f
 /** Checks that `ssh -o BatchMode=yes` logs in to host and runs `command` (its output to
  *  `result`), over each of the worker's shared connections (which this opens, or
  *  replaces, when missing or dead; the others run `true`); resolves to null or to why
- *  not. `fresh`: a new login first, as the shared connections may outlive the host's
- *  sshd (killed, or refusing logins) and answer for a host nothing else can reach.
- *  Never prompts; gives up after the connect timeout plus a margin. */
-export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }, fresh = false): Promise<string | null> {
+ *  not. Never prompts; gives up after the connect timeout plus a margin. */
+export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }): Promise<string | null> {
   validateHost(host);
   const n = ssh.shared && ssh.controlDir ? connectionsOf(slots, ssh) : 1;
-  if (fresh && ssh.shared && ssh.controlDir) {
-    const err = await checkOnce(checkArgs(host, ssh, 0, 'true', true), ssh);
-    if (err !== null) return err;
-  }
   const errs = await Promise.all(Array.from({ length: n }, (_, i) => checkOnce(checkArgs(host, ssh, i, i === 0 ? command : 'true'), ssh, i === 0 ? result : undefined)));
   return errs.find((e) => e !== null) ?? null;
 }
@@ -3667,9 +3657,7 @@ function signalJob(id: number, sig: NodeJS.Signals): void {
 function runProbe(host: string): void {
   const sent = Date.now();
   const slurm = st.workers.get(host)?.slurm;
-  // A probe is due after a job's exit 255 or while the worker is down: a new login
-  // decides, not a shared connection that may have outlived the host's sshd.
-  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots, 'true', undefined, true)).then((err) => {
+  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots)).then((err) => {
     rt.probing.delete(host);
     if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
     const w = st.workers.get(host);

@@ -11,9 +11,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { CLI, cleanUp, launcherOf, runCli, socketRequest, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
-function connect(s: TestServer): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
+const connect = (s: TestServer) => connectTo({ path: path.join(s.dataDir, 'server.sock') });
+
+/** A raw connection (Unix socket or TCP), with what it has received so far. */
+function connectTo(to: net.NetConnectOpts): Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }> {
   return new Promise((resolve, reject) => {
-    const sock = net.connect(path.join(s.dataDir, 'server.sock'));
+    const sock = net.connect(to);
     let got = '', closed = false;
     sock.on('data', (d) => { got += d; });
     sock.on('close', () => { closed = true; });
@@ -396,15 +399,7 @@ test('HTTP clients count against DJS_CLIENT_BYTES too: bodies not yet whole and 
   s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) }, args: ['--http', '0'] });
   const m = /^http:\/\/127\.0\.0\.1:(\d+)\/#token=([0-9a-f]+)$/.exec((await s.ok(['dashboard'])).trim())!;
   const port = Number(m[1]), token = m[2];
-  const tcp = () => new Promise<{ sock: net.Socket; got: () => string; closed: () => boolean }>((resolve, reject) => {
-    const sock = net.connect(port, '127.0.0.1');
-    let got = '', closed = false;
-    sock.on('data', (d) => { got += d; });
-    sock.on('close', () => { closed = true; });
-    sock.on('error', () => {});
-    sock.once('connect', () => resolve({ sock, got: () => got, closed: () => closed }));
-    sock.once('error', reject);
-  });
+  const tcp = () => connectTo({ port, host: '127.0.0.1' });
   const head = (method: string, p: string, extra = '') => `${method} ${p} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${token}\r\n${extra}\r\n`;
   // Bodies: 6 POSTs of 8 MiB each, 6 MiB of each sent.
   const posts: Awaited<ReturnType<typeof tcp>>[] = [];

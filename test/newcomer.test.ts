@@ -469,7 +469,7 @@ describe('wait counts the jobs it was called for', () => {
     const late = await addJob(s, '--tag', 'sweep', './block.sh');
     await s.stop();
     s = await s.restart();
-    await until(() => socketClients(s.dataDir) === 1, 'wait to reconnect');
+    await until(() => socketClients(s.dataDir) === 2, 'wait and log -f to reconnect');
     await s.ok(['resume', '--tag', 'sweep']);
     for (const id of batch) release(s, id);
     const r = await within(w.done, 15_000, 'wait to end');

@@ -76,9 +76,7 @@ async function hangMidRun(t: TestContext, requeueOnDown: boolean) {
   await s.ok(['add_slave', ...(requeueOnDown ? ['--requeue-on-down'] : []), ...hosts.hosts.map((h) => `${h.addr}:2`)]);
   const names = makeInputs(s.dir, 60);
   const ids = await addJobs(s, names, variant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=1'));
-  // Jobs running on the host to hang (on a loaded machine a 1 s heartbeat can leave a
-  // slot idle for a moment, so one of its two will do).
-  await until(async () => (await s.status()).counts.done >= 6 && (await workerOf(s, hung.addr)).running.length > 0, 'the run to get going on every host', 60_000);
+  await until(async () => (await s.status()).counts.done >= 6 && (await workerOf(s, hung.addr)).running.length === 2, 'the run to get going on every host', 60_000);
   const stoppedAt = Date.now();
   hung.stop();
   t.after(() => hung.cont());
@@ -154,29 +152,6 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
     // Removed workers keep no login open.
     await s.ok(['remove_slave', h0.addr, h1.addr]);
     await until(() => masters(controlDir).length === 0, 'the masters of removed workers to end');
-  });
-
-  test("a host whose sshd is gone while its shared connection lives on: a job's exit 255 makes the server log in anew, the worker goes down and the job runs elsewhere; up again once sshd is back", { timeout: 90_000 }, async (t) => {
-    if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 2, { env: { DJS_HEARTBEAT: '1' } });
-    const [h0, h1] = hosts.hosts;
-    await s.ok(['add_slave', `${h0.addr}:1`]);
-    await h0.kill(); // the listening sshd only: the master's connection lives on
-    const config = path.join(s.dataDir, 'ssh', 'config.0');
-    assert.equal((await run('ssh', ['-F', config, h0.addr, 'true'])).code, 0, 'the shared connection still answers');
-    // A job that logs in by itself (no shared connection), as many users' scripts do.
-    writeScript(s.dir, 'own-login.sh', 'exec ssh -o BatchMode=yes -F "$DJS_SSH_CONFIG" "$SLAVE_IP" true');
-    const id = Number((await s.ok(['add_job', './own-login.sh'])).trim());
-    const down = await until(async () => { const w = await workerOf(s, h0.addr); return w.state === 'down' && w; }, `${h0.addr} to be down`, 30_000, 100);
-    assert.match(String(down.error), /refused/);
-    const first = await until(async () => { const j = await s.job(id); return j.history.length > 0 && j; }, 'the first attempt to end');
-    assert.deepEqual(first.history.map((h: any) => [h.worker, h.exitCode]), [[h0.addr, 255]]);
-    await s.ok(['add_slave', `${h1.addr}:1`]);
-    assert.equal((await s.cli(['wait'])).code, 0);
-    const job = await s.job(id);
-    assert.deepEqual(job.history.map((h: any) => [h.worker, h.exitCode]), [[h0.addr, 255], [h1.addr, 0]]);
-    await h0.restart();
-    await until(async () => (await workerOf(s, h0.addr)).state === 'up', `${h0.addr} to be up again`, 30_000, 200);
   });
 
   test("the user's own ssh config still applies (Port, User, IdentityFile, ProxyJump): a worker reached through a jump host shares one connection too", { timeout: 90_000 }, async (t) => {
