@@ -1954,7 +1954,7 @@ export function whyHeld(st: State, ids: Iterable<number>, sample = 1000): string
     const r = waitReason(st, job, queue);
     let why: string;
     if (r.startsWith('after ')) why = 'their --after dependencies have not all ended';
-    else if (r.startsWith('tag ')) { const tag = r.slice(4, -' paused'.length); why = `tag ${tag} is paused: resume with cli.ts resume --tag ${tag}`; }
+    else if (r.startsWith('tag ')) { const tag = job.tags.find((t) => st.pausedTags.has(t)); why = `tag ${tag} is paused: resume with cli.ts resume --tag ${tag}`; }
     else if (r.startsWith('no worker has ')) why = `${r}: add one with add_slave`;
     else if (r.startsWith('no worker up with ')) why = `${r} (see status)`;
     else return null; // next in line, or held by the whole queue's reason (whyWaiting)
@@ -3087,8 +3087,9 @@ type Input = { kind: 'request'; req: Request; decide: Decide; reply: Reply } | {
  *  our launcher), whose end its run file tells (checkRun). `failed`: why the launcher
  *  said it could not start; `signal`: one asked for before its pid was known. */
 type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null; began: number };
-/** A `wait` client: for jobs (ids, or all when null), or for workers to be gone. */
-/** A wait client: `forgotten` counts its jobs that a clean forgot, by how they ended. */
+/** A `wait` client: for jobs (ids, or all when null), or for workers to be gone;
+ *  `forgotten` counts its jobs that a clean forgot, by how they ended, and `held` is
+ *  what holds its jobs (whyHeld) as of event `seq`. */
 type Waiter = {
   ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void;
   forgotten?: { done: number; failed: number; killed: number };
@@ -5326,7 +5327,7 @@ export function checkPathTo(dir: string, what: string, uid: number, missingOk = 
   let real: string;
   try { real = fs.realpathSync(abs); } catch (e) {
     if (missingOk && (e as NodeJS.ErrnoException).code === 'ENOENT') return; // checked again once made
-    throw e;
+    throw failure(`cannot check the ${what} '${dir}': ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
   }
   if (real !== abs) above(real);
 }
