@@ -537,7 +537,9 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
     assert.match(human2, new RegExp(`^\\s*${third}\\b.*block\\.sh 7`, 'm'), 'the queue head lists the waiting jobs');
     assert.match(human2, new RegExp(`^\\s*${fourth}\\b.*block\\.sh`, 'm'));
 
+    // The harness asks over the socket; the client prints the same.
     const js = await s.status();
+    assert.deepEqual(JSON.parse(await s.ok(['status', '--json'])), js);
     assert.equal(js.counts.running, 2);
     assert.equal(js.counts.waiting, 2);
     assert.equal(js.counts.total, 4);
@@ -565,6 +567,7 @@ echo "$SLAVE_IP $SLAVE_SLOT $b $e" > "ts.$JOB_ID"`);
     assert.equal(rows[0].exitCode, 7);
     assert.equal(rows[0].worker, 'w1');
     assert.equal((await s.cli(['list', '--state', 'bogus'])).code, 2);
+    assert.deepEqual(JSON.parse(await s.ok(['list', '--json'])), await s.jobs());
 
     const log = await s.cli(['log', third]);
     assert.equal(log.code, 0, log.stderr);

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { applyEvent, newState, upgradeRecord, type Event } from '../cli.ts';
 import {
-  GATED, addJob, addWorkers, launcherOf, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketRequest, startServer, tempDir, testDir, until, untilState,
+  GATED, addJob, addWorkers, launcherOf, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketOp, startServer, tempDir, testDir, until, untilState,
   writeScript,
 } from './server.ts';
 
@@ -79,7 +79,7 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
       while (!stopClients) {
         const n = 1 + Math.floor(rand() * 3);
         let a: any;
-        try { a = await socketRequest(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
+        try { a = await socketOp(dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: n }, () => [script, String(k)]) }); } catch { break; }
         if (!a.ok) throw new Error(`add refused: ${a.error}`);
         for (let i = 0; i < a.count; i++) acked.add(a.first + i);
         await delay(20 + Math.floor(rand() * 80)); // the pace of a busy user, not a flood
@@ -94,7 +94,7 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
         const need = [{}, {}, { slots: 3 }, { gpus: 1 }, { gpus: 2, slots: 2 }][Math.floor(rand() * 5)];
         const req = { op: 'add_jobs', cwd: dir, jobs: [[script, 'camp']], priority: [0, 5, -3, 9][Math.floor(rand() * 4)], tags: ['camp'], ...need, ...(after.length ? { after } : {}) };
         let a: any;
-        try { a = await socketRequest(dataDir, req); } catch { break; }
+        try { a = await socketOp(dataDir, req); } catch { break; }
         if (!a.ok && /already ended (failed|killed)/.test(a.error)) continue;
         if (!a.ok) throw new Error(`campaign add refused: ${a.error}`);
         acked.add(a.first);
@@ -375,12 +375,12 @@ exit $(( JOB_ID + 10 ))`);
     // Use up the rest of the journal's last page: adds, then smaller kills, until refused.
     let total = 11;
     for (let i = 0; i < 100; i++) {
-      const a = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
+      const a = await socketOp(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'x'.repeat(200)]] });
       if (!a.ok) { assert.match(a.error, /cannot write the journal/); break; }
       total++;
     }
     for (let id = 2; id < 12; id++) {
-      const k = await socketRequest(s.dataDir, { op: 'kill', ids: [id] });
+      const k = await socketOp(s.dataDir, { op: 'kill', ids: [id] });
       if (!k.ok) { assert.match(k.error, /cannot write the journal/); break; }
     }
     assert.equal((await s.status()).counts.total, total, 'a refused add changed the state');

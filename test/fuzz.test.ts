@@ -78,6 +78,7 @@ test(`fuzz: ${SECONDS} s of random and mutated requests; the server answers and 
   let bursts = 0, requests = 0;
   while (Date.now() < deadline) {
     const lines = Array.from({ length: 1 + Math.floor(rand() * 30) }, request).filter((l) => !l.includes('"op":"list"') || rand() < 0.5);
+    if (!lines.length) continue; // nothing to answer: the connection would wait for ever
     const answers = await burst(lines);
     for (const a of answers) assert.ok(/^\{"ok":(true|false)/.test(a) || /"ok":/.test(a), `not an answer: ${a.slice(0, 200)}`);
     requests += lines.length; bursts++;

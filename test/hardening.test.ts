@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, runCli, socketRequest, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 const connect = (s: TestServer) => connectTo({ path: path.join(s.dataDir, 'server.sock') });
@@ -437,7 +437,7 @@ test('a sweep whose jobs would hold more than 64 MiB of arguments is refused, by
   // 4 arguments of 1,000 placeholders, 200 values of 128 characters: 200 jobs of 512 KB.
   const template = [script, ...Array(4).fill('{}'.repeat(1000))];
   const values = Array.from({ length: 200 }, (_, i) => String(i).padStart(128, 'v'));
-  const r = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values] });
+  const r = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values] });
   assert.equal(r.ok, false);
   assert.equal(r.code, 2);
   assert.match(r.error, /the sweep makes 200 jobs of 97\.7 MiB of arguments and environment in all, more than the 64 MiB one request may add/);
@@ -447,16 +447,16 @@ test('a sweep whose jobs would hold more than 64 MiB of arguments is refused, by
   assert.match(cli.stderr, /more than the 64 MiB one request may add/);
   // An --env setting each job keeps a copy of (once a snapshot is loaded) counts for each.
   const big = `BIG=${'e'.repeat(100_000)}`;
-  const listed = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: Array.from({ length: 1000 }, (_, i) => [script, String(i)]) });
+  const listed = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: Array.from({ length: 1000 }, (_, i) => [script, String(i)]) });
   assert.equal(listed.ok, false);
   assert.equal(listed.code, 2);
   assert.match(listed.error, /the 1000 jobs hold 95\.4 MiB of arguments and environment in all, more than the 64 MiB one request may add/);
-  const env = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: [[script, '{}']], sweep: [Array.from({ length: 1000 }, String)] });
+  const env = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, env: [big], jobs: [[script, '{}']], sweep: [Array.from({ length: 1000 }, String)] });
   assert.equal(env.ok, false);
   assert.match(env.error, /more than the 64 MiB one request may add/);
   assert.equal((await s.status()).counts.total, 0, 'nothing was added');
   // Just under the limit is fine.
-  const under = await socketRequest(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values.slice(0, 120)] });
+  const under = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [template], sweep: [values.slice(0, 120)] });
   assert.equal(under.ok, true, JSON.stringify(under));
   assert.equal((await s.status()).counts.total, 120);
 });
@@ -509,7 +509,7 @@ test('every field of a wrong type or value is a one-line usage error (code 2), o
     const m = JSON.parse(r.lines[0]);
     assert.deepEqual([m.ok, m.code], [false, 2], `${JSON.stringify(req)} answered ${r.lines[0]}`);
   }
-  const m = await socketRequest(s.dataDir, { op: 'wait', ids: 'x' });
+  const m = await socketOp(s.dataDir, { op: 'wait', ids: 'x' });
   assert.deepEqual([m.error, m.hint], ['invalid ids \'"x"\' for wait', 'ids is a list of job ids, not empty']);
   const st = await s.status();
   assert.deepEqual([st.counts.total, st.workers.length, st.paused], [1, 0, false], 'nothing changed');

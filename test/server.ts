@@ -289,6 +289,8 @@ export type TestServer = {
   cli: (args: string[], opts?: RunOptions) => Promise<Run>;
   /** Like cli, but fails the test unless it exits 0; resolves to its stdout. */
   ok: (args: string[], opts?: RunOptions) => Promise<string>;
+  /** What `status --json` and `list --json` print, asked over the socket (no client
+   *  process: cheap enough to poll); `cli(['status', '--json'])` tests the client. */
   status: () => Promise<any>;
   jobs: () => Promise<any[]>;
   job: (id: number | string) => Promise<any>;
@@ -336,8 +338,12 @@ export async function startServer(opts: ServerOptions = {}): Promise<TestServer>
       assert.equal(r.code, 0, `cli ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
       return r.stdout;
     },
-    status: async () => JSON.parse(await s.ok(['status', '--json'])),
-    jobs: async () => JSON.parse(await s.ok(['list', '--json'])),
+    status: async () => { const { ok, ...rest } = await socketOp(dataDir, { op: 'status' }); assert.ok(ok, rest.error); return rest; },
+    jobs: async () => {
+      const rows: any[] = [], end = await socketOp(dataDir, { op: 'list' }, (m) => rows.push(...m.rows));
+      assert.ok(end.ok, end.error);
+      return rows;
+    },
     job: async (id) => (await s.jobs()).find((j) => j.id === Number(id)),
     crash: async () => { if (!gone) proc.kill('SIGKILL'); await exited; },
     stop: async () => { if (!gone) proc.kill('SIGTERM'); await exited; },
@@ -366,8 +372,17 @@ export function launcherOf(s: TestServer): number {
   return pid;
 }
 
-/** Adds workers that need no ssh (--skip_ssh_auth_check). */
-export const addWorkers = (s: TestServer, ...hosts: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...hosts]);
+/** Adds workers that need no ssh, as `add_slave --skip_ssh_auth_check HOST[:SLOTS]...`
+ *  does, over the socket (a client process less: the client's add_slave is tested
+ *  on its own). */
+export async function addWorkers(s: TestServer, ...hosts: string[]): Promise<void> {
+  const workers = hosts.map((h) => {
+    const [, host, slots] = /^(.+?)(?::(\d+))?$/.exec(h)!;
+    return { host, slots: Number(slots ?? 1), auto: false, gpus: 0, labels: [], env: [] };
+  });
+  const r = await socketOp(s.dataDir, { op: 'add_workers', workers, skipCheck: true });
+  assert.ok(r.ok, `add_workers ${hosts.join(' ')}: ${r.error}`);
+}
 
 /** add_job ARGS...; resolves to the new job's id. */
 export const addJob = async (s: TestServer, ...args: string[]) => (await s.ok(['add_job', ...args])).trim();
@@ -379,9 +394,10 @@ export const release = (s: TestServer, id: string | number) => fs.writeFileSync(
 export const pidOf = async (s: TestServer, id: string | number) =>
   Number(await until(() => readIf(path.join(s.dir, `pid.${id}`)).trim(), `job ${id} to write its pid`));
 
-/** Waits for job id to finish (with `wait`, so nothing polls) and checks how it ended. */
+/** Waits for job id to finish (with the wait operation, so nothing polls) and checks how
+ *  it ended. */
 export async function untilState(s: TestServer, id: string | number, state: string, ms = 15_000) {
-  await within(s.cli(['wait', String(id)]), ms, `job ${id} to finish`);
+  await socketOp(s.dataDir, { op: 'wait', ids: [Number(id)] }, () => {}, ms).catch((e) => { throw new Error(`job ${id} to finish: ${e.message}`); });
   const job = await s.job(id);
   assert.equal(job?.state, state, `job ${id} ended ${job?.state}, not ${state}`);
   return job;
@@ -389,12 +405,22 @@ export async function untilState(s: TestServer, id: string | number, state: stri
 
 // ---------------------------------------------------------------- the socket, bare
 
+/** Connects to the server socket of dataDir; a path too long for a socket address is
+ *  reached from the data dir, as the client does. */
+function connectTo(dataDir: string): net.Socket {
+  const sock = path.join(dataDir, 'server.sock');
+  if (Buffer.byteLength(sock) < 100) return net.connect(sock);
+  const here = process.cwd();
+  process.chdir(dataDir);
+  try { return net.connect('server.sock'); } finally { process.chdir(here); }
+}
+
 /** Sends raw bytes to the server socket of dataDir, without a client process; resolves
  *  to the reply lines once `lines` (default 1) arrived, the server closed the connection,
  *  or `ms` (default 5 s) passed. Rejects if it cannot connect. */
 export function rawRequest(dataDir: string, data: string, opts: { end?: boolean; lines?: number; ms?: number } = {}): Promise<{ lines: string[]; closed: boolean }> {
   return new Promise((resolve, reject) => {
-    const c = net.connect(path.join(dataDir, 'server.sock'));
+    const c = connectTo(dataDir);
     let buf = '', closed = false, done = false;
     const finish = () => { if (!done) { done = true; clearTimeout(timer); c.destroy(); resolve({ lines: buf.split('\n').filter(Boolean), closed }); } };
     const timer = setTimeout(finish, opts.ms ?? 5000);
@@ -405,12 +431,33 @@ export function rawRequest(dataDir: string, data: string, opts: { end?: boolean;
   });
 }
 
-/** One JSON request over the socket (fast enough to loop); resolves to the parsed
- *  answer, rejects when the server is gone or closes without one. */
-export async function socketRequest(dataDir: string, msg: object): Promise<any> {
-  const r = await rawRequest(dataDir, JSON.stringify(msg) + '\n');
-  if (!r.lines.length) throw new Error(r.closed ? 'closed without an answer' : 'no answer in time');
-  return JSON.parse(r.lines[0]);
+/** One operation over the socket, as the client sends it, without a client process (cheap
+ *  enough to poll): resolves to its answer (the line with `ok`, true or false) once it
+ *  comes, after handing each streamed line before it to onLine; rejects when the server
+ *  closes without an answer or takes longer than ms (default 30 s). */
+export function socketOp(dataDir: string, msg: object, onLine: (m: any) => void = () => {}, ms = 30_000): Promise<any> {
+  return new Promise((resolve, reject) => {
+    const c = connectTo(dataDir);
+    let buf = '', done = false, answer: any;
+    const finish = (fn: () => void) => { if (!done) { done = true; clearTimeout(timer); c.destroy(); fn(); } };
+    const timer = setTimeout(() => finish(() => reject(new Error(`no answer to ${JSON.stringify(msg)} in ${ms} ms`))), ms);
+    c.on('error', (e) => finish(() => reject(e)));
+    c.on('connect', () => c.write(JSON.stringify(msg) + '\n'));
+    c.on('data', (d) => {
+      buf += d;
+      let nl;
+      while (answer === undefined && (nl = buf.indexOf('\n')) >= 0) {
+        const m = JSON.parse(buf.slice(0, nl));
+        buf = buf.slice(nl + 1);
+        if (m.ok === undefined) onLine(m);
+        else { answer = m; c.end(); }
+      }
+    });
+    // Resolved once the server has closed its end too, so that a test counting the
+    // server's clients (socketClients) right after does not count this one.
+    c.on('close', () => finish(() => (answer !== undefined ? resolve(answer)
+      : reject(new Error(`the server closed the connection without answering ${JSON.stringify(msg)}`)))));
+  });
 }
 
 /** How many clients are connected to the server socket of `dataDir` now (Linux: the

@@ -4,13 +4,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { addWorkers, serve, writeScript, until, socketClients, run, CLI } from './server.ts';
+import { addWorkers, serve, writeScript, until, launch, CLI, type Running } from './server.ts';
 
-/** Runs cli.ts on a pseudo-terminal; resolves with everything it printed there. */
-async function onTerminal(args: string[], env: NodeJS.ProcessEnv, cwd: string): Promise<{ code: number; out: string }> {
+/** Starts cli.ts on a pseudo-terminal; what it prints there is the stdout of `script`. */
+function onTerminal(args: string[], env: NodeJS.ProcessEnv, cwd: string): Running {
   const cmd = [CLI, ...args].map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ');
-  const r = await run('script', ['-qec', cmd, '/dev/null'], { cwd, env: { TERM: 'xterm', ...env } });
-  return { code: r.code, out: r.stdout };
+  return launch('script', ['-qec', cmd, '/dev/null'], { cwd, env: { TERM: 'xterm', ...env }, timeoutMs: 60_000 });
 }
 
 const ESC = '\x1b[';
@@ -19,12 +18,12 @@ test('status uses colours on a terminal only, and never with NO_COLOR', { timeou
   const s = await serve(t);
   await addWorkers(s, 'a:2');
   const env = { NO_COLOR: '' };
-  const tty = await onTerminal(['--data-dir', s.dataDir, 'status'], env, s.dir);
+  const tty = await onTerminal(['--data-dir', s.dataDir, 'status'], env, s.dir).done;
   assert.equal(tty.code, 0);
-  assert.ok(tty.out.includes(ESC), `no colour on a terminal: ${JSON.stringify(tty.out)}`);
-  assert.match(tty.out, /\[\.\.\]/);
-  const noColor = await onTerminal(['--data-dir', s.dataDir, 'status'], { NO_COLOR: '1' }, s.dir);
-  assert.ok(!noColor.out.includes(ESC), 'colour despite NO_COLOR');
+  assert.ok(tty.stdout.includes(ESC), `no colour on a terminal: ${JSON.stringify(tty.stdout)}`);
+  assert.match(tty.stdout, /\[\.\.\]/);
+  const noColor = await onTerminal(['--data-dir', s.dataDir, 'status'], { NO_COLOR: '1' }, s.dir).done;
+  assert.ok(!noColor.stdout.includes(ESC), 'colour despite NO_COLOR');
   const piped = await s.cli(['status'], { env: { NO_COLOR: '' } });
   assert.ok(!piped.stdout.includes(ESC), 'colour into a pipe');
 });
@@ -36,10 +35,9 @@ test('wait shows one live progress line on a terminal and plain lines elsewhere'
   const job = writeScript(s.dir, 'gated.sh', `while [ ! -e "${gate}" ]; do sleep 0.05; done`);
   for (let i = 0; i < 4; i++) await s.ok(['add_job', job]);
   const waiting = onTerminal(['--data-dir', s.dataDir, 'wait'], {}, s.dir);
-  await until(async () => (await s.status()).counts.running === 2, 'two jobs to run');
-  await until(() => socketClients(s.dataDir) > 0, 'wait to connect to the server');
+  await until(() => /2 running/.test(waiting.stdout()), 'wait to show two jobs running');
   fs.writeFileSync(gate, '');
-  const { code, out } = await waiting;
+  const { code, stdout: out } = await waiting.done;
   assert.equal(code, 0);
   // Progress lines are redrawn in place (carriage return, clear line), then a summary.
   assert.match(out, /\r\x1b\[K\d+\/4 finished: .* running, .* waiting/);
