@@ -1,0 +1,35 @@
+// The test suite, as `npm test` runs it: every test/*.test.ts file (or the files named on
+// the command line), three files at a time, the slowest first. Most of the suite's time
+// is tests waiting on real processes, sshd hosts, Slurm and a browser, not CPU, so files
+// overlap well even on two cores; and started first, the longest files do not decide
+// alone when the run ends. DJS_TEST_CONCURRENCY=1 runs one file at a time.
+//   node --import tsx test/run.ts [FILE...]
+import { run } from 'node:test';
+import { tap } from 'node:test/reporters';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+
+/** The files that take longest here (30 s and more alone), longest first; the rest follow
+ *  in name order. A new slow file belongs in this list. */
+const SLOWEST = ['ssh-scale', 'newcomer', 'crash', 'hardening', 'campaign', 'ssh', 'http', 'slurm', 'cli', 'clipy'];
+
+const rank = (file: string) => {
+  const i = SLOWEST.indexOf(path.basename(file, '.test.ts'));
+  return i < 0 ? SLOWEST.length : i;
+};
+
+const named = process.argv.slice(2).map((f) => path.resolve(f));
+const files = (named.length ? named : fs.readdirSync(HERE).filter((f) => f.endsWith('.test.ts')).map((f) => path.join(HERE, f)))
+  .sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0));
+const concurrency = Number(process.env.DJS_TEST_CONCURRENCY ?? 3);
+if (!Number.isInteger(concurrency) || concurrency < 1) {
+  console.error(`error: DJS_TEST_CONCURRENCY must be a whole number of at least 1, not '${process.env.DJS_TEST_CONCURRENCY}'`);
+  process.exit(2);
+}
+
+const stream = run({ files, concurrency });
+stream.on('test:fail', () => { process.exitCode = 1; });
+stream.compose(tap).pipe(process.stdout);
