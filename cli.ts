@@ -4837,6 +4837,31 @@ function el(tag, attrs) {
 }
 function svg(tag, attrs) { var e = document.createElementNS('http://www.w3.org/2000/svg', tag); for (var k in attrs) e.setAttribute(k, attrs[k]); return e; }
 function fill(node) { node.replaceChildren.apply(node, Array.prototype.slice.call(arguments, 1).filter(function (c) { return c !== null && c !== undefined; })); }
+/** Shows table in box, keeping the rows of the table there (known by data-id, data-host
+ *  or data-tag) and, in them, every cell that has not changed: a live update never
+ *  replaces the link or button under the pointer, so no click is lost to it. */
+function putTable(box, table) {
+  var cur = box.children.length === 1 ? box.firstElementChild : null;
+  var same = cur && cur.tagName === 'TABLE' && cur.id === table.id && (cur.tHead ? cur.tHead.isEqualNode(table.tHead) : !table.tHead);
+  if (!same) return fill(box, table);
+  var body = cur.tBodies[0], rows = Array.prototype.slice.call(table.tBodies[0].children), old = {};
+  var key = function (tr) { return tr.getAttribute('data-id') || tr.getAttribute('data-host') || tr.getAttribute('data-tag'); };
+  Array.prototype.forEach.call(body.children, function (tr) { old[key(tr)] = tr; });
+  rows.forEach(function (tr, i) {
+    var want = old[key(tr)] ? keepRow(old[key(tr)], tr) : tr;
+    if (body.children[i] !== want) body.insertBefore(want, body.children[i] || null);
+  });
+  while (body.children.length > rows.length) body.lastElementChild.remove();
+}
+/** Row was, made to show what tr shows: its attributes, and the cells that differ. */
+function keepRow(was, tr) {
+  if (was.cells.length !== tr.cells.length) return tr;
+  Array.prototype.slice.call(was.attributes).forEach(function (a) { if (!tr.hasAttribute(a.name)) was.removeAttribute(a.name); });
+  Array.prototype.forEach.call(tr.attributes, function (a) { if (was.getAttribute(a.name) !== a.value) was.setAttribute(a.name, a.value); });
+  var olds = Array.prototype.slice.call(was.cells), news = Array.prototype.slice.call(tr.cells);
+  news.forEach(function (td, i) { if (!olds[i].isEqualNode(td)) was.replaceChild(td, olds[i]); });
+  return was;
+}
 function duration(ms) {
   if (ms === null || ms === undefined) return '-';
   if (ms < 10000) return (Math.max(0, ms) / 1000).toFixed(1) + 's';
@@ -4958,7 +4983,7 @@ function renderTags(s) {
   $('tags-panel').hidden = !tags.length; $('tag-filter').hidden = !tags.length;
   syncOptions(document.querySelector('#filters [name=tag]'), tags.map(function (t) { return t.tag; }));
   if (!tags.length) return;
-  fill($('tags'), el('table', {}, el('tbody', {}, ...tags.map(function (t) {
+  putTable($('tags'), el('table', {}, el('tbody', {}, ...tags.map(function (t) {
     var total = t.total || STATES.reduce(function (a, k) { return a + (t[k] || 0); }, 0), bar = el('div', { class: 'bar', title: STATES.map(function (k) { return (t[k] || 0) + ' ' + k; }).join(', ') });
     ['done', 'failed', 'killed', 'running'].forEach(function (k) { if (t[k]) bar.append(el('i', { style: 'width:' + (100 * t[k] / Math.max(1, total)) + '%; background: var(--' + k + ')' })); });
     var ended = (t.done || 0) + (t.failed || 0) + (t.killed || 0), btn = null;
@@ -4991,18 +5016,22 @@ function renderWorkers(s) {
     if (gpus) extra.push(el('span', { class: 'chip', title: 'GPUs in use', text: 'GPU ' + gpusUsed + '/' + gpus }));
     (Array.isArray(w.labels) ? w.labels : []).forEach(function (l) { extra.push(el('span', { class: 'chip', text: l })); });
     var jobs = el('span', {}); w.running.forEach(function (r) { jobs.append(el('a', { href: '#/job/' + r.id, text: String(r.id) }), ' '); });
-    var buttons = el('span', { class: 'actions' });
+    // A button outlives renders that leave it as it was (putTable): it reads the worker
+    // as the last status shows it when clicked.
+    var buttons = el('span', { class: 'actions' }), now = function () { return S.status.workers.find(function (x) { return x.host === w.host; }) || w; };
     if (w.state !== 'draining') buttons.append(el('button', { type: 'button', 'data-action': 'drain', onclick: function () {
-      act('remove_workers', { hosts: [w.host], mode: 'wait' }, function () { return 'draining ' + w.host; }, 'Drain ' + w.host + '? It starts no new job and goes once its ' + w.running.length + ' running job(s) end.', 'Drain');
+      var n = now().running.length;
+      act('remove_workers', { hosts: [w.host], mode: 'wait' }, function () { return 'draining ' + w.host; }, 'Drain ' + w.host + '? It starts no new job and goes once its ' + n + ' running job(s) end.', 'Drain');
     }, text: 'drain' }));
     buttons.append(el('button', { type: 'button', class: 'danger', 'data-action': 'remove', onclick: function () {
-      act('remove_workers', w.running.length ? { hosts: [w.host], mode: 'kill' } : { hosts: [w.host] }, function () { return 'removed ' + w.host; },
-        w.running.length ? 'Remove ' + w.host + ' now? Its ' + w.running.length + ' running job(s) are killed and queued again.' : 'Remove ' + w.host + '?', 'Remove');
+      var n = now().running.length;
+      act('remove_workers', n ? { hosts: [w.host], mode: 'kill' } : { hosts: [w.host] }, function () { return 'removed ' + w.host; },
+        n ? 'Remove ' + w.host + ' now? Its ' + n + ' running job(s) are killed and queued again.' : 'Remove ' + w.host + '?', 'Remove');
     }, text: 'remove' }));
     return el('tr', { 'data-host': w.host }, el('td', { text: w.host }), el('td', {}, bar, el('span', { class: 'dim', text: ' ' + w.running.length + '/' + w.slots })),
       el('td', {}, stateBadge(state), why), el('td', { class: 'hide-narrow' }, ...extra), el('td', { class: 'hide-narrow' }, jobs), el('td', {}, buttons));
   });
-  fill($('workers'), el('table', {}, el('thead', {}, el('tr', {}, ...['host', 'slots', 'state', '', 'running', ''].map(function (h, i) { return el('th', { class: i === 3 || i === 4 ? 'hide-narrow' : null, text: h }); }))), el('tbody', {}, ...rows)));
+  putTable($('workers'), el('table', {}, el('thead', {}, el('tr', {}, ...['host', 'slots', 'state', '', 'running', ''].map(function (h, i) { return el('th', { class: i === 3 || i === 4 ? 'hide-narrow' : null, text: h }); }))), el('tbody', {}, ...rows)));
 }
 function filters() {
   var f = new FormData($('filters')), q = new URLSearchParams();
@@ -5028,7 +5057,7 @@ function renderJobs() {
   $('newer').disabled = !S.cursors.length; $('older').disabled = p.next === null;
   fill($('page-info'), p.rows.length ? 'ids ' + p.rows[0].id + '\u2013' + p.rows[p.rows.length - 1].id + (p.total !== null ? ' of ' + p.total : '') : (p.next !== null ? 'none here; look further' : 'no jobs'));
   var head = ['id', 'state', 'worker', 'exit', 'tries', 'queued', 'runtime', 'command', ''];
-  fill($('jobs'), el('table', { id: 'job-table' }, el('thead', {}, el('tr', {}, ...head.map(function (h, i) { return el('th', { class: i === 4 || i === 5 ? 'hide-narrow' : null, text: h }); }))),
+  putTable($('jobs'), el('table', { id: 'job-table' }, el('thead', {}, el('tr', {}, ...head.map(function (h, i) { return el('th', { class: i === 4 || i === 5 ? 'hide-narrow' : null, text: h }); }))),
     el('tbody', {}, ...p.rows.map(function (j) {
       var exit = j.exitCode === null ? (j.reason && j.state !== 'waiting' ? j.reason.split(' ')[0] : '-') : String(j.exitCode);
       return el('tr', { 'data-id': j.id, 'data-state': j.state, 'data-attempts': j.attempts }, el('td', { class: 'num' }, el('a', { href: '#/job/' + j.id, text: String(j.id) })), el('td', {}, stateBadge(j.state)),

@@ -113,9 +113,12 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   await until(async () => (await job(fail)).attempts === 2, 'the failed job to run again');
   await page.waitForSelector(`#job-table tr[data-id="${fail}"][data-attempts="2"]`, { timeout: 20_000 });
 
-  // A job's state changes on the page as it changes in the server.
+  // A job's state changes on the page as it changes in the server; what did not change
+  // stays the same element (a click on a running job's link is never lost to the redraw).
+  await page.$eval(`#job-table tr[data-id="${follow}"] a`, (a) => { (a as any).kept = true; });
   release(s, live);
   await page.waitForSelector(`#job-table tr[data-id="${live}"][data-state="done"]`, { timeout: 20_000 });
+  assert.equal(await page.$eval(`#job-table tr[data-id="${follow}"] a`, (a) => (a as any).kept), true, 'the link of a running job was not redrawn');
   await until(async () => (await shownCounts(page)).done === (await api('/api/status')).counts.done, 'the done count to follow');
 
   mark('kill, retry and a live change done');
