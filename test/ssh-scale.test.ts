@@ -66,7 +66,7 @@ function masters(dir: string): number[] {
 /** A job script: example_job.sh with some environment of its own. */
 const variant = (dir: string, name: string, env: string) => writeScript(dir, name, `${env} exec ${JSON.stringify(EXAMPLE)} "$@"`);
 
-/** Runs 60 paced jobs over 3 hosts x 2 slots, stops host 2 (SIGSTOP) while it runs jobs
+/** Runs 36 paced jobs over 3 hosts x 2 slots, stops host 2 (SIGSTOP) while it runs jobs
  *  and checks: down within the heartbeat limit, none of its jobs running past that plus
  *  ssh's own timeout, every job done exactly once; after SIGCONT it is up by itself. */
 async function hangMidRun(t: TestContext, requeueOnDown: boolean) {
@@ -74,7 +74,7 @@ async function hangMidRun(t: TestContext, requeueOnDown: boolean) {
   const { hosts, s } = await setup(t, 3, { env: { DJS_HEARTBEAT: String(HEARTBEAT_S) } });
   const hung = hosts.hosts[1];
   await s.ok(['add_slave', ...(requeueOnDown ? ['--requeue-on-down'] : []), ...hosts.hosts.map((h) => `${h.addr}:2`)]);
-  const names = makeInputs(s.dir, 60);
+  const names = makeInputs(s.dir, 36);
   const ids = await addJobs(s, names, variant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=1'));
   await until(async () => (await s.status()).counts.done >= 6 && (await workerOf(s, hung.addr)).running.length === 2, 'the run to get going on every host', 60_000);
   const stoppedAt = Date.now();
@@ -179,13 +179,13 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
     assert.deepEqual([target.logins() - before[0], jump.logins() - before[1]], [1, 1], 'one login at each end, for the check and all jobs');
   });
 
-  test('sshd at its default limits (MaxStartups 10:30:100, MaxSessions 10): 500 example_job.sh jobs on 16 slots of one host, no exit 255, nothing charged to the worker', { timeout: 240_000 }, async (t) => {
+  test('sshd at its default limits (MaxStartups 10:30:100, MaxSessions 10): 200 example_job.sh jobs on 16 slots of one host, no exit 255, nothing charged to the worker', { timeout: 240_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
     const { hosts, s } = await setup(t, 1, { sshd: { MaxStartups: '10:30:100', MaxSessions: '10' }, env: { DJS_HEARTBEAT: '2' } });
     const [h] = hosts.hosts;
     const before = h.logins();
     await s.ok(['add_slave', `${h.addr}:16`]);
-    const names = makeInputs(s.dir, 500);
+    const names = makeInputs(s.dir, 200);
     const ids = await addJobs(s, names);
     const w = await s.cli(['wait'], { timeoutMs: 230_000 });
     assert.equal(w.code, 0, `wait: ${w.stderr}`);
