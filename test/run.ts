@@ -30,6 +30,15 @@ if (!Number.isInteger(concurrency) || concurrency < 1) {
   process.exit(2);
 }
 
+// When each file ended, from the start: printed last, to keep SLOWEST right.
+const t0 = Date.now(), ended = new Map<string, number>();
+const note = (d: { file?: string }) => { if (d.file) ended.set(d.file, Date.now() - t0); };
 const stream = run({ files, concurrency });
-stream.on('test:fail', () => { process.exitCode = 1; });
-stream.compose(tap).pipe(process.stdout);
+stream.on('test:pass', note);
+stream.on('test:fail', (d) => { note(d); process.exitCode = 1; });
+const out = stream.compose(tap);
+out.pipe(process.stdout, { end: false });
+out.on('end', () => {
+  const last = [...ended].sort((a, b) => b[1] - a[1]).slice(0, 6).map(([f, ms]) => `${path.basename(f, '.test.ts')} ${(ms / 1000).toFixed(0)} s`);
+  process.stdout.write(`# the last files to end, from the start: ${last.join(', ')}\n`);
+});
