@@ -1,8 +1,9 @@
 // The test suite, as `npm test` runs it: every test/*.test.ts file (or the files named on
-// the command line), three files at a time, the slowest first. Most of the suite's time
-// is tests waiting on real processes, sshd hosts, Slurm and a browser, not CPU, so files
-// overlap well even on two cores; and started first, the longest files do not decide
-// alone when the run ends. DJS_TEST_CONCURRENCY=1 runs one file at a time.
+// the command line), three files at a time, the slowest first. While one file waits on
+// sshd hosts, Slurm, a browser or a timeout, another uses the CPU: on 2 cores three at
+// a time keep both busy (four end no sooner: the suite is then bound by CPU). Started
+// first, the longest files do not decide alone when the run ends.
+// DJS_TEST_CONCURRENCY=1 runs one file at a time.
 //   node --import tsx test/run.ts [FILE...]
 import { run } from 'node:test';
 import { tap } from 'node:test/reporters';
