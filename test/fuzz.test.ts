@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import { loadState } from '../cli.ts';
 import { cleanUp, startServer, until, writeScript, type TestServer } from './server.ts';
 
-const SECONDS = Number(process.env.DJS_FUZZ_SECONDS ?? 12);
+const SECONDS = Number(process.env.DJS_FUZZ_SECONDS ?? 6);
 
 function prng(seed: number) {
   return () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32);

@@ -384,8 +384,16 @@ export async function addWorkers(s: TestServer, ...hosts: string[]): Promise<voi
   assert.ok(r.ok, `add_workers ${hosts.join(' ')}: ${r.error}`);
 }
 
-/** add_job ARGS...; resolves to the new job's id. */
-export const addJob = async (s: TestServer, ...args: string[]) => (await s.ok(['add_job', ...args])).trim();
+/** add_job ARGS...; resolves to the new job's id. A plain `SCRIPT ARGS...` goes over the
+ *  socket as the client would send it (the script resolved from the test dir); one with
+ *  options goes through the client, which parses them. */
+export async function addJob(s: TestServer, ...args: string[]): Promise<string> {
+  if (args[0].startsWith('-') || args.includes(':::')) return (await s.ok(['add_job', ...args])).trim();
+  const [script, ...rest] = args;
+  const r = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, retries: 0, timeout: 0, jobs: [[path.resolve(s.dir, script), ...rest]] });
+  assert.ok(r.ok, `add_job ${args.join(' ')}: ${r.error}`);
+  return String(r.first);
+}
 
 /** Lets a GATED job (one that waits for the file go.ID in the test dir) finish. */
 export const release = (s: TestServer, id: string | number) => fs.writeFileSync(path.join(s.dir, `go.${id}`), '');

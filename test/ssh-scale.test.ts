@@ -179,13 +179,13 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
     assert.deepEqual([target.logins() - before[0], jump.logins() - before[1]], [1, 1], 'one login at each end, for the check and all jobs');
   });
 
-  test('sshd at its default limits (MaxStartups 10:30:100, MaxSessions 10): 200 example_job.sh jobs on 16 slots of one host, no exit 255, nothing charged to the worker', { timeout: 240_000 }, async (t) => {
+  test('sshd at its default limits (MaxStartups 10:30:100, MaxSessions 10): 120 example_job.sh jobs on 16 slots of one host, no exit 255, nothing charged to the worker', { timeout: 240_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
     const { hosts, s } = await setup(t, 1, { sshd: { MaxStartups: '10:30:100', MaxSessions: '10' }, env: { DJS_HEARTBEAT: '2' } });
     const [h] = hosts.hosts;
     const before = h.logins();
     await s.ok(['add_slave', `${h.addr}:16`]);
-    const names = makeInputs(s.dir, 200);
+    const names = makeInputs(s.dir, 120);
     const ids = await addJobs(s, names);
     const w = await s.cli(['wait'], { timeoutMs: 230_000 });
     assert.equal(w.code, 0, `wait: ${w.stderr}`);
