@@ -7,6 +7,7 @@
 //   node --import tsx test/run.ts [FILE...]
 import { run } from 'node:test';
 import { tap } from 'node:test/reporters';
+import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,6 +17,9 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 /** The files that take longest here (30 s and more alone), longest first; the rest follow
  *  in name order. A new slow file belongs in this list. */
 const SLOWEST = ['ssh-scale', 'newcomer', 'crash', 'hardening', 'campaign', 'ssh', 'http', 'slurm', 'cli', 'clipy'];
+
+const stale = SLOWEST.filter((n) => !fs.existsSync(path.join(HERE, `${n}.test.ts`)));
+assert.deepEqual(stale, [], 'SLOWEST names test files that are not there (renamed?)');
 
 const rank = (file: string) => {
   const i = SLOWEST.indexOf(path.basename(file, '.test.ts'));
