@@ -89,8 +89,11 @@ test('kill -9 at random moments: every acknowledged job runs exactly once, exit 
     // dependency that already failed is refused, as it should be).
     const campaignClient = async () => {
       while (!stopClients) {
-        const pool = [...acked].slice(-30); // recent ones, often not ended yet (so failures cascade)
-        const after = pool.length && rand() < 0.6 ? [pool[Math.floor(rand() * pool.length)]] : [];
+        // Recent ones, often not ended yet, so failures cascade; half the time one whose
+        // script fails (codeFor), so that some chains fail in every run, not just most.
+        const pool = [...acked].slice(-30), failing = pool.filter((id) => codeFor(id) !== 0);
+        const from = failing.length && rand() < 0.5 ? failing : pool;
+        const after = from.length && rand() < 0.6 ? [from[Math.floor(rand() * from.length)]] : [];
         const need = [{}, {}, { slots: 3 }, { gpus: 1 }, { gpus: 2, slots: 2 }][Math.floor(rand() * 5)];
         const req = { op: 'add_jobs', cwd: dir, jobs: [[script, 'camp']], priority: [0, 5, -3, 9][Math.floor(rand() * 4)], tags: ['camp'], ...need, ...(after.length ? { after } : {}) };
         let a: any;
