@@ -3141,44 +3141,13 @@ const fact = (ev: Event) => submit({ kind: 'fact', ev });
  *    stream    answered over time (list in chunks, wait, log -f)
  *    shutdown  the server stops once the answer is out
  *  The client's COMMANDS table is the other end of most of these. */
-type Op =
-  | { kind: 'read'; answer: (req: Request) => Record<string, unknown> }
-  | { kind: 'change'; decide: Decide }
-  | { kind: 'check'; check: (req: Request) => Promise<Request>; decide: Decide }
-  | { kind: 'stream'; open: (req: Request, conn: Conn) => void }
-  | { kind: 'shutdown' };
-
-const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl() });
-
-const OPS: Record<string, Op> = {
-  ping: { kind: 'read', answer: serverInfo },
-  status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
-  list: { kind: 'stream', open: streamJobs },
-  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()) },
-  job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }) },
-  log: { kind: 'stream', open: openLog },
-  wait: { kind: 'stream', open: openWait },
-  add_jobs: { kind: 'check', check: checkScripts, decide: decideAddJobs },
-  remove_jobs: { kind: 'change', decide: decideRemoveJobs },
-  kill: { kind: 'change', decide: decideKill },
-  retry: { kind: 'change', decide: decideRetry },
-  clean: { kind: 'change', decide: decideClean },
-  set_priority: { kind: 'change', decide: decideSetPriority },
-  pause: { kind: 'change', decide: decidePause },
-  resume: { kind: 'change', decide: decidePause },
-  policy: { kind: 'change', decide: decidePolicy },
-  add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers },
-  remove_workers: { kind: 'change', decide: decideRemoveWorkers },
-  load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus },
-  stop: { kind: 'shutdown' },
-};
-
-/** The type of each field an operation reads, checked before it is served (socket and
- *  HTTP alike), so that a field of the wrong type is a usage error rather than taken
+/** The type of each field an operation reads (an Op's `fields`), checked before it is
+ *  served (socket and HTTP alike), so that a field of the wrong type is a usage error rather than taken
  *  as absent or as something else (`ids: "x"` waiting on every job). Values are the
  *  operation's to check (ranges, known states, tags); an absent field is undefined,
- *  and null is a value (of the wrong type, except where it is listed). Fields not
- *  listed are ignored, as a client of another release may send some. */
+ *  and null is a value (of the wrong type, except where it is listed). On the socket,
+ *  fields not listed are ignored, as a client of another release may send some; a POST
+ *  over HTTP may carry no others. */
 type FieldType = { ok: (v: unknown) => boolean; what: string };
 const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false' };
 const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string' };
@@ -3186,33 +3155,53 @@ const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number' }
 const LIST: FieldType = { ok: Array.isArray, what: 'a list' };
 const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty' };
 const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object' };
-const REQUEST_FIELDS: Record<string, Record<string, FieldType>> = {
-  list: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT },
-  jobs: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER },
-  job: { id: NUMBER },
-  log: { id: NUMBER, follow: BOOL },
-  wait: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } },
+
+type Op = (
+  | { kind: 'read'; answer: (req: Request) => Record<string, unknown> }
+  | { kind: 'change'; decide: Decide }
+  | { kind: 'check'; check: (req: Request) => Promise<Request>; decide: Decide }
+  | { kind: 'stream'; open: (req: Request, conn: Conn) => void }
+  | { kind: 'shutdown' }
+) & {
+  /** The fields it reads, by type. */
+  fields?: Record<string, FieldType>;
+  /** Served as POST /api/OP too, with a JSON object of its fields (no others). */
+  http?: true;
+};
+
+const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl() });
+
+const OPS: Record<string, Op> = {
+  ping: { kind: 'read', answer: serverInfo },
+  status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
+  list: { kind: 'stream', open: streamJobs, fields: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT } },
+  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
+  job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }), fields: { id: NUMBER } },
+  log: { kind: 'stream', open: openLog, fields: { id: NUMBER, follow: BOOL } },
+  wait: { kind: 'stream', open: openWait, fields: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } } },
   add_jobs: {
-    cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
-    sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST,
+    kind: 'check', check: checkScripts, decide: decideAddJobs, http: true, fields: {
+      cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
+      sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST,
+    },
   },
-  remove_jobs: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST },
-  kill: { ids: IDS, all: BOOL, tag: TEXT },
-  retry: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT },
-  clean: { logs: BOOL, tag: TEXT },
-  set_priority: { ids: IDS, tag: TEXT, priority: NUMBER },
-  pause: { tag: TEXT },
-  resume: { tag: TEXT },
-  policy: { name: TEXT },
-  add_workers: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL },
-  remove_workers: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } },
-  load_status: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL },
+  remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST } },
+  kill: { kind: 'change', decide: decideKill, http: true, fields: { ids: IDS, all: BOOL, tag: TEXT } },
+  retry: { kind: 'change', decide: decideRetry, http: true, fields: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT } },
+  clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT } },
+  set_priority: { kind: 'change', decide: decideSetPriority, http: true, fields: { ids: IDS, tag: TEXT, priority: NUMBER } },
+  pause: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
+  resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
+  policy: { kind: 'change', decide: decidePolicy, http: true, fields: { name: TEXT } },
+  add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers, http: true, fields: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL } },
+  remove_workers: { kind: 'change', decide: decideRemoveWorkers, http: true, fields: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } } },
+  load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus, fields: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL } },
+  stop: { kind: 'shutdown' },
 };
 
 /** Throws a usage error naming the first field of `req` of a type its op does not take. */
-export function checkFields(req: Request): void {
-  const fields = Object.hasOwn(REQUEST_FIELDS, req.op) ? REQUEST_FIELDS[req.op] : undefined;
-  for (const [name, type] of Object.entries(fields ?? {})) {
+export function checkFields(req: Request, fields: Record<string, FieldType> = {}): void {
+  for (const [name, type] of Object.entries(fields)) {
     const v = req[name];
     if (v !== undefined && !type.ok(v)) throw usage(`invalid ${name} ${quoteForError(JSON.stringify(v) ?? String(v))} for ${req.op}`, `${name} is ${type.what}`);
   }
@@ -3238,7 +3227,7 @@ function serveRequest(req: Request, conn: Conn): void {
   const op = Object.hasOwn(OPS, req.op) ? OPS[req.op] : undefined;
   try {
     if (!op) throw usage(`unknown request ${quoteForError(req.op)}`);
-    checkFields(req);
+    checkFields(req, op.fields);
     switch (op.kind) {
       case 'read': return conn.send({ ok: true, ...op.answer(req) });
       case 'change': return submit({ kind: 'request', req, decide: op.decide, reply: conn.send });
@@ -4197,21 +4186,6 @@ let logDirWatch: fs.FSWatcher | null = null;
 /** A client following a job's log: the bytes sent so far, and how the job ended once it has. */
 type LogStream = { id: number; file: string; res: http.ServerResponse; offset: number; reading: boolean; again: boolean; decoder: StringDecoder; end: Record<string, unknown> | null };
 
-/** What a POST /api/OP may carry: the operations the HTTP side serves and the fields of
- *  each (anything else is refused). Operations that this server's OPS lacks are 404s. */
-const HTTP_OPS: Record<string, string[]> = {
-  add_jobs: ['jobs', 'cwd', 'retries', 'timeout', 'tags', 'priority', 'after', 'env', 'sweep', 'slots', 'gpus', 'require', 'avoid', 'hosts'],
-  remove_jobs: ['ids', 'script', 'args', 'tag'],
-  kill: ['ids', 'all', 'tag'],
-  retry: ['ids', 'failed', 'killed', 'tag'],
-  clean: ['logs', 'tag'],
-  set_priority: ['ids', 'tag', 'priority'],
-  pause: ['tag'],
-  resume: ['tag'],
-  policy: ['name'],
-  add_workers: ['workers', 'skipCheck'],
-  remove_workers: ['hosts', 'mode'],
-};
 /** The query parameters of GET /api/jobs (the `jobs` operation). */
 const JOBS_QUERY = ['state', 'tag', 'worker', 'text', 'before', 'limit'];
 const MAX_EVENT_BACKLOG = 1 << 20;   // bytes an event stream may leave unread before it is dropped
@@ -4472,8 +4446,10 @@ const statusAnswer = () => (OPS.status as Extract<Op, { kind: 'read' }>).answer(
 
 /** POST /api/OP: a JSON object of the operation's fields, served through OPS. */
 function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: string): void {
-  const fields = Object.hasOwn(HTTP_OPS, name) && Object.hasOwn(OPS, name) ? HTTP_OPS[name] : undefined;
-  if (!fields) return httpError(res, 404, EXIT_USAGE, `unknown operation ${quoteForError(name)}`, `operations: ${Object.keys(HTTP_OPS).filter((k) => Object.hasOwn(OPS, k)).join(', ')}`);
+  // The operations marked http in OPS, with the fields OPS names for them (no others).
+  const op = Object.hasOwn(OPS, name) ? OPS[name] : undefined;
+  const fields = op?.http ? Object.keys(op.fields ?? {}) : undefined;
+  if (!fields) return httpError(res, 404, EXIT_USAGE, `unknown operation ${quoteForError(name)}`, `operations: ${Object.keys(OPS).filter((k) => OPS[k].http).join(', ')}`);
   if (!/^application\/json\b/i.test(req.headers['content-type'] ?? '')) return httpError(res, 415, EXIT_USAGE, 'a request body must be JSON', 'send Content-Type: application/json');
   const declared = Number(req.headers['content-length'] ?? 0);
   const tooBig = () => {

@@ -254,7 +254,13 @@ test('the API serves the operations of the CLI, with its answers and its errors'
   const unknownOp = await d.post('stop', {});
   assert.equal(unknownOp.status, 404, 'stop is not served over HTTP');
   assert.match(unknownOp.json.hint, /operations: add_jobs/);
-  for (const id of [1, 2, 3]) release(s, id);
+  // A POST takes the fields its socket request takes: --retry-delay, --requeue-on-down.
+  const delayed = await d.post('add_jobs', { cwd: s.dir, jobs: [['./gated.sh']], retries: 1, retryDelay: 5 });
+  assert.equal(delayed.status, 200, delayed.text);
+  const added = await d.post('add_workers', { workers: [{ host: 'local3', slots: 1 }], skipCheck: true, requeueOnDown: true });
+  assert.equal(added.status, 200, added.text);
+  assert.equal((await s.status()).workers.find((w: any) => w.host === 'local3').requeueOnDown, true);
+  for (const id of [1, 2, 3, delayed.json.first]) release(s, id);
 });
 
 test('a followed log arrives as server-sent events, then an end event', async (t) => {
