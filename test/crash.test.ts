@@ -1,4 +1,4 @@
-// Tier 2: the guarantees of SPEC.md under real crashes. The server is killed with
+// Tier 2: the README's Guarantees under real crashes. The server is killed with
 // SIGKILL at random moments while clients add jobs and jobs finish; restarted servers
 // must adopt what runs, record what ended, and run every acknowledged job exactly once.
 import { describe, test } from 'node:test';

@@ -80,7 +80,16 @@ test(`fuzz: ${SECONDS} s of random and mutated requests; the server answers and 
     const lines = Array.from({ length: 1 + Math.floor(rand() * 30) }, request).filter((l) => !l.includes('"op":"list"') || rand() < 0.5);
     if (!lines.length) continue; // nothing to answer: the connection would wait for ever
     const answers = await burst(lines);
-    for (const a of answers) assert.ok(/^\{"ok":(true|false)/.test(a) || /"ok":/.test(a), `not an answer: ${a.slice(0, 200)}`);
+    // Every request is answered (a list may end its connection early), and every answer is
+    // a success or a refusal that says why with an exit code: never an internal error.
+    if (!lines.some((l) => l.includes('"op":"list"'))) assert.equal(answers.length, lines.length, `answers to a burst of ${lines.length} (seed ${seed})`);
+    for (const a of answers) {
+      const m = JSON.parse(a);
+      if (m.ok === true) continue;
+      assert.equal(m.ok, false, `not an answer: ${a.slice(0, 200)}`);
+      assert.ok(typeof m.error === 'string' && m.error && !/internal error/.test(m.error), `a refusal without a reason, or an internal error (seed ${seed}): ${a.slice(0, 200)}`);
+      assert.ok(m.code === 1 || m.code === 2, `a refusal's code is 1 or 2 (seed ${seed}): ${a.slice(0, 200)}`);
+    }
     requests += lines.length; bursts++;
     // The server answers, and what it holds is what its journal says.
     const status = await s.status();
