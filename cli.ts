@@ -2943,13 +2943,20 @@ export function controlDirFor(dataDir: string, uid: number, tmp: string): string
 
 /** The control dir `dir` (see controlDirFor), made or checked; one in the temporary
  *  directory that someone else took first (its name can be foreseen) is not given up
- *  for: a new one with a random suffix is made in /tmp instead. */
+ *  for: whatever is there instead of a directory of this user's alone (another user's
+ *  directory, a symlink, dangling or not, a file, a FIFO), a new one with a random
+ *  suffix is made in /tmp instead. */
 export function ownControlDir(dir: string, dataDir: string): string {
   if (dir === path.join(dataDir, 'ssh')) { ownDir(dir, 'ssh control dir'); return dir; }
   try { ownDir(dir, 'ssh control dir'); return dir; } catch (e) {
-    if (!(e instanceof UserError)) throw e;
+    let why = (e as Error).message;
+    if (!(e instanceof UserError)) {
+      let kind = 'something';
+      try { const l = fs.lstatSync(dir); kind = l.isSymbolicLink() ? 'a symbolic link' : l.isDirectory() ? 'a directory' : 'a file'; } catch { /* gone meanwhile */ }
+      why = `the ssh control dir '${dir}' is taken by ${kind} that djs cannot use (${(e as NodeJS.ErrnoException).code ?? why})`;
+    }
     const other = fs.mkdtempSync(path.join('/tmp', `${path.basename(dir)}-`));
-    log(`warning: ${e.message}; the ssh control dir is ${other} instead`);
+    log(`warning: ${why}; the ssh control dir is ${other} instead`);
     return other;
   }
 }
@@ -3219,7 +3226,26 @@ function handleRequestLine(line: string, conn: Conn): void {
     conn.send({ ok: false, code: EXIT_USAGE, error: 'malformed request: expected one JSON object with an "op" per line' });
     return;
   }
+  if (nestedDeeper(req, MAX_NESTING)) return conn.send({ ok: false, code: EXIT_USAGE, error: `malformed request: arrays and objects nested deeper than ${MAX_NESTING}` });
   serveRequest(req, conn);
+}
+
+/** How deep the arrays and objects of a request may nest: real ones go 5 deep (a
+ *  cli.py status file); deeper ones would overflow the stack of the checks that walk
+ *  them (an error message that quotes the value, say). */
+const MAX_NESTING = 64;
+
+/** Whether `v` nests arrays and objects deeper than `max`; without recursion, so any
+ *  depth that JSON.parse returns is measured. */
+export function nestedDeeper(v: unknown, max: number): boolean {
+  const stack: [unknown, number][] = [[v, 0]];
+  while (stack.length) {
+    const [x, depth] = stack.pop()!;
+    if (!x || typeof x !== 'object') continue;
+    if (depth >= max) return true;
+    for (const y of Array.isArray(x) ? x : Object.values(x)) if (y && typeof y === 'object') stack.push([y, depth + 1]);
+  }
+  return false;
 }
 
 /** Serves one request through OPS, for the socket and for HTTP alike. Never throws. */
@@ -4501,6 +4527,7 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
       return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
     }
     if (!body || typeof body !== 'object' || Array.isArray(body)) return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
+    if (nestedDeeper(body, MAX_NESTING)) return httpError(res, 400, EXIT_USAGE, `malformed request body: arrays and objects nested deeper than ${MAX_NESTING}`);
     for (const k of Object.keys(body)) {
       if (!fields.includes(k)) return httpError(res, 400, EXIT_USAGE, `unknown field ${quoteForError(k)} for ${name}`, `fields of ${name}: ${fields.join(', ')}`);
     }
@@ -4589,8 +4616,10 @@ async function sendLogText(res: http.ServerResponse, file: string, from: number,
       const buf = Buffer.alloc(LOG_CHUNK);
       const { bytesRead } = await fh.read(buf, 0, LOG_CHUNK, from);
       text = buf.subarray(0, bytesRead);
-    } finally { await fh.close(); }
-  } catch { /* no log (yet) */ }
+    } finally { await fh.close().catch(() => {}); }
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT' && !res.destroyed) return httpError(res, 409, EXIT_FAILED, cannotReadLog(file, e)); // ENOENT: no log (yet)
+  }
   if (res.destroyed) return;
   sendBody(res, 200, {
     'Content-Type': 'text/plain; charset=utf-8', 'X-DJS-Log-Offset': from, 'X-DJS-Log-Next': from + text.length, 'X-DJS-Job-State': state,
@@ -4609,17 +4638,27 @@ function watchLogDir(): void {
   } catch { /* without a watch, logs arrive when their job ends */ }
 }
 
+/** Errors of opening a log that mean it is not there (yet) or not now (no descriptor
+ *  free): a followed log is read again on its next change. Any other error ends the
+ *  request that reads it, with the error. */
+const LOG_NOT_YET = new Set(['ENOENT', 'EMFILE', 'ENFILE', 'EAGAIN']);
+const cannotReadLog = (file: string, e: unknown) => `cannot read the log '${file}': ${(e as NodeJS.ErrnoException).code === 'ELOOP' ? 'it is a symbolic link' : (e as Error).message}`;
+
 /** Sends what a followed log gained since the last time; once its job has ended, the
  *  rest and an `end` event. One read at a time per stream; a reader that does not keep
  *  up is paused on (backpressure), not buffered for. */
 async function pumpLog(ls: LogStream): Promise<void> {
   if (ls.reading) { ls.again = true; return; }
   ls.reading = true;
+  let failed: string | null = null;
   try {
     do {
       ls.again = false;
       let fh: fs.promises.FileHandle;
-      try { fh = await fs.promises.open(ls.file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch { break; }
+      try { fh = await fs.promises.open(ls.file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch (e) {
+        if (!LOG_NOT_YET.has((e as NodeJS.ErrnoException).code ?? '')) failed = cannotReadLog(ls.file, e);
+        break;
+      }
       try {
         const buf = Buffer.alloc(64 << 10);
         for (;;) {
@@ -4633,9 +4672,18 @@ async function pumpLog(ls: LogStream): Promise<void> {
           recount(ls.res.req.socket as net.Socket | null);
           if (!more && !ls.res.destroyed) await new Promise((r) => { ls.res.once('drain', r); ls.res.once('close', r); });
         }
-      } finally { await fh.close(); }
-    } while (ls.again && !ls.res.destroyed);
+      } catch (e) {
+        failed = cannotReadLog(ls.file, e);
+      } finally { await fh.close().catch(() => {}); }
+    } while (ls.again && !failed && !ls.res.destroyed);
   } finally { ls.reading = false; }
+  if (failed) {
+    // Its reader gets the error and the stream ends; the server goes on.
+    logStreams.delete(ls);
+    const job = st.jobs.get(ls.id);
+    if (!ls.res.destroyed) ls.res.end(`event: end\ndata: ${JSON.stringify({ state: job?.state ?? null, exitCode: job?.exitCode ?? null, error: failed })}\n\n`);
+    return;
+  }
   if (ls.end && !ls.again && !ls.res.destroyed) {
     const rest = ls.decoder.end();
     if (rest) ls.res.write(`event: log\ndata: ${JSON.stringify({ offset: ls.offset, text: rest })}\n\n`);
@@ -5837,7 +5885,7 @@ async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promis
   const logDir = values.DJS_LOG_DIR;
   ownDir(logDir, 'log dir');
   const logPath = path.join(logDir, 'server.log');
-  const fd = fs.openSync(logPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_APPEND | fs.constants.O_NOFOLLOW, 0o600);
+  const fd = openServerLog(logPath);
   const from = fs.fstatSync(fd).size; // what earlier servers wrote is not this start's news
   const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'start', dataDir], {
     detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, ...values },
@@ -5869,6 +5917,28 @@ async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promis
   if (changed.length) ctx.out.write(`settings changed: ${describeChanges(changed)}\n`);
   ctx.out.write(`djs server ready: pid ${child.pid}, data ${dataDir}, logs ${logDir}; its output goes to ${logPath}\n`);
   return EXIT_OK;
+}
+
+/** Opens LOG_DIR/server.log to append to (made if missing, mode 0600): a plain file,
+ *  never through a symlink (one planted there would send the server's output, and its
+ *  mode change, elsewhere), nor a FIFO or a directory. Errors name the path and what is
+ *  wrong with it. */
+function openServerLog(logPath: string): number {
+  const c = fs.constants;
+  let fd: number;
+  try { fd = fs.openSync(logPath, c.O_WRONLY | c.O_CREAT | c.O_APPEND | c.O_NOFOLLOW | c.O_NONBLOCK, 0o600); } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const hint = `remove it, or give another log dir with --log-dir DIR`;
+    if (code === 'ELOOP') throw failure(`the server log '${logPath}' is a symbolic link; djs writes only to a plain file there`, hint);
+    if (code === 'EISDIR') throw failure(`the server log '${logPath}' is a directory, not a file`, hint);
+    if (code === 'ENXIO') throw failure(`the server log '${logPath}' is a FIFO, not a file`, hint);
+    throw failure(`cannot open the server log '${logPath}': ${(e as Error).message}`);
+  }
+  if (!fs.fstatSync(fd).isFile()) {
+    fs.closeSync(fd);
+    throw failure(`the server log '${logPath}' is not a plain file`, 'remove it, or give another log dir with --log-dir DIR');
+  }
+  return fd;
 }
 
 /** The -e/--env words of a command, with cli.py's spelling `--env,-e=NAME=VALUE`. */
@@ -6143,13 +6213,22 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   const follow = Boolean(p.values.follow);
   let file = '', offset = 0;
   const watch: { dir?: fs.FSWatcher } = {};
+  // A log that cannot be read (a directory, a FIFO, a symlink in its place) is an error
+  // once the request is over; until then it is not read again.
+  let unreadable: string | null = null;
   const pump = () => {
+    if (unreadable) return;
     let fd: number;
-    try { fd = fs.openSync(file, 'r'); } catch { return; }
+    try { fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') unreadable = cannotReadLog(file, e);
+      return;
+    }
     try {
       const buf = Buffer.allocUnsafe(1 << 16);
       let n: number;
       while ((n = fs.readSync(fd, buf, 0, buf.length, offset)) > 0) { ctx.out.write(buf.subarray(0, n)); offset += n; }
+    } catch (e) {
+      unreadable = cannotReadLog(file, e);
     } finally { fs.closeSync(fd); }
   };
   let told = false;
@@ -6164,6 +6243,7 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   watch.dir?.close();
   if (!file) file = String(r.path);
   pump();
+  if (unreadable) throw failure(unreadable);
   if (!fs.existsSync(file)) ctx.err.write(`note: job ${id} has no log (yet): ${file}\n`);
   if (!follow) return EXIT_OK;
   // How the job ended, and an exit code like wait's for it.

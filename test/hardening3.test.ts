@@ -1,0 +1,134 @@
+// Tier 2: what another local user, or one client, could still do to a server: flood the
+// start lock, use up its file descriptors, ask it to follow a log that cannot be read,
+// plant entries where it makes its ssh control dir, send JSON nested too deep, put a
+// symlink where server.log goes. Each gets an error or is shed; the server goes on.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { controlDirFor } from '../cli.ts';
+import { rawRequest, runCli, serve, socketOp, testDir } from './server.ts';
+
+const asRoot = process.getuid?.() === 0;
+
+/** An HTTP request to a server started with --http 0, with its token. */
+async function dashboardOf(s: { ok: (a: string[]) => Promise<string> }) {
+  const url = (await s.ok(['dashboard'])).trim();
+  const m = /^(http:\/\/127\.0\.0\.1:\d+)\/#token=([0-9a-f]+)$/.exec(url);
+  assert.ok(m, `dashboard printed ${url}`);
+  const headers = { Authorization: `Bearer ${m[2]}` };
+  return {
+    base: m[1],
+    get: (p: string) => fetch(m[1] + p, { headers }),
+    post: (op: string, body: string) => fetch(`${m[1]}/api/${op}`, { method: 'POST', headers: { ...headers, 'Content-Type': 'application/json' }, body }),
+  };
+}
+
+test('JSON nested deeper than requests go is a usage error (exit code 2, HTTP 400), on the socket and over HTTP', { timeout: 60_000 }, async (t) => {
+  const s = await serve(t, { args: ['--http', '0'] });
+  const deep = (n: number) => '['.repeat(n) + ']'.repeat(n);
+  for (const op of ['kill', 'wait', 'status', 'add_jobs']) {
+    const { lines } = await rawRequest(s.dataDir, `{"op":"${op}","ids":${deep(5000)}}\n`);
+    const r = JSON.parse(lines[0]);
+    assert.deepEqual([r.ok, r.code], [false, 2], `${op}: ${r.error}`);
+    assert.match(r.error, /nested deeper than 64/);
+  }
+  const d = await dashboardOf(s);
+  const r = await d.post('kill', `{"ids":${deep(5000)}}`);
+  assert.equal(r.status, 400);
+  assert.match((await r.json()).error, /nested deeper than 64/);
+  // What requests really nest still goes through.
+  assert.equal((await socketOp(s.dataDir, { op: 'kill', ids: [1] })).code, 1);
+});
+
+test('a symlink, a directory or a FIFO where server.log goes: start --detach says what is wrong and where, in one line', { timeout: 60_000 }, async (t) => {
+  const dir = testDir(t);
+  const logs = path.join(dir, 'logs'), log = path.join(logs, 'server.log');
+  fs.mkdirSync(logs, { mode: 0o700 });
+  const plant: [string, () => void, RegExp][] = [
+    ['symlink', () => fs.symlinkSync(path.join(dir, 'elsewhere'), log), /is a symbolic link/],
+    ['directory', () => fs.mkdirSync(log), /is a directory/],
+    ['FIFO', () => spawnSync('mkfifo', [log]), /is a FIFO/],
+  ];
+  for (const [what, make, said] of plant) {
+    fs.rmSync(log, { recursive: true, force: true });
+    make();
+    const r = await runCli(['start', '--detach', path.join(dir, '.data'), logs], { cwd: dir });
+    assert.equal(r.code, 1, `${what}: ${r.stderr}`);
+    const first = r.stderr.split('\n')[0];
+    assert.match(first, /^error: the server log '.*\/logs\/server\.log' /, what);
+    assert.match(first, said, what);
+    assert.doesNotMatch(r.stderr, /internal error/, what);
+  }
+  assert.ok(!fs.existsSync(path.join(dir, 'elsewhere')), 'nothing was written through the symlink');
+});
+
+test('whatever another user planted where the ssh control dir goes in /tmp, the server starts with another one', { timeout: 120_000 }, async (t) => {
+  const dir = path.join(testDir(t), 'a-data-dir-path-too-long-for-ssh-sockets');
+  fs.mkdirSync(dir);
+  const planted = controlDirFor(path.join(dir, '.data'), process.getuid?.() ?? 0, process.env.TMPDIR || '/tmp');
+  assert.ok(planted.startsWith('/tmp/'), planted);
+  const made: string[] = [];
+  t.after(() => { for (const p of [planted, ...made]) fs.rmSync(p, { recursive: true, force: true }); });
+  const theirs = (p: string) => { if (asRoot) fs.lchownSync(p, 65534, 65534); };
+  const kinds: [string, () => void][] = [
+    ['a dangling symlink', () => { fs.symlinkSync('/nonexistent/djs-target', planted); theirs(planted); }],
+    ['a symlink to a directory', () => { fs.mkdirSync(`${planted}.target`, { mode: 0o700 }); made.push(`${planted}.target`); fs.symlinkSync(`${planted}.target`, planted); theirs(planted); }],
+    ['a symlink to itself', () => { fs.symlinkSync(planted, planted); theirs(planted); }],
+    ['a file', () => { fs.writeFileSync(planted, ''); theirs(planted); }],
+    ['a FIFO', () => { spawnSync('mkfifo', [planted]); theirs(planted); }],
+    ...(asRoot ? [['a directory of another user', () => { fs.mkdirSync(planted, { mode: 0o700 }); theirs(planted); }] as [string, () => void]] : []),
+    ['a directory open to all', () => { fs.mkdirSync(planted); fs.chmodSync(planted, 0o777); theirs(planted); }],
+  ];
+  for (const [what, plant] of kinds) {
+    fs.rmSync(planted, { recursive: true, force: true });
+    plant();
+    const before = fs.lstatSync(planted);
+    const s = await serve(t, { dir });
+    const m = /warning: .*; the ssh control dir is (\/tmp\/djs-\S+) instead/.exec(s.output());
+    assert.ok(m, `${what}: ${s.output()}`);
+    made.push(m[1]);
+    assert.doesNotMatch(s.output(), /internal error/, what);
+    assert.equal(fs.statSync(m[1]).mode & 0o777, 0o700, what);
+    const after = fs.lstatSync(planted);
+    assert.deepEqual([after.ino, after.mode, after.uid], [before.ino, before.mode, before.uid], `${what}: left as it was`);
+    await s.stop();
+  }
+});
+
+test('a followed log that is a directory, or a FIFO held open, ends that request with the error; the server goes on', { timeout: 60_000 }, async (t) => {
+  const s = await serve(t, { args: ['--http', '0'] });
+  const d = await dashboardOf(s);
+  fs.writeFileSync(path.join(s.dir, 'job.sh'), '#!/bin/sh\necho hi\n', { mode: 0o755 });
+  // Two jobs that wait (no worker), whose logs are taken by a directory and a FIFO.
+  for (let i = 0; i < 2; i++) await s.ok(['add_job', './job.sh']);
+  fs.mkdirSync(path.join(s.logDir, '1.log'));
+  const fifo = path.join(s.logDir, '2.log');
+  assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+  const held = fs.openSync(fifo, 'r+'); // a writer that stays: the server's reads get ESPIPE
+  t.after(() => fs.closeSync(held));
+  for (const [id, error] of [[1, /EISDIR/], [2, /ESPIPE/]] as const) {
+    const r = await d.get(`/api/jobs/${id}/log?follow=1`);
+    assert.equal(r.status, 200);
+    const text = await r.text(); // the stream ends
+    const m = /event: end\ndata: (.*)\n/.exec(text);
+    assert.ok(m, text);
+    assert.match(JSON.parse(m[1]).error, error);
+    assert.match(JSON.parse(m[1]).error, new RegExp(`cannot read the log '.*/${id}\\.log'`));
+    const once = await d.get(`/api/jobs/${id}/log`);
+    assert.equal(once.status, 409);
+    assert.match((await once.json()).error, error);
+    // The client reads the log itself: one line, exit code 1.
+    for (const args of [['log', String(id)], ['log', '-f', String(id)]]) {
+      if (args[1] === '-f') await s.ok(['kill', String(id)]); // -f follows until the job ends
+      const c = await s.cli(args);
+      assert.equal(c.code, 1, `${args.join(' ')}: ${c.stderr}`);
+      assert.match(c.stderr, /^error: cannot read the log '.*'/);
+      assert.doesNotMatch(c.stderr, /internal error|\n\s+at /);
+    }
+  }
+  assert.equal(s.proc.exitCode, null, 'the server is up');
+  assert.equal((await s.status()).counts.total, 2);
+});
