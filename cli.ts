@@ -5228,6 +5228,10 @@ function lockDataDir(dataDir: string): void {
   throw failure(`cannot lock data dir '${dataDir}'`);
 }
 
+/** What the lock (holdDirLock) gives anyone who connects: a line of at most this many
+ *  bytes (a challenge is 32), this long in all, and this many connections at once. */
+const LOCK_LINE_BYTES = 64, LOCK_DEADLINE_MS = 2000, LOCK_CONNECTIONS = 8;
+
 /** A lock that the kernel lets go of when this process ends, however it ends: an abstract
  *  Unix socket (Linux). Of two starts racing for one data dir (both finding the pid file
  *  of a crashed server) only one can hold it; the pid file then names the holder.
@@ -5251,11 +5255,22 @@ async function holdDirLock(dataDir: string): Promise<void> {
     const dir = fs.statSync(dataDir);
     const name = `\0djs-${crypto.createHash('sha256').update(`${token}-${dir.dev}-${dir.ino}`).digest('hex')}-`.padEnd(108, 'x');
     const answer = (nonce: string) => crypto.createHmac('sha256', token).update(nonce).digest('hex');
+    // Anyone can connect: each connection may send one challenge line of LOCK_LINE_BYTES
+    // and has LOCK_DEADLINE_MS in all (however it trickles); LOCK_CONNECTIONS at once.
     const lock = net.createServer((c) => {
       c.on('error', () => {});
-      c.setTimeout(2000, () => c.destroy());
-      onLines(c, (nonce) => c.end(answer(nonce) + '\n'));
+      const deadline = setTimeout(() => c.destroy(), LOCK_DEADLINE_MS);
+      c.on('close', () => clearTimeout(deadline));
+      let got = '';
+      c.setEncoding('utf8');
+      c.on('data', (d: string) => {
+        got += d;
+        const nl = got.indexOf('\n');
+        if (nl >= 0 && nl <= LOCK_LINE_BYTES) { c.removeAllListeners('data'); c.end(answer(got.slice(0, nl)) + '\n'); }
+        else if (got.length > LOCK_LINE_BYTES) c.destroy();
+      });
     });
+    lock.maxConnections = LOCK_CONNECTIONS;
     try {
       await new Promise<void>((resolve, reject) => {
         lock.once('error', reject);

@@ -6,10 +6,11 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { controlDirFor } from '../cli.ts';
-import { rawRequest, runCli, serve, socketOp, testDir } from './server.ts';
+import { rawRequest, runCli, serve, socketOp, testDir, until } from './server.ts';
 
 const asRoot = process.getuid?.() === 0;
 
@@ -131,4 +132,57 @@ test('a followed log that is a directory, or a FIFO held open, ends that request
   }
   assert.equal(s.proc.exitCode, null, 'the server is up');
   assert.equal((await s.status()).counts.total, 2);
+});
+
+/** The abstract socket name of a running server's start lock, as anyone reads it in
+ *  /proc/net/unix (here: computed as the server does, and checked to be listed). */
+function lockName(dataDir: string): string {
+  const token = fs.readFileSync(path.join(dataDir, 'lock.token'), 'utf8').trim(), d = fs.statSync(dataDir);
+  const name = `djs-${createHash('sha256').update(`${token}-${d.dev}-${d.ino}`).digest('hex')}-`.padEnd(107, 'x');
+  assert.ok(fs.readFileSync('/proc/net/unix', 'utf8').includes('@' + name), 'the server holds that name');
+  return '\0' + name;
+}
+
+const fdsOf = (pid: number) => fs.readdirSync(`/proc/${pid}/fd`).length;
+const rssMiBOf = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]) / 1024;
+
+test('the start lock, which anyone can reach, reads one short line per connection, for 2 s in all, 8 connections at once', { timeout: 60_000 }, async (t) => {
+  const s = await serve(t);
+  const pid = s.proc.pid!, name = lockName(s.dataDir);
+  const rss0 = rssMiBOf(pid), fds0 = fdsOf(pid);
+  const open: net.Socket[] = [];
+  t.after(() => { for (const c of open) c.destroy(); });
+  const connect = () => { const c = net.connect(name).on('error', () => {}); open.push(c); return c; };
+  const closedWithin = (c: net.Socket, ms: number) => new Promise<boolean>((resolve) => {
+    if (c.destroyed) return resolve(true);
+    const timer = setTimeout(() => resolve(false), ms);
+    c.once('close', () => { clearTimeout(timer); resolve(true); });
+  });
+  // Bytes without a newline, as fast as they go: closed at once, the server no bigger.
+  const flood = connect();
+  const chunk = Buffer.alloc(1 << 20, 'a');
+  let sent = 0;
+  const pour = () => { while (!flood.destroyed && flood.write(chunk)) sent += chunk.length; };
+  flood.on('connect', pour).on('drain', pour);
+  assert.ok(await closedWithin(flood, 3000), `a connection that sent ${sent >> 20} MiB without a newline is still open`);
+  t.diagnostic(`${sent >> 20} MiB were sent before the lock closed the connection; server RSS ${rss0.toFixed(0)} -> ${rssMiBOf(pid).toFixed(0)} MiB`);
+  assert.ok(rssMiBOf(pid) - rss0 < 50, `the server grew by ${(rssMiBOf(pid) - rss0).toFixed(0)} MiB`);
+  // A byte every 200 ms: closed 2 s after it connected, not 2 s after it went quiet.
+  const trickle = connect();
+  const t0 = Date.now();
+  const drip = setInterval(() => { if (!trickle.destroyed) trickle.write('a'); }, 200);
+  const trickleClosed = await closedWithin(trickle, 4000);
+  clearInterval(drip);
+  assert.ok(trickleClosed, 'a connection trickling a byte every 200 ms is still open after 4 s');
+  t.diagnostic(`the trickling connection was closed after ${Date.now() - t0} ms`);
+  // Many at once: the server keeps at most 8 of them.
+  const many = Array.from({ length: 200 }, connect);
+  await until(() => many.every((c) => c.readyState !== 'opening'), 'the connections to be made');
+  await until(() => fdsOf(pid) <= fds0 + 8 + 2, `the server to keep at most 8 lock connections (it has ${fdsOf(pid) - fds0} more descriptors)`, 1500);
+  for (const c of many) c.destroy();
+  // The owner is served throughout, and a second start is still refused by the lock.
+  assert.equal((await s.cli(['status'])).code, 0);
+  const second = await runCli(['start', s.dataDir, s.logDir], { cwd: s.dir });
+  assert.equal(second.code, 1);
+  assert.match(second.stderr, /already running/);
 });
