@@ -2964,8 +2964,12 @@ export function ownControlDir(dir: string, dataDir: string): string {
 /** The ssh words of a login check or probe: through shared connection n when shared. */
 function checkArgs(host: string, ssh: SshSettings, n: number, command: string): string[] {
   const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`];
-  if (ssh.shared && ssh.controlDir) args.push('-F', sharedConfigFile(ssh, n));
-  else {
+  if (ssh.shared && ssh.controlDir) {
+    // Not written (no file descriptor free, a full disk): ssh says so, as the check's error.
+    let file = path.join(ssh.controlDir, `config.${n}`);
+    try { file = sharedConfigFile(ssh, n); } catch { /* that error */ }
+    args.push('-F', file);
+  } else {
     args.push('-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2');
     if (ssh.config) args.push('-F', ssh.config);
   }
@@ -3009,7 +3013,7 @@ function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): 
     child.stdout?.on('data', (d) => { if (result && result.out.length < 65536) result.out += d; });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
-    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; }); // none if it did not start
     child.on('error', (e) => finish(`cannot run ssh: ${e.message}`));
     child.on('close', (code) => {
       if (code === 0) return finish(null);
@@ -3036,8 +3040,8 @@ function runSinfo(args: string[], timeoutS: number, result: { out: string }): Pr
     const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
-    child.stdout!.on('data', (d) => { if (result.out.length < 65536) result.out += d; });
-    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.stdout?.on('data', (d) => { if (result.out.length < 65536) result.out += d; }); // none if it did not start
+    child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; });
     child.on('error', (e) => finish(`cannot run sinfo: ${e.message}`));
     child.on('close', (code) => finish(code === 0 ? null : (err.split('\n').map((l) => l.trim()).filter(Boolean).at(-1) ?? `sinfo exited with ${code}`)));
   });
@@ -3107,6 +3111,7 @@ type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
   maxConnections: number; clientBytes: number; settings: Settings; changed: [string, string, string][];
   http: { host: string; port: number } | null; slurmCheckMs: number;
+  httpMaxConnections: number; caps: ConnectionCaps;
 };
 
 // All server state, in one place.
@@ -3176,7 +3181,11 @@ type Op = (
   http?: true;
 };
 
-const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl() });
+const serverInfo = () => ({
+  pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl(),
+  connections: { socket: cfg.maxConnections, http: cfg.httpMaxConnections, openFiles: Number.isFinite(cfg.caps.fdLimit) ? cfg.caps.fdLimit : null },
+  launcher: launcherDown ? { error: launcherDown.why, failedStarts: launcherDown.tries, retryAt: iso(launcherDown.retryAt) } : null,
+});
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
@@ -3513,16 +3522,62 @@ function removeForgottenLogs(below: number): void {
 
 // ---- the process supervisor ----------------------------------------------------
 
-function ensureLauncher(): ChildProcess {
+/** The launcher, started if none runs; null while it cannot be started (see
+ *  launcherFailed) until its next try. */
+function ensureLauncher(): ChildProcess | null {
   if (launcher) return launcher;
+  if (launcherFailing || (launcherDown && Date.now() < launcherDown.retryAt)) return null;
   const { env, args } = launcherArgs(baseEnv, cfg.dataDir, cfg.logDir, process.pid);
-  const l = spawn('perl', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
+  let l: ChildProcess;
+  try { l = spawn('perl', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env }); } catch (e) {
+    launcherFailed((e as Error).message);
+    return null;
+  }
+  if (l.pid === undefined) {
+    // It did not start (no file descriptor free, say): its error, next, says why.
+    launcherFailing = true;
+    l.on('error', (e) => { launcherFailing = false; launcherFailed(e.message); });
+    return null;
+  }
   l.stdin!.on('error', () => {});
   onLines(l.stdout!, launcherSaid);
   l.on('exit', () => launcherGone(l));
   l.on('error', (e) => { log(`error: cannot run the job launcher (perl): ${e.message}`); launcherGone(l); });
+  if (launcherDown) {
+    log(`the job launcher runs again, after ${launcherDown.tries} failed start(s)`);
+    if (launcherDown.timer) clearTimeout(launcherDown.timer);
+    launcherDown = null;
+  }
   launcher = l;
   return l;
+}
+
+/** Why the launcher could not be started, how many times in a row, and when it is
+ *  tried again; null while it runs (or has not been needed since). status shows it. */
+let launcherDown: { why: string; tries: number; retryAt: number; timer: NodeJS.Timeout | null } | null = null;
+let launcherFailing = false; // a spawn failed, its error not yet come
+const LAUNCHER_RETRY_MAX_MS = 30_000;
+
+/** The launcher could not be started (spawn failed: no file descriptor free, no perl):
+ *  the starts waiting for it never reached a launcher, so their jobs go back to the
+ *  queue uncharged; starts pause until the next try, 0.5 s later, doubling up to 30 s
+ *  while it lasts; server.log and status say why. */
+function launcherFailed(why: string): void {
+  const tries = (launcherDown?.tries ?? 0) + 1;
+  const ms = Math.min(LAUNCHER_RETRY_MAX_MS, 500 * 2 ** Math.min(10, tries - 1));
+  if (launcherDown?.timer) clearTimeout(launcherDown.timer);
+  const retryAt = Date.now() + ms;
+  const timer = setTimeout(() => { if (launcherDown) launcherDown.timer = null; if (!shuttingDown) { ensureLauncher(); flushLaunches(); } }, ms);
+  launcherDown = { why, tries, retryAt, timer };
+  log(`error: cannot start the job launcher (perl): ${why}; jobs wait, and it is tried again in ${formatDuration(ms)}`);
+  launches.length = 0;
+  const t = Date.now();
+  for (const [id, p] of procs) {
+    if (p.how !== 'launched') continue;
+    procs.delete(id);
+    fact({ e: 'unstart', t, id, back: true });
+  }
+  rt.startsPausedUntil = Math.max(rt.startsPausedUntil, retryAt);
 }
 
 /** Hands a job whose start is on disk to the launcher. */
@@ -3536,11 +3591,17 @@ function launchJob(id: number): void {
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
+  let shared: string | null = null;
+  if (cfg.ssh.shared) {
+    try { shared = sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh)); } catch (e) {
+      return startFailed(id, `the ssh config of its connection could not be written (${(e as Error).message})`);
+    }
+  }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs,
   // and the shared ssh connection of its (first) slot.
   const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
-  if (cfg.ssh.shared) env.push(`DJS_SSH_SHARED_CONFIG=${sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh))}`);
+  if (shared) env.push(`DJS_SSH_SHARED_CONFIG=${shared}`);
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
@@ -3550,7 +3611,9 @@ const launches: Buffer[] = [];
 /** Hands the turn's launches to the launcher in one write. */
 function flushLaunches(): void {
   if (launches.length === 0) return;
-  ensureLauncher().stdin!.write(launches.length === 1 ? launches[0] : Buffer.concat(launches));
+  const l = ensureLauncher();
+  if (!l) return; // kept until a launcher runs, or given back (launcherFailed)
+  l.stdin!.write(launches.length === 1 ? launches[0] : Buffer.concat(launches));
   launches.length = 0;
 }
 
@@ -4232,7 +4295,7 @@ const httpUrl = () => (httpServer ? `http://${httpHostShown}:${httpPort}/` : nul
  *  by the headers timeout (10 s) and the keep-alive timeout. */
 const httpUntrusted = new Set<net.Socket>();
 const httpTrusted = new Set<net.Socket>();
-const httpMaxConnections = () => cfg.maxConnections + 64;
+const httpMaxConnections = () => cfg.httpMaxConnections;
 
 function admitHttp(sock: net.Socket): void {
   if (httpUntrusted.size + httpTrusted.size >= httpMaxConnections()) {
@@ -5420,7 +5483,39 @@ function checkPerl(): void {
 }
 
 /** What a start reads from the environment besides its settings (ENVIRONMENT). */
-type Tuning = { snapshotMinBytes: number; maxConnections: number; clientBytes: number };
+type Tuning = { snapshotMinBytes: number; maxConnections: number; httpMaxConnections: number; caps: ConnectionCaps; clientBytes: number };
+
+/** The soft limit of open files of this process (ulimit -n), from /proc/self/limits
+ *  (Node has no getrlimit); Infinity where it cannot be read or has none. */
+function openFilesLimit(): number {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)\s/m.exec(fs.readFileSync('/proc/self/limits', 'utf8'));
+    return m && m[1] !== 'unlimited' ? Number(m[1]) : Infinity;
+  } catch { return Infinity; }
+}
+
+export type ConnectionCaps = { socket: number; http: number; fdLimit: number; reserve: number; note: string | null };
+
+/** How many client connections the server keeps at once, from the file descriptors it
+ *  may have (`fdLimit`): first a reserve for its own, 64 and an eighth of the limit (the
+ *  owner's next CLI connection, the job launcher and its pipes, job starts, ssh masters
+ *  and probes, the journal, logs being read, the start lock's LOCK_CONNECTIONS); the
+ *  rest half to the socket and half to HTTP, at most 1,000 and 1,064. So clients, with
+ *  the token or not, never take the descriptors the server needs. DJS_MAX_CONNECTIONS
+ *  (`given`) sets the socket's cap as given (HTTP: 64 more), whatever the limit; `note`
+ *  says when it goes past what the limit leaves, or when the limit lowers the caps. */
+export function connectionCaps(fdLimit: number, given?: number): ConnectionCaps {
+  const reserve = Number.isFinite(fdLimit) ? 64 + Math.ceil(fdLimit / 8) : 0;
+  const room = Number.isFinite(fdLimit) ? Math.max(2, fdLimit - reserve) : Infinity;
+  if (given !== undefined) {
+    const over = given + given + 64 > room;
+    return { socket: given, http: given + 64, fdLimit, reserve, note: over ? `warning: DJS_MAX_CONNECTIONS=${given} lets clients hold ${given} socket and ${given + 64} HTTP connections, more than the ${room} file descriptors the limit of ${fdLimit} open files (ulimit -n) leaves beside the ${reserve} the server keeps for its own: clients could leave it none` : null };
+  }
+  const socket = Math.min(1000, Math.max(1, Math.floor(room / 2)));
+  const http = Math.min(1064, Math.max(1, room - socket));
+  const lowered = socket < 1000 || http < 1064;
+  return { socket, http, fdLimit, reserve, note: lowered ? `connections at once: at most ${socket} on the socket and ${http} over HTTP, from the limit of ${fdLimit} open files (ulimit -n) less ${reserve} the server keeps for its own` : null };
+}
 
 /** The server's configuration: its settings (resolveSettings) and tuning. */
 function serverConfig(dataDir: string, values: Settings, changed: [string, string, string][], tuning: Tuning): ServerConfig {
@@ -5497,6 +5592,7 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
   ensureLauncher();
   if (journal.needsSnapshot()) takeSnapshot();
   if (cfg.changed.length) log(`settings changed: ${describeChanges(cfg.changed)}`);
+  if (cfg.caps.note) log(cfg.caps.note);
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers${cfg.http ? `; dashboard at ${httpUrl()} (its token: cli.ts dashboard)` : ''}`);
   submit({ kind: 'tick' });
 }
@@ -5758,7 +5854,7 @@ export function formatDuration(ms: number): string {
 }
 
 /** The human status: counts, one line per worker with its slot bar, the queue head. */
-export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: string; settings?: Settings } }, now: number, colorOn: boolean): string {
+export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: string; settings?: Settings; launcher?: { error: string; retryAt: string } | null } }, now: number, colorOn: boolean): string {
   const c = color(colorOn);
   const out: string[] = [];
   const counts = s.counts;
@@ -5798,6 +5894,8 @@ export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: 
   }
   if (s.server) {
     out.push(`server: pid ${s.server.pid}, data ${s.server.dataDir}`);
+    const down = s.server.launcher;
+    if (down) out.push(c('31', `jobs cannot start: the job launcher (perl) did not start (${down.error}); next try in ${formatDuration(Date.parse(down.retryAt) - now)}`));
     const set = s.server.settings ?? {};
     out.push(`settings (kept in the data dir; a start given others changes them):`);
     for (const name of Object.keys(set)) out.push(`  ${name}=${shellQuote(set[name])}`);
@@ -5880,9 +5978,9 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.positionals[1] !== undefined) given.DJS_LOG_DIR = p.positionals[1];
   if (p.values.detach) return startDetached(dataDir, given, ctx);
   const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
-  const maxConnections = intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1) ?? 1000;
+  const caps = connectionCaps(openFilesLimit(), intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1));
   const clientBytes = intOption(process.env.DJS_CLIENT_BYTES, 'DJS_CLIENT_BYTES', 1 << 20) ?? defaultClientBytes();
-  await runServer(dataDir, given, { snapshotMinBytes, maxConnections, clientBytes });
+  await runServer(dataDir, given, { snapshotMinBytes, maxConnections: caps.socket, httpMaxConnections: caps.http, caps, clientBytes });
   return -1; // keeps running
 }
 

@@ -9,8 +9,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { controlDirFor } from '../cli.ts';
-import { rawRequest, runCli, serve, socketOp, testDir, until } from './server.ts';
+import { connectionCaps, controlDirFor, formatStatus } from '../cli.ts';
+import { launcherOf, rawRequest, runCli, serve, socketOp, testDir, until } from './server.ts';
 
 const asRoot = process.getuid?.() === 0;
 
@@ -185,4 +185,89 @@ test('the start lock, which anyone can reach, reads one short line per connectio
   const second = await runCli(['start', s.dataDir, s.logDir], { cwd: s.dir });
   assert.equal(second.code, 1);
   assert.match(second.stderr, /already running/);
+});
+
+test('connection caps come from the open-files limit, with a reserve: 256 files, 80 socket and 80 HTTP connections at once', () => {
+  assert.deepEqual(connectionCaps(256), { socket: 80, http: 80, fdLimit: 256, reserve: 96, note: connectionCaps(256).note });
+  assert.match(connectionCaps(256).note!, /at most 80 on the socket and 80 over HTTP, from the limit of 256 open files \(ulimit -n\) less 96/);
+  const at1024 = connectionCaps(1024);
+  assert.ok(at1024.socket + at1024.http + at1024.reserve <= 1024, JSON.stringify(at1024));
+  assert.deepEqual([connectionCaps(20000).socket, connectionCaps(20000).http, connectionCaps(20000).note], [1000, 1064, null]);
+  assert.deepEqual([connectionCaps(Infinity).socket, connectionCaps(Infinity).http], [1000, 1064]);
+  assert.ok(connectionCaps(16).socket >= 1 && connectionCaps(16).http >= 1);
+  // Given, as given; past what the limit leaves, with a warning.
+  assert.deepEqual([connectionCaps(1024, 20).socket, connectionCaps(1024, 20).http, connectionCaps(1024, 20).note], [20, 84, null]);
+  assert.match(connectionCaps(256, 1000).note!, /^warning: DJS_MAX_CONNECTIONS=1000 .* more than the 160 file descriptors/);
+});
+
+test('under ulimit -n 256, 300 socket and 300 HTTP connections without the token leave the owner\'s CLI served and the launcher room to restart', { timeout: 120_000 }, async (t) => {
+  const s = await serve(t, { limitFiles: 256, args: ['--http', '0'] });
+  const pid = s.proc.pid!;
+  assert.match(s.output(), /at most 80 on the socket and 80 over HTTP, from the limit of 256 open files/);
+  const port = Number(new URL((await dashboardOf(s)).base).port);
+  const flood: net.Socket[] = [];
+  t.after(() => { for (const c of flood) c.destroy(); });
+  for (let i = 0; i < 300; i++) {
+    flood.push(net.connect(path.join(s.dataDir, 'server.sock')).on('error', () => {}));
+    flood.push(net.connect(port, '127.0.0.1').on('error', () => {}));
+  }
+  await until(() => flood.every((c) => c.readyState !== 'opening'), 'the connections to be made', 30_000);
+  const fds = fdsOf(pid);
+  t.diagnostic(`the server holds ${fds} descriptors of its 256`);
+  assert.ok(fds <= 256 - 64, `the server holds ${fds} descriptors: no reserve left`);
+  const r = await s.cli(['status', '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(JSON.parse(r.stdout).server.connections, { socket: 80, http: 80, openFiles: 256 });
+  // The launcher must be started again for the next job: there are descriptors for it.
+  process.kill(launcherOf(s), 'SIGKILL');
+  await until(() => s.output().includes('the job launcher ended'), 'the server to see its launcher gone');
+  fs.writeFileSync(path.join(s.dir, 'job.sh'), '#!/bin/sh\necho ran\n', { mode: 0o755 });
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  const id = (await s.ok(['add_job', './job.sh'])).trim();
+  assert.equal((await s.cli(['wait', id])).code, 0);
+  assert.equal(s.proc.exitCode, null, 'the server is up');
+});
+
+test('a launcher that cannot be started (no file descriptor free) is tried again with a growing delay; status and server.log say why; its jobs wait, uncharged', { timeout: 120_000 }, async (t) => {
+  // DJS_MAX_CONNECTIONS past what the limit leaves lets clients take every descriptor.
+  const s = await serve(t, { limitFiles: 128, env: { DJS_MAX_CONNECTIONS: '100000' } });
+  const pid = s.proc.pid!;
+  assert.match(s.output(), /warning: DJS_MAX_CONNECTIONS=100000 lets clients hold/);
+  fs.writeFileSync(path.join(s.dir, 'job.sh'), '#!/bin/sh\necho ran\n', { mode: 0o755 });
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  // One connection of the owner's, made first, to speak to the server through it all.
+  const ctl = net.connect(path.join(s.dataDir, 'server.sock'));
+  t.after(() => ctl.destroy());
+  const answers: any[] = [];
+  let buf = '';
+  ctl.setEncoding('utf8').on('data', (d: string) => { buf += d; let nl; while ((nl = buf.indexOf('\n')) >= 0) { answers.push(JSON.parse(buf.slice(0, nl))); buf = buf.slice(nl + 1); } });
+  const ask = async (msg: object) => { const n = answers.length; ctl.write(JSON.stringify(msg) + '\n'); return until(() => answers[n], `an answer to ${JSON.stringify(msg)}`); };
+  assert.equal((await ask({ op: 'ping' })).ok, true);
+  assert.equal((await s.cli(['wait', (await s.ok(['add_job', './job.sh'])).trim()])).code, 0); // a job ran: the ssh config is written
+  process.kill(launcherOf(s), 'SIGKILL');
+  await until(() => s.output().includes('the job launcher ended'), 'the server to see its launcher gone');
+  const flood: net.Socket[] = [];
+  t.after(() => { for (const c of flood) c.destroy(); });
+  for (let i = 0; i < 200; i++) flood.push(net.connect(path.join(s.dataDir, 'server.sock')).on('error', () => {}));
+  await until(() => fdsOf(pid) >= 126, `the connections to take the server's descriptors (it has ${fdsOf(pid)})`, 30_000);
+  const added = await ask({ op: 'add_jobs', cwd: s.dir, retries: 0, timeout: 0, jobs: [[path.join(s.dir, 'job.sh')]] });
+  assert.equal(added.ok, true, added.error);
+  await until(() => /cannot start the job launcher \(perl\): .*EMFILE.*; jobs wait, and it is tried again in/.test(s.output()), 'server.log to say the launcher cannot start').catch((e) => { throw new Error(`${e.message}; the server said:\n${s.output()}`); });
+  const st = await ask({ op: 'status' });
+  assert.match(st.server.launcher.error, /EMFILE/);
+  assert.ok(Date.parse(st.server.launcher.retryAt) > Date.now() - 1000, st.server.launcher.retryAt);
+  assert.equal(s.proc.exitCode, null, 'the server is up');
+  for (const c of flood) c.destroy();
+  assert.equal((await s.cli(['wait', String(added.first)])).code, 0);
+  assert.match(s.output(), /the job launcher runs again, after \d+ failed start/);
+  const job = await s.job(added.first);
+  assert.deepEqual([job.state, job.attempts], ['done', 1]);
+  assert.equal((await s.status()).server.launcher, null);
+});
+
+test('status says when jobs cannot start because the launcher does not', () => {
+  const view = { counts: { waiting: 1, running: 0, done: 0, failed: 0, killed: 0, removed: 0, total: 1 }, workers: [], policy: 'fifo', paused: false, pausedTags: [], tags: [], queue: [] } as any;
+  const text = formatStatus({ ...view, server: { pid: 7, dataDir: '/d', settings: {}, launcher: { error: 'spawn perl EMFILE', retryAt: new Date(10_000).toISOString() } } }, 4_000, false);
+  assert.match(text, /jobs cannot start: the job launcher \(perl\) did not start \(spawn perl EMFILE\); next try in 6\.0s/);
+  assert.doesNotMatch(formatStatus({ ...view, server: { pid: 7, dataDir: '/d', settings: {}, launcher: null } }, 4_000, false), /launcher/);
 });
