@@ -6734,7 +6734,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_SESSIONS', 'start, kept: slots of a worker that share one ssh connection (default 8; see sshd MaxSessions)'],
   ['DJS_HEARTBEAT', 'start, kept: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
-  ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
+  ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default: what the open-files limit leaves, at most 1000)'],
   ['DJS_CLIENT_BYTES', 'start: bytes held for all clients together, each way: unread answers, unfinished requests (default 256 MiB, or 1/8 of the heap if less)'],
   ['NO_COLOR', 'no colours in status and list'],
 ];
