@@ -3228,6 +3228,7 @@ function handleRequestLine(line: string, conn: Conn): void {
   let req: Request;
   try {
     if (line.length > 1 << 20 && containers(line) > line.length / 8) throw new Error('too many arrays and objects');
+    if (nestedDeeper(line, MAX_NESTING)) return conn.send({ ok: false, code: EXIT_USAGE, error: `malformed request: arrays and objects nested deeper than ${MAX_NESTING}` });
     const v = JSON.parse(line);
     if (!v || typeof v !== 'object' || Array.isArray(v) || typeof v.op !== 'string') throw new Error('no op');
     req = v;
@@ -3235,7 +3236,6 @@ function handleRequestLine(line: string, conn: Conn): void {
     conn.send({ ok: false, code: EXIT_USAGE, error: 'malformed request: expected one JSON object with an "op" per line' });
     return;
   }
-  if (nestedDeeper(req, MAX_NESTING)) return conn.send({ ok: false, code: EXIT_USAGE, error: `malformed request: arrays and objects nested deeper than ${MAX_NESTING}` });
   serveRequest(req, conn);
 }
 
@@ -3244,15 +3244,19 @@ function handleRequestLine(line: string, conn: Conn): void {
  *  them (an error message that quotes the value, say). */
 const MAX_NESTING = 64;
 
-/** Whether `v` nests arrays and objects deeper than `max`; without recursion, so any
- *  depth that JSON.parse returns is measured. */
-export function nestedDeeper(v: unknown, max: number): boolean {
-  const stack: [unknown, number][] = [[v, 0]];
-  while (stack.length) {
-    const [x, depth] = stack.pop()!;
-    if (!x || typeof x !== 'object') continue;
-    if (depth >= max) return true;
-    for (const y of Array.isArray(x) ? x : Object.values(x)) if (y && typeof y === 'object') stack.push([y, depth + 1]);
+/** Whether the JSON text `text` opens arrays and objects more than `max` deep (the
+ *  outermost counts; brackets in strings do not). One pass over the text, before it is
+ *  parsed: a fraction of what JSON.parse costs. */
+export function nestedDeeper(text: string, max: number): boolean {
+  let depth = 0, inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++; // \ escapes the next character
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) { if (++depth > max) return true; }
+    else if (c === 0x5d || c === 0x7d) depth--;
   }
   return false;
 }
@@ -4585,12 +4589,12 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
     let body: unknown;
     try {
       if (text.length > 1 << 20 && containers(text) > text.length / 8) throw new Error('too many arrays and objects');
+      if (nestedDeeper(text, MAX_NESTING)) return httpError(res, 400, EXIT_USAGE, `malformed request body: arrays and objects nested deeper than ${MAX_NESTING}`);
       body = JSON.parse(text || '{}');
     } catch {
       return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
     }
     if (!body || typeof body !== 'object' || Array.isArray(body)) return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
-    if (nestedDeeper(body, MAX_NESTING)) return httpError(res, 400, EXIT_USAGE, `malformed request body: arrays and objects nested deeper than ${MAX_NESTING}`);
     for (const k of Object.keys(body)) {
       if (!fields.includes(k)) return httpError(res, 400, EXIT_USAGE, `unknown field ${quoteForError(k)} for ${name}`, `fields of ${name}: ${fields.join(', ')}`);
     }

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { connectionCaps, controlDirFor, formatStatus } from '../cli.ts';
+import { connectionCaps, controlDirFor, formatStatus, nestedDeeper } from '../cli.ts';
 import { launcherOf, rawRequest, runCli, serve, socketOp, testDir, until } from './server.ts';
 
 const asRoot = process.getuid?.() === 0;
@@ -40,8 +40,18 @@ test('JSON nested deeper than requests go is a usage error (exit code 2, HTTP 40
   const r = await d.post('kill', `{"ids":${deep(5000)}}`);
   assert.equal(r.status, 400);
   assert.match((await r.json()).error, /nested deeper than 64/);
-  // What requests really nest still goes through.
+  // What requests really nest still goes through, and brackets in strings do not count.
   assert.equal((await socketOp(s.dataDir, { op: 'kill', ids: [1] })).code, 1);
+  const quoted = await socketOp(s.dataDir, { op: 'kill', tag: `a"\\${'['.repeat(200)}` });
+  assert.doesNotMatch(quoted.error, /nested/);
+});
+
+test('nesting is measured on the text, brackets in strings left out', () => {
+  assert.equal(nestedDeeper('{"a":[[]]}', 3), false);
+  assert.equal(nestedDeeper('{"a":[[[]]]}', 3), true);
+  assert.equal(nestedDeeper(`{"a":"${'['.repeat(10)}","b":"\\"}`, 1), false);
+  assert.equal(nestedDeeper(`{"a":"\\"${'['.repeat(10)}"}`, 1), false);
+  assert.equal(nestedDeeper(`{"a":"x\\\\",${'['.repeat(3)}`, 3), true);
 });
 
 test('a symlink, a directory or a FIFO where server.log goes: start --detach says what is wrong and where, in one line', { timeout: 60_000 }, async (t) => {
