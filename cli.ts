@@ -5358,8 +5358,10 @@ async function holdDirLock(dataDir: string): Promise<void> {
       c.on('error', () => {});
       c.on('close', () => resolve(got.trim()));
     });
-    if (reply === answer(nonce)) {
-      const pid = liveServerPid(dataDir);
+    // No answer, but the pid file names a live server: the lock is busy (every
+    // connection it keeps taken, by another user, say), not squatted; its token stays.
+    const pid = liveServerPid(dataDir);
+    if (reply === answer(nonce) || pid !== null) {
       throw failure(`a server is already running on data dir '${dataDir}'${pid ? ` (pid ${pid})` : ''}`, 'stop it first with: cli.ts stop');
     }
     if (tries >= 2) throw failure(`cannot take the lock of data dir '${dataDir}': its name is held by a process that is not a djs server of yours`);

@@ -190,11 +190,20 @@ test('the start lock, which anyone can reach, reads one short line per connectio
   await until(() => many.every((c) => c.readyState !== 'opening'), 'the connections to be made');
   await until(() => fdsOf(pid) <= fds0 + 8 + 2, `the server to keep at most 8 lock connections (it has ${fdsOf(pid) - fds0} more descriptors)`, 1500);
   for (const c of many) c.destroy();
-  // The owner is served throughout, and a second start is still refused by the lock.
+  // The owner is served throughout; a second start while connections keep every place of
+  // the lock taken is refused, and does not take the busy lock for a squatted one (which
+  // would give the running server's lock a new token).
   assert.equal((await s.cli(['status'])).code, 0);
+  let flooding = true;
+  const again = () => { if (flooding) connect().on('close', again); };
+  for (let i = 0; i < 40; i++) again();
+  const token = fs.readFileSync(path.join(s.dataDir, 'lock.token'), 'utf8');
   const second = await runCli(['start', s.dataDir, s.logDir], { cwd: s.dir });
+  flooding = false;
   assert.equal(second.code, 1);
   assert.match(second.stderr, /already running/);
+  assert.doesNotMatch(second.stderr, /cannot prove/);
+  assert.equal(fs.readFileSync(path.join(s.dataDir, 'lock.token'), 'utf8'), token, 'the lock keeps its token');
 });
 
 test('connection caps come from the open-files limit, with a reserve: 256 files, 80 socket and 80 HTTP connections at once', () => {
