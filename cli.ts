@@ -4705,10 +4705,10 @@ function watchLogDir(): void {
   } catch { /* without a watch, logs arrive when their job ends */ }
 }
 
-/** Errors of opening a log that mean it is not there (yet) or not now (no descriptor
- *  free): a followed log is read again on its next change. Any other error ends the
- *  request that reads it, with the error. */
-const LOG_NOT_YET = new Set(['ENOENT', 'EMFILE', 'ENFILE', 'EAGAIN']);
+/** Errors of opening a log that mean not now (no file descriptor free): a followed log
+ *  is read again shortly. ENOENT is no log (yet); any other error ends the request
+ *  that reads it, with the error. */
+const LOG_NOT_NOW = new Set(['EMFILE', 'ENFILE', 'EAGAIN']);
 const cannotReadLog = (file: string, e: unknown) => `cannot read the log '${file}': ${(e as NodeJS.ErrnoException).code === 'ELOOP' ? 'it is a symbolic link' : (e as Error).message}`;
 
 /** Sends what a followed log gained since the last time; once its job has ended, the
@@ -4717,13 +4717,15 @@ const cannotReadLog = (file: string, e: unknown) => `cannot read the log '${file
 async function pumpLog(ls: LogStream): Promise<void> {
   if (ls.reading) { ls.again = true; return; }
   ls.reading = true;
-  let failed: string | null = null;
+  let failed: string | null = null, notNow = false;
   try {
     do {
       ls.again = false;
-      let fh: fs.promises.FileHandle;
+      let fh: fs.promises.FileHandle, blocked = false;
       try { fh = await fs.promises.open(ls.file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch (e) {
-        if (!LOG_NOT_YET.has((e as NodeJS.ErrnoException).code ?? '')) failed = cannotReadLog(ls.file, e);
+        const code = (e as NodeJS.ErrnoException).code ?? '';
+        if (LOG_NOT_NOW.has(code)) notNow = true;
+        else if (code !== 'ENOENT') failed = cannotReadLog(ls.file, e);
         break;
       }
       try {
@@ -4737,13 +4739,24 @@ async function pumpLog(ls: LogStream): Promise<void> {
           if (!roomFor(ls.res.req.socket as net.Socket | null, event.length)) break;
           const more = ls.res.write(event);
           recount(ls.res.req.socket as net.Socket | null);
-          if (!more && !ls.res.destroyed) await new Promise((r) => { ls.res.once('drain', r); ls.res.once('close', r); });
+          if (!more) { blocked = true; break; }
         }
       } catch (e) {
         failed = cannotReadLog(ls.file, e);
       } finally { await fh.close().catch(() => {}); }
+      // A reader that does not keep up holds no file open while it catches up.
+      if (blocked && !ls.res.destroyed) {
+        if (ls.res.writableNeedDrain) {
+          await new Promise<void>((r) => {
+            const done = () => { ls.res.off('drain', done); ls.res.off('close', done); r(); };
+            ls.res.on('drain', done); ls.res.on('close', done);
+          });
+        }
+        ls.again = true;
+      }
     } while (ls.again && !failed && !ls.res.destroyed);
   } finally { ls.reading = false; }
+  if (notNow && !ls.res.destroyed) { setTimeout(() => void pumpLog(ls), 250); return; } // no descriptor free: soon again
   if (failed) {
     // Its reader gets the error and the stream ends; the server goes on.
     logStreams.delete(ls);

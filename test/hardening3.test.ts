@@ -290,3 +290,41 @@ test('status says when jobs cannot start because the launcher does not', () => {
   assert.match(text, /jobs cannot start: the job launcher \(perl\) did not start \(spawn perl EMFILE\); next try in 6\.0s/);
   assert.doesNotMatch(formatStatus({ ...view, server: { pid: 7, dataDir: '/d', settings: {}, launcher: null } }, 4_000, false), /launcher/);
 });
+
+/** How many established TCP connections of the server listening on `port` have bytes
+ *  in their send queue that the other end has not taken (its window is full). */
+function stalledOn(port: number): number {
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+  return fs.readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1).filter((l) => {
+    const c = l.trim().split(/\s+/);
+    return c[1]?.endsWith(`:${hexPort}`) && c[3] === '01' && parseInt(c[4].split(':')[0], 16) > 0;
+  }).length;
+}
+
+test('followed logs whose readers do not keep up hold no file open while they wait', { timeout: 90_000 }, async (t) => {
+  const s = await serve(t, { args: ['--http', '0'] });
+  const url = (await s.ok(['dashboard'])).trim();
+  const port = Number(new URL(url).port), token = url.split('#token=')[1];
+  fs.writeFileSync(path.join(s.dir, 'job.sh'), '#!/bin/sh\necho hi\n', { mode: 0o755 });
+  await s.ok(['add_job', './job.sh']); // waits: no worker
+  const log = path.join(s.logDir, '1.log');
+  fs.writeFileSync(log, Buffer.alloc(32 << 20, 'y'));
+  const readers: net.Socket[] = [];
+  t.after(() => { for (const c of readers) c.destroy(); });
+  for (let i = 0; i < 5; i++) {
+    const c = net.connect(port, '127.0.0.1').on('error', () => {});
+    c.write(`GET /api/jobs/1/log?follow=1&offset=0 HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nAuthorization: Bearer ${token}\r\n\r\n`);
+    c.pause(); // never reads
+    readers.push(c);
+  }
+  const logFds = () => fs.readdirSync(`/proc/${s.proc.pid}/fd`).filter((f) => { try { return fs.readlinkSync(`/proc/${s.proc.pid}/fd/${f}`) === log; } catch { return false; } }).length;
+  // Once every stream has filled what its reader's side takes, the server waits for
+  // them with the log closed.
+  let seen = '';
+  await until(() => {
+    const stalled = stalledOn(port), open = logFds();
+    seen = `${stalled} streams stalled, ${open} descriptors of the log open`;
+    return stalled === 5 && open === 0;
+  }, 'the streams to wait with the log closed', 30_000).catch((e) => { throw new Error(`${e.message}: at last ${seen}`); });
+  assert.equal(s.proc.exitCode, null);
+});
