@@ -2943,13 +2943,20 @@ export function controlDirFor(dataDir: string, uid: number, tmp: string): string
 
 /** The control dir `dir` (see controlDirFor), made or checked; one in the temporary
  *  directory that someone else took first (its name can be foreseen) is not given up
- *  for: a new one with a random suffix is made in /tmp instead. */
+ *  for: whatever is there instead of a directory of this user's alone (another user's
+ *  directory, a symlink, dangling or not, a file, a FIFO), a new one with a random
+ *  suffix is made in /tmp instead. */
 export function ownControlDir(dir: string, dataDir: string): string {
   if (dir === path.join(dataDir, 'ssh')) { ownDir(dir, 'ssh control dir'); return dir; }
   try { ownDir(dir, 'ssh control dir'); return dir; } catch (e) {
-    if (!(e instanceof UserError)) throw e;
+    let why = (e as Error).message;
+    if (!(e instanceof UserError)) {
+      let kind = 'something';
+      try { const l = fs.lstatSync(dir); kind = l.isSymbolicLink() ? 'a symbolic link' : l.isDirectory() ? 'a directory' : 'a file'; } catch { /* gone meanwhile */ }
+      why = `the ssh control dir '${dir}' is taken by ${kind} that djs cannot use (${(e as NodeJS.ErrnoException).code ?? why})`;
+    }
     const other = fs.mkdtempSync(path.join('/tmp', `${path.basename(dir)}-`));
-    log(`warning: ${e.message}; the ssh control dir is ${other} instead`);
+    log(`warning: ${why}; the ssh control dir is ${other} instead`);
     return other;
   }
 }
@@ -2957,8 +2964,12 @@ export function ownControlDir(dir: string, dataDir: string): string {
 /** The ssh words of a login check or probe: through shared connection n when shared. */
 function checkArgs(host: string, ssh: SshSettings, n: number, command: string): string[] {
   const args = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${ssh.timeoutS}`];
-  if (ssh.shared && ssh.controlDir) args.push('-F', sharedConfigFile(ssh, n));
-  else {
+  if (ssh.shared && ssh.controlDir) {
+    // Not written (no file descriptor free, a full disk): ssh says so, as the check's error.
+    let file = path.join(ssh.controlDir, `config.${n}`);
+    try { file = sharedConfigFile(ssh, n); } catch { /* that error */ }
+    args.push('-F', file);
+  } else {
     args.push('-o', 'ServerAliveInterval=5', '-o', 'ServerAliveCountMax=2');
     if (ssh.config) args.push('-F', ssh.config);
   }
@@ -3002,7 +3013,7 @@ function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): 
     child.stdout?.on('data', (d) => { if (result && result.out.length < 65536) result.out += d; });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
-    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; }); // none if it did not start
     child.on('error', (e) => finish(`cannot run ssh: ${e.message}`));
     child.on('close', (code) => {
       if (code === 0) return finish(null);
@@ -3029,8 +3040,8 @@ function runSinfo(args: string[], timeoutS: number, result: { out: string }): Pr
     const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
-    child.stdout!.on('data', (d) => { if (result.out.length < 65536) result.out += d; });
-    child.stderr!.on('data', (d) => { if (err.length < 4096) err += d; });
+    child.stdout?.on('data', (d) => { if (result.out.length < 65536) result.out += d; }); // none if it did not start
+    child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; });
     child.on('error', (e) => finish(`cannot run sinfo: ${e.message}`));
     child.on('close', (code) => finish(code === 0 ? null : (err.split('\n').map((l) => l.trim()).filter(Boolean).at(-1) ?? `sinfo exited with ${code}`)));
   });
@@ -3100,6 +3111,7 @@ type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
   maxConnections: number; clientBytes: number; settings: Settings; changed: [string, string, string][];
   http: { host: string; port: number } | null; slurmCheckMs: number;
+  httpMaxConnections: number; caps: ConnectionCaps;
 };
 
 // All server state, in one place.
@@ -3169,7 +3181,11 @@ type Op = (
   http?: true;
 };
 
-const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl() });
+const serverInfo = () => ({
+  pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl(),
+  connections: { socket: cfg.maxConnections, http: cfg.httpMaxConnections, openFiles: Number.isFinite(cfg.caps.fdLimit) ? cfg.caps.fdLimit : null },
+  launcher: launcherDown ? { error: launcherDown.why, failedStarts: launcherDown.tries, retryAt: iso(launcherDown.retryAt) } : null,
+});
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
@@ -3212,6 +3228,7 @@ function handleRequestLine(line: string, conn: Conn): void {
   let req: Request;
   try {
     if (line.length > 1 << 20 && containers(line) > line.length / 8) throw new Error('too many arrays and objects');
+    if (nestedDeeper(line, MAX_NESTING)) return conn.send({ ok: false, code: EXIT_USAGE, error: `malformed request: arrays and objects nested deeper than ${MAX_NESTING}` });
     const v = JSON.parse(line);
     if (!v || typeof v !== 'object' || Array.isArray(v) || typeof v.op !== 'string') throw new Error('no op');
     req = v;
@@ -3220,6 +3237,28 @@ function handleRequestLine(line: string, conn: Conn): void {
     return;
   }
   serveRequest(req, conn);
+}
+
+/** How deep the arrays and objects of a request may nest: real ones go 5 deep (a
+ *  cli.py status file); deeper ones would overflow the stack of the checks that walk
+ *  them (an error message that quotes the value, say). */
+const MAX_NESTING = 64;
+
+/** Whether the JSON text `text` opens arrays and objects more than `max` deep (the
+ *  outermost counts; brackets in strings do not). One pass over the text, before it is
+ *  parsed: a fraction of what JSON.parse costs. */
+export function nestedDeeper(text: string, max: number): boolean {
+  let depth = 0, inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++; // \ escapes the next character
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) { if (++depth > max) return true; }
+    else if (c === 0x5d || c === 0x7d) depth--;
+  }
+  return false;
 }
 
 /** Serves one request through OPS, for the socket and for HTTP alike. Never throws. */
@@ -3487,16 +3526,62 @@ function removeForgottenLogs(below: number): void {
 
 // ---- the process supervisor ----------------------------------------------------
 
-function ensureLauncher(): ChildProcess {
+/** The launcher, started if none runs; null while it cannot be started (see
+ *  launcherFailed) until its next try. */
+function ensureLauncher(): ChildProcess | null {
   if (launcher) return launcher;
+  if (launcherFailing || (launcherDown && Date.now() < launcherDown.retryAt)) return null;
   const { env, args } = launcherArgs(baseEnv, cfg.dataDir, cfg.logDir, process.pid);
-  const l = spawn('perl', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env });
+  let l: ChildProcess;
+  try { l = spawn('perl', args, { detached: true, stdio: ['pipe', 'pipe', 'inherit'], env }); } catch (e) {
+    launcherFailed((e as Error).message);
+    return null;
+  }
+  if (l.pid === undefined) {
+    // It did not start (no file descriptor free, say): its error, next, says why.
+    launcherFailing = true;
+    l.on('error', (e) => { launcherFailing = false; launcherFailed(e.message); });
+    return null;
+  }
   l.stdin!.on('error', () => {});
   onLines(l.stdout!, launcherSaid);
   l.on('exit', () => launcherGone(l));
   l.on('error', (e) => { log(`error: cannot run the job launcher (perl): ${e.message}`); launcherGone(l); });
+  if (launcherDown) {
+    log(`the job launcher runs again, after ${launcherDown.tries} failed start(s)`);
+    if (launcherDown.timer) clearTimeout(launcherDown.timer);
+    launcherDown = null;
+  }
   launcher = l;
   return l;
+}
+
+/** Why the launcher could not be started, how many times in a row, and when it is
+ *  tried again; null while it runs (or has not been needed since). status shows it. */
+let launcherDown: { why: string; tries: number; retryAt: number; timer: NodeJS.Timeout | null } | null = null;
+let launcherFailing = false; // a spawn failed, its error not yet come
+const LAUNCHER_RETRY_MAX_MS = 30_000;
+
+/** The launcher could not be started (spawn failed: no file descriptor free, no perl):
+ *  the starts waiting for it never reached a launcher, so their jobs go back to the
+ *  queue uncharged; starts pause until the next try, 0.5 s later, doubling up to 30 s
+ *  while it lasts; server.log and status say why. */
+function launcherFailed(why: string): void {
+  const tries = (launcherDown?.tries ?? 0) + 1;
+  const ms = Math.min(LAUNCHER_RETRY_MAX_MS, 500 * 2 ** Math.min(10, tries - 1));
+  if (launcherDown?.timer) clearTimeout(launcherDown.timer);
+  const retryAt = Date.now() + ms;
+  const timer = setTimeout(() => { if (launcherDown) launcherDown.timer = null; if (!shuttingDown) { ensureLauncher(); flushLaunches(); } }, ms);
+  launcherDown = { why, tries, retryAt, timer };
+  log(`error: cannot start the job launcher (perl): ${why}; jobs wait, and it is tried again in ${formatDuration(ms)}`);
+  launches.length = 0;
+  const t = Date.now();
+  for (const [id, p] of procs) {
+    if (p.how !== 'launched') continue;
+    procs.delete(id);
+    fact({ e: 'unstart', t, id, back: true });
+  }
+  rt.startsPausedUntil = Math.max(rt.startsPausedUntil, retryAt);
 }
 
 /** Hands a job whose start is on disk to the launcher. */
@@ -3510,11 +3595,17 @@ function launchJob(id: number): void {
     const was = prev ? `; attempt ${prev.n} on ${prev.worker}: ${prev.reason ?? `exit ${prev.exitCode}`}` : '';
     marker = `\n--- djs: attempt ${attempt} of job ${id} on ${job.worker} slot ${job.slot}, ${iso(Date.now())}${was} ---\n`;
   }
+  let shared: string | null = null;
+  if (cfg.ssh.shared) {
+    try { shared = sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh)); } catch (e) {
+      return startFailed(id, `the ssh config of its connection could not be written (${(e as Error).message})`);
+    }
+  }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs,
   // and the shared ssh connection of its (first) slot.
   const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
-  if (cfg.ssh.shared) env.push(`DJS_SSH_SHARED_CONFIG=${sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh))}`);
+  if (shared) env.push(`DJS_SSH_SHARED_CONFIG=${shared}`);
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
@@ -3524,7 +3615,9 @@ const launches: Buffer[] = [];
 /** Hands the turn's launches to the launcher in one write. */
 function flushLaunches(): void {
   if (launches.length === 0) return;
-  ensureLauncher().stdin!.write(launches.length === 1 ? launches[0] : Buffer.concat(launches));
+  const l = ensureLauncher();
+  if (!l) return; // kept until a launcher runs, or given back (launcherFailed)
+  l.stdin!.write(launches.length === 1 ? launches[0] : Buffer.concat(launches));
   launches.length = 0;
 }
 
@@ -4206,7 +4299,7 @@ const httpUrl = () => (httpServer ? `http://${httpHostShown}:${httpPort}/` : nul
  *  by the headers timeout (10 s) and the keep-alive timeout. */
 const httpUntrusted = new Set<net.Socket>();
 const httpTrusted = new Set<net.Socket>();
-const httpMaxConnections = () => cfg.maxConnections + 64;
+const httpMaxConnections = () => cfg.httpMaxConnections;
 
 function admitHttp(sock: net.Socket): void {
   if (httpUntrusted.size + httpTrusted.size >= httpMaxConnections()) {
@@ -4496,6 +4589,7 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
     let body: unknown;
     try {
       if (text.length > 1 << 20 && containers(text) > text.length / 8) throw new Error('too many arrays and objects');
+      if (nestedDeeper(text, MAX_NESTING)) return httpError(res, 400, EXIT_USAGE, `malformed request body: arrays and objects nested deeper than ${MAX_NESTING}`);
       body = JSON.parse(text || '{}');
     } catch {
       return httpError(res, 400, EXIT_USAGE, 'malformed request body: expected one JSON object');
@@ -4589,8 +4683,10 @@ async function sendLogText(res: http.ServerResponse, file: string, from: number,
       const buf = Buffer.alloc(LOG_CHUNK);
       const { bytesRead } = await fh.read(buf, 0, LOG_CHUNK, from);
       text = buf.subarray(0, bytesRead);
-    } finally { await fh.close(); }
-  } catch { /* no log (yet) */ }
+    } finally { await fh.close().catch(() => {}); }
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT' && !res.destroyed) return httpError(res, 409, EXIT_FAILED, cannotReadLog(file, e)); // ENOENT: no log (yet)
+  }
   if (res.destroyed) return;
   sendBody(res, 200, {
     'Content-Type': 'text/plain; charset=utf-8', 'X-DJS-Log-Offset': from, 'X-DJS-Log-Next': from + text.length, 'X-DJS-Job-State': state,
@@ -4609,17 +4705,29 @@ function watchLogDir(): void {
   } catch { /* without a watch, logs arrive when their job ends */ }
 }
 
+/** Errors of opening a log that mean not now (no file descriptor free): a followed log
+ *  is read again shortly. ENOENT is no log (yet); any other error ends the request
+ *  that reads it, with the error. */
+const LOG_NOT_NOW = new Set(['EMFILE', 'ENFILE', 'EAGAIN']);
+const cannotReadLog = (file: string, e: unknown) => `cannot read the log '${file}': ${(e as NodeJS.ErrnoException).code === 'ELOOP' ? 'it is a symbolic link' : (e as Error).message}`;
+
 /** Sends what a followed log gained since the last time; once its job has ended, the
  *  rest and an `end` event. One read at a time per stream; a reader that does not keep
  *  up is paused on (backpressure), not buffered for. */
 async function pumpLog(ls: LogStream): Promise<void> {
   if (ls.reading) { ls.again = true; return; }
   ls.reading = true;
+  let failed: string | null = null, notNow = false;
   try {
     do {
       ls.again = false;
-      let fh: fs.promises.FileHandle;
-      try { fh = await fs.promises.open(ls.file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch { break; }
+      let fh: fs.promises.FileHandle, blocked = false;
+      try { fh = await fs.promises.open(ls.file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code ?? '';
+        if (LOG_NOT_NOW.has(code)) notNow = true;
+        else if (code !== 'ENOENT') failed = cannotReadLog(ls.file, e);
+        break;
+      }
       try {
         const buf = Buffer.alloc(64 << 10);
         for (;;) {
@@ -4631,11 +4739,31 @@ async function pumpLog(ls: LogStream): Promise<void> {
           if (!roomFor(ls.res.req.socket as net.Socket | null, event.length)) break;
           const more = ls.res.write(event);
           recount(ls.res.req.socket as net.Socket | null);
-          if (!more && !ls.res.destroyed) await new Promise((r) => { ls.res.once('drain', r); ls.res.once('close', r); });
+          if (!more) { blocked = true; break; }
         }
-      } finally { await fh.close(); }
-    } while (ls.again && !ls.res.destroyed);
+      } catch (e) {
+        failed = cannotReadLog(ls.file, e);
+      } finally { await fh.close().catch(() => {}); }
+      // A reader that does not keep up holds no file open while it catches up.
+      if (blocked && !ls.res.destroyed) {
+        if (ls.res.writableNeedDrain) {
+          await new Promise<void>((r) => {
+            const done = () => { ls.res.off('drain', done); ls.res.off('close', done); r(); };
+            ls.res.on('drain', done); ls.res.on('close', done);
+          });
+        }
+        ls.again = true;
+      }
+    } while (ls.again && !failed && !ls.res.destroyed);
   } finally { ls.reading = false; }
+  if (notNow && !ls.res.destroyed) { setTimeout(() => void pumpLog(ls), 250); return; } // no descriptor free: soon again
+  if (failed) {
+    // Its reader gets the error and the stream ends; the server goes on.
+    logStreams.delete(ls);
+    const job = st.jobs.get(ls.id);
+    if (!ls.res.destroyed) ls.res.end(`event: end\ndata: ${JSON.stringify({ state: job?.state ?? null, exitCode: job?.exitCode ?? null, error: failed })}\n\n`);
+    return;
+  }
   if (ls.end && !ls.again && !ls.res.destroyed) {
     const rest = ls.decoder.end();
     if (rest) ls.res.write(`event: log\ndata: ${JSON.stringify({ offset: ls.offset, text: rest })}\n\n`);
@@ -5180,6 +5308,10 @@ function lockDataDir(dataDir: string): void {
   throw failure(`cannot lock data dir '${dataDir}'`);
 }
 
+/** What the lock (holdDirLock) gives anyone who connects: a line of at most this many
+ *  bytes (a challenge is 32), this long in all, and this many connections at once. */
+const LOCK_LINE_BYTES = 64, LOCK_DEADLINE_MS = 2000, LOCK_CONNECTIONS = 8;
+
 /** A lock that the kernel lets go of when this process ends, however it ends: an abstract
  *  Unix socket (Linux). Of two starts racing for one data dir (both finding the pid file
  *  of a crashed server) only one can hold it; the pid file then names the holder.
@@ -5203,11 +5335,22 @@ async function holdDirLock(dataDir: string): Promise<void> {
     const dir = fs.statSync(dataDir);
     const name = `\0djs-${crypto.createHash('sha256').update(`${token}-${dir.dev}-${dir.ino}`).digest('hex')}-`.padEnd(108, 'x');
     const answer = (nonce: string) => crypto.createHmac('sha256', token).update(nonce).digest('hex');
+    // Anyone can connect: each connection may send one challenge line of LOCK_LINE_BYTES
+    // and has LOCK_DEADLINE_MS in all (however it trickles); LOCK_CONNECTIONS at once.
     const lock = net.createServer((c) => {
       c.on('error', () => {});
-      c.setTimeout(2000, () => c.destroy());
-      onLines(c, (nonce) => c.end(answer(nonce) + '\n'));
+      const deadline = setTimeout(() => c.destroy(), LOCK_DEADLINE_MS);
+      c.on('close', () => clearTimeout(deadline));
+      let got = '';
+      c.setEncoding('utf8');
+      c.on('data', (d: string) => {
+        got += d;
+        const nl = got.indexOf('\n');
+        if (nl >= 0 && nl <= LOCK_LINE_BYTES) { c.removeAllListeners('data'); c.end(answer(got.slice(0, nl)) + '\n'); }
+        else if (got.length > LOCK_LINE_BYTES) c.destroy();
+      });
     });
+    lock.maxConnections = LOCK_CONNECTIONS;
     try {
       await new Promise<void>((resolve, reject) => {
         lock.once('error', reject);
@@ -5228,8 +5371,10 @@ async function holdDirLock(dataDir: string): Promise<void> {
       c.on('error', () => {});
       c.on('close', () => resolve(got.trim()));
     });
-    if (reply === answer(nonce)) {
-      const pid = liveServerPid(dataDir);
+    // No answer, but the pid file names a live server: the lock is busy (every
+    // connection it keeps taken, by another user, say), not squatted; its token stays.
+    const pid = liveServerPid(dataDir);
+    if (reply === answer(nonce) || pid !== null) {
       throw failure(`a server is already running on data dir '${dataDir}'${pid ? ` (pid ${pid})` : ''}`, 'stop it first with: cli.ts stop');
     }
     if (tries >= 2) throw failure(`cannot take the lock of data dir '${dataDir}': its name is held by a process that is not a djs server of yours`);
@@ -5357,7 +5502,39 @@ function checkPerl(): void {
 }
 
 /** What a start reads from the environment besides its settings (ENVIRONMENT). */
-type Tuning = { snapshotMinBytes: number; maxConnections: number; clientBytes: number };
+type Tuning = { snapshotMinBytes: number; maxConnections: number; httpMaxConnections: number; caps: ConnectionCaps; clientBytes: number };
+
+/** The soft limit of open files of this process (ulimit -n), from /proc/self/limits
+ *  (Node has no getrlimit); Infinity where it cannot be read or has none. */
+function openFilesLimit(): number {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)\s/m.exec(fs.readFileSync('/proc/self/limits', 'utf8'));
+    return m && m[1] !== 'unlimited' ? Number(m[1]) : Infinity;
+  } catch { return Infinity; }
+}
+
+export type ConnectionCaps = { socket: number; http: number; fdLimit: number; reserve: number; note: string | null };
+
+/** How many client connections the server keeps at once, from the file descriptors it
+ *  may have (`fdLimit`): first a reserve for its own, 64 and an eighth of the limit (the
+ *  owner's next CLI connection, the job launcher and its pipes, job starts, ssh masters
+ *  and probes, the journal, logs being read, the start lock's LOCK_CONNECTIONS); the
+ *  rest half to the socket and half to HTTP, at most 1,000 and 1,064. So clients, with
+ *  the token or not, never take the descriptors the server needs. DJS_MAX_CONNECTIONS
+ *  (`given`) sets the socket's cap as given (HTTP: 64 more), whatever the limit; `note`
+ *  says when it goes past what the limit leaves, or when the limit lowers the caps. */
+export function connectionCaps(fdLimit: number, given?: number): ConnectionCaps {
+  const reserve = Number.isFinite(fdLimit) ? 64 + Math.ceil(fdLimit / 8) : 0;
+  const room = Number.isFinite(fdLimit) ? Math.max(2, fdLimit - reserve) : Infinity;
+  if (given !== undefined) {
+    const over = given + given + 64 > room;
+    return { socket: given, http: given + 64, fdLimit, reserve, note: over ? `warning: DJS_MAX_CONNECTIONS=${given} lets clients hold ${given} socket and ${given + 64} HTTP connections, more than the ${room} file descriptors the limit of ${fdLimit} open files (ulimit -n) leaves beside the ${reserve} the server keeps for its own: clients could leave it none` : null };
+  }
+  const socket = Math.min(1000, Math.max(1, Math.floor(room / 2)));
+  const http = Math.min(1064, Math.max(1, room - socket));
+  const lowered = socket < 1000 || http < 1064;
+  return { socket, http, fdLimit, reserve, note: lowered ? `connections at once: at most ${socket} on the socket and ${http} over HTTP, from the limit of ${fdLimit} open files (ulimit -n) less ${reserve} the server keeps for its own` : null };
+}
 
 /** The server's configuration: its settings (resolveSettings) and tuning. */
 function serverConfig(dataDir: string, values: Settings, changed: [string, string, string][], tuning: Tuning): ServerConfig {
@@ -5434,6 +5611,7 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
   ensureLauncher();
   if (journal.needsSnapshot()) takeSnapshot();
   if (cfg.changed.length) log(`settings changed: ${describeChanges(cfg.changed)}`);
+  if (cfg.caps.note) log(cfg.caps.note);
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers${cfg.http ? `; dashboard at ${httpUrl()} (its token: cli.ts dashboard)` : ''}`);
   submit({ kind: 'tick' });
 }
@@ -5695,7 +5873,7 @@ export function formatDuration(ms: number): string {
 }
 
 /** The human status: counts, one line per worker with its slot bar, the queue head. */
-export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: string; settings?: Settings } }, now: number, colorOn: boolean): string {
+export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: string; settings?: Settings; launcher?: { error: string; retryAt: string } | null } }, now: number, colorOn: boolean): string {
   const c = color(colorOn);
   const out: string[] = [];
   const counts = s.counts;
@@ -5735,6 +5913,8 @@ export function formatStatus(s: StatusView & { server?: { pid: number; dataDir: 
   }
   if (s.server) {
     out.push(`server: pid ${s.server.pid}, data ${s.server.dataDir}`);
+    const down = s.server.launcher;
+    if (down) out.push(c('31', `jobs cannot start: the job launcher (perl) did not start (${down.error}); next try in ${formatDuration(Date.parse(down.retryAt) - now)}`));
     const set = s.server.settings ?? {};
     out.push(`settings (kept in the data dir; a start given others changes them):`);
     for (const name of Object.keys(set)) out.push(`  ${name}=${shellQuote(set[name])}`);
@@ -5817,9 +5997,9 @@ async function cmdStart(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.positionals[1] !== undefined) given.DJS_LOG_DIR = p.positionals[1];
   if (p.values.detach) return startDetached(dataDir, given, ctx);
   const snapshotMinBytes = intOption(process.env.DJS_SNAPSHOT_MIN_BYTES, 'DJS_SNAPSHOT_MIN_BYTES', 1) ?? SNAPSHOT_MIN_JOURNAL_BYTES;
-  const maxConnections = intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1) ?? 1000;
+  const caps = connectionCaps(openFilesLimit(), intOption(process.env.DJS_MAX_CONNECTIONS, 'DJS_MAX_CONNECTIONS', 1));
   const clientBytes = intOption(process.env.DJS_CLIENT_BYTES, 'DJS_CLIENT_BYTES', 1 << 20) ?? defaultClientBytes();
-  await runServer(dataDir, given, { snapshotMinBytes, maxConnections, clientBytes });
+  await runServer(dataDir, given, { snapshotMinBytes, maxConnections: caps.socket, httpMaxConnections: caps.http, caps, clientBytes });
   return -1; // keeps running
 }
 
@@ -5837,7 +6017,7 @@ async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promis
   const logDir = values.DJS_LOG_DIR;
   ownDir(logDir, 'log dir');
   const logPath = path.join(logDir, 'server.log');
-  const fd = fs.openSync(logPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_APPEND | fs.constants.O_NOFOLLOW, 0o600);
+  const fd = openServerLog(logPath);
   const from = fs.fstatSync(fd).size; // what earlier servers wrote is not this start's news
   const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'start', dataDir], {
     detached: true, stdio: ['ignore', fd, fd], env: { ...process.env, ...values },
@@ -5869,6 +6049,28 @@ async function startDetached(dataDir: string, given: Settings, ctx: Ctx): Promis
   if (changed.length) ctx.out.write(`settings changed: ${describeChanges(changed)}\n`);
   ctx.out.write(`djs server ready: pid ${child.pid}, data ${dataDir}, logs ${logDir}; its output goes to ${logPath}\n`);
   return EXIT_OK;
+}
+
+/** Opens LOG_DIR/server.log to append to (made if missing, mode 0600): a plain file,
+ *  never through a symlink (one planted there would send the server's output, and its
+ *  mode change, elsewhere), nor a FIFO or a directory. Errors name the path and what is
+ *  wrong with it. */
+function openServerLog(logPath: string): number {
+  const c = fs.constants;
+  let fd: number;
+  try { fd = fs.openSync(logPath, c.O_WRONLY | c.O_CREAT | c.O_APPEND | c.O_NOFOLLOW | c.O_NONBLOCK, 0o600); } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const hint = `remove it, or give another log dir with --log-dir DIR`;
+    if (code === 'ELOOP') throw failure(`the server log '${logPath}' is a symbolic link; djs writes only to a plain file there`, hint);
+    if (code === 'EISDIR') throw failure(`the server log '${logPath}' is a directory, not a file`, hint);
+    if (code === 'ENXIO') throw failure(`the server log '${logPath}' is a FIFO, not a file`, hint);
+    throw failure(`cannot open the server log '${logPath}': ${(e as Error).message}`);
+  }
+  if (!fs.fstatSync(fd).isFile()) {
+    fs.closeSync(fd);
+    throw failure(`the server log '${logPath}' is not a plain file`, 'remove it, or give another log dir with --log-dir DIR');
+  }
+  return fd;
 }
 
 /** The -e/--env words of a command, with cli.py's spelling `--env,-e=NAME=VALUE`. */
@@ -6143,13 +6345,22 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   const follow = Boolean(p.values.follow);
   let file = '', offset = 0;
   const watch: { dir?: fs.FSWatcher } = {};
+  // A log that cannot be read (a directory, a FIFO, a symlink in its place) is an error
+  // once the request is over; until then it is not read again.
+  let unreadable: string | null = null;
   const pump = () => {
+    if (unreadable) return;
     let fd: number;
-    try { fd = fs.openSync(file, 'r'); } catch { return; }
+    try { fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK); } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') unreadable = cannotReadLog(file, e);
+      return;
+    }
     try {
       const buf = Buffer.allocUnsafe(1 << 16);
       let n: number;
       while ((n = fs.readSync(fd, buf, 0, buf.length, offset)) > 0) { ctx.out.write(buf.subarray(0, n)); offset += n; }
+    } catch (e) {
+      unreadable = cannotReadLog(file, e);
     } finally { fs.closeSync(fd); }
   };
   let told = false;
@@ -6164,6 +6375,7 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   watch.dir?.close();
   if (!file) file = String(r.path);
   pump();
+  if (unreadable) throw failure(unreadable);
   if (!fs.existsSync(file)) ctx.err.write(`note: job ${id} has no log (yet): ${file}\n`);
   if (!follow) return EXIT_OK;
   // How the job ended, and an exit code like wait's for it.
@@ -6541,7 +6753,7 @@ const ENVIRONMENT: [string, string][] = [
   ['DJS_SSH_SESSIONS', 'start, kept: slots of a worker that share one ssh connection (default 8; see sshd MaxSessions)'],
   ['DJS_HEARTBEAT', 'start, kept: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
-  ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default 1000)'],
+  ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default: what the open-files limit leaves, at most 1000)'],
   ['DJS_CLIENT_BYTES', 'start: bytes held for all clients together, each way: unread answers, unfinished requests (default 256 MiB, or 1/8 of the heap if less)'],
   ['NO_COLOR', 'no colours in status and list'],
 ];
