@@ -4673,7 +4673,8 @@ const DASHBOARD_HTML = `<!doctype html>
 <main id="main-view" hidden>
   <section id="summary" aria-label="jobs by state"></section>
   <section class="panel"><h2>Finished per minute</h2><div id="chart"></div></section>
-  <section class="panel" id="tags-panel" hidden><h2>Tags</h2><div id="tags"></div></section>
+  <section class="panel" id="tags-panel" hidden><h2>Tags</h2><div id="tags"><div id="tags-now"></div>
+    <details id="tags-finished" hidden><summary id="tags-finished-count"></summary><div id="tags-done"></div></details></div></section>
   <section class="panel"><h2>Workers</h2><div id="workers"></div></section>
   <section class="panel"><h2>Jobs</h2>
     <form id="filters" role="search">
@@ -4756,11 +4757,23 @@ dialog { border: 1px solid var(--line); border-radius: 8px; max-width: 420px; }
 dialog menu { display: flex; justify-content: flex-end; gap: 8px; padding: 0; }
 #toast { position: fixed; bottom: 16px; left: 50%; transform: translateX(-50%); background: #1d2330; color: #fff; padding: 8px 14px; border-radius: 6px; max-width: 90vw; }
 #toast.error { background: var(--failed); }
+#tags-finished summary { cursor: pointer; color: var(--dim); margin-top: 6px; }
+#tags td:first-child, #workers td:first-child { overflow-wrap: anywhere; min-width: 7em; }
+#filters label { max-width: 100%; min-width: 0; } #filters select { min-width: 0; max-width: 100%; }
 @media (max-width: 640px) {
   main { padding: 6px; } .panel { padding: 8px; }
   .hide-narrow { display: none; }
   .count.eta { grid-column: 1 / -1; }
   td.cmd { min-width: 140px; }
+  .bar { min-width: 60px; }
+  /* A phone: each job is a card of two lines, its figures and buttons above its
+     command, so nothing scrolls sideways and every button is on screen. */
+  #job-table, #job-table tbody { display: block; }
+  #job-table thead { display: none; }
+  #job-table tr { display: grid; grid-template-columns: auto auto minmax(0, 1fr) auto auto auto; gap: 2px 8px; align-items: center; padding: 6px 0; border-bottom: 1px solid var(--line); }
+  #job-table td { padding: 0; border: 0; min-width: 0; overflow-wrap: anywhere; }
+  #job-table td:nth-child(4)::before { content: "exit "; color: var(--dim); }
+  #job-table td.cmd { grid-column: 1 / -1; grid-row: 2; min-width: 0; }
 }
 `;
 
@@ -4915,7 +4928,7 @@ function act(op, body, done, ask, yes) {
   });
 }
 function killJob(id) { act('kill', { ids: [id] }, function () { return 'killing job ' + id; }, 'Kill job ' + id + '? If it runs, it gets SIGTERM, then SIGKILL after the grace period.', 'Kill'); }
-function retryJob(id) { act('retry', { ids: [id] }, function () { return 'job ' + id + ' queued again'; }); }
+function retryJob(id) { act('retry', { ids: [id] }, function () { return 'job ' + id + ' queued again'; }, 'Run job ' + id + ' again? It goes back to the queue and starts anew.', 'Retry'); }
 function jobButtons(j) {
   var b = [];
   if (j.state === 'waiting' || j.state === 'running') b.push(el('button', { type: 'button', class: 'danger', 'data-action': 'kill', onclick: function () { killJob(j.id); }, text: 'kill' }));
@@ -4954,12 +4967,23 @@ function renderChart(s) {
   fill($('chart'), el('div', { class: 'axis' }, el('span', { text: 'max ' + max + ' per minute' })), g,
     el('div', { class: 'axis' }, el('span', { text: (span >= 120 ? span / 60 + ' h' : span + ' min') + ' ago' }), el('span', { text: 'now' })));
 }
+/** The tags: those with jobs still to run first, the finished ones (nothing waiting or
+ *  running) folded under a toggle, so that a long campaign's past does not push the
+ *  workers and jobs down the page. */
 function renderTags(s) {
   var tags = Array.isArray(s.tags) ? s.tags : [];
   $('tags-panel').hidden = !tags.length; $('tag-filter').hidden = !tags.length;
   syncOptions(document.querySelector('#filters [name=tag]'), tags.map(function (t) { return t.tag; }));
   if (!tags.length) return;
-  putTable($('tags'), el('table', {}, el('tbody', {}, ...tags.map(function (t) {
+  var active = tags.filter(function (t) { return (t.waiting || 0) + (t.running || 0) > 0; });
+  var finished = tags.filter(function (t) { return (t.waiting || 0) + (t.running || 0) === 0; });
+  if (active.length) tagTable($('tags-now'), active, 'tags-active'); else fill($('tags-now'), el('p', { class: 'dim', text: 'No tag has jobs waiting or running.' }));
+  $('tags-finished').hidden = !finished.length;
+  fill($('tags-finished-count'), finished.length + ' finished tag' + (finished.length === 1 ? '' : 's'));
+  if (finished.length) tagTable($('tags-done'), finished, 'tags-ended');
+}
+function tagTable(box, tags, id) {
+  putTable(box, el('table', { id: id }, el('tbody', {}, ...tags.map(function (t) {
     var total = t.total || STATES.reduce(function (a, k) { return a + (t[k] || 0); }, 0), bar = el('div', { class: 'bar', title: STATES.map(function (k) { return (t[k] || 0) + ' ' + k; }).join(', ') });
     ['done', 'failed', 'killed', 'running'].forEach(function (k) { if (t[k]) bar.append(el('i', { style: 'width:' + (100 * t[k] / Math.max(1, total)) + '%; background: var(--' + k + ')' })); });
     var ended = (t.done || 0) + (t.failed || 0) + (t.killed || 0), btn = null;

@@ -87,6 +87,10 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   await page.screenshot({ path: path.join(SHOTS, 'main-desktop.png'), fullPage: true });
 
   // One progress bar per tag, from the status reply; pause and resume a tag by click.
+  // A finished tag (nothing waiting or running) is folded away under a toggle.
+  assert.equal(await page.isVisible('#tags tr[data-tag="quick"]'), false, 'the finished tag is folded away');
+  assert.equal(await page.textContent('#tags-finished-count'), '1 finished tag');
+  await page.click('#tags-finished-count');
   const tagRow = page.locator('#tags tr[data-tag="quick"]');
   assert.equal(await tagRow.locator('td.num').textContent(), '6/6');
   await tagRow.locator('button').click();
@@ -107,9 +111,15 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   await page.waitForSelector(`#job-table tr[data-id="${kill}"][data-state="killed"]`, { timeout: 20_000 });
   assert.equal((await job(kill)).state, 'killed');
 
-  // Retry the failed job by click; it goes back to the queue and runs again (and, already
-  // released, fails again at once).
+  // Retry the failed job by click, which asks first (Cancel changes nothing); it goes back
+  // to the queue and runs again (and, already released, fails again at once).
   await page.click(`#job-table tr[data-id="${fail}"] button[data-action="retry"]`);
+  await page.waitForSelector('#confirm[open]');
+  assert.match(await page.textContent('#confirm-text') ?? '', new RegExp(`Run job ${fail} again\\?`));
+  await page.click('#confirm button[value="no"]');
+  assert.equal((await job(fail)).attempts, 1, 'Cancel retries nothing');
+  await page.click(`#job-table tr[data-id="${fail}"] button[data-action="retry"]`);
+  await page.click('#confirm-yes');
   await until(async () => (await job(fail)).attempts === 2, 'the failed job to run again');
   await page.waitForSelector(`#job-table tr[data-id="${fail}"][data-attempts="2"]`, { timeout: 20_000 });
 
@@ -233,4 +243,89 @@ fetch('/report', { method: 'POST', credentials: 'include', body: JSON.stringify(
   await stranger.waitForFunction(() => /refused/.test(document.getElementById('signin-why')!.textContent!));
   assert.equal(await stranger.isHidden('#main-view'), true);
   assert.equal(await stranger.locator('#workers tr').count(), 0, 'no data');
+});
+
+/** What scrolls sideways in the page as shown: the page itself, any element of the view
+ *  shown whose content is wider than its box, and any button not wholly on screen. */
+const sideways = (page: Page) => page.evaluate(() => {
+  const out: string[] = [];
+  const doc = document.documentElement;
+  if (doc.scrollWidth > window.innerWidth) out.push(`the page is ${doc.scrollWidth} px wide`);
+  for (const e of document.querySelectorAll('header *, main:not([hidden]) *')) {
+    const box = e.getBoundingClientRect();
+    if (!box.width || ['INPUT', 'SELECT', 'OPTION'].includes(e.tagName)) continue;
+    const name = e.tagName.toLowerCase() + (e.id ? `#${e.id}` : '') + (e.className && typeof e.className === 'string' ? `.${e.className.split(' ').join('.')}` : '') + (e.querySelector('h2') ? ` (${e.querySelector('h2')!.textContent})` : '');
+    if (e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0 && getComputedStyle(e).overflowX !== 'visible') out.push(`${name} scrolls: ${e.scrollWidth} px in ${e.clientWidth}`);
+    if (e.tagName === 'BUTTON' && (box.left < 0 || box.right > window.innerWidth)) out.push(`${name} "${e.textContent}" is off-screen (${Math.round(box.left)}..${Math.round(box.right)} px)`);
+  }
+  return out;
+});
+
+test('a phone-width page never scrolls sideways, and finished tags keep out of the way', { skip: !fs.existsSync(CHROMIUM) && `no chromium at ${CHROMIUM} (apt-get install chromium)`, timeout: 120_000 }, async (t) => {
+  const s = await serve(t, { args: ['--http', '0'] });
+  writeScript(s.dir, 'gated.sh', GATED);
+  writeScript(s.dir, 'quick.sh', 'echo "quick $*"; exit "$1"');
+  const url = (await s.ok(['dashboard'])).trim();
+  const token = /#token=([0-9a-f]+)$/.exec(url)![1];
+  const api = async (p: string, body: unknown) => {
+    const j = await (await fetch(new URL(p, url), { method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) })).json();
+    assert.ok(j.ok, `${p}: ${j.error}`);
+    return j;
+  };
+  await api('/api/add_workers', { workers: [{ host: 'local1', slots: 2 }], skipCheck: true });
+  // A campaign of 14 tags, all finished, and one still running.
+  for (let i = 1; i <= 14; i++) await api('/api/add_jobs', { cwd: s.dir, jobs: [['./quick.sh', String(i % 5 ? 0 : 1)]], tags: [`sweep-${String(i).padStart(2, '0')}`] });
+  await until(async () => (await s.status()).counts.running + (await s.status()).counts.waiting === 0, 'the tagged jobs to end');
+  // Jobs with long arguments: a word of 300 characters, a long path, many words.
+  const long = [['./quick.sh', '0', 'x'.repeat(300)], ['./quick.sh', '0', `--output=${'/very-long-directory-name'.repeat(8)}/result.csv`], ['./quick.sh', '1', ...Array.from({ length: 40 }, (_, i) => `--option-${i}=value-${i}`)]];
+  const { first } = await api('/api/add_jobs', { cwd: s.dir, jobs: long, tags: ['a-campaign-with-a-rather-long-name-for-a-phone'] });
+  await until(async () => (await s.status()).counts.running === 0, 'the long jobs to end');
+  const gated = (await api('/api/add_jobs', { cwd: s.dir, jobs: [['./gated.sh', '0']], tags: ['still-running'] })).first;
+  await pidOf(s, gated);
+
+  const browser = await chromium.launch({ executablePath: CHROMIUM });
+  t.after(() => browser.close());
+  const page = await browser.newPage({ viewport: DESKTOP });
+  const problems: string[] = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForSelector(`#job-table tr[data-id="${gated}"]`);
+
+  // The running tag is shown; the 15 finished ones are one line, opened by a click; the
+  // workers stay in the first screen.
+  assert.deepEqual(await page.$$eval('#tags-now tr', (trs) => trs.map((tr) => tr.getAttribute('data-tag'))), ['still-running']);
+  assert.equal(await page.textContent('#tags-finished-count'), '15 finished tags');
+  assert.equal(await page.isVisible('#tags tr[data-tag="sweep-01"]'), false);
+  const workersTop = await page.$eval('#workers', (e) => e.getBoundingClientRect().top);
+  assert.ok(workersTop + 100 < DESKTOP.height, `the workers are in the first screen (${workersTop} px down)`);
+  await page.screenshot({ path: path.join(SHOTS, 'tags-desktop.png') });
+  await page.click('#tags-finished-count');
+  assert.equal(await page.locator('#tags-done tr').count(), 15);
+  assert.equal(await page.isVisible('#tags tr[data-tag="sweep-01"]'), true);
+  // Opened, it stays open across live updates; and a tag that starts again moves up.
+  await api('/api/add_jobs', { cwd: s.dir, jobs: [['./gated.sh', '0']], tags: ['sweep-07'] });
+  await page.waitForSelector('#tags-now tr[data-tag="sweep-07"]', { timeout: 20_000 });
+  assert.equal(await page.textContent('#tags-finished-count'), '14 finished tags');
+  assert.equal(await page.isVisible('#tags-done tr[data-tag="sweep-01"]'), true, 'the toggle stayed open');
+  await page.click('#tags-finished-count');
+
+  // At 390 px wide: the main view, filtered and not, and a long job's page.
+  await page.setViewportSize(PHONE);
+  await page.waitForFunction(() => document.documentElement.scrollWidth <= window.innerWidth);
+  await page.screenshot({ path: path.join(SHOTS, 'long-phone.png'), fullPage: true });
+  assert.deepEqual(await sideways(page), [], 'the main view at 390 px');
+  for (const id of [first, first + 1, first + 2, gated]) {
+    const button = page.locator(`#job-table tr[data-id="${id}"] button`);
+    assert.equal(await button.isVisible(), true);
+    const box = (await button.boundingBox())!;
+    assert.ok(box.x >= 0 && box.x + box.width <= PHONE.width, `job ${id}'s button is on screen (${box.x}..${box.x + box.width})`);
+  }
+  await page.goto(new URL(`#/?tag=a-campaign-with-a-rather-long-name-for-a-phone`, url).href);
+  await page.waitForFunction((id) => document.querySelectorAll('#job-table tbody tr').length === 3 && !!document.querySelector(`#job-table tr[data-id="${id}"]`), first);
+  assert.deepEqual(await sideways(page), [], 'the filtered view at 390 px');
+  await page.goto(new URL(`#/job/${first + 2}`, url).href);
+  await page.waitForFunction(() => document.getElementById('log')!.textContent!.includes('option-39'));
+  assert.deepEqual(await sideways(page), [], 'a job page at 390 px');
+  assert.deepEqual(problems, []);
+  release(s, gated);
 });
