@@ -48,7 +48,8 @@ if (!process.features.typescript) {
  *                                             --http: also the dashboard, API, /metrics);
  *                                             refuses a data dir of cli.py
  *   cli.ts stop                               stop it; running jobs keep running
- *   cli.ts dashboard                          the dashboard's URL, with its access token (after #)
+ *   cli.ts dashboard [--new-token]            the dashboard's URL, with its access token (after #);
+ *                                             --new-token: a new token, the old one refused at once
  *   cli.ts add_slave [--skip_ssh_auth_check] [--requeue-on-down] [--slots N|auto] [--gpus N]
  *                    [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
  *                      (HOST slurm:PARTITION[@LOGIN_HOST]: a Slurm partition, checked
@@ -3173,6 +3174,7 @@ const serverInfo = () => ({ pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
+  new_token: { kind: 'read', answer: renewHttpToken },   // socket only; no job or worker changes, so nothing to journal
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
   list: { kind: 'stream', open: streamJobs, fields: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT } },
   jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
@@ -4172,6 +4174,12 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // cannot send headers). `/?token=T`, the link of older versions, is sent on to
 // `/#token=T`. Changes are POSTs, and a request forged by another site cannot carry the
 // header; a Host header that does not name the address served is refused (DNS rebinding).
+// The page never sends the token itself, though: a tab left open across `stop` would
+// send it to whatever listens on the port next. It signs in by a challenge and response
+// (GET /api/hello, see helloHttp): the server proves that it holds the token with an
+// HMAC over a nonce the page chose, and the page then sends a session key derived from
+// the token and both nonces, which only this server process knows and which dies with
+// it. API clients (curl, Prometheus) may still send the token, which they hold on purpose.
 
 let httpServer: http.Server | null = null;
 let httpToken = '';
@@ -4310,6 +4318,77 @@ function sameToken(given: string | undefined | null): boolean {
   return a.length === b.length && crypto.timingSafeEqual(a, b);
 }
 
+/** The page's sessions (see helloHttp), by the server's nonce: `fresh` ones not used
+ *  yet, which anyone may open (GET /api/hello needs no token) and which therefore only
+ *  push out each other, and `used` ones, kept while the server runs, least recently
+ *  used first. They live in memory only: a session dies with the server that made it. */
+type HttpSession = { key: Buffer; host: string };
+const sessionsFresh = new Map<string, HttpSession>();
+const sessionsUsed = new Map<string, HttpSession>();
+const MAX_FRESH_SESSIONS = 64, MAX_USED_SESSIONS = 256;
+
+/** HMAC-SHA256 with the token over the labelled handshake values, as the page computes
+ *  it (DASHBOARD_JS: hmacHex). The label keeps a proof from ever serving as a key. */
+const handshakeMac = (label: 'djs-server-proof' | 'djs-session', host: string, client: string, server: string) =>
+  crypto.createHmac('sha256', httpToken).update(`${label}\n${host}\n${client}\n${server}`).digest();
+
+/** GET /api/hello?nonce=C&host=H, open to anyone: the server's half of the page's sign-in.
+ *  The page sends a fresh random nonce C and the host:port it talks to, H; the server
+ *  answers a nonce S of its own and proof = HMAC(token, "djs-server-proof" H C S). Only
+ *  if the proof is right does the page go on, with the session key HMAC(token,
+ *  "djs-session" H C S) in its requests (Authorization: DJS-Session S.KEY). So a server
+ *  that does not hold the token (another user's, on the port after a stop) gets nothing
+ *  derived from the token but a key for a session that it cannot prove to anyone; and
+ *  since H is in both MACs and checked here, it cannot relay the page's challenge to
+ *  the real server on another port either: that server refuses a host it does not serve. */
+function helloHttp(res: http.ServerResponse, q: URLSearchParams): void {
+  onlyParams(q, ['nonce', 'host']);
+  const client = q.get('nonce') ?? '', host = (q.get('host') ?? '').toLowerCase();
+  if (!/^[0-9a-f]{32,128}$/.test(client)) throw usage('invalid nonce', 'nonce is 32 to 128 hex digits');
+  if (!hostAllowed(host, httpNames, httpPort)) return httpError(res, 403, EXIT_FAILED, `this server does not serve ${quoteForError(host)}`, `use the address the server serves: ${httpUrl()}`);
+  const server = crypto.randomBytes(32).toString('hex');
+  if (sessionsFresh.size >= MAX_FRESH_SESSIONS) sessionsFresh.delete(sessionsFresh.keys().next().value!);
+  sessionsFresh.set(server, { key: handshakeMac('djs-session', host, client, server), host });
+  sendJson(res, 200, { ok: true, session: server, proof: handshakeMac('djs-server-proof', host, client, server).toString('hex') });
+}
+
+/** Whether a request carries a key of a live session (Authorization: DJS-Session S.KEY);
+ *  a fresh session becomes used. */
+function sessionAccepted(req: http.IncomingMessage): boolean {
+  const m = /^DJS-Session ([0-9a-f]{64})\.([0-9a-f]{64})$/.exec(req.headers.authorization ?? '');
+  if (!m) return false;
+  const session = sessionsUsed.get(m[1]) ?? sessionsFresh.get(m[1]);
+  if (!session || !crypto.timingSafeEqual(session.key, Buffer.from(m[2], 'hex'))) return false;
+  sessionsFresh.delete(m[1]); sessionsUsed.delete(m[1]);
+  sessionsUsed.set(m[1], session);
+  if (sessionsUsed.size > MAX_USED_SESSIONS) sessionsUsed.delete(sessionsUsed.keys().next().value!);
+  return true;
+}
+
+/** A new random token in DATA_DIR/http.token (mode 0600, put in place by a rename). */
+function writeHttpToken(dataDir: string): string {
+  const token = crypto.randomBytes(24).toString('hex');
+  const file = path.join(dataDir, 'http.token'), tmp = `${file}.${process.pid}.new`;
+  fs.rmSync(tmp, { force: true });
+  fs.writeFileSync(tmp, token + '\n', { flag: 'wx', mode: 0o600 });
+  fs.renameSync(tmp, file);
+  return token;
+}
+
+/** `dashboard --new-token` (the new_token operation): a new token, in use at once; the
+ *  old one, every session signed in with it and every stream it opened end now. */
+function renewHttpToken(): Record<string, unknown> {
+  const token = writeHttpToken(cfg.dataDir);
+  if (httpServer) {
+    httpToken = token;
+    sessionsFresh.clear(); sessionsUsed.clear();
+    for (const res of eventStreams) res.destroy();
+    for (const ls of logStreams) ls.res.destroy();
+  }
+  log('made a new HTTP access token (dashboard --new-token); the old one is refused from now on');
+  return { token, url: httpUrl() };
+}
+
 /** The token a request carries in a header, or null. */
 function headerToken(req: http.IncomingMessage): string | null {
   const auth = req.headers.authorization;
@@ -4373,8 +4452,10 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
     }
     const asset = Object.hasOwn(ASSETS, url.pathname) ? ASSETS[url.pathname] : undefined;
     if (asset && (req.method === 'GET' || req.method === 'HEAD')) return serveAsset(req, res, url, asset);
-    if (!sameToken(given)) {
+    if (req.method === 'GET' && url.pathname === '/api/hello') return helloHttp(res, url.searchParams);
+    if (!sameToken(given) && !sessionAccepted(req)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
+      if (/^DJS-Session /.test(req.headers.authorization ?? '')) return httpError(res, 401, EXIT_FAILED, 'no such session: the server restarted, or made a new token, since the page signed in', 'sign in again: open the URL that cli.ts dashboard prints');
       return httpError(res, 401, EXIT_FAILED, given !== null ? 'wrong access token' : 'this needs the access token', 'open the URL that cli.ts dashboard prints, or send the token of DATA_DIR/http.token as Authorization: Bearer TOKEN');
     }
     trustHttp(req.socket);
@@ -4782,32 +4863,133 @@ const FAVICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"
 
 // The page's script: plain JavaScript with no template literals (this is one itself).
 const DASHBOARD_JS = String.raw`'use strict';
-// The token: from the URL's fragment (#token=T, never sent to a server), then kept in
-// sessionStorage, which the browser keeps for this scheme, host and port alone; it goes
-// in a header of every request, and never in a cookie, which browsers send to any port.
-var TOKEN = null;
+// The token: from the URL's fragment (#token=T, never sent to a server), then kept in this
+// tab's memory only, and never sent anywhere either. The page signs in by a challenge
+// and response (hello): it sends a random nonce, the server must answer with an HMAC of
+// it under the token, and only then does the page send anything derived from the token:
+// the session key of every request (Authorization: DJS-Session S.KEY). A server that
+// cannot prove it holds the token (another user's, on this port after a stop) gets the
+// nonce and nothing else. The session (not the token) is kept in sessionStorage, so a
+// reload goes on with it; it dies with the server that made it, and then a reloaded tab
+// needs the URL again, while one that kept the token in memory signs in by itself.
+var TOKEN = null, SESSION = null, HELLO = null;
 function takeToken() {
+  try { sessionStorage.removeItem('djs-token'); } catch (e) { /* what older versions kept */ }
   var m = /^#token=([0-9A-Za-z%]*)/.exec(location.hash);
   if (m) {
-    TOKEN = decodeURIComponent(m[1]) || null;
-    try { if (TOKEN) sessionStorage.setItem('djs-token', TOKEN); } catch (e) { /* kept in memory only */ }
+    TOKEN = decodeURIComponent(m[1]) || null; SESSION = null;
+    try { sessionStorage.removeItem('djs-session'); } catch (e) { /* none */ }
     history.replaceState(null, '', location.pathname + '#/');
     return true;
   }
-  if (!TOKEN) try { TOKEN = sessionStorage.getItem('djs-token'); } catch (e) { /* none */ }
+  if (!SESSION) try { SESSION = sessionStorage.getItem('djs-session'); } catch (e) { /* none */ }
   return false;
 }
-function headers() { return { Authorization: 'Bearer ' + TOKEN }; }
-/** The server refused the token (or there is none): say how to get it, and stop. */
+function headers(session) { return { Authorization: 'DJS-Session ' + session }; }
+// SHA-256 and HMAC in plain JavaScript: crypto.subtle exists only in a secure context,
+// which http://127.0.0.1:PORT and http://localhost:PORT are but a server reached over
+// the network by plain http (--http 0.0.0.0:PORT, http://192.0.2.7:PORT) is not.
+var SHA_K = [], SHA_H = [];
+(function () {
+  for (var n = 2; SHA_K.length < 64; n++) {
+    var d = 2; while (d * d <= n && n % d) d++;
+    if (d * d <= n) continue;
+    if (SHA_H.length < 8) SHA_H.push((Math.pow(n, 1 / 2) % 1) * 4294967296 | 0);
+    SHA_K.push((Math.pow(n, 1 / 3) % 1) * 4294967296 | 0);
+  }
+})();
+function ror(x, n) { return x >>> n | x << (32 - n); }
+/** The SHA-256 of a list of bytes, as a list of bytes. */
+function sha256(msg) {
+  var h = SHA_H.slice(), w = [], bits = msg.length * 8, hi = Math.floor(bits / 4294967296), m = msg.concat([0x80]), i;
+  while (m.length % 64 !== 56) m.push(0);
+  m.push(hi >>> 24 & 255, hi >>> 16 & 255, hi >>> 8 & 255, hi & 255, bits >>> 24 & 255, bits >>> 16 & 255, bits >>> 8 & 255, bits & 255);
+  for (var o = 0; o < m.length; o += 64) {
+    for (i = 0; i < 64; i++) {
+      if (i < 16) { w[i] = m[o + 4 * i] << 24 | m[o + 4 * i + 1] << 16 | m[o + 4 * i + 2] << 8 | m[o + 4 * i + 3]; continue; }
+      var a = w[i - 15], b = w[i - 2];
+      w[i] = (ror(a, 7) ^ ror(a, 18) ^ a >>> 3) + w[i - 16] + (ror(b, 17) ^ ror(b, 19) ^ b >>> 10) + w[i - 7] | 0;
+    }
+    var A = h[0], B = h[1], C = h[2], D = h[3], E = h[4], F = h[5], G = h[6], H = h[7];
+    for (i = 0; i < 64; i++) {
+      var t1 = H + (ror(E, 6) ^ ror(E, 11) ^ ror(E, 25)) + (E & F ^ ~E & G) + SHA_K[i] + w[i] | 0;
+      var t2 = (ror(A, 2) ^ ror(A, 13) ^ ror(A, 22)) + (A & B ^ A & C ^ B & C) | 0;
+      H = G; G = F; F = E; E = D + t1 | 0; D = C; C = B; B = A; A = t1 + t2 | 0;
+    }
+    h = [h[0] + A | 0, h[1] + B | 0, h[2] + C | 0, h[3] + D | 0, h[4] + E | 0, h[5] + F | 0, h[6] + G | 0, h[7] + H | 0];
+  }
+  var out = [];
+  h.forEach(function (x) { out.push(x >>> 24 & 255, x >>> 16 & 255, x >>> 8 & 255, x & 255); });
+  return out;
+}
+function utf8(text) { return Array.prototype.slice.call(new TextEncoder().encode(text)); }
+function hex(bytes) { return bytes.map(function (b) { return (b < 16 ? '0' : '') + b.toString(16); }).join(''); }
+/** HMAC-SHA256 (RFC 2104) of text under key, both strings (UTF-8), in hex. */
+function hmacHex(key, text) {
+  var k = utf8(key);
+  if (k.length > 64) k = sha256(k);
+  while (k.length < 64) k.push(0);
+  var inner = sha256(k.map(function (b) { return b ^ 0x36; }).concat(utf8(text)));
+  return hex(sha256(k.map(function (b) { return b ^ 0x5c; }).concat(inner)));
+}
+function randomHex(n) { return hex(Array.prototype.slice.call(crypto.getRandomValues(new Uint8Array(n)))); }
+/** The session to send: the one kept, or a new one from hello. One hello at a time. */
+function session() {
+  if (SESSION) return Promise.resolve(SESSION);
+  if (!TOKEN) return Promise.reject(Unauthorized('no access token'));
+  if (!HELLO) HELLO = hello().then(function (s) { HELLO = null; return s; }, function (e) { HELLO = null; throw e; });
+  return HELLO;
+}
+/** The challenge and response: the server must prove that it holds the token (an HMAC
+ *  over the page's fresh nonce, its own nonce and the host:port the page talks to, so
+ *  that a proof relayed from a server on another port does not fit) before the page
+ *  derives a session key from it. Anything else (no answer, a wrong proof, an error) is
+ *  no proof, and the page sends nothing more. */
+function hello() {
+  var token = TOKEN, nonce = randomHex(32), host = location.host;
+  return fetch('/api/hello?nonce=' + nonce + '&host=' + encodeURIComponent(host), { cache: 'no-store' }).then(function (r) {
+    return r.json().catch(function () { return {}; });
+  }).then(function (j) {
+    var proof = /^[0-9a-f]{64}$/.test(j.session) ? hmacHex(token, 'djs-server-proof\n' + host + '\n' + nonce + '\n' + j.session) : null;
+    if (!proof || j.proof !== proof) { unproven(); throw Unproven(); }
+    if (token !== TOKEN) throw Unauthorized('the token changed while signing in');
+    SESSION = j.session + '.' + hmacHex(token, 'djs-session\n' + host + '\n' + nonce + '\n' + j.session);
+    try { sessionStorage.setItem('djs-session', SESSION); } catch (e) { /* kept in memory only */ }
+    return SESSION;
+  });
+}
+/** Forgets the session (the token, if the tab has it, makes a new one). */
+function dropSession() {
+  SESSION = null;
+  try { sessionStorage.removeItem('djs-session'); } catch (e) { /* none */ }
+}
+/** The server refused the session or the token (or there is none): say how to get in, and stop. */
 function signIn(why) {
-  TOKEN = null;
-  try { sessionStorage.removeItem('djs-token'); } catch (e) { /* none */ }
+  TOKEN = null; dropSession();
+  clearTimeout(S.timers.proof);
   if (S.live) { S.live.close(); S.live = null; }
   if (S.logES) { S.logES.close(); S.logES = null; }
   if (why) $('signin-why').textContent = why;
   $('signin').hidden = false; $('main-view').hidden = true; $('job-view').hidden = true;
   $('live').className = 'live off'; $('live').textContent = 'no token';
 }
+/** The server here did not prove that it holds the token: show nothing, keep the token,
+ *  and try again now and then (the real server may come back on this port). */
+function unproven() {
+  if (S.live) { S.live.close(); S.live = null; }
+  if (S.logES) { S.logES.close(); S.logES = null; }
+  $('signin-why').textContent = 'The server at ' + location.host + ' did not prove that it holds this page\'s access token, so the page sent it nothing. Either the token is wrong or was replaced (cli.ts dashboard --new-token): open the URL that cli.ts dashboard prints; or what listens there is not your djs server (it stopped, and something else took its port). Trying again every 5 s.';
+  $('signin').hidden = false; $('main-view').hidden = true; $('job-view').hidden = true;
+  $('live').className = 'live off'; $('live').textContent = 'not verified';
+  retryHello();
+}
+function retryHello() {
+  clearTimeout(S.timers.proof);
+  S.timers.proof = setTimeout(function () {
+    if (TOKEN) session().then(function () { route(); }, function (e) { if (!e.unproven) retryHello(); });
+  }, 5000);
+}
+function Unproven() { var e = new Error('the server did not prove that it holds the token'); e.unauthorized = true; e.unproven = true; return e; }
 function Unauthorized(msg) { var e = new Error(msg); e.unauthorized = true; return e; }
 /** A request failed: say why (a refused token has said so already). */
 function failed(e) { if (!e.unauthorized) toast(e.message, true); }
@@ -4867,27 +5049,43 @@ function toast(msg, error) {
   var t = $('toast'); t.textContent = msg; t.className = error ? 'error' : ''; t.hidden = false;
   clearTimeout(S.timers.toast); S.timers.toast = setTimeout(function () { t.hidden = true; }, error ? 6000 : 2500);
 }
-function api(method, path, body) {
-  if (!TOKEN) return Promise.reject(Unauthorized('no access token'));
-  var opts = { method: method, headers: headers(), cache: 'no-store' };
-  if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body || {}); }
-  return fetch(path, opts).then(function (r) {
-    return r.json().then(function (j) {
-      if (r.status === 401) { signIn('The server refused the access token this page had (' + j.error + ').'); throw Unauthorized(j.error); }
-      if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : ''));
-      return j;
-    });
+/** A request with the session; a refused session is made anew once, if the tab has the
+ *  token (the server restarted), else the page shows how to sign in. */
+function api(method, path, body, again) {
+  return session().then(function (sess) {
+    var opts = { method: method, headers: headers(sess), cache: 'no-store' };
+    if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body || {}); }
+    return fetch(path, opts).then(function (r) { return answer(r, sess); });
+  }).then(function (j) {
+    return j === AGAIN ? (again ? Promise.reject(Unauthorized('refused again')) : api(method, path, body, true)) : j;
   });
 }
-/** Server-sent events read with fetch, so that the request carries the token in a header
+/** A reply as JSON; AGAIN if the server refused the session and the tab can make a new one. */
+var AGAIN = {};
+function answer(r, sess) {
+  return r.json().then(function (j) {
+    if (r.status === 401) {
+      if (SESSION === sess) dropSession();
+      if (TOKEN) return AGAIN;
+      signIn('The server refused this page\'s session (' + j.error + ').'); throw Unauthorized(j.error);
+    }
+    if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : ''));
+    return j;
+  });
+}
+/** Server-sent events read with fetch, so that the request carries the session in a header
  *  (EventSource cannot send one): on[EVENT](data) for each event; onend(error) once the
- *  stream ends or fails, unless close() ended it. A refused token shows the sign-in. */
+ *  stream ends or fails, unless close() ended it. A refused session shows the sign-in,
+ *  unless the tab has the token to make a new one (on the next try). */
 function events(path, on, onend) {
   var ctl = new AbortController(), closed = false;
   function finish(e) { if (closed) return; closed = true; ctl.abort(); if (e && e.unauthorized) return; if (onend) onend(e); }
-  if (!TOKEN) { setTimeout(function () { finish(Unauthorized('no access token')); }, 0); }
-  else fetch(path, { headers: headers(), cache: 'no-store', signal: ctl.signal }).then(function (r) {
-    if (r.status === 401) { signIn('The server refused the access token this page had.'); throw Unauthorized('wrong access token'); }
+  session().then(function (sess) {
+    if (closed) return null;
+    return fetch(path, { headers: headers(sess), cache: 'no-store', signal: ctl.signal }).then(function (r) { return r.status === 401 ? answer(r, sess) : r; });
+  }).then(function (r) {
+    if (closed || !r) return;
+    if (r === AGAIN) throw new Error('the session ended');
     if (!r.ok || !r.body) throw new Error('HTTP ' + r.status);
     var reader = r.body.getReader(), dec = new TextDecoder(), buf = '';
     function pump() {
@@ -5108,7 +5306,7 @@ function followLog(reset) {
       if (atEnd) pre.scrollTop = pre.scrollHeight;
     },
     end: function () { es.close(); if (S.logES === es) S.logES = null; refreshJob(); },
-  }, function () { if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES && TOKEN) followLog(); }, 2000); } });
+  }, function () { if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES && (TOKEN || SESSION)) followLog(); }, 2000); } });
   S.logES = es;
 }
 
@@ -5130,13 +5328,16 @@ function connect() {
     if (S.live !== es) return;
     $('live').className = 'live off'; $('live').textContent = 'reconnecting';
     S.live = null;
-    setTimeout(function () { if (!S.live && TOKEN) connect(); }, 2000);
+    // The server went away: whatever answers next proves itself before it gets a key.
+    if (TOKEN) dropSession();
+    setTimeout(function () { if (!S.live && (TOKEN || SESSION)) connect(); }, 2000);
   });
 }
 function route() {
   var fresh = takeToken();
   if (S.logES) { S.logES.close(); S.logES = null; }
-  if (!TOKEN) return signIn();
+  if (!TOKEN && !SESSION) return signIn();
+  clearTimeout(S.timers.proof);
   $('signin').hidden = true;
   if (fresh || !S.live) connect();
   var h = location.hash.replace(/^#\/?/, ''), m = /^job\/(\d+)/.exec(h);
@@ -5901,8 +6102,22 @@ const envWords = (p: Parsed) => [...((p.values.env as string[] | undefined) ?? [
 /** Comma lists in a repeatable option (--label a,b --label c), as one list. */
 const commaList = (v: unknown) => (v === undefined ? [] : (v as string[]).flatMap((w) => w.split(',')).map((w) => w.trim()).filter(Boolean));
 
-/** dashboard: the URL of the running server's dashboard, with its access token in the fragment (#token=). */
-async function cmdDashboard(_p: Parsed, ctx: Ctx): Promise<number> {
+/** dashboard: the URL of the running server's dashboard, with its access token in the fragment (#token=).
+ *  --new-token: the running server makes a new token and refuses the old one from then on;
+ *  with no server running, the token file is replaced, for the next start. */
+async function cmdDashboard(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.values['new-token']) {
+    let r: Record<string, unknown>;
+    try { r = await request(ctx.dataDir, { op: 'new_token' }); } catch (e) {
+      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER) || !fs.existsSync(ctx.dataDir)) throw e;
+      writeHttpToken(ctx.dataDir);
+      ctx.out.write(`new access token in ${path.join(ctx.dataDir, 'http.token')} (no server runs now; the next start --http uses it)\n`);
+      return EXIT_OK;
+    }
+    if (typeof r.token !== 'string') throw failure(`the server on data dir '${ctx.dataDir}' cannot make a new token`, 'it is of an older version: stop it and start it again');
+    ctx.out.write(typeof r.url === 'string' ? `${r.url}#token=${r.token}\n` : `new access token in ${path.join(ctx.dataDir, 'http.token')} (the server serves no dashboard now; start it with --http)\n`);
+    return EXIT_OK;
+  }
   const r = await request(ctx.dataDir, { op: 'ping' });
   if (typeof r.http !== 'string') throw failure(`the server on data dir '${ctx.dataDir}' serves no dashboard`, 'start it with --http PORT (or DJS_HTTP=PORT), e.g. cli.ts stop && cli.ts start --detach --http 8080');
   let token: string;
@@ -6332,7 +6547,7 @@ const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, log_dir: { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
-  dashboard: { run: cmdDashboard, options: {}, noArgs: true, synopsis: 'dashboard' },
+  dashboard: { run: cmdDashboard, options: { 'new-token': { type: 'boolean' } }, noArgs: true, synopsis: 'dashboard [--new-token]' },
   add_slave: {
     run: cmdAddWorkers,
     options: { skip_ssh_auth_check: { type: 'boolean' }, 'requeue-on-down': { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true } },
@@ -6376,9 +6591,9 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
   },
   stop: { about: 'Stops the server; running jobs keep running and the next start adopts them.', options: [], examples: ['cli.ts stop'] },
   dashboard: {
-    about: 'Prints the URL of the running server\'s dashboard, with its access token after # (http://127.0.0.1:PORT/#token=...; the page keeps it for its tab, never in a cookie), or says how to turn it on (start it with --http).',
-    options: [],
-    examples: ['cli.ts dashboard', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
+    about: 'Prints the URL of the running server\'s dashboard, with its access token after # (http://127.0.0.1:PORT/#token=...; the page keeps it in memory and never sends it: it signs in by challenge and response), or says how to turn it on (start it with --http).',
+    options: [['--new-token', 'make a new access token (DATA_DIR/http.token): the old one, and every page and stream signed in with it, is refused at once; prints the new URL']],
+    examples: ['cli.ts dashboard', 'cli.ts dashboard --new-token', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
   },
   add_slave: {
     about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',

@@ -215,7 +215,9 @@ fetch('/report', { method: 'POST', credentials: 'include', body: JSON.stringify(
   for (const r of apiRequests) {
     assert.equal(r.status, 200, r.url);
     const h = await r.headers;
-    assert.equal(h.authorization, `Bearer ${token}`, `${r.url} carries the token in a header`);
+    if (r.url.includes('/api/hello')) assert.equal(h.authorization, undefined, `${r.url} carries nothing`);
+    else assert.match(h.authorization, /^DJS-Session [0-9a-f]{64}\.[0-9a-f]{64}$/, `${r.url} carries a session key in a header`);
+    assert.ok(!JSON.stringify({ url: r.url, h }).includes(token), `${r.url} does not carry the token`);
     assert.equal(h.cookie, undefined, `${r.url} carries no cookie`);
   }
 
@@ -240,7 +242,7 @@ fetch('/report', { method: 'POST', credentials: 'include', body: JSON.stringify(
   assert.equal(await stranger.isHidden('#job-view'), true);
   assert.equal(await stranger.locator('#workers tr').count(), 0, 'no data');
   await stranger.goto(`${base}/#token=${'0'.repeat(48)}`);
-  await stranger.waitForFunction(() => /refused/.test(document.getElementById('signin-why')!.textContent!));
+  await stranger.waitForFunction(() => /did not prove/.test(document.getElementById('signin-why')!.textContent!));
   assert.equal(await stranger.isHidden('#main-view'), true);
   assert.equal(await stranger.locator('#workers tr').count(), 0, 'no data');
 });
