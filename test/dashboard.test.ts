@@ -8,13 +8,14 @@
 // cookies to every port), and a page without it shows nothing.
 
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { chromium, type Page } from 'playwright-core';
-import { GATED, pidOf, release, serve, until, writeScript } from './server.ts';
+import { GATED, pidOf, release, serve, startServer, until, writeScript } from './server.ts';
 
 const CHROMIUM = process.env.DJS_CHROMIUM ?? '/usr/bin/chromium';
 const SHOTS = path.resolve(process.env.DJS_SCREENSHOT_DIR ?? path.join(os.tmpdir(), 'djs-screenshots'));
@@ -330,4 +331,121 @@ test('a phone-width page never scrolls sideways, and finished tags keep out of t
   assert.deepEqual(await sideways(page), [], 'a job page at 390 px');
   assert.deepEqual(problems, []);
   release(s, gated);
+});
+
+/** A TCP port free on 127.0.0.1 now. */
+async function freePort(): Promise<number> {
+  const srv = http.createServer();
+  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  const port = (srv.address() as import('node:net').AddressInfo).port;
+  await new Promise((resolve) => srv.close(resolve));
+  return port;
+}
+
+test('a tab left open across stop gives the token to no server that cannot prove it holds it, and signs in again by itself', { skip: !fs.existsSync(CHROMIUM) && `no chromium at ${CHROMIUM} (apt-get install chromium)`, timeout: 180_000 }, async (t) => {
+  const port = await freePort();
+  const s = await serve(t, { args: ['--http', String(port)] });
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  const url = (await s.ok(['dashboard'])).trim();
+  const token = /#token=([0-9a-f]+)$/.exec(url)![1];
+  const browser = await chromium.launch({ executablePath: CHROMIUM });
+  t.after(() => browser.close());
+  const page = await browser.newPage();
+  await page.goto(url);
+  await page.waitForSelector('#workers tr[data-host="w1"]');
+  await page.waitForSelector('#live:not(.off)');
+
+  // The page's HMAC-SHA256 (plain JavaScript, for contexts without crypto.subtle) is the
+  // server's: keys and messages around the block size, long ones, and UTF-8.
+  const cases: [string, string][] = [['', ''], ['key', 'The quick brown fox jumps over the lazy dog'], [token, 'x'.repeat(55)], [token, 'x'.repeat(56)],
+    ['k'.repeat(64), 'y'.repeat(64)], ['k'.repeat(65), 'y'.repeat(119)], ['ключ', 'сообщение ✓ 🚀'], [token, 'z'.repeat(5000)]];
+  assert.deepEqual(await page.evaluate((c) => c.map(([k, m]) => (window as any).hmacHex(k, m)), cases),
+    cases.map(([k, m]) => crypto.createHmac('sha256', k).update(m).digest('hex')));
+  assert.ok(!JSON.stringify(await page.evaluate(() => ({ ...sessionStorage }))).includes(token), 'the token is not in sessionStorage');
+
+  // The server stops; another user's server takes its port. It keeps all it is sent; it
+  // answers hellos with a made-up proof, any other request with 401 (to draw a new
+  // hello), and once the real server runs again on another port, it relays the page's
+  // hellos there and passes the answers on.
+  await s.stop();
+  const got: { at: number; method: string; url: string; headers: http.IncomingHttpHeaders; body: string }[] = [];
+  let relayTo: string | null = null;
+  const impostor = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', (c) => { body += c; });
+    req.on('end', async () => {
+      got.push({ at: Date.now(), method: req.method!, url: req.url!, headers: req.headers, body });
+      try {
+        if (req.url!.startsWith('/api/hello') && relayTo) {
+          const r = await fetch(relayTo + req.url);
+          res.writeHead(r.status, { 'Content-Type': 'application/json' });
+          return void res.end(await r.text());
+        }
+        if (req.url!.startsWith('/api/hello')) {
+          res.writeHead(200, { 'Content-Type': 'application/json' });
+          return void res.end(JSON.stringify({ ok: true, session: crypto.randomBytes(32).toString('hex'), proof: crypto.randomBytes(32).toString('hex') }));
+        }
+        res.writeHead(401, { 'Content-Type': 'application/json' });
+        res.end(JSON.stringify({ ok: false, error: 'wrong access token' }));
+      } catch { res.destroy(); }
+    });
+  });
+  await new Promise<void>((resolve) => impostor.listen(port, '127.0.0.1', resolve));
+  t.after(() => { impostor.closeAllConnections(); impostor.close(); });
+  const hellos = () => got.filter((g) => g.url.startsWith('/api/hello')).length;
+  await until(() => hellos() >= 2, 'the page to try the server on its port twice', 30_000);
+  await page.waitForFunction(() => /did not prove/.test(document.getElementById('signin-why')!.textContent!) && !document.getElementById('signin')!.hidden);
+  assert.equal(await page.isHidden('#main-view'), true, 'the page shows nothing from it');
+
+  // The real server starts again, on another port; the impostor relays the page's hellos
+  // there, which refuses them (they name the impostor's port).
+  const s2 = await startServer({ dir: s.dir, args: ['--http', '0'] });
+  t.after(() => s2.stop());
+  const real = /^(http:\/\/127\.0\.0\.1:\d+)\//.exec((await s2.ok(['dashboard'])).trim())![1];
+  relayTo = real;
+  const relayedFrom = hellos();
+  await until(() => hellos() >= relayedFrom + 2, 'the page to try twice more, relayed', 30_000);
+  assert.equal(await page.isHidden('#main-view'), true);
+
+  // What the impostor got: never the token, nor anything that opens the real server.
+  const firstHello = got.find((g) => g.url.startsWith('/api/hello'))!.at;
+  for (const g of got) {
+    assert.ok(!JSON.stringify(g).includes(token), `the impostor got the token: ${JSON.stringify(g)}`);
+    if (g.at >= firstHello) assert.equal(g.headers.authorization ?? g.headers['x-djs-token'], undefined, `after a hello that proved nothing, the page sent a credential: ${JSON.stringify(g)}`);
+    for (const h of [g.headers.authorization, g.headers['x-djs-token']].filter((h): h is string => typeof h === 'string')) {
+      const r = await fetch(`${real}/api/status`, { headers: { Authorization: h } });
+      assert.equal(r.status, 401, `what the impostor got opens the real server: ${h}`);
+    }
+  }
+  t.diagnostic(`the impostor got ${got.length} requests, ${hellos()} of them hellos`);
+
+  // The impostor goes and the real server comes back on the port: the tab, which kept the
+  // token in memory, signs in by itself and is live again.
+  impostor.closeAllConnections(); impostor.close();
+  await s2.stop();
+  const s3 = await startServer({ dir: s.dir, args: ['--http', String(port)] });
+  t.after(() => s3.stop());
+  await page.waitForSelector('#workers tr[data-host="w1"]', { timeout: 30_000 });
+  await page.waitForSelector('#live:not(.off)', { timeout: 30_000 });
+  await s3.ok(['add_slave', '--skip_ssh_auth_check', 'w2']);
+  await page.waitForSelector('#workers tr[data-host="w2"]', { timeout: 20_000 });
+  // A reload goes on with the session (the token is not kept for it).
+  await page.reload();
+  await page.waitForSelector('#workers tr[data-host="w2"]');
+});
+
+test('the page signs in where crypto.subtle is missing: a server reached by a network address over plain http', { skip: !fs.existsSync(CHROMIUM) && `no chromium at ${CHROMIUM} (apt-get install chromium)`, timeout: 120_000 }, async (t) => {
+  const address = Object.values(os.networkInterfaces()).flat().find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
+  if (!address) return t.skip('this machine has no network address but loopback');
+  const s = await serve(t, { args: ['--http', `${address}:0`] });
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w1']);
+  const url = (await s.ok(['dashboard'])).trim();
+  assert.ok(url.startsWith(`http://${address}:`), url);
+  const browser = await chromium.launch({ executablePath: CHROMIUM });
+  t.after(() => browser.close());
+  const page = await browser.newPage();
+  await page.goto(url);
+  assert.deepEqual(await page.evaluate(() => [window.isSecureContext, typeof crypto.subtle]), [false, 'undefined'], 'not a secure context');
+  await page.waitForSelector('#workers tr[data-host="w1"]');
+  await page.waitForSelector('#live:not(.off)');
 });
