@@ -4839,7 +4839,7 @@ dialog menu { display: flex; justify-content: flex-end; gap: 8px; padding: 0; }
 #toast { position: fixed; bottom: 16px; left: 50%; transform: translateX(-50%); background: #1d2330; color: #fff; padding: 8px 14px; border-radius: 6px; max-width: 90vw; }
 #toast.error { background: var(--failed); }
 #tags-finished summary { cursor: pointer; color: var(--dim); margin-top: 6px; }
-#tags td:first-child, #workers td:first-child { overflow-wrap: anywhere; min-width: 7em; }
+#tags td:first-child, #workers td:first-child { overflow-wrap: anywhere; } #tags td:first-child { min-width: 7em; }
 #filters label { max-width: 100%; min-width: 0; } #filters select { min-width: 0; max-width: 100%; }
 @media (max-width: 640px) {
   main { padding: 6px; } .panel { padding: 8px; }
@@ -4847,6 +4847,7 @@ dialog menu { display: flex; justify-content: flex-end; gap: 8px; padding: 0; }
   .count.eta { grid-column: 1 / -1; }
   td.cmd { min-width: 140px; }
   .bar { min-width: 60px; }
+  th, td { padding: 5px 4px; }
   /* A phone: each job is a card of two lines, its figures and buttons above its
      command, so nothing scrolls sideways and every button is on screen. */
   #job-table, #job-table tbody { display: block; }

@@ -45,7 +45,7 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   await api('/api/add_workers', { workers: [{ host: 'local1', slots: 2 }, { host: 'local2', slots: 2 }], skipCheck: true });
   await api('/api/add_jobs', { cwd: s.dir, jobs: [0, 0, 0, 0, 0, 1].map((code) => ['./quick.sh', String(code)]), tags: ['quick'] });
   await until(async () => (await api('/api/status')).counts.running === 0, 'the quick jobs to end');
-  const first = (await api('/api/add_jobs', { cwd: s.dir, jobs: ['0', '0', '3', '0', '0'].map((code) => ['./gated.sh', code]) })).first;
+  const first = (await api('/api/add_jobs', { cwd: s.dir, jobs: ['0', '0', '3', '0', '0'].map((code) => ['./gated.sh', code]), tags: ['train'] })).first;
   const gated = [0, 1, 2, 3, 4].map((i) => first + i);
   const [kill, live, fail, follow, queued] = gated; // 4 slots: the fifth waits
   for (const id of [kill, live, fail, follow]) await pidOf(s, id);
@@ -155,6 +155,8 @@ test('the dashboard shows the run, kills and retries by click, and follows a job
   await page.setViewportSize(PHONE);
   await page.goto(new URL('#/', url).href);
   await page.waitForSelector(`#job-table tr[data-id="${queued}"]`);
+  await page.waitForSelector('#toast', { state: 'hidden' });
+  assert.deepEqual(await sideways(page), [], 'the main view at 390 px');
   await page.screenshot({ path: path.join(SHOTS, 'main-phone.png'), fullPage: true });
   await page.goto(new URL(`#/job/${follow}`, url).href);
   await page.waitForFunction(() => document.getElementById('log')!.textContent!.includes('released'));
