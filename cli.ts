@@ -95,7 +95,8 @@ if (!process.features.typescript) {
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
  *   settings      the settings of the last start, JSON (see SETTINGS); a data dir that
  *                 is not empty and holds none of these files is not taken
- *   http.token    the access token of the dashboard and API (start --http; mode 0600)
+ *   http.token    the access token of the dashboard and API (start --http; mode 0600;
+ *                 dashboard --new-token replaces it)
  *   run/ID.R.pid  the claim of run R of job ID: "PID LAUNCHER_PID" of its process (or
  *                 "void": a server claimed it, so it never ran), then its exit code
  *   ssh/          shared ssh connections (mode 0700): config.N, the ssh config of
@@ -4169,12 +4170,11 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // web server of another local user on another port would get it. The page's shell (its
 // HTML, CSS, script and icon) holds no data and is served to anyone; its script takes the
 // token from the URL's fragment (`/#token=T`, which browsers never send to a server),
-// keeps it in sessionStorage (kept apart per scheme, host and port) and sends it in a
-// header on every request, its live streams included (read with fetch: EventSource
-// cannot send headers). `/?token=T`, the link of older versions, is sent on to
-// `/#token=T`. Changes are POSTs, and a request forged by another site cannot carry the
+// keeps it in memory, and sends a session key (below) in a header on every request, its
+// live streams included (read with fetch: EventSource cannot send headers). `/?token=T`,
+// the link of older versions, is sent on to `/#token=T`. Changes are POSTs, and a request forged by another site cannot carry the
 // header; a Host header that does not name the address served is refused (DNS rebinding).
-// The page never sends the token itself, though: a tab left open across `stop` would
+// The page never sends the token itself: a tab left open across `stop` would
 // send it to whatever listens on the port next. It signs in by a challenge and response
 // (GET /api/hello, see helloHttp): the server proves that it holds the token with an
 // HMAC over a nonce the page chose, and the page then sends a session key derived from
