@@ -4368,7 +4368,7 @@ function sessionAccepted(req: http.IncomingMessage): boolean {
 /** A new random token in DATA_DIR/http.token (mode 0600, put in place by a rename). */
 function writeHttpToken(dataDir: string): string {
   const token = crypto.randomBytes(24).toString('hex');
-  const file = path.join(dataDir, 'http.token'), tmp = `${file}.${process.pid}.new`;
+  const file = path.join(dataDir, 'http.token'), tmp = `${file}.${process.pid}`;  // a temporary name DATA_DIR_NAME knows
   fs.rmSync(tmp, { force: true });
   fs.writeFileSync(tmp, token + '\n', { flag: 'wx', mode: 0o600 });
   fs.renameSync(tmp, file);
@@ -6110,7 +6110,8 @@ async function cmdDashboard(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.values['new-token']) {
     let r: Record<string, unknown>;
     try { r = await request(ctx.dataDir, { op: 'new_token' }); } catch (e) {
-      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER) || !fs.existsSync(ctx.dataDir)) throw e;
+      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER) || !fs.existsSync(path.join(ctx.dataDir, 'journal'))) throw e;
+      checkOwnDir(ctx.dataDir, 'data dir');
       writeHttpToken(ctx.dataDir);
       ctx.out.write(`new access token in ${path.join(ctx.dataDir, 'http.token')} (no server runs now; the next start --http uses it)\n`);
       return EXIT_OK;
