@@ -4322,7 +4322,7 @@ function sameToken(given: string | undefined | null): boolean {
  *  yet, which anyone may open (GET /api/hello needs no token) and which therefore only
  *  push out each other, and `used` ones, kept while the server runs, least recently
  *  used first. They live in memory only: a session dies with the server that made it. */
-type HttpSession = { key: Buffer; host: string };
+type HttpSession = { key: Buffer };
 const sessionsFresh = new Map<string, HttpSession>();
 const sessionsUsed = new Map<string, HttpSession>();
 const MAX_FRESH_SESSIONS = 64, MAX_USED_SESSIONS = 256;
@@ -4331,6 +4331,20 @@ const MAX_FRESH_SESSIONS = 64, MAX_USED_SESSIONS = 256;
  *  it (DASHBOARD_JS: hmacHex). The label keeps a proof from ever serving as a key. */
 const handshakeMac = (label: 'djs-server-proof' | 'djs-session', host: string, client: string, server: string) =>
   crypto.createHmac('sha256', httpToken).update(`${label}\n${host}\n${client}\n${server}`).digest();
+
+/** Whether a page at host:port h may sign in here: the address served, or a name that is
+ *  not this machine's at all, a proxy's (a TLS proxy passes requests on with the Host it
+ *  is told, and the page knows only its own name). This machine's names and addresses
+ *  with another port are refused: that is where another user's relay would come from. */
+function helloHostAllowed(h: string): boolean {
+  if (hostAllowed(h, httpNames, httpPort)) return true;
+  const m = /^(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d+))?$/i.exec(h);
+  if (!m) return false;
+  const name = m[1].replace(/^\[|\]$/g, '');
+  if (/^(localhost|.*\.localhost|127\..*|::1|::ffff:127\..*|::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}|::|0+(\.0+)*)$/.test(name)) return false;
+  const mine = [...httpNames, os.hostname(), os.hostname().split('.')[0], ...Object.values(os.networkInterfaces()).flatMap((list) => (list ?? []).map((a) => a.address))];
+  return !mine.some((n) => n.toLowerCase() === name);
+}
 
 /** GET /api/hello?nonce=C&host=H, open to anyone: the server's half of the page's sign-in.
  *  The page sends a fresh random nonce C and the host:port it talks to, H; the server
@@ -4345,10 +4359,10 @@ function helloHttp(res: http.ServerResponse, q: URLSearchParams): void {
   onlyParams(q, ['nonce', 'host']);
   const client = q.get('nonce') ?? '', host = (q.get('host') ?? '').toLowerCase();
   if (!/^[0-9a-f]{32,128}$/.test(client)) throw usage('invalid nonce', 'nonce is 32 to 128 hex digits');
-  if (!hostAllowed(host, httpNames, httpPort)) return httpError(res, 403, EXIT_FAILED, `this server does not serve ${quoteForError(host)}`, `use the address the server serves: ${httpUrl()}`);
+  if (!helloHostAllowed(host)) return httpError(res, 403, EXIT_FAILED, `this server does not serve ${quoteForError(host)}`, `use the address the server serves: ${httpUrl()}`);
   const server = crypto.randomBytes(32).toString('hex');
   if (sessionsFresh.size >= MAX_FRESH_SESSIONS) sessionsFresh.delete(sessionsFresh.keys().next().value!);
-  sessionsFresh.set(server, { key: handshakeMac('djs-session', host, client, server), host });
+  sessionsFresh.set(server, { key: handshakeMac('djs-session', host, client, server) });
   sendJson(res, 200, { ok: true, session: server, proof: handshakeMac('djs-server-proof', host, client, server).toString('hex') });
 }
 

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
+import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { serve, until, type TestServer } from './server.ts';
@@ -65,6 +66,15 @@ test('the page signs in by challenge and response; the session key works, nothin
   const relayed = await call(base, `/api/hello?nonce=${nonce}&host=${encodeURIComponent(other)}`);
   assert.equal(relayed.status, 403);
   assert.equal(relayed.json.proof, undefined);
+  // Nor any other name or address of this machine with another port; a name that is not
+  // this machine's is a TLS proxy's, which passes requests on with the Host it is told.
+  const port = Number(new URL(base).port) + 1;
+  for (const h of [`localhost:${port}`, `127.0.0.2:${port}`, `[::1]:${port}`, `[::ffff:7f00:1]:${port}`, `app.localhost:${port}`, `${os.hostname()}:${port}`, `0.0.0.0:${port}`,
+    ...Object.values(os.networkInterfaces()).flatMap((l) => l ?? []).map((a) => (a.family === 'IPv6' ? `[${a.address}]:${port}` : `${a.address}:${port}`))]) {
+    assert.equal((await call(base, `/api/hello?nonce=${nonce}&host=${encodeURIComponent(h)}`)).status, 403, h);
+  }
+  const proxied = await signIn(base, token, 'djs.example.org');
+  assert.equal((await call(base, '/api/status', proxied)).status, 200, 'through a proxy of another name');
   for (const bad of ['nonce=xyz&host=' + new URL(base).host, 'nonce=' + 'a'.repeat(31) + '&host=' + new URL(base).host, 'nonce=' + nonce, 'nonce=' + nonce + '&host=' + new URL(base).host + '&x=1']) {
     const r = await call(base, `/api/hello?${bad}`);
     assert.ok(r.status === 400 || r.status === 403, `${bad}: ${r.status}`);
