@@ -398,6 +398,9 @@ test('a tab left open across stop gives the token to no server that cannot prove
   await until(() => hellos() >= 2, 'the page to try the server on its port twice', 30_000);
   await page.waitForFunction(() => /did not prove/.test(document.getElementById('signin-why')!.textContent!) && !document.getElementById('signin')!.hidden);
   assert.equal(await page.isHidden('#main-view'), true, 'the page shows nothing from it');
+  // Nor does the tab keep anything that a script of whatever serves this origin now (on
+  // a reload) could read and use: the session went with the server, the token is in memory.
+  assert.deepEqual(await page.evaluate(() => ({ ...sessionStorage })), {}, 'sessionStorage is empty');
 
   // The real server starts again, on another port; the impostor relays the page's hellos
   // there, which refuses them (they name the impostor's port).
