@@ -4172,10 +4172,11 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // token from the URL's fragment (`/#token=T`, which browsers never send to a server),
 // keeps it in memory, and sends a session key (below) in a header on every request, its
 // live streams included (read with fetch: EventSource cannot send headers). `/?token=T`,
-// the link of older versions, is sent on to `/#token=T`. Changes are POSTs, and a request forged by another site cannot carry the
-// header; a Host header that does not name the address served is refused (DNS rebinding).
-// The page never sends the token itself: a tab left open across `stop` would
-// send it to whatever listens on the port next. It signs in by a challenge and response
+// the link of older versions, is sent on to `/#token=T`. Changes are POSTs, and a
+// request forged by another site cannot carry the header; a Host header that does not
+// name the address served is refused (DNS rebinding).
+// The page never sends the token itself: a tab left open across `stop` would send it
+// to whatever listens on the port next. It signs in by a challenge and response
 // (GET /api/hello, see helloHttp): the server proves that it holds the token with an
 // HMAC over a nonce the page chose, and the page then sends a session key derived from
 // the token and both nonces, which only this server process knows and which dies with
@@ -4965,6 +4966,7 @@ function hello() {
   return fetch('/api/hello?nonce=' + nonce + '&host=' + encodeURIComponent(host), { cache: 'no-store' }).then(function (r) {
     return r.json().catch(function () { return {}; });
   }).then(function (j) {
+    j = j || {};
     var proof = /^[0-9a-f]{64}$/.test(j.session) ? hmacHex(token, 'djs-server-proof\n' + host + '\n' + nonce + '\n' + j.session) : null;
     if (!proof || j.proof !== proof) { unproven(); throw Unproven(); }
     if (token !== TOKEN) throw Unauthorized('the token changed while signing in');
