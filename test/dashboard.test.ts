@@ -434,9 +434,15 @@ test('a tab left open across stop gives the token to no server that cannot prove
   await page.waitForSelector('#live:not(.off)', { timeout: 30_000 });
   await s3.ok(['add_slave', '--skip_ssh_auth_check', 'w2']);
   await page.waitForSelector('#workers tr[data-host="w2"]', { timeout: 20_000 });
-  // A reload goes on with the session (the token is not kept for it).
+  // A reload goes on with the session (the token is not kept for it); once that server
+  // stops, the reloaded tab cannot sign in by itself: it says so, and how.
   await page.reload();
   await page.waitForSelector('#workers tr[data-host="w2"]');
+  await s3.stop();
+  const s4 = await startServer({ dir: s.dir, args: ['--http', String(port)] });
+  t.after(() => s4.stop());
+  await page.waitForFunction(() => /refused this page's session/.test(document.getElementById('signin-why')!.textContent!) && !document.getElementById('signin')!.hidden, null, { timeout: 30_000 });
+  assert.equal(await page.isHidden('#main-view'), true);
 });
 
 test('the page signs in where crypto.subtle is missing: a server reached by a network address over plain http', { skip: !fs.existsSync(CHROMIUM) && `no chromium at ${CHROMIUM} (apt-get install chromium)`, timeout: 120_000 }, async (t) => {
