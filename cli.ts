@@ -48,7 +48,8 @@ if (!process.features.typescript) {
  *                                             --http: also the dashboard, API, /metrics);
  *                                             refuses a data dir of cli.py
  *   cli.ts stop                               stop it; running jobs keep running
- *   cli.ts dashboard                          the dashboard's URL, with its access token (after #)
+ *   cli.ts dashboard [--new-token]            the dashboard's URL, with its access token (after #);
+ *                                             --new-token: a new token, the old one refused at once
  *   cli.ts add_slave [--skip_ssh_auth_check] [--requeue-on-down] [--slots N|auto] [--gpus N]
  *                    [--label L[,L]]... [-e|--env NAME=VALUE]... HOST[:SLOTS|:auto]...
  *                      (HOST slurm:PARTITION[@LOGIN_HOST]: a Slurm partition, checked
@@ -94,7 +95,8 @@ if (!process.features.typescript) {
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
  *   settings      the settings of the last start, JSON (see SETTINGS); a data dir that
  *                 is not empty and holds none of these files is not taken
- *   http.token    the access token of the dashboard and API (start --http; mode 0600)
+ *   http.token    the access token of the dashboard and API (start --http; mode 0600;
+ *                 dashboard --new-token replaces it)
  *   run/ID.R.pid  the claim of run R of job ID: "PID LAUNCHER_PID" of its process (or
  *                 "void": a server claimed it, so it never ran), then its exit code
  *   ssh/          shared ssh connections (mode 0700): config.N, the ssh config of
@@ -3189,6 +3191,7 @@ const serverInfo = () => ({
 
 const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
+  new_token: { kind: 'read', answer: renewHttpToken },   // socket only; no job or worker changes, so nothing to journal
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
   list: { kind: 'stream', open: streamJobs, fields: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT } },
   jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
@@ -4260,11 +4263,17 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // web server of another local user on another port would get it. The page's shell (its
 // HTML, CSS, script and icon) holds no data and is served to anyone; its script takes the
 // token from the URL's fragment (`/#token=T`, which browsers never send to a server),
-// keeps it in sessionStorage (kept apart per scheme, host and port) and sends it in a
-// header on every request, its live streams included (read with fetch: EventSource
-// cannot send headers). `/?token=T`, the link of older versions, is sent on to
-// `/#token=T`. Changes are POSTs, and a request forged by another site cannot carry the
-// header; a Host header that does not name the address served is refused (DNS rebinding).
+// keeps it in memory, and sends a session key (below) in a header on every request, its
+// live streams included (read with fetch: EventSource cannot send headers). `/?token=T`,
+// the link of older versions, is sent on to `/#token=T`. Changes are POSTs, and a
+// request forged by another site cannot carry the header; a Host header that does not
+// name the address served is refused (DNS rebinding).
+// The page never sends the token itself: a tab left open across `stop` would send it
+// to whatever listens on the port next. It signs in by a challenge and response
+// (GET /api/hello, see helloHttp): the server proves that it holds the token with an
+// HMAC over a nonce the page chose, and the page then sends a session key derived from
+// the token and both nonces, which only this server process knows and which dies with
+// it. API clients (curl, Prometheus) may still send the token, which they hold on purpose.
 
 let httpServer: http.Server | null = null;
 let httpToken = '';
@@ -4403,6 +4412,91 @@ function sameToken(given: string | undefined | null): boolean {
   return a.length === b.length && crypto.timingSafeEqual(a, b);
 }
 
+/** The page's sessions (see helloHttp), by the server's nonce: `fresh` ones not used
+ *  yet, which anyone may open (GET /api/hello needs no token) and which therefore only
+ *  push out each other, and `used` ones, kept while the server runs, least recently
+ *  used first. They live in memory only: a session dies with the server that made it. */
+type HttpSession = { key: Buffer };
+const sessionsFresh = new Map<string, HttpSession>();
+const sessionsUsed = new Map<string, HttpSession>();
+const MAX_FRESH_SESSIONS = 64, MAX_USED_SESSIONS = 256;
+
+/** HMAC-SHA256 with the token over the labelled handshake values, as the page computes
+ *  it (DASHBOARD_JS: hmacHex). The label keeps a proof from ever serving as a key. */
+const handshakeMac = (label: 'djs-server-proof' | 'djs-session', host: string, client: string, server: string) =>
+  crypto.createHmac('sha256', httpToken).update(`${label}\n${host}\n${client}\n${server}`).digest();
+
+/** Whether a page at host:port h may sign in here: the address served, or a name that is
+ *  not this machine's at all, a proxy's (a TLS proxy passes requests on with the Host it
+ *  is told, and the page knows only its own name). This machine's names and addresses
+ *  with another port are refused: that is where another user's relay would come from. */
+function helloHostAllowed(h: string): boolean {
+  if (hostAllowed(h, httpNames, httpPort)) return true;
+  const m = /^(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d+))?$/i.exec(h);
+  if (!m) return false;
+  const name = m[1].replace(/^\[|\]$/g, '');
+  if (/^(localhost|.*\.localhost|127\..*|::1|::ffff:127\..*|::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}|::|0+(\.0+)*)$/.test(name)) return false;
+  const mine = [...httpNames, os.hostname(), os.hostname().split('.')[0], ...Object.values(os.networkInterfaces()).flatMap((list) => (list ?? []).map((a) => a.address))];
+  return !mine.some((n) => n.toLowerCase() === name);
+}
+
+/** GET /api/hello?nonce=C&host=H, open to anyone: the server's half of the page's sign-in.
+ *  The page sends a fresh random nonce C and the host:port it talks to, H; the server
+ *  answers a nonce S of its own and proof = HMAC(token, "djs-server-proof" H C S). Only
+ *  if the proof is right does the page go on, with the session key HMAC(token,
+ *  "djs-session" H C S) in its requests (Authorization: DJS-Session S.KEY). So a server
+ *  that does not hold the token (another user's, on the port after a stop) gets nothing
+ *  derived from the token but a key for a session that it cannot prove to anyone; and
+ *  since H is in both MACs and checked here, it cannot relay the page's challenge to
+ *  the real server on another port either: that server refuses a host it does not serve. */
+function helloHttp(res: http.ServerResponse, q: URLSearchParams): void {
+  onlyParams(q, ['nonce', 'host']);
+  const client = q.get('nonce') ?? '', host = (q.get('host') ?? '').toLowerCase();
+  if (!/^[0-9a-f]{32,128}$/.test(client)) throw usage('invalid nonce', 'nonce is 32 to 128 hex digits');
+  if (!helloHostAllowed(host)) return httpError(res, 403, EXIT_FAILED, `this server does not serve ${quoteForError(host)}`, `use the address the server serves: ${httpUrl()}`);
+  const server = crypto.randomBytes(32).toString('hex');
+  if (sessionsFresh.size >= MAX_FRESH_SESSIONS) sessionsFresh.delete(sessionsFresh.keys().next().value!);
+  sessionsFresh.set(server, { key: handshakeMac('djs-session', host, client, server) });
+  sendJson(res, 200, { ok: true, session: server, proof: handshakeMac('djs-server-proof', host, client, server).toString('hex') });
+}
+
+/** Whether a request carries a key of a live session (Authorization: DJS-Session S.KEY);
+ *  a fresh session becomes used. */
+function sessionAccepted(req: http.IncomingMessage): boolean {
+  const m = /^DJS-Session ([0-9a-f]{64})\.([0-9a-f]{64})$/.exec(req.headers.authorization ?? '');
+  if (!m) return false;
+  const session = sessionsUsed.get(m[1]) ?? sessionsFresh.get(m[1]);
+  if (!session || !crypto.timingSafeEqual(session.key, Buffer.from(m[2], 'hex'))) return false;
+  sessionsFresh.delete(m[1]); sessionsUsed.delete(m[1]);
+  sessionsUsed.set(m[1], session);
+  if (sessionsUsed.size > MAX_USED_SESSIONS) sessionsUsed.delete(sessionsUsed.keys().next().value!);
+  return true;
+}
+
+/** A new random token in DATA_DIR/http.token (mode 0600, put in place by a rename). */
+function writeHttpToken(dataDir: string): string {
+  const token = crypto.randomBytes(24).toString('hex');
+  const file = path.join(dataDir, 'http.token'), tmp = `${file}.${process.pid}`;  // a temporary name DATA_DIR_NAME knows
+  fs.rmSync(tmp, { force: true });
+  fs.writeFileSync(tmp, token + '\n', { flag: 'wx', mode: 0o600 });
+  fs.renameSync(tmp, file);
+  return token;
+}
+
+/** `dashboard --new-token` (the new_token operation): a new token, in use at once; the
+ *  old one, every session signed in with it and every stream it opened end now. */
+function renewHttpToken(): Record<string, unknown> {
+  const token = writeHttpToken(cfg.dataDir);
+  if (httpServer) {
+    httpToken = token;
+    sessionsFresh.clear(); sessionsUsed.clear();
+    for (const res of eventStreams) res.destroy();
+    for (const ls of logStreams) ls.res.destroy();
+  }
+  log('made a new HTTP access token (dashboard --new-token); the old one is refused from now on');
+  return { token, url: httpUrl() };
+}
+
 /** The token a request carries in a header, or null. */
 function headerToken(req: http.IncomingMessage): string | null {
   const auth = req.headers.authorization;
@@ -4466,8 +4560,10 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
     }
     const asset = Object.hasOwn(ASSETS, url.pathname) ? ASSETS[url.pathname] : undefined;
     if (asset && (req.method === 'GET' || req.method === 'HEAD')) return serveAsset(req, res, url, asset);
-    if (!sameToken(given)) {
+    if (req.method === 'GET' && url.pathname === '/api/hello') return helloHttp(res, url.searchParams);
+    if (!sameToken(given) && !sessionAccepted(req)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
+      if (/^DJS-Session /.test(req.headers.authorization ?? '')) return httpError(res, 401, EXIT_FAILED, 'no such session: the server restarted, or made a new token, since the page signed in', 'sign in again: open the URL that cli.ts dashboard prints');
       return httpError(res, 401, EXIT_FAILED, given !== null ? 'wrong access token' : 'this needs the access token', 'open the URL that cli.ts dashboard prints, or send the token of DATA_DIR/http.token as Authorization: Bearer TOKEN');
     }
     trustHttp(req.socket);
@@ -4801,7 +4897,8 @@ const DASHBOARD_HTML = `<!doctype html>
 <main id="main-view" hidden>
   <section id="summary" aria-label="jobs by state"></section>
   <section class="panel"><h2>Finished per minute</h2><div id="chart"></div></section>
-  <section class="panel" id="tags-panel" hidden><h2>Tags</h2><div id="tags"></div></section>
+  <section class="panel" id="tags-panel" hidden><h2>Tags</h2><div id="tags"><div id="tags-now"></div>
+    <details id="tags-finished" hidden><summary id="tags-finished-count"></summary><div id="tags-done"></div></details></div></section>
   <section class="panel"><h2>Workers</h2><div id="workers"></div></section>
   <section class="panel"><h2>Jobs</h2>
     <form id="filters" role="search">
@@ -4884,11 +4981,24 @@ dialog { border: 1px solid var(--line); border-radius: 8px; max-width: 420px; }
 dialog menu { display: flex; justify-content: flex-end; gap: 8px; padding: 0; }
 #toast { position: fixed; bottom: 16px; left: 50%; transform: translateX(-50%); background: #1d2330; color: #fff; padding: 8px 14px; border-radius: 6px; max-width: 90vw; }
 #toast.error { background: var(--failed); }
+#tags-finished summary { cursor: pointer; color: var(--dim); margin-top: 6px; }
+#tags td:first-child, #workers td:first-child { overflow-wrap: anywhere; } #tags td:first-child { min-width: 7em; }
+#filters label { max-width: 100%; min-width: 0; } #filters select { min-width: 0; max-width: 100%; }
 @media (max-width: 640px) {
   main { padding: 6px; } .panel { padding: 8px; }
   .hide-narrow { display: none; }
   .count.eta { grid-column: 1 / -1; }
   td.cmd { min-width: 140px; }
+  .bar { min-width: 60px; }
+  th, td { padding: 5px 4px; }
+  /* A phone: each job is a card of two lines, its figures and buttons above its
+     command, so nothing scrolls sideways and every button is on screen. */
+  #job-table, #job-table tbody { display: block; }
+  #job-table thead { display: none; }
+  #job-table tr { display: grid; grid-template-columns: auto auto minmax(0, 1fr) auto auto auto; gap: 2px 8px; align-items: center; padding: 6px 0; border-bottom: 1px solid var(--line); }
+  #job-table td { padding: 0; border: 0; min-width: 0; overflow-wrap: anywhere; }
+  #job-table td:nth-child(4)::before { content: "exit "; color: var(--dim); }
+  #job-table td.cmd { grid-column: 1 / -1; grid-row: 2; min-width: 0; }
 }
 `;
 
@@ -4897,32 +5007,134 @@ const FAVICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"
 
 // The page's script: plain JavaScript with no template literals (this is one itself).
 const DASHBOARD_JS = String.raw`'use strict';
-// The token: from the URL's fragment (#token=T, never sent to a server), then kept in
-// sessionStorage, which the browser keeps for this scheme, host and port alone; it goes
-// in a header of every request, and never in a cookie, which browsers send to any port.
-var TOKEN = null;
+// The token: from the URL's fragment (#token=T, never sent to a server), then kept in this
+// tab's memory only, and never sent anywhere either. The page signs in by a challenge
+// and response (hello): it sends a random nonce, the server must answer with an HMAC of
+// it under the token, and only then does the page send anything derived from the token:
+// the session key of every request (Authorization: DJS-Session S.KEY). A server that
+// cannot prove it holds the token (another user's, on this port after a stop) gets the
+// nonce and nothing else. The session (not the token) is kept in sessionStorage, so a
+// reload goes on with it; it dies with the server that made it, and then a reloaded tab
+// needs the URL again, while one that kept the token in memory signs in by itself.
+var TOKEN = null, SESSION = null, HELLO = null;
 function takeToken() {
+  try { sessionStorage.removeItem('djs-token'); } catch (e) { /* what older versions kept */ }
   var m = /^#token=([0-9A-Za-z%]*)/.exec(location.hash);
   if (m) {
-    TOKEN = decodeURIComponent(m[1]) || null;
-    try { if (TOKEN) sessionStorage.setItem('djs-token', TOKEN); } catch (e) { /* kept in memory only */ }
+    TOKEN = decodeURIComponent(m[1]) || null; SESSION = null;
+    try { sessionStorage.removeItem('djs-session'); } catch (e) { /* none */ }
     history.replaceState(null, '', location.pathname + '#/');
     return true;
   }
-  if (!TOKEN) try { TOKEN = sessionStorage.getItem('djs-token'); } catch (e) { /* none */ }
+  if (!SESSION) try { SESSION = sessionStorage.getItem('djs-session'); } catch (e) { /* none */ }
   return false;
 }
-function headers() { return { Authorization: 'Bearer ' + TOKEN }; }
-/** The server refused the token (or there is none): say how to get it, and stop. */
+function headers(session) { return { Authorization: 'DJS-Session ' + session }; }
+// SHA-256 and HMAC in plain JavaScript: crypto.subtle exists only in a secure context,
+// which http://127.0.0.1:PORT and http://localhost:PORT are but a server reached over
+// the network by plain http (--http 0.0.0.0:PORT, http://192.0.2.7:PORT) is not.
+var SHA_K = [], SHA_H = [];
+(function () {
+  for (var n = 2; SHA_K.length < 64; n++) {
+    var d = 2; while (d * d <= n && n % d) d++;
+    if (d * d <= n) continue;
+    if (SHA_H.length < 8) SHA_H.push((Math.pow(n, 1 / 2) % 1) * 4294967296 | 0);
+    SHA_K.push((Math.pow(n, 1 / 3) % 1) * 4294967296 | 0);
+  }
+})();
+function ror(x, n) { return x >>> n | x << (32 - n); }
+/** The SHA-256 of a list of bytes, as a list of bytes. */
+function sha256(msg) {
+  var h = SHA_H.slice(), w = [], bits = msg.length * 8, hi = Math.floor(bits / 4294967296), m = msg.concat([0x80]), i;
+  while (m.length % 64 !== 56) m.push(0);
+  m.push(hi >>> 24 & 255, hi >>> 16 & 255, hi >>> 8 & 255, hi & 255, bits >>> 24 & 255, bits >>> 16 & 255, bits >>> 8 & 255, bits & 255);
+  for (var o = 0; o < m.length; o += 64) {
+    for (i = 0; i < 64; i++) {
+      if (i < 16) { w[i] = m[o + 4 * i] << 24 | m[o + 4 * i + 1] << 16 | m[o + 4 * i + 2] << 8 | m[o + 4 * i + 3]; continue; }
+      var a = w[i - 15], b = w[i - 2];
+      w[i] = (ror(a, 7) ^ ror(a, 18) ^ a >>> 3) + w[i - 16] + (ror(b, 17) ^ ror(b, 19) ^ b >>> 10) + w[i - 7] | 0;
+    }
+    var A = h[0], B = h[1], C = h[2], D = h[3], E = h[4], F = h[5], G = h[6], H = h[7];
+    for (i = 0; i < 64; i++) {
+      var t1 = H + (ror(E, 6) ^ ror(E, 11) ^ ror(E, 25)) + (E & F ^ ~E & G) + SHA_K[i] + w[i] | 0;
+      var t2 = (ror(A, 2) ^ ror(A, 13) ^ ror(A, 22)) + (A & B ^ A & C ^ B & C) | 0;
+      H = G; G = F; F = E; E = D + t1 | 0; D = C; C = B; B = A; A = t1 + t2 | 0;
+    }
+    h = [h[0] + A | 0, h[1] + B | 0, h[2] + C | 0, h[3] + D | 0, h[4] + E | 0, h[5] + F | 0, h[6] + G | 0, h[7] + H | 0];
+  }
+  var out = [];
+  h.forEach(function (x) { out.push(x >>> 24 & 255, x >>> 16 & 255, x >>> 8 & 255, x & 255); });
+  return out;
+}
+function utf8(text) { return Array.prototype.slice.call(new TextEncoder().encode(text)); }
+function hex(bytes) { return bytes.map(function (b) { return (b < 16 ? '0' : '') + b.toString(16); }).join(''); }
+/** HMAC-SHA256 (RFC 2104) of text under key, both strings (UTF-8), in hex. */
+function hmacHex(key, text) {
+  var k = utf8(key);
+  if (k.length > 64) k = sha256(k);
+  while (k.length < 64) k.push(0);
+  var inner = sha256(k.map(function (b) { return b ^ 0x36; }).concat(utf8(text)));
+  return hex(sha256(k.map(function (b) { return b ^ 0x5c; }).concat(inner)));
+}
+function randomHex(n) { return hex(Array.prototype.slice.call(crypto.getRandomValues(new Uint8Array(n)))); }
+/** The session to send: the one kept, or a new one from hello. One hello at a time. */
+function session() {
+  if (SESSION) return Promise.resolve(SESSION);
+  if (!TOKEN) return Promise.reject(Unauthorized('no access token'));
+  if (!HELLO) HELLO = hello().then(function (s) { HELLO = null; return s; }, function (e) { HELLO = null; throw e; });
+  return HELLO;
+}
+/** The challenge and response: the server must prove that it holds the token (an HMAC
+ *  over the page's fresh nonce, its own nonce and the host:port the page talks to, so
+ *  that a proof relayed from a server on another port does not fit) before the page
+ *  derives a session key from it. Anything else (no answer, a wrong proof, an error) is
+ *  no proof, and the page sends nothing more. */
+function hello() {
+  var token = TOKEN, nonce = randomHex(32), host = location.host;
+  return fetch('/api/hello?nonce=' + nonce + '&host=' + encodeURIComponent(host), { cache: 'no-store' }).then(function (r) {
+    return r.json().catch(function () { return {}; });
+  }).then(function (j) {
+    j = j || {};
+    var proof = /^[0-9a-f]{64}$/.test(j.session) ? hmacHex(token, 'djs-server-proof\n' + host + '\n' + nonce + '\n' + j.session) : null;
+    if (!proof || j.proof !== proof) { unproven(); throw Unproven(); }
+    if (token !== TOKEN) throw Unauthorized('the token changed while signing in');
+    SESSION = j.session + '.' + hmacHex(token, 'djs-session\n' + host + '\n' + nonce + '\n' + j.session);
+    try { sessionStorage.setItem('djs-session', SESSION); } catch (e) { /* kept in memory only */ }
+    return SESSION;
+  });
+}
+/** Forgets the session (the token, if the tab has it, makes a new one). */
+function dropSession() {
+  SESSION = null;
+  try { sessionStorage.removeItem('djs-session'); } catch (e) { /* none */ }
+}
+/** The server refused the session or the token (or there is none): say how to get in, and stop. */
 function signIn(why) {
-  TOKEN = null;
-  try { sessionStorage.removeItem('djs-token'); } catch (e) { /* none */ }
+  TOKEN = null; dropSession();
+  clearTimeout(S.timers.proof);
   if (S.live) { S.live.close(); S.live = null; }
   if (S.logES) { S.logES.close(); S.logES = null; }
   if (why) $('signin-why').textContent = why;
   $('signin').hidden = false; $('main-view').hidden = true; $('job-view').hidden = true;
   $('live').className = 'live off'; $('live').textContent = 'no token';
 }
+/** The server here did not prove that it holds the token: show nothing, keep the token,
+ *  and try again now and then (the real server may come back on this port). */
+function unproven() {
+  if (S.live) { S.live.close(); S.live = null; }
+  if (S.logES) { S.logES.close(); S.logES = null; }
+  $('signin-why').textContent = 'The server at ' + location.host + ' did not prove that it holds this page\'s access token, so the page sent it nothing. Either the token is wrong or was replaced (cli.ts dashboard --new-token): open the URL that cli.ts dashboard prints; or what listens there is not your djs server (it stopped, and something else took its port). Trying again every 5 s.';
+  $('signin').hidden = false; $('main-view').hidden = true; $('job-view').hidden = true;
+  $('live').className = 'live off'; $('live').textContent = 'not verified';
+  retryHello();
+}
+function retryHello() {
+  clearTimeout(S.timers.proof);
+  S.timers.proof = setTimeout(function () {
+    if (TOKEN) session().then(function () { route(); }, function (e) { if (!e.unproven) retryHello(); });
+  }, 5000);
+}
+function Unproven() { var e = new Error('the server did not prove that it holds the token'); e.unauthorized = true; e.unproven = true; return e; }
 function Unauthorized(msg) { var e = new Error(msg); e.unauthorized = true; return e; }
 /** A request failed: say why (a refused token has said so already). */
 function failed(e) { if (!e.unauthorized) toast(e.message, true); }
@@ -4982,27 +5194,43 @@ function toast(msg, error) {
   var t = $('toast'); t.textContent = msg; t.className = error ? 'error' : ''; t.hidden = false;
   clearTimeout(S.timers.toast); S.timers.toast = setTimeout(function () { t.hidden = true; }, error ? 6000 : 2500);
 }
-function api(method, path, body) {
-  if (!TOKEN) return Promise.reject(Unauthorized('no access token'));
-  var opts = { method: method, headers: headers(), cache: 'no-store' };
-  if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body || {}); }
-  return fetch(path, opts).then(function (r) {
-    return r.json().then(function (j) {
-      if (r.status === 401) { signIn('The server refused the access token this page had (' + j.error + ').'); throw Unauthorized(j.error); }
-      if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : ''));
-      return j;
-    });
+/** A request with the session; a refused session is made anew once, if the tab has the
+ *  token (the server restarted), else the page shows how to sign in. */
+function api(method, path, body, again) {
+  return session().then(function (sess) {
+    var opts = { method: method, headers: headers(sess), cache: 'no-store' };
+    if (method === 'POST') { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body || {}); }
+    return fetch(path, opts).then(function (r) { return answer(r, sess); });
+  }).then(function (j) {
+    return j === AGAIN ? (again ? Promise.reject(Unauthorized('refused again')) : api(method, path, body, true)) : j;
   });
 }
-/** Server-sent events read with fetch, so that the request carries the token in a header
+/** A reply as JSON; AGAIN if the server refused the session and the tab can make a new one. */
+var AGAIN = {};
+function answer(r, sess) {
+  return r.json().then(function (j) {
+    if (r.status === 401) {
+      if (SESSION === sess) dropSession();
+      if (TOKEN) return AGAIN;
+      signIn('The server refused this page\'s session (' + j.error + ').'); throw Unauthorized(j.error);
+    }
+    if (!j.ok) throw new Error(j.error + (j.hint ? ' (' + j.hint + ')' : ''));
+    return j;
+  });
+}
+/** Server-sent events read with fetch, so that the request carries the session in a header
  *  (EventSource cannot send one): on[EVENT](data) for each event; onend(error) once the
- *  stream ends or fails, unless close() ended it. A refused token shows the sign-in. */
+ *  stream ends or fails, unless close() ended it. A refused session shows the sign-in,
+ *  unless the tab has the token to make a new one (on the next try). */
 function events(path, on, onend) {
   var ctl = new AbortController(), closed = false;
   function finish(e) { if (closed) return; closed = true; ctl.abort(); if (e && e.unauthorized) return; if (onend) onend(e); }
-  if (!TOKEN) { setTimeout(function () { finish(Unauthorized('no access token')); }, 0); }
-  else fetch(path, { headers: headers(), cache: 'no-store', signal: ctl.signal }).then(function (r) {
-    if (r.status === 401) { signIn('The server refused the access token this page had.'); throw Unauthorized('wrong access token'); }
+  session().then(function (sess) {
+    if (closed) return null;
+    return fetch(path, { headers: headers(sess), cache: 'no-store', signal: ctl.signal }).then(function (r) { return r.status === 401 ? answer(r, sess) : r; });
+  }).then(function (r) {
+    if (closed || !r) return;
+    if (r === AGAIN) throw new Error('the session ended');
     if (!r.ok || !r.body) throw new Error('HTTP ' + r.status);
     var reader = r.body.getReader(), dec = new TextDecoder(), buf = '';
     function pump() {
@@ -5043,7 +5271,7 @@ function act(op, body, done, ask, yes) {
   });
 }
 function killJob(id) { act('kill', { ids: [id] }, function () { return 'killing job ' + id; }, 'Kill job ' + id + '? If it runs, it gets SIGTERM, then SIGKILL after the grace period.', 'Kill'); }
-function retryJob(id) { act('retry', { ids: [id] }, function () { return 'job ' + id + ' queued again'; }); }
+function retryJob(id) { act('retry', { ids: [id] }, function () { return 'job ' + id + ' queued again'; }, 'Run job ' + id + ' again? It goes back to the queue and starts anew.', 'Retry'); }
 function jobButtons(j) {
   var b = [];
   if (j.state === 'waiting' || j.state === 'running') b.push(el('button', { type: 'button', class: 'danger', 'data-action': 'kill', onclick: function () { killJob(j.id); }, text: 'kill' }));
@@ -5082,12 +5310,23 @@ function renderChart(s) {
   fill($('chart'), el('div', { class: 'axis' }, el('span', { text: 'max ' + max + ' per minute' })), g,
     el('div', { class: 'axis' }, el('span', { text: (span >= 120 ? span / 60 + ' h' : span + ' min') + ' ago' }), el('span', { text: 'now' })));
 }
+/** The tags: those with jobs still to run first, the finished ones (nothing waiting or
+ *  running) folded under a toggle, so that a long campaign's past does not push the
+ *  workers and jobs down the page. */
 function renderTags(s) {
   var tags = Array.isArray(s.tags) ? s.tags : [];
   $('tags-panel').hidden = !tags.length; $('tag-filter').hidden = !tags.length;
   syncOptions(document.querySelector('#filters [name=tag]'), tags.map(function (t) { return t.tag; }));
   if (!tags.length) return;
-  putTable($('tags'), el('table', {}, el('tbody', {}, ...tags.map(function (t) {
+  var active = tags.filter(function (t) { return (t.waiting || 0) + (t.running || 0) > 0; });
+  var finished = tags.filter(function (t) { return (t.waiting || 0) + (t.running || 0) === 0; });
+  if (active.length) tagTable($('tags-now'), active, 'tags-active'); else fill($('tags-now'), el('p', { class: 'dim', text: 'No tag has jobs waiting or running.' }));
+  $('tags-finished').hidden = !finished.length;
+  fill($('tags-finished-count'), finished.length + ' finished tag' + (finished.length === 1 ? '' : 's'));
+  if (finished.length) tagTable($('tags-done'), finished, 'tags-ended');
+}
+function tagTable(box, tags, id) {
+  putTable(box, el('table', { id: id }, el('tbody', {}, ...tags.map(function (t) {
     var total = t.total || STATES.reduce(function (a, k) { return a + (t[k] || 0); }, 0), bar = el('div', { class: 'bar', title: STATES.map(function (k) { return (t[k] || 0) + ' ' + k; }).join(', ') });
     ['done', 'failed', 'killed', 'running'].forEach(function (k) { if (t[k]) bar.append(el('i', { style: 'width:' + (100 * t[k] / Math.max(1, total)) + '%; background: var(--' + k + ')' })); });
     var ended = (t.done || 0) + (t.failed || 0) + (t.killed || 0), btn = null;
@@ -5212,7 +5451,7 @@ function followLog(reset) {
       if (atEnd) pre.scrollTop = pre.scrollHeight;
     },
     end: function () { es.close(); if (S.logES === es) S.logES = null; refreshJob(); },
-  }, function () { if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES && TOKEN) followLog(); }, 2000); } });
+  }, function () { if (S.logES === es) { S.logES = null; setTimeout(function () { if (S.jobId === id && !S.logES && (TOKEN || SESSION)) followLog(); }, 2000); } });
   S.logES = es;
 }
 
@@ -5234,13 +5473,16 @@ function connect() {
     if (S.live !== es) return;
     $('live').className = 'live off'; $('live').textContent = 'reconnecting';
     S.live = null;
-    setTimeout(function () { if (!S.live && TOKEN) connect(); }, 2000);
+    // The server went away: whatever answers next proves itself before it gets a key.
+    if (TOKEN) dropSession();
+    setTimeout(function () { if (!S.live && (TOKEN || SESSION)) connect(); }, 2000);
   });
 }
 function route() {
   var fresh = takeToken();
   if (S.logES) { S.logES.close(); S.logES = null; }
-  if (!TOKEN) return signIn();
+  if (!TOKEN && !SESSION) return signIn();
+  clearTimeout(S.timers.proof);
   $('signin').hidden = true;
   if (fresh || !S.live) connect();
   var h = location.hash.replace(/^#\/?/, ''), m = /^job\/(\d+)/.exec(h);
@@ -6079,8 +6321,23 @@ const envWords = (p: Parsed) => [...((p.values.env as string[] | undefined) ?? [
 /** Comma lists in a repeatable option (--label a,b --label c), as one list. */
 const commaList = (v: unknown) => (v === undefined ? [] : (v as string[]).flatMap((w) => w.split(',')).map((w) => w.trim()).filter(Boolean));
 
-/** dashboard: the URL of the running server's dashboard, with its access token in the fragment (#token=). */
-async function cmdDashboard(_p: Parsed, ctx: Ctx): Promise<number> {
+/** dashboard: the URL of the running server's dashboard, with its access token in the fragment (#token=).
+ *  --new-token: the running server makes a new token and refuses the old one from then on;
+ *  with no server running, the token file is replaced, for the next start. */
+async function cmdDashboard(p: Parsed, ctx: Ctx): Promise<number> {
+  if (p.values['new-token']) {
+    let r: Record<string, unknown>;
+    try { r = await request(ctx.dataDir, { op: 'new_token' }); } catch (e) {
+      if (!(e instanceof UserError && e.code === EXIT_NO_SERVER) || !fs.existsSync(path.join(ctx.dataDir, 'journal'))) throw e;
+      checkOwnDir(ctx.dataDir, 'data dir');
+      writeHttpToken(ctx.dataDir);
+      ctx.out.write(`new access token in ${path.join(ctx.dataDir, 'http.token')} (no server runs now; the next start --http uses it)\n`);
+      return EXIT_OK;
+    }
+    if (typeof r.token !== 'string') throw failure(`the server on data dir '${ctx.dataDir}' cannot make a new token`, 'it is of an older version: stop it and start it again');
+    ctx.out.write(typeof r.url === 'string' ? `${r.url}#token=${r.token}\n` : `new access token in ${path.join(ctx.dataDir, 'http.token')} (the server serves no dashboard now; start it with --http)\n`);
+    return EXIT_OK;
+  }
   const r = await request(ctx.dataDir, { op: 'ping' });
   if (typeof r.http !== 'string') throw failure(`the server on data dir '${ctx.dataDir}' serves no dashboard`, 'start it with --http PORT (or DJS_HTTP=PORT), e.g. cli.ts stop && cli.ts start --detach --http 8080');
   let token: string;
@@ -6520,7 +6777,7 @@ const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, log_dir: { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
   stop: { run: cmdStop, options: {}, noArgs: true, synopsis: 'stop' },
-  dashboard: { run: cmdDashboard, options: {}, noArgs: true, synopsis: 'dashboard' },
+  dashboard: { run: cmdDashboard, options: { 'new-token': { type: 'boolean' } }, noArgs: true, synopsis: 'dashboard [--new-token]' },
   add_slave: {
     run: cmdAddWorkers,
     options: { skip_ssh_auth_check: { type: 'boolean' }, 'requeue-on-down': { type: 'boolean' }, slots: { type: 'string' }, gpus: { type: 'string' }, label: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true } },
@@ -6564,9 +6821,9 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
   },
   stop: { about: 'Stops the server; running jobs keep running and the next start adopts them.', options: [], examples: ['cli.ts stop'] },
   dashboard: {
-    about: 'Prints the URL of the running server\'s dashboard, with its access token after # (http://127.0.0.1:PORT/#token=...; the page keeps it for its tab, never in a cookie), or says how to turn it on (start it with --http).',
-    options: [],
-    examples: ['cli.ts dashboard', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
+    about: 'Prints the URL of the running server\'s dashboard, with its access token after # (http://127.0.0.1:PORT/#token=...; the page keeps it in memory and never sends it: it signs in by challenge and response), or says how to turn it on (start it with --http).',
+    options: [['--new-token', 'make a new access token (DATA_DIR/http.token): the old one, and every page and stream signed in with it, is refused at once; prints the new URL']],
+    examples: ['cli.ts dashboard', 'cli.ts dashboard --new-token', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
   },
   add_slave: {
     about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',
