@@ -1187,6 +1187,8 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number, h
         const why = `no answer to checks for ${Math.round((now - h.missingSince) / 1000)}s${h.err ? ` (${h.err})` : ''}`;
         events.push(...downEvents(st, w.host, now, why, hs.probeMaxMs, killGraceMs));
         at(now); // plan again once it is down: its probes, its jobs' kills
+        // planStarts reads the state before these events: it must not start a job there.
+        (stale ??= new Set()).add(w.host);
         continue;
       }
       at(limit);

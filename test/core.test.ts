@@ -1859,3 +1859,26 @@ describe('textOf and bytesOf: bytes that are not UTF-8', () => {
     assert.equal(shellQuote("it's\udcfe"), "$'it\\'s\\xfe'");
   });
 });
+
+// ---- the first day: a worker taken down gets no job; re-adding a host; unknown tags ----
+
+import { newHealth as newHealthM3, HEARTBEAT_MISSES as MISSES_M3 } from '../cli.ts';
+
+describe('first day: plan, re-added workers, pause of an unknown tag', () => {
+  test('a worker whose heartbeats missed their limit goes down and gets no job in the same plan, even with a free slot', () => {
+    const st = newState();
+    worker(st, 'a', 2, true);
+    add(st, 2);
+    start(st, 1, 'a');
+    const H = 30_000, now = T0 + 200_000;
+    const rt = newRuntime();
+    // The last answer came before the heartbeats that went unanswered for 100 s.
+    rt.health.set('a', { ...newHealthM3(), okAt: now - 130_000, sentAt: now - 100_000, missingSince: now - 100_000, busy: true });
+    assert.ok(100_000 >= MISSES_M3 * H, 'the limit has passed');
+    const p = plan(st, rt, now, 5000, { heartbeatMs: H, probeMaxMs: PROBE_BACKOFF_MAX_MS });
+    assert.deepEqual(p.events.map((e) => e.e), ['probe'], 'only the down event: no start on the worker it takes down');
+    step(st, ...p.events);
+    assert.equal(st.workers.get('a')!.state, 'down');
+    assert.equal(job(st, 2).state, 'waiting');
+  });
+});
