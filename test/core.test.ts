@@ -1862,7 +1862,7 @@ describe('textOf and bytesOf: bytes that are not UTF-8', () => {
 
 // ---- the first day: a worker taken down gets no job; re-adding a host; unknown tags ----
 
-import { newHealth as newHealthM3, HEARTBEAT_MISSES as MISSES_M3 } from '../cli.ts';
+import { newHealth as newHealthM3, HEARTBEAT_MISSES as MISSES_M3, reAdded } from '../cli.ts';
 
 describe('first day: plan, re-added workers, pause of an unknown tag', () => {
   test('a worker whose heartbeats missed their limit goes down and gets no job in the same plan, even with a free slot', () => {
@@ -1880,5 +1880,44 @@ describe('first day: plan, re-added workers, pause of an unknown tag', () => {
     step(st, ...p.events);
     assert.equal(st.workers.get('a')!.state, 'down');
     assert.equal(job(st, 2).state, 'waiting');
+  });
+
+  test('pause --tag of a tag no job has is refused, unless --ahead pauses it before its jobs; resume of an unknown tag is refused', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    const C = { now: T0, killGraceMs: 5000, argSpace: 200_000 };
+    const refused = (req: Request, re: RegExp) => assert.throws(() => decidePause(st, req, C), (e: unknown) => e instanceof UserError && e.code === 1 && re.test(e.message));
+    refused({ op: 'pause', tag: 'nosuchtag' }, /^no job has the tag 'nosuchtag'$/);
+    refused({ op: 'resume', tag: 'nosuchtag2' }, /^no job has the tag 'nosuchtag2'$/);
+    assert.throws(() => decidePause(st, { op: 'pause', ahead: true }, C), /--ahead goes with pause --tag/);
+    const d = decidePause(st, { op: 'pause', tag: 'nightly', ahead: true }, C);
+    assert.deepEqual([d.events, d.answer.noJobs], [[{ e: 'pause', t: T0, tag: 'nightly' }], true]);
+    step(st, ...d.events);
+    const again = decidePause(st, { op: 'pause', tag: 'nightly' }, C);
+    assert.deepEqual([again.events, again.answer.changed], [[], false], 'a paused tag is known: pausing it again changes nothing');
+    const nightly = st.nextId;
+    step(st, { e: 'add', t: T0, id: nightly, cwd: '/w', retries: 0, timeout: 0, jobs: [['/bin/j.sh']], tags: ['nightly'] });
+    const [plain] = add(st, 1);
+    assert.deepEqual(planStarts(st).map((s) => s.id), [plain], 'the job of the tag paused ahead waits; others start');
+    const r = decidePause(st, { op: 'resume', tag: 'nightly' }, C);
+    step(st, ...r.events);
+    assert.deepEqual(planStarts(st).map((s) => s.id), [nightly, plain]);
+  });
+  test('a worker added again says what changed, and warns when waiting jobs no longer fit any worker', () => {
+    const st = newState();
+    const C = { now: T0, killGraceMs: 5000, argSpace: 200_000 };
+    const addW = (workers: Record<string, unknown>[]) => { const d = decideAddWorkers(st, { op: 'add_workers', workers, skipCheck: true }, C); step(st, ...d.events); return d.answer; };
+    assert.deepEqual(addW([{ host: 'node3', slots: 3, labels: ['gpu'], gpus: 2 }, { host: 'cpu', slots: 2 }]).changes, undefined, 'new workers change nothing');
+    const gpuJobs = decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/bin/j.sh', 'a'], ['/bin/j.sh', 'b']], gpus: 1, require: ['gpu'] }, C);
+    step(st, ...gpuJobs.events);
+    add(st, 3); // plain jobs: they fit the cpu worker
+    const again = addW([{ host: 'node3', slots: 3 }]);
+    assert.deepEqual(again.changes, ['node3: labels gpu -> none, gpus 2 -> 0']);
+    assert.equal(again.warning, '2 waiting jobs no longer fit any worker (1 GPU, label gpu); they wait until one is added');
+    assert.deepEqual([st.workers.get('node3')!.labels, st.workers.get('node3')!.gpus], [[], 0], 'the re-add still takes only what it gives');
+    const back = addW([{ host: 'node3', slots: 4, labels: ['gpu'], gpus: 2, env: ['A=1'] }]);
+    assert.deepEqual(back, { added: [{ host: 'node3', slots: 4, gpus: 2, labels: ['gpu'] }], changes: ['node3: slots 3 -> 4, labels none -> gpu, gpus 0 -> 2, env none -> A=1'] }, 'jobs that fit again: no warning');
+    assert.deepEqual(addW([{ host: 'node3', slots: 4, labels: ['gpu'], gpus: 2, env: ['A=1'] }]).changes, undefined, 'the same again: nothing changed');
+    assert.deepEqual(reAdded(st, [{ e: 'worker', t: T0, host: 'cpu', slots: 1, ssh: false }]), { changes: ['cpu: slots 2 -> 1'] }, 'plain jobs still fit a smaller worker');
   });
 });
