@@ -3063,11 +3063,33 @@ function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): 
 /** Asks Slurm whether a partition takes jobs: `sinfo` here, or on the login host over ssh
  *  (with the same settings as probeHost); resolves to null or to why not (Slurm's own
  *  words: the partition's state, the nodes' state and reason, or sinfo's error). */
-export function probeSlurm(target: SlurmTarget, ssh: SshSettings): Promise<string | null> {
-  const args = ['--noheader', `--partition=${target.partition}`, '--format=%a/%T/%E'];
+export function probeSlurm(target: SlurmTarget, ssh: SshSettings, gpus = 0): Promise<string | null> {
+  // With gpus (add_slave --gpus N): each line starts with its node count and gres (%D/%G).
+  const args = ['--noheader', `--partition=${target.partition}`, gpus > 0 ? '--format=%D/%G/%a/%T/%E' : '--format=%a/%T/%E'];
   const result = { out: '' };
   const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, 1, ['sinfo', ...args].join(' '), result);
-  return asked.then((err) => err ?? sinfoVerdict(result.out, target.partition));
+  return asked.then((err) => {
+    if (err !== null || gpus === 0) return err ?? sinfoVerdict(result.out, target.partition);
+    const lines = result.out.split('\n').filter((l) => l.trim());
+    const rest = lines.map((l) => l.split('/').slice(2).join('/')).join('\n');
+    return sinfoVerdict(rest, target.partition) ?? slurmGpuVerdict(lines.map((l) => l.split('/').slice(0, 2).join('/')), target.partition, gpus);
+  });
+}
+
+/** Whether a partition has the GPUs a worker is added with (--gpus N), from sinfo's
+ *  `%D/%G` of each group of nodes (node count / generic resources, like `2/gpu:a100:4(S:0-1)`
+ *  or `1/(null)`): null if it has at least N in all, else why not. Without this, every
+ *  srun of a GPU job would be refused (Invalid generic resource specification). */
+export function slurmGpuVerdict(lines: string[], partition: string, gpus: number): string | null {
+  let total = 0;
+  const seen: string[] = [];
+  for (const line of lines) {
+    const slash = line.indexOf('/'), nodes = Number(line.slice(0, slash)) || 0, gres = line.slice(slash + 1).trim();
+    if (!seen.includes(gres)) seen.push(gres);
+    for (const m of gres.matchAll(/(?:^|,)gpu(?::[^:,()]+)?:(\d+)/g)) total += nodes * Number(m[1]);
+  }
+  if (total >= gpus) return null;
+  return `--gpus ${gpus}, but Slurm partition '${partition}' has ${total === 0 ? 'no GPUs' : `${total} GPU${total === 1 ? '' : 's'}`} (sinfo's gres: ${seen.join(', ') || 'none'})`;
 }
 
 /** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
@@ -3326,7 +3348,7 @@ async function checkLogins(req: Request): Promise<Request> {
   const sent = Date.now();
   const errs = await Promise.all(workers.map((w, i) => {
     const slurm = slurmTarget(w.host);
-    return slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i]);
+    return slurm ? probeSlurm(slurm, cfg.ssh, w.gpus) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i]);
   }));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
   if (!bad.length) for (const w of workers) answered(w.host, sent);
@@ -6413,7 +6435,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--skip_ssh_auth_check', 'add without the ssh check; such workers are never probed'],
       ['--requeue-on-down', 'when the worker goes down (a failed check, or heartbeats unanswered), stop its running jobs and queue them again at once'],
       ['--slots N|auto', 'slots of hosts given without :SLOTS (default 1; auto: nproc, read over ssh)'],
-      ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them)'],
+      ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them; a Slurm partition must have N in sinfo\'s gres)'],
       ['--label L[,L]', 'labels that jobs can --require or --avoid (repeatable)'],
       ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'environment of every job on these workers (repeatable)'],
     ],

@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { applyEvent, newRuntime, newState, parseWorkerArg, plan, sinfoVerdict, slurmTarget, validateHost, type State } from '../cli.ts';
+import { slurmGpuVerdict } from '../cli.ts';
 import { sshSkip, startHosts, type TestHosts } from './hosts.ts';
 import { ROOT, serve, testDir, until, untilState, type TestServer } from './server.ts';
 import { slurmSkip, startSlurm, type TestSlurm } from './slurm.ts';
@@ -187,7 +188,9 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     }, 'the job to run again', 60_000);
     assert.deepEqual([job.history[0].exitCode, job.history[0].worker, job.attempts], [255, 'slurm:debug', 2]);
     assert.equal((await worker(s, 'slurm:debug')).state, 'up');
-    assert.match(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'), new RegExp(`STEP \\d+\\.0 ON ${slurm.node} CANCELLED`), 'srun\'s output is in the job\'s log');
+    // Slurm says it one of two ways: the step was cancelled while it ran, or (cancelled
+    // between the allocation and the step's launch) the step's credential was revoked.
+    assert.match(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'), new RegExp(`STEP \\d+\\.0 ON ${slurm.node} CANCELLED|srun: error: .*Job credential revoked`), 'srun\'s output is in the job\'s log');
     await s.ok(['kill', String(id)]);
     await untilState(s, id, 'killed', 30_000);
   });
@@ -209,5 +212,36 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     assert.equal(auto.code, 2);
     assert.match(auto.stderr, /a Slurm worker needs a slot count/);
     assert.equal((await s.status()).workers.length, 1);
+  });
+
+  test('--gpus on a partition without GPUs is refused when the worker is added; a job whose request srun refuses fails, not its worker', { timeout: 120_000 }, async (t) => {
+    const s = await server(t);
+    const r = await s.cli(['add_slave', '--gpus', '2', 'slurm:debug:2']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /Slurm check failed for 'slurm:debug' \(--gpus 2, but Slurm partition 'debug' has no GPUs \(sinfo's gres: \(null\)\)\); no worker added/);
+    assert.equal((await s.status()).workers.length, 0);
+    // Added without the check, as a user may: srun refuses every GPU job's request.
+    await s.ok(['add_slave', '--skip_ssh_auth_check', '--gpus', '2', 'slurm:debug:2']);
+    const [file] = inputs(s, 1);
+    const id = Number((await s.ok(['add_job', '--gpus', '1', SCRIPT, `in/${file}`])).trim());
+    const job = await untilState(s, id, 'failed', 60_000);
+    assert.deepEqual([job.exitCode, job.attempts], [1, 1], 'the job failed once, with srun\'s code; it was not requeued as a worker failure');
+    assert.equal((await worker(s, 'slurm:debug')).state, 'up');
+    const log = fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8');
+    assert.match(log, /srun: error: Invalid generic resource \(gres\) specification/);
+    assert.match(log, /Slurm refused what this job asks for/);
+    // A plain job on the same worker still runs.
+    const plain = Number((await s.ok(['add_job', SCRIPT, `in/${file}`])).trim());
+    await untilState(s, plain, 'done', 60_000);
+  });
+});
+
+describe('Slurm workers added with --gpus', () => {
+  test('sinfo\'s node counts and gres say whether a partition has the GPUs a worker is added with', () => {
+    assert.equal(slurmGpuVerdict(['1/(null)'], 'debug', 2), "--gpus 2, but Slurm partition 'debug' has no GPUs (sinfo's gres: (null))");
+    assert.equal(slurmGpuVerdict(['2/gpu:a100:4(S:0-1)', '3/(null)'], 'gpu', 8), null, 'two nodes of 4');
+    assert.equal(slurmGpuVerdict(['1/gpu:2,mps:200'], 'gpu', 3), "--gpus 3, but Slurm partition 'gpu' has 2 GPUs (sinfo's gres: gpu:2,mps:200)");
+    assert.equal(slurmGpuVerdict(['1/gpu:tesla:1(S:0),gpu:v100:2'], 'gpu', 3), null, 'GPUs of two types on a node add up');
+    assert.equal(slurmGpuVerdict(['4/mps:100'], 'gpu', 1), "--gpus 1, but Slurm partition 'gpu' has no GPUs (sinfo's gres: mps:100)");
   });
 });
