@@ -159,7 +159,8 @@ fi
 # (no allocation): exit 255, and djs runs the job again; but when srun says Slurm refuses
 # the job's own request (SLURM_REFUSALS: GPUs the partition lacks, too many CPUs, a time
 # limit over the partition's), the job fails with exit 1. Stopping the job (SIGTERM) cancels
-# its Slurm job (scancel) and waits until Slurm no longer lists it.
+# its Slurm job (scancel) and waits until Slurm no longer lists it; when Slurm's controller
+# does not answer, a canceller left in the background cancels it once it does.
 slurm_partition=''
 if [[ $host =~ ^slurm:([A-Za-z0-9_][A-Za-z0-9_.-]*)(@(.+))?$ ]]; then
 	slurm_partition=${BASH_REMATCH[1]}
@@ -190,7 +191,8 @@ slurm_run() {
 	# that a request Slurm refuses is told from Slurm ending the work.
 	local refused='' reason
 	for reason in "${SLURM_REFUSALS[@]}"; do refused+=" -e $(shq "$reason")"; done
-	printf '%s' "rm -f .rc .srun; { $srun sh -c $(shq "exec 2>&1
+	printf '%s' "rm -f .rc .srun .slurm_job; { $srun sh -c $(shq "exec 2>&1
+echo \"\$SLURM_JOB_ID\" > .slurm_job
 $1
 echo \$? > .rc") 2>&1 1>&3 | tee .srun >&2; } 3>&1
 if [ ! -f .rc ]; then rm -f .pgid
@@ -201,10 +203,26 @@ fi
 }
 
 # slurm_cancel: the shell command that cancels this job's Slurm job and waits (up to 10 s)
-# until Slurm no longer lists it.
+# until Slurm no longer lists it. The cancel is left to a canceller in the background
+# (nohup), which asks again every second until Slurm answers and no longer lists the job
+# (for up to a day): a controller that does not answer now (slurmctld down or restarting)
+# gets the cancel once it is back, though this script has ended by then. It cancels the
+# Slurm job by its id (the work wrote it to .slurm_job, or srun said it queued it), so a
+# later run of the same djs job is not touched; by name only when no id is known.
 slurm_cancel() {
 	local which="-u \"\$(id -un)\" -p $slurm_partition -n djs-$JOB_ID"
-	printf '%s' "scancel $which 2>/dev/null; n=0
+	local canceller="n=0
+while [ \$n -lt 86400 ]; do
+	if [ -n \"\$1\" ]; then scancel \"\$1\"; else scancel $which; fi
+	if ids=\$(squeue -h $which -o %i); then
+		if [ -n \"\$1\" ]; then printf '%s\n' \"\$ids\" | grep -qx \"\$1\" || exit 0; elif [ -z \"\$ids\" ]; then exit 0; fi
+	fi
+	sleep 1; n=\$((n + 1))
+done"
+	printf '%s' "j=\$(cat $(shq "$remote_dir/.slurm_job") 2>/dev/null)
+[ -n \"\$j\" ] || j=\$(sed -n 's/^srun: job \\([0-9][0-9]*\\) queued.*/\\1/p' $(shq "$remote_dir/.srun") 2>/dev/null | head -n 1)
+nohup sh -c $(shq "$canceller") sh \"\$j\" </dev/null >/dev/null 2>&1 &
+n=0
 while [ \$n -lt 100 ] && [ -n \"\$(squeue -h $which -o %i 2>/dev/null)\" ]; do sleep 0.1; n=\$((n + 1)); done; "
 }
 

@@ -9,7 +9,9 @@ import { after, before, describe, test, type TestContext } from 'node:test';
 import { applyEvent, newRuntime, newState, parseWorkerArg, plan, sinfoVerdict, slurmTarget, validateHost, type State } from '../cli.ts';
 import { slurmGpuVerdict } from '../cli.ts';
 import { sshSkip, startHosts, type TestHosts } from './hosts.ts';
+import { findProcesses } from './hosts.ts';
 import { ROOT, serve, testDir, until, untilState, type TestServer } from './server.ts';
+import { alive, processesUnder } from './server.ts';
 import { slurmSkip, startSlurm, type TestSlurm } from './slurm.ts';
 
 const SCRIPT = path.join(ROOT, 'example_job.sh');
@@ -178,8 +180,12 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     const s = await server(t);
     await s.ok(['add_slave', 'slurm:debug:1']);
     const [file] = inputs(s, 1);
-    const id = Number((await s.ok(['add_job', '-e', 'DJS_EXAMPLE_SLEEP=120', SCRIPT, `in/${file}`])).trim());
+    const pause = `120.${process.pid}`;
+    const id = Number((await s.ok(['add_job', '-e', `DJS_EXAMPLE_SLEEP=${pause}`, SCRIPT, `in/${file}`])).trim());
     await until(async () => (await slurm.jobNames()).includes(`djs-${id}`), `Slurm to run djs-${id}`, 60_000);
+    // Cancelled while the work runs: Slurm's step was launched, so it is CANCELLED (before
+    // that, srun says the step's credential was revoked, or its launch was aborted).
+    await until(() => findProcesses(['sleep', pause]).length > 0, 'the work to run', 60_000);
     const r = await slurm.client('scancel', ['--name', `djs-${id}`]);
     assert.equal(r.code, 0, r.stderr);
     const job = await until(async () => {
@@ -188,9 +194,8 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     }, 'the job to run again', 60_000);
     assert.deepEqual([job.history[0].exitCode, job.history[0].worker, job.attempts], [255, 'slurm:debug', 2]);
     assert.equal((await worker(s, 'slurm:debug')).state, 'up');
-    // Slurm says it one of two ways: the step was cancelled while it ran, or (cancelled
-    // between the allocation and the step's launch) the step's credential was revoked.
-    assert.match(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'), new RegExp(`STEP \\d+\\.0 ON ${slurm.node} CANCELLED|srun: error: .*Job credential revoked`), 'srun\'s output is in the job\'s log');
+    assert.match(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'),
+      new RegExp(`STEP \\d+\\.0 ON ${slurm.node} CANCELLED|srun: error: .*Job credential revoked|srun: .*StepId=\\d+\\.0 aborted before step completely launched`), 'srun\'s output is in the job\'s log');
     await s.ok(['kill', String(id)]);
     await untilState(s, id, 'killed', 30_000);
   });
@@ -233,6 +238,36 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     // A plain job on the same worker still runs.
     const plain = Number((await s.ok(['add_job', SCRIPT, `in/${file}`])).trim());
     await untilState(s, plain, 'done', 60_000);
+  });
+
+  test('a kill while slurmctld is down is recorded after the grace; the work is cancelled once the controller answers again', { timeout: 240_000 }, async (t) => {
+    const s = await server(t);
+    await s.ok(['add_slave', 'slurm:debug:1']);
+    const [file] = inputs(s, 1);
+    const pause = `300.${process.pid}`;
+    const id = Number((await s.ok(['add_job', '-e', `DJS_EXAMPLE_SLEEP=${pause}`, SCRIPT, `in/${file}`])).trim());
+    const work = await until(() => findProcesses(['sleep', pause])[0], 'the work to run under Slurm', 60_000);
+    let down = false;
+    t.after(async () => { if (down) await slurm.startController(); });
+    await slurm.stopController();
+    down = true;
+    const killedAt = Date.now();
+    await s.ok(['kill', String(id)]);
+    await untilState(s, id, 'killed', 30_000);
+    assert.ok(Date.now() - killedAt < 25_000, 'recorded killed within the grace (and a little)');
+    // The job's own processes give up on Slurm: no srun of this test is left, yet the
+    // work runs on, since only the controller can end it.
+    const ours = (argv0: string) => findProcesses([argv0]).filter((p) => { try { return fs.readlinkSync(`/proc/${p}/cwd`).startsWith(s.dir); } catch { return false; } });
+    await until(() => ours('srun').length === 0, 'the job\'s srun to be gone', 120_000, 200);
+    assert.ok(alive(work), 'the work still runs while slurmctld is down');
+    await slurm.startController();
+    down = false;
+    const back = Date.now();
+    await until(() => !alive(work), 'the work to be cancelled once slurmctld answers', 20_000, 100);
+    t.diagnostic(`the work ended ${Date.now() - back} ms after slurmctld answered again`);
+    await until(async () => (await slurm.jobNames()).length === 0, 'Slurm to list no job', 20_000, 200);
+    const canceller = () => processesUnder(s.dir).filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('86400'); } catch { return false; } });
+    await until(() => canceller().length === 0, 'the canceller to end once Slurm no longer lists the job', 20_000, 200);
   });
 });
 
