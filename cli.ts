@@ -1086,6 +1086,25 @@ export function downEvents(st: State, host: string, t: number, err: string, prob
   return events;
 }
 
+/** What the answer to a check of a worker calls for (runProbe, runHeartbeat carry it
+ *  out): the events, and the line for server.log. A probe that answered brings a down
+ *  (or being checked) worker up; one that failed takes it down, or keeps it down with a
+ *  longer backoff (downEvents); a routine check that finds an up worker as it was changes
+ *  nothing. A failed heartbeat takes an up ssh worker down; an answered one is only
+ *  runtime (the shell keeps it in rt.health). */
+export function checkOutcome(st: State, host: string, kind: 'probe' | 'heartbeat', err: string | null, t: number, probeMaxMs: number, killGraceMs: number): { events: Event[]; log: string | null } {
+  const w = st.workers.get(host);
+  if (!w) return { events: [], log: null };
+  if (kind === 'heartbeat') {
+    if (err === null || !w.ssh || w.state !== 'up') return { events: [], log: null };
+    return { events: downEvents(st, host, t, err, probeMaxMs, killGraceMs), log: `worker ${host} is down: ${err}` };
+  }
+  if (err === null) {
+    return { events: w.state === 'up' && w.probeAt === 0 ? [] : [{ e: 'probe', t, host, ok: true }], log: w.state === 'down' ? `worker ${host} is up again` : null };
+  }
+  return { events: downEvents(st, host, t, err, probeMaxMs, killGraceMs), log: w.state === 'up' ? `worker ${host} is down: ${err}` : null };
+}
+
 /** The longest pause of starts after failed starts. */
 const START_PAUSE_MAX_MS = 60_000;
 
@@ -3720,15 +3739,14 @@ function runProbe(host: string): void {
   (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots)).then((err) => {
     rt.probing.delete(host);
     if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
-    const w = st.workers.get(host);
-    if (!w) return;
-    if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
+    if (!st.workers.has(host)) return;
     if (err === null) answered(host, sent);
+    const out = checkOutcome(st, host, 'probe', err, Date.now(), cfg.probeMaxMs, cfg.killGraceMs);
+    if (out.log) log(out.log);
     // A Slurm worker's routine check that finds it as it was changes nothing: no journal
     // line, just a turn, which sets the timer of its next check.
-    if (err === null && w.state === 'up' && w.probeAt === 0) return submit({ kind: 'tick' });
-    if (err === null) fact({ e: 'probe', t: Date.now(), host, ok: true });
-    else for (const ev of downEvents(st, host, Date.now(), err, cfg.probeMaxMs, cfg.killGraceMs)) fact(ev);
+    if (!out.events.length) return submit({ kind: 'tick' });
+    for (const ev of out.events) fact(ev);
   });
 }
 
@@ -3751,16 +3769,12 @@ function runHeartbeat(host: string): void {
   probeHost(host, cfg.ssh, st.workers.get(host)?.slots).then((err) => {
     h.busy = false;
     if (err === null) answered(host, sent);
-    else {
-      // ssh said no (refused, or no answer within its timeout): down, as a failed probe
-      // takes it; a check that just hangs counts against the limit (see plan).
-      h.err = err;
-      const w = st.workers.get(host);
-      if (w && w.ssh && w.state === 'up') {
-        log(`worker ${host} is down: ${err}`);
-        for (const ev of downEvents(st, host, Date.now(), err, cfg.probeMaxMs, cfg.killGraceMs)) fact(ev);
-      }
-    }
+    else h.err = err;
+    // ssh said no (refused, or no answer within its timeout): down, as a failed probe
+    // takes it; a check that just hangs counts against the limit (see plan).
+    const out = checkOutcome(st, host, 'heartbeat', err, Date.now(), cfg.probeMaxMs, cfg.killGraceMs);
+    if (out.log) log(out.log);
+    for (const ev of out.events) fact(ev);
     submit({ kind: 'tick' });
   });
 }

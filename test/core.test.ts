@@ -1862,7 +1862,7 @@ describe('textOf and bytesOf: bytes that are not UTF-8', () => {
 
 // ---- the first day: a worker taken down gets no job; re-adding a host; unknown tags ----
 
-import { newHealth as newHealthM3, HEARTBEAT_MISSES as MISSES_M3, reAdded } from '../cli.ts';
+import { newHealth as newHealthM3, HEARTBEAT_MISSES as MISSES_M3, reAdded, checkOutcome } from '../cli.ts';
 
 describe('first day: plan, re-added workers, pause of an unknown tag', () => {
   test('a worker whose heartbeats missed their limit goes down and gets no job in the same plan, even with a free slot', () => {
@@ -1919,5 +1919,34 @@ describe('first day: plan, re-added workers, pause of an unknown tag', () => {
     assert.deepEqual(back, { added: [{ host: 'node3', slots: 4, gpus: 2, labels: ['gpu'] }], changes: ['node3: slots 3 -> 4, labels none -> gpu, gpus 0 -> 2, env none -> A=1'] }, 'jobs that fit again: no warning');
     assert.deepEqual(addW([{ host: 'node3', slots: 4, labels: ['gpu'], gpus: 2, env: ['A=1'] }]).changes, undefined, 'the same again: nothing changed');
     assert.deepEqual(reAdded(st, [{ e: 'worker', t: T0, host: 'cpu', slots: 1, ssh: false }]), { changes: ['cpu: slots 2 -> 1'] }, 'plain jobs still fit a smaller worker');
+  });
+  test('the answer to a check: a probe brings a worker up or takes it down; a failed heartbeat takes an up ssh worker down; a routine answer changes nothing', () => {
+    const st = newState();
+    worker(st, 'a', 2, true);
+    step(st, { e: 'worker', t: T0, host: 'r', slots: 1, ssh: true, rod: true });
+    worker(st, 'plain', 1, false);
+    const [id] = add(st, 1);
+    start(st, id, 'r');
+    const out = (host: string, kind: 'probe' | 'heartbeat', err: string | null, t = T0 + 1000) => checkOutcome(st, host, kind, err, t, 60_000, 5000);
+    assert.deepEqual(out('a', 'probe', null), { events: [], log: null }, 'an up worker found as it was');
+    assert.deepEqual(out('a', 'heartbeat', null), { events: [], log: null });
+    assert.deepEqual(out('gone', 'probe', 'refused'), { events: [], log: null }, 'a worker removed meanwhile');
+    assert.deepEqual(out('plain', 'heartbeat', 'refused'), { events: [], log: null }, 'a worker added without the check is never taken down');
+    const down = out('a', 'heartbeat', 'Connection refused');
+    assert.deepEqual(down, { events: [{ e: 'probe', t: T0 + 1000, host: 'a', ok: false, err: 'Connection refused', max: 60_000 }], log: 'worker a is down: Connection refused' });
+    step(st, ...down.events);
+    assert.equal(st.workers.get('a')!.state, 'down');
+    assert.deepEqual(out('a', 'heartbeat', 'Connection refused'), { events: [], log: null }, 'a late heartbeat of a down worker changes nothing');
+    const again = out('a', 'probe', 'Connection refused', T0 + 7000);
+    assert.deepEqual([again.events.map((e) => e.e), again.log], [['probe'], null], 'still down: a longer backoff, no new line');
+    step(st, ...again.events);
+    assert.equal(st.workers.get('a')!.probeDelay, 10_000);
+    const up = out('a', 'probe', null, T0 + 20_000);
+    assert.deepEqual(up, { events: [{ e: 'probe', t: T0 + 20_000, host: 'a', ok: true }], log: 'worker a is up again' });
+    step(st, ...up.events);
+    assert.equal(st.workers.get('a')!.state, 'up');
+    const rod = out('r', 'probe', 'no answer within 15s');
+    assert.deepEqual(rod.events.map((e) => e.e), ['probe', 'kill'], 'with --requeue-on-down its running job is stopped to be queued again');
+    assert.equal(rod.log, 'worker r is down: no answer within 15s');
   });
 });
