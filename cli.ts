@@ -66,7 +66,7 @@ if (!process.features.typescript) {
  *   cli.ts kill ID... | --tag TAG | --all
  *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
  *   cli.ts set_priority N ID... | N --tag TAG
- *   cli.ts pause [--tag TAG]             cli.ts resume [--tag TAG]
+ *   cli.ts pause [--tag TAG [--ahead]]   cli.ts resume [--tag TAG]
  *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S]... [--tag TAG] [--json]
  *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG | --all]
  *   cli.ts clean [--logs] [--tag TAG]    cli.ts help [COMMAND], COMMAND --help, --version
@@ -1088,6 +1088,25 @@ export function downEvents(st: State, host: string, t: number, err: string, prob
   return events;
 }
 
+/** What the answer to a check of a worker calls for (runProbe, runHeartbeat carry it
+ *  out): the events, and the line for server.log. A probe that answered brings a down
+ *  (or being checked) worker up; one that failed takes it down, or keeps it down with a
+ *  longer backoff (downEvents); a routine check that finds an up worker as it was changes
+ *  nothing. A failed heartbeat takes an up ssh worker down; an answered one is only
+ *  runtime (the shell keeps it in rt.health). */
+export function checkOutcome(st: State, host: string, kind: 'probe' | 'heartbeat', err: string | null, t: number, probeMaxMs: number, killGraceMs: number): { events: Event[]; log: string | null } {
+  const w = st.workers.get(host);
+  if (!w) return { events: [], log: null };
+  if (kind === 'heartbeat') {
+    if (err === null || !w.ssh || w.state !== 'up') return { events: [], log: null };
+    return { events: downEvents(st, host, t, err, probeMaxMs, killGraceMs), log: `worker ${host} is down: ${err}` };
+  }
+  if (err === null) {
+    return { events: w.state === 'up' && w.probeAt === 0 ? [] : [{ e: 'probe', t, host, ok: true }], log: w.state === 'down' ? `worker ${host} is up again` : null };
+  }
+  return { events: downEvents(st, host, t, err, probeMaxMs, killGraceMs), log: w.state === 'up' ? `worker ${host} is down: ${err}` : null };
+}
+
 /** The longest pause of starts after failed starts. */
 const START_PAUSE_MAX_MS = 60_000;
 
@@ -1189,6 +1208,8 @@ export function plan(st: State, rt: Runtime, now: number, killGraceMs: number, h
         const why = `no answer to checks for ${Math.round((now - h.missingSince) / 1000)}s${h.err ? ` (${h.err})` : ''}`;
         events.push(...downEvents(st, w.host, now, why, hs.probeMaxMs, killGraceMs));
         at(now); // plan again once it is down: its probes, its jobs' kills
+        // planStarts reads the state before these events: it must not start a job there.
+        (stale ??= new Set()).add(w.host);
         continue;
       }
       at(limit);
@@ -1526,14 +1547,20 @@ export function decideSetPriority(st: State, req: Request, c: DecideContext): De
   return { events: ids.length ? [{ e: 'priority', t: c.now, ids, priority }] : [], answer: { ids } };
 }
 
-/** pause {tag?} / resume {tag?}: nothing new starts (of that tag); running jobs go on. */
+/** pause {tag?, ahead?} / resume {tag?}: nothing new starts (of that tag); running jobs
+ *  go on. A tag no job has and that is not paused is refused (a typo would pause
+ *  nothing), unless `ahead` asks to pause it before its jobs are queued. */
 export function decidePause(st: State, req: Request, c: DecideContext): Decision {
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
   const pause = req.op === 'pause';
   const was = tag === undefined ? st.paused : st.pausedTags.has(tag);
+  if (req.ahead === true && (!pause || tag === undefined)) throw usage('--ahead goes with pause --tag TAG');
+  if (tag !== undefined && !was && !st.tagCounts.has(tag) && req.ahead !== true) {
+    throw failure(`no job has the tag ${quoteForError(tag)}`, pause ? `to pause it before its jobs are added: cli.ts pause --tag ${tag} --ahead; the tags are in: cli.ts status` : 'see the tags in: cli.ts status');
+  }
   const ev: Extract<Event, { e: 'pause' | 'resume' }> = { e: pause ? 'pause' : 'resume', t: c.now };
   if (tag !== undefined) ev.tag = tag;
-  return { events: was === pause ? [] : [ev], answer: { changed: was !== pause, pausedTags: [...st.pausedTags] } };
+  return { events: was === pause ? [] : [ev], answer: { changed: was !== pause, pausedTags: [...st.pausedTags], ...(tag !== undefined && !st.tagCounts.has(tag) ? { noJobs: true } : {}) } };
 }
 
 /** A worker to add: `auto` asks the login check to read its CPUs and GPUs. */
@@ -1559,11 +1586,11 @@ export function workerSpecs(req: Request): WorkerSpec[] {
 
 /** add_workers {workers, skipCheck, requeueOnDown}: the ssh login check (unless skipped)
  *  passed before, and filled in the size of `auto` workers. */
-export function decideAddWorkers(_st: State, req: Request, c: DecideContext): Decision {
+export function decideAddWorkers(st: State, req: Request, c: DecideContext): Decision {
   const workers = workerSpecs(req);
   const bad = workers.find((w) => w.auto);
   if (bad) throw usage(`${quoteForError(bad.host)}: auto needs the ssh login check, which reads the host's CPUs and GPUs`, 'drop --skip_ssh_auth_check, or give --slots N and --gpus N');
-  return {
+  const d: Decision = {
     events: workers.map((w) => {
       const ev: Extract<Event, { e: 'worker' }> = { e: 'worker', t: c.now, host: w.host, slots: w.slots, ssh: req.skipCheck !== true };
       if (w.labels.length) ev.labels = w.labels;
@@ -1574,6 +1601,46 @@ export function decideAddWorkers(_st: State, req: Request, c: DecideContext): De
     }),
     answer: { added: workers.map((w) => ({ host: w.host, slots: w.slots, gpus: w.gpus, labels: w.labels })) },
   };
+  return { ...d, answer: { ...d.answer, ...reAdded(st, d.events as Extract<Event, { e: 'worker' }>[]) } };
+}
+
+/** What adding workers again changes, since a worker added again takes only what this
+ *  add gives (labels, GPUs, environment left out are dropped): one line per worker that
+ *  changed ("node3: labels gpu -> none, gpus 2 -> 0"), and a warning when waiting jobs
+ *  that some worker could hold before fit none after. */
+export function reAdded(st: State, events: Extract<Event, { e: 'worker' }>[]): { changes?: string[]; warning?: string } {
+  const changes: string[] = [];
+  const after = new Map(st.workers);
+  for (const ev of events) {
+    const was = st.workers.get(ev.host), now = newWorker(ev);
+    after.set(ev.host, now);
+    if (!was) continue;
+    const list = (xs: string[] | null) => (xs?.length ? xs.join(',') : 'none');
+    const diff: string[] = [];
+    if (was.slots !== now.slots) diff.push(`slots ${was.slots} -> ${now.slots}`);
+    if (list(was.labels) !== list(now.labels)) diff.push(`labels ${list(was.labels)} -> ${list(now.labels)}`);
+    if (was.gpus !== now.gpus) diff.push(`gpus ${was.gpus} -> ${now.gpus}`);
+    if (list(was.env) !== list(now.env)) diff.push(`env ${list(was.env)} -> ${list(now.env)}`);
+    if (Boolean(was.requeueOnDown) !== Boolean(now.requeueOnDown)) diff.push(`requeue-on-down ${was.requeueOnDown ? 'on -> off' : 'off -> on'}`);
+    if (diff.length) changes.push(`${ev.host}: ${diff.join(', ')}`);
+  }
+  if (!changes.length) return {};
+  // Each distinct need once (the jobs of one add share theirs): did it fit before, and now?
+  const fit = new Map<Need, boolean>(), lost = new Map<Need, number>();
+  for (const job of st.jobs.values()) {
+    if (job.state !== 'waiting') continue;
+    let now = fit.get(job.need);
+    if (now === undefined) {
+      const before = [...st.workers.values()].some((w) => admits(w, job.need));
+      now = !before || [...after.values()].some((w) => admits(w, job.need));
+      fit.set(job.need, now);
+    }
+    if (!now) lost.set(job.need, (lost.get(job.need) ?? 0) + 1);
+  }
+  if (!lost.size) return { changes };
+  const n = [...lost.values()].reduce((a, b) => a + b, 0), needs = [...lost.keys()];
+  const what = needs.slice(0, 3).map(describeNeed).join('; ') + (needs.length > 3 ? `; and ${needs.length - 3} more` : '');
+  return { changes, warning: `${n} waiting job${n === 1 ? '' : 's'} no longer fit${n === 1 ? 's' : ''} any worker (${what}); ${n === 1 ? 'it waits' : 'they wait'} until one is added` };
 }
 
 /** policy {name?}: shows or sets which free worker a job goes to. */
@@ -3028,11 +3095,33 @@ function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): 
 /** Asks Slurm whether a partition takes jobs: `sinfo` here, or on the login host over ssh
  *  (with the same settings as probeHost); resolves to null or to why not (Slurm's own
  *  words: the partition's state, the nodes' state and reason, or sinfo's error). */
-export function probeSlurm(target: SlurmTarget, ssh: SshSettings): Promise<string | null> {
-  const args = ['--noheader', `--partition=${target.partition}`, '--format=%a/%T/%E'];
+export function probeSlurm(target: SlurmTarget, ssh: SshSettings, gpus = 0): Promise<string | null> {
+  // With gpus (add_slave --gpus N): each line starts with its node count and gres (%D/%G).
+  const args = ['--noheader', `--partition=${target.partition}`, gpus > 0 ? '--format=%D/%G/%a/%T/%E' : '--format=%a/%T/%E'];
   const result = { out: '' };
   const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, 1, ['sinfo', ...args].join(' '), result);
-  return asked.then((err) => err ?? sinfoVerdict(result.out, target.partition));
+  return asked.then((err) => {
+    if (err !== null || gpus === 0) return err ?? sinfoVerdict(result.out, target.partition);
+    const lines = result.out.split('\n').filter((l) => l.trim());
+    const rest = lines.map((l) => l.split('/').slice(2).join('/')).join('\n');
+    return sinfoVerdict(rest, target.partition) ?? slurmGpuVerdict(lines.map((l) => l.split('/').slice(0, 2).join('/')), target.partition, gpus);
+  });
+}
+
+/** Whether a partition has the GPUs a worker is added with (--gpus N), from sinfo's
+ *  `%D/%G` of each group of nodes (node count / generic resources, like `2/gpu:a100:4(S:0-1)`
+ *  or `1/(null)`): null if it has at least N in all, else why not. Without this, every
+ *  srun of a GPU job would be refused (Invalid generic resource specification). */
+export function slurmGpuVerdict(lines: string[], partition: string, gpus: number): string | null {
+  let total = 0;
+  const seen: string[] = [];
+  for (const line of lines) {
+    const slash = line.indexOf('/'), nodes = Number(line.slice(0, slash)) || 0, gres = line.slice(slash + 1).trim();
+    if (!seen.includes(gres)) seen.push(gres);
+    for (const m of gres.matchAll(/(?:^|,)gpu(?::[^:,()]+)?:(\d+)/g)) total += nodes * Number(m[1]);
+  }
+  if (total >= gpus) return null;
+  return `--gpus ${gpus}, but Slurm partition '${partition}' has ${total === 0 ? 'no GPUs' : `${total} GPU${total === 1 ? '' : 's'}`} (sinfo's gres: ${seen.join(', ') || 'none'})`;
 }
 
 /** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
@@ -3209,7 +3298,7 @@ const OPS: Record<string, Op> = {
   retry: { kind: 'change', decide: decideRetry, http: true, fields: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT } },
   clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT } },
   set_priority: { kind: 'change', decide: decideSetPriority, http: true, fields: { ids: IDS, tag: TEXT, priority: NUMBER } },
-  pause: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
+  pause: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT, ahead: BOOL } },
   resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
   policy: { kind: 'change', decide: decidePolicy, http: true, fields: { name: TEXT } },
   add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers, http: true, fields: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL } },
@@ -3320,7 +3409,7 @@ async function checkLogins(req: Request): Promise<Request> {
   const sent = Date.now();
   const errs = await Promise.all(workers.map((w, i) => {
     const slurm = slurmTarget(w.host);
-    return slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i]);
+    return slurm ? probeSlurm(slurm, cfg.ssh, w.gpus) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i]);
   }));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
   if (!bad.length) for (const w of workers) answered(w.host, sent);
@@ -3746,15 +3835,14 @@ function runProbe(host: string): void {
   (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots)).then((err) => {
     rt.probing.delete(host);
     if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
-    const w = st.workers.get(host);
-    if (!w) return;
-    if (err === null ? w.state === 'down' : w.state === 'up') log(`worker ${host} is ${err === null ? 'up again' : `down: ${err}`}`);
+    if (!st.workers.has(host)) return;
     if (err === null) answered(host, sent);
+    const out = checkOutcome(st, host, 'probe', err, Date.now(), cfg.probeMaxMs, cfg.killGraceMs);
+    if (out.log) log(out.log);
     // A Slurm worker's routine check that finds it as it was changes nothing: no journal
     // line, just a turn, which sets the timer of its next check.
-    if (err === null && w.state === 'up' && w.probeAt === 0) return submit({ kind: 'tick' });
-    if (err === null) fact({ e: 'probe', t: Date.now(), host, ok: true });
-    else for (const ev of downEvents(st, host, Date.now(), err, cfg.probeMaxMs, cfg.killGraceMs)) fact(ev);
+    if (!out.events.length) return submit({ kind: 'tick' });
+    for (const ev of out.events) fact(ev);
   });
 }
 
@@ -3777,16 +3865,12 @@ function runHeartbeat(host: string): void {
   probeHost(host, cfg.ssh, st.workers.get(host)?.slots).then((err) => {
     h.busy = false;
     if (err === null) answered(host, sent);
-    else {
-      // ssh said no (refused, or no answer within its timeout): down, as a failed probe
-      // takes it; a check that just hangs counts against the limit (see plan).
-      h.err = err;
-      const w = st.workers.get(host);
-      if (w && w.ssh && w.state === 'up') {
-        log(`worker ${host} is down: ${err}`);
-        for (const ev of downEvents(st, host, Date.now(), err, cfg.probeMaxMs, cfg.killGraceMs)) fact(ev);
-      }
-    }
+    else h.err = err;
+    // ssh said no (refused, or no answer within its timeout): down, as a failed probe
+    // takes it; a check that just hangs counts against the limit (see plan).
+    const out = checkOutcome(st, host, 'heartbeat', err, Date.now(), cfg.probeMaxMs, cfg.killGraceMs);
+    if (out.log) log(out.log);
+    for (const ev of out.events) fact(ev);
     submit({ kind: 'tick' });
   });
 }
@@ -6371,6 +6455,8 @@ async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   for (const w of r.added as { host: string; slots: number; gpus: number; labels: string[] }[]) {
     ctx.out.write(`added worker ${w.host} with ${w.slots} slot${w.slots === 1 ? '' : 's'}${w.gpus ? ` and ${w.gpus} GPU${w.gpus === 1 ? '' : 's'}` : ''}${w.labels.length ? `, labels ${w.labels.join(',')}` : ''}\n`);
   }
+  for (const line of (r.changes as string[] | undefined) ?? []) ctx.out.write(`${line}\n`);
+  if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   return EXIT_OK;
 }
 
@@ -6715,9 +6801,10 @@ async function cmdSetPriority(p: Parsed, ctx: Ctx): Promise<number> {
 
 async function cmdPause(p: Parsed, ctx: Ctx, op: 'pause' | 'resume'): Promise<number> {
   const tag = p.values.tag === undefined ? undefined : tagOf(p.values.tag);
-  const r = await request(ctx.dataDir, { op, ...(tag === undefined ? {} : { tag }) });
+  const r = await request(ctx.dataDir, { op, ...(tag === undefined ? {} : { tag }), ...(p.values.ahead ? { ahead: true } : {}) });
   const what = tag === undefined ? 'the queue' : `tag ${tag}`;
-  ctx.out.write(`${r.changed ? (op === 'pause' ? 'paused' : 'resumed') : `already ${op === 'pause' ? 'paused' : 'running'}:`} ${what}${op === 'pause' ? ' (running jobs go on)' : ''}\n`);
+  if (op === 'pause' && r.noJobs) ctx.out.write(`${r.changed ? 'paused' : 'already paused:'} ${what}: no job has tag ${tag} yet; jobs added with --tag ${tag} will wait (resume --tag ${tag})\n`);
+  else ctx.out.write(`${r.changed ? (op === 'pause' ? 'paused' : 'resumed') : `already ${op === 'pause' ? 'paused' : 'running'}:`} ${what}${op === 'pause' ? ' (running jobs go on)' : ''}\n`);
   const still = (r.pausedTags as string[]).filter((t) => t !== tag);
   if (op === 'resume' && tag === undefined && still.length) ctx.err.write(`still paused: tag${still.length === 1 ? '' : 's'} ${still.join(', ')} (resume --tag TAG)\n`);
   return EXIT_OK;
@@ -6793,7 +6880,7 @@ const COMMANDS: Record<string, Command> = {
   kill: { run: cmdKill, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'kill ID... | kill --tag TAG | kill --all' },
   retry: { run: cmdRetry, options: { failed: { type: 'boolean' }, killed: { type: 'boolean' }, ...TAG }, synopsis: 'retry ID... | retry [--failed] [--killed] [--tag TAG]' },
   set_priority: { run: cmdSetPriority, options: TAG, negatives: true, synopsis: 'set_priority N ID... | set_priority N --tag TAG' },
-  pause: { run: (p, ctx) => cmdPause(p, ctx, 'pause'), options: TAG, noArgs: true, synopsis: 'pause [--tag TAG]' },
+  pause: { run: (p, ctx) => cmdPause(p, ctx, 'pause'), options: { ...TAG, ahead: { type: 'boolean' } }, noArgs: true, synopsis: 'pause [--tag TAG [--ahead]]' },
   resume: { run: (p, ctx) => cmdPause(p, ctx, 'resume'), options: TAG, noArgs: true, synopsis: 'resume [--tag TAG]' },
   policy: { run: cmdPolicy, options: {}, synopsis: 'policy [spread|pack|sequential|random]' },
   status: { run: cmdStatus, options: { json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'status [--tag TAG] [--json]' },
@@ -6826,12 +6913,12 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts dashboard', 'cli.ts dashboard --new-token', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
   },
   add_slave: {
-    about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails.',
+    about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails. A known host added again takes only what this add_slave gives (left-out labels, GPUs, environment are dropped); what changed is printed.',
     options: [
       ['--skip_ssh_auth_check', 'add without the ssh check; such workers are never probed'],
       ['--requeue-on-down', 'when the worker goes down (a failed check, or heartbeats unanswered), stop its running jobs and queue them again at once'],
       ['--slots N|auto', 'slots of hosts given without :SLOTS (default 1; auto: nproc, read over ssh)'],
-      ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them)'],
+      ['--gpus N', 'GPUs of each host (indices 0..N-1; with auto, nvidia-smi -L counts them; a Slurm partition must have N in sinfo\'s gres)'],
       ['--label L[,L]', 'labels that jobs can --require or --avoid (repeatable)'],
       ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'environment of every job on these workers (repeatable)'],
     ],
@@ -6912,8 +6999,8 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
   },
   pause: {
     about: 'Stops starting new jobs (all, or a tag\'s); running jobs go on. resume undoes it.',
-    options: [['--tag TAG', 'only that tag\'s jobs']],
-    examples: ['cli.ts pause', 'cli.ts pause --tag lr-sweep'],
+    options: [['--tag TAG', 'only that tag\'s jobs (a tag no job has is refused, as a typo)'], ['--ahead', 'with --tag: pause it even though no job has it yet, so that jobs added with it wait']],
+    examples: ['cli.ts pause', 'cli.ts pause --tag lr-sweep', 'cli.ts pause --tag nightly --ahead   # before queuing into it'],
   },
   resume: {
     about: 'Starts new jobs again after pause (all, or a tag\'s).',

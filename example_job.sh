@@ -49,7 +49,8 @@
 #   0     done: the result is in finished_work/
 #   255   the worker could not be reached, or stopped answering: the worker failed, not the job;
 #         on a Slurm worker also: Slurm ended the work or could not start it
-#         (the scheduler requeues the job and checks the worker)
+#         (the scheduler requeues the job and checks the worker); but not when Slurm
+#         refuses the job's own request (GPUs, CPUs, memory or time it cannot have): exit 1
 #   2     usage: wrong arguments or environment
 #   130, 143  stopped by SIGINT, SIGTERM (the work on the worker is stopped and its directory removed)
 #   other the job failed: the work's own exit code (254 if the work itself exits 255), or
@@ -155,8 +156,11 @@ fi
 # must be on a file system the compute nodes share (a cluster's home directory is): the
 # work writes its exit code to .rc there, and an srun that ends without one means Slurm
 # ended the work (node failure, preemption, cancelled from outside) or never started it
-# (no allocation): exit 255, and djs runs the job again. Stopping the job (SIGTERM) cancels
-# its Slurm job (scancel) and waits until Slurm no longer lists it.
+# (no allocation): exit 255, and djs runs the job again; but when srun says Slurm refuses
+# the job's own request (SLURM_REFUSALS: GPUs the partition lacks, too many CPUs, a time
+# limit over the partition's), the job fails with exit 1. Stopping the job (SIGTERM) cancels
+# its Slurm job (scancel) and waits until Slurm no longer lists it; when Slurm's controller
+# does not answer, a canceller left in the background cancels it once it does.
 slurm_partition=''
 if [[ $host =~ ^slurm:([A-Za-z0-9_][A-Za-z0-9_.-]*)(@(.+))?$ ]]; then
 	slurm_partition=${BASH_REMATCH[1]}
@@ -166,6 +170,12 @@ if [[ $host =~ ^slurm:([A-Za-z0-9_][A-Za-z0-9_.-]*)(@(.+))?$ ]]; then
 		local_home=${DJS_SLURM_HOME:-$HOME}
 	fi
 fi
+
+# What srun says when Slurm refuses the job's own request (its GPUs, CPUs, memory, time):
+# the job fails (exit 1), as running it again, anywhere in this partition, cannot help.
+SLURM_REFUSALS=('Invalid generic resource' 'Invalid Trackable RESource' 'Requested node configuration is not available'
+	'Requested time limit is invalid' 'More processors requested than permitted' 'Memory required by task is not available'
+	'Node count specification invalid' 'Job violates accounting/QOS policy')
 
 # count LIST: the number of words in a comma list.
 count() { local IFS=,; local -a a; read -r -a a <<<"$1"; printf '%s' "${#a[@]}"; }
@@ -177,17 +187,42 @@ slurm_run() {
 	srun+=" --cpus-per-task=$(count "${SLAVE_SLOTS:-0}")"
 	if [[ -n ${SLAVE_GPUS:-} ]]; then srun+=" --gpus=$(count "$SLAVE_GPUS")"; fi
 	if ((${JOB_TIMEOUT:-0} > 0)); then srun+=" --time=$(((JOB_TIMEOUT + 59) / 60))"; fi
-	printf '%s' "rm -f .rc; $srun sh -c $(shq "$1
-echo \$? > .rc")
-if [ ! -f .rc ]; then rm -f .pgid; exit 255; fi
+	# srun's own messages go to the log and to .srun (the work's stderr joins its stdout), so
+	# that a request Slurm refuses is told from Slurm ending the work.
+	local refused='' reason
+	for reason in "${SLURM_REFUSALS[@]}"; do refused+=" -e $(shq "$reason")"; done
+	printf '%s' "rm -f .rc .srun .slurm_job; { $srun sh -c $(shq "exec 2>&1
+echo \"\$SLURM_JOB_ID\" > .slurm_job
+$1
+echo \$? > .rc") 2>&1 1>&3 | tee .srun >&2; } 3>&1
+if [ ! -f .rc ]; then rm -f .pgid
+  if grep -q -F$refused .srun; then echo 'example_job.sh: Slurm refused what this job asks for (above): the job fails' >&2; exit 1; fi
+  exit 255
+fi
 (exit \"\$(cat .rc)\")"
 }
 
 # slurm_cancel: the shell command that cancels this job's Slurm job and waits (up to 10 s)
-# until Slurm no longer lists it.
+# until Slurm no longer lists it. The cancel is left to a canceller in the background
+# (nohup), which asks again every second until Slurm answers and no longer lists the job
+# (for up to a day): a controller that does not answer now (slurmctld down or restarting)
+# gets the cancel once it is back, though this script has ended by then. It cancels the
+# Slurm job by its id (the work wrote it to .slurm_job, or srun said it queued it), so a
+# later run of the same djs job is not touched; by name only when no id is known.
 slurm_cancel() {
 	local which="-u \"\$(id -un)\" -p $slurm_partition -n djs-$JOB_ID"
-	printf '%s' "scancel $which 2>/dev/null; n=0
+	local canceller="n=0
+while [ \$n -lt 86400 ]; do
+	if [ -n \"\$1\" ]; then scancel \"\$1\"; else scancel $which; fi
+	if ids=\$(squeue -h $which -o %i); then
+		if [ -n \"\$1\" ]; then printf '%s\n' \"\$ids\" | grep -qx \"\$1\" || exit 0; elif [ -z \"\$ids\" ]; then exit 0; fi
+	fi
+	sleep 1; n=\$((n + 1))
+done"
+	printf '%s' "j=\$(cat $(shq "$remote_dir/.slurm_job") 2>/dev/null)
+[ -n \"\$j\" ] || j=\$(sed -n 's/^srun: job \\([0-9][0-9]*\\) queued.*/\\1/p' $(shq "$remote_dir/.srun") 2>/dev/null | head -n 1)
+nohup sh -c $(shq "$canceller") sh \"\$j\" </dev/null >/dev/null 2>&1 &
+n=0
 while [ \$n -lt 100 ] && [ -n \"\$(squeue -h $which -o %i 2>/dev/null)\" ]; do sleep 0.1; n=\$((n + 1)); done; "
 }
 

@@ -617,7 +617,7 @@ describe('campaigns', { concurrency: 4 }, () => {
     const running = await addJob(s, './block.sh');
     await pidOf(s, running);
     assert.match(await s.ok(['pause']), /paused the queue/);
-    assert.match(await s.ok(['pause', '--tag', 'late']), /paused tag late/);
+    assert.match(await s.ok(['pause', '--tag', 'late', '--ahead']), /paused tag late: no job has tag late yet; jobs added with --tag late will wait/);
     const [plain] = idsOf(await s.ok(['add_job', './rec.sh', 'plain']));
     const [late] = idsOf(await s.ok(['add_job', '--tag', 'late', './rec.sh', 'late']));
     release(s, running);

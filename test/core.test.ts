@@ -1859,3 +1859,94 @@ describe('textOf and bytesOf: bytes that are not UTF-8', () => {
     assert.equal(shellQuote("it's\udcfe"), "$'it\\'s\\xfe'");
   });
 });
+
+// ---- the first day: a worker taken down gets no job; re-adding a host; unknown tags ----
+
+import { newHealth as newHealthM3, HEARTBEAT_MISSES as MISSES_M3, reAdded, checkOutcome } from '../cli.ts';
+
+describe('first day: plan, re-added workers, pause of an unknown tag', () => {
+  test('a worker whose heartbeats missed their limit goes down and gets no job in the same plan, even with a free slot', () => {
+    const st = newState();
+    worker(st, 'a', 2, true);
+    add(st, 2);
+    start(st, 1, 'a');
+    const H = 30_000, now = T0 + 200_000;
+    const rt = newRuntime();
+    // The last answer came before the heartbeats that went unanswered for 100 s.
+    rt.health.set('a', { ...newHealthM3(), okAt: now - 130_000, sentAt: now - 100_000, missingSince: now - 100_000, busy: true });
+    assert.ok(100_000 >= MISSES_M3 * H, 'the limit has passed');
+    const p = plan(st, rt, now, 5000, { heartbeatMs: H, probeMaxMs: PROBE_BACKOFF_MAX_MS });
+    assert.deepEqual(p.events.map((e) => e.e), ['probe'], 'only the down event: no start on the worker it takes down');
+    step(st, ...p.events);
+    assert.equal(st.workers.get('a')!.state, 'down');
+    assert.equal(job(st, 2).state, 'waiting');
+  });
+
+  test('pause --tag of a tag no job has is refused, unless --ahead pauses it before its jobs; resume of an unknown tag is refused', () => {
+    const st = newState();
+    worker(st, 'a', 2);
+    const C = { now: T0, killGraceMs: 5000, argSpace: 200_000 };
+    const refused = (req: Request, re: RegExp) => assert.throws(() => decidePause(st, req, C), (e: unknown) => e instanceof UserError && e.code === 1 && re.test(e.message));
+    refused({ op: 'pause', tag: 'nosuchtag' }, /^no job has the tag 'nosuchtag'$/);
+    refused({ op: 'resume', tag: 'nosuchtag2' }, /^no job has the tag 'nosuchtag2'$/);
+    assert.throws(() => decidePause(st, { op: 'pause', ahead: true }, C), /--ahead goes with pause --tag/);
+    const d = decidePause(st, { op: 'pause', tag: 'nightly', ahead: true }, C);
+    assert.deepEqual([d.events, d.answer.noJobs], [[{ e: 'pause', t: T0, tag: 'nightly' }], true]);
+    step(st, ...d.events);
+    const again = decidePause(st, { op: 'pause', tag: 'nightly' }, C);
+    assert.deepEqual([again.events, again.answer.changed], [[], false], 'a paused tag is known: pausing it again changes nothing');
+    const nightly = st.nextId;
+    step(st, { e: 'add', t: T0, id: nightly, cwd: '/w', retries: 0, timeout: 0, jobs: [['/bin/j.sh']], tags: ['nightly'] });
+    const [plain] = add(st, 1);
+    assert.deepEqual(planStarts(st).map((s) => s.id), [plain], 'the job of the tag paused ahead waits; others start');
+    const r = decidePause(st, { op: 'resume', tag: 'nightly' }, C);
+    step(st, ...r.events);
+    assert.deepEqual(planStarts(st).map((s) => s.id), [nightly, plain]);
+  });
+  test('a worker added again says what changed, and warns when waiting jobs no longer fit any worker', () => {
+    const st = newState();
+    const C = { now: T0, killGraceMs: 5000, argSpace: 200_000 };
+    const addW = (workers: Record<string, unknown>[]) => { const d = decideAddWorkers(st, { op: 'add_workers', workers, skipCheck: true }, C); step(st, ...d.events); return d.answer; };
+    assert.deepEqual(addW([{ host: 'node3', slots: 3, labels: ['gpu'], gpus: 2 }, { host: 'cpu', slots: 2 }]).changes, undefined, 'new workers change nothing');
+    const gpuJobs = decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/bin/j.sh', 'a'], ['/bin/j.sh', 'b']], gpus: 1, require: ['gpu'] }, C);
+    step(st, ...gpuJobs.events);
+    add(st, 3); // plain jobs: they fit the cpu worker
+    const again = addW([{ host: 'node3', slots: 3 }]);
+    assert.deepEqual(again.changes, ['node3: labels gpu -> none, gpus 2 -> 0']);
+    assert.equal(again.warning, '2 waiting jobs no longer fit any worker (1 GPU, label gpu); they wait until one is added');
+    assert.deepEqual([st.workers.get('node3')!.labels, st.workers.get('node3')!.gpus], [[], 0], 'the re-add still takes only what it gives');
+    const back = addW([{ host: 'node3', slots: 4, labels: ['gpu'], gpus: 2, env: ['A=1'] }]);
+    assert.deepEqual(back, { added: [{ host: 'node3', slots: 4, gpus: 2, labels: ['gpu'] }], changes: ['node3: slots 3 -> 4, labels none -> gpu, gpus 0 -> 2, env none -> A=1'] }, 'jobs that fit again: no warning');
+    assert.deepEqual(addW([{ host: 'node3', slots: 4, labels: ['gpu'], gpus: 2, env: ['A=1'] }]).changes, undefined, 'the same again: nothing changed');
+    assert.deepEqual(reAdded(st, [{ e: 'worker', t: T0, host: 'cpu', slots: 1, ssh: false }]), { changes: ['cpu: slots 2 -> 1'] }, 'plain jobs still fit a smaller worker');
+  });
+  test('the answer to a check: a probe brings a worker up or takes it down; a failed heartbeat takes an up ssh worker down; a routine answer changes nothing', () => {
+    const st = newState();
+    worker(st, 'a', 2, true);
+    step(st, { e: 'worker', t: T0, host: 'r', slots: 1, ssh: true, rod: true });
+    worker(st, 'plain', 1, false);
+    const [id] = add(st, 1);
+    start(st, id, 'r');
+    const out = (host: string, kind: 'probe' | 'heartbeat', err: string | null, t = T0 + 1000) => checkOutcome(st, host, kind, err, t, 60_000, 5000);
+    assert.deepEqual(out('a', 'probe', null), { events: [], log: null }, 'an up worker found as it was');
+    assert.deepEqual(out('a', 'heartbeat', null), { events: [], log: null });
+    assert.deepEqual(out('gone', 'probe', 'refused'), { events: [], log: null }, 'a worker removed meanwhile');
+    assert.deepEqual(out('plain', 'heartbeat', 'refused'), { events: [], log: null }, 'a worker added without the check is never taken down');
+    const down = out('a', 'heartbeat', 'Connection refused');
+    assert.deepEqual(down, { events: [{ e: 'probe', t: T0 + 1000, host: 'a', ok: false, err: 'Connection refused', max: 60_000 }], log: 'worker a is down: Connection refused' });
+    step(st, ...down.events);
+    assert.equal(st.workers.get('a')!.state, 'down');
+    assert.deepEqual(out('a', 'heartbeat', 'Connection refused'), { events: [], log: null }, 'a late heartbeat of a down worker changes nothing');
+    const again = out('a', 'probe', 'Connection refused', T0 + 7000);
+    assert.deepEqual([again.events.map((e) => e.e), again.log], [['probe'], null], 'still down: a longer backoff, no new line');
+    step(st, ...again.events);
+    assert.equal(st.workers.get('a')!.probeDelay, 10_000);
+    const up = out('a', 'probe', null, T0 + 20_000);
+    assert.deepEqual(up, { events: [{ e: 'probe', t: T0 + 20_000, host: 'a', ok: true }], log: 'worker a is up again' });
+    step(st, ...up.events);
+    assert.equal(st.workers.get('a')!.state, 'up');
+    const rod = out('r', 'probe', 'no answer within 15s');
+    assert.deepEqual(rod.events.map((e) => e.e), ['probe', 'kill'], 'with --requeue-on-down its running job is stopped to be queued again');
+    assert.equal(rod.log, 'worker r is down: no answer within 15s');
+  });
+});

@@ -444,7 +444,7 @@ describe('wait counts the jobs it was called for', () => {
     assert.equal(r.code, 0, r.stderr);
     assert.match(r.stderr, /2\/2 finished: 2 done, 0 failed, 0 killed\n$/);
 
-    await s.ok(['pause', '--tag', 'later']);
+    await s.ok(['pause', '--tag', 'later', '--ahead']);
     await s.ok(['add_job', '--tag', 'later', './block.sh']);
     const all = spawnCli(['--data-dir', s.dataDir, 'wait', '--all'], { cwd: s.dir });
     const line = /^1\/2 finished: .* — waiting: tag later is paused: resume with cli\.ts resume --tag later$/gm;
@@ -458,7 +458,7 @@ describe('wait counts the jobs it was called for', () => {
     let s = await serve(t);
     writeScript(s.dir, 'block.sh', GATED);
     await addWorkers(s, 'w1:4');
-    await s.ok(['pause', '--tag', 'sweep']);
+    await s.ok(['pause', '--tag', 'sweep', '--ahead']);
     const batch = (await s.ok(['add_jobs', '--tag', 'sweep', '-'], { input: './block.sh\n./block.sh\n' })).trim().split('\n');
     const w = spawnCli(['--data-dir', s.dataDir, 'wait', '--tag', 'sweep'], { cwd: s.dir });
     await until(() => /0\/2 finished: .*waiting: tag sweep is paused: resume with cli\.ts resume --tag sweep/.test(w.stderr()), 'wait to name the paused tag', 5000);

@@ -7,8 +7,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { applyEvent, newRuntime, newState, parseWorkerArg, plan, sinfoVerdict, slurmTarget, validateHost, type State } from '../cli.ts';
+import { slurmGpuVerdict } from '../cli.ts';
 import { sshSkip, startHosts, type TestHosts } from './hosts.ts';
+import { findProcesses } from './hosts.ts';
 import { ROOT, serve, testDir, until, untilState, type TestServer } from './server.ts';
+import { alive, processesUnder } from './server.ts';
 import { slurmSkip, startSlurm, type TestSlurm } from './slurm.ts';
 
 const SCRIPT = path.join(ROOT, 'example_job.sh');
@@ -177,8 +180,12 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     const s = await server(t);
     await s.ok(['add_slave', 'slurm:debug:1']);
     const [file] = inputs(s, 1);
-    const id = Number((await s.ok(['add_job', '-e', 'DJS_EXAMPLE_SLEEP=120', SCRIPT, `in/${file}`])).trim());
+    const pause = `120.${process.pid}`;
+    const id = Number((await s.ok(['add_job', '-e', `DJS_EXAMPLE_SLEEP=${pause}`, SCRIPT, `in/${file}`])).trim());
     await until(async () => (await slurm.jobNames()).includes(`djs-${id}`), `Slurm to run djs-${id}`, 60_000);
+    // Cancelled while the work runs: Slurm's step was launched, so it is CANCELLED (before
+    // that, srun says the step's credential was revoked, or its launch was aborted).
+    await until(() => findProcesses(['sleep', pause]).length > 0, 'the work to run', 60_000);
     const r = await slurm.client('scancel', ['--name', `djs-${id}`]);
     assert.equal(r.code, 0, r.stderr);
     const job = await until(async () => {
@@ -187,7 +194,8 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     }, 'the job to run again', 60_000);
     assert.deepEqual([job.history[0].exitCode, job.history[0].worker, job.attempts], [255, 'slurm:debug', 2]);
     assert.equal((await worker(s, 'slurm:debug')).state, 'up');
-    assert.match(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'), new RegExp(`STEP \\d+\\.0 ON ${slurm.node} CANCELLED`), 'srun\'s output is in the job\'s log');
+    assert.match(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'),
+      new RegExp(`STEP \\d+\\.0 ON ${slurm.node} CANCELLED|srun: error: .*Job credential revoked|srun: .*StepId=\\d+\\.0 aborted before step completely launched`), 'srun\'s output is in the job\'s log');
     await s.ok(['kill', String(id)]);
     await untilState(s, id, 'killed', 30_000);
   });
@@ -209,5 +217,66 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     assert.equal(auto.code, 2);
     assert.match(auto.stderr, /a Slurm worker needs a slot count/);
     assert.equal((await s.status()).workers.length, 1);
+  });
+
+  test('--gpus on a partition without GPUs is refused when the worker is added; a job whose request srun refuses fails, not its worker', { timeout: 120_000 }, async (t) => {
+    const s = await server(t);
+    const r = await s.cli(['add_slave', '--gpus', '2', 'slurm:debug:2']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /Slurm check failed for 'slurm:debug' \(--gpus 2, but Slurm partition 'debug' has no GPUs \(sinfo's gres: \(null\)\)\); no worker added/);
+    assert.equal((await s.status()).workers.length, 0);
+    // Added without the check, as a user may: srun refuses every GPU job's request.
+    await s.ok(['add_slave', '--skip_ssh_auth_check', '--gpus', '2', 'slurm:debug:2']);
+    const [file] = inputs(s, 1);
+    const id = Number((await s.ok(['add_job', '--gpus', '1', SCRIPT, `in/${file}`])).trim());
+    const job = await untilState(s, id, 'failed', 60_000);
+    assert.deepEqual([job.exitCode, job.attempts], [1, 1], 'the job failed once, with srun\'s code; it was not requeued as a worker failure');
+    assert.equal((await worker(s, 'slurm:debug')).state, 'up');
+    const log = fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8');
+    assert.match(log, /srun: error: Invalid generic resource \(gres\) specification/);
+    assert.match(log, /Slurm refused what this job asks for/);
+    // A plain job on the same worker still runs.
+    const plain = Number((await s.ok(['add_job', SCRIPT, `in/${file}`])).trim());
+    await untilState(s, plain, 'done', 60_000);
+  });
+
+  test('a kill while slurmctld is down is recorded after the grace; the work is cancelled once the controller answers again', { timeout: 240_000 }, async (t) => {
+    const s = await server(t);
+    await s.ok(['add_slave', 'slurm:debug:1']);
+    const [file] = inputs(s, 1);
+    const pause = `300.${process.pid}`;
+    const id = Number((await s.ok(['add_job', '-e', `DJS_EXAMPLE_SLEEP=${pause}`, SCRIPT, `in/${file}`])).trim());
+    const work = await until(() => findProcesses(['sleep', pause])[0], 'the work to run under Slurm', 60_000);
+    let down = false;
+    t.after(async () => { if (down) await slurm.startController(); });
+    await slurm.stopController();
+    down = true;
+    const killedAt = Date.now();
+    await s.ok(['kill', String(id)]);
+    await untilState(s, id, 'killed', 30_000);
+    assert.ok(Date.now() - killedAt < 25_000, 'recorded killed within the grace (and a little)');
+    // The job's own processes give up on Slurm: no srun of this test is left, yet the
+    // work runs on, since only the controller can end it.
+    const ours = (argv0: string) => findProcesses([argv0]).filter((p) => { try { return fs.readlinkSync(`/proc/${p}/cwd`).startsWith(s.dir); } catch { return false; } });
+    await until(() => ours('srun').length === 0, 'the job\'s srun to be gone', 120_000, 200);
+    assert.ok(alive(work), 'the work still runs while slurmctld is down');
+    await slurm.startController();
+    down = false;
+    const back = Date.now();
+    await until(() => !alive(work), 'the work to be cancelled once slurmctld answers', 20_000, 100);
+    t.diagnostic(`the work ended ${Date.now() - back} ms after slurmctld answered again`);
+    await until(async () => (await slurm.jobNames()).length === 0, 'Slurm to list no job', 20_000, 200);
+    const canceller = () => processesUnder(s.dir).filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('86400'); } catch { return false; } });
+    await until(() => canceller().length === 0, 'the canceller to end once Slurm no longer lists the job', 20_000, 200);
+  });
+});
+
+describe('Slurm workers added with --gpus', () => {
+  test('sinfo\'s node counts and gres say whether a partition has the GPUs a worker is added with', () => {
+    assert.equal(slurmGpuVerdict(['1/(null)'], 'debug', 2), "--gpus 2, but Slurm partition 'debug' has no GPUs (sinfo's gres: (null))");
+    assert.equal(slurmGpuVerdict(['2/gpu:a100:4(S:0-1)', '3/(null)'], 'gpu', 8), null, 'two nodes of 4');
+    assert.equal(slurmGpuVerdict(['1/gpu:2,mps:200'], 'gpu', 3), "--gpus 3, but Slurm partition 'gpu' has 2 GPUs (sinfo's gres: gpu:2,mps:200)");
+    assert.equal(slurmGpuVerdict(['1/gpu:tesla:1(S:0),gpu:v100:2'], 'gpu', 3), null, 'GPUs of two types on a node add up');
+    assert.equal(slurmGpuVerdict(['4/mps:100'], 'gpu', 1), "--gpus 1, but Slurm partition 'gpu' has no GPUs (sinfo's gres: mps:100)");
   });
 });

@@ -40,6 +40,11 @@ export interface TestSlurm {
   jobNames(): Promise<string[]>;
   /** Kills every process of the cluster and removes its directory. */
   close(): Promise<void>;
+  /** Stops slurmctld (SIGTERM; it saves its state) and waits until it exited: Slurm's
+   *  clients then cannot reach the controller, while slurmd and running steps go on. */
+  stopController(): Promise<void>;
+  /** Starts slurmctld again (it recovers its state) and waits until sinfo answers. */
+  startController(): Promise<void>;
 }
 
 const MARKER = 'DJS_TEST_SLURM';
@@ -190,7 +195,7 @@ export async function startSlurm(opts: { cpus?: number } = {}): Promise<TestSlur
     daemon('munged', 'munged', ['-F', '-f', `--socket=${dir}/munge.sock`, `--key-file=${dir}/munge.key`, `--pid-file=${dir}/munged.pid`,
       `--log-file=${dir}/munged.log`, `--seed-file=${dir}/munged.seed`]);
     await until(() => fs.existsSync(`${dir}/munge.sock`) || daemons[0].exitCode !== null, 'munged to listen', READY_MS);
-    daemon('slurmctld', 'slurmctld', ['-D', '-i']);
+    let ctld = daemon('slurmctld', 'slurmctld', ['-D', '-i']);
     daemon('slurmd', 'slurmd', ['-D', '-N', node]);
     await until(async () => {
       const dead = daemons.findIndex((d) => d.exitCode !== null);
@@ -209,6 +214,20 @@ export async function startSlurm(opts: { cpus?: number } = {}): Promise<TestSlur
         const r = await client('squeue', ['--noheader', '--format=%j']);
         if (r.code !== 0) throw new Error(`squeue failed: ${r.stderr.trim()}`);
         return r.stdout.split('\n').map((l) => l.trim()).filter(Boolean);
+      },
+      async stopController() {
+        const exited = new Promise<void>((resolve) => { if (ctld.exitCode !== null || ctld.signalCode !== null) resolve(); else ctld.once('exit', () => resolve()); });
+        ctld.kill('SIGTERM');
+        await exited;
+      },
+      async startController() {
+        assert.ok(ctld.exitCode !== null || ctld.signalCode !== null, 'slurmctld is stopped');
+        daemons.splice(daemons.indexOf(ctld), 1);
+        ctld = daemon('slurmctld', 'slurmctld', ['-D', '-i']);
+        await until(async () => {
+          assert.equal(ctld.exitCode, null, 'slurmctld exited');
+          return (await client('sinfo', ['--noheader', `--partition=${partition}`, '--format=%T'])).code === 0;
+        }, 'slurmctld to answer again', READY_MS, 200);
       },
       async close() {
         await until(() => killCluster(dir, daemons) === 0, `the processes of the Slurm in '${dir}' to be gone`, 10_000, 20);
