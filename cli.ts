@@ -83,6 +83,7 @@ if (!process.features.typescript) {
  *   DJS_SSH_SESSIONS, DJS_HEARTBEAT, DJS_PROBE_BACKOFF_MAX, and DJS_SLURM_CHECK;
  *   DJS_MAX_CONNECTIONS; DJS_CLIENT_BYTES; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
  *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR,
+ *   DJS_RUN_NAME (INSTANCE-ID-RUN: no other server, job or run shares it; runName),
  *   DJS_SSH_SHARED_CONFIG, the worker's and their own --env settings, and the ssh
  *   settings as kept.
  *
@@ -92,6 +93,7 @@ if (!process.features.typescript) {
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
+ *   instance      this data dir's random name, made by its first start (instanceOf)
  *   settings      the settings of the last start, JSON (see SETTINGS); a data dir that
  *                 is not empty and holds none of these files is not taken
  *   http.token    the access token of the dashboard and API (start --http; mode 0600)
@@ -242,7 +244,7 @@ export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** A word that reads as NAME=VALUE (cli.py's `--env A=1 B=2` took several at once). */
 const ENV_WORD_RE = /^[A-Za-z_][A-Za-z0-9_]*=/;
 /** Variables the server sets for each job itself; a job's --env cannot replace them. */
-const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT']);
+const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT', 'DJS_RUN_NAME']);
 
 export type Attempt = {
   n: number; worker: string; slot: number; startedAt: number; endedAt: number;
@@ -3100,6 +3102,7 @@ type ServerConfig = {
   dataDir: string; logDir: string; killGraceMs: number; probeMaxMs: number; snapshotMinBytes: number; ssh: SshSettings;
   maxConnections: number; clientBytes: number; settings: Settings; changed: [string, string, string][];
   http: { host: string; port: number } | null; slurmCheckMs: number;
+  instance: string; // this data dir's name among all servers (see instanceOf)
 };
 
 // All server state, in one place.
@@ -3512,14 +3515,19 @@ function launchJob(id: number): void {
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs,
-  // and the shared ssh connection of its (first) slot.
+  // this run's name, and the shared ssh connection of its (first) slot.
   const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
+  env.push(`DJS_RUN_NAME=${runName(cfg.instance, id, job.run)}`);
   if (cfg.ssh.shared) env.push(`DJS_SSH_SHARED_CONFIG=${sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh))}`);
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
 }
 const launches: Buffer[] = [];
+
+/** DJS_RUN_NAME: `INSTANCE-ID-RUN`, a name no other server (instanceOf), job or run of
+ *  this user shares, and safe in a file name: what a job names its files on a worker by. */
+export const runName = (instance: string, id: number, run: number) => `${instance}-${id}-${run}`;
 
 /** Hands the turn's launches to the launcher in one write. */
 function flushLaunches(): void {
@@ -4244,7 +4252,7 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
     sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
   });
   await new Promise<void>((resolve, reject) => {
-    s.once('error', (e) => reject(failure(`cannot serve HTTP on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}: ${e.message}`, 'choose another port with --http, or stop what listens there')));
+    s.once('error', (e) => reject(failure(`cannot serve HTTP on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}: ${e.message}`, 'choose another port with --http PORT, or stop what listens there; to start without HTTP (and drop a kept --http): DJS_HTTP= cli.ts start -d')));
     s.listen({ port: addr.port, host: addr.host, backlog: 4096 }, () => resolve());
   });
   s.on('error', (e) => log(`HTTP error: ${e.message}`));
@@ -5271,8 +5279,24 @@ function makeDirs(dir: string): void {
   }
 }
 
+/** The name of a data dir among all servers of this user: random, made by its first
+ *  start and kept in DATA_DIR/instance, so it stays across restarts and differs between
+ *  data dirs (whose job ids all start at 1). Jobs get it in DJS_RUN_NAME. */
+function instanceOf(dataDir: string): string {
+  const file = path.join(dataDir, 'instance');
+  try {
+    const kept = fs.readFileSync(file, 'utf8').trim();
+    if (/^[a-z0-9]{8}$/.test(kept)) return kept;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw failure(`cannot read '${file}': ${(e as Error).message}`);
+  }
+  const made = crypto.randomBytes(4).toString('hex');
+  replaceFile(file, (fd) => writeAll(fd, made + '\n'));
+  return made;
+}
+
 /** Names djs makes in a data dir (and their temporary files). */
-const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|http\.token|run|ssh)(\.(tmp|\d+))?$/;
+const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|http\.token|instance|run|ssh)(\.(tmp|\d+))?$/;
 
 /** The data dir: made, or checked (ownDir); one that holds files djs did not make is
  *  refused (a directory given by mistake, a home or a logs dir), so that nothing of
@@ -5365,6 +5389,7 @@ function serverConfig(dataDir: string, values: Settings, changed: [string, strin
     dataDir, logDir: values.DJS_LOG_DIR, killGraceMs: Number(values.DJS_KILL_GRACE) * 1000, probeMaxMs: Number(values.DJS_PROBE_BACKOFF_MAX) * 1000,
     ssh: sshSettings(values), settings: values, changed, ...tuning,
     http: values.DJS_HTTP ? parseHttpAddress(values.DJS_HTTP) : null, slurmCheckMs: Number(values.DJS_SLURM_CHECK) * 1000,
+    instance: '',
   };
 }
 
@@ -5386,6 +5411,7 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
   await holdDirLock(cfg.dataDir); // held until this process ends
   lockDataDir(cfg.dataDir);
   try {
+    cfg.instance = instanceOf(cfg.dataDir);
     const loaded = loadState(cfg.dataDir);
     // Two starts that both found a stale pid file can both think they took the dir:
     // check before writing anything, and again once the journal is open.
@@ -5400,7 +5426,6 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
       if (cfg.settings[set.env]) baseEnv[set.env] = cfg.settings[set.env]; else delete baseEnv[set.env];
     }
     argSpace = argSpaceOf(baseEnv);
-    writeSettings(cfg.dataDir, cfg.settings);
     // A data dir of an earlier format is written anew in this one before anything is
     // appended to it, so no file mixes two versions.
     if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
@@ -5428,6 +5453,9 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
     process.umask(old);
   });
   fs.chmodSync(sock.abs, 0o600);
+  // Kept only now that this start is up: a start that failed (a port in use) keeps
+  // nothing, so the next plain start does not fail the same way.
+  writeSettings(cfg.dataDir, cfg.settings);
   server.on('error', (e) => log(`socket error: ${e.message}`));
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
   process.on('SIGHUP', () => {});
