@@ -2747,8 +2747,8 @@ const SETSID_SYSCALL: Record<string, number> = process.platform === 'linux'
   : {};
 
 /** One job for the launcher (see LAUNCHER): its record, as bytes. */
-export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: string[]; script: string; args: string[] }): Buffer {
-  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map(bytesOf);
+export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: (string | Buffer)[]; script: string; args: string[] }): Buffer {
+  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map((f) => (typeof f === 'string' ? bytesOf(f) : f));
   const head = Buffer.from(`${j.id} ${j.run} ${j.slot} ${j.attempt} ${j.env.length} ${fields.map((f) => f.length).join(' ')}\n`);
   let len = head.length;
   for (const f of fields) len += f.length;
@@ -3609,18 +3609,32 @@ function launchJob(id: number): void {
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs,
   // this run's name, and the shared ssh connection of its (first) slot.
-  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
+  const env: (string | Buffer)[] = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
   env.push(`DJS_RUN_NAME=${runName(cfg.instance, id, job.run)}`);
   // A job added with its shell's environment runs with that instead of the server's
   // (see the launcher's word `=`), with what the server gives every job (serverWords).
-  const environ = job.environ === null ? undefined : st.environs.get(job.environ);
-  if (environ) env.unshift('=', ...environ, ...serverWords);
+  const environ = job.environ === null ? undefined : environWords(job.environ);
+  if (environ) env.unshift(...environ);
   if (cfg.ssh.shared) env.push(`DJS_SSH_SHARED_CONFIG=${sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh))}`);
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
 }
 const launches: Buffer[] = [];
+
+/** The launcher's words of a job that runs with environment `id` ('=', its variables,
+ *  serverWords), encoded once for all the jobs that share it. */
+function environWords(id: string): Buffer[] | undefined {
+  let words = environBytes.get(id);
+  if (words) return words;
+  const vars = st.environs.get(id);
+  if (!vars) return undefined;
+  if (environBytes.size >= 64) environBytes.clear(); // a cache, not a second copy of every environment
+  words = ['=', ...vars, ...serverWords].map(bytesOf);
+  environBytes.set(id, words);
+  return words;
+}
+const environBytes = new Map<string, Buffer[]>();
 
 /** DJS_RUN_NAME: `INSTANCE-ID-RUN`, a name no other server (instanceOf), job or run of
  *  this user shares, and safe in a file name: what a job names its files on a worker by. */
@@ -6700,6 +6714,8 @@ function helpText(): string {
     `cli.py's spellings work too: --server_data_dir, --log_dir, --env,-e=NAME=VALUE.\n` +
     `environment:\n${ENVIRONMENT.map(([name, what]) => `  ${name.padEnd(23)}${what}`).join('\n')}\n` +
     `"kept": start keeps the value in the data dir; later starts use it unless given another.\n` +
+    `jobs run with the environment of the add_job that queued them, plus JOB_ID, SLAVE_IP, DJS_RUN_NAME (a name\n` +
+    `no other server, job or run shares) and more (README: Jobs); a worker's checks with its add_slave's.\n` +
     `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
 }
 
