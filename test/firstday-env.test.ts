@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { applyEvent, decideAddJobs, Journal, keptEnviron, loadState, newState, runName, type Event } from '../cli.ts';
+import { applyEvent, decideAddJobs, decideLoadStatus, Journal, keptEnviron, loadState, newState, runName, type Event } from '../cli.ts';
 import { startSlurm, slurmSkip, type TestSlurm } from './slurm.ts';
 import { addJob, addWorkers, ROOT, runCli, serve, startServer, testDir, tempDir, until, untilState, writeScript } from './server.ts';
 
@@ -138,6 +138,20 @@ describe('the environment a job runs with', () => {
     assert.throws(() => decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/bin/true', 'y'.repeat(100_000)]], environ: ['E=' + 'x'.repeat(100_000)] }, { ...CTX, environSpace: 150_000 }), /an exec leaves/);
   });
 
+  test('load_status (cli.py\'s state): its workers and waiting jobs get the environment of the load_status, kept once', () => {
+    const st = newState();
+    const status = {
+      job_waitlist: [[['./job.sh', 'a'], ['FOO=1']], [['./job.sh', 'b'], []], [['./job.sh', 'c'], ['FOO=1']]],
+      slaves: [{ ip: 'h1', envs: {}, status: 'idle', running_job: null }, { ip: 'h2', envs: { P: '1' }, status: 'idle', running_job: null }],
+    };
+    const d = decideLoadStatus(st, { op: 'load_status', cwd: '/w', status, alive: [], skipCheck: true, environ: ['ENVTEST_FOO=c', 'PWD=/w'] }, CTX);
+    assert.deepEqual(d.events.filter((e) => e.e === 'environ').map((e) => (e as { vars: string[] }).vars), [['ENVTEST_FOO=c']], 'one copy for the three adds and two workers');
+    for (const ev of d.events) applyEvent(st, ev);
+    const ids = new Set([...st.jobs.values()].map((j) => j.environ).concat([...st.workers.values()].map((w) => w.environ)));
+    assert.equal(ids.size, 1);
+    assert.deepEqual(st.environs.get([...ids][0]!), ['ENVTEST_FOO=c']);
+  });
+
   test('a snapshot keeps each environment some job or worker runs with, once, and drops the others', () => {
     const dir = tempDir('djse-');
     const st = newState();
@@ -203,6 +217,11 @@ describe('the environment a job runs with', () => {
       assert.equal(r.code, 0, r.stderr);
       ids[foo].push(...r.stdout.trim().split('\n'));
     }
+    // cli.py's state, loaded from a shell with FOO=a: its waiting job runs with that too.
+    fs.writeFileSync(path.join(s.dir, 'st.json'), JSON.stringify({ job_waitlist: [[['./env.sh', 'loaded'], []]], slaves: [] }));
+    const loaded = await from('a', ['load_status', 'st.json']);
+    assert.equal(loaded.code, 0, loaded.stderr);
+    ids.a.push(String((await s.jobs()).at(-1).id));
     const bare = await addJob(s, 'env.sh');
     const url = (await s.ok(['dashboard'])).trim();
     const [base, token] = url.split('/#token=');
@@ -214,7 +233,7 @@ describe('the environment a job runs with', () => {
     const httpId = String(((await viaHttp.json()) as { first: number }).first);
     assert.equal((await s.cli(['wait', '--all'])).code, 0);
 
-    assert.equal(ids.a.length, 7);
+    assert.equal(ids.a.length, 8);
     for (const foo of ['a', 'b']) {
       for (const id of ids[foo]) {
         const env = envFile(path.join(s.dir, `env.${id}`));
