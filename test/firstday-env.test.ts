@@ -203,11 +203,12 @@ describe('the environment a job runs with', () => {
 
   test('each job runs with the environment of the add_job or add_jobs that queued it, not the server\'s; one copy per environment; adds over HTTP or a bare socket get the server\'s', { timeout: 90_000 }, async (t) => {
     assert.equal(process.env.ENVTEST_FOO, undefined);
-    const s = await serve(t, { env: { ENVTEST_SERVER: 'srv' }, args: ['--http', '0'] });
+    const s = await serve(t, { env: { ENVTEST_SERVER: 'srv', SSH_AUTH_SOCK: '/run/server-agent' }, args: ['--http', '0'] });
     writeScript(s.dir, 'env.sh', 'env > "env.$JOB_ID"');
     await addWorkers(s, 'w1:4');
     // Clients from shells of their own: FOO=a or FOO=b, and not the server's variable.
-    const from = (foo: string, args: string[], input?: string) => runCli(['--data-dir', s.dataDir, ...args], { cwd: s.dir, env: { ENVTEST_FOO: foo }, input });
+    // (The ssh agent of their terminal, which may be gone when the job runs, and the terminal do not follow.)
+    const from = (foo: string, args: string[], input?: string) => runCli(['--data-dir', s.dataDir, ...args], { cwd: s.dir, env: { ENVTEST_FOO: foo, SSH_AUTH_SOCK: '/run/client-agent', TERM: 'xterm-client' }, input });
     const ids: Record<string, string[]> = { a: [], b: [] };
     for (const [foo, args, input] of [
       ['a', ['add_job', './env.sh']], ['a', ['add_job', './env.sh']], ['b', ['add_job', './env.sh', 'b']],
@@ -242,6 +243,8 @@ describe('the environment a job runs with', () => {
         assert.equal(env.get('DJS_DATA_DIR'), fs.realpathSync(s.dataDir), `job ${id}: what the server gives every job`);
         assert.match(env.get('DJS_RUN_NAME') ?? '', new RegExp(`-${id}-1$`));
         assert.equal(env.get('JOB_ID'), id);
+        assert.equal(env.get('SSH_AUTH_SOCK'), '/run/server-agent', `job ${id}: the server's ssh agent`);
+        assert.equal(env.get('TERM'), undefined, `job ${id}: no terminal`);
       }
     }
     for (const id of [bare, httpId]) {
