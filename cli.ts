@@ -82,8 +82,12 @@ if (!process.features.typescript) {
  *   by the next start unless given again) DJS_LOG_DIR, DJS_KILL_GRACE, DJS_HTTP, and for
  *   its ssh DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT, DJS_SSH_SHARED,
  *   DJS_SSH_SESSIONS, DJS_HEARTBEAT, DJS_PROBE_BACKOFF_MAX, and DJS_SLURM_CHECK;
- *   DJS_MAX_CONNECTIONS; DJS_CLIENT_BYTES; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
+ *   DJS_MAX_CONNECTIONS; DJS_CLIENT_BYTES; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. A job
+ *   runs with the environment of the add_job that queued it (keptEnviron: not PWD, TERM,
+ *   the ssh agent, the server's settings; over HTTP: the server's), a worker's checks with
+ *   its add_slave's; jobs get JOB_ID,
  *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR,
+ *   DJS_RUN_NAME (INSTANCE-ID-RUN: no other server, job or run shares it; runName),
  *   DJS_SSH_SHARED_CONFIG, the worker's and their own --env settings, and the ssh
  *   settings as kept.
  *
@@ -93,6 +97,7 @@ if (!process.features.typescript) {
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
+ *   instance      this data dir's random name, made by its first start (instanceOf)
  *   settings      the settings of the last start, JSON (see SETTINGS); a data dir that
  *                 is not empty and holds none of these files is not taken
  *   http.token    the access token of the dashboard and API (start --http; mode 0600;
@@ -218,10 +223,13 @@ export type KillReason = 'user' | 'timeout' | 'requeue' | 'down';
  *  start counter, `run`. 3: campaigns and placement: `add` with tags, priority, after,
  *  env, need and sweeps; `start` with slots and gpus; `end` with began; `worker` with
  *  labels, gpus and env; events `priority`, `pause`, `resume`, `policy`; `clean` of
- *  chosen ids. Data dirs of versions 1 and 2
- *  load too (see upgradeRecord); a program of version 2 refuses version 3, which it would
- *  misread (it would start a job before its dependencies). */
-const FORMAT_VERSION = 3;
+ *  chosen ids. 4: event `environ` (an environment, by content id), `add` and `worker`
+ *  with environ; snapshot records `environ`. Data dirs of versions 1 to 3
+ *  load too (see upgradeRecord; their jobs and workers run with the server's
+ *  environment); a program of version 2 refuses version 3, which it would
+ *  misread (it would start a job before its dependencies), and one of version 3 refuses 4
+ *  (its jobs would lose their environment). */
+const FORMAT_VERSION = 4;
 const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
 /** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
 export const WORKER_FAILED_EXIT = 255;
@@ -244,7 +252,23 @@ export const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** A word that reads as NAME=VALUE (cli.py's `--env A=1 B=2` took several at once). */
 const ENV_WORD_RE = /^[A-Za-z_][A-Za-z0-9_]*=/;
 /** Variables the server sets for each job itself; a job's --env cannot replace them. */
-const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT']);
+const RESERVED_ENV = new Set(['JOB_ID', 'SLAVE_IP', 'SLAVE_SLOT', 'SLAVE_SLOTS', 'SLAVE_GPUS', 'JOB_ATTEMPT', 'JOB_TIMEOUT', 'DJS_RUN_NAME']);
+/** Variables of the shell that ran add_job or add_slave that do not follow its jobs and
+ *  checks (see keptEnviron), besides the server's settings (SETTINGS):
+ *  they describe that shell (its directory, depth, last command, terminal), are the
+ *  server's (its data dir, its tuning, the launcher's), are set for each job anyway, or
+ *  are the ssh agent, which is the server's (ENVIRON_FROM_SERVER). Other DJS_ variables
+ *  (example_job.sh's DJS_REMOTE_DIR, DJS_LOCAL_HOME) are the job's: they follow. */
+const ENVIRON_DROPPED = new Set([
+  'PWD', 'OLDPWD', 'SHLVL', '_', 'TERM', 'SSH_TTY', 'SSH_AUTH_SOCK', 'SSH_AGENT_PID', ...RESERVED_ENV,
+  'DJS_DATA_DIR', 'DJS_SSH_SHARED_CONFIG', 'DJS_MAX_CONNECTIONS', 'DJS_CLIENT_BYTES', 'DJS_SNAPSHOT_MIN_BYTES', 'DJS_BOOT_COPY', 'DJS_LAUNCHER_CODE',
+]);
+/** The ssh agent: jobs and checks get the server's, whatever environment they run with,
+ *  so every ssh of djs (checks, shared connections, the jobs' own) logs in the same way,
+ *  and a job that waited a day does not carry the socket of a terminal closed since. */
+const ENVIRON_FROM_SERVER = ['SSH_AUTH_SOCK', 'SSH_AGENT_PID'];
+/** The most bytes of the environment one request may carry (it must fit an exec too). */
+export const MAX_ENVIRON_BYTES = 1 << 20;
 
 export type Attempt = {
   n: number; worker: string; slot: number; startedAt: number; endedAt: number;
@@ -272,6 +296,7 @@ export type Job = {
   priority: number;                      // higher starts first
   after: number[] | null;                // jobs that must end `done` before this one starts
   env: string[] | null;                  // NAME=VALUE on top of the server's environment
+  environ: string | null;                // the environment it runs with (the id of its add's, in environs); null: the server's
   blockers: number;                      // of `after`, how many have not ended done yet
   need: Need;                            // what a worker must offer it; shared by the jobs of one add
   slots: number[] | null;                // all slots of the current or last attempt, when more than one
@@ -305,6 +330,7 @@ export type Worker = {
   gpus: number;                          // GPUs, indices 0..gpus-1
   gpuJobs: number[];                     // job id per GPU index, 0 = free
   env: string[] | null;                  // NAME=VALUE for every job on it
+  environ: string | null;                // the environment its checks run with (its add_slave's, in environs); null: the server's
   probeAt: number;                       // when to probe next, 0 = no probe due
   probeDelay: number;                    // current backoff
   error: string | null; since: number;
@@ -337,6 +363,7 @@ export type State = {
   strings: Map<string, string>;        // see intern
   cascades: number;                    // jobs failed for a dependency so far (not kept; tells waiters)
   policy: Policy;                      // which free worker a job goes to
+  environs: Map<string, string[]>;     // the environments of adds (keptEnviron), by content id; one copy each
 };
 
 export type JobSpec = string[]; // [script, ...args]
@@ -344,6 +371,7 @@ export type Event =
   | {
     e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[];
     tags?: string[]; priority?: number; after?: number[]; env?: string[];
+    environ?: string; // the id of the environment its jobs run with (an `environ` event before it)
     sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
     need?: Need;
     retryDelay?: number; // seconds before a first retry (see retryAt)
@@ -358,7 +386,8 @@ export type Event =
   | { e: 'priority'; t: number; ids: number[]; priority: number }
   | { e: 'pause'; t: number; tag?: string }
   | { e: 'resume'; t: number; tag?: string }
-  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean; labels?: string[]; gpus?: number; env?: string[]; rod?: boolean } // rod: --requeue-on-down
+  | { e: 'worker'; t: number; host: string; slots: number; ssh: boolean; labels?: string[]; gpus?: number; env?: string[]; rod?: boolean; environ?: string } // rod: --requeue-on-down; environ: of its checks
+  | { e: 'environ'; t: number; id: string; vars: string[] } // an environment of adds, once for all that share it
   | { e: 'policy'; t: number; name: Policy }
   | { e: 'drain'; t: number; host: string }
   | { e: 'unworker'; t: number; host: string }
@@ -385,7 +414,7 @@ export function newState(): State {
   return {
     seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(), lanes: new Map(), prios: [],
     counts: noCounts(), tagCounts: new Map(), dependents: new Map(), forgotten: new Set(),
-    paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0, policy: 'spread',
+    paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0, policy: 'spread', environs: new Map(),
   };
 }
 const noCounts = (): Counts => ({ waiting: 0, running: 0, done: 0, failed: 0, killed: 0 });
@@ -681,6 +710,7 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
     exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
     tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
+    environ: ev.environ === undefined ? null : intern(st, ev.environ),
     need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
     retryDelay: ev.retryDelay ?? 0, notBefore: 0,
   };
@@ -701,6 +731,7 @@ function newWorker(ev: Extract<Event, { e: 'worker' }>): Worker {
   return {
     host: ev.host, slots: ev.slots, state: 'up', ssh: ev.ssh, running: new Array(ev.slots).fill(0), probeAt: 0, probeDelay: 0, error: null, since: ev.t,
     labels: ev.labels ?? NO_TAGS, gpus: ev.gpus ?? 0, gpuJobs: new Array(ev.gpus ?? 0).fill(0), env: ev.env ?? null,
+    environ: ev.environ ?? null,
     slurm: slurmTarget(ev.host),
     ...(ev.rod ? { requeueOnDown: true } : {}),
   };
@@ -908,11 +939,15 @@ export function applyEvent(st: State, ev: Event): void {
     case 'resume':
       if (ev.tag === undefined) st.paused = false; else st.pausedTags.delete(ev.tag);
       break;
+    case 'environ':
+      if (!st.environs.has(ev.id)) st.environs.set(ev.id, ev.vars);
+      break;
     case 'worker': {
       const w = st.workers.get(ev.host);
       if (!w) { st.workers.set(ev.host, newWorker(ev)); break; }
       // Added again: its slots, GPUs, labels, environment and flags are the new ones.
       w.slots = ev.slots; w.ssh = ev.ssh; w.labels = ev.labels ?? NO_TAGS; w.gpus = ev.gpus ?? 0; w.env = ev.env ?? null;
+      w.environ = ev.environ ?? null;
       if (ev.rod) w.requeueOnDown = true; else delete w.requeueOnDown;
       while (w.gpuJobs.length < w.gpus) w.gpuJobs.push(0);
       while (w.gpuJobs.length > w.gpus && w.gpuJobs[w.gpuJobs.length - 1] === 0) w.gpuJobs.pop();
@@ -1257,7 +1292,10 @@ export type Decision = { events: Event[]; answer: Record<string, unknown>; effec
 /** What a decision may read besides the state and the request: the clock, the kill
  *  grace, and the bytes an exec leaves for a job's arguments (ARG_MAX less the
  *  environment jobs get). */
-export type DecideContext = { now: number; killGraceMs: number; argSpace: number };
+export type DecideContext = {
+  now: number; killGraceMs: number; argSpace: number;
+  environSpace?: number; // what an exec leaves for the argv and environment of a job that runs with its add's (argSpace where not given)
+};
 
 /** The kernel's limit on one argument or environment string (Linux MAX_ARG_STRLEN). */
 export const MAX_ARG_BYTES = 128 * 1024 - 1;
@@ -1318,6 +1356,34 @@ export function envOf(v: unknown): string[] {
   }
   return v;
 }
+
+/** The environment of the shell that ran a command (NAME=VALUE words) as its jobs or
+ *  checks keep it: without the variables that must not follow (ENVIRON_DROPPED, the
+ *  server's settings), sorted, so that shells that differ only in those share one copy. */
+export function keptEnviron(words: string[]): string[] {
+  return words.filter((w) => {
+    const name = w.slice(0, w.indexOf('='));
+    return name !== '' && !ENVIRON_DROPPED.has(name) && !SETTINGS.some((set) => set.env === name);
+  }).sort();
+}
+
+/** A request's `environ` (the client's environment, NAME=VALUE words), checked and
+ *  kept (keptEnviron), with its content id and the bytes it takes in an exec. */
+export function environOf(v: unknown): { id: string; vars: string[]; bytes: number } {
+  if (!strings(v)) throw usage('environ is a list of NAME=VALUE strings');
+  for (const w of v) {
+    if (w.indexOf('=') < 1 || w.includes('\0')) throw usage(`invalid environment word ${quoteForError(w.slice(0, 64))}`, 'environ holds NAME=VALUE words, as an environment does');
+  }
+  const vars = keptEnviron(v);
+  let bytes = 0;
+  for (const w of vars) bytes += Buffer.byteLength(w) + 1 + 8;
+  if (bytes > MAX_ENVIRON_BYTES) throw usage(`the environment takes ${bytes} bytes, more than the ${MAX_ENVIRON_BYTES} one add may keep`, 'unset the large variables before add_job or add_slave (env -u NAME ...)');
+  return { id: crypto.createHash('sha256').update(vars.join('\0')).digest('hex').slice(0, 16), vars, bytes };
+}
+
+/** The event that makes an environment known, unless the state has it already. */
+const environEvents = (st: State, environ: { id: string; vars: string[] } | null, t: number): Event[] =>
+  (environ && !st.environs.has(environ.id) ? [{ e: 'environ', t, id: environ.id, vars: environ.vars }] : []);
 
 /** A job's dependencies, checked: each exists (or was cleaned after it ended done) and
  *  has not ended failed or killed. Sorted, without repeats. */
@@ -1383,6 +1449,8 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const priority = priorityOf(req.priority ?? 0);
   const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
   const env = req.env === undefined ? [] : envOf(req.env);
+  const environ = req.environ === undefined ? null : environOf(req.environ);
+  const space = environ ? (c.environSpace ?? c.argSpace) - environ.bytes : c.argSpace;
   const need = needOf(req);
   let envBytes = 0, envText = 0;
   for (const w of env) {
@@ -1412,7 +1480,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
       if (n > MAX_ARG_BYTES) throw usage(`an argument of ${n} bytes is longer than the system allows one argument (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
       bytes += n + 1 + 8;
     }
-    if (bytes + envBytes > c.argSpace) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${c.argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
+    if (bytes + envBytes > space) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${space} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
   }
   const id = st.nextId;
   const ev: Extract<Event, { e: 'add' }> = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
@@ -1423,6 +1491,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (priority) ev.priority = priority;
   if (after.length) ev.after = after;
   if (env.length) ev.env = env;
+  if (environ) ev.environ = environ.id;
   if (req.sweep !== undefined) ev.sweep = req.sweep as string[][];
   if (!isPlain(need)) ev.need = need;
   // Workers come and go, so such jobs are queued all the same; but say so.
@@ -1431,7 +1500,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (st.workers.size === 0) answer.warning = `no workers yet: ${count === 1 ? 'the job waits' : 'the jobs wait'} until you add some with add_slave`;
   else if (![...st.workers.values()].some((w) => w.state !== 'draining')) answer.warning = 'no worker takes jobs (every one is being removed): add some with add_slave';
   else if (!isPlain(need) && ![...st.workers.values()].some((w) => admits(w, need))) answer.warning = `no worker can take ${count === 1 ? 'this job' : 'these jobs'} now (${describeNeed(need)}); ${count === 1 ? 'it waits' : 'they wait'} until one is added`;
-  return { events: [ev], answer };
+  return { events: [...environEvents(st, environ, c.now), ev], answer };
 }
 
 /** Throws unless some job carries the tag (a typo should not look like "nothing to do"). */
@@ -1590,18 +1659,20 @@ export function decideAddWorkers(st: State, req: Request, c: DecideContext): Dec
   const workers = workerSpecs(req);
   const bad = workers.find((w) => w.auto);
   if (bad) throw usage(`${quoteForError(bad.host)}: auto needs the ssh login check, which reads the host's CPUs and GPUs`, 'drop --skip_ssh_auth_check, or give --slots N and --gpus N');
+  const environ = req.environ === undefined ? null : environOf(req.environ);
   const d: Decision = {
-    events: workers.map((w) => {
+    events: [...environEvents(st, environ, c.now), ...workers.map((w) => {
       const ev: Extract<Event, { e: 'worker' }> = { e: 'worker', t: c.now, host: w.host, slots: w.slots, ssh: req.skipCheck !== true };
       if (w.labels.length) ev.labels = w.labels;
       if (w.gpus) ev.gpus = w.gpus;
       if (w.env.length) ev.env = w.env;
       if (req.requeueOnDown === true) ev.rod = true;
+      if (environ) ev.environ = environ.id;
       return ev;
-    }),
+    })],
     answer: { added: workers.map((w) => ({ host: w.host, slots: w.slots, gpus: w.gpus, labels: w.labels })) },
   };
-  return { ...d, answer: { ...d.answer, ...reAdded(st, d.events as Extract<Event, { e: 'worker' }>[]) } };
+  return { ...d, answer: { ...d.answer, ...reAdded(st, d.events.filter((e): e is Extract<Event, { e: 'worker' }> => e.e === 'worker')) } };
 }
 
 /** What adding workers again changes, since a worker added again takes only what this
@@ -1695,7 +1766,9 @@ export function decideLoadStatus(st: State, req: Request, c: DecideContext): Dec
     else if (st.workers.has(w.host)) present.push(w.host);
     else { toAdd.push({ host: w.host, env: w.env }); added.push(w.host); }
   }
-  if (toAdd.length) events.push(...decideAddWorkers(st, { op: 'add_workers', workers: toAdd, skipCheck: req.skipCheck === true }, c).events);
+  // The workers' checks and the jobs run with the environment of the shell that loaded them.
+  const environ = req.environ === undefined ? {} : { environ: req.environ };
+  if (toAdd.length) events.push(...decideAddWorkers(st, { op: 'add_workers', workers: toAdd, skipCheck: req.skipCheck === true, ...environ }, c).events);
   // Jobs in a row with the same envs share one add; ids follow the waitlist's order.
   let nextId = st.nextId;
   for (let i = 0; i < status.jobs.length;) {
@@ -1705,8 +1778,8 @@ export function decideLoadStatus(st: State, req: Request, c: DecideContext): Dec
     const group = status.jobs.slice(i, j);
     const env = group[0].env;
     // decideAddJobs numbers from st.nextId; the adds before this one in the same decision took those ids.
-    const d = decideAddJobs({ ...st, nextId }, { op: 'add_jobs', cwd: req.cwd, jobs: group.map((g) => g.argv), ...(env.length ? { env } : {}) }, c);
-    events.push(...d.events);
+    const d = decideAddJobs({ ...st, nextId }, { op: 'add_jobs', cwd: req.cwd, jobs: group.map((g) => g.argv), ...(env.length ? { env } : {}), ...environ }, c);
+    events.push(...d.events.filter((ev) => ev.e !== 'environ' || !events.some((e) => e.e === 'environ' && e.id === ev.id)));
     nextId += group.length;
     i = j;
   }
@@ -2404,6 +2477,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         if (typeof w.host !== 'string' || !Array.isArray(w.running)) throw damaged(snapFile, no, 'bad worker');
         // Version 2 workers have no placement fields.
         w.labels ??= NO_TAGS; w.gpus ??= 0; w.gpuJobs ??= new Array(w.gpus).fill(0); w.env ??= null;
+        w.environ ??= null; // before version 4: the server's
         st.workers.set(w.host, w);
       } else if (rec.j) {
         const job = rec.j as Job;
@@ -2414,6 +2488,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         if (job.worker !== null) job.worker = intern(st, job.worker);
         // Version 2 jobs have no campaign fields.
         job.priority ??= 0; job.after ??= null; job.env ??= null; job.blockers = 0; job.slots ??= null; job.gpus ??= null;
+        job.environ = typeof job.environ === 'string' ? intern(st, job.environ) : null; // before version 4: the server's
         if (!job.need || isPlain(job.need)) job.need = PLAIN_NEED;
         else {
           const key = JSON.stringify(job.need);
@@ -2426,6 +2501,10 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         }
         addJob(st, job);
         if (job.state === 'waiting') waiting.push(job);
+      } else if (rec.environ) {
+        const e = rec.environ as { id?: unknown; vars?: unknown };
+        if (typeof e.id !== 'string' || !strings(e.vars)) throw damaged(snapFile, no, 'bad environment');
+        st.environs.set(e.id, e.vars);
       } else if (rec.pause) {
         const p = rec.pause as { all?: unknown; tags?: unknown };
         st.paused = p.all === true;
@@ -2550,6 +2629,12 @@ export class Journal {
         buf += JSON.stringify(rec) + '\n';
         if (buf.length > 1 << 20) { writeAll(fd, buf); written += Buffer.byteLength(buf); buf = ''; }
       };
+      // The environments some job or worker runs with, once each; the others are dropped.
+      const used = new Set<string>();
+      for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
+      for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
+      for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
+      for (const [id, vars] of st.environs) put({ environ: { id, vars } });
       for (const w of st.workers.values()) put({ w });
       if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
       const forgotten = [...st.forgotten];
@@ -2601,8 +2686,9 @@ const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal',
  *       which is how a later server tells this run's process from any other);
  *    2. enters CWD, opens LOG_DIR/ID.log (append, no symlink, no FIFO: a log that would
  *       block fails the start instead), and makes it the job's stdout and stderr;
- *    3. sets JOB_ID, SLAVE_IP, SLAVE_SLOT, JOB_ATTEMPT and the NAME=VALUE words, and
- *       execs SCRIPT with ARGS (no shell).
+ *    3. sets the NAME=VALUE words (after a word `=`, they replace its environment
+ *       instead: a job that runs with its add's), JOB_ID, SLAVE_IP, SLAVE_SLOT and
+ *       JOB_ATTEMPT, and execs SCRIPT with ARGS (no shell).
  *  The launcher reaps each child, appends its exit code (128+N for signal N) to the run
  *  file if the claim there is the child's, and then tells the server. Before each fork
  *  it checks that its parent is still the server: the launcher of a server that is gone
@@ -2655,8 +2741,9 @@ sub child {
   close($lf);
   syswrite(STDOUT, $marker) if length $marker;
   for my $k (@kept) { my $v = delete $ENV{$k}; $k =~ s/^DJS_KEPT_//; $ENV{$k} = $v }
+  # A word '=' (no name) empties the environment: the words after it are all of it.
+  for (1 .. $nenv) { my ($k, $v) = split /=/, shift(@w), 2; if ($k eq '') { %ENV = () } else { $ENV{$k} = $v } }
   @ENV{qw(JOB_ID SLAVE_IP SLAVE_SLOT JOB_ATTEMPT)} = ($id, $worker, $slot, $att);
-  for (1 .. $nenv) { my ($k, $v) = split /=/, shift(@w), 2; $ENV{$k} = $v }
   { exec { $w[0] } @w }
   my $err = $!;
   print STDERR "djs: cannot run $w[0]: $err\n";
@@ -2729,8 +2816,8 @@ const SETSID_SYSCALL: Record<string, number> = process.platform === 'linux'
   : {};
 
 /** One job for the launcher (see LAUNCHER): its record, as bytes. */
-export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: string[]; script: string; args: string[] }): Buffer {
-  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map(bytesOf);
+export function launchRecord(j: { id: number; run: number; slot: number; attempt: number; cwd: string; marker: string; worker: string; env: (string | Buffer)[]; script: string; args: string[] }): Buffer {
+  const fields = [j.cwd, j.marker, j.worker, ...j.env, j.script, ...j.args].map((f) => (typeof f === 'string' ? bytesOf(f) : f));
   const head = Buffer.from(`${j.id} ${j.run} ${j.slot} ${j.attempt} ${j.env.length} ${fields.map((f) => f.length).join(' ')}\n`);
   let len = head.length;
   for (const f of fields) len += f.length;
@@ -3050,10 +3137,10 @@ function checkArgs(host: string, ssh: SshSettings, n: number, command: string): 
  *  `result`), over each of the worker's shared connections (which this opens, or
  *  replaces, when missing or dead; the others run `true`); resolves to null or to why
  *  not. Never prompts; gives up after the connect timeout plus a margin. */
-export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }): Promise<string | null> {
+export async function probeHost(host: string, ssh: SshSettings, slots = 1, command = 'true', result?: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
   validateHost(host);
   const n = ssh.shared && ssh.controlDir ? connectionsOf(slots, ssh) : 1;
-  const errs = await Promise.all(Array.from({ length: n }, (_, i) => checkOnce(checkArgs(host, ssh, i, i === 0 ? command : 'true'), ssh, i === 0 ? result : undefined)));
+  const errs = await Promise.all(Array.from({ length: n }, (_, i) => checkOnce(checkArgs(host, ssh, i, i === 0 ? command : 'true'), ssh, i === 0 ? result : undefined, env)));
   return errs.find((e) => e !== null) ?? null;
 }
 
@@ -3075,10 +3162,10 @@ export function closeShared(host: string, ssh: SshSettings): void {
  *  for errors to show the command to be run by hand. */
 export const probeArgs = (host: string, ssh: SshSettings, command = 'true') => checkArgs(host, ssh, 0, command);
 
-function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): Promise<string | null> {
+function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
   return new Promise((resolve) => {
     let err = '', done = false;
-    const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'] });
+    const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'], env });
     child.stdout?.on('data', (d) => { if (result && result.out.length < 65536) result.out += d; });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
@@ -3095,11 +3182,11 @@ function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }): 
 /** Asks Slurm whether a partition takes jobs: `sinfo` here, or on the login host over ssh
  *  (with the same settings as probeHost); resolves to null or to why not (Slurm's own
  *  words: the partition's state, the nodes' state and reason, or sinfo's error). */
-export function probeSlurm(target: SlurmTarget, ssh: SshSettings, gpus = 0): Promise<string | null> {
+export function probeSlurm(target: SlurmTarget, ssh: SshSettings, gpus = 0, env?: NodeJS.ProcessEnv): Promise<string | null> {
   // With gpus (add_slave --gpus N): each line starts with its node count and gres (%D/%G).
   const args = ['--noheader', `--partition=${target.partition}`, gpus > 0 ? '--format=%D/%G/%a/%T/%E' : '--format=%a/%T/%E'];
   const result = { out: '' };
-  const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result) : probeHost(target.login, ssh, 1, ['sinfo', ...args].join(' '), result);
+  const asked = target.login === null ? runSinfo(args, ssh.timeoutS, result, env) : probeHost(target.login, ssh, 1, ['sinfo', ...args].join(' '), result, env);
   return asked.then((err) => {
     if (err !== null || gpus === 0) return err ?? sinfoVerdict(result.out, target.partition);
     const lines = result.out.split('\n').filter((l) => l.trim());
@@ -3125,10 +3212,10 @@ export function slurmGpuVerdict(lines: string[], partition: string, gpus: number
 }
 
 /** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
-function runSinfo(args: string[], timeoutS: number, result: { out: string }): Promise<string | null> {
+function runSinfo(args: string[], timeoutS: number, result: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
   return new Promise((resolve) => {
     let err = '', done = false;
-    const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'], env });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
     const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
     child.stdout?.on('data', (d) => { if (result.out.length < 65536) result.out += d; }); // none if it did not start
@@ -3203,6 +3290,7 @@ type ServerConfig = {
   maxConnections: number; clientBytes: number; settings: Settings; changed: [string, string, string][];
   http: { host: string; port: number } | null; slurmCheckMs: number;
   httpMaxConnections: number; caps: ConnectionCaps;
+  instance: string; // this data dir's name among all servers (see instanceOf)
 };
 
 // All server state, in one place.
@@ -3225,6 +3313,10 @@ const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
 let shuttingDown = false;
 let argSpace = 0;                          // bytes an exec leaves for a job's argv (see argSpaceOf)
+let environSpace = 0;                      // the same for a job that runs with its add's environment
+/** What a job that runs with its add's environment gets from the server: its data dir,
+ *  its ssh settings (as baseEnv has them) and its ssh agent (ENVIRON_FROM_SERVER). */
+let serverWords: string[] = [];
 const metrics = newMetrics(Date.now());    // counters for /metrics and the dashboard's chart
 
 const log = (msg: string) => process.stdout.write(`${new Date().toISOString()} ${msg}\n`);
@@ -3258,6 +3350,9 @@ const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number' }
 const LIST: FieldType = { ok: Array.isArray, what: 'a list' };
 const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty' };
 const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object' };
+/** The environment of the client's shell (NAME=VALUE words): the socket's only, since
+ *  over HTTP there is no shell (POST refuses it; such adds run with the server's). */
+const ENVIRON: FieldType & { socketOnly: true } = { ok: (v) => Array.isArray(v), what: 'a list of NAME=VALUE words', socketOnly: true };
 
 type Op = (
   | { kind: 'read'; answer: (req: Request) => Record<string, unknown> }
@@ -3290,7 +3385,7 @@ const OPS: Record<string, Op> = {
   add_jobs: {
     kind: 'check', check: checkScripts, decide: decideAddJobs, http: true, fields: {
       cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
-      sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST,
+      sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST, environ: ENVIRON,
     },
   },
   remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST } },
@@ -3301,9 +3396,9 @@ const OPS: Record<string, Op> = {
   pause: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT, ahead: BOOL } },
   resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
   policy: { kind: 'change', decide: decidePolicy, http: true, fields: { name: TEXT } },
-  add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers, http: true, fields: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL } },
+  add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers, http: true, fields: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL, environ: ENVIRON } },
   remove_workers: { kind: 'change', decide: decideRemoveWorkers, http: true, fields: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } } },
-  load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus, fields: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL } },
+  load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus, fields: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL, environ: ENVIRON } },
   stop: { kind: 'shutdown' },
 };
 
@@ -3407,9 +3502,10 @@ async function checkLogins(req: Request): Promise<Request> {
   if (req.skipCheck === true) return { ...req, workers };
   const outs = workers.map(() => ({ out: '' }));
   const sent = Date.now();
+  const env = req.environ === undefined ? undefined : checkEnv(environOf(req.environ).vars);
   const errs = await Promise.all(workers.map((w, i) => {
     const slurm = slurmTarget(w.host);
-    return slurm ? probeSlurm(slurm, cfg.ssh, w.gpus) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i]);
+    return slurm ? probeSlurm(slurm, cfg.ssh, w.gpus, env) : probeHost(w.host, cfg.ssh, w.slots, w.auto ? SIZE_COMMAND : 'true', outs[i], env);
   }));
   const bad = workers.flatMap((w, i) => (errs[i] === null ? [] : [`${quoteForError(w.host)} (${errs[i]})`]));
   if (!bad.length) for (const w of workers) answered(w.host, sent);
@@ -3440,7 +3536,7 @@ async function checkLoadStatus(req: Request): Promise<Request> {
   for (const script of new Set(status.jobs.map((j) => j.argv[0]))) checkExecutable(script, script, ' (in the waitlist)');
   const alive = status.workers.flatMap((w) => (w.job && clipyJobAlive(w.job.pid, w.job.id) ? [w.job.id] : []));
   const workers = status.workers.filter((w) => !w.removing && !(w.job && alive.includes(w.job.id)) && !st.workers.has(w.host)).map((w) => ({ host: w.host, env: w.env }));
-  if (workers.length && req.skipCheck !== true) await checkLogins({ op: 'add_workers', workers });
+  if (workers.length && req.skipCheck !== true) await checkLogins({ op: 'add_workers', workers, environ: req.environ });
   return { ...req, alive };
 }
 
@@ -3515,7 +3611,7 @@ function flush(): void {
     if (input.kind === 'fact') { turn.facts.push(input.ev); commit(turn, input.ev); }
     else if (input.kind === 'request') {
       try {
-        const d = input.decide(st, input.req, { now, killGraceMs: cfg.killGraceMs, argSpace });
+        const d = input.decide(st, input.req, { now, killGraceMs: cfg.killGraceMs, argSpace, environSpace });
         for (const ev of d.events) commit(turn, ev);
         if (d.effects) turn.effects.push(...d.effects);
         turn.answers.push({ reply: input.reply, answer: d.answer });
@@ -3695,14 +3791,37 @@ function launchJob(id: number): void {
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
   // The worker's environment, then the job's own (which wins), then the slots and GPUs,
-  // and the shared ssh connection of its (first) slot.
-  const env = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
+  // this run's name, and the shared ssh connection of its (first) slot.
+  const env: (string | Buffer)[] = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
+  env.push(`DJS_RUN_NAME=${runName(cfg.instance, id, job.run)}`);
+  // A job added with its shell's environment runs with that instead of the server's
+  // (see the launcher's word `=`), with what the server gives every job (serverWords).
+  const environ = job.environ === null ? undefined : environWords(job.environ);
+  if (environ) env.unshift(...environ);
   if (shared) env.push(`DJS_SSH_SHARED_CONFIG=${shared}`);
   launches.push(launchRecord({
     id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
   }));
 }
 const launches: Buffer[] = [];
+
+/** The launcher's words of a job that runs with environment `id` ('=', its variables,
+ *  serverWords), encoded once for all the jobs that share it. */
+function environWords(id: string): Buffer[] | undefined {
+  let words = environBytes.get(id);
+  if (words) return words;
+  const vars = st.environs.get(id);
+  if (!vars) return undefined;
+  if (environBytes.size >= 64) environBytes.clear(); // a cache, not a second copy of every environment
+  words = ['=', ...vars, ...serverWords].map(bytesOf);
+  environBytes.set(id, words);
+  return words;
+}
+const environBytes = new Map<string, Buffer[]>();
+
+/** DJS_RUN_NAME: `INSTANCE-ID-RUN`, a name no other server (instanceOf), job or run of
+ *  this user shares, and safe in a file name: what a job names its files on a worker by. */
+export const runName = (instance: string, id: number, run: number) => `${instance}-${id}-${run}`;
 
 /** Hands the turn's launches to the launcher in one write. */
 function flushLaunches(): void {
@@ -3831,8 +3950,8 @@ function signalJob(id: number, sig: NodeJS.Signals): void {
 /** A probe of a worker (see plan): its answer goes to the journal as the worker's state. */
 function runProbe(host: string): void {
   const sent = Date.now();
-  const slurm = st.workers.get(host)?.slurm;
-  (slurm ? probeSlurm(slurm, cfg.ssh) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots)).then((err) => {
+  const slurm = st.workers.get(host)?.slurm, env = workerEnv(host);
+  (slurm ? probeSlurm(slurm, cfg.ssh, 0, env) : probeHost(host, cfg.ssh, st.workers.get(host)?.slots, 'true', undefined, env)).then((err) => {
     rt.probing.delete(host);
     if (slurm) rt.slurmCheckAt.set(host, Date.now() + cfg.slurmCheckMs);
     if (!st.workers.has(host)) return;
@@ -3844,6 +3963,21 @@ function runProbe(host: string): void {
     if (!out.events.length) return submit({ kind: 'tick' });
     for (const ev of out.events) fact(ev);
   });
+}
+
+/** The environment a check runs with: `vars` (an add_slave's, kept), with the server's
+ *  ssh settings and agent (serverWords). */
+function checkEnv(vars: string[]): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const w of [...vars, ...serverWords]) { const eq = w.indexOf('='); env[w.slice(0, eq)] = w.slice(eq + 1); }
+  return env;
+}
+
+/** The environment of a worker's checks: its add_slave's, or (undefined) the server's. */
+function workerEnv(host: string): NodeJS.ProcessEnv | undefined {
+  const id = st.workers.get(host)?.environ;
+  const vars = id ? st.environs.get(id) : undefined;
+  return vars ? checkEnv(vars) : undefined;
 }
 
 /** A check of host sent at `sent` answered: the worker is fresh, nothing is missing. */
@@ -3862,7 +3996,7 @@ function runHeartbeat(host: string): void {
   h.busy = true; h.sentAt = sent;
   if (h.missingSince === 0) h.missingSince = sent;
   rt.health.set(host, h);
-  probeHost(host, cfg.ssh, st.workers.get(host)?.slots).then((err) => {
+  probeHost(host, cfg.ssh, st.workers.get(host)?.slots, 'true', undefined, workerEnv(host)).then((err) => {
     h.busy = false;
     if (err === null) answered(host, sent);
     else h.err = err;
@@ -4430,7 +4564,7 @@ async function startHttp(addr: { host: string; port: number }): Promise<void> {
     sock.end(e.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n' : 'HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
   });
   await new Promise<void>((resolve, reject) => {
-    s.once('error', (e) => reject(failure(`cannot serve HTTP on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}: ${e.message}`, 'choose another port with --http, or stop what listens there')));
+    s.once('error', (e) => reject(failure(`cannot serve HTTP on ${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}: ${e.message}`, 'choose another port with --http PORT, or stop what listens there; to start without HTTP (and drop a kept --http): DJS_HTTP= cli.ts start -d')));
     s.listen({ port: addr.port, host: addr.host, backlog: 4096 }, () => resolve());
   });
   s.on('error', (e) => log(`HTTP error: ${e.message}`));
@@ -4721,7 +4855,7 @@ const statusAnswer = () => (OPS.status as Extract<Op, { kind: 'read' }>).answer(
 function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: string): void {
   // The operations marked http in OPS, with the fields OPS names for them (no others).
   const op = Object.hasOwn(OPS, name) ? OPS[name] : undefined;
-  const fields = op?.http ? Object.keys(op.fields ?? {}) : undefined;
+  const fields = op?.http ? Object.entries(op.fields ?? {}).filter(([, t]) => !('socketOnly' in t)).map(([k]) => k) : undefined;
   if (!fields) return httpError(res, 404, EXIT_USAGE, `unknown operation ${quoteForError(name)}`, `operations: ${Object.keys(OPS).filter((k) => OPS[k].http).join(', ')}`);
   if (!/^application\/json\b/i.test(req.headers['content-type'] ?? '')) return httpError(res, 415, EXIT_USAGE, 'a request body must be JSON', 'send Content-Type: application/json');
   const declared = Number(req.headers['content-length'] ?? 0);
@@ -5742,8 +5876,24 @@ function makeDirs(dir: string): void {
   }
 }
 
+/** The name of a data dir among all servers of this user: random, made by its first
+ *  start and kept in DATA_DIR/instance, so it stays across restarts and differs between
+ *  data dirs (whose job ids all start at 1). Jobs get it in DJS_RUN_NAME. */
+function instanceOf(dataDir: string): string {
+  const file = path.join(dataDir, 'instance');
+  try {
+    const kept = fs.readFileSync(file, 'utf8').trim();
+    if (/^[a-z0-9]{8}$/.test(kept)) return kept;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw failure(`cannot read '${file}': ${(e as Error).message}`);
+  }
+  const made = crypto.randomBytes(4).toString('hex');
+  replaceFile(file, (fd) => writeAll(fd, made + '\n'));
+  return made;
+}
+
 /** Names djs makes in a data dir (and their temporary files). */
-const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|http\.token|run|ssh)(\.(tmp|\d+))?$/;
+const DATA_DIR_NAME = /^(journal|snapshot|settings|server\.pid|server\.sock|lock\.token|http\.token|instance|run|ssh)(\.(tmp|\d+))?$/;
 
 /** The data dir: made, or checked (ownDir); one that holds files djs did not make is
  *  refused (a directory given by mistake, a home or a logs dir), so that nothing of
@@ -5868,6 +6018,7 @@ function serverConfig(dataDir: string, values: Settings, changed: [string, strin
     dataDir, logDir: values.DJS_LOG_DIR, killGraceMs: Number(values.DJS_KILL_GRACE) * 1000, probeMaxMs: Number(values.DJS_PROBE_BACKOFF_MAX) * 1000,
     ssh: sshSettings(values), settings: values, changed, ...tuning,
     http: values.DJS_HTTP ? parseHttpAddress(values.DJS_HTTP) : null, slurmCheckMs: Number(values.DJS_SLURM_CHECK) * 1000,
+    instance: '',
   };
 }
 
@@ -5889,6 +6040,7 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
   await holdDirLock(cfg.dataDir); // held until this process ends
   lockDataDir(cfg.dataDir);
   try {
+    cfg.instance = instanceOf(cfg.dataDir);
     const loaded = loadState(cfg.dataDir);
     // Two starts that both found a stale pid file can both think they took the dir:
     // check before writing anything, and again once the journal is open.
@@ -5903,7 +6055,9 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
       if (cfg.settings[set.env]) baseEnv[set.env] = cfg.settings[set.env]; else delete baseEnv[set.env];
     }
     argSpace = argSpaceOf(baseEnv);
-    writeSettings(cfg.dataDir, cfg.settings);
+    const fromServer = ['DJS_DATA_DIR', ...SETTINGS.filter((set) => set.jobs).map((set) => set.env), ...ENVIRON_FROM_SERVER];
+    serverWords = fromServer.flatMap((name) => (name === 'DJS_DATA_DIR' ? [`${name}=${cfg.dataDir}`] : baseEnv[name] === undefined ? [] : [`${name}=${baseEnv[name]}`]));
+    environSpace = argSpaceOf(Object.fromEntries(serverWords.map((w) => [w.slice(0, w.indexOf('=')), w.slice(w.indexOf('=') + 1)])));
     // A data dir of an earlier format is written anew in this one before anything is
     // appended to it, so no file mixes two versions.
     if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
@@ -5931,6 +6085,9 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
     process.umask(old);
   });
   fs.chmodSync(sock.abs, 0o600);
+  // Kept only now that this start is up: a start that failed (a port in use) keeps
+  // nothing, so the next plain start does not fail the same way.
+  writeSettings(cfg.dataDir, cfg.settings);
   server.on('error', (e) => log(`socket error: ${e.message}`));
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
   process.on('SIGHUP', () => {});
@@ -6447,7 +6604,7 @@ async function cmdAddWorkers(p: Parsed, ctx: Ctx): Promise<number> {
   });
   let r: Record<string, unknown>;
   try {
-    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck, requeueOnDown: Boolean(p.values['requeue-on-down']) });
+    r = await request(ctx.dataDir, { op: 'add_workers', workers, skipCheck, requeueOnDown: Boolean(p.values['requeue-on-down']), environ: clientEnviron() });
   } catch (e) {
     if (e instanceof UserError && e.code === EXIT_FAILED && /^ssh login check failed/.test(e.message)) await noteSshDifference(ctx);
     throw e;
@@ -6540,8 +6697,12 @@ function jobOptions(p: Parsed): Record<string, unknown> {
   };
 }
 
+/** This shell's environment, as a request's `environ`: the jobs and checks of what it
+ *  adds run with it (keptEnviron says what does not follow). */
+const clientEnviron = () => keptEnviron(Object.entries(process.env).flatMap(([k, v]) => (v === undefined ? [] : [`${k}=${v}`])));
+
 async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[], sweep?: string[][]): Promise<void> {
-  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: workDir(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}) });
+  const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: workDir(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}), environ: clientEnviron() });
   if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   const first = Number(r.first), count = Number(r.count);
   let text = '';
@@ -6820,7 +6981,7 @@ async function cmdLoadStatus(p: Parsed, ctx: Ctx): Promise<number> {
     throw failure(err.code ? `cannot read ${quoteForError(name)}: ${err.code}` : `${quoteForError(name)} is not JSON: ${err.message}`, err.code ? undefined : 'make it with: ./cli.py status > st.json');
   }
   parseClipyStatus(status, cwd); // the server checks too; this fails before any I/O
-  const r = await request(ctx.dataDir, { op: 'load_status', cwd, status, skipCheck: Boolean(p.values.skip_ssh_auth_check) });
+  const r = await request(ctx.dataDir, { op: 'load_status', cwd, status, skipCheck: Boolean(p.values.skip_ssh_auth_check), environ: clientEnviron() });
   const hosts = (k: string) => r[k] as string[];
   const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`;
   if (hosts('added').length) ctx.out.write(`added ${plural(hosts('added').length, 'worker')}: ${hosts('added').join(' ')}\n`);
@@ -6913,7 +7074,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts dashboard', 'cli.ts dashboard --new-token', 'cli.ts stop && cli.ts start -d --http 8080   # kept for later starts'],
   },
   add_slave: {
-    about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails. A known host added again takes only what this add_slave gives (left-out labels, GPUs, environment are dropped); what changed is printed.',
+    about: 'Adds workers (alias add_worker): hosts, each with a number of slots. First checks, in parallel, that ssh logs in to every host with the server\'s ssh settings, and adds none if any fails. Its checks run with this shell\'s environment (SLURM_CONF, say), as jobs do with their add_job\'s. A known host added again takes only what this add_slave gives (left-out labels, GPUs, environment are dropped); what changed is printed.',
     options: [
       ['--skip_ssh_auth_check', 'add without the ssh check; such workers are never probed'],
       ['--requeue-on-down', 'when the worker goes down (a failed check, or heartbeats unanswered), stop its running jobs and queue them again at once'],
@@ -6930,7 +7091,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts remove_slave --wait node3'],
   },
   add_job: {
-    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with -.',
+    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with -. The job runs with this shell\'s environment (an activated virtualenv too; not PWD, TERM or the ssh agent, which is the server\'s).',
     options: [
       ['--retries N', 'run a failed job again up to N times, on another worker when one is free'],
       ['--timeout SECONDS', 'stop a job running longer; it ends failed (reason timeout)'],
@@ -7109,6 +7270,8 @@ function helpText(): string {
     `cli.py's spellings work too: --server_data_dir, --log_dir, --env,-e=NAME=VALUE.\n` +
     `environment:\n${ENVIRONMENT.map(([name, what]) => `  ${name.padEnd(23)}${what}`).join('\n')}\n` +
     `"kept": start keeps the value in the data dir; later starts use it unless given another.\n` +
+    `jobs run with the environment of the add_job that queued them, plus JOB_ID, SLAVE_IP, DJS_RUN_NAME (a name\n` +
+    `no other server, job or run shares) and more (README: Jobs); a worker's checks with its add_slave's.\n` +
     `exit codes: 0 ok, 1 failed, 2 usage error, 3 no server running.\n`;
 }
 

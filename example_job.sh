@@ -6,8 +6,9 @@
 #
 # The scheduler runs it in the directory the job was submitted from, with JOB_ID and SLAVE_IP
 # set. It moves the data and runs the work on the worker itself, over ssh and rsync:
-#   1. makes a fresh job directory on the worker ($DJS_REMOTE_DIR, default .djs-work/job-$JOB_ID
-#      under the remote home);
+#   1. makes a fresh job directory on the worker ($DJS_REMOTE_DIR, default .djs-work/$DJS_RUN_NAME
+#      under the remote home: a name no other job, run or server shares, so two campaigns
+#      on one worker never touch each other's directories);
 #   2. copies INPUT_FILE there;
 #   3. runs WORK (below) there: by default `wc -w`, writing the count to <name>.out;
 #   4. copies the result back to finished_work/<JOB_ID>_<name>.out (where <name> is INPUT_FILE's
@@ -26,6 +27,9 @@
 #
 # Environment:
 #   JOB_ID, SLAVE_IP     set by the scheduler: the job's id, the worker (host, address, user@host)
+#   DJS_RUN_NAME         set by the scheduler: this run's name (letters, digits, . _ -), which no
+#                        other server, job or run shares; run by hand without it, the job
+#                        directory is job-$JOB_ID-<this machine>-<this script's pid>
 #   SLAVE_GPUS           set by the scheduler: the GPU indices the job holds on the worker (a
 #                        job added with --gpus G); the work gets them as CUDA_VISIBLE_DEVICES
 #   SLAVE_SLOTS, JOB_TIMEOUT  set by the scheduler: the job's slots (comma list), its --timeout
@@ -86,6 +90,7 @@ die_usage() {
 [[ ${DJS_SSH_TIMEOUT:=10} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_SSH_TIMEOUT must be whole seconds'
 [[ ${DJS_EXAMPLE_SLEEP:-0} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die_usage 'DJS_EXAMPLE_SLEEP must be seconds'
 [[ ${DJS_EXAMPLE_FAIL:-1} =~ ^[1-9][0-9]*$ ]] || die_usage 'DJS_EXAMPLE_FAIL must be a non-zero exit code'
+[[ ${DJS_RUN_NAME:-x} =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || die_usage 'DJS_RUN_NAME must be letters, digits and _ . - (not starting with . or -)'
 
 input=$1
 if [[ ! -f $input || ! -r $input ]]; then
@@ -98,7 +103,9 @@ case $input in
 *) source_path=./$input ;; # rsync would take a colon before the first slash for host:path
 esac
 host=$SLAVE_IP
-remote_dir=${DJS_REMOTE_DIR:-.djs-work/job-$JOB_ID}
+# Named by the run, never by JOB_ID alone: job ids start at 1 in every data dir.
+run_name=${DJS_RUN_NAME:-job-$JOB_ID-$(uname -n)-$$}
+remote_dir=${DJS_REMOTE_DIR:-.djs-work/$run_name}
 result=$name.out
 local_result=finished_work/${JOB_ID}_$name.out
 

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { controlDirFor } from '../cli.ts';
 import {
-  CLI, GATED, addWorkers, alive, pidOf, procIds, rawRequest, readIf, release, run, runCli, serve, spawnCli, startServer, testDir, until, untilState, within, writeScript,
+  CLI, GATED, addJob, addWorkers, alive, pidOf, procIds, rawRequest, readIf, release, run, runCli, serve, spawnCli, startServer, testDir, until, untilState, within, writeScript,
   type Run, type TestServer,
 } from './server.ts';
 
@@ -230,7 +230,7 @@ describe('cli.ts basics', { concurrency: 4 }, () => {
     for (let i = 1; i < ids.length; i++) assert.ok(ids[i] > ids[i - 1], `ids grow: ${ids.join(' ')}`);
   });
 
-  test('add_job: argv as given, submit dir, JOB_ID/SLAVE_IP/SLAVE_SLOT and the server environment, log file', async (t) => {
+  test('add_job: argv as given, submit dir, JOB_ID/SLAVE_IP/SLAVE_SLOT and the add_job\'s environment, log file', async (t) => {
     const s = await serve(t, { env: { DJS_TEST_MARKER: 'from-the-server' } });
     const sub = path.join(s.dir, 'sub'), bin = path.join(s.dir, 'bin');
     fs.mkdirSync(sub);
@@ -243,7 +243,7 @@ echo "stderr of $JOB_ID" >&2`);
     await addWorkers(s, 'w1');
     const args = ['a b', `it's "quoted"`, '$HOME', '*', '--retries', '5', '-x', '', 'tab\there', '--',
       'new\nline', 'back\\slash\\', "$'x\\'", '\x01\x1f\x7f', 'é€😀', ' spaced ', '`id`', '$(id)', '\\x41', '-', 'a=b'];
-    // Relative to the client's cwd, not the server's; the client's own env must not leak in.
+    // Relative to the client's cwd, not the server's; the job runs with the client's environment.
     const r = await s.cli(['add_job', '../bin/rec.sh', ...args], { cwd: sub, env: { DJS_TEST_MARKER: 'from-the-client' } });
     assert.equal(r.code, 0, r.stderr);
     const id = r.stdout.trim();
@@ -252,7 +252,7 @@ echo "stderr of $JOB_ID" >&2`);
     got.pop();
     assert.deepEqual(got, args);
     assert.equal(readIf(path.join(sub, `cwd.${id}`)).trim(), fs.realpathSync(sub));
-    assert.deepEqual(readIf(path.join(sub, `env.${id}`)).trim().split('\n'), [id, 'w1', '0', 'from-the-server']);
+    assert.deepEqual(readIf(path.join(sub, `env.${id}`)).trim().split('\n'), [id, 'w1', '0', 'from-the-client']);
     const log = readIf(path.join(s.logDir, `${id}.log`));
     assert.match(log, new RegExp(`stdout of ${id}`));
     assert.match(log, new RegExp(`stderr of ${id}`));
@@ -278,12 +278,14 @@ echo "stderr of $JOB_ID" >&2`);
     const script = path.join(dir, 'b.sh');
     fs.writeFileSync(script, '#!/bin/bash\ntr "\\0" "\\n" < /proc/$$/environ > "env.$JOB_ID"\n', { mode: 0o755 });
     await addWorkers(s, 'w1');
-    await s.ok(['add_job', script]);
+    // Added bare on the socket, so the jobs run with the server's environment (add_job
+    // would give them its own, without SHLVL and OLDPWD).
+    await addJob(s, script);
     assert.equal((await s.cli(['wait'])).code, 0);
     // TMOUT=1 would end an idle launcher after a second: the next job still starts through it.
     const idle = Date.now() + 1500;
     await until(() => Date.now() > idle || /launcher ended/.test(s.output()), 'an idle second and a half');
-    await s.ok(['add_job', script]);
+    await addJob(s, script);
     assert.equal((await s.cli(['wait'])).code, 0);
     assert.doesNotMatch(s.output(), /launcher ended/);
     const seen = Object.fromEntries(readIf(path.join(dir, 'env.2')).trim().split('\n').map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));

@@ -7,7 +7,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { findProcesses, sshSkip, startHosts, type TestHosts } from './hosts.ts';
-import { ROOT, removeDir, run, tempDir, testDir, until } from './server.ts';
+import { launch, ROOT, removeDir, run, tempDir, testDir, until } from './server.ts';
 
 const SCRIPT = path.join(ROOT, 'example_job.sh');
 const SSH_TIMEOUT_S = 2;
@@ -32,9 +32,10 @@ describe('example_job.sh on real ssh hosts', { skip: sshSkip() }, () => {
     SLAVE_IP: addr,
     DJS_SSH_CONFIG: h.sshConfig,
     DJS_SSH_TIMEOUT: String(SSH_TIMEOUT_S),
+    DJS_RUN_NAME: `run-${id}`,
     ...extra,
   });
-  const remoteDir = (hostIndex: number, id: number) => path.join(h.hosts[hostIndex].scratch, '.djs-work', `job-${id}`);
+  const remoteDir = (hostIndex: number, id: number) => path.join(h.hosts[hostIndex].scratch, '.djs-work', `run-${id}`);
 
   test('counts the words of a file whose name has spaces and quotes; cleans up on the worker', async () => {
     const name = `my "odd" file's name: v1.txt`;
@@ -176,5 +177,32 @@ describe('example_job.sh on a local worker (no ssh)', () => {
     assert.equal(await exit, 143);
     await until(() => findProcesses(['sleep', seconds]).length === 0, 'the local work to stop', 10_000);
     assert.deepEqual(fs.readdirSync(path.join(home, '.djs-work')), []);
+  });
+});
+
+describe('example_job.sh names its directory on the worker by DJS_RUN_NAME', () => {
+  test('two runs of the same JOB_ID at once (two campaigns) each keep their own directory; by hand, without DJS_RUN_NAME, too', async (t) => {
+    const cwd = testDir(t, 'djsn-');
+    const home = path.join(cwd, 'home');
+    fs.writeFileSync(path.join(cwd, 'in.txt'), 'one two three\n');
+    const seconds = `32.${process.pid}`;
+    const env = { ...process.env, JOB_ID: '1', SLAVE_IP: 'local1', DJS_LOCAL_HOME: home, DJS_EXAMPLE_SLEEP: seconds };
+    const named = launch(SCRIPT, ['in.txt'], { cwd, env: { ...env, DJS_RUN_NAME: 'ab12cd34-1-1' } });
+    const byHand = launch(SCRIPT, ['in.txt'], { cwd, env });
+    // Both are in their work at once, each in a directory of its own.
+    await until(() => findProcesses(['sleep', seconds]).length === 2, 'both runs to work', 10_000);
+    const dirs = fs.readdirSync(path.join(home, '.djs-work')).sort();
+    assert.equal(dirs.length, 2, dirs.join(' '));
+    assert.ok(dirs.includes('ab12cd34-1-1'), dirs.join(' '));
+    assert.match(dirs.find((d) => d !== 'ab12cd34-1-1')!, /^job-1-.+-\d+$/);
+    for (const pid of findProcesses(['sleep', seconds])) process.kill(pid, 'SIGTERM');
+    // The sleeps were cut short: the work goes on to count, and both end done.
+    for (const r of [await named.done, await byHand.done]) assert.equal(r.code, 0, r.stderr);
+    assert.equal(fs.readFileSync(path.join(cwd, 'finished_work', '1_in.txt.out'), 'utf8'), '3\n');
+    assert.deepEqual(fs.readdirSync(path.join(home, '.djs-work')), [], 'job dirs left behind');
+
+    const bad = await run(SCRIPT, ['in.txt'], { cwd, env: { ...env, DJS_RUN_NAME: '../x' } });
+    assert.equal(bad.code, 2, bad.stderr);
+    assert.match(bad.stderr, /DJS_RUN_NAME must be/);
   });
 });

@@ -308,16 +308,20 @@ test('a job gets no file the server inherited, and every variable of the server\
   let out = '';
   server.stdout!.on('data', (d) => { out += d; });
   await until(() => out.includes('server ready'), 'the server to start');
-  const script = writeScript(dir, 'job.sh', `ls -l /proc/$$/fd > "${dir}/fds"; echo "$DJS_KEPT_X $PERL5OPT" > "${dir}/env"`);
-  const cli = (args: string[]) => runCli(['--data-dir', dataDir, ...args], { cwd: dir });
+  const script = writeScript(dir, 'job.sh', `ls -l /proc/$$/fd > "${dir}/fds.$JOB_ID"; echo "$DJS_KEPT_X $PERL5OPT" > "${dir}/env.$JOB_ID"`);
+  const cli = (args: string[], env: NodeJS.ProcessEnv = {}) => runCli(['--data-dir', dataDir, ...args], { cwd: dir, env });
   await cli(['add_slave', '--skip_ssh_auth_check', 'w1']);
-  await cli(['add_job', script]);
+  // Job 1 runs with the server's environment (added bare on the socket), job 2 with its add_job's.
+  assert.ok((await socketOp(dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script]] })).ok);
   assert.equal((await cli(['wait', '1'])).code, 0);
-  const fds = fs.readFileSync(path.join(dir, 'fds'), 'utf8').split('\n').flatMap((l) => { const m = / (\d+) -> (.*)$/.exec(l); return m && Number(m[1]) > 2 ? [[m[1], m[2]]] : []; });
+  await cli(['add_job', script], { DJS_KEPT_X: 'kept2', PERL5OPT: '-W' });
+  assert.equal((await cli(['wait', '2'])).code, 0);
+  assert.equal(fs.readFileSync(path.join(dir, 'env.2'), 'utf8'), 'kept2 -W\n');
+  const fds = fs.readFileSync(path.join(dir, 'fds.1'), 'utf8').split('\n').flatMap((l) => { const m = / (\d+) -> (.*)$/.exec(l); return m && Number(m[1]) > 2 ? [[m[1], m[2]]] : []; });
   // Besides stdin, stdout and stderr: its run file, and what sh opens itself (the script, a copy of stdout).
   const own = [path.join(dataDir, 'run', '1.1.pid'), script, path.join(logDir, '1.log')];
   assert.deepEqual(fds.filter(([, target]) => !own.includes(target)), [], `the job's files: ${JSON.stringify(fds)}`);
-  assert.equal(fs.readFileSync(path.join(dir, 'env'), 'utf8'), 'kept -w\n');
+  assert.equal(fs.readFileSync(path.join(dir, 'env.1'), 'utf8'), 'kept -w\n');
   server.kill('SIGKILL');
 });
 

@@ -209,7 +209,7 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
     const id = Number((await s.ok(['add_job', '--slots', '2', SCRIPT, `in/${file}`])).trim());
     await untilState(s, id, 'done', 60_000);
     assert.equal(fs.readFileSync(path.join(s.dir, 'finished_work', `${id}_${file}.out`), 'utf8'), '3\n');
-    assert.equal(fs.existsSync(path.join(hosts.hosts[1].scratch, '.djs-work', `job-${id}`)), false, 'job dir left on the login host');
+    assert.equal(fs.existsSync(path.join(hosts.hosts[1].scratch, '.djs-work', `${fs.readFileSync(path.join(s.dataDir, 'instance'), 'utf8').trim()}-${id}-1`)), false, 'job dir left on the login host');
     const none = await s.cli(['add_slave', `slurm:nosuch@${ssh2}:2`]);
     assert.equal(none.code, 1);
     assert.match(none.stderr, /Slurm check failed for 'slurm:nosuch@127\.0\.0\.3' \(Slurm has no partition 'nosuch'\); no worker added/);

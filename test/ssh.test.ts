@@ -186,7 +186,7 @@ echo $n > "count.$JOB_ID"
     const slow = variant(s.dir, 'slow_job.sh', 'DJS_EXAMPLE_SLEEP=37.5');
     const id = (await s.ok(['add_job', slow, 'input/part1.txt'])).trim();
     await until(() => findProcesses(['sleep', '37.5']).length > 0, 'the remote sleep to run');
-    const jobDir = path.join(hosts.hosts[0].scratch, '.djs-work', `job-${id}`);
+    const jobDir = path.join(hosts.hosts[0].scratch, '.djs-work', `${fs.readFileSync(path.join(s.dataDir, 'instance'), 'utf8').trim()}-${id}-1`); // DJS_RUN_NAME
     assert.ok(fs.existsSync(jobDir));
     await s.ok(['kill', id]);
     const job = await until(async () => { const j = await s.job(id); return j.state !== 'running' && j; }, 'the job to end');
