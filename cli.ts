@@ -1079,10 +1079,11 @@ export function planStarts(st: State, now = Infinity, due = { next: Infinity }, 
  *  of each worker said (health). Not durable: a new server starts with none of it. */
 export type Runtime = {
   probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number;
+  startsWaitFor: string | null;        // a directory starts need that is gone: starts wait for it
   slurmCheckAt: Map<string, number>;   // when an up Slurm worker is next asked (none yet: now)
   health: Map<string, Health>;
 };
-export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, slurmCheckAt: new Map(), health: new Map() });
+export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, startsWaitFor: null, slurmCheckAt: new Map(), health: new Map() });
 
 /** The checks of one worker (heartbeats, probes, the login check), times in ms:
  *    okAt     when the last check that answered was sent (0: none yet)
@@ -1140,6 +1141,7 @@ export function whyWaiting(st: State, rt: Runtime, now: number): string | null {
   let up = 0, down = 0;
   for (const w of st.workers.values()) { if (schedulable(w)) up++; else if (w.state === 'down') down++; }
   if (up === 0) return down === st.workers.size ? `all ${down} worker${down === 1 ? ' is' : 's are'} down (see status)` : 'no worker takes jobs now (down, draining or being checked; see status)';
+  if (rt.startsWaitFor !== null) return `starts wait for ${rt.startsWaitFor} to be back (see server.log)`;
   if (now < rt.startsPausedUntil) return 'starts pause after failed starts (see server.log)';
   return null;
 }
@@ -3740,8 +3742,8 @@ function launcherSaid(line: string): void {
     procs.delete(id);
     // The scheduler's own trouble (its run dir or log dir) is not the job's: it goes back
     // to the queue uncharged. A directory the job needs that is gone is the job's.
-    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created (is the data dir's disk full?)`);
-    if (p.failed === 'log') return startFailed(id, `its log ${logFile(id)} could not be opened (is the log dir there and writable, and the log a plain file?)`);
+    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created (is the data dir's disk full?)`, path.join(cfg.dataDir, 'run'));
+    if (p.failed === 'log') return startFailed(id, `its log ${logFile(id)} could not be opened (is the log dir there and writable, and the log a plain file?)`, cfg.logDir);
     if (p.failed) return ended(id, p, null, `cannot start: cannot enter ${st.jobs.get(id)?.cwd ?? 'its directory'} (does it still exist?)`);
     if (rt.startFailures > 0) log(`jobs start again after ${rt.startFailures} failed start(s)`);
     rt.startFailures = 0;
@@ -3751,13 +3753,44 @@ function launcherSaid(line: string): void {
 
 /** A start that failed for the scheduler's own reasons: the job never ran, so it goes
  *  back to the queue uncharged, behind the others (so that one job whose log cannot be
- *  opened does not hold up the rest), and starts pause (pauseStarts). */
-function startFailed(id: number, why: string): void {
+ *  opened does not hold up the rest). If `dir` (the log dir, the run dir) is gone or not
+ *  writable, starts wait until it is back (waitForDir), however long that takes; else
+ *  (a log that is a FIFO, a full disk) starts pause, longer each time (pauseStarts). */
+function startFailed(id: number, why: string, dir: string): void {
+  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* the next failure says so */ }
+  fact({ e: 'unstart', t: Date.now(), id, back: true });
+  if (rt.startsWaitFor !== null) return;
+  if (!usableDir(dir)) {
+    log(`error: job ${id} did not start: ${why}; it is queued again, and starts wait until ${dir} is a writable directory again (checked every ${DIR_CHECK_MS} ms)`);
+    return waitForDir(dir);
+  }
   const delay = pauseStarts(rt, Date.now());
   // Once per episode: the pauses that follow grow up to a minute.
   if (rt.startFailures === 1) log(`error: job ${id} did not start: ${why}; it is queued again, and starts pause (${delay} ms, growing while this lasts)`);
-  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* the next failure says so */ }
-  fact({ e: 'unstart', t: Date.now(), id, back: true });
+}
+
+/** How often a directory that starts wait for is looked at. */
+const DIR_CHECK_MS = 500;
+const usableDir = (dir: string) => {
+  try { return fs.statSync(dir).isDirectory() && (fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK), true); } catch { return false; }
+};
+
+/** Holds starts until `dir` is a writable directory again, looked at every DIR_CHECK_MS
+ *  (a deliberate poll: nothing tells a process that a directory was made again); then
+ *  they go on at once, with no pause left over from the failures. */
+function waitForDir(dir: string): void {
+  rt.startsWaitFor = dir;
+  rt.startsPausedUntil = Infinity;
+  const look = () => {
+    if (shuttingDown) return;
+    if (!usableDir(dir)) { setTimeout(look, DIR_CHECK_MS).unref(); return; }
+    log(`${dir} is back: jobs start again`);
+    rt.startsWaitFor = null;
+    rt.startsPausedUntil = 0;
+    rt.startFailures = 0;
+    submit({ kind: 'tick' });
+  };
+  setTimeout(look, DIR_CHECK_MS).unref();
 }
 
 /** Records that a job's run ended, and forgets its process. */

@@ -175,3 +175,29 @@ test('a load_status of 1,000,000 jobs is read, checked and made in parts: it hol
   assert.equal((await s.status()).counts.waiting, 1_000_000);
   assert.ok(probe.worst() < 2 * floor.worst() + 1000, `a status took ${probe.worst().toFixed(0)} ms during the load_status, ${floor.worst().toFixed(0)} ms while its line was parsed`);
 });
+
+test('the log dir gone for 3 s: starts wait for it and go on as soon as it is back, not after a pause grown to a minute; every job runs once', { timeout: 120_000 }, async (t) => {
+  const s = await serve(t);
+  const script = writeScript(s.dir, 'job.sh', `echo "$JOB_ID" >> "${s.dir}/ran"`);
+  await s.ok(['add_slave', '--skip_ssh_auth_check', 'w:8']);
+  const away = s.logDir + '.away';
+  fs.renameSync(s.logDir, away);
+  await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: Array.from({ length: 200 }, () => [script]) });
+  await until(() => /did not start/.test(s.output()), 'a start to fail');
+  const progress: any[] = [];
+  const wait = socketOp(s.dataDir, { op: 'wait', all: true }, (m) => progress.push(m), 110_000);
+  await new Promise((r) => setTimeout(r, 3000)); // the outage itself
+  fs.renameSync(away, s.logDir);
+  const back = Date.now();
+  const end = await wait;
+  const ms = Date.now() - back;
+  t.diagnostic(`200 jobs done ${ms} ms after the log dir came back`);
+  assert.equal(end.counts.done, 200);
+  assert.ok(ms < 15_000, `the jobs took ${ms} ms after the log dir came back`);
+  const ran = fs.readFileSync(path.join(s.dir, 'ran'), 'utf8').trim().split('\n');
+  assert.equal(ran.length, 200, 'each job ran once');
+  assert.equal(new Set(ran).size, 200);
+  assert.ok((await s.jobs()).every((j) => j.attempts === 1), 'no job was charged an attempt');
+  assert.match(s.output(), /logs is back: jobs start again/);
+  assert.ok(progress.some((m) => /^starts wait for .*logs to be back/.test(m.why ?? '')), `wait said why: ${JSON.stringify(progress.map((m) => m.why))}`);
+});
