@@ -148,6 +148,10 @@ if (!process.features.typescript) {
  *   also wait for that flush, so nothing happens that the journal does not know of.
  *   If the write fails, the journal is cut back, the state reloaded from disk, the
  *   clients of that batch get an error, and the outcomes that were lost are retried.
+ *   No request holds the others up for long: a big add (a sweep of a million jobs) is
+ *   checked in parts before its turn (checkJobList) and its jobs are made in parts after
+ *   it (Expansion), other clients served in between; a `wait` for ranges of ids looks at
+ *   the jobs that exist only (jobsInRanges).
  *
  *   Exactly once: "start run R of job J" is durable before J's process is forked. The
  *   launcher (one perl process; see LAUNCHER) forks the run's process, which first

@@ -140,13 +140,14 @@ test('a sweep made in parts, with a kill and an add of other clients in between:
 test('more than 1,000,000 jobs in one add_jobs or load_status is refused, by the client and by the server; nothing is added', { timeout: 120_000 }, async (t) => {
   const s = await serve(t);
   writeScript(s.dir, 'j', 'exit 0');
-  const status = { job_waitlist: Array.from({ length: 1_000_001 }, () => ['j']), slaves: [] };
+  const status = { job_waitlist: Array.from({ length: 1_000_001 }, () => ['j', '0']), slaves: [] };
   fs.writeFileSync(path.join(s.dir, 'st.json'), JSON.stringify(status));
   const c = await s.cli(['load_status', 'st.json']);
   assert.equal(c.code, 2, c.stderr);
   assert.match(c.stderr, /^error: the waitlist holds 1000001 jobs, more than the 1000000 one command may add\n/);
   const r = await socketOp(s.dataDir, { op: 'load_status', cwd: s.dir, status }, () => {}, 60_000);
   assert.deepEqual([r.ok, r.code], [false, 2], r.error);
+  assert.match(r.error, /^the waitlist holds 1000001 jobs, more than the 1000000/);
   // (a short absolute script, so that the request fits in 16 MiB)
   const a = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: status.job_waitlist.map(() => ['/bin/true']) }, () => {}, 60_000);
   assert.deepEqual([a.ok, a.code], [false, 2], a.error);
