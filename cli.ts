@@ -3523,6 +3523,7 @@ function expand(): void {
     if (!makeJobs(st, x.cur, EXPAND_STEP)) continue;
     expansions.shift();
     for (const a of x.replies) a.reply({ ok: true, ...a.answer });
+    dashboardChanged();
   }
 }
 
