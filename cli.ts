@@ -155,6 +155,10 @@ if (!process.features.typescript) {
  *   also wait for that flush, so nothing happens that the journal does not know of.
  *   If the write fails, the journal is cut back, the state reloaded from disk, the
  *   clients of that batch get an error, and the outcomes that were lost are retried.
+ *   No request holds the others up for long: a big add (a sweep of a million jobs) is
+ *   checked in parts before its turn (checkJobList) and its jobs are made in parts after
+ *   it (Expansion), other clients served in between; a `wait` for ranges of ids looks at
+ *   the jobs that exist only (jobsInRanges).
  *
  *   Exactly once: "start run R of job J" is durable before J's process is forked. The
  *   launcher (one perl process; see LAUNCHER) forks the run's process, which first
@@ -682,6 +686,20 @@ export function checkSweep(template: string[], lists: string[][], envBytes = 0):
   return n;
 }
 
+/** A job of a sweep that is as long as its longest: each placeholder (or appended value)
+ *  filled with the longest value of its list, every word as long as it gets in any job
+ *  (each list's value is picked independently, so some job has them all), and any NUL
+ *  byte of a value in it. What one job of it may cost, found without making the jobs. */
+export function sweepWidest(template: string[], lists: string[][]): JobSpec {
+  const widest = lists.map((l) => {
+    let best = '';
+    for (const v of l) if (Buffer.byteLength(v) > Buffer.byteLength(best)) best = v;
+    const nul = l.find((v) => v.includes('\0'));
+    return nul === undefined || best.includes('\0') ? best : best + '\0';
+  });
+  return sweepJobs(template, widest.map((v) => [v])).next().value as JobSpec;
+}
+
 /** The jobs of a sweep, in GNU parallel's order (the last list varies fastest): each
  *  combination replaces {1}, {2}, ... (and {}, which is {1}) in the template's arguments,
  *  or, where no argument holds a placeholder, is appended to them. */
@@ -816,20 +834,38 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
   } else failOrRetry(null);
 }
 
+/** An add event whose jobs are being made: `made` of them so far, in order. */
+export type AddCursor = { ev: Extract<Event, { e: 'add' }>; specs: Iterator<JobSpec>; made: number; count: number };
+
+/** The first step of applying an add event: its ids are taken (nextId moves past them),
+ *  no job is made yet; makeJobs makes them. applyEvent does both at once; the server
+ *  makes a big add's jobs a part per turn (see Expansion), so that other clients are
+ *  served in between. */
+export function beginAdd(st: State, ev: Extract<Event, { e: 'add' }>): AddCursor {
+  const count = addCount(ev);
+  st.nextId = Math.max(st.nextId, ev.id + count);
+  return { ev, specs: (ev.sweep ? sweepJobs(ev.jobs[0], ev.sweep) : ev.jobs.values()), made: 0, count };
+}
+
+/** Makes the next jobs of an add (at most `most`), in order; true once all are made. */
+export function makeJobs(st: State, cur: AddCursor, most: number): boolean {
+  for (let n = 0; n < most && cur.made < cur.count; n++) {
+    const r = cur.specs.next();
+    if (r.done) { cur.made = cur.count; break; }
+    const job = newJob(st, cur.ev.id + cur.made++, r.value, cur.ev);
+    addJob(st, job);
+    queueOrHold(st, job, false);
+  }
+  return cur.made >= cur.count;
+}
+
 /** Applies one event to the state. The only place state changes, live and at replay.
  *  Events that no longer fit (a job that is not running any more) change nothing. */
 export function applyEvent(st: State, ev: Event): void {
   switch (ev.e) {
-    case 'add': {
-      let id = ev.id;
-      for (const spec of ev.sweep ? sweepJobs(ev.jobs[0], ev.sweep) : ev.jobs) {
-        const job = newJob(st, id++, spec, ev);
-        addJob(st, job);
-        queueOrHold(st, job, false);
-      }
-      st.nextId = Math.max(st.nextId, id);
+    case 'add':
+      makeJobs(st, beginAdd(st, ev), Infinity);
       break;
-    }
     case 'remove':
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
@@ -1084,10 +1120,11 @@ export function planStarts(st: State, now = Infinity, due = { next: Infinity }, 
  *  of each worker said (health). Not durable: a new server starts with none of it. */
 export type Runtime = {
   probing: Set<string>; killSent: Set<number>; startFailures: number; startsPausedUntil: number;
+  startsWaitFor: string | null;        // a directory starts need that is gone: starts wait for it
   slurmCheckAt: Map<string, number>;   // when an up Slurm worker is next asked (none yet: now)
   health: Map<string, Health>;
 };
-export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, slurmCheckAt: new Map(), health: new Map() });
+export const newRuntime = (): Runtime => ({ probing: new Set(), killSent: new Set(), startFailures: 0, startsPausedUntil: 0, startsWaitFor: null, slurmCheckAt: new Map(), health: new Map() });
 
 /** The checks of one worker (heartbeats, probes, the login check), times in ms:
  *    okAt     when the last check that answered was sent (0: none yet)
@@ -1164,6 +1201,7 @@ export function whyWaiting(st: State, rt: Runtime, now: number): string | null {
   let up = 0, down = 0;
   for (const w of st.workers.values()) { if (schedulable(w)) up++; else if (w.state === 'down') down++; }
   if (up === 0) return down === st.workers.size ? `all ${down} worker${down === 1 ? ' is' : 's are'} down (see status)` : 'no worker takes jobs now (down, draining or being checked; see status)';
+  if (rt.startsWaitFor !== null) return `starts wait for ${rt.startsWaitFor} to be back (see server.log)`;
   if (now < rt.startsPausedUntil) return 'starts pause after failed starts (see server.log)';
   return null;
 }
@@ -1177,6 +1215,42 @@ export function idRanges(ids: Iterable<number>): [number, number][] {
     if (last && id <= last[1] + 1) last[1] = Math.max(last[1], id); else out.push([id, id]);
   }
   return out;
+}
+
+/** The jobs that exist among ranges [first, last] of ids (a `wait` asked again after a
+ *  restart), and how many ids the ranges name, each once. The work is bounded by the
+ *  jobs that exist, not by the numbers named: the ranges are merged, clipped to the ids
+ *  handed out so far, and walked id by id only if that is fewer steps than the jobs;
+ *  else each job is looked up in them. */
+export function jobsInRanges(st: State, ranges: unknown[]): { ids: Set<number>; named: number } {
+  const rs: [number, number][] = [];
+  let sorted = true;
+  for (const r of ranges) {
+    if (!Array.isArray(r) || r.length !== 2) throw usage('ranges are [first, last] pairs');
+    const first = num(r[0], 'job id', 1), last = num(r[1], 'job id', first);
+    if (rs.length && first < rs[rs.length - 1][0]) sorted = false;
+    rs.push([first, last]);
+  }
+  if (!sorted) rs.sort((a, b) => a[0] - b[0]);
+  const merged: [number, number][] = [];
+  for (const [a, b] of rs) {
+    const top = merged[merged.length - 1];
+    if (top && a <= top[1] + 1) top[1] = Math.max(top[1], b); else merged.push([a, b]);
+  }
+  let named = 0, steps = 0;
+  const known = st.nextId - 1;
+  for (const [a, b] of merged) { named += b - a + 1; steps += Math.max(0, Math.min(b, known) - a + 1); }
+  const ids = new Set<number>();
+  if (steps <= st.jobs.size) {
+    for (const [a, b] of merged) for (let id = a, end = Math.min(b, known); id <= end; id++) if (st.jobs.has(id)) ids.add(id);
+  } else {
+    for (const id of st.jobs.keys()) {
+      let lo = 0, hi = merged.length - 1;
+      while (lo < hi) { const mid = (lo + hi + 1) >> 1; if (merged[mid][0] <= id) lo = mid; else hi = mid - 1; }
+      if (merged[lo][0] <= id && id <= merged[lo][1]) ids.add(id);
+    }
+  }
+  return { ids, named };
 }
 
 /** What the shell carries out, after the events that call for it are on disk. */
@@ -1437,6 +1511,69 @@ export function describeNeed(need: Need): string {
   return parts.join(', ') || 'one slot';
 }
 
+/** The jobs of an add_jobs request, checked: how many (at most MAX_SWEEP_JOBS), the
+ *  bytes of all (MAX_ADD_BYTES), and each job's words (what an exec takes); a sweep's
+ *  from its template and values. Returns the count. A generator that pauses every
+ *  STEP_JOBS jobs, so that the server can check a big list in parts (checkScripts) and
+ *  serve others in between; runSteps runs it through at once. */
+export function* checkJobList(req: Request, envBytes: number, envText: number, argSpace: number): Generator<void, number> {
+  const jobs = req.jobs as unknown[];
+  let count = jobs.length;
+  if (req.sweep !== undefined) {
+    if (!Array.isArray(req.sweep) || !req.sweep.every(strings) || jobs.length !== 1 || !strings(jobs[0])) throw usage('a sweep is one job and lists of strings');
+    count = checkSweep(jobs[0] as string[], req.sweep as string[][], envText);
+  } else {
+    // Each job keeps its own copy of the settings once a snapshot has been loaded.
+    let bytes = count * envText;
+    for (let k = 0; k < jobs.length; k++) {
+      const spec = jobs[k];
+      if (strings(spec)) for (let i = 1; i < spec.length; i++) bytes += Buffer.byteLength(spec[i]);
+      if (k % STEP_JOBS === STEP_JOBS - 1) yield;
+    }
+    if (bytes > MAX_ADD_BYTES) throw usage(`the ${count} jobs hold ${mib(bytes)} of arguments and environment in all, more than the ${MAX_ADD_BYTES >> 20} MiB one request may add`, 'split them over several add_jobs, or pass large data in files');
+  }
+  if (count > MAX_SWEEP_JOBS) throw usage(`${count} jobs in one request, more than the ${MAX_SWEEP_JOBS} one request may add`, 'split them over several add_jobs');
+  // A sweep's jobs are checked from its template and values (sweepWidest), not one by one.
+  let k = 0;
+  for (const spec of req.sweep === undefined ? jobs : [sweepWidest(jobs[0] as string[], req.sweep as string[][])]) {
+    if (++k % STEP_JOBS === 0) yield;
+    if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
+    if (spec.some((w) => w.includes('\0'))) throw usage("a job's words cannot hold NUL bytes");
+    if (!path.isAbsolute(spec[0])) throw usage(`script path is not absolute: ${quoteForError(spec[0])}`);
+    // An exec that the kernel refuses would fail the job every time it starts.
+    let bytes = 0;
+    for (const w of spec) {
+      const n = Buffer.byteLength(w);
+      if (n > MAX_ARG_BYTES) throw usage(`an argument of ${n} bytes is longer than the system allows one argument (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
+      bytes += n + 1 + 8;
+    }
+    if (bytes + envBytes > argSpace) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
+  }
+  return count;
+}
+
+/** What a job's --env settings cost: in its exec (each with its pointer), and as text. */
+export function envCosts(env: string[]): [number, number] {
+  let envBytes = 0, envText = 0;
+  for (const w of env) {
+    const n = Buffer.byteLength(w);
+    if (n > MAX_ARG_BYTES) throw usage(`an environment setting of ${n} bytes is longer than the system allows one (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
+    envBytes += n + 1 + 8;
+    envText += n;
+  }
+  return [envBytes, envText];
+}
+
+/** Jobs checked between two pauses of a long check (checkJobList, clipyStatusSteps). */
+export const STEP_JOBS = 20_000;
+/** Where a request's jobs were checked already, in parts (the server's check phase): their
+ *  count (add_jobs), or the LoadPlan (load_status). A symbol: no JSON request carries it. */
+export const JOBS_CHECKED = Symbol('jobs checked');
+/** Runs a generator of steps (checkJobList) through at once, and returns its value. */
+export function runSteps<T>(g: Generator<void, T>): T {
+  for (;;) { const r = g.next(); if (r.done) return r.value; }
+}
+
 /** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout, tags?, priority?, after?,
  *  env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked (absolute,
  *  executable) before; ids are handed out in order. */
@@ -1452,36 +1589,9 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const environ = req.environ === undefined ? null : environOf(req.environ);
   const space = environ ? (c.environSpace ?? c.argSpace) - environ.bytes : c.argSpace;
   const need = needOf(req);
-  let envBytes = 0, envText = 0;
-  for (const w of env) {
-    const n = Buffer.byteLength(w);
-    if (n > MAX_ARG_BYTES) throw usage(`an environment setting of ${n} bytes is longer than the system allows one (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
-    envBytes += n + 1 + 8;
-    envText += n;
-  }
-  let count = jobs.length;
-  if (req.sweep !== undefined) {
-    if (!Array.isArray(req.sweep) || !req.sweep.every(strings) || jobs.length !== 1 || !strings(jobs[0])) throw usage('a sweep is one job and lists of strings');
-    count = checkSweep(jobs[0] as string[], req.sweep as string[][], envText);
-  } else {
-    // Each job keeps its own copy of the settings once a snapshot has been loaded.
-    let bytes = count * envText;
-    for (const spec of jobs) if (strings(spec)) for (let i = 1; i < spec.length; i++) bytes += Buffer.byteLength(spec[i]);
-    if (bytes > MAX_ADD_BYTES) throw usage(`the ${count} jobs hold ${mib(bytes)} of arguments and environment in all, more than the ${MAX_ADD_BYTES >> 20} MiB one request may add`, 'split them over several add_jobs, or pass large data in files');
-  }
-  for (const spec of req.sweep === undefined ? jobs : sweepJobs(jobs[0] as string[], req.sweep as string[][])) {
-    if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
-    if (spec.some((w) => w.includes('\0'))) throw usage("a job's words cannot hold NUL bytes");
-    if (!path.isAbsolute(spec[0])) throw usage(`script path is not absolute: ${quoteForError(spec[0])}`);
-    // An exec that the kernel refuses would fail the job every time it starts.
-    let bytes = 0;
-    for (const w of spec) {
-      const n = Buffer.byteLength(w);
-      if (n > MAX_ARG_BYTES) throw usage(`an argument of ${n} bytes is longer than the system allows one argument (${MAX_ARG_BYTES} bytes)`, 'pass large data in a file instead');
-      bytes += n + 1 + 8;
-    }
-    if (bytes + envBytes > space) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${space} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
-  }
+  const [envBytes, envText] = envCosts(env);
+  const checked = (req as Record<symbol, unknown>)[JOBS_CHECKED];
+  const count = typeof checked === 'number' ? checked : runSteps(checkJobList(req, envBytes, envText, space));
   const id = st.nextId;
   const ev: Extract<Event, { e: 'add' }> = { e: 'add', t: c.now, id, cwd, retries: num(req.retries ?? 0, 'retries'), timeout: num(req.timeout ?? 0, 'timeout'), jobs: jobs as JobSpec[] };
   const retryDelay = num(req.retryDelay ?? DEFAULT_RETRY_DELAY_S, 'retry delay', 0, 86_400);
@@ -1752,7 +1862,8 @@ export function decideRemoveWorkers(st: State, req: Request, c: DecideContext): 
  *  run again: cli.py kept no exit codes. A worker djs has already keeps its settings. */
 export function decideLoadStatus(st: State, req: Request, c: DecideContext): Decision {
   if (typeof req.cwd !== 'string' || !path.isAbsolute(req.cwd)) throw usage('load_status needs an absolute cwd');
-  const status = parseClipyStatus(req.status, req.cwd);
+  const plan = ((req as Record<symbol, unknown>)[JOBS_CHECKED] as LoadPlan | undefined) ?? runSteps(loadPlanSteps(req.status, req.cwd, c.argSpace));
+  const status = plan.status;
   const alive = new Set(strings(req.alive) ? req.alive : []);
   if (!status.workers.length && !status.jobs.length) throw failure('nothing to load: no slaves and no waiting jobs');
   const events: Event[] = [];
@@ -1771,19 +1882,13 @@ export function decideLoadStatus(st: State, req: Request, c: DecideContext): Dec
   if (toAdd.length) events.push(...decideAddWorkers(st, { op: 'add_workers', workers: toAdd, skipCheck: req.skipCheck === true, ...environ }, c).events);
   // Jobs in a row with the same envs share one add; ids follow the waitlist's order.
   let nextId = st.nextId;
-  for (let i = 0; i < status.jobs.length;) {
-    const key = status.jobs[i].env.join('\0');
-    let j = i;
-    while (j < status.jobs.length && status.jobs[j].env.join('\0') === key) j++;
-    const group = status.jobs.slice(i, j);
-    const env = group[0].env;
+  for (const { env, jobs, count } of plan.groups) {
     // decideAddJobs numbers from st.nextId; the adds before this one in the same decision took those ids.
-    const d = decideAddJobs({ ...st, nextId }, { op: 'add_jobs', cwd: req.cwd, jobs: group.map((g) => g.argv), ...(env.length ? { env } : {}), ...environ }, c);
+    const d = decideAddJobs({ ...st, nextId }, { op: 'add_jobs', cwd: req.cwd, jobs, ...(env.length ? { env } : {}), ...environ, [JOBS_CHECKED]: count }, c);
     events.push(...d.events.filter((ev) => ev.e !== 'environ' || !events.some((e) => e.e === 'environ' && e.id === ev.id)));
-    nextId += group.length;
-    i = j;
+    nextId += count;
   }
-  const changed = status.jobs.filter((j) => shellWouldChange(j.argv.slice(1))).length;
+  const changed = plan.changed;
   return {
     events,
     answer: {
@@ -1791,6 +1896,31 @@ export function decideLoadStatus(st: State, req: Request, c: DecideContext): Dec
       ...(changed ? { warning: `${changed} job${changed === 1 ? '' : 's'} of the waitlist ha${changed === 1 ? 's' : 've'} arguments a shell would have read differently (cli.py ran jobs through sh -c; djs passes each word as it is): check them with cli.ts list --state waiting` } : {}),
     },
   };
+}
+
+/** A cli.py state read and checked for load_status (loadPlanSteps): its waitlist in
+ *  runs of jobs with the same envs (one add each, jobs checked: checkJobList), and how
+ *  many jobs a shell would have read differently. */
+export type LoadPlan = { status: ClipyStatus; groups: { env: string[]; jobs: JobSpec[]; count: number }[]; changed: number };
+
+/** The LoadPlan of a cli.py state, pausing every STEP_JOBS jobs (see checkJobList). */
+export function* loadPlanSteps(v: unknown, cwd: string, argSpace: number): Generator<void, LoadPlan> {
+  const status = yield* clipyStatusSteps(v, cwd);
+  const groups: LoadPlan['groups'] = [];
+  let changed = 0;
+  for (let i = 0, n = status.jobs.length; i < n;) {
+    const key = status.jobs[i].env.join('\0');
+    let j = i;
+    for (; j < n && status.jobs[j].env.join('\0') === key; j++) {
+      if (shellWouldChange(status.jobs[j].argv.slice(1))) changed++;
+      if (j % STEP_JOBS === STEP_JOBS - 1) yield;
+    }
+    const env = status.jobs[i].env, jobs = status.jobs.slice(i, j).map((g) => g.argv);
+    const [envBytes, envText] = envCosts(env);
+    groups.push({ env, jobs, count: yield* checkJobList({ op: 'add_jobs', jobs }, envBytes, envText, argSpace) });
+    i = j;
+  }
+  return { status, groups, changed };
 }
 
 /** Host strings reach ssh and scripts: a user@ prefix, a name or address, nothing a
@@ -1870,7 +2000,10 @@ export type ClipyStatus = { workers: ClipyWorker[]; jobs: { argv: string[]; env:
 
 /** cli.py's status JSON (parsed), checked and read into workers and waiting jobs; a
  *  relative script is resolved against cwd. Errors name the entry. */
-export function parseClipyStatus(v: unknown, cwd: string): ClipyStatus {
+export const parseClipyStatus = (v: unknown, cwd: string): ClipyStatus => runSteps(clipyStatusSteps(v, cwd));
+
+/** parseClipyStatus, pausing every STEP_JOBS entries of the waitlist (see checkJobList). */
+export function* clipyStatusSteps(v: unknown, cwd: string): Generator<void, ClipyStatus> {
   const at = <T>(where: string, fn: () => T): T => {
     try { return fn(); } catch (e) {
       const u = e instanceof UserError ? e : failure(String((e as Error)?.message ?? e));
@@ -1883,6 +2016,9 @@ export function parseClipyStatus(v: unknown, cwd: string): ClipyStatus {
       throw failure("this is the status of djs, not of cli.py", "to move a djs server, stop it and move its data dir; see 'Coming from cli.py' in the README");
     }
     throw failure('not the status of cli.py: expected {"job_waitlist": [...], "slaves": [...]}', 'make it with: ./cli.py status > st.json');
+  }
+  if (v.job_waitlist.length > MAX_SWEEP_JOBS) {
+    throw usage(`the waitlist holds ${v.job_waitlist.length} jobs, more than the ${MAX_SWEEP_JOBS} one command may add`, 'split it: load_status a file with part of the waitlist at a time (the slaves in the first)');
   }
   const scripts = new Map<string, string>(); // resolved once per script, not per job
   const argvOf = (x: unknown): string[] => {
@@ -1899,13 +2035,18 @@ export function parseClipyStatus(v: unknown, cwd: string): ClipyStatus {
     if (!obj(x) || !Object.values(x).every((y) => typeof y === 'string')) throw failure('envs is an object of NAME: VALUE strings');
     return envOf(Object.entries(x).map(([k, y]) => `${k}=${y}`));
   };
-  const jobs = v.job_waitlist.map((entry, i) => at(`job_waitlist[${i}]`, () => {
-    if (Array.isArray(entry) && Array.isArray(entry[0])) {
-      if (entry.length > 2) throw failure('expected [ARGV, ENVS]');
-      return { argv: argvOf(entry[0]), env: entry[1] === undefined ? [] : envOf(entry[1]) };
-    }
-    return { argv: argvOf(entry), env: [] };
-  }));
+  const jobs: ClipyStatus['jobs'] = [];
+  for (let i = 0; i < v.job_waitlist.length; i++) {
+    const entry: unknown = v.job_waitlist[i];
+    jobs.push(at(`job_waitlist[${i}]`, () => {
+      if (Array.isArray(entry) && Array.isArray(entry[0])) {
+        if (entry.length > 2) throw failure('expected [ARGV, ENVS]');
+        return { argv: argvOf(entry[0]), env: entry[1] === undefined ? [] : envOf(entry[1]) };
+      }
+      return { argv: argvOf(entry), env: [] };
+    }));
+    if (i % STEP_JOBS === STEP_JOBS - 1) yield;
+  }
   const seen = new Set<string>();
   const workers = v.slaves.map((x, i) => at(`slaves[${i}]`, (): ClipyWorker => {
     if (!obj(x) || typeof x.ip !== 'string') throw failure('a slave is an object with an "ip"');
@@ -3277,10 +3418,11 @@ type Input = { kind: 'request'; req: Request; decide: Decide; reply: Reply } | {
  *  said it could not start; `signal`: one asked for before its pid was known. */
 type Proc = { run: number; pid: number; how: 'launched' | 'watched'; failed: string | null; signal: NodeJS.Signals | null; began: number };
 /** A `wait` client: for jobs (ids, or all when null), or for workers to be gone;
+ *  `absent` counts the ids it named that were no job when asked (they count as removed);
  *  `forgotten` counts its jobs that a clean forgot, by how they ended, and `held` is
  *  what holds its jobs (whyHeld) as of event `seq`. */
 type Waiter = {
-  ids: Set<number> | null; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void;
+  ids: Set<number> | null; absent: number; pending: Set<number> | null; hosts: string[] | null; send: Reply; lastSent: number; lastKey: string; done: () => void;
   forgotten?: { done: number; failed: number; killed: number };
   held?: { seq: number; why: string | null };
 };
@@ -3483,7 +3625,9 @@ function sendError(reply: Reply, e: unknown): void {
   reply({ ok: false, error: err.message, hint: err.hint, code: err.code });
 }
 
-/** add_jobs, before deciding: every script is an executable regular file. */
+/** add_jobs, before deciding: every script is an executable regular file, and the jobs
+ *  pass checkJobList, checked in parts with other clients served in between (a list of
+ *  a million jobs takes a second), so that the decision need not check them again. */
 async function checkScripts(req: Request): Promise<Request> {
   const seen = new Set<string>();
   for (const spec of Array.isArray(req.jobs) ? req.jobs : []) {
@@ -3492,7 +3636,24 @@ async function checkScripts(req: Request): Promise<Request> {
     seen.add(script);
     checkExecutable(script, script);
   }
+  if (Array.isArray(req.jobs) && req.jobs.length) {
+    const [envBytes, envText] = envCosts(req.env === undefined ? [] : envOf(req.env));
+    return { ...req, [JOBS_CHECKED]: await stepsApart(checkJobList(req, envBytes, envText, spaceFor(req))) };
+  }
   return req;
+}
+
+/** What an exec leaves for a job's argv and --env: beside the server's environment, or
+ *  beside the one of the add that queued it (see decideAddJobs). */
+const spaceFor = (req: Request) => (req.environ === undefined ? argSpace : environSpace - environOf(req.environ).bytes);
+
+/** Runs a generator of steps (checkJobList) with a turn of the event loop after each. */
+async function stepsApart<T>(g: Generator<void, T>): Promise<T> {
+  for (;;) {
+    const r = g.next();
+    if (r.done) return r.value;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
 }
 
 /** add_workers, before deciding: unless told to skip it, ssh logs in to every host (in
@@ -3527,17 +3688,18 @@ async function checkLogins(req: Request): Promise<Request> {
   return { ...req, workers };
 }
 
-/** load_status, before deciding: the waitlist's scripts are executable, the jobs cli.py
+/** load_status, before deciding: the state is read and its jobs checked in parts
+ *  (loadPlanSteps, handed to the decision), the waitlist's scripts are executable, the jobs cli.py
  *  was running are looked up here (alive: see clipyJobAlive), and the workers to add
  *  pass the login check (unless skipped), all of them or none. */
 async function checkLoadStatus(req: Request): Promise<Request> {
   if (typeof req.cwd !== 'string' || !path.isAbsolute(req.cwd)) throw usage('load_status needs an absolute cwd');
-  const status = parseClipyStatus(req.status, req.cwd);
+  const plan = await stepsApart(loadPlanSteps(req.status, req.cwd, spaceFor(req))), status = plan.status;
   for (const script of new Set(status.jobs.map((j) => j.argv[0]))) checkExecutable(script, script, ' (in the waitlist)');
   const alive = status.workers.flatMap((w) => (w.job && clipyJobAlive(w.job.pid, w.job.id) ? [w.job.id] : []));
   const workers = status.workers.filter((w) => !w.removing && !(w.job && alive.includes(w.job.id)) && !st.workers.has(w.host)).map((w) => ({ host: w.host, env: w.env }));
   if (workers.length && req.skipCheck !== true) await checkLogins({ op: 'add_workers', workers, environ: req.environ });
-  return { ...req, alive };
+  return { ...req, alive, [JOBS_CHECKED]: plan };
 }
 
 /** Whether cli.py's job `id` still runs as process `pid` here: the process lives and
@@ -3565,15 +3727,52 @@ const logFile = (id: number) => path.join(cfg.logDir, `${id}.log`);
 
 // ---- the flush loop ------------------------------------------------------------
 
-/** What one flush collects before it writes: journal lines, answers, effects. */
-type Turn = { lines: string[]; answers: { reply: Reply; answer: Record<string, unknown> }[]; effects: Effect[]; facts: Event[]; touched: Set<number> | null };
+/** What one flush collects before it writes: journal lines, answers (an answer that
+ *  `waits` goes out once that expansion is done), effects, and the big adds it began. */
+type Turn = {
+  lines: string[]; answers: { reply: Reply; answer: Record<string, unknown>; waits?: Expansion }[]; effects: Effect[]; facts: Event[];
+  touched: Set<number> | null; expanding: Expansion[];
+};
+
+/** A big add (more than EXPAND_AT jobs) whose jobs are made a part per turn, after its
+ *  event is on disk, so that other clients are served in between (about 20 ms of work a
+ *  turn): a sweep of 1,000,000 jobs takes seconds to make. Until its last job is made,
+ *  the client that asked gets no answer, no other add is decided (ids and queue order
+ *  stay what a replay makes), and no snapshot is written (it would miss the rest); with
+ *  --after nothing else is decided or recorded either, since a dependency that ended
+ *  meanwhile would hold the rest for ever where a replay fails them. Reads are served
+ *  all along and may see part of its jobs. */
+type Expansion = { cur: AddCursor; replies: { reply: Reply; answer: Record<string, unknown> }[] };
+const expansions: Expansion[] = [];
+const EXPAND_AT = 5000, EXPAND_STEP = 1000, EXPAND_MS = 20;
+
+/** Makes jobs of the pending expansions for about EXPAND_MS; answers those that are done. */
+function expand(): void {
+  const t0 = performance.now();
+  while (expansions.length && performance.now() - t0 < EXPAND_MS) {
+    const x = expansions[0];
+    if (!makeJobs(st, x.cur, EXPAND_STEP)) continue;
+    expansions.shift();
+    for (const a of x.replies) a.reply({ ok: true, ...a.answer });
+    dashboardChanged();
+  }
+}
+
+/** Whether an input waits for the pending expansions (see Expansion). */
+function waitsForExpansion(input: Input, pending: Expansion[]): boolean {
+  if (!pending.length || input.kind === 'tick') return false;
+  if (pending.some((x) => x.cur.ev.after)) return true;
+  return input.kind === 'request' && (input.decide === decideAddJobs || input.decide === decideLoadStatus);
+}
 
 /** Applies an event, numbers it for the journal, and notes its effects. */
 function commit(turn: Turn, ev: Event): void {
   const cascades = st.cascades;
   const counted = counts(st, ev);
   if (ev.e === 'clean' && waiters.size) noteForgotten(ev);
-  applyEvent(st, ev);
+  if (ev.e === 'add' && (expansions.length || turn.expanding.length || addCount(ev) > EXPAND_AT)) {
+    turn.expanding.push({ cur: beginAdd(st, ev), replies: [] });
+  } else applyEvent(st, ev);
   if (counted) countEvent(metrics, st, ev);
   st.seq++;
   turn.lines.push(JSON.stringify({ n: st.seq, ...ev }));
@@ -3587,7 +3786,7 @@ function commit(turn: Turn, ev: Event): void {
 /** Ids of the jobs an event touches (for wait), or 'all'. */
 function touchedBy(ev: Event): number[] | 'all' {
   switch (ev.e) {
-    case 'add': return Array.from({ length: addCount(ev) }, (_, i) => ev.id + i);
+    case 'add': return []; // new ids: no wait holds them (a wait names jobs that exist)
     case 'remove': case 'kill': case 'retry': case 'priority': return ev.ids;
     case 'start': case 'unstart': case 'end': return [ev.id];
     case 'clean': return 'all';
@@ -3606,20 +3805,25 @@ function flush(): void {
   flushQueued = false;
   if (shuttingDown) return;
   const now = Date.now();
-  const turn: Turn = { lines: [], answers: [], effects: [], facts: [], touched: new Set() };
+  if (expansions.length) expand();
+  const turn: Turn = { lines: [], answers: [], effects: [], facts: [], touched: new Set(), expanding: [] };
+  const later: Input[] = [];
   for (const input of inbox.splice(0)) {
-    if (input.kind === 'fact') { turn.facts.push(input.ev); commit(turn, input.ev); }
+    if (waitsForExpansion(input, expansions.length ? expansions : turn.expanding)) later.push(input);
+    else if (input.kind === 'fact') { turn.facts.push(input.ev); commit(turn, input.ev); }
     else if (input.kind === 'request') {
       try {
+        const began = turn.expanding.length;
         const d = input.decide(st, input.req, { now, killGraceMs: cfg.killGraceMs, argSpace, environSpace });
         for (const ev of d.events) commit(turn, ev);
         if (d.effects) turn.effects.push(...d.effects);
-        turn.answers.push({ reply: input.reply, answer: d.answer });
+        turn.answers.push({ reply: input.reply, answer: d.answer, waits: turn.expanding.length > began ? turn.expanding.at(-1) : undefined });
       } catch (e) {
         sendError(input.reply, e);
       }
     }
   }
+  inbox.unshift(...later);
   const p = plan(st, rt, now, cfg.killGraceMs, { heartbeatMs: cfg.ssh.heartbeatMs, probeMaxMs: cfg.probeMaxMs });
   for (const ev of p.events) {
     if (ev.e === 'probe' && !ev.ok) log(`worker ${ev.host} is down: ${ev.err}`);
@@ -3636,12 +3840,14 @@ function flush(): void {
       return recoverFromWriteFailure(e as NodeJS.ErrnoException, turn);
     }
   }
-  for (const a of turn.answers) a.reply({ ok: true, ...a.answer });
+  for (const a of turn.answers) if (a.waits) a.waits.replies.push(a); else a.reply({ ok: true, ...a.answer });
+  expansions.push(...turn.expanding);
   for (const fx of turn.effects) perform(fx);
   flushLaunches();
   if (turn.lines.length) { notifyWatchers(now, turn.touched); dashboardChanged(); }
-  if (journal.needsSnapshot()) takeSnapshot();
+  if (journal.needsSnapshot() && !expansions.length) takeSnapshot();
   armTimer(p.next);
+  if (expansions.length) submit({ kind: 'tick' }); // the next part, after the others' I/O
 }
 
 /** The journal could not be written (disk full, read-only): memory is ahead of the
@@ -3658,6 +3864,8 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
     process.exit(1);
   }
   for (const a of turn.answers) a.reply({ ok: false, code: EXIT_FAILED, error: what, hint: 'nothing was changed; free space or fix the data dir, then try again' });
+  // Adds of earlier turns are on disk, so the state just loaded holds all their jobs.
+  for (const x of expansions.splice(0)) for (const a of x.replies) a.reply({ ok: true, ...a.answer });
   writeRetryMs = Math.min(30_000, writeRetryMs ? writeRetryMs * 2 : 250);
   setTimeout(() => { for (const ev of turn.facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
 }
@@ -3786,7 +3994,7 @@ function launchJob(id: number): void {
   let shared: string | null = null;
   if (cfg.ssh.shared) {
     try { shared = sharedConfigFile(cfg.ssh, connectionOf(job.slot, cfg.ssh)); } catch (e) {
-      return startFailed(id, `the ssh config of its connection could not be written (${(e as Error).message})`);
+      return startFailed(id, `the ssh config of its connection could not be written (${(e as Error).message})`, path.join(cfg.dataDir, 'ssh'));
     }
   }
   procs.set(id, { run: job.run, pid: 0, how: 'launched', failed: null, signal: null, began: 0 });
@@ -3847,8 +4055,8 @@ function launcherSaid(line: string): void {
     procs.delete(id);
     // The scheduler's own trouble (its run dir or log dir) is not the job's: it goes back
     // to the queue uncharged. A directory the job needs that is gone is the job's.
-    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created (is the data dir's disk full?)`);
-    if (p.failed === 'log') return startFailed(id, `its log ${logFile(id)} could not be opened (is the log dir there and writable, and the log a plain file?)`);
+    if (p.failed === 'taken' || p.failed === 'nowrite') return startFailed(id, `its run file ${runFile(cfg.dataDir, id, p.run)} could not be created (is the data dir's disk full?)`, path.join(cfg.dataDir, 'run'));
+    if (p.failed === 'log') return startFailed(id, `its log ${logFile(id)} could not be opened (is the log dir there and writable, and the log a plain file?)`, cfg.logDir);
     if (p.failed) return ended(id, p, null, `cannot start: cannot enter ${st.jobs.get(id)?.cwd ?? 'its directory'} (does it still exist?)`);
     if (rt.startFailures > 0) log(`jobs start again after ${rt.startFailures} failed start(s)`);
     rt.startFailures = 0;
@@ -3858,13 +4066,44 @@ function launcherSaid(line: string): void {
 
 /** A start that failed for the scheduler's own reasons: the job never ran, so it goes
  *  back to the queue uncharged, behind the others (so that one job whose log cannot be
- *  opened does not hold up the rest), and starts pause (pauseStarts). */
-function startFailed(id: number, why: string): void {
+ *  opened does not hold up the rest). If `dir` (the log dir, the run dir) is gone or not
+ *  writable, starts wait until it is back (waitForDir), however long that takes; else
+ *  (a log that is a FIFO, a full disk) starts pause, longer each time (pauseStarts). */
+function startFailed(id: number, why: string, dir: string): void {
+  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* the next failure says so */ }
+  fact({ e: 'unstart', t: Date.now(), id, back: true });
+  if (rt.startsWaitFor !== null) return;
+  if (!usableDir(dir)) {
+    log(`error: job ${id} did not start: ${why}; it is queued again, and starts wait until ${dir} is a writable directory again (checked every ${DIR_CHECK_MS} ms)`);
+    return waitForDir(dir);
+  }
   const delay = pauseStarts(rt, Date.now());
   // Once per episode: the pauses that follow grow up to a minute.
   if (rt.startFailures === 1) log(`error: job ${id} did not start: ${why}; it is queued again, and starts pause (${delay} ms, growing while this lasts)`);
-  try { fs.mkdirSync(path.join(cfg.dataDir, 'run'), { recursive: true, mode: 0o700 }); } catch { /* the next failure says so */ }
-  fact({ e: 'unstart', t: Date.now(), id, back: true });
+}
+
+/** How often a directory that starts wait for is looked at. */
+const DIR_CHECK_MS = 500;
+const usableDir = (dir: string) => {
+  try { return fs.statSync(dir).isDirectory() && (fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK), true); } catch { return false; }
+};
+
+/** Holds starts until `dir` is a writable directory again, looked at every DIR_CHECK_MS
+ *  (a deliberate poll: nothing tells a process that a directory was made again); then
+ *  they go on at once, with no pause left over from the failures. */
+function waitForDir(dir: string): void {
+  rt.startsWaitFor = dir;
+  rt.startsPausedUntil = Infinity;
+  const look = () => {
+    if (shuttingDown) return;
+    if (!usableDir(dir)) { setTimeout(look, DIR_CHECK_MS).unref(); return; }
+    log(`${dir} is back: jobs start again`);
+    rt.startsWaitFor = null;
+    rt.startsPausedUntil = 0;
+    rt.startFailures = 0;
+    submit({ kind: 'tick' });
+  };
+  setTimeout(look, DIR_CHECK_MS).unref();
 }
 
 /** Records that a job's run ended, and forgets its process. */
@@ -4013,7 +4252,7 @@ function runHeartbeat(host: string): void {
 
 function waitCounts(w: Waiter) {
   if (!w.ids) return { ...st.counts, total: st.jobs.size, missing: 0 };
-  const c = { waiting: 0, running: 0, done: 0, failed: 0, killed: 0, total: w.ids.size, missing: 0 };
+  const c = { waiting: 0, running: 0, done: 0, failed: 0, killed: 0, total: w.ids.size + w.absent, missing: w.absent };
   for (const id of w.ids) {
     const job = st.jobs.get(id);
     if (job) c[job.state]++; else c.missing++;
@@ -4081,13 +4320,13 @@ function notifyWatchers(now: number, touched: Set<number> | null): void {
 }
 
 /** wait {ids} | {tag} | {ranges} | {all} | {} | {hosts}: answers when those jobs have
- *  finished (ids; the tag's jobs as of now; ranges [first, last] of ids, of which unknown
- *  ones count as removed; every job, with all; without any of these, the jobs that had
+ *  finished (ids; the tag's jobs as of now; ranges [first, last] of ids, of which the
+ *  ones that are no job when asked count as removed (jobsInRanges); every job, with all; without any of these, the jobs that had
  *  not finished when it was asked), or when those workers are gone; progress lines
  *  meanwhile. The ids of a tag's wait and of one without ids go to the client first, as
  *  ranges, for it to ask for the same jobs again if the server restarts. */
 function openWait(req: Request, conn: Conn): void {
-  let ids: Set<number> | null = null;
+  let ids: Set<number> | null = null, absent = 0;
   const hosts = req.hosts === undefined ? null : (req.hosts as string[]);
   if (req.ids !== undefined) {
     ids = new Set(idList(req.ids));
@@ -4100,19 +4339,16 @@ function openWait(req: Request, conn: Conn): void {
     for (const job of st.jobs.values()) if (job.tags.includes(tag)) ids.add(job.id);
     conn.send({ ranges: idRanges(ids) });
   } else if (Array.isArray(req.ranges)) {
-    ids = new Set();
-    for (const r of req.ranges) {
-      if (!Array.isArray(r) || r.length !== 2) throw usage('ranges are [first, last] pairs');
-      const first = num(r[0], 'job id', 1), last = num(r[1], 'job id', first, first + 10_000_000);
-      for (let id = first; id <= last; id++) ids.add(id);
-    }
+    const r = jobsInRanges(st, req.ranges);
+    ids = r.ids;
+    absent = r.named - r.ids.size;
   } else if (req.all !== true && !hosts) {
     ids = new Set();
     for (const job of st.jobs.values()) if (!isFinished(job.state)) ids.add(job.id);
     conn.send({ ranges: idRanges(ids) });
   }
   if (hosts) conn.send({ draining: hosts });
-  const w: Waiter = { ids, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '', done: () => {} };
+  const w: Waiter = { ids, absent, pending: ids && new Set([...ids].filter(unfinished)), hosts, send: conn.send, lastSent: 0, lastKey: '', done: () => {} };
   watchUntilClose(conn, waiters, w);
   notifyWatchers(Date.now(), new Set());
 }

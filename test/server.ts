@@ -475,3 +475,6 @@ export function socketClients(dataDir: string): number {
   return fs.readFileSync('/proc/net/unix', 'utf8').split('\n')
     .filter((l) => l.endsWith(` ${sock}`) && l.split(/\s+/)[5] === '03').length;
 }
+
+/** A server's resident memory in MiB. */
+export const rssMiB = (s: TestServer) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${s.proc.pid}/status`, 'utf8'))![1]) / 1024;
