@@ -1716,13 +1716,16 @@ export function manySlotsWarning(arg: string, slots: number, skipCheck: boolean)
 // ---- cli.py's state: what load_status reads ---------------------------------------
 // cli.py (the Python scheduler djs replaces) printed its state with `status` as
 // {"job_waitlist": [[ARGV, ENVS], ...], "slaves": [{"ip", "envs", "status",
-// "running_job": null | {"id", "script": ARGV, "envs", "pid", "log_file"},
+// "running_job": null | {"id", "script", "envs", "pid", "log_file"},
 // "remove_after_finish"?}]}; ARGV is the script and its arguments, ENVS NAME=VALUE
-// strings. Its README shows older waitlist entries as bare ARGV lists, and slaves
+// strings. A running job's "script" is the job's environment ({NAME: VALUE}) and its
+// "envs" the ARGV: cli.py builds its JobInfo with the two swapped, so that is what it
+// prints (test/fixtures/clipy holds real output); the names as meant (script: ARGV)
+// load too. Its README shows older waitlist entries as bare ARGV lists, and slaves
 // without envs; both load.
 
 /** A job cli.py was running when its state was printed. */
-export type ClipyRunning = { id: string; argv: string[]; pid: number; log: string };
+export type ClipyRunning = { id: string; argv: string[]; jobEnv: string[]; pid: number; log: string };
 export type ClipyWorker = { host: string; env: string[]; removing: boolean; job: ClipyRunning | null };
 export type ClipyStatus = { workers: ClipyWorker[]; jobs: { argv: string[]; env: string[] }[] };
 
@@ -1779,7 +1782,11 @@ export function parseClipyStatus(v: unknown, cwd: string): ClipyStatus {
       job = at('running_job', () => {
         if (!obj(r) || (typeof r.id !== 'string' && typeof r.id !== 'number')) throw failure('a running job has an "id"');
         if (typeof r.pid !== 'number' || !Number.isSafeInteger(r.pid) || r.pid < 1) throw failure(`invalid pid ${quoteForError(String(r.pid))}`);
-        return { id: String(r.id), argv: argvOf(r.script), pid: r.pid, log: typeof r.log_file === 'string' ? r.log_file : '' };
+        // cli.py's own output has ARGV under "envs" and the environment under "script".
+        const [argvField, envField] = !strings(r.script) && strings(r.envs) ? ['envs', 'script'] : ['script', 'envs'];
+        const argv = argvOf(r[argvField]), e = r[envField];
+        const jobEnv = at(envField, () => (strings(e) ? envOf(e) : envDict(e)));
+        return { id: String(r.id), argv, jobEnv, pid: r.pid, log: typeof r.log_file === 'string' ? r.log_file : '' };
       });
     }
     return { host, env: at('envs', () => envDict(x.envs)), removing: x.remove_after_finish === true, job };
@@ -6278,7 +6285,7 @@ async function cmdLoadStatus(p: Parsed, ctx: Ctx): Promise<number> {
       `Once it ends: cli.ts add_slave ${h.env.map((e) => `-e ${shellQuote(e)} `).join('')}${shellQuote(h.host)}\n`);
   }
   for (const e of r.ended as (ClipyRunning & { host: string })[]) {
-    ctx.out.write(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${command(e.argv)}\n`);
+    ctx.out.write(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${e.jobEnv.map((v) => `-e ${shellQuote(v)} `).join('')}${command(e.argv)}\n`);
   }
   if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   return EXIT_OK;
