@@ -2,6 +2,7 @@
 ":" /*
 # The bootstrap (see BOOTSTRAP in the header). Paths go to node as data, never as code.
 _djs_f=$(readlink -f "$0")
+export DJS_PROG="$0"
 _djs_k=$(cksum < "$_djs_f")
 _djs_c=${_djs_f%/*}/node_modules/.cache/djs/cli-${_djs_k% *}-${_djs_k#* }.mjs
 [ -s "$_djs_c" ] && exec node "$_djs_c" "$@"
@@ -185,7 +186,9 @@ if (!process.features.typescript) {
  *   loader runs it again, from execArgv, without the variable, and writes no copy). The
  *   loader's text is a URL: it holds no `#`, `%` or `?`, no `'` (sh quotes it), and
  *   since the URL parser drops its newlines, no // comment and no line break between
- *   two words.
+ *   two words. sh also passes the name it was called by ($0; the copy's path is node's
+ *   argv[1]) as DJS_PROG, so that hints say `djs ...` when that is what the user
+ *   typed; main reads and deletes it (see progName).
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -1433,7 +1436,13 @@ export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Dec
       if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
         (env === null || [...(job.env ?? [])].sort().join('\0') === env)) ids.push(job.id);
     }
-    if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
+    if (ids.length === 0) {
+      // `remove_job 3` means job 3 more often than a script named 3.
+      const words = [path.basename(script), ...args];
+      const byId = words.every((w) => /^\d+$/.test(w) && st.jobs.has(Number(w)));
+      throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`,
+        byId ? `${words.length === 1 ? `${words[0]} is a job id` : `${words.join(' ')} are job ids`}: cli.ts remove_job --id ${words.join(' ')}` : undefined);
+    }
   }
   // Later jobs first: one held for another that goes too (its dependencies have lower
   // ids) is removed with it, not failed for it.
@@ -5647,7 +5656,10 @@ function argsError(e: NodeJS.ErrnoException, options: OptSpec, command?: string)
     case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL': return usage(`unexpected argument ${quoteForError(word)}`, see);
     case 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE': {
       const option = word.split(' ')[0];
-      return usage(`option ${quoteForError(option)} needs a value`, `write ${option}=VALUE for a value that starts with '-'`);
+      if (!/argument missing/.test(e.message)) return usage(`option ${quoteForError(option)} needs a value`, `write ${option}=VALUE for a value that starts with '-'`);
+      // Nothing after it: how the value is written (--http [HOST:]PORT).
+      const form = (command ? COMMAND_HELP[command]?.options ?? [] : []).map(([o]) => o.split(' (')[0]).find((o) => o.split(/[ ,]+/).includes(option));
+      return usage(`option ${quoteForError(option)} needs a value`, `${form ? `as in: ${form.replace(/^-\w, /, '')}` : `write ${option} VALUE`} (${see})`);
     }
     default: return usage(e.message.split('\n')[0]);
   }
@@ -6025,11 +6037,37 @@ export function splitSweep(words: string[]): { args: string[]; lists: string[][]
   return { args: words.slice(0, at), lists };
 }
 
-/** cli.py took its own options from anywhere on the line; djs gives the words after
- *  SCRIPT to the job. Its spellings there are most likely meant for the scheduler. */
-function warnClipyOptions(words: string[], ctx: Ctx): void {
-  const word = words.find((w) => /^--(server_data_dir|env,-e)(=|$)/.test(w));
-  if (word) ctx.err.write(`warning: ${quoteForError(word)} comes after SCRIPT, so it is an argument of the job; options of djs go before SCRIPT\n`);
+/** The words after SCRIPT that spell an option of `command` (or --data-dir), with the
+ *  option's value, and the other words: djs gives them all to the job, but such words
+ *  are most likely meant for djs (cli.py took its options from anywhere on the line).
+ *  `-e` counts only before NAME=VALUE; --help, and anything after `--` or `:::`, not. */
+export function optionsAfterScript(words: string[], options: OptSpec): { found: string[][]; rest: string[] } {
+  const all: OptSpec = { ...GLOBAL_OPTIONS, ...options };
+  const short = new Map(Object.entries(all).flatMap(([name, o]) => (o.short ? [[o.short, name]] : [])));
+  const found: string[][] = [], rest: string[] = [];
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i];
+    if (w === '--' || w === ':::') { rest.push(...words.slice(i)); break; }
+    const long = /^--([^=]+)(=?)/.exec(w), name = long ? long[1] : /^-[A-Za-z]/.test(w) ? short.get(w[1]) : undefined;
+    const inline = long ? long[2] === '=' : w.length > 2;
+    const spec = name === undefined || name === 'help' || !Object.hasOwn(all, name) ? undefined : all[name];
+    const value = spec?.type === 'string' && !inline ? words[i + 1] : undefined;
+    if (!spec || (spec.type === 'string' && !inline && value === undefined) || (!long && !ENV_WORD_RE.test(inline ? w.slice(2) : value ?? ''))) { rest.push(w); continue; }
+    found.push(value === undefined ? [w] : [w, value]);
+    if (value !== undefined) i++;
+  }
+  return { found, rest };
+}
+
+/** Warns (the job still gets them) of words after SCRIPT that spell options of djs
+ *  (optionsAfterScript), with the line that gives them to djs. */
+function warnOptionsAfterScript(command: string, options: OptSpec, script: string, words: string[], ctx: Ctx): void {
+  const { found, rest } = optionsAfterScript(words, options);
+  if (!found.length) return;
+  const shown = found.map((f) => quoteForError(f.join(' ')));
+  const line = [command, ...found.flat(), script, ...rest].map(shellQuote).join(' ');
+  ctx.err.write(`warning: ${shown.length === 1 ? `${shown[0]} comes after SCRIPT, so it is an argument of the job` : `${shown.slice(0, -1).join(', ')} and ${shown[shown.length - 1]} come after SCRIPT, so they are arguments of the job`}; ` +
+    `options of djs go before SCRIPT, as in: cli.ts ${line}\n`);
 }
 
 async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
@@ -6037,7 +6075,7 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   const [script, ...words] = p.positionals;
   const { args, lists } = splitSweep(words);
   if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
-  warnClipyOptions(words, ctx);
+  warnOptionsAfterScript('add_job', JOB_OPTIONS, script, words, ctx);
   const spec = [resolveScript(script, workDir()), ...args];
   if (lists) checkSweep(spec, lists, envWords(p).reduce((n, w) => n + Buffer.byteLength(w), 0)); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
@@ -6071,7 +6109,8 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   } else {
     if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
     const [script, ...args] = p.positionals;
-    warnClipyOptions(args, ctx);
+    // Its --id and --tag exclude a SCRIPT: only -e (which picks among its jobs) is meant here.
+    warnOptionsAfterScript('remove_job', { env: JOB_OPTIONS.env, 'env,-e': JOB_OPTIONS['env,-e'] }, script, args, ctx);
     const env = envWords(p);
     msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args, ...(env.length ? { env: envOf(env) } : {}) };
   }
@@ -6281,11 +6320,11 @@ async function cmdLoadStatus(p: Parsed, ctx: Ctx): Promise<number> {
   ctx.out.write(count ? `queued ${plural(count, 'waiting job')}: ids ${first}${count > 1 ? `-${first + count - 1}` : ''}, in the waitlist's order\n` : 'queued no jobs: the waitlist is empty\n');
   const command = (argv: string[]) => [path.relative(cwd, argv[0]).startsWith('..') ? argv[0] : './' + path.relative(cwd, argv[0]), ...argv.slice(1)].map(shellQuote).join(' ');
   for (const h of r.held as (ClipyRunning & { host: string; env: string[] })[]) {
-    ctx.out.write(`not added: worker ${h.host}, which cli.py job ${h.id} (pid ${h.pid}) still runs on; djs leaves that job alone (its output: ${h.log || 'unknown'}). ` +
-      `Once it ends: cli.ts add_slave ${h.env.map((e) => `-e ${shellQuote(e)} `).join('')}${shellQuote(h.host)}\n`);
+    ctx.out.write(asCalled(`not added: worker ${h.host}, which cli.py job ${h.id} (pid ${h.pid}) still runs on; djs leaves that job alone (its output: ${h.log || 'unknown'}). ` +
+      `Once it ends: cli.ts add_slave ${h.env.map((e) => `-e ${shellQuote(e)} `).join('')}${shellQuote(h.host)}\n`));
   }
   for (const e of r.ended as (ClipyRunning & { host: string })[]) {
-    ctx.out.write(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${e.jobEnv.map((v) => `-e ${shellQuote(v)} `).join('')}${command(e.argv)}\n`);
+    ctx.out.write(asCalled(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${e.jobEnv.map((v) => `-e ${shellQuote(v)} `).join('')}${command(e.argv)}\n`));
   }
   if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   return EXIT_OK;
@@ -6381,7 +6420,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts remove_slave --wait node3'],
   },
   add_job: {
-    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with -.',
+    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with - (a word that spells an option of djs, like --tag X, gets a warning).',
     options: [
       ['--retries N', 'run a failed job again up to N times, on another worker when one is free'],
       ['--timeout SECONDS', 'stop a job running longer; it ends failed (reason timeout)'],
@@ -6478,15 +6517,19 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
 /** The version of this program. */
 export const VERSION = '0.1.0';
 
-/** The name among `names` nearest to `word` (- and _ alike), if near enough to be a typo. */
+/** The name among `names` nearest to `word` (- and _ alike), if near enough to be a typo,
+ *  or else the nearest that begins as `word` does but for its last letter (--retry:
+ *  --retries, not --retry-delay). */
 export function nearest(word: string, names: string[]): string | undefined {
   const norm = (w: string) => w.toLowerCase().replace(/-/g, '_');
-  let best: string | undefined, bestD = Infinity;
+  const stem = word.length >= 4 ? norm(word).slice(0, -1) : null;
+  let best: string | undefined, bestD = Infinity, begun: string | undefined, begunD = Infinity;
   for (const name of names) {
     const d = editDistance(norm(word), norm(name));
     if (d < bestD) { best = name; bestD = d; }
+    if (stem !== null && norm(name).startsWith(stem) && d < begunD) { begun = name; begunD = d; }
   }
-  return best !== undefined && bestD <= Math.max(2, Math.floor(word.length / 3)) ? best : undefined;
+  return best !== undefined && bestD <= Math.max(2, Math.floor(word.length / 3)) ? best : begun;
 }
 
 /** Levenshtein distance, with a swap of two neighbours counting as one edit. */
@@ -6509,7 +6552,8 @@ export function commandHelp(name: string): string {
   const lines = [`usage: cli.ts ${cmd.synopsis}`, '', h.about];
   if (alias) lines.push(`Also called ${alias}.`);
   const options: [string, string][] = [...h.options, ['--data-dir DIR', 'the server\'s data dir (env DJS_DATA_DIR; default: the nearest .data here or above)']];
-  lines.push('', 'options:', ...options.map(([o, what]) => `  ${o.padEnd(24)}${what}`));
+  // An option too long for its column has its words on the next line.
+  lines.push('', 'options:', ...options.map(([o, what]) => (o.length < 24 ? `  ${o.padEnd(24)}${what}` : `  ${o}\n  ${''.padEnd(24)}${what}`)));
   lines.push('', 'example:', ...h.examples.map((e) => `  ${e}`));
   return lines.join('\n') + '\n';
 }
@@ -6567,6 +6611,26 @@ function helpText(): string {
 // main: parse, run, exit through one gate
 // ============================================================================
 
+/** The name hints give this program: the one it was called by (`djs` through a symlink
+ *  on PATH), else cli.ts. Set from DJS_PROG (see BOOTSTRAP) or argv[1] when run. */
+let progName = 'cli.ts';
+
+/** Text for the user with `cli.ts` (or `./cli.ts`) as a command word, in hints and
+ *  examples, in the name this program was called by. */
+export function asCalled(text: string, name = progName): string {
+  if (name === 'cli.ts') return text;
+  return text.replace(/(^|[\s(:;,`"'])(?:\.\/)?cli\.ts(?= )/gm, (_m, before: string) => before + shellQuote(name));
+}
+
+/** stderr with its lines in the name this program was called by (asCalled). */
+function calledStream(stream: NodeJS.WriteStream): NodeJS.WriteStream {
+  if (progName === 'cli.ts') return stream;
+  const s = Object.create(stream) as NodeJS.WriteStream;
+  const write = stream.write.bind(stream) as (chunk: unknown, ...rest: unknown[]) => boolean;
+  s.write = ((chunk: unknown, ...rest: unknown[]) => write(typeof chunk === 'string' ? asCalled(chunk) : chunk, ...rest)) as NodeJS.WriteStream['write'];
+  return s;
+}
+
 /** The one exit: prints an error (one line, plus a hint) and returns the exit code. */
 function reportError(e: unknown, err: NodeJS.WriteStream): number {
   const u = asUserError(e);
@@ -6576,7 +6640,7 @@ function reportError(e: unknown, err: NodeJS.WriteStream): number {
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const err = process.stderr, out = process.stdout;
+  const err = calledStream(process.stderr), out = process.stdout;
   try {
     const { tokens } = parseArgs({ args: argv, options: GLOBAL_OPTIONS, strict: false, allowPositionals: true, tokens: true });
     const cmdToken = tokens.find((t) => t.kind === 'positional');
@@ -6587,13 +6651,13 @@ export async function main(argv: string[]): Promise<number> {
       if (rest.length) {
         const name = ALIASES[rest[0]] ?? rest[0];
         if (!COMMANDS[name]) throw unknownCommand(rest[0]);
-        out.write(commandHelp(name));
+        out.write(asCalled(commandHelp(name)));
         return EXIT_OK;
       }
     }
     if (!cmdToken || globals.values.help || cmdToken.value === 'help') {
       const asked = Boolean(cmdToken || globals.values.help);
-      (asked ? out : err).write(helpText());
+      (asked ? out : err).write(asCalled(helpText()));
       return asked ? EXIT_OK : EXIT_USAGE;
     }
     if (globals.positionals.length) throw usage(`unexpected ${quoteForError(globals.positionals[0])}`);
@@ -6601,7 +6665,7 @@ export async function main(argv: string[]): Promise<number> {
     const cmd = COMMANDS[name];
     if (!cmd) throw unknownCommand(cmdToken.value);
     const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false, cmd.negatives, name);
-    if (parsed.values.help) { out.write(commandHelp(name)); return EXIT_OK; }
+    if (parsed.values.help) { out.write(asCalled(commandHelp(name))); return EXIT_OK; }
     if (cmd.noArgs && parsed.positionals.length) throw usage(`${name} takes no arguments, not ${quoteForError(parsed.positionals[0])}`, `usage: cli.ts ${cmd.synopsis}`);
     const named = (parsed.values['data-dir'] ?? parsed.values.server_data_dir ?? globals.values['data-dir'] ?? globals.values.server_data_dir ?? process.env.DJS_DATA_DIR) as string | undefined;
     const dataDir = named !== undefined ? path.resolve(named) : findDataDir(process.cwd());
@@ -6630,6 +6694,8 @@ function rawArgs(): string[] {
 }
 
 if (isMain) {
+  progName = path.basename(process.env.DJS_PROG || process.argv[1] || 'cli.ts');
+  delete process.env.DJS_PROG; // neither the server nor its jobs inherit it
   process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(0); });
   main(rawArgs()).then((code) => {
     if (code >= 0) process.exitCode = code;

@@ -10,8 +10,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { decideLoadStatus, newState, parseClipyStatus, type DecideContext } from '../cli.ts';
-import { alive, serve, writeScript } from './server.ts';
+import {
+  applyEvent, asCalled, commandHelp, decideLoadStatus, decideRemoveJobs, nearest, newState, optionsAfterScript, parseClipyStatus, UserError,
+  type DecideContext,
+} from '../cli.ts';
+import { alive, CLI, readIf, run, runCli, serve, testDir, until, writeScript } from './server.ts';
 
 const T0 = Date.UTC(2026, 0, 1);
 const C: DecideContext = { now: T0, killGraceMs: 1000, argSpace: 1 << 20 };
@@ -68,5 +71,110 @@ describe('load_status of what cli.py really prints', () => {
     assert.match(r2.stdout, /not run again: cli.py job \d+ on node-a .* To run it again: cli.ts add_job \.\/job\.sh a$/m);
     await s.ok(['wait']);
     assert.deepEqual((await s.jobs()).map((j) => [j.args, j.state]), [[['d e'], 'done'], [['c'], 'done']]);
+  });
+});
+
+// ---------------------------------------------------------------- options after SCRIPT, remove_job N
+
+describe('words after SCRIPT that spell options of djs', () => {
+  test('found with their values; -e only before NAME=VALUE; not --help, nor after -- or :::', () => {
+    const opts = { tag: { type: 'string' as const, multiple: true }, env: { type: 'string' as const, short: 'e', multiple: true }, id: { type: 'boolean' as const } };
+    assert.deepEqual(optionsAfterScript(['--tag', 'oops', 'x', '-e', 'FOO=1', '-e', 'notenv', '--help', '-eB=2', '--tag=t', '--id', '--data-dir', '/d', '--', '--tag', 'y'], opts), {
+      found: [['--tag', 'oops'], ['-e', 'FOO=1'], ['-eB=2'], ['--tag=t'], ['--id'], ['--data-dir', '/d']],
+      rest: ['x', '-e', 'notenv', '--help', '--', '--tag', 'y'],
+    });
+    assert.deepEqual(optionsAfterScript(['a', ':::', '--tag', 'b'], opts), { found: [], rest: ['a', ':::', '--tag', 'b'] });
+    assert.deepEqual(optionsAfterScript(['--tag'], opts), { found: [], rest: ['--tag'] }, 'no value: the job\'s own');
+  });
+
+  test('add_job warns, naming the line that gives them to djs, and queues them as the job\'s arguments; remove_job N hints --id N', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'train.sh', 'echo "$@"');
+    const r = await s.cli(['add_job', './train.sh', '--tag', 'oops', 'x', '-e', 'FOO=1']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /^warning: '--tag oops' and '-e FOO=1' come after SCRIPT, so they are arguments of the job; options of djs go before SCRIPT, as in: cli\.ts add_job --tag oops -e FOO=1 \.\/train\.sh x$/m);
+    const r2 = await s.cli(['add_job', './train.sh', '--data-dir', '/tmp/x']);
+    assert.match(r2.stderr, /^warning: '--data-dir \/tmp\/x' comes after SCRIPT, so it is an argument of the job; .* as in: cli\.ts add_job --data-dir \/tmp\/x \.\/train\.sh$/m);
+    const r3 = await s.cli(['add_job', './train.sh', '--help', '-e', 'x']);
+    assert.doesNotMatch(r3.stderr, /after SCRIPT/, 'a script\'s own options get no warning');
+    const jobs = await s.jobs();
+    assert.deepEqual(jobs.map((j) => [j.args, j.tags, j.env]), [
+      [['--tag', 'oops', 'x', '-e', 'FOO=1'], [], []], [['--data-dir', '/tmp/x'], [], []], [['--help', '-e', 'x'], [], []],
+    ]);
+    // remove_job 2: no script is named 2, and 2 is a job.
+    const rm = await s.cli(['remove_job', '2']);
+    assert.equal(rm.code, 1);
+    assert.match(rm.stderr, /^error: no waiting job runs '.*\/2'\nhint: 2 is a job id: cli\.ts remove_job --id 2$/m);
+    const rm2 = await s.cli(['remove_job', '99']);
+    assert.doesNotMatch(rm2.stderr, /hint/, 'no job 99: no hint');
+    // remove_job's --tag excludes a SCRIPT: only its -e is meant for djs; the words match job 1.
+    const rm3 = await s.cli(['remove_job', './train.sh', '--tag', 'oops', 'x', '-e', 'FOO=1']);
+    assert.match(rm3.stderr, /^warning: '-e FOO=1' comes after SCRIPT, .* as in: cli\.ts remove_job -e FOO=1 \.\/train\.sh --tag oops x$/m);
+    assert.match(rm3.stdout, /removed 1 job: 1/);
+  });
+
+  test('decideRemoveJobs: the hint only for words that are ids of jobs', () => {
+    const st = newState();
+    applyEvent(st, { e: 'add', t: T0, id: 1, cwd: '/w', retries: 0, timeout: 0, jobs: [['/w/a.sh'], ['/w/a.sh'], ['/w/a.sh']] });
+    const hint = (script: string, args: string[]) => {
+      try { decideRemoveJobs(st, { op: 'remove_jobs', script, args }, C); } catch (e) { assert.ok(e instanceof UserError); return e.hint; }
+      assert.fail('no error');
+    };
+    assert.equal(hint('/w/3', []), '3 is a job id: cli.ts remove_job --id 3');
+    assert.equal(hint('/w/2', ['3']), '2 3 are job ids: cli.ts remove_job --id 2 3');
+    assert.equal(hint('/w/4', []), undefined);
+    assert.equal(hint('/w/3', ['x']), undefined);
+  });
+});
+
+// ---------------------------------------------------------------- small ones
+
+describe('help and hints', () => {
+  test('an option too long for its column has its words on the next line; --retry: did you mean --retries; djs for cli.ts', () => {
+    const help = commandHelp('add_job');
+    assert.match(help, /\n  -e, --env NAME=VALUE \(--env,-e=NAME=VALUE\)\n {26}more environment for the job/);
+    for (const line of help.split('\n')) assert.doesNotMatch(line, /\)[a-z]/, line);
+    assert.equal(nearest('retry', ['retries', 'retry-delay', 'timeout', 'tag']), 'retries');
+    assert.equal(nearest('frobnicate', ['retries', 'status']), undefined);
+    assert.equal(asCalled('hint: start one with: cli.ts start (see: cli.ts help); ./cli.ts stop; /home/me/cli.ts x', 'djs'),
+      'hint: start one with: djs start (see: djs help); djs stop; /home/me/cli.ts x');
+    assert.equal(asCalled('see: cli.ts help', 'cli.ts'), 'see: cli.ts help');
+  });
+
+  test('--http with no value: how to write it; --retry 2: did you mean --retries', async () => {
+    const r = await runCli(['start', '--http']);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /^error: option '--http' needs a value\nhint: as in: --http \[HOST:\]PORT \(see: cli\.ts help start\)$/m);
+    const r2 = await runCli(['start', '--http', '-d']);
+    assert.match(r2.stderr, /hint: write --http=VALUE for a value that starts with '-'/, 'a value that looks like an option');
+    const r3 = await runCli(['add_job', '--retry', '2', './x.sh']);
+    assert.equal(r3.code, 2);
+    assert.match(r3.stderr, /hint: did you mean --retries\?/);
+  });
+
+  test('called as djs through a symlink, hints and help say djs; the server and its jobs do not inherit the name', async (t) => {
+    const dir = testDir(t), bin = path.join(dir, 'bin');
+    fs.mkdirSync(bin);
+    fs.symlinkSync(CLI, path.join(bin, 'djs'));
+    const env = { PATH: `${bin}:${process.env.PATH}`, NO_COLOR: '1' };
+    const djs = (line: string) => run('/bin/sh', ['-c', line], { cwd: dir, env });
+    for (let i = 0; i < 2; i++) { // the first run may make the plain-JS copy, the second runs it
+      const r = await djs('djs --data-dir nothere status');
+      assert.equal(r.code, 3);
+      assert.match(r.stderr, /^hint: start one with: djs start /m);
+      assert.doesNotMatch(r.stderr, /cli\.ts/);
+    }
+    assert.match((await djs('djs help kill')).stdout, /^usage: djs kill /);
+    assert.match((await djs('djs frobnicate')).stderr, /\(see: djs help\)/);
+    // A server started as djs: its job's environment has no DJS_PROG.
+    writeScript(dir, 'env.sh', 'env > "env.$JOB_ID"');
+    const start = await djs('djs --data-dir .data start -d');
+    assert.equal(start.code, 0, start.stderr);
+    t.after(() => djs('djs --data-dir .data stop'));
+    assert.equal((await djs('djs --data-dir .data add_slave --skip_ssh_auth_check local1')).code, 0);
+    assert.equal((await djs('djs --data-dir .data add_job ./env.sh && djs --data-dir .data wait')).code, 0);
+    const jobEnv = await until(() => readIf(path.join(dir, 'env.1')), 'the job to write its environment');
+    assert.match(jobEnv, /^JOB_ID=1$/m);
+    assert.doesNotMatch(jobEnv, /DJS_PROG/);
   });
 });
