@@ -1875,8 +1875,9 @@ function ansiCQuoted(line: string, from: number): [string, number] {
 /** Quotes a word for a shell only when it needs it, for showing commands to people. */
 export function shellQuote(word: string): string {
   if (/^[A-Za-z0-9_./:=@%+,-]+$/.test(word)) return word;
-  // Bytes that are not UTF-8 (see textOf), as bash's $'\xHH', which pastes back exactly.
-  if (LONE_ESCAPE.test(word)) return `$'${word.replace(/[\\']|[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : `\\x${(c.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`))}'`;
+  // Bytes that are not UTF-8 (see textOf), and control characters, as bash's $'\xHH',
+  // which pastes back exactly and keeps a shown command on one line.
+  if (LONE_ESCAPE.test(word) || /[\x00-\x1f\x7f]/.test(word)) return `$'${word.replace(/[\\']|[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : `\\x${(c.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`))}'`;
   return `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
@@ -5798,14 +5799,24 @@ export function exitColumn(j: JobView, now: number): string {
   return j.exitCode === null ? (r && j.state !== 'running' ? r.split(' ')[0] : '-') : String(j.exitCode);
 }
 
+/** One row of list: one line whatever the job holds (control characters in its words or
+ *  reason are escaped), each column within its width. What a column cannot hold, why a
+ *  job waits or ended (`dependency 3 failed`, `cannot start: cannot enter DIR`), follows
+ *  the command in full, as a shell comment: `# dependency 3 failed`. */
 export function formatJobRow(j: JobView, now: number, c: (code: string, s: string) => string): string {
-  const exit = exitColumn(j, now);
+  const exit = visible(exitColumn(j, now)), where = visible((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-');
   const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
+  const fit = (text: string, width: number) => (text.length > width ? text.slice(0, width - 1) + '…' : text.padEnd(width));
+  const reason = j.state === 'waiting' ? (where.length > 15 ? where : null) : isFinished(j.state) && j.reason !== null && j.reason !== j.state && (visible(j.reason) !== exit || exit.length > 11) ? visible(j.reason) : null;
   return [
-    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), ((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-').padEnd(15), exit.padEnd(11),
+    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), fit(where, 15), fit(exit, 11),
     String(j.attempts).padStart(5), formatTime(j.queuedAt, now).padEnd(11), (j.runtimeMs === null ? '-' : formatDuration(j.runtimeMs)).padStart(7), cmd,
-  ].join('  ');
+  ].join('  ') + (reason === null ? '' : `  # ${reason}`);
 }
+
+/** Text with its control characters (and bytes that are not UTF-8) as \xHH, for a line
+ *  that must stay one line. */
+const visible = (text: string) => text.replace(/[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (ch) => `\\x${(ch.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`);
 
 /** The files cli.py (the Python scheduler djs replaces) keeps in its data dir. */
 const CLIPY_FILES = ['commands_fifo', 'service_pid', 'server_context.pkl'];
@@ -6210,7 +6221,11 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   watch.dir?.close();
   if (!file) file = String(r.path);
   pump();
-  if (!fs.existsSync(file)) ctx.err.write(`note: job ${id} has no log (yet): ${file}\n`);
+  if (!fs.existsSync(file)) {
+    // A job that never ran has no log; djs knows why (follow says it in its last line).
+    const why = follow ? null : r.state === 'waiting' ? `it has not started (${String(r.waitsFor)})` : r.reason ? `it ended ${String(r.state)}: ${String(r.reason)}` : null;
+    ctx.err.write(why ? `note: job ${id} has no log: ${visible(why)}\n` : `note: job ${id} has no log (yet): ${file}\n`);
+  }
   if (!follow) return EXIT_OK;
   // How the job ended, and an exit code like wait's for it.
   const how = r.state === 'done' ? 'done' : r.state === 'removed' ? 'removed before it ran'

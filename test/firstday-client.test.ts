@@ -11,8 +11,8 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import {
-  applyEvent, asCalled, commandHelp, decideLoadStatus, decideRemoveJobs, nearest, newState, optionsAfterScript, parseClipyStatus, UserError,
-  type DecideContext,
+  applyEvent, asCalled, commandHelp, decideLoadStatus, decideRemoveJobs, formatJobRow, jobView, nearest, newState, optionsAfterScript, parseClipyStatus,
+  UserError, type DecideContext,
 } from '../cli.ts';
 import { alive, CLI, readIf, run, runCli, serve, testDir, until, writeScript } from './server.ts';
 
@@ -176,5 +176,53 @@ describe('help and hints', () => {
     const jobEnv = await until(() => readIf(path.join(dir, 'env.1')), 'the job to write its environment');
     assert.match(jobEnv, /^JOB_ID=1$/m);
     assert.doesNotMatch(jobEnv, /DJS_PROG/);
+  });
+});
+
+// ---------------------------------------------------------------- log and list: reasons, one line per job
+
+describe('why a job never ran, in log and list', () => {
+  test('list: one line per job, columns in their widths, the whole reason after the command', () => {
+    const st = newState();
+    applyEvent(st, { e: 'worker', t: T0, host: 'w1', slots: 1, ssh: false });
+    applyEvent(st, { e: 'add', t: T0, id: 1, cwd: '/w', retries: 0, timeout: 0, jobs: [['/w/a.sh', 'line\nbreak']] });
+    applyEvent(st, { e: 'add', t: T0, id: 2, cwd: '/w', retries: 0, timeout: 0, jobs: [['/w/b.sh']], after: [1] });
+    applyEvent(st, { e: 'add', t: T0, id: 3, cwd: '/w', retries: 0, timeout: 0, jobs: [['/w/c.sh']], need: { slots: 4, gpus: 0, require: [], exclude: [], hosts: [] } });
+    applyEvent(st, { e: 'start', t: T0, id: 1, host: 'w1', slot: 0 });
+    applyEvent(st, { e: 'end', t: T0 + 1000, id: 1, run: 1, code: 1 });
+    const rows = [1, 2, 3].map((id) => formatJobRow(jobView(st, st.jobs.get(id)!, T0 + 2000), T0 + 2000, (_c, x) => x));
+    for (const row of rows) assert.doesNotMatch(row, /\n/, row);
+    assert.match(rows[0], /a\.sh \$'line\\x0abreak'$/);
+    assert.match(rows[1], /^ {5}2  failed   -  +dependency…  .* \/w\/b\.sh  # dependency 1 failed$/);
+    assert.match(rows[2], /^ {5}3  waiting  no worker has … .* \/w\/c\.sh  # no worker has 4 slots on one worker$/);
+    // The columns line up: every command starts where the header says.
+    const at = (row: string, cmd: string) => row.indexOf(cmd);
+    assert.equal(at(rows[1], '/w/b.sh'), at(rows[0], '/w/a.sh'));
+    assert.equal(at(rows[2], '/w/c.sh'), at(rows[0], '/w/a.sh'));
+  });
+
+  test('log ID of a job that never ran says why; list keeps one line per job with the reason in full', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'fail.sh', 'exit 1');
+    writeScript(s.dir, 'ok.sh', 'echo ok');
+    const gone = path.join(s.dir, 'gone\ndir');
+    fs.mkdirSync(gone);
+    const noDir = (await s.ok(['add_job', path.join(s.dir, 'ok.sh')], { cwd: gone })).trim();
+    fs.rmdirSync(gone);
+    const first = (await s.ok(['add_job', './fail.sh'])).trim();
+    const dep = (await s.ok(['add_job', '--after', first, './ok.sh'])).trim();
+    const waiting = await s.cli(['log', dep]);
+    assert.equal(waiting.code, 0);
+    assert.match(waiting.stderr, new RegExp(`^note: job ${dep} has no log: it has not started \\(after ${first}\\)$`, 'm'));
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'local1']);
+    await s.cli(['wait', '--all']);
+    const l1 = await s.cli(['log', dep]);
+    assert.match(l1.stderr, new RegExp(`^note: job ${dep} has no log: it ended failed: dependency ${first} failed$`, 'm'));
+    const l2 = await s.cli(['log', noDir]);
+    assert.match(l2.stderr, new RegExp(`^note: job ${noDir} has no log: it ended failed: cannot start: cannot enter .*/gone\\\\x0adir \\(does it still exist\\?\\)$`, 'm'));
+    const list = (await s.ok(['list'])).split('\n').filter(Boolean);
+    assert.equal(list.length, 4, list.join('\n'));
+    assert.match(list.find((r) => r.startsWith(noDir.padStart(6)))!, /  no start  .*ok\.sh  # cannot start: cannot enter .*gone\\x0adir/);
+    assert.match(list.find((r) => r.startsWith(dep.padStart(6)))!, new RegExp(`ok\\.sh  # dependency ${first} failed$`));
   });
 });
