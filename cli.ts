@@ -69,7 +69,8 @@ if (!process.features.typescript) {
  *   cli.ts pause [--tag TAG]             cli.ts resume [--tag TAG]
  *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S]... [--tag TAG] [--json]
  *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG | --all]
- *   cli.ts clean [--logs] [--tag TAG]    cli.ts help [COMMAND], COMMAND --help, --version
+ *   cli.ts clean [--logs] [--tag TAG] [--state done|failed|killed]...
+ *   cli.ts help [COMMAND], COMMAND --help, --version
  *   cli.ts load_status [--skip_ssh_auth_check] FILE|-
  *                     the state of cli.py (the JSON its status printed): its workers and
  *                     waiting jobs, added in one step or not at all (decideLoadStatus)
@@ -1508,18 +1509,33 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
   return { events: kept.length ? [{ e: 'retry', t: c.now, ids: kept }] : [], answer: skipped.length ? { ids: kept, skipped } : { ids: kept } };
 }
 
-/** clean {logs, tag}: forgets finished jobs (of a tag) and removes their logs (and, with
- *  logs, those left by jobs forgotten before). */
+/** The states `clean --state` takes: the finished ones. */
+export const FINISHED_STATES = ['done', 'failed', 'killed'] as const;
+
+/** clean {logs, tag, states}: forgets finished jobs (of a tag; in those states: done,
+ *  failed, killed) and removes their logs (and, with logs, those left by jobs
+ *  forgotten before). Answers how many of each state it forgot. */
 export function decideClean(st: State, req: Request, c: DecideContext): Decision {
   tagKnown(st, req);
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
-  const ids = [...st.jobs.values()].filter((j) => isFinished(j.state) && (tag === undefined || j.tags.includes(tag))).map((j) => j.id);
+  let states: Set<JobState> | undefined;
+  if (req.states !== undefined) {
+    if (!strings(req.states) || req.states.length === 0) throw usage('states is a list of done, failed, killed');
+    for (const s of req.states) if (!(FINISHED_STATES as readonly string[]).includes(s)) throw usage(`clean takes finished states, not ${quoteForError(s)}`, `states are ${FINISHED_STATES.join(', ')}`);
+    states = new Set(req.states as JobState[]);
+  }
+  const ids: number[] = [], counts = { done: 0, failed: 0, killed: 0 };
+  for (const j of st.jobs.values()) {
+    if (!isFinished(j.state) || (states && !states.has(j.state)) || (tag !== undefined && !j.tags.includes(tag))) continue;
+    ids.push(j.id);
+    counts[j.state as keyof typeof counts]++;
+  }
   const logs = req.logs === true;
   const ev: Extract<Event, { e: 'clean' }> = { e: 'clean', t: c.now, logs };
-  if (tag !== undefined) ev.ids = ids;
+  if (tag !== undefined || states) ev.ids = ids;
   return {
     events: ids.length ? [ev] : [],
-    answer: { count: ids.length },
+    answer: { count: ids.length, states: counts },
     effects: logs ? [{ kind: 'remove-logs', ids, below: st.nextId }] : [],
   };
 }
@@ -3205,7 +3221,7 @@ const OPS: Record<string, Op> = {
   remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST } },
   kill: { kind: 'change', decide: decideKill, http: true, fields: { ids: IDS, all: BOOL, tag: TEXT } },
   retry: { kind: 'change', decide: decideRetry, http: true, fields: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT } },
-  clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT } },
+  clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT, states: LIST } },
   set_priority: { kind: 'change', decide: decideSetPriority, http: true, fields: { ids: IDS, tag: TEXT, priority: NUMBER } },
   pause: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
   resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
@@ -6289,8 +6305,13 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 async function cmdClean(p: Parsed, ctx: Ctx): Promise<number> {
-  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs), ...tagField(p) });
-  ctx.out.write(`forgot ${r.count} finished job${r.count === 1 ? '' : 's'}${p.values.logs ? ' and their logs' : ''}\n`);
+  const states = [...new Set((p.values.state as string[] | undefined) ?? [])];
+  for (const s of states) if (!(FINISHED_STATES as readonly string[]).includes(s)) throw usage(`clean takes finished states, not ${quoteForError(s)}`, `states are ${FINISHED_STATES.join(', ')}`);
+  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs), ...tagField(p), ...(states.length ? { states } : {}) });
+  // How many of each state: a failed job forgotten can no longer be retried.
+  const by = r.states as Record<string, number> | undefined, n = Number(r.count);
+  const parts = by ? FINISHED_STATES.filter((s) => by[s] > 0).map((s) => `${by[s]} ${s}`) : [];
+  ctx.out.write(`forgot ${n} finished job${n === 1 ? '' : 's'}${parts.length ? ` (${parts.join(', ')})` : ''}${p.values.logs ? ' and their logs' : ''}\n`);
   return EXIT_OK;
 }
 
@@ -6392,7 +6413,7 @@ const COMMANDS: Record<string, Command> = {
   list: { run: cmdList, options: { state: { type: 'string', multiple: true }, json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'list [--state STATE]... [--tag TAG] [--json]' },
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
   wait: { run: cmdWait, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'wait [ID... | --tag TAG | --all]' },
-  clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG]' },
+  clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG, state: { type: 'string', multiple: true } }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG] [--state done|failed|killed]...' },
   load_status: { run: cmdLoadStatus, options: { skip_ssh_auth_check: { type: 'boolean' } }, synopsis: 'load_status [--skip_ssh_auth_check] FILE|-   (the JSON of cli.py status)' },
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
@@ -6518,9 +6539,9 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts policy', 'cli.ts policy pack'],
   },
   clean: {
-    about: 'Forgets finished jobs; ids are never reused.',
-    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier'], ['--tag TAG', 'only finished jobs of that tag']],
-    examples: ['cli.ts clean --logs'],
+    about: 'Forgets finished jobs (all of them: done, failed and killed) and says how many of each; ids are never reused. A forgotten job cannot be retried: --state done keeps the failed ones for retry --failed.',
+    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier'], ['--tag TAG', 'only finished jobs of that tag'], ['--state STATE', 'only jobs in that state: done, failed or killed (repeatable)']],
+    examples: ['cli.ts clean --logs', 'cli.ts clean --state done'],
   },
   load_status: {
     about: "Loads the state of cli.py (the JSON its status printed) into this server, all or nothing: its slaves as workers of 1 slot with their envs, its waitlist in order with its envs. A job cli.py still runs is left alone, and its worker left out until it ends.",

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import {
-  applyEvent, asCalled, commandHelp, decideLoadStatus, decideRemoveJobs, formatJobRow, jobView, nearest, newState, optionsAfterScript, parseClipyStatus,
+  applyEvent, asCalled, commandHelp, decideClean, decideLoadStatus, decideRemoveJobs, formatJobRow, jobView, nearest, newState, optionsAfterScript, parseClipyStatus,
   UserError, type DecideContext,
 } from '../cli.ts';
 import { alive, CLI, readIf, run, runCli, serve, testDir, until, writeScript } from './server.ts';
@@ -224,5 +224,49 @@ describe('why a job never ran, in log and list', () => {
     assert.equal(list.length, 4, list.join('\n'));
     assert.match(list.find((r) => r.startsWith(noDir.padStart(6)))!, /  no start  .*ok\.sh  # cannot start: cannot enter .*gone\\x0adir/);
     assert.match(list.find((r) => r.startsWith(dep.padStart(6)))!, new RegExp(`ok\\.sh  # dependency ${first} failed$`));
+  });
+});
+
+// ---------------------------------------------------------------- clean --state
+
+describe('clean --state', () => {
+  test('decideClean: only the finished jobs of those states (and tag); counts per state; waiting and running refused', () => {
+    const st = newState();
+    applyEvent(st, { e: 'worker', t: T0, host: 'w', slots: 4, ssh: false });
+    applyEvent(st, { e: 'add', t: T0, id: 1, cwd: '/w', retries: 0, timeout: 0, jobs: [['/w/a'], ['/w/b'], ['/w/c'], ['/w/d']], tags: ['x'] });
+    for (const id of [1, 2, 3]) applyEvent(st, { e: 'start', t: T0, id, host: 'w', slot: id - 1 });
+    applyEvent(st, { e: 'end', t: T0, id: 1, run: 1, code: 0 });
+    applyEvent(st, { e: 'end', t: T0, id: 2, run: 1, code: 1 });
+    applyEvent(st, { e: 'kill', t: T0, ids: [4], why: 'user', grace: 0 });
+    const d = decideClean(st, { op: 'clean', states: ['done', 'killed'] }, C);
+    assert.deepEqual(d.answer, { count: 2, states: { done: 1, failed: 0, killed: 1 } });
+    assert.deepEqual(d.events, [{ e: 'clean', t: T0, logs: false, ids: [1, 4] }]);
+    assert.deepEqual(decideClean(st, { op: 'clean' }, C).answer, { count: 3, states: { done: 1, failed: 1, killed: 1 } }, 'without states: every finished job, as before');
+    assert.deepEqual(decideClean(st, { op: 'clean' }, C).events, [{ e: 'clean', t: T0, logs: false }]);
+    assert.deepEqual(decideClean(st, { op: 'clean', states: ['failed'], tag: 'x' }, C).events, [{ e: 'clean', t: T0, logs: false, ids: [2] }]);
+    assert.throws(() => decideClean(st, { op: 'clean', states: ['running'] }, C), /clean takes finished states, not 'running'/);
+    assert.throws(() => decideClean(st, { op: 'clean', states: [] }, C), /states is a list/);
+    for (const ev of d.events) applyEvent(st, ev);
+    assert.deepEqual([...st.jobs.keys()], [2, 3], 'the failed and the running job stay');
+  });
+
+  test('clean --state done keeps the failed jobs for retry --failed, and says what it forgot', async (t) => {
+    const s = await serve(t);
+    writeScript(s.dir, 'ok.sh', 'exit 0');
+    writeScript(s.dir, 'fail.sh', 'exit 3');
+    await s.ok(['add_slave', '--skip_ssh_auth_check', 'local1:2']);
+    await s.ok(['add_job', './ok.sh']);
+    await s.ok(['add_job', './ok.sh']);
+    const bad = (await s.ok(['add_job', './fail.sh'])).trim();
+    await s.cli(['wait', '--all']);
+    const bogus = await s.cli(['clean', '--state', 'waiting']);
+    assert.equal(bogus.code, 2);
+    assert.match(bogus.stderr, /^error: clean takes finished states, not 'waiting'\nhint: states are done, failed, killed$/m);
+    assert.equal(await s.ok(['clean', '--state', 'done']), 'forgot 2 finished jobs (2 done)\n');
+    assert.deepEqual((await s.jobs()).map((j) => [j.id, j.state]), [[Number(bad), 'failed']]);
+    assert.match(await s.ok(['retry', '--failed']), new RegExp(`queued again: ${bad}`));
+    await s.cli(['wait', '--all']);
+    assert.equal(await s.ok(['clean', '--state', 'done', '--state', 'killed']), 'forgot 0 finished jobs\n');
+    assert.equal(await s.ok(['clean']), 'forgot 1 finished job (1 failed)\n');
   });
 });
