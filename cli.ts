@@ -60,7 +60,8 @@ if (!process.features.typescript) {
  *                                      job per combination; {1} {2} {} in ARGS replaced)
  *   cli.ts add_jobs [JOB OPTIONS] FILE|-
  *     JOB OPTIONS: --retries N, --timeout S, --retry-delay S, --tag TAG..., --priority N,
- *                  --after ID[,ID]..., -e|--env NAME=VALUE..., --slots K, --gpus G,
+ *                  --after ID[,ID]..., --after-any ID[,ID]..., -e|--env NAME=VALUE...,
+ *                  --slots K, --gpus G,
  *                  --require LABEL..., --avoid LABEL..., --host HOST...
  *   cli.ts remove_job [-e NAME=VALUE]... SCRIPT [ARGS...] | --id ID... | --tag TAG
  *   cli.ts kill ID... | --tag TAG | --all
@@ -108,6 +109,7 @@ if (!process.features.typescript) {
  * STATE MACHINES
  *   job:    waiting -> running -> done (exit 0) | failed (exit != 0, timeout) | killed
  *           waiting -> failed   when a job it waits for (--after) ends failed or killed
+ *                               (--after-any: any end of it will do)
  *           running -> waiting  when the worker failed (exit 255), a retry is due,
  *                               or the worker was removed with --kill
  *           done|failed|killed -> waiting  by `retry`
@@ -220,10 +222,10 @@ export type KillReason = 'user' | 'timeout' | 'requeue' | 'down';
  *  start counter, `run`. 3: campaigns and placement: `add` with tags, priority, after,
  *  env, need and sweeps; `start` with slots and gpus; `end` with began; `worker` with
  *  labels, gpus and env; events `priority`, `pause`, `resume`, `policy`; `clean` of
- *  chosen ids. Data dirs of versions 1 and 2
- *  load too (see upgradeRecord); a program of version 2 refuses version 3, which it would
- *  misread (it would start a job before its dependencies). */
-const FORMAT_VERSION = 3;
+ *  chosen ids. 4: `add` with afterAny (--after-any). Data dirs of versions 1 to 3
+ *  load too (see upgradeRecord); a program of version 2 refuses version 3, and one of 3
+ *  version 4, which it would misread (it would start a job before its dependencies). */
+const FORMAT_VERSION = 4;
 const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
 /** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
 export const WORKER_FAILED_EXIT = 255;
@@ -273,8 +275,9 @@ export type Job = {
   tags: string[];                        // sorted; shared by the jobs of one add
   priority: number;                      // higher starts first
   after: number[] | null;                // jobs that must end `done` before this one starts
+  afterAny: number[] | null;             // jobs that must have ended, however (--after-any)
   env: string[] | null;                  // NAME=VALUE on top of the server's environment
-  blockers: number;                      // of `after`, how many have not ended done yet
+  blockers: number;                      // of `after`, how many have not ended done yet; of `afterAny`, not ended
   need: Need;                            // what a worker must offer it; shared by the jobs of one add
   slots: number[] | null;                // all slots of the current or last attempt, when more than one
   gpus: number[] | null;                 // GPU indices of the current or last attempt
@@ -346,6 +349,7 @@ export type Event =
   | {
     e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[];
     tags?: string[]; priority?: number; after?: number[]; env?: string[];
+    afterAny?: number[]; // --after-any: start once these ended, whatever the result (format 4)
     sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
     need?: Need;
     retryDelay?: number; // seconds before a first retry (see retryAt)
@@ -540,6 +544,16 @@ function depDone(st: State, id: number): boolean {
   return dep ? dep.state === 'done' : id < st.nextId && !st.forgotten.has(id);
 }
 
+/** Whether --after-any dependency `id` has been met: it ended, however (a job no longer
+ *  here was cleaned after it ended, or removed before it ran: it ended too). */
+function depEnded(st: State, id: number): boolean {
+  const dep = st.jobs.get(id);
+  return dep ? isFinished(dep.state) : id < st.nextId;
+}
+
+/** Whether `job` waits for `dep` through --after-any only: any end of it will do. */
+const anyEndWill = (job: Job, dep: number) => job.afterAny !== null && job.afterAny.includes(dep) && !(job.after ?? NO_IDS).includes(dep);
+
 /** Queues a job that became waiting, or holds it until its dependencies are done. A
  *  held job is listed under each of its dependencies (done ones too: a retry of one makes
  *  it wait again). A hold has a token of its own, as a queue entry has, so the entries a
@@ -547,9 +561,10 @@ function depDone(st: State, id: number): boolean {
 function queueOrHold(st: State, job: Job, inFront: boolean): void {
   job.blockers = 0;
   for (const d of job.after ?? NO_IDS) if (!depDone(st, d)) job.blockers++;
+  for (const d of job.afterAny ?? NO_IDS) if (!depEnded(st, d)) job.blockers++;
   if (job.blockers === 0) { enqueue(st, job, inFront); return; }
   job.qtok = -(++st.tok);
-  for (const d of job.after!) {
+  for (const d of job.afterAny ? [...(job.after ?? NO_IDS), ...job.afterAny] : job.after!) {
     if (!st.jobs.has(d)) continue; // cleaned after it ended done: done for good
     const list = st.dependents.get(d);
     if (list) list.push(job.id, job.qtok); else st.dependents.set(d, [job.id, job.qtok]);
@@ -568,25 +583,22 @@ function* heldFor(st: State, dep: number): Generator<Job> {
 }
 
 /** A job ended for good (done, failed, killed) or left (removed): the jobs held for it
- *  are queued once their last dependency is done, or fail, and their own dependents
- *  after them. Only the jobs held for it are looked at (no scan of all jobs); a worklist,
- *  not recursion, so a chain of any length is fine. */
+ *  are queued once their last dependency is met (done, or for --after-any any end), or
+ *  fail, and their own dependents after them. Those still held for others stay listed
+ *  under it, so that a retry of it makes them wait again. Only the jobs held for it are
+ *  looked at (no scan of all jobs); a worklist, not recursion, so a chain of any length
+ *  is fine. */
 function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'killed' | 'removed', t: number): void {
-  if (how === 'done') {
-    const still: number[] = [];
-    for (const job of heldFor(st, id)) {
-      if (--job.blockers === 0) enqueue(st, job, false);
-      else still.push(job.id, job.qtok);
-    }
-    if (still.length) st.dependents.set(id, still); else st.dependents.delete(id);
-    return;
-  }
-  const work: [number, 'failed' | 'killed' | 'removed'][] = [[id, how]];
+  const work: [number, 'done' | 'failed' | 'killed' | 'removed'][] = [[id, how]];
   while (work.length) {
     const [dep, outcome] = work.pop()!;
-    const held = [...heldFor(st, dep)];
-    st.dependents.delete(dep);
+    const held = [...heldFor(st, dep)], still: number[] = [];
     for (const job of held) {
+      if (outcome === 'done' || anyEndWill(job, dep)) {
+        if (--job.blockers === 0) enqueue(st, job, false);
+        else still.push(job.id, job.qtok);
+        continue;
+      }
       job.blockers = 0;
       st.cascades++;
       job.reason = `dependency ${dep} ${outcome}`;
@@ -594,11 +606,13 @@ function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'kill
       setJobState(st, job, 'failed');
       work.push([job.id, 'failed']);
     }
+    if (still.length) st.dependents.set(dep, still); else st.dependents.delete(dep);
   }
 }
 
-/** A job that had ended done is queued again (retry): the jobs still held for others
- *  wait for it again. */
+/** A job that had ended is queued again (retry): the jobs still held for others wait
+ *  for it again (those held through --after only if it had ended done: the others
+ *  failed with it). */
 function reblockDependents(st: State, id: number): void {
   for (const job of heldFor(st, id)) job.blockers++;
 }
@@ -682,7 +696,7 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
     exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
-    tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
+    tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, afterAny: ev.afterAny ?? null, env: ev.env ?? null, blockers: 0,
     need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
     retryDelay: ev.retryDelay ?? 0, notBefore: 0,
   };
@@ -873,11 +887,10 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || !isFinished(job.state)) continue;
-        const wasDone = job.state === 'done';
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
         job.queuedAt = ev.t; job.notBefore = 0;
         setJobState(st, job, 'waiting');
-        if (wasDone) reblockDependents(st, id);
+        reblockDependents(st, id);
         again.push(job);
       }
       for (const job of again) queueOrHold(st, job, false);
@@ -1314,6 +1327,14 @@ function afterOf(st: State, v: unknown): number[] {
   return ids;
 }
 
+/** A job's --after-any dependencies, checked: each is a job there is or was (one that
+ *  ended, however, or was removed, counts as ended). Sorted, without repeats. */
+function afterAnyOf(st: State, v: unknown): number[] {
+  const ids = [...new Set(idList(v))].sort((a, b) => a - b);
+  for (const id of ids) if (id >= st.nextId) throw failure(`no such job '${id}' to wait for`, `ids so far end at ${st.nextId - 1}`);
+  return ids;
+}
+
 /** A label (of a worker, or one a job requires or avoids), checked like a tag. */
 export function labelOf(v: unknown): string {
   if (typeof v !== 'string' || !TAG_RE.test(v)) {
@@ -1353,7 +1374,7 @@ export function describeNeed(need: Need): string {
 }
 
 /** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout, tags?, priority?, after?,
- *  env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked (absolute,
+ *  afterAny?, env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked (absolute,
  *  executable) before; ids are handed out in order. */
 export function decideAddJobs(st: State, req: Request, c: DecideContext): Decision {
   const { cwd, jobs } = req;
@@ -1363,6 +1384,8 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const tags = req.tags === undefined ? [] : [...new Set((req.tags as unknown[]).map(tagOf))].sort();
   const priority = priorityOf(req.priority ?? 0);
   const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
+  // A job named in both must end done (--after says more).
+  const afterAny = req.afterAny === undefined || (Array.isArray(req.afterAny) && req.afterAny.length === 0) ? [] : afterAnyOf(st, req.afterAny).filter((d) => !after.includes(d));
   const env = req.env === undefined ? [] : envOf(req.env);
   const need = needOf(req);
   let envBytes = 0, envText = 0;
@@ -1403,6 +1426,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (tags.length) ev.tags = tags;
   if (priority) ev.priority = priority;
   if (after.length) ev.after = after;
+  if (afterAny.length) ev.afterAny = afterAny;
   if (env.length) ev.env = env;
   if (req.sweep !== undefined) ev.sweep = req.sweep as string[][];
   if (!isPlain(need)) ev.need = need;
@@ -1486,7 +1510,7 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
     }
   }
   // A job can run again only if each of its dependencies is done, still to end, or
-  // retried with it. Asked for by id, one that cannot is an error; asked for in bulk
+  // retried with it (--after-any ones always are: any end will do). Asked for by id, one that cannot is an error; asked for in bulk
   // (--failed, --killed, --tag), it is left out, and so are those that wait for it.
   const set = new Set(ids), skipped: { id: number; why: string; hint?: string }[] = [];
   for (let changed = true; changed;) {
@@ -1964,7 +1988,10 @@ export function queueReason(st: State): string {
 /** Why a waiting job is not running: the dependencies it waits for, a pause, or the
  *  queue's reason (queueReason). */
 export function waitReason(st: State, job: Job, queue: string): string {
-  if (job.blockers > 0) return `after ${(job.after ?? NO_IDS).filter((d) => !depDone(st, d)).join(',')}`;
+  if (job.blockers > 0) {
+    const ok = (job.after ?? NO_IDS).filter((d) => !depDone(st, d)), any = (job.afterAny ?? NO_IDS).filter((d) => !depEnded(st, d));
+    return [...(ok.length ? [`after ${ok.join(',')}`] : []), ...(any.length ? [`after-any ${any.join(',')}`] : [])].join('; ');
+  }
   if (st.paused) return 'paused';
   const tag = job.tags.find((t) => st.pausedTags.has(t));
   if (tag !== undefined) return `tag ${tag} paused`;
@@ -1986,7 +2013,7 @@ export function whyHeld(st: State, ids: Iterable<number>, sample = 1000): string
     if (!job || job.state !== 'waiting') continue;
     const r = waitReason(st, job, queue);
     let why: string;
-    if (r.startsWith('after ')) why = 'their --after dependencies have not all ended';
+    if (r.startsWith('after')) why = `their ${/^after /.test(r) ? '--after' : '--after-any'} dependencies have not all ended`;
     else if (r.startsWith('tag ')) { const tag = job.tags.find((t) => st.pausedTags.has(t)); why = `tag ${tag} is paused: resume with cli.ts resume --tag ${tag}`; }
     else if (r.startsWith('no worker has ')) why = `${r}: add one with add_slave`;
     else if (r.startsWith('no worker up with ')) why = `${r} (see status)`;
@@ -2010,7 +2037,7 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     endedAt: job.endedAt ? iso(job.endedAt) : null,
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
-    tags: job.tags, priority: job.priority, after: job.after ?? [], env: job.env ?? [],
+    tags: job.tags, priority: job.priority, after: job.after ?? [], afterAny: job.afterAny ?? [], env: job.env ?? [],
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
     waitingFor: job.state === 'waiting' ? (job.notBefore > now ? 'retry delay' : waitReason(st, job, queue)) : null,
@@ -2377,7 +2404,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         job.script = intern(st, job.script); job.cwd = intern(st, job.cwd);
         if (job.worker !== null) job.worker = intern(st, job.worker);
         // Version 2 jobs have no campaign fields.
-        job.priority ??= 0; job.after ??= null; job.env ??= null; job.blockers = 0; job.slots ??= null; job.gpus ??= null;
+        job.priority ??= 0; job.after ??= null; job.afterAny ??= null; job.env ??= null; job.blockers = 0; job.slots ??= null; job.gpus ??= null;
         if (!job.need || isPlain(job.need)) job.need = PLAIN_NEED;
         else {
           const key = JSON.stringify(job.need);
@@ -3214,7 +3241,7 @@ const OPS: Record<string, Op> = {
   wait: { kind: 'stream', open: openWait, fields: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } } },
   add_jobs: {
     kind: 'check', check: checkScripts, decide: decideAddJobs, http: true, fields: {
-      cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
+      cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, afterAny: LIST, env: LIST,
       sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST,
     },
   },
@@ -6023,6 +6050,7 @@ const signedOption = (v: unknown, name: string): number | undefined => {
 function jobOptions(p: Parsed): Record<string, unknown> {
   const list = (v: unknown) => (v === undefined ? [] : (v as string[]));
   const after = list(p.values.after).flatMap((w) => w.split(',')).map((w) => intOption(w.trim(), 'job id in --after', 1)!);
+  const afterAny = list(p.values['after-any']).flatMap((w) => w.split(',')).map((w) => intOption(w.trim(), 'job id in --after-any', 1)!);
   const tags = list(p.values.tag).map(tagOf);
   const env = envOf(envWords(p));
   return {
@@ -6032,6 +6060,7 @@ function jobOptions(p: Parsed): Record<string, unknown> {
     ...(tags.length ? { tags } : {}),
     ...(p.values.priority !== undefined ? { priority: signedOption(p.values.priority, 'priority') } : {}),
     ...(after.length ? { after } : {}),
+    ...(afterAny.length ? { afterAny } : {}),
     ...(env.length ? { env } : {}),
     ...(p.values.slots !== undefined ? { slots: intOption(p.values.slots, 'slot count', 1) } : {}),
     ...(p.values.gpus !== undefined ? { gpus: intOption(p.values.gpus, 'GPU count', 0) } : {}),
@@ -6380,11 +6409,12 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
 type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; negatives?: boolean; synopsis: string };
 const JOB_OPTIONS: OptSpec = {
   retries: { type: 'string' }, timeout: { type: 'string' }, 'retry-delay': { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
-  after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true },
+  after: { type: 'string', multiple: true }, 'after-any': { type: 'string', multiple: true },
+  env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true },
   slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
   host: { type: 'string', multiple: true },
 };
-const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]... ' +
+const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [--after-any ID[,ID]]... [-e|--env NAME=VALUE]... ' +
   '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
@@ -6463,7 +6493,8 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--retry-delay SECONDS', 'wait before a retry: this long before the first, doubling after (default 2)'],
       ['--tag TAG', 'name the campaign (repeatable); status, list, wait, kill, retry, clean take --tag too'],
       ['--priority N', 'higher starts first (default 0; may be negative)'],
-      ['--after ID[,ID]', 'start only once those jobs ended done (repeatable)'],
+      ['--after ID[,ID]', 'start only once those jobs ended done (repeatable); if one fails, this one fails'],
+      ['--after-any ID[,ID]', 'start once those jobs ended, whatever the result (repeatable)'],
       ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'more environment for the job (repeatable)'],
       ['--slots K', 'K slots of one worker (env SLAVE_SLOTS lists them)'],
       ['--gpus G', 'G GPUs of one worker (env SLAVE_GPUS lists them)'],
@@ -6478,7 +6509,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Queues one job per line of FILE (- for standard input): SCRIPT ARGS..., quoted like a shell (\'...\', "...", \\, $\'...\'), # comments. Prints the ids.',
     options: [
       ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'], ['--tag TAG', 'as add_job'],
-      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
+      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['--after-any ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
       ['--slots K', 'as add_job'], ['--gpus G', 'as add_job'], ['--require LABEL', 'as add_job'], ['--avoid LABEL', 'as add_job'], ['--host HOST', 'as add_job'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],

@@ -11,10 +11,10 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import {
-  applyEvent, asCalled, commandHelp, decideClean, decideLoadStatus, decideRemoveJobs, formatJobRow, jobView, nearest, newState, optionsAfterScript, parseClipyStatus,
-  UserError, type DecideContext,
+  applyEvent, asCalled, commandHelp, decideAddJobs, decideClean, decideLoadStatus, decideRemoveJobs, decideRetry, formatJobRow, jobView, nearest, newState,
+  optionsAfterScript, parseClipyStatus, planStarts, UserError, waitReason, queueReason, whyHeld, type DecideContext, type Event, type State,
 } from '../cli.ts';
-import { alive, CLI, readIf, run, runCli, serve, testDir, until, writeScript } from './server.ts';
+import { addWorkers, alive, CLI, GATED, pidOf, readIf, release, run, runCli, serve, testDir, until, untilState, writeScript } from './server.ts';
 
 const T0 = Date.UTC(2026, 0, 1);
 const C: DecideContext = { now: T0, killGraceMs: 1000, argSpace: 1 << 20 };
@@ -268,5 +268,115 @@ describe('clean --state', () => {
     await s.cli(['wait', '--all']);
     assert.equal(await s.ok(['clean', '--state', 'done', '--state', 'killed']), 'forgot 0 finished jobs\n');
     assert.equal(await s.ok(['clean']), 'forgot 1 finished job (1 failed)\n');
+  });
+});
+
+// ---------------------------------------------------------------- --after-any
+
+describe('--after-any: start once those jobs ended, whatever the result', () => {
+  /** A state with one worker of `slots` slots and jobs 1..n of /w/jN, added one by one. */
+  const withJobs = (n: number, slots = 4) => {
+    const st = newState();
+    applyEvent(st, { e: 'worker', t: T0, host: 'w', slots, ssh: false });
+    for (let id = 1; id <= n; id++) applyEvent(st, { e: 'add', t: T0, id, cwd: '/w', retries: 0, timeout: 0, jobs: [[`/w/j${id}`]] });
+    return st;
+  };
+  const add = (st: State, req: Record<string, unknown>) => { const d = decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/w/x']], ...req }, C); for (const ev of d.events) applyEvent(st, ev); return d.events[0] as Extract<Event, { e: 'add' }>; };
+  const run1 = (st: State, id: number, code: number) => {
+    applyEvent(st, { e: 'start', t: T0, id, host: 'w', slot: [...st.workers.get('w')!.running].indexOf(0) });
+    applyEvent(st, { e: 'end', t: T0 + 1, id, run: st.jobs.get(id)!.run, code });
+  };
+  const starts = (st: State) => planStarts(st, T0 + 10).map((s) => s.id);
+
+  test('held until every one ended, failed and killed too; --after beside it still fails for a failure', () => {
+    const st = withJobs(3);
+    const ev = add(st, { afterAny: [2, 1, 2], after: [3] });
+    assert.deepEqual([ev.after, ev.afterAny], [[3], [1, 2]]);
+    const any = add(st, { afterAny: [1, 2] }).id;
+    const both = add(st, { after: [1], afterAny: [1] });
+    assert.deepEqual([both.after, both.afterAny], [[1], undefined], 'named in both: it must end done');
+    assert.equal(waitReason(st, st.jobs.get(4)!, queueReason(st)), 'after 3; after-any 1,2');
+    assert.deepEqual(starts(st).sort(), [1, 2, 3]);
+    run1(st, 1, 1); // failed
+    assert.equal(st.jobs.get(any)!.state, 'waiting');
+    assert.equal(waitReason(st, st.jobs.get(any)!, queueReason(st)), 'after-any 2');
+    assert.match(whyHeld(st, [any])!, /their --after-any dependencies have not all ended/);
+    assert.deepEqual([st.jobs.get(6)!.state, st.jobs.get(6)!.reason], ['failed', 'dependency 1 failed'], '--after fails as before');
+    applyEvent(st, { e: 'kill', t: T0 + 2, ids: [2], why: 'user', grace: 0 }); // waiting: killed without running
+    assert.equal(st.jobs.get(2)!.state, 'killed');
+    assert.ok(starts(st).includes(any), 'both ended: it starts');
+    assert.ok(!starts(st).includes(4), 'job 4 still waits for 3 (--after)');
+    run1(st, 3, 0);
+    assert.ok(starts(st).includes(4));
+  });
+
+  test('a dependency removed before it ran counts as ended; an ended one is met at once; an unknown id is refused', () => {
+    const st = withJobs(2);
+    const j = add(st, { afterAny: [1] }).id;
+    applyEvent(st, { e: 'remove', t: T0, ids: [1] });
+    assert.deepEqual([st.jobs.get(j)!.state, starts(st).includes(j)], ['waiting', true]);
+    run1(st, 2, 1);
+    const k = add(st, { afterAny: [2] }).id;
+    assert.ok(starts(st).includes(k), 'its dependency had already failed: met');
+    assert.throws(() => decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/w/x']], afterAny: [99] }, C), /no such job '99' to wait for/);
+    assert.throws(() => decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/w/x']], afterAny: ['1'] }, C), /invalid job id/);
+  });
+
+  test('retry: a retried dependency is waited for again; the job itself may be retried whatever its dependencies did', () => {
+    const st = withJobs(2);
+    const j = add(st, { afterAny: [1, 2] }).id;
+    run1(st, 1, 1);
+    applyEvent(st, { e: 'retry', t: T0 + 2, ids: [1] });
+    assert.equal(waitReason(st, st.jobs.get(j)!, queueReason(st)), 'after-any 1,2', 'waits for the retried one again');
+    run1(st, 1, 1);
+    run1(st, 2, 0);
+    assert.ok(starts(st).includes(j));
+    run1(st, j, 0);
+    const d = decideRetry(st, { op: 'retry', ids: [j] }, C);
+    assert.deepEqual(d.answer, { ids: [j] }, 'job 1 failed, which --after-any does not mind');
+    for (const ev of d.events) applyEvent(st, ev);
+    assert.ok(starts(st).includes(j));
+  });
+
+  test('add_job, add_jobs and sweeps take it; the summary runs after a sweep with failures; HTTP takes afterAny; it survives kill -9 of the server', async (t) => {
+    // A snapshot at every chance: the restart below reads the held jobs from one.
+    const s = await serve(t, { args: ['--http', '0'], env: { DJS_SNAPSHOT_MIN_BYTES: '1' } });
+    writeScript(s.dir, 'exit.sh', 'exit "$1"');
+    writeScript(s.dir, 'gated.sh', GATED);
+    writeScript(s.dir, 'summary.sh', 'echo "summary $JOB_ID" > "summary.$JOB_ID"');
+    const sweep = (await s.ok(['add_job', '--tag', 'sw', './exit.sh', ':::', '0', '3', '0'])).trim().split('\n');
+    const gate = (await s.ok(['add_job', './gated.sh'])).trim();
+    const ids = [...sweep, gate].join(',');
+    const summary = (await s.ok(['add_job', '--after-any', ids, './summary.sh'])).trim();
+    fs.writeFileSync(path.join(s.dir, 'jobs.txt'), './summary.sh\n');
+    const fromFile = (await s.ok(['add_jobs', '--after-any', sweep[1], '--after-any', gate, 'jobs.txt'])).trim();
+    const many = (await s.ok(['add_job', '--after-any', gate, './summary.sh', ':::', 'a', 'b'])).trim().split('\n');
+    const url = (await s.ok(['dashboard'])).trim(), [base, token] = url.split('/#token=');
+    const res = await fetch(`${base}/api/add_jobs`, {
+      method: 'POST', headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ cwd: s.dir, jobs: [['./summary.sh']], afterAny: [Number(gate)] }),
+    });
+    assert.equal(res.status, 200, await res.clone().text());
+    const viaHttp = String(((await res.json()) as { first: number }).first);
+    const bad = await s.cli(['add_job', '--after-any', '999', './summary.sh']);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /error: no such job '999' to wait for/);
+    await addWorkers(s, 'w1:4');
+    await untilState(s, sweep[1], 'failed');
+    await pidOf(s, gate);
+    assert.equal((await s.job(summary)).waitingFor, `after-any ${gate}`);
+    assert.match((await s.ok(['list'])), new RegExp(`^\\s*${summary}\\s+waiting\\s+after-any ${gate}\\s`, 'm'));
+    // kill -9 of the server while they wait: the restarted one still holds them.
+    await s.crash();
+    assert.ok(fs.existsSync(path.join(s.dataDir, 'snapshot')), 'a snapshot was written');
+    const s2 = await s.restart();
+    assert.equal((await s2.job(summary)).waitingFor, `after-any ${gate}`);
+    assert.deepEqual((await s2.job(summary)).afterAny, [...sweep, gate].map(Number));
+    const kill = await s2.cli(['kill', gate]);
+    assert.equal(kill.code, 0, kill.stderr);
+    for (const id of [summary, fromFile, ...many, viaHttp]) await untilState(s2, id, 'done');
+    assert.equal((await s2.job(gate)).state, 'killed');
+    assert.match(readIf(path.join(s.dir, `summary.${summary}`)), /summary/);
+    release(s2, gate);
   });
 });

@@ -11,8 +11,8 @@ import { attemptsOf, loadState, waitingJobs, type State } from '../cli.ts';
 import { cleanUp, ROOT, startServer, tempDir, type TestServer } from './server.ts';
 
 const FIXTURES = path.join(ROOT, 'test', 'fixtures');
-/** This release's format version (3: campaigns). */
-const FORMAT = 3;
+/** This release's format version (3: campaigns; 4: --after-any). */
+const FORMAT = 4;
 
 /** The jobs of a state as [id, state, exit code, attempts, run, worker]. */
 const summary = (st: State) => [...st.jobs.values()].sort((a, b) => a.id - b.id)
