@@ -1374,8 +1374,8 @@ export function describeNeed(need: Need): string {
 }
 
 /** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout, tags?, priority?, after?,
- *  afterAny?, env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked (absolute,
- *  executable) before; ids are handed out in order. */
+ *  afterAny?, env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked
+ *  (absolute, executable) before; ids are handed out in order. */
 export function decideAddJobs(st: State, req: Request, c: DecideContext): Decision {
   const { cwd, jobs } = req;
   if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
@@ -1445,7 +1445,7 @@ function tagKnown(st: State, req: Request): void {
 }
 
 /** remove_jobs {ids} | {tag} | {script, args, env?}: waiting jobs only. Jobs held for a
- *  removed job fail (`dependency N removed`). */
+ *  removed job fail (`dependency N removed`), but for --after-any, which goes on. */
 export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Decision {
   let ids: number[];
   if (req.ids !== undefined || req.tag !== undefined) {
@@ -1510,8 +1510,9 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
     }
   }
   // A job can run again only if each of its dependencies is done, still to end, or
-  // retried with it (--after-any ones always are: any end will do). Asked for by id, one that cannot is an error; asked for in bulk
-  // (--failed, --killed, --tag), it is left out, and so are those that wait for it.
+  // retried with it (--after-any ones always can: any end will do). Asked for by id,
+  // one that cannot is an error; asked for in bulk (--failed, --killed, --tag), it is
+  // left out, and so are those that wait for it.
   const set = new Set(ids), skipped: { id: number; why: string; hint?: string }[] = [];
   for (let changed = true; changed;) {
     changed = false;
