@@ -5850,7 +5850,7 @@ export function exitColumn(j: JobView, now: number): string {
 export function formatJobRow(j: JobView, now: number, c: (code: string, s: string) => string): string {
   const exit = visible(exitColumn(j, now)), where = visible((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-');
   const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
-  const fit = (text: string, width: number) => (text.length > width ? text.slice(0, width - 1) + '…' : text.padEnd(width));
+  const fit = (text: string, width: number) => (text.length > width ? (text.slice(0, width - 1).trimEnd() + '…').padEnd(width) : text.padEnd(width));
   const reason = j.state === 'waiting' ? (where.length > 15 ? where : null) : isFinished(j.state) && j.reason !== null && j.reason !== j.state && (visible(j.reason) !== exit || exit.length > 11) ? visible(j.reason) : null;
   return [
     String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), fit(where, 15), fit(exit, 11),

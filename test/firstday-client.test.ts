@@ -194,7 +194,7 @@ describe('why a job never ran, in log and list', () => {
     for (const row of rows) assert.doesNotMatch(row, /\n/, row);
     assert.match(rows[0], /a\.sh \$'line\\x0abreak'$/);
     assert.match(rows[1], /^ {5}2  failed   -  +dependency…  .* \/w\/b\.sh  # dependency 1 failed$/);
-    assert.match(rows[2], /^ {5}3  waiting  no worker has … .* \/w\/c\.sh  # no worker has 4 slots on one worker$/);
+    assert.match(rows[2], /^ {5}3  waiting  no worker has…  .* \/w\/c\.sh  # no worker has 4 slots on one worker$/);
     // The columns line up: every command starts where the header says.
     const at = (row: string, cmd: string) => row.indexOf(cmd);
     assert.equal(at(rows[1], '/w/b.sh'), at(rows[0], '/w/a.sh'));
