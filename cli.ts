@@ -6127,6 +6127,21 @@ function warnOptionsAfterScript(command: string, options: OptSpec, script: strin
     `options of djs go before SCRIPT, as in: cli.ts ${line}\n`);
 }
 
+/** The same for the lines of an add_jobs file: one warning, with how many jobs and the
+ *  first of them. */
+function warnOptionsInJobs(jobs: JobSpec[], name: string, ctx: Ctx): void {
+  let count = 0, first: { spec: JobSpec; found: string[][] } | undefined;
+  for (const spec of jobs) {
+    const { found } = optionsAfterScript(spec.slice(1), JOB_OPTIONS);
+    if (found.length && count++ === 0) first = { spec, found };
+  }
+  if (!first) return;
+  const many = count > 1;
+  ctx.err.write(`warning: ${count} job${many ? 's' : ''} of ${quoteForError(name)} ha${many ? 've' : 's'} words after SCRIPT that spell options of djs ` +
+    `(${many ? 'the first: ' : ''}${quoteForError(first.spec.map(shellQuote).join(' '))}); the job${many ? 's get them as arguments' : ' gets them as its arguments'}; ` +
+    `options of djs go on the command line, as in: cli.ts add_jobs ${first.found.flat().map(shellQuote).join(' ')} ${shellQuote(name)}\n`);
+}
+
 async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   if (!p.positionals.length || p.positionals[0] === ':::') throw usage('add_job needs a SCRIPT', `usage: cli.ts ${COMMANDS.add_job.synopsis}`);
   const [script, ...words] = p.positionals;
@@ -6146,6 +6161,7 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
   try { text = textOf(fs.readFileSync(name === '-' ? 0 : bytesOf(name))); } catch (e) { throw failure(`cannot read ${quoteForError(name)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
   const jobs = parseJobsFile(text, workDir(), name === '-' ? 'standard input' : name);
   if (jobs.length === 0) throw failure(`no jobs in ${quoteForError(name)}`);
+  warnOptionsInJobs(jobs, name, ctx);
   await sendJobs(ctx, p, jobs);
   return EXIT_OK;
 }

@@ -101,6 +101,13 @@ describe('words after SCRIPT that spell options of djs', () => {
     assert.deepEqual(jobs.map((j) => [j.args, j.tags, j.env]), [
       [['--tag', 'oops', 'x', '-e', 'FOO=1'], [], []], [['--data-dir', '/tmp/x'], [], []], [['--help', '-e', 'x'], [], []],
     ]);
+    // An add_jobs file: one warning for all its jobs, naming the first.
+    fs.writeFileSync(path.join(s.dir, 'jobs.txt'), './train.sh a\n./train.sh b --tag t\n\n./train.sh c --retries 2\n');
+    const file = await s.cli(['add_jobs', 'jobs.txt']);
+    assert.equal(file.code, 0, file.stderr);
+    assert.match(file.stderr, /^warning: 2 jobs of 'jobs\.txt' have words after SCRIPT that spell options of djs \(the first: '.*\/train\.sh b --tag t'\); the jobs get them as arguments; options of djs go on the command line, as in: cli\.ts add_jobs --tag t jobs\.txt$/m);
+    assert.deepEqual((await s.jobs()).slice(3).map((j) => j.args), [['a'], ['b', '--tag', 't'], ['c', '--retries', '2']]);
+    await s.ok(['remove_job', '--id', '4', '5', '6']);
     // remove_job 2: no script is named 2, and 2 is a job.
     const rm = await s.cli(['remove_job', '2']);
     assert.equal(rm.code, 1);
