@@ -2,6 +2,7 @@
 ":" /*
 # The bootstrap (see BOOTSTRAP in the header). Paths go to node as data, never as code.
 _djs_f=$(readlink -f "$0")
+export DJS_PROG="$0"
 _djs_k=$(cksum < "$_djs_f")
 _djs_c=${_djs_f%/*}/node_modules/.cache/djs/cli-${_djs_k% *}-${_djs_k#* }.mjs
 [ -s "$_djs_c" ] && exec node "$_djs_c" "$@"
@@ -60,7 +61,8 @@ if (!process.features.typescript) {
  *                                      job per combination; {1} {2} {} in ARGS replaced)
  *   cli.ts add_jobs [JOB OPTIONS] FILE|-
  *     JOB OPTIONS: --retries N, --timeout S, --retry-delay S, --tag TAG..., --priority N,
- *                  --after ID[,ID]..., -e|--env NAME=VALUE..., --slots K, --gpus G,
+ *                  --after ID[,ID]..., --after-any ID[,ID]..., -e|--env NAME=VALUE...,
+ *                  --slots K, --gpus G,
  *                  --require LABEL..., --avoid LABEL..., --host HOST...
  *   cli.ts remove_job [-e NAME=VALUE]... SCRIPT [ARGS...] | --id ID... | --tag TAG
  *   cli.ts kill ID... | --tag TAG | --all
@@ -69,7 +71,8 @@ if (!process.features.typescript) {
  *   cli.ts pause [--tag TAG [--ahead]]   cli.ts resume [--tag TAG]
  *   cli.ts status [--tag TAG] [--json]   cli.ts list [--state S]... [--tag TAG] [--json]
  *   cli.ts log ID [-f]                   cli.ts wait [ID... | --tag TAG | --all]
- *   cli.ts clean [--logs] [--tag TAG]    cli.ts help [COMMAND], COMMAND --help, --version
+ *   cli.ts clean [--logs] [--tag TAG] [--state done|failed|killed]...
+ *   cli.ts help [COMMAND], COMMAND --help, --version
  *   cli.ts load_status [--skip_ssh_auth_check] FILE|-
  *                     the state of cli.py (the JSON its status printed): its workers and
  *                     waiting jobs, added in one step or not at all (decideLoadStatus)
@@ -113,6 +116,7 @@ if (!process.features.typescript) {
  * STATE MACHINES
  *   job:    waiting -> running -> done (exit 0) | failed (exit != 0, timeout) | killed
  *           waiting -> failed   when a job it waits for (--after) ends failed or killed
+ *                               (--after-any: any end of it will do)
  *           running -> waiting  when the worker failed (exit 255), a retry is due,
  *                               or the worker was removed with --kill
  *           done|failed|killed -> waiting  by `retry`
@@ -196,7 +200,9 @@ if (!process.features.typescript) {
  *   loader runs it again, from execArgv, without the variable, and writes no copy). The
  *   loader's text is a URL: it holds no `#`, `%` or `?`, no `'` (sh quotes it), and
  *   since the URL parser drops its newlines, no // comment and no line break between
- *   two words.
+ *   two words. sh also passes the name it was called by ($0; the copy's path is node's
+ *   argv[1]) as DJS_PROG, so that hints say `djs ...` when that is what the user
+ *   typed; main reads and deletes it (see progName).
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -228,11 +234,11 @@ export type KillReason = 'user' | 'timeout' | 'requeue' | 'down';
  *  env, need and sweeps; `start` with slots and gpus; `end` with began; `worker` with
  *  labels, gpus and env; events `priority`, `pause`, `resume`, `policy`; `clean` of
  *  chosen ids. 4: event `environ` (an environment, by content id), `add` and `worker`
- *  with environ; snapshot records `environ`. Data dirs of versions 1 to 3
- *  load too (see upgradeRecord; their jobs and workers run with the server's
- *  environment); a program of version 2 refuses version 3, which it would
+ *  with environ, `add` with afterAny (--after-any); snapshot records `environ`. Data dirs
+ *  of versions 1 to 3 load too (see upgradeRecord; their jobs and workers run with the
+ *  server's environment); a program of version 2 refuses version 3, which it would
  *  misread (it would start a job before its dependencies), and one of version 3 refuses 4
- *  (its jobs would lose their environment). */
+ *  (its jobs would lose their environment, or start before their --after-any ones). */
 const FORMAT_VERSION = 4;
 const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
 /** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
@@ -299,9 +305,10 @@ export type Job = {
   tags: string[];                        // sorted; shared by the jobs of one add
   priority: number;                      // higher starts first
   after: number[] | null;                // jobs that must end `done` before this one starts
+  afterAny: number[] | null;             // jobs that must have ended, however (--after-any)
   env: string[] | null;                  // NAME=VALUE on top of the server's environment
   environ: string | null;                // the environment it runs with (the id of its add's, in environs); null: the server's
-  blockers: number;                      // of `after`, how many have not ended done yet
+  blockers: number;                      // of `after`, how many have not ended done yet; of `afterAny`, not ended
   need: Need;                            // what a worker must offer it; shared by the jobs of one add
   slots: number[] | null;                // all slots of the current or last attempt, when more than one
   gpus: number[] | null;                 // GPU indices of the current or last attempt
@@ -376,6 +383,7 @@ export type Event =
     e: 'add'; t: number; id: number; cwd: string; retries: number; timeout: number; jobs: JobSpec[];
     tags?: string[]; priority?: number; after?: number[]; env?: string[];
     environ?: string; // the id of the environment its jobs run with (an `environ` event before it)
+    afterAny?: number[]; // --after-any: start once these ended, whatever the result (format 4)
     sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
     need?: Need;
     retryDelay?: number; // seconds before a first retry (see retryAt)
@@ -571,6 +579,16 @@ function depDone(st: State, id: number): boolean {
   return dep ? dep.state === 'done' : id < st.nextId && !st.forgotten.has(id);
 }
 
+/** Whether --after-any dependency `id` has been met: it ended, however (a job no longer
+ *  here was cleaned after it ended, or removed before it ran: it ended too). */
+function depEnded(st: State, id: number): boolean {
+  const dep = st.jobs.get(id);
+  return dep ? isFinished(dep.state) : id < st.nextId;
+}
+
+/** Whether `job` waits for `dep` through --after-any only: any end of it will do. */
+const anyEndWill = (job: Job, dep: number) => job.afterAny !== null && job.afterAny.includes(dep) && !(job.after ?? NO_IDS).includes(dep);
+
 /** Queues a job that became waiting, or holds it until its dependencies are done. A
  *  held job is listed under each of its dependencies (done ones too: a retry of one makes
  *  it wait again). A hold has a token of its own, as a queue entry has, so the entries a
@@ -578,9 +596,10 @@ function depDone(st: State, id: number): boolean {
 function queueOrHold(st: State, job: Job, inFront: boolean): void {
   job.blockers = 0;
   for (const d of job.after ?? NO_IDS) if (!depDone(st, d)) job.blockers++;
+  for (const d of job.afterAny ?? NO_IDS) if (!depEnded(st, d)) job.blockers++;
   if (job.blockers === 0) { enqueue(st, job, inFront); return; }
   job.qtok = -(++st.tok);
-  for (const d of job.after!) {
+  for (const d of job.afterAny ? [...(job.after ?? NO_IDS), ...job.afterAny] : job.after!) {
     if (!st.jobs.has(d)) continue; // cleaned after it ended done: done for good
     const list = st.dependents.get(d);
     if (list) list.push(job.id, job.qtok); else st.dependents.set(d, [job.id, job.qtok]);
@@ -599,25 +618,22 @@ function* heldFor(st: State, dep: number): Generator<Job> {
 }
 
 /** A job ended for good (done, failed, killed) or left (removed): the jobs held for it
- *  are queued once their last dependency is done, or fail, and their own dependents
- *  after them. Only the jobs held for it are looked at (no scan of all jobs); a worklist,
- *  not recursion, so a chain of any length is fine. */
+ *  are queued once their last dependency is met (done, or for --after-any any end), or
+ *  fail, and their own dependents after them. Those still held for others stay listed
+ *  under it, so that a retry of it makes them wait again. Only the jobs held for it are
+ *  looked at (no scan of all jobs); a worklist, not recursion, so a chain of any length
+ *  is fine. */
 function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'killed' | 'removed', t: number): void {
-  if (how === 'done') {
-    const still: number[] = [];
-    for (const job of heldFor(st, id)) {
-      if (--job.blockers === 0) enqueue(st, job, false);
-      else still.push(job.id, job.qtok);
-    }
-    if (still.length) st.dependents.set(id, still); else st.dependents.delete(id);
-    return;
-  }
-  const work: [number, 'failed' | 'killed' | 'removed'][] = [[id, how]];
+  const work: [number, 'done' | 'failed' | 'killed' | 'removed'][] = [[id, how]];
   while (work.length) {
     const [dep, outcome] = work.pop()!;
-    const held = [...heldFor(st, dep)];
-    st.dependents.delete(dep);
+    const held = [...heldFor(st, dep)], still: number[] = [];
     for (const job of held) {
+      if (outcome === 'done' || anyEndWill(job, dep)) {
+        if (--job.blockers === 0) enqueue(st, job, false);
+        else still.push(job.id, job.qtok);
+        continue;
+      }
       job.blockers = 0;
       st.cascades++;
       job.reason = `dependency ${dep} ${outcome}`;
@@ -625,11 +641,13 @@ function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'kill
       setJobState(st, job, 'failed');
       work.push([job.id, 'failed']);
     }
+    if (still.length) st.dependents.set(dep, still); else st.dependents.delete(dep);
   }
 }
 
-/** A job that had ended done is queued again (retry): the jobs still held for others
- *  wait for it again. */
+/** A job that had ended is queued again (retry): the jobs still held for others wait
+ *  for it again (those held through --after only if it had ended done: the others
+ *  failed with it). */
 function reblockDependents(st: State, id: number): void {
   for (const job of heldFor(st, id)) job.blockers++;
 }
@@ -727,7 +745,7 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
     exitCode: null, reason: null, killing: null, killAt: 0, avoid: null, history: null, qtok: 0,
-    tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
+    tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, afterAny: ev.afterAny ?? null, env: ev.env ?? null, blockers: 0,
     environ: ev.environ === undefined ? null : intern(st, ev.environ),
     need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
     retryDelay: ev.retryDelay ?? 0, notBefore: 0,
@@ -938,11 +956,10 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || !isFinished(job.state)) continue;
-        const wasDone = job.state === 'done';
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
         job.queuedAt = ev.t; job.notBefore = 0;
         setJobState(st, job, 'waiting');
-        if (wasDone) reblockDependents(st, id);
+        reblockDependents(st, id);
         again.push(job);
       }
       for (const job of again) queueOrHold(st, job, false);
@@ -1473,6 +1490,14 @@ function afterOf(st: State, v: unknown): number[] {
   return ids;
 }
 
+/** A job's --after-any dependencies, checked: each is a job there is or was (one that
+ *  ended, however, or was removed, counts as ended). Sorted, without repeats. */
+function afterAnyOf(st: State, v: unknown): number[] {
+  const ids = [...new Set(idList(v))].sort((a, b) => a - b);
+  for (const id of ids) if (id >= st.nextId) throw failure(`no such job '${id}' to wait for`, `ids so far end at ${st.nextId - 1}`);
+  return ids;
+}
+
 /** A label (of a worker, or one a job requires or avoids), checked like a tag. */
 export function labelOf(v: unknown): string {
   if (typeof v !== 'string' || !TAG_RE.test(v)) {
@@ -1575,8 +1600,8 @@ export function runSteps<T>(g: Generator<void, T>): T {
 }
 
 /** add_jobs {cwd, jobs: [[script, ...args]], retries, timeout, tags?, priority?, after?,
- *  env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked (absolute,
- *  executable) before; ids are handed out in order. */
+ *  afterAny?, env?, slots?, gpus?, require?, avoid?, hosts?}: the scripts were checked
+ *  (absolute, executable) before; ids are handed out in order. */
 export function decideAddJobs(st: State, req: Request, c: DecideContext): Decision {
   const { cwd, jobs } = req;
   if (typeof cwd !== 'string' || !path.isAbsolute(cwd) || cwd.includes('\0')) throw usage('add_jobs needs an absolute cwd');
@@ -1585,6 +1610,8 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const tags = req.tags === undefined ? [] : [...new Set((req.tags as unknown[]).map(tagOf))].sort();
   const priority = priorityOf(req.priority ?? 0);
   const after = req.after === undefined || (Array.isArray(req.after) && req.after.length === 0) ? [] : afterOf(st, req.after);
+  // A job named in both must end done (--after says more).
+  const afterAny = req.afterAny === undefined || (Array.isArray(req.afterAny) && req.afterAny.length === 0) ? [] : afterAnyOf(st, req.afterAny).filter((d) => !after.includes(d));
   const env = req.env === undefined ? [] : envOf(req.env);
   const environ = req.environ === undefined ? null : environOf(req.environ);
   const space = environ ? (c.environSpace ?? c.argSpace) - environ.bytes : c.argSpace;
@@ -1600,6 +1627,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (tags.length) ev.tags = tags;
   if (priority) ev.priority = priority;
   if (after.length) ev.after = after;
+  if (afterAny.length) ev.afterAny = afterAny;
   if (env.length) ev.env = env;
   if (environ) ev.environ = environ.id;
   if (req.sweep !== undefined) ev.sweep = req.sweep as string[][];
@@ -1619,7 +1647,7 @@ function tagKnown(st: State, req: Request): void {
 }
 
 /** remove_jobs {ids} | {tag} | {script, args, env?}: waiting jobs only. Jobs held for a
- *  removed job fail (`dependency N removed`). */
+ *  removed job fail (`dependency N removed`), but for --after-any, which goes on. */
 export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Decision {
   let ids: number[];
   if (req.ids !== undefined || req.tag !== undefined) {
@@ -1635,7 +1663,13 @@ export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Dec
       if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
         (env === null || [...(job.env ?? [])].sort().join('\0') === env)) ids.push(job.id);
     }
-    if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
+    if (ids.length === 0) {
+      // `remove_job 3` means job 3 more often than a script named 3.
+      const words = [path.basename(script), ...args];
+      const byId = words.every((w) => /^\d+$/.test(w) && st.jobs.has(Number(w)));
+      throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`,
+        byId ? `${words.length === 1 ? `${words[0]} is a job id` : `${words.join(' ')} are job ids`}: cli.ts remove_job --id ${words.join(' ')}` : undefined);
+    }
   }
   // Later jobs first: one held for another that goes too (its dependencies have lower
   // ids) is removed with it, not failed for it.
@@ -1678,8 +1712,9 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
     }
   }
   // A job can run again only if each of its dependencies is done, still to end, or
-  // retried with it. Asked for by id, one that cannot is an error; asked for in bulk
-  // (--failed, --killed, --tag), it is left out, and so are those that wait for it.
+  // retried with it (--after-any ones always can: any end will do). Asked for by id,
+  // one that cannot is an error; asked for in bulk (--failed, --killed, --tag), it is
+  // left out, and so are those that wait for it.
   const set = new Set(ids), skipped: { id: number; why: string; hint?: string }[] = [];
   for (let changed = true; changed;) {
     changed = false;
@@ -1701,18 +1736,33 @@ export function decideRetry(st: State, req: Request, c: DecideContext): Decision
   return { events: kept.length ? [{ e: 'retry', t: c.now, ids: kept }] : [], answer: skipped.length ? { ids: kept, skipped } : { ids: kept } };
 }
 
-/** clean {logs, tag}: forgets finished jobs (of a tag) and removes their logs (and, with
- *  logs, those left by jobs forgotten before). */
+/** The states `clean --state` takes: the finished ones. */
+export const FINISHED_STATES = ['done', 'failed', 'killed'] as const;
+
+/** clean {logs, tag, states}: forgets finished jobs (of a tag; in those states: done,
+ *  failed, killed) and removes their logs (and, with logs, those left by jobs
+ *  forgotten before). Answers how many of each state it forgot. */
 export function decideClean(st: State, req: Request, c: DecideContext): Decision {
   tagKnown(st, req);
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
-  const ids = [...st.jobs.values()].filter((j) => isFinished(j.state) && (tag === undefined || j.tags.includes(tag))).map((j) => j.id);
+  let states: Set<JobState> | undefined;
+  if (req.states !== undefined) {
+    if (!strings(req.states) || req.states.length === 0) throw usage('states is a list of done, failed, killed');
+    for (const s of req.states) if (!(FINISHED_STATES as readonly string[]).includes(s)) throw usage(`clean takes finished states, not ${quoteForError(s)}`, `states are ${FINISHED_STATES.join(', ')}`);
+    states = new Set(req.states as JobState[]);
+  }
+  const ids: number[] = [], counts = { done: 0, failed: 0, killed: 0 };
+  for (const j of st.jobs.values()) {
+    if (!isFinished(j.state) || (states && !states.has(j.state)) || (tag !== undefined && !j.tags.includes(tag))) continue;
+    ids.push(j.id);
+    counts[j.state as keyof typeof counts]++;
+  }
   const logs = req.logs === true;
   const ev: Extract<Event, { e: 'clean' }> = { e: 'clean', t: c.now, logs };
-  if (tag !== undefined) ev.ids = ids;
+  if (tag !== undefined || states) ev.ids = ids;
   return {
     events: ids.length ? [ev] : [],
-    answer: { count: ids.length },
+    answer: { count: ids.length, states: counts },
     effects: logs ? [{ kind: 'remove-logs', ids, below: st.nextId }] : [],
   };
 }
@@ -1988,13 +2038,16 @@ export function manySlotsWarning(arg: string, slots: number, skipCheck: boolean)
 // ---- cli.py's state: what load_status reads ---------------------------------------
 // cli.py (the Python scheduler djs replaces) printed its state with `status` as
 // {"job_waitlist": [[ARGV, ENVS], ...], "slaves": [{"ip", "envs", "status",
-// "running_job": null | {"id", "script": ARGV, "envs", "pid", "log_file"},
+// "running_job": null | {"id", "script", "envs", "pid", "log_file"},
 // "remove_after_finish"?}]}; ARGV is the script and its arguments, ENVS NAME=VALUE
-// strings. Its README shows older waitlist entries as bare ARGV lists, and slaves
+// strings. A running job's "script" is the job's environment ({NAME: VALUE}) and its
+// "envs" the ARGV: cli.py builds its JobInfo with the two swapped, so that is what it
+// prints (test/fixtures/clipy holds real output); the names as meant (script: ARGV)
+// load too. Its README shows older waitlist entries as bare ARGV lists, and slaves
 // without envs; both load.
 
 /** A job cli.py was running when its state was printed. */
-export type ClipyRunning = { id: string; argv: string[]; pid: number; log: string };
+export type ClipyRunning = { id: string; argv: string[]; jobEnv: string[]; pid: number; log: string };
 export type ClipyWorker = { host: string; env: string[]; removing: boolean; job: ClipyRunning | null };
 export type ClipyStatus = { workers: ClipyWorker[]; jobs: { argv: string[]; env: string[] }[] };
 
@@ -2062,7 +2115,11 @@ export function* clipyStatusSteps(v: unknown, cwd: string): Generator<void, Clip
       job = at('running_job', () => {
         if (!obj(r) || (typeof r.id !== 'string' && typeof r.id !== 'number')) throw failure('a running job has an "id"');
         if (typeof r.pid !== 'number' || !Number.isSafeInteger(r.pid) || r.pid < 1) throw failure(`invalid pid ${quoteForError(String(r.pid))}`);
-        return { id: String(r.id), argv: argvOf(r.script), pid: r.pid, log: typeof r.log_file === 'string' ? r.log_file : '' };
+        // cli.py's own output has ARGV under "envs" and the environment under "script".
+        const [argvField, envField] = !strings(r.script) && strings(r.envs) ? ['envs', 'script'] : ['script', 'envs'];
+        const argv = argvOf(r[argvField]), e = r[envField];
+        const jobEnv = at(envField, () => (strings(e) ? envOf(e) : envDict(e)));
+        return { id: String(r.id), argv, jobEnv, pid: r.pid, log: typeof r.log_file === 'string' ? r.log_file : '' };
       });
     }
     return { host, env: at('envs', () => envDict(x.envs)), removing: x.remove_after_finish === true, job };
@@ -2142,8 +2199,9 @@ function ansiCQuoted(line: string, from: number): [string, number] {
 /** Quotes a word for a shell only when it needs it, for showing commands to people. */
 export function shellQuote(word: string): string {
   if (/^[A-Za-z0-9_./:=@%+,-]+$/.test(word)) return word;
-  // Bytes that are not UTF-8 (see textOf), as bash's $'\xHH', which pastes back exactly.
-  if (LONE_ESCAPE.test(word)) return `$'${word.replace(/[\\']|[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : `\\x${(c.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`))}'`;
+  // Bytes that are not UTF-8 (see textOf), and control characters, as bash's $'\xHH',
+  // which pastes back exactly and keeps a shown command on one line.
+  if (LONE_ESCAPE.test(word) || /[\x00-\x1f\x7f]/.test(word)) return `$'${word.replace(/[\\']|[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (c) => (c === '\\' || c === "'" ? `\\${c}` : `\\x${(c.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`))}'`;
   return `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
@@ -2214,7 +2272,10 @@ export function queueReason(st: State): string {
 /** Why a waiting job is not running: the dependencies it waits for, a pause, or the
  *  queue's reason (queueReason). */
 export function waitReason(st: State, job: Job, queue: string): string {
-  if (job.blockers > 0) return `after ${(job.after ?? NO_IDS).filter((d) => !depDone(st, d)).join(',')}`;
+  if (job.blockers > 0) {
+    const ok = (job.after ?? NO_IDS).filter((d) => !depDone(st, d)), any = (job.afterAny ?? NO_IDS).filter((d) => !depEnded(st, d));
+    return [...(ok.length ? [`after ${ok.join(',')}`] : []), ...(any.length ? [`after-any ${any.join(',')}`] : [])].join('; ');
+  }
   if (st.paused) return 'paused';
   const tag = job.tags.find((t) => st.pausedTags.has(t));
   if (tag !== undefined) return `tag ${tag} paused`;
@@ -2236,7 +2297,7 @@ export function whyHeld(st: State, ids: Iterable<number>, sample = 1000): string
     if (!job || job.state !== 'waiting') continue;
     const r = waitReason(st, job, queue);
     let why: string;
-    if (r.startsWith('after ')) why = 'their --after dependencies have not all ended';
+    if (r.startsWith('after')) why = `their ${/^after /.test(r) ? '--after' : '--after-any'} dependencies have not all ended`;
     else if (r.startsWith('tag ')) { const tag = job.tags.find((t) => st.pausedTags.has(t)); why = `tag ${tag} is paused: resume with cli.ts resume --tag ${tag}`; }
     else if (r.startsWith('no worker has ')) why = `${r}: add one with add_slave`;
     else if (r.startsWith('no worker up with ')) why = `${r} (see status)`;
@@ -2260,7 +2321,7 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     endedAt: job.endedAt ? iso(job.endedAt) : null,
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
-    tags: job.tags, priority: job.priority, after: job.after ?? [], env: job.env ?? [],
+    tags: job.tags, priority: job.priority, after: job.after ?? [], afterAny: job.afterAny ?? [], env: job.env ?? [],
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
     waitingFor: job.state === 'waiting' ? (job.notBefore > now ? 'retry delay' : waitReason(st, job, queue)) : null,
@@ -2628,7 +2689,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         job.script = intern(st, job.script); job.cwd = intern(st, job.cwd);
         if (job.worker !== null) job.worker = intern(st, job.worker);
         // Version 2 jobs have no campaign fields.
-        job.priority ??= 0; job.after ??= null; job.env ??= null; job.blockers = 0; job.slots ??= null; job.gpus ??= null;
+        job.priority ??= 0; job.after ??= null; job.afterAny ??= null; job.env ??= null; job.blockers = 0; job.slots ??= null; job.gpus ??= null;
         job.environ = typeof job.environ === 'string' ? intern(st, job.environ) : null; // before version 4: the server's
         if (!job.need || isPlain(job.need)) job.need = PLAIN_NEED;
         else {
@@ -3526,14 +3587,14 @@ const OPS: Record<string, Op> = {
   wait: { kind: 'stream', open: openWait, fields: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } } },
   add_jobs: {
     kind: 'check', check: checkScripts, decide: decideAddJobs, http: true, fields: {
-      cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, env: LIST,
+      cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, afterAny: LIST, env: LIST,
       sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST, environ: ENVIRON,
     },
   },
   remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST } },
   kill: { kind: 'change', decide: decideKill, http: true, fields: { ids: IDS, all: BOOL, tag: TEXT } },
   retry: { kind: 'change', decide: decideRetry, http: true, fields: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT } },
-  clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT } },
+  clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT, states: LIST } },
   set_priority: { kind: 'change', decide: decideSetPriority, http: true, fields: { ids: IDS, tag: TEXT, priority: NUMBER } },
   pause: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT, ahead: BOOL } },
   resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
@@ -6537,7 +6598,10 @@ function argsError(e: NodeJS.ErrnoException, options: OptSpec, command?: string)
     case 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL': return usage(`unexpected argument ${quoteForError(word)}`, see);
     case 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE': {
       const option = word.split(' ')[0];
-      return usage(`option ${quoteForError(option)} needs a value`, `write ${option}=VALUE for a value that starts with '-'`);
+      if (!/argument missing/.test(e.message)) return usage(`option ${quoteForError(option)} needs a value`, `write ${option}=VALUE for a value that starts with '-'`);
+      // Nothing after it: how the value is written (--http [HOST:]PORT).
+      const form = (command ? COMMAND_HELP[command]?.options ?? [] : []).map(([o]) => o.split(' (')[0]).find((o) => o.split(/[ ,]+/).includes(option));
+      return usage(`option ${quoteForError(option)} needs a value`, `${form ? `as in: ${form.replace(/^-\w, /, '')}` : `write ${option} VALUE`} (${see})`);
     }
     default: return usage(e.message.split('\n')[0]);
   }
@@ -6678,14 +6742,24 @@ export function exitColumn(j: JobView, now: number): string {
   return j.exitCode === null ? (r && j.state !== 'running' ? r.split(' ')[0] : '-') : String(j.exitCode);
 }
 
+/** One row of list: one line whatever the job holds (control characters in its words or
+ *  reason are escaped), each column within its width. What a column cannot hold, why a
+ *  job waits or ended (`dependency 3 failed`, `cannot start: cannot enter DIR`), follows
+ *  the command in full, as a shell comment: `# dependency 3 failed`. */
 export function formatJobRow(j: JobView, now: number, c: (code: string, s: string) => string): string {
-  const exit = exitColumn(j, now);
+  const exit = visible(exitColumn(j, now)), where = visible((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-');
   const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
+  const fit = (text: string, width: number) => (text.length > width ? (text.slice(0, width - 1).trimEnd() + '…').padEnd(width) : text.padEnd(width));
+  const reason = j.state === 'waiting' ? (where.length > 15 ? where : null) : isFinished(j.state) && j.reason !== null && j.reason !== j.state && (visible(j.reason) !== exit || exit.length > 11) ? visible(j.reason) : null;
   return [
-    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), ((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-').padEnd(15), exit.padEnd(11),
+    String(j.id).padStart(6), c(STATE_COLORS[j.state], j.state.padEnd(7)), fit(where, 15), fit(exit, 11),
     String(j.attempts).padStart(5), formatTime(j.queuedAt, now).padEnd(11), (j.runtimeMs === null ? '-' : formatDuration(j.runtimeMs)).padStart(7), cmd,
-  ].join('  ');
+  ].join('  ') + (reason === null ? '' : `  # ${reason}`);
 }
+
+/** Text with its control characters (and bytes that are not UTF-8) as \xHH, for a line
+ *  that must stay one line. */
+const visible = (text: string) => text.replace(/[\x00-\x1f\x7f]|(?<![\ud800-\udbff])[\udc80-\udcff]/g, (ch) => `\\x${(ch.charCodeAt(0) & 0xff).toString(16).padStart(2, '0')}`);
 
 /** The files cli.py (the Python scheduler djs replaces) keeps in its data dir. */
 const CLIPY_FILES = ['commands_fifo', 'service_pid', 'server_context.pkl'];
@@ -6915,6 +6989,7 @@ const signedOption = (v: unknown, name: string): number | undefined => {
 function jobOptions(p: Parsed): Record<string, unknown> {
   const list = (v: unknown) => (v === undefined ? [] : (v as string[]));
   const after = list(p.values.after).flatMap((w) => w.split(',')).map((w) => intOption(w.trim(), 'job id in --after', 1)!);
+  const afterAny = list(p.values['after-any']).flatMap((w) => w.split(',')).map((w) => intOption(w.trim(), 'job id in --after-any', 1)!);
   const tags = list(p.values.tag).map(tagOf);
   const env = envOf(envWords(p));
   return {
@@ -6924,6 +6999,7 @@ function jobOptions(p: Parsed): Record<string, unknown> {
     ...(tags.length ? { tags } : {}),
     ...(p.values.priority !== undefined ? { priority: signedOption(p.values.priority, 'priority') } : {}),
     ...(after.length ? { after } : {}),
+    ...(afterAny.length ? { afterAny } : {}),
     ...(env.length ? { env } : {}),
     ...(p.values.slots !== undefined ? { slots: intOption(p.values.slots, 'slot count', 1) } : {}),
     ...(p.values.gpus !== undefined ? { gpus: intOption(p.values.gpus, 'GPU count', 0) } : {}),
@@ -6960,11 +7036,52 @@ export function splitSweep(words: string[]): { args: string[]; lists: string[][]
   return { args: words.slice(0, at), lists };
 }
 
-/** cli.py took its own options from anywhere on the line; djs gives the words after
- *  SCRIPT to the job. Its spellings there are most likely meant for the scheduler. */
-function warnClipyOptions(words: string[], ctx: Ctx): void {
-  const word = words.find((w) => /^--(server_data_dir|env,-e)(=|$)/.test(w));
-  if (word) ctx.err.write(`warning: ${quoteForError(word)} comes after SCRIPT, so it is an argument of the job; options of djs go before SCRIPT\n`);
+/** The words after SCRIPT that spell an option of `command` (or --data-dir), with the
+ *  option's value, and the other words: djs gives them all to the job, but such words
+ *  are most likely meant for djs (cli.py took its options from anywhere on the line).
+ *  `-e` counts only before NAME=VALUE; --help, and anything after `--` or `:::`, not. */
+export function optionsAfterScript(words: string[], options: OptSpec): { found: string[][]; rest: string[] } {
+  const all: OptSpec = { ...GLOBAL_OPTIONS, ...options };
+  const short = new Map(Object.entries(all).flatMap(([name, o]) => (o.short ? [[o.short, name]] : [])));
+  const found: string[][] = [], rest: string[] = [];
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i];
+    if (w === '--' || w === ':::') { rest.push(...words.slice(i)); break; }
+    const long = /^--([^=]+)(=?)/.exec(w), name = long ? long[1] : /^-[A-Za-z]/.test(w) ? short.get(w[1]) : undefined;
+    const inline = long ? long[2] === '=' : w.length > 2;
+    const spec = name === undefined || name === 'help' || !Object.hasOwn(all, name) ? undefined : all[name];
+    const value = spec?.type === 'string' && !inline ? words[i + 1] : undefined;
+    if (!spec || (spec.type === 'string' && !inline && value === undefined) || (!long && !ENV_WORD_RE.test(inline ? w.slice(2) : value ?? ''))) { rest.push(w); continue; }
+    found.push(value === undefined ? [w] : [w, value]);
+    if (value !== undefined) i++;
+  }
+  return { found, rest };
+}
+
+/** Warns (the job still gets them) of words after SCRIPT that spell options of djs
+ *  (optionsAfterScript), with the line that gives them to djs. */
+function warnOptionsAfterScript(command: string, options: OptSpec, script: string, words: string[], ctx: Ctx): void {
+  const { found, rest } = optionsAfterScript(words, options);
+  if (!found.length) return;
+  const shown = found.map((f) => quoteForError(f.join(' ')));
+  const line = [command, ...found.flat(), script, ...rest].map(shellQuote).join(' ');
+  ctx.err.write(`warning: ${shown.length === 1 ? `${shown[0]} comes after SCRIPT, so it is an argument of the job` : `${shown.slice(0, -1).join(', ')} and ${shown[shown.length - 1]} come after SCRIPT, so they are arguments of the job`}; ` +
+    `options of djs go before SCRIPT, as in: cli.ts ${line}\n`);
+}
+
+/** The same for the lines of an add_jobs file: one warning, with how many jobs and the
+ *  first of them. */
+function warnOptionsInJobs(jobs: JobSpec[], name: string, ctx: Ctx): void {
+  let count = 0, first: { spec: JobSpec; found: string[][] } | undefined;
+  for (const spec of jobs) {
+    const { found } = optionsAfterScript(spec.slice(1), JOB_OPTIONS);
+    if (found.length && count++ === 0) first = { spec, found };
+  }
+  if (!first) return;
+  const many = count > 1;
+  ctx.err.write(`warning: ${count} job${many ? 's' : ''} of ${quoteForError(name)} ha${many ? 've' : 's'} words after SCRIPT that spell options of djs ` +
+    `(${many ? 'the first: ' : ''}${quoteForError(first.spec.map(shellQuote).join(' '))}); the job${many ? 's get them as arguments' : ' gets them as its arguments'}; ` +
+    `options of djs go on the command line, as in: cli.ts add_jobs ${first.found.flat().map(shellQuote).join(' ')} ${shellQuote(name)}\n`);
 }
 
 async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
@@ -6972,7 +7089,7 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   const [script, ...words] = p.positionals;
   const { args, lists } = splitSweep(words);
   if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
-  warnClipyOptions(words, ctx);
+  warnOptionsAfterScript('add_job', JOB_OPTIONS, script, words, ctx);
   const spec = [resolveScript(script, workDir()), ...args];
   if (lists) checkSweep(spec, lists, envWords(p).reduce((n, w) => n + Buffer.byteLength(w), 0)); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
@@ -6986,6 +7103,7 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
   try { text = textOf(fs.readFileSync(name === '-' ? 0 : bytesOf(name))); } catch (e) { throw failure(`cannot read ${quoteForError(name)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
   const jobs = parseJobsFile(text, workDir(), name === '-' ? 'standard input' : name);
   if (jobs.length === 0) throw failure(`no jobs in ${quoteForError(name)}`);
+  warnOptionsInJobs(jobs, name, ctx);
   await sendJobs(ctx, p, jobs);
   return EXIT_OK;
 }
@@ -7006,7 +7124,8 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
   } else {
     if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
     const [script, ...args] = p.positionals;
-    warnClipyOptions(args, ctx);
+    // Its --id and --tag exclude a SCRIPT: only -e (which picks among its jobs) is meant here.
+    warnOptionsAfterScript('remove_job', { env: JOB_OPTIONS.env, 'env,-e': JOB_OPTIONS['env,-e'] }, script, args, ctx);
     const env = envWords(p);
     msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args, ...(env.length ? { env: envOf(env) } : {}) };
   }
@@ -7116,7 +7235,11 @@ async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   if (!file) file = String(r.path);
   pump();
   if (unreadable) throw failure(unreadable);
-  if (!fs.existsSync(file)) ctx.err.write(`note: job ${id} has no log (yet): ${file}\n`);
+  if (!fs.existsSync(file)) {
+    // A job that never ran has no log; djs knows why (follow says it in its last line).
+    const why = follow ? null : r.state === 'waiting' ? `it has not started (${String(r.waitsFor)})` : r.reason ? `it ended ${String(r.state)}: ${String(r.reason)}` : null;
+    ctx.err.write(why ? `note: job ${id} has no log: ${visible(why)}\n` : `note: job ${id} has no log (yet): ${file}\n`);
+  }
   if (!follow) return EXIT_OK;
   // How the job ended, and an exit code like wait's for it.
   const how = r.state === 'done' ? 'done' : r.state === 'removed' ? 'removed before it ran'
@@ -7180,8 +7303,13 @@ async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 async function cmdClean(p: Parsed, ctx: Ctx): Promise<number> {
-  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs), ...tagField(p) });
-  ctx.out.write(`forgot ${r.count} finished job${r.count === 1 ? '' : 's'}${p.values.logs ? ' and their logs' : ''}\n`);
+  const states = [...new Set((p.values.state as string[] | undefined) ?? [])];
+  for (const s of states) if (!(FINISHED_STATES as readonly string[]).includes(s)) throw usage(`clean takes finished states, not ${quoteForError(s)}`, `states are ${FINISHED_STATES.join(', ')}`);
+  const r = await request(ctx.dataDir, { op: 'clean', logs: Boolean(p.values.logs), ...tagField(p), ...(states.length ? { states } : {}) });
+  // How many of each state: a failed job forgotten can no longer be retried.
+  const by = r.states as Record<string, number> | undefined, n = Number(r.count);
+  const parts = by ? FINISHED_STATES.filter((s) => by[s] > 0).map((s) => `${by[s]} ${s}`) : [];
+  ctx.out.write(`forgot ${n} finished job${n === 1 ? '' : 's'}${parts.length ? ` (${parts.join(', ')})` : ''}${p.values.logs ? ' and their logs' : ''}\n`);
   return EXIT_OK;
 }
 
@@ -7227,11 +7355,11 @@ async function cmdLoadStatus(p: Parsed, ctx: Ctx): Promise<number> {
   ctx.out.write(count ? `queued ${plural(count, 'waiting job')}: ids ${first}${count > 1 ? `-${first + count - 1}` : ''}, in the waitlist's order\n` : 'queued no jobs: the waitlist is empty\n');
   const command = (argv: string[]) => [path.relative(cwd, argv[0]).startsWith('..') ? argv[0] : './' + path.relative(cwd, argv[0]), ...argv.slice(1)].map(shellQuote).join(' ');
   for (const h of r.held as (ClipyRunning & { host: string; env: string[] })[]) {
-    ctx.out.write(`not added: worker ${h.host}, which cli.py job ${h.id} (pid ${h.pid}) still runs on; djs leaves that job alone (its output: ${h.log || 'unknown'}). ` +
-      `Once it ends: cli.ts add_slave ${h.env.map((e) => `-e ${shellQuote(e)} `).join('')}${shellQuote(h.host)}\n`);
+    ctx.out.write(asCalled(`not added: worker ${h.host}, which cli.py job ${h.id} (pid ${h.pid}) still runs on; djs leaves that job alone (its output: ${h.log || 'unknown'}). ` +
+      `Once it ends: cli.ts add_slave ${h.env.map((e) => `-e ${shellQuote(e)} `).join('')}${shellQuote(h.host)}\n`));
   }
   for (const e of r.ended as (ClipyRunning & { host: string })[]) {
-    ctx.out.write(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${command(e.argv)}\n`);
+    ctx.out.write(asCalled(`not run again: cli.py job ${e.id} on ${e.host} (pid ${e.pid} has ended; cli.py kept no exit code; its output: ${e.log || 'unknown'}). To run it again: cli.ts add_job ${e.jobEnv.map((v) => `-e ${shellQuote(v)} `).join('')}${command(e.argv)}\n`));
   }
   if (r.warning) ctx.err.write(`warning: ${r.warning}\n`);
   return EXIT_OK;
@@ -7251,11 +7379,12 @@ async function cmdStop(_p: Parsed, ctx: Ctx): Promise<number> {
 type Command = { run: (p: Parsed, ctx: Ctx) => Promise<number>; options: OptSpec; jobArgs?: boolean; noArgs?: boolean; negatives?: boolean; synopsis: string };
 const JOB_OPTIONS: OptSpec = {
   retries: { type: 'string' }, timeout: { type: 'string' }, 'retry-delay': { type: 'string' }, tag: { type: 'string', multiple: true }, priority: { type: 'string' },
-  after: { type: 'string', multiple: true }, env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true },
+  after: { type: 'string', multiple: true }, 'after-any': { type: 'string', multiple: true },
+  env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true },
   slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
   host: { type: 'string', multiple: true },
 };
-const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [-e|--env NAME=VALUE]... ' +
+const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [--after-any ID[,ID]]... [-e|--env NAME=VALUE]... ' +
   '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
@@ -7284,7 +7413,7 @@ const COMMANDS: Record<string, Command> = {
   list: { run: cmdList, options: { state: { type: 'string', multiple: true }, json: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'list [--state STATE]... [--tag TAG] [--json]' },
   log: { run: cmdLog, options: { follow: { type: 'boolean', short: 'f' } }, synopsis: 'log ID [-f|--follow]' },
   wait: { run: cmdWait, options: { all: { type: 'boolean' }, ...TAG }, synopsis: 'wait [ID... | --tag TAG | --all]' },
-  clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG]' },
+  clean: { run: cmdClean, options: { logs: { type: 'boolean' }, ...TAG, state: { type: 'string', multiple: true } }, noArgs: true, synopsis: 'clean [--logs] [--tag TAG] [--state done|failed|killed]...' },
   load_status: { run: cmdLoadStatus, options: { skip_ssh_auth_check: { type: 'boolean' } }, synopsis: 'load_status [--skip_ssh_auth_check] FILE|-   (the JSON of cli.py status)' },
 };
 const ALIASES: Record<string, string> = { add_worker: 'add_slave', remove_worker: 'remove_slave' };
@@ -7327,14 +7456,15 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts remove_slave --wait node3'],
   },
   add_job: {
-    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with -. The job runs with this shell\'s environment (an activated virtualenv too; not PWD, TERM or the ssh agent, which is the server\'s).',
+    about: 'Queues one job and prints its id. Everything after SCRIPT belongs to the job, even words starting with - (a word that spells an option of djs, like --tag X, gets a warning). The job runs with this shell\'s environment (an activated virtualenv too; not PWD, TERM or the ssh agent, which is the server\'s).',
     options: [
       ['--retries N', 'run a failed job again up to N times, on another worker when one is free'],
       ['--timeout SECONDS', 'stop a job running longer; it ends failed (reason timeout)'],
       ['--retry-delay SECONDS', 'wait before a retry: this long before the first, doubling after (default 2)'],
       ['--tag TAG', 'name the campaign (repeatable); status, list, wait, kill, retry, clean take --tag too'],
       ['--priority N', 'higher starts first (default 0; may be negative)'],
-      ['--after ID[,ID]', 'start only once those jobs ended done (repeatable)'],
+      ['--after ID[,ID]', 'start only once those jobs ended done (repeatable); if one fails, this one fails'],
+      ['--after-any ID[,ID]', 'start once those jobs ended, whatever the result (repeatable)'],
       ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'more environment for the job (repeatable)'],
       ['--slots K', 'K slots of one worker (env SLAVE_SLOTS lists them)'],
       ['--gpus G', 'G GPUs of one worker (env SLAVE_GPUS lists them)'],
@@ -7349,7 +7479,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     about: 'Queues one job per line of FILE (- for standard input): SCRIPT ARGS..., quoted like a shell (\'...\', "...", \\, $\'...\'), # comments. Prints the ids.',
     options: [
       ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'], ['--tag TAG', 'as add_job'],
-      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
+      ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['--after-any ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
       ['--slots K', 'as add_job'], ['--gpus G', 'as add_job'], ['--require LABEL', 'as add_job'], ['--avoid LABEL', 'as add_job'], ['--host HOST', 'as add_job'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
@@ -7410,9 +7540,9 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
     examples: ['cli.ts policy', 'cli.ts policy pack'],
   },
   clean: {
-    about: 'Forgets finished jobs; ids are never reused.',
-    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier'], ['--tag TAG', 'only finished jobs of that tag']],
-    examples: ['cli.ts clean --logs'],
+    about: 'Forgets finished jobs (all of them: done, failed and killed) and says how many of each; ids are never reused. A forgotten job cannot be retried: --state done keeps the failed ones for retry --failed.',
+    options: [['--logs', 'also delete their logs, and those of jobs forgotten earlier'], ['--tag TAG', 'only finished jobs of that tag'], ['--state STATE', 'only jobs in that state: done, failed or killed (repeatable)']],
+    examples: ['cli.ts clean --logs', 'cli.ts clean --state done'],
   },
   load_status: {
     about: "Loads the state of cli.py (the JSON its status printed) into this server, all or nothing: its slaves as workers of 1 slot with their envs, its waitlist in order with its envs. A job cli.py still runs is left alone, and its worker left out until it ends.",
@@ -7424,15 +7554,19 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
 /** The version of this program. */
 export const VERSION = '0.1.0';
 
-/** The name among `names` nearest to `word` (- and _ alike), if near enough to be a typo. */
+/** The name among `names` nearest to `word` (- and _ alike), if near enough to be a typo,
+ *  or else the nearest that begins as `word` does but for its last letter (--retry:
+ *  --retries, not --retry-delay). */
 export function nearest(word: string, names: string[]): string | undefined {
   const norm = (w: string) => w.toLowerCase().replace(/-/g, '_');
-  let best: string | undefined, bestD = Infinity;
+  const stem = word.length >= 4 ? norm(word).slice(0, -1) : null;
+  let best: string | undefined, bestD = Infinity, begun: string | undefined, begunD = Infinity;
   for (const name of names) {
     const d = editDistance(norm(word), norm(name));
     if (d < bestD) { best = name; bestD = d; }
+    if (stem !== null && norm(name).startsWith(stem) && d < begunD) { begun = name; begunD = d; }
   }
-  return best !== undefined && bestD <= Math.max(2, Math.floor(word.length / 3)) ? best : undefined;
+  return best !== undefined && bestD <= Math.max(2, Math.floor(word.length / 3)) ? best : begun;
 }
 
 /** Levenshtein distance, with a swap of two neighbours counting as one edit. */
@@ -7455,7 +7589,8 @@ export function commandHelp(name: string): string {
   const lines = [`usage: cli.ts ${cmd.synopsis}`, '', h.about];
   if (alias) lines.push(`Also called ${alias}.`);
   const options: [string, string][] = [...h.options, ['--data-dir DIR', 'the server\'s data dir (env DJS_DATA_DIR; default: the nearest .data here or above)']];
-  lines.push('', 'options:', ...options.map(([o, what]) => `  ${o.padEnd(24)}${what}`));
+  // An option too long for its column has its words on the next line.
+  lines.push('', 'options:', ...options.map(([o, what]) => (o.length < 24 ? `  ${o.padEnd(24)}${what}` : `  ${o}\n  ${''.padEnd(24)}${what}`)));
   lines.push('', 'example:', ...h.examples.map((e) => `  ${e}`));
   return lines.join('\n') + '\n';
 }
@@ -7515,6 +7650,26 @@ function helpText(): string {
 // main: parse, run, exit through one gate
 // ============================================================================
 
+/** The name hints give this program: the one it was called by (`djs` through a symlink
+ *  on PATH), else cli.ts. Set from DJS_PROG (see BOOTSTRAP) or argv[1] when run. */
+let progName = 'cli.ts';
+
+/** Text for the user with `cli.ts` (or `./cli.ts`) as a command word, in hints and
+ *  examples, in the name this program was called by. */
+export function asCalled(text: string, name = progName): string {
+  if (name === 'cli.ts') return text;
+  return text.replace(/(^|[\s(:;,`"'])(?:\.\/)?cli\.ts(?= )/gm, (_m, before: string) => before + shellQuote(name));
+}
+
+/** stderr with its lines in the name this program was called by (asCalled). */
+function calledStream(stream: NodeJS.WriteStream): NodeJS.WriteStream {
+  if (progName === 'cli.ts') return stream;
+  const s = Object.create(stream) as NodeJS.WriteStream;
+  const write = stream.write.bind(stream) as (chunk: unknown, ...rest: unknown[]) => boolean;
+  s.write = ((chunk: unknown, ...rest: unknown[]) => write(typeof chunk === 'string' ? asCalled(chunk) : chunk, ...rest)) as NodeJS.WriteStream['write'];
+  return s;
+}
+
 /** The one exit: prints an error (one line, plus a hint) and returns the exit code. */
 function reportError(e: unknown, err: NodeJS.WriteStream): number {
   const u = asUserError(e);
@@ -7524,7 +7679,7 @@ function reportError(e: unknown, err: NodeJS.WriteStream): number {
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const err = process.stderr, out = process.stdout;
+  const err = calledStream(process.stderr), out = process.stdout;
   try {
     const { tokens } = parseArgs({ args: argv, options: GLOBAL_OPTIONS, strict: false, allowPositionals: true, tokens: true });
     const cmdToken = tokens.find((t) => t.kind === 'positional');
@@ -7535,13 +7690,13 @@ export async function main(argv: string[]): Promise<number> {
       if (rest.length) {
         const name = ALIASES[rest[0]] ?? rest[0];
         if (!COMMANDS[name]) throw unknownCommand(rest[0]);
-        out.write(commandHelp(name));
+        out.write(asCalled(commandHelp(name)));
         return EXIT_OK;
       }
     }
     if (!cmdToken || globals.values.help || cmdToken.value === 'help') {
       const asked = Boolean(cmdToken || globals.values.help);
-      (asked ? out : err).write(helpText());
+      (asked ? out : err).write(asCalled(helpText()));
       return asked ? EXIT_OK : EXIT_USAGE;
     }
     if (globals.positionals.length) throw usage(`unexpected ${quoteForError(globals.positionals[0])}`);
@@ -7549,7 +7704,7 @@ export async function main(argv: string[]): Promise<number> {
     const cmd = COMMANDS[name];
     if (!cmd) throw unknownCommand(cmdToken.value);
     const parsed = parseCommand(argv.slice(cmdToken.index + 1), cmd.options, cmd.jobArgs ?? false, cmd.negatives, name);
-    if (parsed.values.help) { out.write(commandHelp(name)); return EXIT_OK; }
+    if (parsed.values.help) { out.write(asCalled(commandHelp(name))); return EXIT_OK; }
     if (cmd.noArgs && parsed.positionals.length) throw usage(`${name} takes no arguments, not ${quoteForError(parsed.positionals[0])}`, `usage: cli.ts ${cmd.synopsis}`);
     const named = (parsed.values['data-dir'] ?? parsed.values.server_data_dir ?? globals.values['data-dir'] ?? globals.values.server_data_dir ?? process.env.DJS_DATA_DIR) as string | undefined;
     const dataDir = named !== undefined ? path.resolve(named) : findDataDir(process.cwd());
@@ -7578,6 +7733,8 @@ function rawArgs(): string[] {
 }
 
 if (isMain) {
+  progName = path.basename(process.env.DJS_PROG || process.argv[1] || 'cli.ts');
+  delete process.env.DJS_PROG; // neither the server nor its jobs inherit it
   process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(0); });
   main(rawArgs()).then((code) => {
     if (code >= 0) process.exitCode = code;

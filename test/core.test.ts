@@ -960,9 +960,9 @@ describe('operations (pure decisions of the operation table)', () => {
     start(st, 1, 'a');
     end(st, 1, 0);
     const d = run(st, decideClean, { logs: true });
-    assert.deepEqual([d.answer, d.effects], [{ count: 1 }, [{ kind: 'remove-logs', ids: [1], below: 3 }]]);
+    assert.deepEqual([d.answer, d.effects], [{ count: 1, states: { done: 1, failed: 0, killed: 0 } }, [{ kind: 'remove-logs', ids: [1], below: 3 }]]);
     assert.deepEqual([...st.jobs.keys()], [2]);
-    assert.deepEqual(decideClean(st, { op: 'clean' }, C), { events: [], answer: { count: 0 }, effects: [] });
+    assert.deepEqual(decideClean(st, { op: 'clean' }, C), { events: [], answer: { count: 0, states: { done: 0, failed: 0, killed: 0 } }, effects: [] });
   });
 
   test('add_workers and remove_workers: idle goes at once; busy needs --wait (drain) or --kill (requeue)', () => {

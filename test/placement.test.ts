@@ -62,7 +62,7 @@ describe('placement', { concurrency: 4 }, () => {
     assert.equal(r.code, 0, 'queued all the same');
     assert.match(r.stderr, /^warning: no worker can take this job now \(label gpu\); it waits until one is added$/m);
     const list = await s.ok(['list']);
-    assert.match(list, new RegExp(`^\\s*${tooWide}\\s+waiting\\s+no worker has 4 slots on one worker`, 'm'));
+    assert.match(list, new RegExp(`^\\s*${tooWide}\\s+waiting\\s+no worker has….*  # no worker has 4 slots on one worker$`, 'm'));
     for (const id of [wide, narrow]) release(s, id);
     await untilState(s, wide, 'done');
   });
