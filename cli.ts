@@ -7733,7 +7733,9 @@ function rawArgs(): string[] {
 }
 
 if (isMain) {
-  progName = path.basename(process.env.DJS_PROG || process.argv[1] || 'cli.ts');
+  // argv[1] is the plain-JS copy (BOOTSTRAP) in a server that start --detach started: not a name anyone typed.
+  const argv1 = process.argv[1] && !/[\\/]\.cache[\\/]djs[\\/]cli-[^/]*\.mjs$/.test(process.argv[1]) ? process.argv[1] : '';
+  progName = path.basename(process.env.DJS_PROG || argv1 || 'cli.ts');
   delete process.env.DJS_PROG; // neither the server nor its jobs inherit it
   process.stdout.on('error', (e: NodeJS.ErrnoException) => { if (e.code === 'EPIPE') process.exit(0); });
   main(rawArgs()).then((code) => {
