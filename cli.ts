@@ -41,6 +41,8 @@ if (!process.features.typescript) {
  * workers (hosts with slots) and a queue of jobs, and starts each waiting job on a free
  * slot by running the user's job script here with JOB_ID, SLAVE_IP and SLAVE_SLOT set;
  * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
+ * A job added with --on-worker is a plain command instead, which djs runs on the worker
+ * itself (see "commands run on the worker").
  *
  * SYNOPSIS
  *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]
@@ -60,7 +62,10 @@ if (!process.features.typescript) {
  *   cli.ts add_jobs [JOB OPTIONS] FILE|-
  *     JOB OPTIONS: --retries N, --timeout S, --retry-delay S, --tag TAG..., --priority N,
  *                  --after ID[,ID]..., -e|--env NAME=VALUE..., --slots K, --gpus G,
- *                  --require LABEL..., --avoid LABEL..., --host HOST...
+ *                  --require LABEL..., --avoid LABEL..., --host HOST...,
+ *                  --on-worker [--workdir DIR] (SCRIPT is a command run on the worker;
+ *                  a bare SCRIPT name is otherwise looked up on PATH), --name NAME
+ *                  (a job's name works where an ID does, when one job has it)
  *   cli.ts remove_job [-e NAME=VALUE]... SCRIPT [ARGS...] | --id ID... | --tag TAG
  *   cli.ts kill ID... | --tag TAG | --all
  *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
