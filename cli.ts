@@ -5061,7 +5061,7 @@ function duration(ms) {
 }
 function when(iso) { if (!iso) return '-'; var d = new Date(iso); return d.toDateString() === new Date().toDateString() ? d.toTimeString().slice(0, 8) : d.toISOString().slice(5, 16).replace('T', ' '); }
 function quote(w) { return /^[A-Za-z0-9_.\/:=@%+,-]+$/.test(w) ? w : "'" + w.replace(/'/g, "'\\''") + "'"; }
-function command(j) { return [j.script].concat(j.args).map(quote).join(' '); }
+function command(j) { return (j.name ? '[' + j.name + '] ' : '') + (j.onWorker ? '--on-worker ' : '') + [j.script].concat(j.args).map(quote).join(' '); }
 function stateBadge(s) { return el('span', { class: 'state s-' + s, text: s }); }
 function toast(msg, error) {
   var t = $('toast'); t.textContent = msg; t.className = error ? 'error' : ''; t.hidden = false;

@@ -4,12 +4,13 @@
 // through the worker's shared ssh connection, and a kill, a timeout, a removed worker or a
 // dead master connection leaves none of its processes behind. Also: bare command names
 // found on PATH, --workdir, --name, and that such jobs survive a crash of the server.
-import { describe, test, type TestContext } from 'node:test';
+import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startHosts, sshSkip } from './hosts.ts';
+import { startHosts, sshSkip, type TestHosts } from './hosts.ts';
+import { slurmSkip, startSlurm, type TestSlurm } from './slurm.ts';
 import { serve, startServer, socketOp, testDir, until, untilState, writeScript, allPids, CLI } from './server.ts';
 import { onWorkerCommand, controlDirFor } from '../cli.ts';
 
@@ -326,4 +327,41 @@ describe('tier 3: --on-worker on real sshd hosts', { skip: sshSkip() }, () => {
     assert.equal((await s.job(gone)).state, 'waiting');
     await s.ok(['kill', lost, gone]);
   });
+});
+
+describe('tier 3: --on-worker on a real Slurm, here and through a login host', { skip: slurmSkip() || sshSkip(), concurrency: 1 }, () => {
+  let slurm: TestSlurm;
+  let hosts: TestHosts;
+  before(async () => {
+    [slurm, hosts] = await Promise.all([startSlurm({ cpus: 4 }), startHosts(1)]);
+    // 127.0.0.2 is the cluster's login host: its sessions find this Slurm (its bin first on PATH).
+    const bin = path.join(hosts.hosts[0].scratch, 'bin');
+    fs.mkdirSync(bin);
+    for (const cmd of ['sinfo', 'srun', 'scancel', 'squeue']) {
+      fs.writeFileSync(path.join(bin, cmd), `#!/bin/sh\nSLURM_CONF=${slurm.env.SLURM_CONF} exec /usr/bin/${cmd} "$@"\n`, { mode: 0o755 });
+    }
+  });
+  after(async () => { await Promise.all([slurm?.close(), hosts?.close()]); });
+
+  const server = (t: TestContext, remote: boolean) =>
+    serve(t, { env: { ...(remote ? {} : slurm.env), DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '5', DJS_SLURM_CHECK: '5' }, args: ['--kill-grace', '3'] });
+  const show = 'echo "$SLURM_JOB_NAME $SLURM_CPUS_PER_TASK $JOB_ID $FROM_JOB"; pwd -P';
+
+  for (const remote of [false, true]) {
+    test(`${remote ? 'through a login host over ssh' : 'here'}: the command runs in srun (its name, CPUs, directory and environment); kill leaves no Slurm job`, { timeout: 120_000 }, async (t) => {
+      const s = await server(t, remote);
+      const worker = remote ? `slurm:debug@${hosts.hosts[0].addr}` : 'slurm:debug';
+      await s.ok(['add_slave', `${worker}:2`]);
+      const id = (await s.ok(['add_job', '--on-worker', '--slots', '2', '-e', 'FROM_JOB=a b', 'sh', '-c', show])).trim();
+      await untilState(s, id, 'done', 60_000);
+      assert.equal(fs.readFileSync(path.join(s.logDir, `${id}.log`), 'utf8'), `djs-${id} 2 ${id} a b\n${fs.realpathSync(s.dir)}\n`);
+      const long = (await s.ok(['add_job', '--on-worker', '--timeout', '600', 'sleep', '600'])).trim();
+      await until(async () => (await slurm.jobNames()).includes(`djs-${long}`), `Slurm to run djs-${long}`, 60_000);
+      const q = await slurm.client('squeue', ['--noheader', '--format=%j %l']);
+      assert.match(q.stdout, new RegExp(`djs-${long} 10:00`), 'its --timeout is the time limit');
+      await s.ok(['kill', long]);
+      await untilState(s, long, 'killed', 30_000);
+      await until(async () => (await slurm.jobNames()).length === 0 || null, 'no Slurm job left', 30_000);
+    });
+  }
 });
