@@ -12,7 +12,7 @@ import { cleanUp, ROOT, startServer, tempDir, type TestServer } from './server.t
 
 const FIXTURES = path.join(ROOT, 'test', 'fixtures');
 /** This release's format version (3: campaigns). */
-const FORMAT = 3;
+const FORMAT = 4;
 
 /** The jobs of a state as [id, state, exit code, attempts, run, worker]. */
 const summary = (st: State) => [...st.jobs.values()].sort((a, b) => a.id - b.id)
