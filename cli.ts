@@ -281,9 +281,10 @@ export type Job = {
   need: Need;                            // what a worker must offer it; shared by the jobs of one add
   slots: number[] | null;                // all slots of the current or last attempt, when more than one
   gpus: number[] | null;                 // GPU indices of the current or last attempt
-  onWorker: true | undefined;            // add_job --on-worker: script is a command run on the worker itself
-  workdir: string | undefined;           // where an --on-worker command runs (undefined: cwd; may start with ~)
-  name: string | undefined;              // --name, its placeholders filled
+  // Only on the jobs that have them (a plain job costs no memory for them):
+  onWorker?: true;                       // add_job --on-worker: script is a command run on the worker itself
+  workdir?: string;                      // where an --on-worker command runs (absent: cwd; may start with ~)
+  name?: string;                         // --name, its placeholders filled
 };
 
 /** What a job needs of a worker: slots and GPUs on one worker, labels it must have
@@ -700,7 +701,7 @@ export const fillPlaceholders = (template: string, values: string[]) =>
 export const addCount = (ev: Extract<Event, { e: 'add' }>) => (ev.sweep ? ev.sweep.reduce((n, l) => n * l.length, 1) : ev.jobs.length);
 
 function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>, name?: string): Job {
-  return {
+  const job: Job = {
     id, script: intern(st, spec[0]), args: spec.length > 1 ? spec.slice(1) : NO_ARGS, cwd: intern(st, ev.cwd),
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
@@ -708,8 +709,11 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     tags: ev.tags ?? NO_TAGS, priority: ev.priority ?? 0, after: ev.after ?? null, env: ev.env ?? null, blockers: 0,
     need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
     retryDelay: ev.retryDelay ?? 0, notBefore: 0,
-    onWorker: ev.onw, workdir: ev.workdir, name,
   };
+  if (ev.onw) job.onWorker = true;
+  if (ev.workdir !== undefined) job.workdir = ev.workdir;
+  if (name !== undefined) job.name = name;
+  return job;
 }
 
 /** Seconds before a job's first retry when add_job is not told (--retry-delay). */
