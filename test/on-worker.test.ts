@@ -177,6 +177,30 @@ describe('tier 2: bare names, --on-worker on local workers, --name, --workdir', 
     assert.equal(fs.readFileSync(path.join(dir, `out.${b}`), 'utf8'), dir + '\n');
   });
 
+  test('POST /api/add_jobs takes onWorker, workdir and name; a bare script name there is found on the server\'s PATH', async (t) => {
+    const s = await serve(t, { args: ['--http', '0'] });
+    const m = /^(http:\/\/127\.0\.0\.1:\d+)\/#token=([0-9a-f]+)$/.exec((await s.ok(['dashboard'])).trim());
+    assert.ok(m);
+    const post = async (body: object) => {
+      const r = await fetch(`${m[1]}/api/add_jobs`, { method: 'POST', headers: { Authorization: `Bearer ${m[2]}`, 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+      return { status: r.status, json: await r.json() as any };
+    };
+    fs.mkdirSync(path.join(s.dir, 'wd'));
+    const a = await post({ cwd: s.dir, jobs: [['sh', '-c', 'pwd -P > out.$JOB_ID']], onWorker: true, workdir: path.join(s.dir, 'wd'), name: 'api{1}', sweep: [['x']] });
+    assert.equal(a.status, 200, JSON.stringify(a.json));
+    const b = await post({ cwd: s.dir, jobs: [['echo', 'from', 'PATH']] });
+    assert.equal(b.status, 200, JSON.stringify(b.json));
+    const bad = await post({ cwd: s.dir, jobs: [['/bin/true']], workdir: '/tmp' });
+    assert.equal(bad.status, 400, JSON.stringify(bad.json));
+    assert.match(bad.json.error, /--workdir is for --on-worker/);
+    await workers(s.dataDir, ['local1:2']);
+    assert.equal((await s.cli(['wait'])).code, 0);
+    assert.equal(fs.readFileSync(path.join(s.dir, 'wd', `out.${a.json.first}`), 'utf8'), fs.realpathSync(path.join(s.dir, 'wd')) + '\n');
+    assert.equal((await s.job(a.json.first)).name, 'apix');
+    assert.equal(path.basename((await s.job(b.json.first)).script), 'echo');
+    assert.equal(fs.readFileSync(path.join(s.logDir, `${b.json.first}.log`), 'utf8'), 'from PATH\n');
+  });
+
   test('the remote command line carries every byte but NUL through any login shell here (sh, bash, dash, zsh, fish, tcsh)', async (t) => {
     const dir = testDir(t);
     const words = [...NASTY, '\xff\xfe', 'a\x01b'];
@@ -278,6 +302,12 @@ describe('tier 3: --on-worker on real sshd hosts', { skip: sshSkip() }, () => {
     assert.equal((await untilState(s, nodir, 'failed', 30_000)).exitCode, 1);
     assert.match(fs.readFileSync(path.join(s.logDir, `${nodir}.log`), 'utf8'), new RegExp(`djs: cannot enter /no/such/dir on ${h.replace(/\./g, '\\.')}: No such file`));
     assert.equal((await untilState(s, nocmd, 'failed', 30_000)).exitCode, 127);
+    // What the command leaves running in its group ends with it (else the ssh session
+    // would wait for it to close its output).
+    const left = (await s.ok(['add_job', '-e', 'DJS_ONW_MARK=left', '--on-worker', 'sh', '-c', 'sleep 600 & echo started'])).trim();
+    await untilState(s, left, 'done', 30_000);
+    assert.equal(fs.readFileSync(path.join(s.logDir, `${left}.log`), 'utf8'), 'started\n');
+    await until(() => withEnv('DJS_ONW_MARK=left', `DJS_TEST_HOSTS=${hosts.dir}`).length === 0, 'the sleep it left to end', 10_000);
   });
 
   test('kill, a TERM-deaf command, --timeout, a killed master connection and remove_slave --kill leave no process of the command on the host', { timeout: 120_000 }, async (t) => {
