@@ -1518,7 +1518,7 @@ export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Dec
     const env = req.env === undefined ? null : [...envOf(req.env)].sort().join('\0');
     ids = [];
     for (const job of st.jobs.values()) {
-      if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
+      if (job.state === 'waiting' && (job.onWorker ? job.script === (req.command ?? script) : job.script === script) && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
         (env === null || [...(job.env ?? [])].sort().join('\0') === env)) ids.push(job.id);
     }
     if (ids.length === 0) throw failure(`no waiting job runs ${quoteForError([script, ...args].map(shellQuote).join(' '))}`);
@@ -2778,7 +2778,9 @@ export function launchRecord(j: { id: number; run: number; slot: number; attempt
 // forks the command in a process group of its own and waits for it, watching its own
 // stdout and stderr: sshd closes them when the session ends (the job was killed here,
 // its ssh process ended, the master connection died), and then the watcher sends the
-// group SIGTERM, and SIGKILL after the kill grace. It exits with the command's code
+// group SIGTERM, and SIGKILL after the kill grace. (Its SIGCHLD handler wakes it when
+// the command ends; perl runs that handler between ops only, so an end that comes just
+// before it sleeps in poll is seen at the next 200 ms timeout instead.) It exits with the command's code
 // (128+N for signal N; 254 for 255, which means "worker failed" to the scheduler), and
 // sends SIGTERM to what the command left running in its group.
 
@@ -2809,7 +2811,7 @@ while (1) {
   if (waitpid($pid, 1) == $pid) { $c = $?; last }
   my @p = (fileno($r), POLLIN);
   push @p, 1, 0, 2, 0 unless $end;
-  IO::Poll::_poll($end ? 100 : -1, @p);
+  IO::Poll::_poll($end ? 100 : 200, @p);
   sysread($r, my $x, 64) if $p[1] & POLLIN;
   if (!$end && (($p[3] | $p[5]) & (POLLHUP | POLLERR))) { kill('TERM', -$pid); $end = Time::HiRes::time() + $g }
   kill('KILL', -$pid) if $end && Time::HiRes::time() >= $end;
@@ -3379,7 +3381,7 @@ const OPS: Record<string, Op> = {
       sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST, onWorker: BOOL, workdir: TEXT, name: TEXT,
     },
   },
-  remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST } },
+  remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, command: TEXT, args: LIST, env: LIST } },
   kill: { kind: 'change', decide: decideKill, http: true, fields: { ids: IDS, all: BOOL, tag: TEXT } },
   retry: { kind: 'change', decide: decideRetry, http: true, fields: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT } },
   clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT } },
@@ -6322,7 +6324,8 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
     const [script, ...args] = p.positionals;
     warnClipyOptions(args, ctx);
     const env = envWords(p);
-    msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args, ...(env.length ? { env: envOf(env) } : {}) };
+    // The script as add_job found it, or (for an --on-worker job) the command as given.
+    msg = { op: 'remove_jobs', script: findScript(script, workDir()), command: script, args, ...(env.length ? { env: envOf(env) } : {}) };
   }
   const r = await request(ctx.dataDir, msg);
   const ids = r.ids as number[];

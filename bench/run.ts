@@ -6,7 +6,8 @@
 //   placement; default all of these. Only when named: breakdown (where a start's CPU goes,
 //   by process and kernel path; --patched copies too), primitives (what fork, exec and
 //   file operations cost), dashboard (the HTTP side's reads with a million jobs) and ssh
-//   (jobs over real loopback sshd hosts against GNU parallel; see bench/ssh.ts).
+//   (jobs over real loopback sshd hosts against GNU parallel; see bench/ssh.ts) and
+//   on-worker (add_job --on-worker over 2 sshd hosts against parallel --controlmaster).
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
@@ -32,8 +33,9 @@ import { campaign } from './campaign.ts';
 import { placement } from './placement.ts';
 import { dashboard } from './dashboard.ts';
 import { ssh } from './ssh.ts';
+import { onWorkerBench } from './on-worker.ts';
 
-const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, dashboard, ssh };
+const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, dashboard, ssh, 'on-worker': onWorkerBench };
 const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable', 'campaign', 'placement'];
 const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue', scale: 'queue' };
 

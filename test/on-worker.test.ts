@@ -6,7 +6,7 @@
 // found on PATH, --workdir, --name, and that such jobs survive a crash of the server.
 import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { startHosts, sshSkip, type TestHosts } from './hosts.ts';
@@ -111,10 +111,16 @@ describe('tier 2: bare names, --on-worker on local workers, --name, --workdir', 
     // A sweep whose values make a name a number is refused too.
     const numeric = await s.cli(['add_job', '--name', '{1}', 'true', ':::', '1', '2']);
     assert.equal(numeric.code, 2, numeric.stderr);
+    // remove_job finds an --on-worker job by its command as given, a script by where add_job found it.
+    await socketOp(s.dataDir, { op: 'pause' });
+    const w1 = (await s.ok(['add_job', '--on-worker', 'echo', 'a b'])).trim();
+    const w2 = (await s.ok(['add_job', 'echo', 'a b'])).trim();
+    assert.equal(await s.ok(['remove_job', 'echo', 'a b']), `removed 2 jobs: ${w1} ${w2}\n`);
+    await socketOp(s.dataDir, { op: 'resume' });
     const huge = await s.cli(['add_job', '--on-worker', 'echo', 'x'.repeat(70_000)]);
     assert.equal(huge.code, 2, huge.stderr);
     assert.match(huge.stderr, /more than the 60000 that one ssh command line carries/);
-    assert.equal((await s.status()).counts.total, 2, 'nothing of the refused ones was queued');
+    assert.equal((await s.status()).counts.total, 2, 'nothing of the refused ones was queued (and the removed ones are gone)');
   });
 
   test('--name: filled from the sweep, shown in list, status and --json, and taken by log, kill, wait, retry; a name of several jobs is an error naming them', async (t) => {
@@ -199,6 +205,20 @@ describe('tier 2: bare names, --on-worker on local workers, --name, --workdir', 
     assert.equal((await s.job(a.json.first)).name, 'apix');
     assert.equal(path.basename((await s.job(b.json.first)).script), 'echo');
     assert.equal(fs.readFileSync(path.join(s.logDir, `${b.json.first}.log`), 'utf8'), 'from PATH\n');
+  });
+
+  test('the watcher notices its command end every time: 400 short commands, 40 at once, none left waiting', { timeout: 120_000 }, async () => {
+    // A child that ends just before the watcher sleeps in poll must not be missed (its
+    // SIGCHLD handler runs only between perl ops).
+    const line = onWorkerCommand(['true'], [], '/', 1);
+    const one = () => new Promise<number>((resolve) => {
+      const c = spawn('sh', ['-c', line], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const timer = setTimeout(() => { c.kill('SIGKILL'); resolve(-1); }, 10_000);
+      c.on('exit', (code) => { clearTimeout(timer); resolve(code ?? -2); });
+    });
+    const codes: number[] = [];
+    for (let i = 0; i < 10; i++) codes.push(...await Promise.all(Array.from({ length: 40 }, one)));
+    assert.deepEqual(codes.filter((c) => c !== 0), [], 'every one ended 0 within 10 s');
   });
 
   test('the remote command line carries every byte but NUL through any login shell here (sh, bash, dash, zsh, fish, tcsh)', async (t) => {
