@@ -2778,11 +2778,11 @@ export function launchRecord(j: { id: number; run: number; slot: number; attempt
 // forks the command in a process group of its own and waits for it, watching its own
 // stdout and stderr: sshd closes them when the session ends (the job was killed here,
 // its ssh process ended, the master connection died), and then the watcher sends the
-// group SIGTERM, and SIGKILL after the kill grace. (Its SIGCHLD handler wakes it when
-// the command ends; perl runs that handler between ops only, so an end that comes just
-// before it sleeps in poll is seen at the next 200 ms timeout instead.) It exits with the command's code
-// (128+N for signal N; 254 for 255, which means "worker failed" to the scheduler), and
-// sends SIGTERM to what the command left running in its group.
+// group SIGTERM, and SIGKILL after the kill grace. Its SIGCHLD handler wakes it when the
+// command ends; perl runs that handler between ops only, so an end that comes just before
+// it sleeps in poll is seen at the next 200 ms timeout instead. It exits with the
+// command's code (128+N for signal N; 254 for 255, which means "worker failed" to the
+// scheduler), and sends SIGTERM to what the command left running in its group.
 
 /** The watcher (see above), run by perl on the worker as
  *    perl -e CODE GRACE NENV xDIR xNAME=VALUE... xCOMMAND xARG...   (x then hex bytes) */
