@@ -1,4 +1,4 @@
-// 12. A plain command on ssh workers: N short jobs (200; BENCH_ONW_JOBS=N) over 2 sshd hosts
+// 14. A plain command on ssh workers: N short jobs (200; BENCH_ONW_JOBS=N) over 2 sshd hosts
 // on loopback (test/hosts.ts: 127.0.0.2-3, sshd's default limits) x 8 slots each. The
 // systems, interleaved round by round:
 //   djs --on-worker        add_job --on-worker true ::: 1..N (djs runs `true I` on the worker)
@@ -41,7 +41,7 @@ function djs(name: string, add: (srv: Server, dir: string, n: number) => Promise
 
 const onWorker = djs('djs --on-worker true', async (srv, dir, n) => {
   await srv.ok(['add_job', '--on-worker', 'true', ':::', ...seq(n)], { cwd: dir });
-  return async () => (JSON.parse((await srv.ok(['list', '--json', '--state', 'done'], { quiet: true })).stdout) as unknown[]).length;
+  return async () => (JSON.parse((await srv.ok(['list', '--json', '--state', 'done'])).stdout) as unknown[]).length;
 });
 
 const example = djs('djs example_job.sh (copy in, wc -w, copy back)', async (srv, dir, n) => {
@@ -133,7 +133,7 @@ export async function onWorkerBench(o: Opts): Promise<BenchResult> {
   targets.push({ what: 'ssh logins per --on-worker job', measured: fmt(med(logins, onWorker.name), 3), limit: '≤ 0.05', met: med(logins, onWorker.name) <= 0.05 });
   notes.push(`${n} jobs per run, 2 hosts × ${SLOTS} slots, ${rounds} round(s); logins counted in the hosts' sshd logs, add_slave's login checks included.`);
   return {
-    name: 'on-worker', title: `12. A plain command on ssh workers: ${n} jobs, 2 loopback sshd hosts × ${SLOTS} slots`,
+    name: 'on-worker', title: `14. A plain command on ssh workers: ${n} jobs, 2 loopback sshd hosts × ${SLOTS} slots`,
     sections: [
       { title: 'jobs per second (median of the rounds) and ssh logins per job', columns: ['system', 'jobs/s', 'rounds', 'logins/job'], rows },
       { title: 'one job at a time: milliseconds per ssh session', columns: ['what', 'ms'], rows: per },
