@@ -1443,9 +1443,9 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
       bytes += n + 1 + 8;
     }
     if (bytes + envBytes > c.argSpace) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${c.argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
-    // An --on-worker command travels hex-encoded in one ssh command line (see onWorkerCommand).
+    // An --on-worker command travels hex-encoded in one environment variable (see onWorkerInput).
     if (onWorker && bytes + envText + Buffer.byteLength(workdir ?? cwd) > ON_WORKER_MAX_BYTES) {
-      throw usage(`an --on-worker command with its arguments${envText ? ' and --env settings' : ''} takes ${bytes + envText} bytes, more than the ${ON_WORKER_MAX_BYTES} that one ssh command line carries`, 'pass large data in a file instead');
+      throw usage(`an --on-worker command with its arguments${envText ? ' and --env settings' : ''} takes ${bytes + envText} bytes, more than the ${ON_WORKER_MAX_BYTES} that go to the worker with it`, 'pass large data in a file instead');
     }
   }
   // Each job's name, filled from its sweep values, must still be a name.
@@ -1474,8 +1474,8 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
 }
 
 /** What an --on-worker command, its arguments, --env settings and directory may hold in
- *  all, in bytes: hex-encoded, they must fit one argument of an exec (MAX_ARG_BYTES, the
- *  ssh command line, run by sshd as `SHELL -c LINE`) beside the watcher's own code. */
+ *  all, in bytes: hex-encoded, they must fit one environment variable of an exec
+ *  (MAX_ARG_BYTES; see onWorkerInput), beside the worker's settings. */
 export const ON_WORKER_MAX_BYTES = 60_000;
 /** The longest --name. */
 const MAX_NAME_LENGTH = 200;
@@ -2772,9 +2772,13 @@ export function launchRecord(j: { id: number; run: number; slot: number; attempt
 //     the worker's shared connection, running ON_WORKER_WATCHER there.
 // ssh forwards no signals without a tty, and sshd runs the remote line through the
 // user's login shell, whichever it is (bash, zsh, fish, tcsh). So the line holds only
-// `exec perl -e '...'` and words of [0-9a-fx] (each word hex-encoded, after an x so that
-// an empty one is a word too): no shell quotes or expands anything in it, and every byte
-// but NUL arrives as it was. The watcher sets the environment, enters the directory,
+// `exec perl -e '...' CODE` (the watcher's code, hex-encoded): no shell quotes or expands
+// anything in it. The job itself (its directory, environment, command and arguments)
+// goes to the watcher on ssh's standard input, as words of [0-9a-fx] (each hex-encoded,
+// after an x so that an empty one is a word too), so that every byte but NUL arrives as
+// it was, and so that no one else on either machine reads the job's --env settings in
+// the argument list of ssh or perl (`ps`); here, `sh -c 'printf ... | ssh ...'` writes it
+// from its environment. The watcher reads it to its end, sets the environment, enters the directory,
 // forks the command in a process group of its own and waits for it, watching its own
 // stdout and stderr: sshd closes them when the session ends (the job was killed here,
 // its ssh process ended, the master connection died), and then the watcher sends the
@@ -2784,11 +2788,13 @@ export function launchRecord(j: { id: number; run: number; slot: number; attempt
 // command's code (128+N for signal N; 254 for 255, which means "worker failed" to the
 // scheduler), and sends SIGTERM to what the command left running in its group.
 
-/** The watcher (see above), run by perl on the worker as
- *    perl -e CODE GRACE NENV xDIR xNAME=VALUE... xCOMMAND xARG...   (x then hex bytes) */
+/** The watcher (see above), run by perl on the worker as `perl -e CODE`, with on its
+ *  standard input: GRACE NENV xDIR xNAME=VALUE... xCOMMAND xARG...   (x then hex bytes) */
 const ON_WORKER_WATCHER = String.raw`
 use IO::Poll qw(POLLIN POLLHUP POLLERR); use Time::HiRes ();
-my ($g, $n, @w) = @ARGV;
+my ($g, $n, @w) = split / /, do { local $/; <STDIN> } // '';
+defined $n or do { print STDERR "djs: no job came on standard input
+"; exit 1 };
 $_ = pack('H*', substr($_, 1)) for @w;
 my $d = shift @w;
 for (1 .. $n) { my ($k, $v) = split /=/, shift(@w), 2; $ENV{$k} = $v }
@@ -2821,14 +2827,20 @@ exit(($c & 127) ? 128 + ($c & 127) : ($c >> 8) == 255 ? 254 : $c >> 8);
 `;
 const ON_WORKER_CODE_HEX = Buffer.from(ON_WORKER_WATCHER).toString('hex');
 
-/** The shell line that runs `words` on an ssh worker through the watcher, in `dir`
- *  (absolute, or ~ or ~/...), with `env` (NAME=VALUE) set, stopped within graceS seconds
- *  of its ssh session ending. Safe in any login shell: it holds no quote but the pair
- *  around the perl code, and only hex digits after that. */
-export function onWorkerCommand(words: string[], env: string[], dir: string, graceS: number): string {
+/** The shell line that runs the watcher on an ssh worker. Safe in any login shell: it
+ *  holds no quote but the pair around the perl code, and only hex digits after that. */
+export const ON_WORKER_LINE = `exec perl -e 'eval pack(q(H*),shift);die $@' ${ON_WORKER_CODE_HEX}`;
+
+/** What the watcher reads on its standard input: run `words` in `dir` (absolute, or ~ or
+ *  ~/...) with `env` (NAME=VALUE) set, stopped within graceS seconds of its ssh session
+ *  ending. */
+export function onWorkerInput(words: string[], env: string[], dir: string, graceS: number): string {
   const hex = (w: string) => 'x' + bytesOf(w).toString('hex');
-  return `exec perl -e 'eval pack(q(H*),shift);die $@' ${ON_WORKER_CODE_HEX} ${Math.max(0, Math.round(graceS))} ${env.length} ${[dir, ...env, ...words].map(hex).join(' ')}`;
+  return `${Math.max(0, Math.round(graceS))} ${env.length} ${[dir, ...env, ...words].map(hex).join(' ')}`;
 }
+/** How an --on-worker job's ssh gets the watcher's input: from the environment of the
+ *  sh that starts it (private to this user, unlike an argument list). */
+const ON_WORKER_SH = 'printf %s "$DJS_ON_WORKER_INPUT" | exec ssh "$@"';
 
 /** Workers that are this machine: no ssh (as example_job.sh treats them). */
 export const isLocalWorker = (host: string) => /^local\d*$/.test(host);
@@ -2859,8 +2871,8 @@ export function onWorkerLaunch(j: { id: number; script: string; args: string[]; 
     return { script: srun[0], args: [...srun.slice(1), `--chdir=${chdir}`, j.script, ...j.args], cwd: j.cwd, env: [] };
   }
   const host = worker.slurm?.login ?? worker.host;
-  const line = onWorkerCommand([...srun, j.script, ...j.args], [...env, ...cuda], dir, graceS);
-  return { script: 'ssh', args: [...sshWords, '--', host, line], cwd: '/', env: [] };
+  const input = onWorkerInput([...srun, j.script, ...j.args], [...env, ...cuda], dir, graceS);
+  return { script: '/bin/sh', args: ['-c', ON_WORKER_SH, 'djs-on-worker', ...sshWords, '--', host, ON_WORKER_LINE], cwd: '/', env: [`DJS_ON_WORKER_INPUT=${input}`] };
 }
 
 /** Run files are named by the job and its run number, which is never reused. */

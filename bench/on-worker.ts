@@ -13,7 +13,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { startHosts, type TestHosts } from '../test/hosts.ts';
-import { onWorkerCommand } from '../cli.ts';
+import { ON_WORKER_LINE, onWorkerInput } from '../cli.ts';
 import { type BenchResult, type Opts, type Target, ROOT, Server, envWithNode, fmt, loadAvg, median, now, run, tempDir, which } from './lib.ts';
 
 type System = { name: string; run: (dir: string, hosts: TestHosts, n: number) => Promise<number> };
@@ -64,11 +64,11 @@ const parallel: System = {
 };
 
 /** Milliseconds per run of `ssh -F CONFIG HOST LINE` on an open master, one at a time. */
-async function session(config: string, host: string, line: string, k: number): Promise<number> {
+async function session(config: string, host: string, line: string, k: number, input?: string): Promise<number> {
   await run('ssh', ['-F', config, host, 'true'], { quiet: true }); // opens the master
   const t0 = now();
   for (let i = 0; i < k; i++) {
-    const r = await run('ssh', ['-F', config, host, line], { quiet: true });
+    const r = await run('ssh', ['-F', config, host, line], { quiet: true, input });
     if (r.code !== 0) throw new Error(`ssh ${line.slice(0, 40)}: exit ${r.code}: ${r.stderr}`);
   }
   const ms = (now() - t0) / k;
@@ -114,7 +114,7 @@ export async function onWorkerBench(o: Opts): Promise<BenchResult> {
       fs.writeFileSync(config, `ControlMaster auto\nControlPath ${dir}/%C\nControlPersist 60\nBatchMode yes\nInclude ${hosts.sshConfig}\n`);
       const host = hosts.hosts[0].addr, k = o.quick ? 20 : 50;
       const bare = await session(config, host, 'true', k);
-      const watched = await session(config, host, onWorkerCommand(['true'], ['JOB_ID=1', 'SLAVE_IP=h'], '/tmp', 10), k);
+      const watched = await session(config, host, ON_WORKER_LINE, k, onWorkerInput(['true'], ['JOB_ID=1', 'SLAVE_IP=h'], '/tmp', 10));
       const perl = await session(config, host, `exec perl -e 'use IO::Poll; use Time::HiRes'`, k);
       per.push(['a session running `true` on the open master', fmt(bare)], ['the same through the watcher (perl, fork, exec, wait)', fmt(watched)], ['of which perl loading IO::Poll and Time::HiRes', fmt(perl - bare)]);
     } finally {

@@ -12,7 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
-  commandText, idsNamed, sweepValues, fillPlaceholders, onWorkerLaunch, onWorkerCommand, srunWords, isLocalWorker, workdirOf, nameOf, ON_WORKER_MAX_BYTES,
+  commandText, idsNamed, sweepValues, fillPlaceholders, onWorkerLaunch, onWorkerInput, ON_WORKER_LINE, srunWords, isLocalWorker, workdirOf, nameOf, ON_WORKER_MAX_BYTES,
   admits, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
 
@@ -1895,7 +1895,7 @@ describe('--on-worker, --workdir and --name in the core', () => {
     for (const n of ['7', '-x', 'a\nb', '', 'x'.repeat(201), 3]) refused({ onWorker: true, name: n }, /invalid job name/);
     refused({ onWorker: true, name: '{1}', jobs: [['x', '{1}']], sweep: [['a', '2']] }, /invalid job name '2'/);
     refused({ onWorker: true, jobs: [['']] }, /needs a name/);
-    refused({ onWorker: true, jobs: [['echo', 'x'.repeat(ON_WORKER_MAX_BYTES)]] }, /one ssh command line/);
+    refused({ onWorker: true, jobs: [['echo', 'x'.repeat(ON_WORKER_MAX_BYTES)]] }, /that go to the worker with it/);
     assert.equal(decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['echo', 'x'.repeat(ON_WORKER_MAX_BYTES - 100)]], onWorker: true }, C2).events.length, 1);
     assert.equal(workdirOf('~'), '~');
     assert.equal(nameOf('{1}', true), '{1}');
@@ -1921,13 +1921,16 @@ describe('--on-worker, --workdir and --name in the core', () => {
     assert.deepEqual(onWorkerLaunch(j, { host: 'slurm:gpu', slurm: { partition: 'gpu', login: null } }, env, [], 5, '/home/me'), {
       script: 'srun', args: ['--job-name=djs-7', '--partition=gpu', '--ntasks=1', '--cpus-per-task=2', '--gpus=2', '--time=2', '--chdir=/w', 'python', 't.py', 'a b'], cwd: '/w', env: [],
     });
+    // ssh's argument list holds the watcher's code only; the job goes on its standard input,
+    // from the environment of the sh that starts it.
     const ssh = onWorkerLaunch(j, { host: 'node1', slurm: null }, env, ['-F', 'cfg'], 5, '/home/me');
-    assert.deepEqual([ssh.script, ...ssh.args.slice(0, 4), ssh.cwd], ['ssh', '-F', 'cfg', '--', 'node1', '/']);
-    assert.equal(ssh.args[4], onWorkerCommand(['python', 't.py', 'a b'], [...env, 'CUDA_VISIBLE_DEVICES=1,3'], '/w', 5));
-    assert.match(ssh.args[4], /^exec perl -e '[^']*' [0-9a-f]+ 5 3 x2f77( x[0-9a-f]+)+$/);
+    assert.deepEqual([ssh.script, ssh.args[0], ...ssh.args.slice(2), ssh.cwd], ['/bin/sh', '-c', 'djs-on-worker', '-F', 'cfg', '--', 'node1', ON_WORKER_LINE, '/']);
+    assert.match(ON_WORKER_LINE, /^exec perl -e '[^']*' [0-9a-f]+$/);
+    assert.deepEqual(ssh.env, [`DJS_ON_WORKER_INPUT=${onWorkerInput(['python', 't.py', 'a b'], [...env, 'CUDA_VISIBLE_DEVICES=1,3'], '/w', 5)}`]);
+    assert.match(ssh.env[0], /^DJS_ON_WORKER_INPUT=5 3 x2f77( x[0-9a-f]+)+$/);
     const login = onWorkerLaunch(j, { host: 'slurm:cpu@login1', slurm: { partition: 'cpu', login: 'login1' } }, env, [], 5, '/home/me');
-    assert.equal(login.args[1], 'login1');
-    assert.equal(login.args[2], onWorkerCommand(['srun', '--job-name=djs-7', '--partition=cpu', '--ntasks=1', '--cpus-per-task=2', '--gpus=2', '--time=2', 'python', 't.py', 'a b'], env, '/w', 5), 'Slurm sets the GPUs itself');
+    assert.deepEqual(login.args.slice(3), ['--', 'login1', ON_WORKER_LINE]);
+    assert.deepEqual(login.env, [`DJS_ON_WORKER_INPUT=${onWorkerInput(['srun', '--job-name=djs-7', '--partition=cpu', '--ntasks=1', '--cpus-per-task=2', '--gpus=2', '--time=2', 'python', 't.py', 'a b'], env, '/w', 5)}`], 'Slurm sets the GPUs itself');
     assert.deepEqual(srunWords('p', { id: 1, slots: 1, gpus: 0, timeout: 0 }), ['srun', '--job-name=djs-1', '--partition=p', '--ntasks=1', '--cpus-per-task=1']);
     assert.equal(isLocalWorker('local12'), true);
     assert.equal(isLocalWorker('localhost'), false);

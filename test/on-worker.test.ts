@@ -12,7 +12,7 @@ import path from 'node:path';
 import { startHosts, sshSkip, type TestHosts } from './hosts.ts';
 import { slurmSkip, startSlurm, type TestSlurm } from './slurm.ts';
 import { serve, startServer, socketOp, testDir, until, untilState, writeScript, allPids, CLI } from './server.ts';
-import { onWorkerCommand, controlDirFor } from '../cli.ts';
+import { ON_WORKER_LINE, onWorkerInput, controlDirFor } from '../cli.ts';
 
 /** Writes its working directory, then its arguments, NUL-separated, to FILE (bytes). */
 const REC = `open(my $f, '>', shift) or die; binmode $f; print $f join("\\0", $ENV{PWD} // '', @ARGV)`;
@@ -119,7 +119,7 @@ describe('tier 2: bare names, --on-worker on local workers, --name, --workdir', 
     await socketOp(s.dataDir, { op: 'resume' });
     const huge = await s.cli(['add_job', '--on-worker', 'echo', 'x'.repeat(70_000)]);
     assert.equal(huge.code, 2, huge.stderr);
-    assert.match(huge.stderr, /more than the 60000 that one ssh command line carries/);
+    assert.match(huge.stderr, /more than the 60000 that go to the worker with it/);
     assert.equal((await s.status()).counts.total, 2, 'nothing of the refused ones was queued (and the removed ones are gone)');
   });
 
@@ -210,9 +210,10 @@ describe('tier 2: bare names, --on-worker on local workers, --name, --workdir', 
   test('the watcher notices its command end every time: 400 short commands, 40 at once, none left waiting', { timeout: 120_000 }, async () => {
     // A child that ends just before the watcher sleeps in poll must not be missed (its
     // SIGCHLD handler runs only between perl ops).
-    const line = onWorkerCommand(['true'], [], '/', 1);
+    const input = onWorkerInput(['true'], [], '/', 1);
     const one = () => new Promise<number>((resolve) => {
-      const c = spawn('sh', ['-c', line], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const c = spawn('sh', ['-c', ON_WORKER_LINE], { stdio: ['pipe', 'pipe', 'pipe'] });
+      c.stdin!.end(input);
       const timer = setTimeout(() => { c.kill('SIGKILL'); resolve(-1); }, 10_000);
       c.on('exit', (code) => { clearTimeout(timer); resolve(code ?? -2); });
     });
@@ -224,21 +225,21 @@ describe('tier 2: bare names, --on-worker on local workers, --name, --workdir', 
   test('the remote command line carries every byte but NUL through any login shell here (sh, bash, dash, zsh, fish, tcsh)', async (t) => {
     const dir = testDir(t);
     const words = [...NASTY, '\xff\xfe', 'a\x01b'];
-    // The same words as bytes: non-UTF-8 ones reach onWorkerCommand as U+DC00+byte (textOf).
+    // The same words as bytes: non-UTF-8 ones reach onWorkerInput as U+DC00+byte (textOf).
     const asText = (w: string) => (w === '\xff\xfe' ? '\udcff\udcfe' : w);
     const asBytes = (w: string) => (w === '\xff\xfe' ? Buffer.from([0xff, 0xfe]) : Buffer.from(w));
     const shells = ['sh', 'bash', 'dash', 'zsh', 'fish', 'tcsh', 'csh'].filter((sh) => spawnSync('sh', ['-c', `command -v ${sh}`]).status === 0);
     assert.ok(shells.length >= 2, `shells here: ${shells.join(' ')}`);
     for (const shell of shells) {
       const out = path.join(dir, `out.${shell}`);
-      const line = onWorkerCommand(['perl', '-e', REC, out, ...words.map(asText)], ['SLAVE_IP=here', 'ODD=$x "y"\nz'], dir, 1);
-      assert.match(line, /^exec perl -e '[^']*' [0-9a-fx ]+$/, 'only hex after the code');
-      const r = spawnSync(shell, ['-c', line], { cwd: '/', env: { ...process.env, PWD: '/' } });
+      const input = onWorkerInput(['perl', '-e', REC, out, ...words.map(asText)], ['SLAVE_IP=here', 'ODD=$x "y"\nz'], dir, 1);
+      assert.match(input, /^[0-9a-fx ]+$/, 'only hex words');
+      const r = spawnSync(shell, ['-c', ON_WORKER_LINE], { cwd: '/', env: { ...process.env, PWD: '/' }, input });
       assert.equal(r.status, 0, `${shell}: ${r.stderr}`);
       const got = fs.readFileSync(out).toString('latin1').split('\0');
       assert.deepEqual(got.slice(1).map((w) => Buffer.from(w, 'latin1')), words.map(asBytes), `${shell}: the words arrive as they were`);
       // The directory is entered (perl's PWD is the one inherited, so ask the kernel).
-      const pwd = spawnSync(shell, ['-c', onWorkerCommand(['sh', '-c', 'pwd -P; printf %s "$ODD"'], ['ODD=$x "y"\nz'], dir, 1)]);
+      const pwd = spawnSync(shell, ['-c', ON_WORKER_LINE], { input: onWorkerInput(['sh', '-c', 'pwd -P; printf %s "$ODD"'], ['ODD=$x "y"\nz'], dir, 1) });
       assert.equal(pwd.stdout.toString(), `${fs.realpathSync(dir)}\n$x "y"\nz`, shell);
     }
     t.diagnostic(`shells: ${shells.join(' ')}`);
@@ -344,6 +345,10 @@ describe('tier 3: --on-worker on real sshd hosts', { skip: sshSkip() }, () => {
     const gone = await add('gone', '--on-worker', 'sleep', '600');
     for (const k of ['kill', 'deaf', 'timeout', 'lost', 'gone']) await until(() => remote(k).length > 0 || null, `the ${k} command to run on the host`, 30_000);
     assert.equal(remote('kill').length, 3, 'sh and its two sleeps');
+    // The job's settings are in no argument list, here or there (ps shows those to anyone).
+    const secret = Buffer.from(mark('kill')).toString('hex');
+    const shown = allPids().filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'latin1').includes(secret); } catch { return false; } });
+    assert.deepEqual(shown, [], 'no process shows the -e setting in its arguments');
     // kill: everything it started ends, well within the grace.
     let t0 = Date.now();
     await s.ok(['kill', killed, deaf]);
