@@ -89,7 +89,9 @@ if (!process.features.typescript) {
  *   DJS_MAX_CONNECTIONS; DJS_CLIENT_BYTES; DJS_SNAPSHOT_MIN_BYTES (tests); NO_COLOR. Jobs get JOB_ID,
  *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR,
  *   DJS_SSH_SHARED_CONFIG, the worker's and their own --env settings, and the ssh
- *   settings as kept.
+ *   settings as kept. An --on-worker command gets on its worker the job's variables, the
+ *   --env settings and CUDA_VISIBLE_DEVICES (its GPUs), over the worker's own login
+ *   environment.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
