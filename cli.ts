@@ -42,6 +42,8 @@ if (!process.features.typescript) {
  * workers (hosts with slots) and a queue of jobs, and starts each waiting job on a free
  * slot by running the user's job script here with JOB_ID, SLAVE_IP and SLAVE_SLOT set;
  * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
+ * A job added with --on-worker is a plain command instead, which djs runs on the worker
+ * itself (see "commands run on the worker").
  *
  * SYNOPSIS
  *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]
@@ -62,8 +64,10 @@ if (!process.features.typescript) {
  *   cli.ts add_jobs [JOB OPTIONS] FILE|-
  *     JOB OPTIONS: --retries N, --timeout S, --retry-delay S, --tag TAG..., --priority N,
  *                  --after ID[,ID]..., --after-any ID[,ID]..., -e|--env NAME=VALUE...,
- *                  --slots K, --gpus G,
- *                  --require LABEL..., --avoid LABEL..., --host HOST...
+ *                  --slots K, --gpus G, --require LABEL..., --avoid LABEL..., --host HOST...,
+ *                  --on-worker [--workdir DIR] (SCRIPT is a command run on the worker;
+ *                  a bare SCRIPT name is otherwise looked up on PATH), --name NAME
+ *                  (a job's name works where an ID does, when one job has it)
  *   cli.ts remove_job [-e NAME=VALUE]... SCRIPT [ARGS...] | --id ID... | --tag TAG
  *   cli.ts kill ID... | --tag TAG | --all
  *   cli.ts retry ID... | [--failed] [--killed] [--tag TAG]
@@ -92,7 +96,9 @@ if (!process.features.typescript) {
  *   SLAVE_IP, SLAVE_SLOT, SLAVE_SLOTS, SLAVE_GPUS, JOB_ATTEMPT, JOB_TIMEOUT, DJS_DATA_DIR,
  *   DJS_RUN_NAME (INSTANCE-ID-RUN: no other server, job or run shares it; runName),
  *   DJS_SSH_SHARED_CONFIG, the worker's and their own --env settings, and the ssh
- *   settings as kept.
+ *   settings as kept. An --on-worker command gets on its worker the job's variables, the
+ *   --env settings and CUDA_VISIBLE_DEVICES (its GPUs), over the worker's own login
+ *   environment.
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
@@ -234,11 +240,12 @@ export type KillReason = 'user' | 'timeout' | 'requeue' | 'down';
  *  env, need and sweeps; `start` with slots and gpus; `end` with began; `worker` with
  *  labels, gpus and env; events `priority`, `pause`, `resume`, `policy`; `clean` of
  *  chosen ids. 4: event `environ` (an environment, by content id), `add` and `worker`
- *  with environ, `add` with afterAny (--after-any); snapshot records `environ`. Data dirs
- *  of versions 1 to 3 load too (see upgradeRecord; their jobs and workers run with the
- *  server's environment); a program of version 2 refuses version 3, which it would
- *  misread (it would start a job before its dependencies), and one of version 3 refuses 4
- *  (its jobs would lose their environment, or start before their --after-any ones). */
+ *  with environ, `add` with afterAny (--after-any), onw, workdir and name (--on-worker,
+ *  --workdir, --name); snapshot records `environ`. Data dirs of versions 1 to 3 load too
+ *  (see upgradeRecord; their jobs and workers run with the server's environment); a
+ *  program of version 2 refuses version 3, which it would misread (it would start a job
+ *  before its dependencies), and one of version 3 refuses 4 (its jobs would lose their
+ *  environment, start before their --after-any ones, or run an --on-worker command here). */
 const FORMAT_VERSION = 4;
 const EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2, EXIT_NO_SERVER = 3;
 /** What ssh exits with when it cannot reach a host: the worker failed, not the job. */
@@ -312,6 +319,10 @@ export type Job = {
   need: Need;                            // what a worker must offer it; shared by the jobs of one add
   slots: number[] | null;                // all slots of the current or last attempt, when more than one
   gpus: number[] | null;                 // GPU indices of the current or last attempt
+  // Only on the jobs that have them (a plain job costs no memory for them):
+  onWorker?: true;                       // add_job --on-worker: script is a command run on the worker itself
+  workdir?: string;                      // where an --on-worker command runs (absent: cwd; may start with ~)
+  name?: string;                         // --name, its placeholders filled
 };
 
 /** What a job needs of a worker: slots and GPUs on one worker, labels it must have
@@ -387,6 +398,7 @@ export type Event =
     sweep?: string[][]; // jobs holds one template, and there is a job per combination (see sweepJobs)
     need?: Need;
     retryDelay?: number; // seconds before a first retry (see retryAt)
+    onw?: true; workdir?: string; name?: string; // --on-worker, --workdir, --name (a template in a sweep)
   }
   | { e: 'remove'; t: number; ids: number[] }
   | { e: 'start'; t: number; id: number; host: string; slot: number; slots?: number[]; gpus?: number[] } // slots: all, when more than one
@@ -736,11 +748,27 @@ export function* sweepJobs(template: string[], lists: string[][]): Generator<Job
   }
 }
 
+/** The value combinations of a sweep, in sweepJobs' order. */
+export function* sweepValues(lists: string[][]): Generator<string[]> {
+  const at = lists.map(() => 0);
+  for (;;) {
+    yield lists.map((l, i) => l[at[i]]);
+    let i = lists.length - 1;
+    while (i >= 0 && ++at[i] === lists[i].length) at[i--] = 0;
+    if (i < 0) return;
+  }
+}
+
+/** A template with {1} {2} ... ({} = {1}) replaced by values; a placeholder past the
+ *  values stays as it is. */
+export const fillPlaceholders = (template: string, values: string[]) =>
+  template.replace(PLACEHOLDER_RE, (m, k: string) => values[k === '' ? 0 : Number(k) - 1] ?? m);
+
 /** How many jobs an add event makes. */
 export const addCount = (ev: Extract<Event, { e: 'add' }>) => (ev.sweep ? ev.sweep.reduce((n, l) => n * l.length, 1) : ev.jobs.length);
 
-function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>): Job {
-  return {
+function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'add' }>, name?: string): Job {
+  const job: Job = {
     id, script: intern(st, spec[0]), args: spec.length > 1 ? spec.slice(1) : NO_ARGS, cwd: intern(st, ev.cwd),
     retries: ev.retries, timeout: ev.timeout, state: 'waiting', queuedAt: ev.t,
     run: 0, retriesUsed: 0, requeues: 0, worker: null, slot: -1, startedAt: 0, endedAt: 0,
@@ -750,6 +778,10 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
     need: ev.need ?? PLAIN_NEED, slots: null, gpus: null,
     retryDelay: ev.retryDelay ?? 0, notBefore: 0,
   };
+  if (ev.onw) job.onWorker = true;
+  if (ev.workdir !== undefined) job.workdir = ev.workdir;
+  if (name !== undefined) job.name = name;
+  return job;
 }
 
 /** Seconds before a job's first retry when add_job is not told (--retry-delay). */
@@ -853,7 +885,7 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
 }
 
 /** An add event whose jobs are being made: `made` of them so far, in order. */
-export type AddCursor = { ev: Extract<Event, { e: 'add' }>; specs: Iterator<JobSpec>; made: number; count: number };
+export type AddCursor = { ev: Extract<Event, { e: 'add' }>; specs: Iterator<JobSpec>; names: Iterator<string[]> | null; made: number; count: number };
 
 /** The first step of applying an add event: its ids are taken (nextId moves past them),
  *  no job is made yet; makeJobs makes them. applyEvent does both at once; the server
@@ -862,7 +894,9 @@ export type AddCursor = { ev: Extract<Event, { e: 'add' }>; specs: Iterator<JobS
 export function beginAdd(st: State, ev: Extract<Event, { e: 'add' }>): AddCursor {
   const count = addCount(ev);
   st.nextId = Math.max(st.nextId, ev.id + count);
-  return { ev, specs: (ev.sweep ? sweepJobs(ev.jobs[0], ev.sweep) : ev.jobs.values()), made: 0, count };
+  // A sweep's names are its --name with each job's values filled in.
+  const names = ev.name !== undefined && ev.sweep ? sweepValues(ev.sweep) : null;
+  return { ev, specs: (ev.sweep ? sweepJobs(ev.jobs[0], ev.sweep) : ev.jobs.values()), names, made: 0, count };
 }
 
 /** Makes the next jobs of an add (at most `most`), in order; true once all are made. */
@@ -870,7 +904,8 @@ export function makeJobs(st: State, cur: AddCursor, most: number): boolean {
   for (let n = 0; n < most && cur.made < cur.count; n++) {
     const r = cur.specs.next();
     if (r.done) { cur.made = cur.count; break; }
-    const job = newJob(st, cur.ev.id + cur.made++, r.value, cur.ev);
+    const name = cur.names ? fillPlaceholders(cur.ev.name!, cur.names.next().value as string[]) : cur.ev.name;
+    const job = newJob(st, cur.ev.id + cur.made++, r.value, cur.ev, name);
     addJob(st, job);
     queueOrHold(st, job, false);
   }
@@ -1400,6 +1435,20 @@ const idList = (v: unknown): number[] => {
   if (!Array.isArray(v) || v.length === 0) throw usage('no job ids given');
   return [...new Set(v.map((x) => num(x, 'job id', 1)))]; // each once, as given
 };
+/** find {names}: the id of the one job of each name (--name); a name no job has, or
+ *  that several have, is an error naming them. One pass over the jobs. */
+export function idsNamed(st: State, names: unknown): number[] {
+  if (!strings(names)) throw usage('names is a list of job names');
+  const want = new Map(names.map((n) => [n, [] as number[]]));
+  for (const job of st.jobs.values()) if (job.name !== undefined) want.get(job.name)?.push(job.id);
+  return names.map((n) => {
+    const ids = want.get(n)!;
+    if (ids.length === 1) return ids[0];
+    if (!ids.length) throw failure(`no job is named ${quoteForError(n)}`, 'see the names in: cli.ts list');
+    throw failure(`${ids.length} jobs are named ${quoteForError(n)}: ${ids.slice(0, 10).join(', ')}${ids.length > 10 ? ', …' : ''}`, 'give one of their ids, or a --tag');
+  });
+}
+
 export function jobOrFail(st: State, id: number): Job {
   const job = st.jobs.get(id);
   if (!job) throw failure(`no such job '${id}'`, id >= st.nextId ? 'ids so far end at ' + (st.nextId - 1) : 'it may have been removed or cleaned');
@@ -1543,6 +1592,9 @@ export function describeNeed(need: Need): string {
  *  serve others in between; runSteps runs it through at once. */
 export function* checkJobList(req: Request, envBytes: number, envText: number, argSpace: number): Generator<void, number> {
   const jobs = req.jobs as unknown[];
+  // An --on-worker command needs a name, not an absolute path; it goes to the worker in
+  // one environment variable (see onWorkerInput), with its directory.
+  const onWorker = req.onWorker === true, place = String(req.workdir ?? req.cwd ?? '');
   let count = jobs.length;
   if (req.sweep !== undefined) {
     if (!Array.isArray(req.sweep) || !req.sweep.every(strings) || jobs.length !== 1 || !strings(jobs[0])) throw usage('a sweep is one job and lists of strings');
@@ -1564,7 +1616,7 @@ export function* checkJobList(req: Request, envBytes: number, envText: number, a
     if (++k % STEP_JOBS === 0) yield;
     if (!strings(spec) || spec.length === 0) throw usage('a job is a list of strings');
     if (spec.some((w) => w.includes('\0'))) throw usage("a job's words cannot hold NUL bytes");
-    if (!path.isAbsolute(spec[0])) throw usage(`script path is not absolute: ${quoteForError(spec[0])}`);
+    if (onWorker ? spec[0] === '' : !path.isAbsolute(spec[0])) throw usage(onWorker ? 'an --on-worker command needs a name' : `script path is not absolute: ${quoteForError(spec[0])}`);
     // An exec that the kernel refuses would fail the job every time it starts.
     let bytes = 0;
     for (const w of spec) {
@@ -1573,6 +1625,17 @@ export function* checkJobList(req: Request, envBytes: number, envText: number, a
       bytes += n + 1 + 8;
     }
     if (bytes + envBytes > argSpace) throw usage(`a job's arguments${envBytes ? ' and --env settings' : ''} take ${bytes + envBytes} bytes, more than the ${argSpace} an exec leaves beside the environment (ARG_MAX)`, 'pass large data in a file instead');
+    if (onWorker && bytes + envText + Buffer.byteLength(place) > ON_WORKER_MAX_BYTES) {
+      throw usage(`an --on-worker command with its arguments${envText ? ' and --env settings' : ''} takes ${bytes + envText} bytes, more than the ${ON_WORKER_MAX_BYTES} that go to the worker with it`, 'pass large data in a file instead');
+    }
+  }
+  // Each job's name, filled from its sweep values, must still be a name.
+  if (typeof req.name === 'string' && req.sweep !== undefined) {
+    let n = 0;
+    for (const values of sweepValues(req.sweep as string[][])) {
+      nameOf(fillPlaceholders(req.name, values), false);
+      if (++n % STEP_JOBS === 0) yield;
+    }
   }
   return count;
 }
@@ -1616,6 +1679,11 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   const environ = req.environ === undefined ? null : environOf(req.environ);
   const space = environ ? (c.environSpace ?? c.argSpace) - environ.bytes : c.argSpace;
   const need = needOf(req);
+  const onWorker = req.onWorker === true;
+  if (req.onWorker !== undefined && typeof req.onWorker !== 'boolean') throw usage('onWorker is true or false');
+  if (req.workdir !== undefined && !onWorker) throw usage('--workdir is for --on-worker commands', 'a script runs in the directory it was queued in; cd there in the script');
+  const workdir = req.workdir === undefined ? undefined : workdirOf(req.workdir);
+  const name = req.name === undefined ? undefined : nameOf(req.name, req.sweep !== undefined);
   const [envBytes, envText] = envCosts(env);
   const checked = (req as Record<symbol, unknown>)[JOBS_CHECKED];
   const count = typeof checked === 'number' ? checked : runSteps(checkJobList(req, envBytes, envText, space));
@@ -1632,6 +1700,9 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (environ) ev.environ = environ.id;
   if (req.sweep !== undefined) ev.sweep = req.sweep as string[][];
   if (!isPlain(need)) ev.need = need;
+  if (onWorker) ev.onw = true;
+  if (workdir !== undefined) ev.workdir = workdir;
+  if (name !== undefined) ev.name = name;
   // Workers come and go, so such jobs are queued all the same; but say so.
   const answer: Record<string, unknown> = { first: id, count };
   // Jobs that nothing will run: the person adding them should know now, not at `wait`.
@@ -1639,6 +1710,32 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   else if (![...st.workers.values()].some((w) => w.state !== 'draining')) answer.warning = 'no worker takes jobs (every one is being removed): add some with add_slave';
   else if (!isPlain(need) && ![...st.workers.values()].some((w) => admits(w, need))) answer.warning = `no worker can take ${count === 1 ? 'this job' : 'these jobs'} now (${describeNeed(need)}); ${count === 1 ? 'it waits' : 'they wait'} until one is added`;
   return { events: [...environEvents(st, environ, c.now), ev], answer };
+}
+
+/** What an --on-worker command, its arguments, --env settings and directory may hold in
+ *  all, in bytes: hex-encoded, they must fit one environment variable of an exec
+ *  (MAX_ARG_BYTES; see onWorkerInput), beside the worker's settings. */
+export const ON_WORKER_MAX_BYTES = 60_000;
+/** The longest --name. */
+const MAX_NAME_LENGTH = 200;
+
+/** A --workdir, checked: absolute, or ~ or ~/... (the worker's home directory). */
+export function workdirOf(v: unknown): string {
+  if (typeof v !== 'string' || !(v.startsWith('/') || v === '~' || v.startsWith('~/')) || v.includes('\0')) {
+    throw usage(`invalid workdir ${quoteForError(typeof v === 'string' ? v : JSON.stringify(v) ?? String(v))}`, 'a workdir is an absolute path, or ~ or ~/DIR on the worker');
+  }
+  return v;
+}
+
+/** A --name, checked: up to MAX_NAME_LENGTH characters, no control characters, not a
+ *  whole number (it would read as an id) and not starting with - (as an option would).
+ *  A template (of a sweep) is checked again once filled. */
+export function nameOf(v: unknown, template: boolean): string {
+  const shown = typeof v === 'string' ? v : JSON.stringify(v) ?? String(v);
+  if (typeof v !== 'string' || v === '' || v.length > MAX_NAME_LENGTH || /[\x00-\x1f\x7f]/.test(v) || v.startsWith('-') || (!template && /^\d+$/.test(v))) {
+    throw usage(`invalid job name ${quoteForError(shown)}`, `a name is 1 to ${MAX_NAME_LENGTH} characters, without control characters, not a whole number (that is an id) and not starting with -`);
+  }
+  return v;
 }
 
 /** Throws unless some job carries the tag (a typo should not look like "nothing to do"). */
@@ -1660,7 +1757,7 @@ export function decideRemoveJobs(st: State, req: Request, c: DecideContext): Dec
     const env = req.env === undefined ? null : [...envOf(req.env)].sort().join('\0');
     ids = [];
     for (const job of st.jobs.values()) {
-      if (job.state === 'waiting' && job.script === script && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
+      if (job.state === 'waiting' && (job.onWorker ? job.script === (req.command ?? script) : job.script === script) && job.args.length === args.length && job.args.every((a, i) => a === args[i]) &&
         (env === null || [...(job.env ?? [])].sort().join('\0') === env)) ids.push(job.id);
     }
     if (ids.length === 0) {
@@ -2321,6 +2418,8 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     endedAt: job.endedAt ? iso(job.endedAt) : null,
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
+    // Where the command runs: on the worker (--on-worker, in workdir), or here, a script given SLAVE_IP.
+    name: job.name ?? null, onWorker: job.onWorker === true, workdir: job.onWorker ? job.workdir ?? job.cwd : null, runsOn: job.onWorker ? 'worker' : 'here',
     tags: job.tags, priority: job.priority, after: job.after ?? [], afterAny: job.afterAny ?? [], env: job.env ?? [],
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
@@ -2345,7 +2444,11 @@ function workerView(st: State, w: Worker, h: Health | undefined) {
   };
 }
 
-const commandOf = (job: Job | undefined) => (job ? [job.script, ...job.args].map(shellQuote).join(' ') : '');
+const commandOf = (job: Job | undefined) => (job ? commandText(job) : '');
+/** A job's command as list and status show it: `[NAME] ` first when named, and
+ *  `--on-worker ` when it runs on the worker itself rather than here. */
+export const commandText = (j: { script: string; args: string[]; name?: string | null; onWorker?: boolean }) =>
+  `${j.name ? `[${j.name}] ` : ''}${j.onWorker ? '--on-worker ' : ''}${[j.script, ...j.args].map(shellQuote).join(' ')}`;
 const iso = (t: number) => new Date(t).toISOString();
 
 /** The status reply: counts, every worker with its slots, the head of the queue (the
@@ -2405,7 +2508,7 @@ export function pageJobs(st: State, req: Request, now: number) {
     const job = st.jobs.get(id);
     if (!job || (state !== undefined && job.state !== state) || (worker !== undefined && job.worker !== worker)) continue;
     if (tag !== undefined && !job.tags.includes(tag)) continue;
-    if (text !== undefined && id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text))) {
+    if (text !== undefined && id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text)) && !job.name?.includes(text)) {
       let hit = false;
       for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
       if (!hit) continue;
@@ -3026,6 +3129,119 @@ export function launchRecord(j: { id: number; run: number; slot: number; attempt
   return Buffer.concat([Buffer.from(len.toString(16).padStart(8, '0')), head, ...fields]);
 }
 
+// ---- commands run on the worker (add_job --on-worker) -------------------------------
+// A job added with --on-worker names a command that runs on its worker, not a script run
+// here. The launcher still starts it here, as some process it can signal and reap:
+//   - a local worker (named local or localN, as in example_job.sh): the command itself,
+//     in its workdir (~ is this user's home);
+//   - a Slurm worker without a login host: srun, with the flags example_job.sh gives it;
+//   - an ssh worker (and a Slurm worker's login host, which then runs srun): ssh through
+//     the worker's shared connection, running ON_WORKER_WATCHER there.
+// ssh forwards no signals without a tty, and sshd runs the remote line through the
+// user's login shell, whichever it is (bash, zsh, fish, tcsh). So the line holds only
+// `exec perl -e '...' CODE` (the watcher's code, hex-encoded): no shell quotes or expands
+// anything in it. The job itself (its directory, environment, command and arguments)
+// goes to the watcher on ssh's standard input, as words of [0-9a-fx] (each hex-encoded,
+// after an x so that an empty one is a word too), so that every byte but NUL arrives as
+// it was, and so that no one else on either machine reads the job's --env settings in
+// the argument list of ssh or perl (`ps`); here, `sh -c 'printf ... | ssh ...'` writes it
+// from its environment. The watcher reads it to its end, sets the environment, enters the directory,
+// forks the command in a process group of its own and waits for it, watching its own
+// stdout and stderr: sshd closes them when the session ends (the job was killed here,
+// its ssh process ended, the master connection died), and then the watcher sends the
+// group SIGTERM, and SIGKILL after the kill grace. Its SIGCHLD handler wakes it when the
+// command ends; perl runs that handler between ops only, so an end that comes just before
+// it sleeps in poll is seen at the next 200 ms timeout instead. It exits with the
+// command's code (128+N for signal N; 254 for 255, which means "worker failed" to the
+// scheduler), and sends SIGTERM to what the command left running in its group.
+
+/** The watcher (see above), run by perl on the worker as `perl -e CODE`, with on its
+ *  standard input: GRACE NENV xDIR xNAME=VALUE... xCOMMAND xARG...   (x then hex bytes) */
+const ON_WORKER_WATCHER = String.raw`
+use IO::Poll qw(POLLIN POLLHUP POLLERR); use Time::HiRes ();
+my ($g, $n, @w) = split / /, do { local $/; <STDIN> } // '';
+defined $n or do { print STDERR "djs: no job came on standard input
+"; exit 1 };
+$_ = pack('H*', substr($_, 1)) for @w;
+my $d = shift @w;
+for (1 .. $n) { my ($k, $v) = split /=/, shift(@w), 2; $ENV{$k} = $v }
+$d = $ENV{HOME} . ($1 // '') if $d =~ m{^~(/.*)?\z}s;
+chdir($d) or do { print STDERR "djs: cannot enter $d on $ENV{SLAVE_IP}: $!\n"; exit 1 };
+pipe(my $r, my $s) or die "djs: pipe: $!\n";
+$SIG{CHLD} = sub { syswrite($s, 'c') };
+my $pid = fork() // die "djs: fork: $!\n";
+if (!$pid) {
+  $SIG{CHLD} = 'DEFAULT'; close($r); close($s);
+  setpgrp(0, 0);
+  open(STDIN, '<', '/dev/null');
+  { exec { $w[0] } @w }
+  print STDERR "djs: cannot run $w[0] on $ENV{SLAVE_IP}: $!\n";
+  exit($!{ENOENT} ? 127 : 126);
+}
+setpgrp($pid, $pid);
+my ($end, $c) = (0);
+while (1) {
+  if (waitpid($pid, 1) == $pid) { $c = $?; last }
+  my @p = (fileno($r), POLLIN);
+  push @p, 1, 0, 2, 0 unless $end;
+  IO::Poll::_poll($end ? 100 : 200, @p);
+  sysread($r, my $x, 64) if $p[1] & POLLIN;
+  if (!$end && (($p[3] | $p[5]) & (POLLHUP | POLLERR))) { kill('TERM', -$pid); $end = Time::HiRes::time() + $g }
+  kill('KILL', -$pid) if $end && Time::HiRes::time() >= $end;
+}
+kill('TERM', -$pid);
+exit(($c & 127) ? 128 + ($c & 127) : ($c >> 8) == 255 ? 254 : $c >> 8);
+`;
+const ON_WORKER_CODE_HEX = Buffer.from(ON_WORKER_WATCHER).toString('hex');
+
+/** The shell line that runs the watcher on an ssh worker. Safe in any login shell: it
+ *  holds no quote but the pair around the perl code, and only hex digits after that. */
+export const ON_WORKER_LINE = `exec perl -e 'eval pack(q(H*),shift);die $@' ${ON_WORKER_CODE_HEX}`;
+
+/** What the watcher reads on its standard input: run `words` in `dir` (absolute, or ~ or
+ *  ~/...) with `env` (NAME=VALUE) set, stopped within graceS seconds of its ssh session
+ *  ending. */
+export function onWorkerInput(words: string[], env: string[], dir: string, graceS: number): string {
+  const hex = (w: string) => 'x' + bytesOf(w).toString('hex');
+  return `${Math.max(0, Math.round(graceS))} ${env.length} ${[dir, ...env, ...words].map(hex).join(' ')}`;
+}
+/** How an --on-worker job's ssh gets the watcher's input: from the environment of the
+ *  sh that starts it (private to this user, unlike an argument list). */
+const ON_WORKER_SH = 'printf %s "$DJS_ON_WORKER_INPUT" | exec ssh "$@"';
+
+/** Workers that are this machine: no ssh (as example_job.sh treats them). */
+export const isLocalWorker = (host: string) => /^local\d*$/.test(host);
+
+/** srun's words for a job on a Slurm partition (as example_job.sh runs its work): one
+ *  task of as many CPUs as the job has slots, its GPUs, its --timeout as the time limit
+ *  in minutes, named djs-ID. */
+export function srunWords(partition: string, j: { id: number; slots: number; gpus: number; timeout: number }): string[] {
+  const words = ['srun', `--job-name=djs-${j.id}`, `--partition=${partition}`, '--ntasks=1', `--cpus-per-task=${j.slots}`];
+  if (j.gpus) words.push(`--gpus=${j.gpus}`);
+  if (j.timeout > 0) words.push(`--time=${Math.ceil(j.timeout / 60)}`);
+  return words;
+}
+
+/** What the launcher runs for an --on-worker job (see above): the program, its
+ *  arguments, the directory here to start it in, and more environment for it. `env` is
+ *  what the job gets (JOB_ID... included); `sshWords` are ssh's options for this slot. */
+export function onWorkerLaunch(j: { id: number; script: string; args: string[]; cwd: string; workdir?: string; slots: number; gpus: number[]; timeout: number },
+  worker: { host: string; slurm: SlurmTarget | null }, env: string[], sshWords: string[], graceS: number, home: string): { script: string; args: string[]; cwd: string; env: string[] } {
+  const dir = j.workdir ?? j.cwd;
+  const cuda = j.gpus.length && !worker.slurm ? [`CUDA_VISIBLE_DEVICES=${j.gpus.join(',')}`] : [];
+  if (isLocalWorker(worker.host)) {
+    return { script: j.script, args: j.args, cwd: dir === '~' || dir.startsWith('~/') ? home + dir.slice(1) : dir, env: cuda };
+  }
+  const srun = worker.slurm ? srunWords(worker.slurm.partition, { id: j.id, slots: j.slots, gpus: j.gpus.length, timeout: j.timeout }) : [];
+  if (worker.slurm && worker.slurm.login === null) {
+    const chdir = dir === '~' || dir.startsWith('~/') ? home + dir.slice(1) : dir;
+    return { script: srun[0], args: [...srun.slice(1), `--chdir=${chdir}`, j.script, ...j.args], cwd: j.cwd, env: [] };
+  }
+  const host = worker.slurm?.login ?? worker.host;
+  const input = onWorkerInput([...srun, j.script, ...j.args], [...env, ...cuda], dir, graceS);
+  return { script: '/bin/sh', args: ['-c', ON_WORKER_SH, 'djs-on-worker', ...sshWords, '--', host, ON_WORKER_LINE], cwd: '/', env: [`DJS_ON_WORKER_INPUT=${input}`] };
+}
+
 /** Run files are named by the job and its run number, which is never reused. */
 const runFile = (dataDir: string, id: number, run: number) => path.join(dataDir, 'run', `${id}.${run}.pid`);
 
@@ -3583,15 +3799,16 @@ const OPS: Record<string, Op> = {
   list: { kind: 'stream', open: streamJobs, fields: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT } },
   jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
   job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }), fields: { id: NUMBER } },
+  find: { kind: 'read', answer: (req) => ({ ids: idsNamed(st, req.names) }), fields: { names: { ok: (v) => Array.isArray(v) && v.length > 0 && v.length <= 1000 && v.every((n) => typeof n === 'string'), what: 'a list of 1 to 1000 job names' } } },
   log: { kind: 'stream', open: openLog, fields: { id: NUMBER, follow: BOOL } },
   wait: { kind: 'stream', open: openWait, fields: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } } },
   add_jobs: {
     kind: 'check', check: checkScripts, decide: decideAddJobs, http: true, fields: {
       cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, afterAny: LIST, env: LIST,
-      sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST, environ: ENVIRON,
+      sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST, environ: ENVIRON, onWorker: BOOL, workdir: TEXT, name: TEXT,
     },
   },
-  remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, args: LIST, env: LIST } },
+  remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, command: TEXT, args: LIST, env: LIST } },
   kill: { kind: 'change', decide: decideKill, http: true, fields: { ids: IDS, all: BOOL, tag: TEXT } },
   retry: { kind: 'change', decide: decideRetry, http: true, fields: { ids: IDS, failed: BOOL, killed: BOOL, tag: TEXT } },
   clean: { kind: 'change', decide: decideClean, http: true, fields: { logs: BOOL, tag: TEXT, states: LIST } },
@@ -3690,6 +3907,7 @@ function sendError(reply: Reply, e: unknown): void {
  *  pass checkJobList, checked in parts with other clients served in between (a list of
  *  a million jobs takes a second), so that the decision need not check them again. */
 async function checkScripts(req: Request): Promise<Request> {
+  if (req.onWorker === true) return req; // commands found on the worker, when they run
   const seen = new Set<string>();
   for (const spec of Array.isArray(req.jobs) ? req.jobs : []) {
     const script = Array.isArray(spec) ? spec[0] : undefined;
@@ -4063,14 +4281,34 @@ function launchJob(id: number): void {
   // this run's name, and the shared ssh connection of its (first) slot.
   const env: (string | Buffer)[] = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
   env.push(`DJS_RUN_NAME=${runName(cfg.instance, id, job.run)}`);
+  let { script, args, cwd } = job;
+  if (job.onWorker) {
+    // The command runs on the worker: it gets the job's environment there (not this
+    // server's, nor its add's, nor the path of a config file here).
+    const w = st.workers.get(job.worker) ?? { host: job.worker, slurm: null };
+    const ours = [`JOB_ID=${id}`, `SLAVE_IP=${job.worker}`, `SLAVE_SLOT=${job.slot}`, `JOB_ATTEMPT=${attempt}`, ...(env as string[])];
+    const launch = onWorkerLaunch({ ...job, slots: slotsOf(job).length, gpus: job.gpus ?? NO_IDS }, w, ours, onWorkerSshWords(job.slot), cfg.killGraceMs / 1000, os.homedir());
+    ({ script, args, cwd } = launch);
+    env.push(...launch.env);
+  }
   // A job added with its shell's environment runs with that instead of the server's
   // (see the launcher's word `=`), with what the server gives every job (serverWords).
   const environ = job.environ === null ? undefined : environWords(job.environ);
   if (environ) env.unshift(...environ);
   if (shared) env.push(`DJS_SSH_SHARED_CONFIG=${shared}`);
   launches.push(launchRecord({
-    id, run: job.run, slot: job.slot, attempt, cwd: job.cwd, marker, worker: job.worker, env, script: job.script, args: job.args,
+    id, run: job.run, slot: job.slot, attempt, cwd, marker, worker: job.worker, env, script, args,
   }));
+}
+
+/** ssh's options for an --on-worker job on slot `slot`: its shared connection, else
+ *  the settings example_job.sh uses (never prompt; give up on a silent host after
+ *  about twice DJS_SSH_TIMEOUT). */
+function onWorkerSshWords(slot: number): string[] {
+  if (cfg.ssh.shared && cfg.ssh.controlDir) return ['-F', sharedConfigFile(cfg.ssh, connectionOf(slot, cfg.ssh)), ...cfg.ssh.options];
+  const words = ['-o', 'BatchMode=yes', '-o', `ConnectTimeout=${cfg.ssh.timeoutS}`, '-o', `ServerAliveInterval=${Math.ceil(cfg.ssh.timeoutS / 2)}`, '-o', 'ServerAliveCountMax=4'];
+  if (cfg.ssh.config) words.push('-F', cfg.ssh.config);
+  return [...words, ...cfg.ssh.options];
 }
 const launches: Buffer[] = [];
 
@@ -5211,8 +5449,10 @@ function postOp(req: http.IncomingMessage, res: http.ServerResponse, name: strin
     }
     const request: Request = { ...(body as Record<string, unknown>), op: name };
     // Scripts named relative to the job's directory, as add_job takes them from a shell.
-    if (name === 'add_jobs' && typeof request.cwd === 'string' && path.isAbsolute(request.cwd) && Array.isArray(request.jobs)) {
-      request.jobs = request.jobs.map((j: unknown) => (Array.isArray(j) && typeof j[0] === 'string' && j[0] && !path.isAbsolute(j[0]) ? [path.resolve(request.cwd as string, j[0]), ...j.slice(1)] : j));
+    // A bare name is looked up on the server's PATH first; an --on-worker command stays as
+    // it is, for the worker to find.
+    if (name === 'add_jobs' && typeof request.cwd === 'string' && path.isAbsolute(request.cwd) && Array.isArray(request.jobs) && request.onWorker !== true) {
+      request.jobs = request.jobs.map((j: unknown) => (Array.isArray(j) && typeof j[0] === 'string' && j[0] && !path.isAbsolute(j[0]) ? [findScript(j[0], request.cwd as string, baseEnv.PATH), ...j.slice(1)] : j));
     }
     callOp(req, res, request);
   });
@@ -5703,7 +5943,7 @@ function duration(ms) {
 }
 function when(iso) { if (!iso) return '-'; var d = new Date(iso); return d.toDateString() === new Date().toDateString() ? d.toTimeString().slice(0, 8) : d.toISOString().slice(5, 16).replace('T', ' '); }
 function quote(w) { return /^[A-Za-z0-9_.\/:=@%+,-]+$/.test(w) ? w : "'" + w.replace(/'/g, "'\\''") + "'"; }
-function command(j) { return [j.script].concat(j.args).map(quote).join(' '); }
+function command(j) { return (j.name ? '[' + j.name + '] ' : '') + (j.onWorker ? '--on-worker ' : '') + [j.script].concat(j.args).map(quote).join(' '); }
 function stateBadge(s) { return el('span', { class: 'state s-' + s, text: s }); }
 function toast(msg, error) {
   var t = $('toast'); t.textContent = msg; t.className = error ? 'error' : ''; t.hidden = false;
@@ -6616,13 +6856,28 @@ const intOption = (v: unknown, name: string, min: number): number | undefined =>
 
 /** Resolves a script against the submitting directory and checks it can run. */
 function resolveScript(script: string, cwd: string, where = ''): string {
-  const abs = path.resolve(cwd, script);
+  const abs = findScript(script, cwd);
   checkExecutable(abs, script, where);
   return abs;
 }
 
+/** Where a script named as given is: a path (with a /) from cwd; a bare name on PATH,
+ *  as a shell finds a command (`add_job echo hi`), else in cwd, as djs took it before. */
+export function findScript(script: string, cwd: string, pathVar = process.env.PATH ?? ''): string {
+  if (script.includes('/') || script === '') return path.resolve(cwd, script);
+  for (const dir of pathVar.split(':')) {
+    const file = path.resolve(cwd, dir || '.', script); // an empty entry is the current directory
+    try {
+      if (!fs.statSync(bytesOf(file)).isFile()) continue;
+      fs.accessSync(bytesOf(file), fs.constants.X_OK);
+      return file;
+    } catch { /* not here */ }
+  }
+  return path.resolve(cwd, script);
+}
+
 /** Reads an add_jobs file into job specs; an error names the line. */
-export function parseJobsFile(text: string, cwd: string, name: string): JobSpec[] {
+export function parseJobsFile(text: string, cwd: string, name: string, onWorker = false): JobSpec[] {
   const jobs: JobSpec[] = [];
   const scripts = new Map<string, string>();
   const lines = text.split('\n');
@@ -6631,6 +6886,7 @@ export function parseJobsFile(text: string, cwd: string, name: string): JobSpec[
     if (lines[i].includes('\0')) throw failure(`${name} line ${i + 1}: a NUL byte, which no argument can hold (is it a text file?)`);
     try { words = splitWords(lines[i]); } catch (e) { throw failure(`${name} line ${i + 1}: ${(e as Error).message}`); }
     if (words.length === 0) continue;
+    if (onWorker) { jobs.push(words); continue; } // found on the worker
     let abs = scripts.get(words[0]);
     if (abs === undefined) { abs = resolveScript(words[0], cwd, ` (${name} line ${i + 1})`); scripts.set(words[0], abs); }
     words[0] = abs;
@@ -6748,7 +7004,7 @@ export function exitColumn(j: JobView, now: number): string {
  *  the command in full, as a shell comment: `# dependency 3 failed`. */
 export function formatJobRow(j: JobView, now: number, c: (code: string, s: string) => string): string {
   const exit = visible(exitColumn(j, now)), where = visible((j.state === 'waiting' ? j.waitingFor : j.worker) ?? '-');
-  const cmd = [j.script, ...j.args].map(shellQuote).join(' ');
+  const cmd = commandText(j);
   const fit = (text: string, width: number) => (text.length > width ? (text.slice(0, width - 1).trimEnd() + '…').padEnd(width) : text.padEnd(width));
   const reason = j.state === 'waiting' ? (where.length > 15 ? where : null) : isFinished(j.state) && j.reason !== null && j.reason !== j.state && (visible(j.reason) !== exit || exit.length > 11) ? visible(j.reason) : null;
   return [
@@ -7006,12 +7262,24 @@ function jobOptions(p: Parsed): Record<string, unknown> {
     ...(p.values.require !== undefined ? { require: commaList(p.values.require).map(labelOf) } : {}),
     ...(p.values.avoid !== undefined ? { avoid: commaList(p.values.avoid).map(labelOf) } : {}),
     ...(p.values.host !== undefined ? { hosts: commaList(p.values.host) } : {}),
+    ...(p.values['on-worker'] ? { onWorker: true } : {}),
+    ...(p.values.workdir !== undefined ? { workdir: workdirGiven(p.values.workdir as string, Boolean(p.values['on-worker'])) } : {}),
+    ...(p.values.name !== undefined ? { name: p.values.name } : {}),
   };
 }
 
 /** This shell's environment, as a request's `environ`: the jobs and checks of what it
  *  adds run with it (keptEnviron says what does not follow). */
 const clientEnviron = () => keptEnviron(Object.entries(process.env).flatMap(([k, v]) => (v === undefined ? [] : [`${k}=${v}`])));
+
+/** --workdir as given: ~ and ~/DIR stay for the worker; another path is taken from the
+ *  current directory. */
+function workdirGiven(dir: string, onWorker: boolean): string {
+  if (!onWorker) throw usage('--workdir is for --on-worker commands', 'a script runs in the directory it was queued in; cd there in the script');
+  if (dir === '~' || dir.startsWith('~/')) return dir;
+  if (dir === '' || dir.startsWith('~')) throw usage(`invalid workdir ${quoteForError(dir)}`, 'a workdir is a path, or ~ or ~/DIR on the worker');
+  return path.resolve(workDir(), dir);
+}
 
 async function sendJobs(ctx: Ctx, p: Parsed, jobs: JobSpec[], sweep?: string[][]): Promise<void> {
   const r = await request(ctx.dataDir, { op: 'add_jobs', cwd: workDir(), ...jobOptions(p), jobs, ...(sweep ? { sweep } : {}), environ: clientEnviron() });
@@ -7090,7 +7358,8 @@ async function cmdAddJob(p: Parsed, ctx: Ctx): Promise<number> {
   const { args, lists } = splitSweep(words);
   if (ENV_WORD_RE.test(script) && !fs.existsSync(bytesOf(script))) throw usage(`no such script ${quoteForError(script)}`, 'give each environment setting its own -e: -e A=1 -e B=2 SCRIPT');
   warnOptionsAfterScript('add_job', JOB_OPTIONS, script, words, ctx);
-  const spec = [resolveScript(script, workDir()), ...args];
+  // An --on-worker command is found on the worker, when it runs; a script here, now.
+  const spec = [p.values['on-worker'] ? script : resolveScript(script, workDir()), ...args];
   if (lists) checkSweep(spec, lists, envWords(p).reduce((n, w) => n + Buffer.byteLength(w), 0)); // the server checks too; this fails before any I/O
   await sendJobs(ctx, p, [spec], lists);
   return EXIT_OK;
@@ -7101,7 +7370,7 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
   const name = p.positionals[0];
   let text: string;
   try { text = textOf(fs.readFileSync(name === '-' ? 0 : bytesOf(name))); } catch (e) { throw failure(`cannot read ${quoteForError(name)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
-  const jobs = parseJobsFile(text, workDir(), name === '-' ? 'standard input' : name);
+  const jobs = parseJobsFile(text, workDir(), name === '-' ? 'standard input' : name, Boolean(p.values['on-worker']));
   if (jobs.length === 0) throw failure(`no jobs in ${quoteForError(name)}`);
   warnOptionsInJobs(jobs, name, ctx);
   await sendJobs(ctx, p, jobs);
@@ -7109,6 +7378,16 @@ async function cmdAddJobs(p: Parsed, ctx: Ctx): Promise<number> {
 }
 
 const parseIds = (words: string[]) => words.map((w) => intOption(w, 'job id', 1)!);
+
+/** Job ids from words that are ids or job names (--name): names are asked of the server,
+ *  and each must name one job. */
+async function idsOf(ctx: Ctx, words: string[]): Promise<number[]> {
+  const names = words.filter((w) => !/^\d+$/.test(w));
+  if (!names.length) return parseIds(words);
+  const r = await request(ctx.dataDir, { op: 'find', names });
+  const found = new Map(names.map((n, i) => [n, (r.ids as number[])[i]]));
+  return words.map((w) => found.get(w) ?? intOption(w, 'job id', 1)!);
+}
 
 /** The --tag of a command that takes one, as a request field. */
 const tagField = (p: Parsed) => (p.values.tag === undefined ? {} : { tag: tagOf(p.values.tag) });
@@ -7119,7 +7398,7 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
     if (p.values.id || p.positionals.length) throw usage('remove_job takes --tag TAG, --id ID... or SCRIPT [ARGS...], one of them');
     msg = { op: 'remove_jobs', ...tagField(p) };
   } else if (p.values.id) {
-    msg = { op: 'remove_jobs', ids: parseIds(p.positionals) };
+    msg = { op: 'remove_jobs', ids: await idsOf(ctx, p.positionals) };
     if (!p.positionals.length) throw usage('remove_job --id needs at least one ID');
   } else {
     if (!p.positionals.length) throw usage('remove_job needs SCRIPT [ARGS...] or --id ID...');
@@ -7127,7 +7406,8 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
     // Its --id and --tag exclude a SCRIPT: only -e (which picks among its jobs) is meant here.
     warnOptionsAfterScript('remove_job', { env: JOB_OPTIONS.env, 'env,-e': JOB_OPTIONS['env,-e'] }, script, args, ctx);
     const env = envWords(p);
-    msg = { op: 'remove_jobs', script: path.resolve(workDir(), script), args, ...(env.length ? { env: envOf(env) } : {}) };
+    // The script as add_job found it, or (for an --on-worker job) the command as given.
+    msg = { op: 'remove_jobs', script: findScript(script, workDir()), command: script, args, ...(env.length ? { env: envOf(env) } : {}) };
   }
   const r = await request(ctx.dataDir, msg);
   const ids = r.ids as number[];
@@ -7138,7 +7418,7 @@ async function cmdRemoveJob(p: Parsed, ctx: Ctx): Promise<number> {
 async function cmdKill(p: Parsed, ctx: Ctx): Promise<number> {
   const ways = Number(Boolean(p.values.all)) + Number(p.values.tag !== undefined) + Number(p.positionals.length > 0);
   if (ways !== 1) throw usage(ways ? 'kill takes IDs, --tag TAG or --all, one of them' : 'kill needs IDs, --tag TAG or --all');
-  const r = await request(ctx.dataDir, p.values.all ? { op: 'kill', all: true } : p.positionals.length ? { op: 'kill', ids: parseIds(p.positionals) } : { op: 'kill', ...tagField(p) });
+  const r = await request(ctx.dataDir, p.values.all ? { op: 'kill', all: true } : p.positionals.length ? { op: 'kill', ids: await idsOf(ctx, p.positionals) } : { op: 'kill', ...tagField(p) });
   const ids = r.ids as number[];
   ctx.out.write(ids.length ? `killing ${ids.length} job${ids.length === 1 ? '' : 's'}: ${ids.join(' ')}\n` : 'no job to kill\n');
   return EXIT_OK;
@@ -7148,7 +7428,7 @@ async function cmdRetry(p: Parsed, ctx: Ctx): Promise<number> {
   const byState = Boolean(p.values.failed || p.values.killed || p.values.tag !== undefined);
   if (byState && p.positionals.length) throw usage('retry takes IDs or --failed/--killed/--tag, not both');
   if (!byState && !p.positionals.length) throw usage('retry needs IDs, --failed, --killed or --tag TAG');
-  const r = await request(ctx.dataDir, byState ? { op: 'retry', failed: p.values.failed, killed: p.values.killed, ...tagField(p) } : { op: 'retry', ids: parseIds(p.positionals) });
+  const r = await request(ctx.dataDir, byState ? { op: 'retry', failed: p.values.failed, killed: p.values.killed, ...tagField(p) } : { op: 'retry', ids: await idsOf(ctx, p.positionals) });
   const ids = r.ids as number[], skipped = (r.skipped ?? []) as { id: number; why: string }[];
   ctx.out.write(ids.length ? `queued again: ${ids.join(' ')}\n` : 'no job to retry\n');
   for (const k of skipped) ctx.err.write(`not retried: ${k.why}\n`);
@@ -7200,7 +7480,7 @@ async function cmdList(p: Parsed, ctx: Ctx): Promise<number> {
 
 async function cmdLog(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.positionals.length !== 1) throw usage('log needs one job ID');
-  const [id] = parseIds(p.positionals);
+  const [id] = await idsOf(ctx, p.positionals);
   const follow = Boolean(p.values.follow);
   let file = '', offset = 0;
   const watch: { dir?: fs.FSWatcher } = {};
@@ -7269,7 +7549,7 @@ export function formatProgress(c: WaitCounts, rate: number, why: string | null, 
 
 async function cmdWait(p: Parsed, ctx: Ctx): Promise<number> {
   if (p.values.all && p.positionals.length) throw usage('wait takes IDs or --all, not both');
-  const ids = p.positionals.length ? parseIds(p.positionals) : undefined;
+  const ids = p.positionals.length ? await idsOf(ctx, p.positionals) : undefined;
   if (ids && p.values.tag !== undefined) throw usage('wait takes IDs or --tag TAG, not both');
   const tty = Boolean(ctx.err.isTTY);
   const t0 = Date.now();
@@ -7318,7 +7598,7 @@ async function cmdSetPriority(p: Parsed, ctx: Ctx): Promise<number> {
   if (n === undefined) throw usage('set_priority needs a PRIORITY', `usage: cli.ts ${COMMANDS.set_priority.synopsis}`);
   const priority = signedOption(n, 'priority');
   if ((p.values.tag !== undefined) === (rest.length > 0)) throw usage('set_priority takes IDs or --tag TAG, one of them');
-  const r = await request(ctx.dataDir, { op: 'set_priority', priority, ...(rest.length ? { ids: parseIds(rest) } : tagField(p)) });
+  const r = await request(ctx.dataDir, { op: 'set_priority', priority, ...(rest.length ? { ids: await idsOf(ctx, rest) } : tagField(p)) });
   const ids = r.ids as number[];
   ctx.out.write(ids.length ? `priority ${priority}: ${ids.length} waiting job${ids.length === 1 ? '' : 's'}\n` : 'no waiting job to change\n');
   return EXIT_OK;
@@ -7383,9 +7663,10 @@ const JOB_OPTIONS: OptSpec = {
   env: { type: 'string', short: 'e', multiple: true }, 'env,-e': { type: 'string', multiple: true },
   slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
   host: { type: 'string', multiple: true },
+  'on-worker': { type: 'boolean' }, workdir: { type: 'string' }, name: { type: 'string' },
 };
 const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [--after-any ID[,ID]]... [-e|--env NAME=VALUE]... ' +
-  '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]...';
+  '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]... [--on-worker [--workdir DIR]] [--name NAME]';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, log_dir: { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
@@ -7471,9 +7752,12 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--require LABEL', 'only workers with this label (repeatable)'],
       ['--avoid LABEL', 'no worker with this label (repeatable)'],
       ['--host HOST', 'only one of these workers (repeatable)'],
+      ['--on-worker', 'SCRIPT is a command to run on the worker itself (ssh: through its shared connection, perl needed there; local/localN: here; Slurm: in srun), in the same directory path, with the job\'s environment; no script needed on a shared disk'],
+      ['--workdir DIR', 'where an --on-worker command runs (default: the current directory\'s path; ~/DIR: in the worker\'s home)'],
+      ['--name NAME', 'name the job ({1} {2} {} filled from a sweep); log, kill, wait, retry take a name that is unique'],
       ['::: V... [::: W...]', 'a sweep: one job per combination; {1}, {2} ({} = {1}) in ARGS are replaced, else the values are appended'],
     ],
-    examples: ['cli.ts add_job --retries 2 ./example_job.sh "data/run 1.txt"', 'cli.ts add_job --tag prep ./example_job.sh ::: data/*.txt', 'id=$(cli.ts add_job ./example_job.sh data/a.txt)'],
+    examples: ['cli.ts add_job --on-worker --name lr{1} python train.py --lr {1} ::: 0.1 0.01', 'cli.ts add_job --retries 2 ./example_job.sh "data/run 1.txt"', 'cli.ts add_job --tag prep ./example_job.sh ::: data/*.txt', 'id=$(cli.ts add_job ./example_job.sh data/a.txt)'],
   },
   add_jobs: {
     about: 'Queues one job per line of FILE (- for standard input): SCRIPT ARGS..., quoted like a shell (\'...\', "...", \\, $\'...\'), # comments. Prints the ids.',
@@ -7481,6 +7765,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--retries N', 'as add_job'], ['--timeout SECONDS', 'as add_job'], ['--retry-delay SECONDS', 'as add_job'], ['--tag TAG', 'as add_job'],
       ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['--after-any ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
       ['--slots K', 'as add_job'], ['--gpus G', 'as add_job'], ['--require LABEL', 'as add_job'], ['--avoid LABEL', 'as add_job'], ['--host HOST', 'as add_job'],
+      ['--on-worker', 'as add_job: each line is a command run on the worker'], ['--workdir DIR', 'as add_job'], ['--name NAME', 'as add_job: every job of the file gets it'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
   },

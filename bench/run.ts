@@ -6,8 +6,9 @@
 //   placement; default all of these. Only when named: breakdown (where a start's CPU goes,
 //   by process and kernel path; --patched copies too), primitives (what fork, exec and
 //   file operations cost), dashboard (the HTTP side's reads with a million jobs) and ssh
-//   (jobs over real loopback sshd hosts against GNU parallel; see bench/ssh.ts), and stall
-//   (how long a big request holds up the other clients; see bench/stall.ts).
+//   (jobs over real loopback sshd hosts against GNU parallel; see bench/ssh.ts), stall
+//   (how long a big request holds up the other clients; see bench/stall.ts) and
+//   on-worker (add_job --on-worker over 2 sshd hosts against parallel --controlmaster).
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
@@ -34,8 +35,9 @@ import { placement } from './placement.ts';
 import { dashboard } from './dashboard.ts';
 import { ssh } from './ssh.ts';
 import { stall } from './stall.ts';
+import { onWorkerBench } from './on-worker.ts';
 
-const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, dashboard, ssh, stall };
+const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, dashboard, ssh, stall, 'on-worker': onWorkerBench };
 const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable', 'campaign', 'placement'];
 const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue', scale: 'queue' };
 

@@ -12,6 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
+  commandText, idsNamed, sweepValues, fillPlaceholders, onWorkerLaunch, onWorkerInput, ON_WORKER_LINE, srunWords, isLocalWorker, workdirOf, nameOf, ON_WORKER_MAX_BYTES,
   admits, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
 
@@ -1948,5 +1949,81 @@ describe('first day: plan, re-added workers, pause of an unknown tag', () => {
     const rod = out('r', 'probe', 'no answer within 15s');
     assert.deepEqual(rod.events.map((e) => e.e), ['probe', 'kill'], 'with --requeue-on-down its running job is stopped to be queued again');
     assert.equal(rod.log, 'worker r is down: no answer within 15s');
+  });
+});
+
+describe('--on-worker, --workdir and --name in the core', () => {
+  const C2: DecideContext = { now: T0, argSpace: 2_000_000 } as DecideContext;
+  const apply = (st: State, d: Decision) => { for (const e of d.events) applyEvent(st, e); return d; };
+
+  test('add_jobs with onWorker takes a bare command and keeps onWorker, workdir and the names (filled per sweep job) in the add event and the jobs', () => {
+    const st = newState();
+    const d = apply(st, decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['python', 'train.py', '--lr', '{1}', '--seed', '{2}']], sweep: [['0.1', '0.01'], ['1', '2']], onWorker: true, workdir: '~/runs', name: 'lr{1}-s{2}' }, C2));
+    const ev = d.events[0] as Extract<Event, { e: 'add' }>;
+    assert.deepEqual([ev.onw, ev.workdir, ev.name], [true, '~/runs', 'lr{1}-s{2}']);
+    assert.deepEqual([...st.jobs.values()].map((j) => [j.script, j.args[2], j.args[4], j.name, j.onWorker, j.workdir]), [
+      ['python', '0.1', '1', 'lr0.1-s1', true, '~/runs'], ['python', '0.1', '2', 'lr0.1-s2', true, '~/runs'],
+      ['python', '0.01', '1', 'lr0.01-s1', true, '~/runs'], ['python', '0.01', '2', 'lr0.01-s2', true, '~/runs'],
+    ]);
+    const view = jobView(st, st.jobs.get(1)!, T0);
+    assert.deepEqual([view.name, view.onWorker, view.workdir, view.runsOn], ['lr0.1-s1', true, '~/runs', 'worker']);
+    assert.equal(commandText(view), "[lr0.1-s1] --on-worker python train.py --lr 0.1 --seed 1");
+    // A script job: runs here, no name, and its add event carries none of the new fields.
+    const plain = decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/bin/true']] }, C2).events[0] as Extract<Event, { e: 'add' }>;
+    assert.deepEqual([plain.onw, plain.workdir, plain.name], [undefined, undefined, undefined]);
+    apply(st, { events: [plain], answer: {} });
+    const pv = jobView(st, st.jobs.get(5)!, T0);
+    assert.deepEqual([pv.name, pv.onWorker, pv.workdir, pv.runsOn], [null, false, null, 'here']);
+    assert.equal(JSON.stringify(st.jobs.get(5)).includes('onWorker'), false, 'a script job costs the snapshot nothing more');
+  });
+
+  test('refusals: a relative script without onWorker, --workdir without --on-worker, bad workdirs and names, a name a sweep makes a number, a command too long for ssh', () => {
+    const st = newState();
+    const refused = (req: Record<string, unknown>, re: RegExp) => assert.throws(() => decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['x']], ...req } as Request, C2), (e: UserError) => e.code === 2 && re.test(e.message));
+    refused({}, /script path is not absolute/);
+    refused({ jobs: [['/bin/x']], workdir: '/tmp' }, /--workdir is for --on-worker/);
+    for (const w of ['rel', '~user/x', '', 5]) refused({ onWorker: true, workdir: w }, /invalid workdir/);
+    for (const n of ['7', '-x', 'a\nb', '', 'x'.repeat(201), 3]) refused({ onWorker: true, name: n }, /invalid job name/);
+    refused({ onWorker: true, name: '{1}', jobs: [['x', '{1}']], sweep: [['a', '2']] }, /invalid job name '2'/);
+    refused({ onWorker: true, jobs: [['']] }, /needs a name/);
+    refused({ onWorker: true, jobs: [['echo', 'x'.repeat(ON_WORKER_MAX_BYTES)]] }, /that go to the worker with it/);
+    assert.equal(decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['echo', 'x'.repeat(ON_WORKER_MAX_BYTES - 100)]], onWorker: true }, C2).events.length, 1);
+    assert.equal(workdirOf('~'), '~');
+    assert.equal(nameOf('{1}', true), '{1}');
+  });
+
+  test('idsNamed: one id per name; none or several is an error that names them', () => {
+    const st = newState();
+    apply(st, decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/a']], name: 'a' }, C2));
+    apply(st, decideAddJobs(st, { op: 'add_jobs', cwd: '/w', jobs: [['/b'], ['/b']], name: 'b' }, C2));
+    assert.deepEqual(idsNamed(st, ['a']), [1]);
+    assert.throws(() => idsNamed(st, ['b']), /2 jobs are named 'b': 2, 3/);
+    assert.throws(() => idsNamed(st, ['c']), /no job is named 'c'/);
+    assert.deepEqual([...sweepValues([['x', 'y'], ['1']])], [['x', '1'], ['y', '1']]);
+    assert.equal(fillPlaceholders('{}-{2}-{3}', ['a', 'b']), 'a-b-{3}');
+  });
+
+  test('onWorkerLaunch: a local worker runs the command itself; Slurm without a login host srun; an ssh worker (or a login host) ssh with a line of hex words', () => {
+    const j = { id: 7, script: 'python', args: ['t.py', 'a b'], cwd: '/w', slots: 2, gpus: [1, 3], timeout: 90 };
+    const env = ['JOB_ID=7', 'SLAVE_IP=h'];
+    assert.deepEqual(onWorkerLaunch(j, { host: 'local2', slurm: null }, env, ['-F', 'cfg'], 5, '/home/me'),
+      { script: 'python', args: ['t.py', 'a b'], cwd: '/w', env: ['CUDA_VISIBLE_DEVICES=1,3'] });
+    assert.equal(onWorkerLaunch({ ...j, workdir: '~/r' }, { host: 'local', slurm: null }, env, [], 5, '/home/me').cwd, '/home/me/r');
+    assert.deepEqual(onWorkerLaunch(j, { host: 'slurm:gpu', slurm: { partition: 'gpu', login: null } }, env, [], 5, '/home/me'), {
+      script: 'srun', args: ['--job-name=djs-7', '--partition=gpu', '--ntasks=1', '--cpus-per-task=2', '--gpus=2', '--time=2', '--chdir=/w', 'python', 't.py', 'a b'], cwd: '/w', env: [],
+    });
+    // ssh's argument list holds the watcher's code only; the job goes on its standard input,
+    // from the environment of the sh that starts it.
+    const ssh = onWorkerLaunch(j, { host: 'node1', slurm: null }, env, ['-F', 'cfg'], 5, '/home/me');
+    assert.deepEqual([ssh.script, ssh.args[0], ...ssh.args.slice(2), ssh.cwd], ['/bin/sh', '-c', 'djs-on-worker', '-F', 'cfg', '--', 'node1', ON_WORKER_LINE, '/']);
+    assert.match(ON_WORKER_LINE, /^exec perl -e '[^']*' [0-9a-f]+$/);
+    assert.deepEqual(ssh.env, [`DJS_ON_WORKER_INPUT=${onWorkerInput(['python', 't.py', 'a b'], [...env, 'CUDA_VISIBLE_DEVICES=1,3'], '/w', 5)}`]);
+    assert.match(ssh.env[0], /^DJS_ON_WORKER_INPUT=5 3 x2f77( x[0-9a-f]+)+$/);
+    const login = onWorkerLaunch(j, { host: 'slurm:cpu@login1', slurm: { partition: 'cpu', login: 'login1' } }, env, [], 5, '/home/me');
+    assert.deepEqual(login.args.slice(3), ['--', 'login1', ON_WORKER_LINE]);
+    assert.deepEqual(login.env, [`DJS_ON_WORKER_INPUT=${onWorkerInput(['srun', '--job-name=djs-7', '--partition=cpu', '--ntasks=1', '--cpus-per-task=2', '--gpus=2', '--time=2', 'python', 't.py', 'a b'], env, '/w', 5)}`], 'Slurm sets the GPUs itself');
+    assert.deepEqual(srunWords('p', { id: 1, slots: 1, gpus: 0, timeout: 0 }), ['srun', '--job-name=djs-1', '--partition=p', '--ntasks=1', '--cpus-per-task=1']);
+    assert.equal(isLocalWorker('local12'), true);
+    assert.equal(isLocalWorker('localhost'), false);
   });
 });

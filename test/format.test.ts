@@ -11,7 +11,7 @@ import { attemptsOf, loadState, waitingJobs, type State } from '../cli.ts';
 import { cleanUp, ROOT, startServer, tempDir, type TestServer } from './server.ts';
 
 const FIXTURES = path.join(ROOT, 'test', 'fixtures');
-/** This release's format version (3: campaigns; 4: the environments of adds, --after-any). */
+/** This release's format version (3: campaigns; 4: the environments of adds, --after-any, --on-worker). */
 const FORMAT = 4;
 
 /** The jobs of a state as [id, state, exit code, attempts, run, worker]. */
