@@ -3907,9 +3907,9 @@ function sendError(reply: Reply, e: unknown): void {
  *  pass checkJobList, checked in parts with other clients served in between (a list of
  *  a million jobs takes a second), so that the decision need not check them again. */
 async function checkScripts(req: Request): Promise<Request> {
-  if (req.onWorker === true) return req; // commands found on the worker, when they run
   const seen = new Set<string>();
-  for (const spec of Array.isArray(req.jobs) ? req.jobs : []) {
+  // An --on-worker command is found on the worker, when it runs: nothing to check here.
+  for (const spec of Array.isArray(req.jobs) && req.onWorker !== true ? req.jobs : []) {
     const script = Array.isArray(spec) ? spec[0] : undefined;
     if (typeof script !== 'string' || !path.isAbsolute(script) || seen.has(script)) continue;
     seen.add(script);

@@ -337,7 +337,7 @@ test('clients that never read their answers cannot make the server hold more tha
   t.after(() => cleanUp(s));
   s = await startServer({ env: { DJS_CLIENT_BYTES: String(BUDGET) } });
   const script = writeScript(s.dir, 'job.sh', 'exit 0');
-  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(10_000)}\n`.repeat(200) }); // one page of them: 2 MB
+  await s.ok(['add_jobs', '-'], { input: `${script} ${'x'.repeat(14_500)}\n`.repeat(200) }); // one page of them: 2.9 MB, so that the answers of two clients that pipeline four each fit in the budget with room to spare (a third of a page), and a third client's first answer does not: it is told why
   const before = rssMiB(s);
   const conns: Awaited<ReturnType<typeof connect>>[] = [];
   for (let i = 0; i < 12; i++) {
@@ -346,7 +346,7 @@ test('clients that never read their answers cannot make the server hold more tha
     c.sock.write('{"op":"jobs","limit":1000}\n'.repeat(4));
     conns.push(c);
   }
-  // 12 clients × 4 answers of 2 MB: twice the budget and more.
+  // 12 clients × 4 answers of 2.9 MB: five times the budget.
   await until(() => /closed a socket connection that left .* MiB of answers unread, the most of any client/.test(s!.output()), 'server.log to say a client was closed');
   await until(async () => (await s!.cli(['status'])).code === 0, 'the server to answer others');
   t.diagnostic(`server RSS ${before.toFixed(0)} MiB before, grew by ${(rssMiB(s) - before).toFixed(0)} MiB`);
