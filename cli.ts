@@ -3546,13 +3546,13 @@ const fact = (ev: Event) => submit({ kind: 'fact', ev });
  *  and null is a value (of the wrong type, except where it is listed). On the socket,
  *  fields not listed are ignored, as a client of another release may send some; a POST
  *  over HTTP may carry no others. */
-type FieldType = { ok: (v: unknown) => boolean; what: string };
-const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false' };
-const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string' };
-const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number' };
-const LIST: FieldType = { ok: Array.isArray, what: 'a list' };
-const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty' };
-const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object' };
+type FieldType = { ok: (v: unknown) => boolean; what: string; schema?: Record<string, unknown> };
+const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false', schema: { type: 'boolean' } };
+const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string', schema: { type: 'string' } };
+const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number', schema: { type: 'number' } };
+const LIST: FieldType = { ok: Array.isArray, what: 'a list', schema: { type: 'array' } };
+const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty', schema: { type: 'array', items: { type: 'integer' }, minItems: 1 } };
+const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object', schema: { type: 'object' } };
 /** The environment of the client's shell (NAME=VALUE words): the socket's only, since
  *  over HTTP there is no shell (POST refuses it; such adds run with the server's). */
 const ENVIRON: FieldType & { socketOnly: true } = { ok: (v) => Array.isArray(v), what: 'a list of NAME=VALUE words', socketOnly: true };
@@ -3576,7 +3576,7 @@ const serverInfo = () => ({
   launcher: launcherDown ? { error: launcherDown.why, failedStarts: launcherDown.tries, retryAt: iso(launcherDown.retryAt) } : null,
 });
 
-const OPS: Record<string, Op> = {
+export const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
   new_token: { kind: 'read', answer: renewHttpToken },   // socket only; no job or worker changes, so nothing to journal
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
@@ -3600,7 +3600,7 @@ const OPS: Record<string, Op> = {
   resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
   policy: { kind: 'change', decide: decidePolicy, http: true, fields: { name: TEXT } },
   add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers, http: true, fields: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL, environ: ENVIRON } },
-  remove_workers: { kind: 'change', decide: decideRemoveWorkers, http: true, fields: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } } },
+  remove_workers: { kind: 'change', decide: decideRemoveWorkers, http: true, fields: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null', schema: { enum: ['wait', 'kill', null] } } } },
   load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus, fields: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL, environ: ENVIRON } },
   stop: { kind: 'shutdown' },
 };
@@ -4776,7 +4776,8 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // (`Authorization: Bearer T` or `X-DJS-Token: T`) and nowhere else. Never in a cookie:
 // browsers send a cookie to every port of its host (SameSite ignores ports too), so a
 // web server of another local user on another port would get it. The page's shell (its
-// HTML, CSS, script and icon) holds no data and is served to anyone; its script takes the
+// HTML, CSS, script and icon) holds no data and is served to anyone, as is the API's
+// description (GET /api/openapi.json, made from OPS and GET_ROUTES); its script takes the
 // token from the URL's fragment (`/#token=T`, which browsers never send to a server),
 // keeps it in memory, and sends a session key (below) in a header on every request, its
 // live streams included (read with fetch: EventSource cannot send headers). `/?token=T`,
@@ -5076,6 +5077,7 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
     const asset = Object.hasOwn(ASSETS, url.pathname) ? ASSETS[url.pathname] : undefined;
     if (asset && (req.method === 'GET' || req.method === 'HEAD')) return serveAsset(req, res, url, asset);
     if (req.method === 'GET' && url.pathname === '/api/hello') return helloHttp(res, url.searchParams);
+    if (req.method === 'GET' && url.pathname === '/api/openapi.json') { onlyParams(url.searchParams, []); return sendJson(res, 200, openApi()); }
     if (!sameToken(given) && !sessionAccepted(req)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
       if (/^DJS-Session /.test(req.headers.authorization ?? '')) return httpError(res, 401, EXIT_FAILED, 'no such session: the server restarted, or made a new token, since the page signed in', 'sign in again: open the URL that cli.ts dashboard prints');
@@ -5138,6 +5140,62 @@ function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL)
     return openJobLog(req, res, id, offset, tail, q.get('follow') === '1' || q.get('follow') === 'true');
   }
   httpError(res, 404, EXIT_USAGE, `no such resource ${quoteForError(p)}`, 'see the README for the routes of the API');
+}
+
+/** The GET routes that getRoute and serveHttp serve, for the API's description: what
+ *  each answers, its query parameters (each refused unless listed here), and whether it
+ *  goes without the token. The POST routes come from OPS (its `http` operations). */
+const GET_ROUTES: Record<string, { summary: string; query?: Record<string, Record<string, unknown>>; answer: 'json' | 'text' | 'events' | 'metrics'; open?: true }> = {
+  '/api/hello': { summary: "the page's sign-in: {session, proof}", query: { nonce: { type: 'string', pattern: '^[0-9a-f]{32,128}$' }, host: { type: 'string' } }, answer: 'json', open: true },
+  '/api/openapi.json': { summary: 'this description of the API', answer: 'json', open: true },
+  '/api/status': { summary: 'status --json, plus server.http', answer: 'json' },
+  '/api/workers': { summary: 'the workers of status --json', answer: 'json' },
+  '/api/jobs': {
+    summary: 'one page of jobs, newest first: {rows, next, total}', answer: 'json',
+    query: { state: { type: 'string' }, tag: { type: 'string' }, worker: { type: 'string' }, text: { type: 'string' }, limit: { type: 'integer', minimum: 1, maximum: 1000 }, before: { type: 'integer' } },
+  },
+  '/api/jobs/{id}': { summary: 'one job, as in list --json', answer: 'json' },
+  '/api/jobs/{id}/log': {
+    summary: 'its log as text from offset (or its last tail bytes); with follow=1, server-sent events log and end', answer: 'text',
+    query: { offset: { type: 'integer' }, tail: { type: 'integer' }, follow: { enum: ['1', 'true'] } },
+  },
+  '/api/events': { summary: 'server-sent events: status now and after every change', answer: 'events' },
+  '/metrics': { summary: 'Prometheus metrics', answer: 'metrics' },
+};
+
+/** GET /api/openapi.json: the API as OpenAPI 3.1, made from OPS and GET_ROUTES. */
+export function openApi(): Record<string, unknown> {
+  const json = (schema: Record<string, unknown>) => ({ content: { 'application/json': { schema } } });
+  const failed = { description: 'an error, with the exit code the CLI gives for it', ...json({ $ref: '#/components/schemas/Error' }) };
+  const errors = { 400: failed, 401: failed, 403: failed, 404: failed, 409: failed, 503: failed };
+  const paths: Record<string, Record<string, unknown>> = {};
+  const content = { json: 'application/json', text: 'text/plain', events: 'text/event-stream', metrics: 'text/plain; version=0.0.4' };
+  for (const [p, r] of Object.entries(GET_ROUTES)) {
+    const parameters = [
+      ...(p.includes('{id}') ? [{ name: 'id', in: 'path', required: true, schema: { type: 'integer', minimum: 1 } }] : []),
+      ...Object.entries(r.query ?? {}).map(([name, schema]) => ({ name, in: 'query', required: false, schema })),
+    ];
+    paths[p] = { get: { summary: r.summary, parameters, ...(r.open ? { security: [] } : {}), responses: { 200: { description: r.summary, content: { [content[r.answer]]: {} } }, ...errors } } };
+  }
+  for (const [name, op] of Object.entries(OPS)) {
+    if (!op.http) continue;
+    const properties = Object.fromEntries(Object.entries(op.fields ?? {}).filter(([, t]) => !('socketOnly' in t)).map(([k, t]) => [k, { ...t.schema, description: t.what }]));
+    paths[`/api/${name}`] = { post: {
+      operationId: name, summary: `the operation ${name}, as the CLI sends it over the socket`,
+      requestBody: { required: true, ...json({ type: 'object', properties, additionalProperties: false }) },
+      responses: { 200: { description: 'done', ...json({ type: 'object', properties: { ok: { const: true } }, required: ['ok'] }) }, 413: failed, 415: failed, ...errors },
+    } };
+  }
+  return {
+    openapi: '3.1.0',
+    info: { title: 'djs', version: '1', description: 'The JSON API of a djs server started with --http: a second door to the operations of its Unix socket. See the README.' },
+    components: {
+      securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'the token of DATA_DIR/http.token' }, header: { type: 'apiKey', in: 'header', name: 'X-DJS-Token' } },
+      schemas: { Error: { type: 'object', properties: { ok: { const: false }, error: { type: 'string' }, hint: { type: 'string' }, code: { type: 'integer' } }, required: ['ok', 'error', 'code'] } },
+    },
+    security: [{ bearer: [] }, { header: [] }],
+    paths,
+  };
 }
 
 /** A whole number from a query or a path (the operation checks its range). */
