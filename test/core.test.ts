@@ -16,16 +16,6 @@ import {
 } from '../cli.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
-/** What plan() leaves to do at `now`, apart from starts: timeouts (as kills), SIGKILLs,
- *  probes; and the next deadline. */
-function dueActions(st: State, now: number, rt: Runtime = newRuntime()) {
-  const p = plan(st, rt, now, 5000);
-  const due = [
-    ...p.events.flatMap((e) => (e.e === 'kill' ? e.ids.map((id) => ({ kind: 'timeout', id })) : [])),
-    ...p.effects.map((f) => (f.kind === 'probe' ? { kind: 'probe', host: f.host } : f.kind === 'signal' ? { kind: 'sigkill', id: f.id } : f)),
-  ];
-  return { due, next: p.next };
-}
 const busy = (probing: string[], killSent: number[]): Runtime => ({ ...newRuntime(), probing: new Set(probing), killSent: new Set(killSent) });
 
 // ---- helpers -----------------------------------------------------------------
@@ -472,7 +462,7 @@ describe('applyEvent', () => {
 
   test('re-adding a worker with --skip_ssh_auth_check while it is being checked makes it usable again', () => {
     // The worker was checked over ssh (exit 255 set probeAt); the user then re-adds it
-    // without ssh. Workers without ssh are never probed (dueActions skips them), so
+    // without ssh. Workers without ssh are never probed (plan skips them), so
     // unless the re-add clears the check, nothing ever will: the worker takes no jobs.
     const st = newState();
     worker(st, 'a', 1, true);
@@ -481,7 +471,7 @@ describe('applyEvent', () => {
     end(st, 1, 255);
     assert.ok(st.workers.get('a')!.probeAt > 0, 'the worker is being checked');
     worker(st, 'a', 1, false);
-    assert.deepEqual(dueActions(st, T0 + 10_000_000).due, [], 'a worker without ssh is never probed');
+    assert.deepEqual(plan(st, newRuntime(), T0 + 10_000_000, 5000).effects, [], 'a worker without ssh is never probed');
     assert.equal(planStarts(st).length, 1, 'so it must be schedulable');
   });
 
@@ -493,9 +483,9 @@ describe('applyEvent', () => {
     end(st, 1, 255);               // probe started now
     worker(st, 'a', 1, false);     // add_slave --skip_ssh_auth_check a
     step(st, { e: 'probe', t: T0 + 5000, host: 'a', ok: false, err: 'timeout' }); // the probe in flight answers
-    const { due, next } = dueActions(st, T0 + 10_000_000);
+    const { effects, next } = plan(st, newRuntime(), T0 + 10_000_000, 5000);
     const w = st.workers.get('a')!;
-    assert.ok(w.state === 'up' && w.probeAt === 0 || due.length > 0 || next < Infinity,
+    assert.ok(w.state === 'up' && w.probeAt === 0 || effects.length > 0 || next < Infinity,
       `worker is ${w.state} with no probe ever due: it is stuck`);
   });
 
@@ -827,15 +817,15 @@ describe('planStarts', () => {
   });
 });
 
-// ---- dueActions ----------------------------------------------------------------
+// ---- plan: deadlines, kills and probes ----------------------------------------
 
-describe('dueActions', () => {
+describe('plan: deadlines, kills and probes', () => {
   test('nothing pending: nothing due and next is Infinity', () => {
     const st = newState();
     worker(st, 'a');
     add(st, 2);
     start(st, 1, 'a');
-    assert.deepEqual(dueActions(st, T0 + 1e9), { due: [], next: Infinity });
+    assert.deepEqual(plan(st, newRuntime(), T0 + 1e9, 5000), { events: [], effects: [], next: Infinity });
   });
 
   test('a timeout is due at start + timeout and named as the next deadline before', () => {
@@ -843,8 +833,10 @@ describe('dueActions', () => {
     worker(st, 'a');
     add(st, 1, { timeout: 10 });
     start(st, 1, 'a', 0, T0);
-    assert.deepEqual(dueActions(st, T0 + 9_999), { due: [], next: T0 + 10_000 });
-    assert.deepEqual(dueActions(st, T0 + 10_000).due, [{ kind: 'timeout', id: 1 }]);
+    assert.deepEqual(plan(st, newRuntime(), T0 + 9_999, 5000), { events: [], effects: [], next: T0 + 10_000 });
+    const p = plan(st, newRuntime(), T0 + 10_000, 5000);
+    assert.deepEqual(p.events, [{ e: 'kill', t: T0 + 10_000, ids: [1], why: 'timeout', grace: 5000 }]);
+    assert.deepEqual(p.effects, []);
   });
 
   test('a stopping job gets SIGKILL after killAt unless already sent, and no timeout', () => {
@@ -853,9 +845,11 @@ describe('dueActions', () => {
     add(st, 1, { timeout: 1 });
     start(st, 1, 'a', 0, T0);
     stop(st, [1], 'user', T0 + 100, 5000);
-    assert.deepEqual(dueActions(st, T0 + 2000), { due: [], next: T0 + 5100 });
-    assert.deepEqual(dueActions(st, T0 + 5100).due, [{ kind: 'sigkill', id: 1 }]);
-    assert.deepEqual(dueActions(st, T0 + 9000, busy([], [1])), { due: [], next: Infinity });
+    assert.deepEqual(plan(st, newRuntime(), T0 + 2000, 5000), { events: [], effects: [], next: T0 + 5100 });
+    const p = plan(st, newRuntime(), T0 + 5100, 5000);
+    assert.deepEqual(p.events, [], 'no timeout kill of a job being killed');
+    assert.deepEqual(p.effects, [{ kind: 'signal', id: 1, sig: 'SIGKILL' }]);
+    assert.deepEqual(plan(st, busy([], [1]), T0 + 9000, 5000), { events: [], effects: [], next: Infinity });
   });
 
   test('probes are due at probeAt unless one is already running', () => {
@@ -866,9 +860,11 @@ describe('dueActions', () => {
     start(st, 1, 'a');
     end(st, 1, 255, T0 + 50);
     step(st, { e: 'probe', t: T0, host: 'b', ok: false });
-    assert.deepEqual(dueActions(st, T0 + 50), { due: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
-    assert.deepEqual(dueActions(st, T0 + 50, busy(['a'], [])), { due: [], next: T0 + PROBE_BACKOFF_MIN_MS });
-    assert.deepEqual(dueActions(st, T0 + PROBE_BACKOFF_MIN_MS, busy(['a'], [])).due, [{ kind: 'probe', host: 'b' }]);
+    assert.deepEqual(plan(st, newRuntime(), T0 + 50, 5000), { events: [], effects: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
+    assert.deepEqual(plan(st, busy(['a'], []), T0 + 50, 5000), { events: [], effects: [], next: T0 + PROBE_BACKOFF_MIN_MS });
+    const p = plan(st, busy(['a'], []), T0 + PROBE_BACKOFF_MIN_MS, 5000);
+    assert.deepEqual(p.events, []);
+    assert.deepEqual(p.effects, [{ kind: 'probe', host: 'b' }]);
   });
 });
 
