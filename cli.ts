@@ -3512,6 +3512,7 @@ let launcher: ChildProcess | null = null;
 let watchedCheck: NodeJS.Timeout | null = null;
 let voidsKept = false;                     // void claims wait in run/ for earlier launchers to end
 let runDirWatch: fs.FSWatcher | null = null;
+const checks = { runs: 0, sweeps: 0 };    // checks of watched runs and sweeps of run/ made: status's server.checks
 const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
 let shuttingDown = false;
@@ -3574,6 +3575,7 @@ const serverInfo = () => ({
   pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl(),
   connections: { socket: cfg.maxConnections, http: cfg.httpMaxConnections, openFiles: Number.isFinite(cfg.caps.fdLimit) ? cfg.caps.fdLimit : null },
   launcher: launcherDown ? { error: launcherDown.why, failedStarts: launcherDown.tries, retryAt: iso(launcherDown.retryAt) } : null,
+  checks: { ...checks },
 });
 
 export const OPS: Record<string, Op> = {
@@ -4203,6 +4205,7 @@ function checkWatched(only?: number): void {
   for (const [id, p] of procs) {
     if (p.how !== 'watched' || (only !== undefined && id !== only)) continue;
     const r = checkRun(cfg.dataDir, id, p.run);
+    checks.runs++;
     if (r.is === 'running') {
       p.pid = r.pid;
       if (p.signal) { signalGroup(p.pid, p.signal); p.signal = null; }
@@ -6471,6 +6474,7 @@ function watchRunningJobs(): void {
 function sweepRunDir(): void {
   const dir = path.join(cfg.dataDir, 'run');
   const keepVoid = otherLaunchers(cfg.dataDir);
+  checks.sweeps++;
   voidsKept = false;
   for (const name of fs.readdirSync(dir)) {
     const m = /^(\d+)\.(\d+)\.pid$/.exec(name);

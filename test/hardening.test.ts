@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, moreChecks, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 const connect = (s: TestServer) => connectTo({ path: path.join(s.dataDir, 'server.sock') });
@@ -152,7 +152,7 @@ test('a launcher stopped with records unread, across a kill -9 and a new server:
   // claims while that launcher lives: give its sweeps (every second) time to go wrong.
   const voids = () => fs.readdirSync(path.join(s!.dataDir, 'run')).filter((f) => fs.readFileSync(path.join(s!.dataDir, 'run', f), 'utf8').startsWith('void'));
   await until(() => voids().length > 0, 'the unread runs to be voided');
-  await new Promise((r) => setTimeout(r, 2500));
+  await moreChecks(s, 2, 'sweeps');
   assert.ok(voids().length > 0, 'void claims are kept while the old launcher lives');
   process.kill(launcher, 'SIGCONT');
   assert.equal((await s.cli(['wait'])).code, 0);
@@ -184,7 +184,10 @@ test('out of file descriptors while an adopted job ends: the job is neither take
   // The job ends (its launcher, of the crashed server, records the code) while the
   // server cannot open a file; its checks of the job fail and must not count as "ended".
   await until(() => fs.readFileSync(path.join(s!.dataDir, 'run', '1.1.pid'), 'utf8').split('\n').length === 3, 'the job to end');
-  await new Promise((r) => setTimeout(r, 1500)); // at least one check of the job meanwhile
+  // At least one check of the job meanwhile, failing for want of a file descriptor
+  // (status cannot be asked now: the server has none left to accept with).
+  const failed = s.output().split('cannot check on job 1').length;
+  await until(() => s!.output().split('cannot check on job 1').length > failed, 'a check of the job to fail for want of a descriptor');
   for (const c of conns) c.destroy();
   assert.equal((await s.cli(['wait', '1'])).code, 1);
   const job = await s.job(1);
@@ -246,7 +249,7 @@ echo run >> "${dir}/runs"; while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
   await s.crash();
   fs.symlinkSync(dir, path.join(dir, 'link'));
   s = await startServer({ dir: path.join(dir, 'link') });
-  await new Promise((r) => setTimeout(r, 1500)); // a check of the job or two
+  await moreChecks(s, 2); // a check of the job or two
   assert.equal((await s.job(1)).state, 'running', 'the job is still running');
   fs.writeFileSync(path.join(dir, 'go'), '');
   assert.equal((await s.cli(['wait', '1'])).code, 0);

@@ -411,6 +411,14 @@ export async function untilState(s: TestServer, id: string | number, state: stri
   return job;
 }
 
+/** Waits until the server has made `n` more checks of its watched runs (or, with
+ *  `sweeps`, sweeps of its run dir) than when called: the counts of status's
+ *  server.checks. What a test waits for instead of sleeping "a check or two". */
+export async function moreChecks(s: TestServer, n: number, kind: 'runs' | 'sweeps' = 'runs', ms = 15_000): Promise<void> {
+  const from: number = (await s.status()).server.checks[kind];
+  await until(async () => (await s.status()).server.checks[kind] >= from + n, `${n} more ${kind === 'runs' ? 'checks of watched runs' : 'sweeps of the run dir'}`, ms, 50);
+}
+
 // ---------------------------------------------------------------- the socket, bare
 
 /** Connects to the server socket of dataDir; a path too long for a socket address is
