@@ -14,6 +14,7 @@ import {
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
   admits, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
+import { prng } from './server.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
 const busy = (probing: string[], killSent: number[]): Runtime => ({ ...newRuntime(), probing: new Set(probing), killSent: new Set(killSent) });
@@ -539,18 +540,6 @@ describe('applyEvent', () => {
 });
 
 // ---- the invariants under random events --------------------------------------
-
-/** mulberry32: a small seeded PRNG, so a failure can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Picks one valid or invalid event for the state; `invalid` is true for events that
  *  must change nothing. */

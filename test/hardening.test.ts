@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, moreChecks, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, launcherOf, moreChecks, rssMiB, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 const connect = (s: TestServer) => connectTo({ path: path.join(s.dataDir, 'server.sock') });
@@ -27,7 +27,6 @@ function connectTo(to: net.NetConnectOpts): Promise<{ sock: net.Socket; got: () 
 }
 
 /** The server's resident memory in MiB. */
-const rssMiB = (s: TestServer) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${s.proc.pid}/status`, 'utf8'))![1]) / 1024;
 
 test('a request line over 16 MiB, finished or not, is refused and its connection closed; the server goes on', { timeout: 60_000 }, async (t) => {
   let s: TestServer | undefined;
