@@ -2592,29 +2592,53 @@ const damaged = (file: string, line: number, what: string) =>
   new DamagedState(EXIT_FAILED, `damaged state file '${file}' line ${line}: ${what}`,
     'nothing was changed; move the file aside or repair it, then start again');
 
+/** Cuts chunks of a stream (a file, a socket, a pipe) into '\n'-terminated lines, the
+ *  one splitter of this file, for chunks of bytes or of text (`join` joins the pieces of
+ *  a line: Buffer.concat, or joinText): `push` calls `fn` with each line a chunk
+ *  completes, without its newline (a line cut by a chunk's end waits for the next
+ *  chunk), and stops at a line for which `fn` returns false. Each chunk is scanned once,
+ *  so a line may be many megabytes, far longer than a chunk. A line of bytes may be a
+ *  view of its chunk. `pending` is the length of the unfinished line; `rest` takes it. */
+export function lineSplitter<T extends Buffer | string>(join: (parts: T[]) => T, fn: (line: T) => boolean | void) {
+  let parts: T[] = [], pending = 0;
+  return {
+    get pending() { return pending; },
+    push(chunk: T): void {
+      let start = 0, nl: number;
+      // (A Buffer finds the byte 10 several times faster than the string '\n'.)
+      while ((nl = typeof chunk === 'string' ? chunk.indexOf('\n', start) : chunk.indexOf(10, start)) >= 0) {
+        const piece = chunk.slice(start, nl) as T;
+        const line = parts.length ? join([...parts, piece]) : piece;
+        parts = []; pending = 0;
+        start = nl + 1;
+        if (fn(line) === false) return;
+      }
+      if (start < chunk.length) { parts.push(chunk.slice(start) as T); pending += chunk.length - start; }
+    },
+    rest(): T {
+      const r = join(parts);
+      parts = []; pending = 0;
+      return r;
+    },
+  };
+}
+const joinText = (parts: string[]) => parts.join('');
+
 /** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line in the first `limit`
  *  bytes of a file, reading it in chunks (a line may be far longer than a chunk); returns
  *  the bytes after the last newline, if any, and where they start. */
 function forEachLine(file: string, limit: number, fn: (line: string, no: number, end: number) => void): { tail: Buffer; tailAt: number } {
   const fd = fs.openSync(file, 'r');
   try {
-    let parts: Buffer[] = [], offset = 0, no = 0, n: number, read = 0;
+    let offset = 0, no = 0, n: number, read = 0;
+    const lines = lineSplitter<Buffer>(Buffer.concat, (line) => { offset += line.length + 1; fn(line.toString('utf8'), ++no, offset); });
     for (;;) {
       const chunk = Buffer.allocUnsafe(1 << 20);
       if ((n = fs.readSync(fd, chunk, 0, Math.min(chunk.length, limit - read), null)) <= 0) break;
       read += n;
-      let start = 0, nl: number;
-      while ((nl = chunk.indexOf(10, start)) >= 0 && nl < n) {
-        const piece = chunk.subarray(start, nl);
-        const line = parts.length ? Buffer.concat([...parts, piece]) : piece;
-        parts = [];
-        offset += line.length + 1;
-        fn(line.toString('utf8'), ++no, offset);
-        start = nl + 1;
-      }
-      if (start < n) parts.push(chunk.subarray(start, n));
+      lines.push(chunk.subarray(0, n));
     }
-    return { tail: Buffer.concat(parts), tailAt: offset };
+    return { tail: lines.rest(), tailAt: offset };
   } finally {
     fs.closeSync(fd);
   }
@@ -4468,22 +4492,12 @@ function streamJobs(req: Request, conn: Conn): void {
 
 // ---- the socket ------------------------------------------------------------------
 
-/** Both ends of the socket speak newline-delimited JSON: splits a stream into lines,
- *  scanning each chunk once (a request line may be many megabytes). */
+/** Both ends of the socket speak newline-delimited JSON: calls fn with each line of a
+ *  stream, as text (see lineSplitter). */
 export function onLines(sock: Readable, fn: (line: string) => void): void {
-  let parts: string[] = [];
+  const lines = lineSplitter(joinText, (line) => { fn(line); });
   sock.setEncoding('utf8');
-  sock.on('data', (chunk: string) => {
-    let start = 0, nl: number;
-    while ((nl = chunk.indexOf('\n', start)) >= 0) {
-      const piece = chunk.slice(start, nl);
-      const line = parts.length ? parts.join('') + piece : piece;
-      parts = [];
-      start = nl + 1;
-      fn(line);
-    }
-    if (start < chunk.length) parts.push(chunk.slice(start));
-  });
+  sock.on('data', (chunk: string) => lines.push(chunk));
 }
 
 /** What one client may cost the server: a request line of at most MAX_REQUEST_BYTES
@@ -4494,6 +4508,80 @@ export function onLines(sock: Readable, fn: (line: string) => void): void {
 const MAX_REQUEST_BYTES = 16 << 20;
 const MAX_UNREAD_BYTES = 64 << 20;
 const connections = new Set<Conn>();
+
+/** A client of the socket: its request lines served one at a time, in order, within
+ *  what one client may cost (above) and what all of them may (hold, recount, roomFor). */
+function onConnection(sock: net.Socket): void {
+  const lines: Buffer[] = [];
+  let queuedBytes = 0, refused = false;
+  const conn: Conn = {
+    sock, busy: false, lastActive: Date.now(),
+    send: (msg) => {
+      if (sock.destroyed) return;
+      if (sock.writableLength > MAX_UNREAD_BYTES) { sock.destroy(); return; } // it does not read
+      const text = JSON.stringify(msg) + '\n';
+      if (!roomFor(sock, text.length)) return;
+      sock.write(text);
+      recount(sock);
+      if (msg.ok !== undefined && conn.busy) { conn.busy = false; conn.lastActive = Date.now(); setImmediate(next); }
+    },
+  };
+  sock.on('error', () => {});
+  sock.on('close', () => connections.delete(conn));
+  if (!admit(conn)) return;
+  const refuse = (error: string, code = EXIT_USAGE, hint?: string) => {
+    sock.removeAllListeners('data');
+    refused = true;
+    lines.length = 0; split.rest(); queuedBytes = 0;
+    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code, error, hint }) + '\n');
+  };
+  hold({
+    kind: 'socket', sock, out: () => sock.writableLength, in: () => split.pending + queuedBytes, counted: { out: 0, in: 0 }, closing: false,
+    // An error line would wait behind answers left unread.
+    drop: (way, error, hint) => (way === 'in' || sock.writableLength === 0 ? refuse(error, EXIT_FAILED, hint) : sock.destroy()),
+  });
+  sock.on('drain', () => recount(sock));
+  const next = () => {
+    while (!conn.busy && lines.length && !sock.destroyed) {
+      const line = lines.shift()!;
+      queuedBytes -= line.length;
+      conn.busy = true;
+      conn.lastActive = Date.now();
+      handleRequestLine(line.toString('utf8'), conn);
+    }
+    if (lines.length) sock.pause(); else if (!sock.destroyed) sock.resume();
+  };
+  // A queued line is a copy: a view would keep its whole chunk in memory.
+  const split = lineSplitter<Buffer>(Buffer.concat, (line) => {
+    if (line.length > MAX_REQUEST_BYTES) { refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`); return false; }
+    lines.push(Buffer.from(line));
+    queuedBytes += line.length;
+  });
+  sock.on('data', (chunk: Buffer) => {
+    split.push(chunk);
+    if (refused) return;
+    if (split.pending > MAX_REQUEST_BYTES || queuedBytes > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
+    recount(sock);
+    next();
+  });
+}
+
+/** Takes a new connection in, closing the connection idle the longest when there are
+ *  cfg.maxConnections already; if none is idle, the new one is refused. */
+function admit(conn: Conn): boolean {
+  if (connections.size >= cfg.maxConnections) {
+    let oldest: Conn | undefined;
+    for (const c of connections) if (!c.busy && (!oldest || c.lastActive < oldest.lastActive)) oldest = c;
+    if (!oldest) {
+      conn.sock.end(JSON.stringify({ ok: false, code: EXIT_FAILED, error: `the server has ${cfg.maxConnections} busy connections`, hint: 'try again later' }) + '\n');
+      return false;
+    }
+    oldest.sock.destroy();
+    connections.delete(oldest);
+  }
+  connections.add(conn);
+  return true;
+}
 
 // ---- what all clients may cost together -----------------------------------------------
 
@@ -4606,80 +4694,6 @@ function roomFor(sock: net.Socket | null | undefined, n: number, res?: http.Serv
   if (top && top !== h) shed(top, 'out', `left ${mib(top.counted.out)} of answers unread, the most of any client`);
   shed(h, 'out', `was to get an answer of ${mib(n)}${h.counted.out ? ` beside the ${mib(h.counted.out)} it left unread` : ''}`, true, res);
   return false;
-}
-
-function onConnection(sock: net.Socket): void {
-  const lines: Buffer[] = [];
-  let parts: Buffer[] = [], partBytes = 0, queuedBytes = 0;
-  const conn: Conn = {
-    sock, busy: false, lastActive: Date.now(),
-    send: (msg) => {
-      if (sock.destroyed) return;
-      if (sock.writableLength > MAX_UNREAD_BYTES) { sock.destroy(); return; } // it does not read
-      const text = JSON.stringify(msg) + '\n';
-      if (!roomFor(sock, text.length)) return;
-      sock.write(text);
-      recount(sock);
-      if (msg.ok !== undefined && conn.busy) { conn.busy = false; conn.lastActive = Date.now(); setImmediate(next); }
-    },
-  };
-  sock.on('error', () => {});
-  sock.on('close', () => connections.delete(conn));
-  if (!admit(conn)) return;
-  const refuse = (error: string, code = EXIT_USAGE, hint?: string) => {
-    sock.removeAllListeners('data');
-    lines.length = 0; parts = []; partBytes = queuedBytes = 0;
-    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code, error, hint }) + '\n');
-  };
-  hold({
-    kind: 'socket', sock, out: () => sock.writableLength, in: () => partBytes + queuedBytes, counted: { out: 0, in: 0 }, closing: false,
-    // An error line would wait behind answers left unread.
-    drop: (way, error, hint) => (way === 'in' || sock.writableLength === 0 ? refuse(error, EXIT_FAILED, hint) : sock.destroy()),
-  });
-  sock.on('drain', () => recount(sock));
-  const next = () => {
-    while (!conn.busy && lines.length && !sock.destroyed) {
-      const line = lines.shift()!;
-      queuedBytes -= line.length;
-      conn.busy = true;
-      conn.lastActive = Date.now();
-      handleRequestLine(line.toString('utf8'), conn);
-    }
-    if (lines.length) sock.pause(); else if (!sock.destroyed) sock.resume();
-  };
-  sock.on('data', (chunk: Buffer) => {
-    let start = 0, nl: number;
-    while ((nl = chunk.indexOf(10, start)) >= 0) {
-      const piece = chunk.subarray(start, nl);
-      const line = parts.length ? Buffer.concat([...parts, piece]) : Buffer.from(piece);
-      parts = []; partBytes = 0;
-      start = nl + 1;
-      if (line.length > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
-      lines.push(line);
-      queuedBytes += line.length;
-    }
-    if (start < chunk.length) { parts.push(chunk.subarray(start)); partBytes += chunk.length - start; }
-    if (partBytes > MAX_REQUEST_BYTES || queuedBytes > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
-    recount(sock);
-    next();
-  });
-}
-
-/** Takes a new connection in, closing the connection idle the longest when there are
- *  cfg.maxConnections already; if none is idle, the new one is refused. */
-function admit(conn: Conn): boolean {
-  if (connections.size >= cfg.maxConnections) {
-    let oldest: Conn | undefined;
-    for (const c of connections) if (!c.busy && (!oldest || c.lastActive < oldest.lastActive)) oldest = c;
-    if (!oldest) {
-      conn.sock.end(JSON.stringify({ ok: false, code: EXIT_FAILED, error: `the server has ${cfg.maxConnections} busy connections`, hint: 'try again later' }) + '\n');
-      return false;
-    }
-    oldest.sock.destroy();
-    connections.delete(oldest);
-  }
-  connections.add(conn);
-  return true;
 }
 
 // ---- settings --------------------------------------------------------------------
