@@ -3102,10 +3102,7 @@ function runHolds(pgid: number, id: number, dataDir: string, file: fs.Stats): bo
     if (fields === null || Number(fields[2]) !== pgid) continue;
     if (fields[0] === 'Z') return true;
     try {
-      for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
-        const held = fs.statSync(`/proc/${name}/fd/${fd}`);
-        if (held.ino === file.ino && held.dev === file.dev) return true;
-      }
+      if (holdsOpen(name, file)) return true;
       const env = fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0');
       if (env.includes(`JOB_ID=${id}`) && sameDir(env.find((e) => e.startsWith('DJS_DATA_DIR='))?.slice(13), dataDir)) return true;
     } catch (e) { if (!gone(e)) throw e; }
@@ -3129,13 +3126,21 @@ function runCreator(file: fs.Stats, dataDir: string): number | null {
   for (const name of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(name) || !launcherAlive(Number(name), dataDir)) continue;
     try {
-      for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
-        const held = fs.statSync(`/proc/${name}/fd/${fd}`);
-        if (held.ino === file.ino && held.dev === file.dev) return Number(name);
-      }
+      if (holdsOpen(name, file)) return Number(name);
     } catch (e) { if (!gone(e)) throw e; }
   }
   return null;
+}
+
+/** True if process `pid` holds `file` open (a descriptor of it is that inode). Throws
+ *  what reading its /proc entries throws: the caller tells a process gone meanwhile
+ *  (gone) from /proc that cannot be read. */
+function holdsOpen(pid: string, file: fs.Stats): boolean {
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    const held = fs.statSync(`/proc/${pid}/fd/${fd}`);
+    if (held.ino === file.ino && held.dev === file.dev) return true;
+  }
+  return false;
 }
 
 /** True while `pid` is a launcher of this data dir (or a child of one before its exec):
@@ -3244,22 +3249,22 @@ const CONTROL_PERSIST_S = 600;
 /** The server's ssh settings, from DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT,
  *  DJS_SSH_SHARED, DJS_SSH_SESSIONS and DJS_HEARTBEAT; throws a usage error on a bad value. */
 export function sshSettings(env: Record<string, string | undefined>): SshSettings {
-  const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? 10);
+  const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? initialOf('DJS_SSH_TIMEOUT'));
   const whole = (name: string, dflt: number, min: number) => {
     const v = env[name];
     if (v === undefined || v === '') return dflt;
     if (!/^\d+$/.test(v) || Number(v) < min) throw usage(`invalid ${name} ${quoteForError(v)}`, `a whole number, at least ${min}`);
     return Number(v);
   };
-  const shared = env.DJS_SSH_SHARED ?? '1';
+  const shared = env.DJS_SSH_SHARED ?? initialOf('DJS_SSH_SHARED');
   if (shared !== '0' && shared !== '1' && shared !== '') throw usage(`invalid DJS_SSH_SHARED ${quoteForError(shared)}`, '1 (shared connections, the default) or 0');
   return {
     config: env.DJS_SSH_CONFIG || undefined,
     options: (env.DJS_SSH_OPTIONS ?? '').split(/\s+/).filter(Boolean),
-    timeoutS: Number.isFinite(timeoutS) && timeoutS > 0 ? timeoutS : 10,
+    timeoutS: Number.isFinite(timeoutS) && timeoutS > 0 ? timeoutS : Number(initialOf('DJS_SSH_TIMEOUT')),
     shared: shared !== '0',
-    perConnection: whole('DJS_SSH_SESSIONS', SLOTS_PER_CONNECTION, 1),
-    heartbeatMs: whole('DJS_HEARTBEAT', 30, 0) * 1000,
+    perConnection: whole('DJS_SSH_SESSIONS', Number(initialOf('DJS_SSH_SESSIONS')), 1),
+    heartbeatMs: whole('DJS_HEARTBEAT', Number(initialOf('DJS_HEARTBEAT')), 0) * 1000,
     controlDir: '',
   };
 }
@@ -3388,19 +3393,28 @@ export function closeShared(host: string, ssh: SshSettings): void {
  *  for errors to show the command to be run by hand. */
 export const probeArgs = (host: string, ssh: SshSettings, command = 'true') => checkArgs(host, ssh, 0, command);
 
-function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
+/** Runs one ssh login check (checkArgs); see runCheck. */
+const checkOnce = (args: string[], ssh: SshSettings, result?: { out: string }, env?: NodeJS.ProcessEnv) =>
+  runCheck('ssh', args, ssh.timeoutS, { result, env, noAnswer: 'no answer', counts: (line) => !line.startsWith('Warning: Permanently added') });
+
+/** Runs a check of a worker (ssh, or sinfo), its output (64 KiB at the most) into
+ *  `result` when given, killed if it has not ended in timeoutS + 5 s. Resolves to null
+ *  once it exits 0, else to why not: the last line of its stderr that `counts` (or that
+ *  it exited with N), that it gave no answer in time, or that it could not be run. */
+function runCheck(cmd: string, args: string[], timeoutS: number, o: { result?: { out: string }; env?: NodeJS.ProcessEnv; noAnswer: string; counts?: (line: string) => boolean }): Promise<string | null> {
+  const { result, env, counts = () => true } = o;
   return new Promise((resolve) => {
     let err = '', done = false;
-    const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'], env });
+    const child = spawn(cmd, args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'], env });
     child.stdout?.on('data', (d) => { if (result && result.out.length < 65536) result.out += d; });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
-    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
+    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`${o.noAnswer} within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
     child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; }); // none if it did not start
-    child.on('error', (e) => finish(`cannot run ssh: ${e.message}`));
+    child.on('error', (e) => finish(`cannot run ${cmd}: ${e.message}`));
     child.on('close', (code) => {
       if (code === 0) return finish(null);
-      const lines = err.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('Warning: Permanently added'));
-      finish(lines.at(-1) ?? `ssh exited with ${code}`);
+      const lines = err.split('\n').map((l) => l.trim()).filter((l) => l && counts(l));
+      finish(lines.at(-1) ?? `${cmd} exited with ${code}`);
     });
   });
 }
@@ -3438,18 +3452,8 @@ export function slurmGpuVerdict(lines: string[], partition: string, gpus: number
 }
 
 /** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
-function runSinfo(args: string[], timeoutS: number, result: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
-  return new Promise((resolve) => {
-    let err = '', done = false;
-    const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'], env });
-    const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
-    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
-    child.stdout?.on('data', (d) => { if (result.out.length < 65536) result.out += d; }); // none if it did not start
-    child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; });
-    child.on('error', (e) => finish(`cannot run sinfo: ${e.message}`));
-    child.on('close', (code) => finish(code === 0 ? null : (err.split('\n').map((l) => l.trim()).filter(Boolean).at(-1) ?? `sinfo exited with ${code}`)));
-  });
-}
+const runSinfo = (args: string[], timeoutS: number, result: { out: string }, env?: NodeJS.ProcessEnv) =>
+  runCheck('sinfo', args, timeoutS, { result, env, noAnswer: 'sinfo gave no answer' });
 
 /** Node states (sinfo %T, without its suffixes) in which a node takes or runs jobs. */
 const SLURM_NODE_USABLE = new Set(['idle', 'mixed', 'allocated', 'completing', 'planned', 'reserved']);
@@ -4727,6 +4731,11 @@ export const SETTINGS: Setting[] = [
   { env: 'DJS_SSH_SESSIONS', what: 'slots per ssh connection', initial: () => String(SLOTS_PER_CONNECTION), value: wholeNumber(1) },
   { env: 'DJS_HEARTBEAT', what: 'heartbeat (s)', initial: () => '30', value: wholeNumber(0) },
 ];
+
+/** The initial value of setting `env`, what a data dir that never had one gets: each
+ *  default is written once, in SETTINGS, and read from there by sshSettings and by the
+ *  help's list of variables (ENVIRONMENT). */
+export const initialOf = (env: string) => SETTINGS.find((s) => s.env === env)!.initial();
 
 /** The settings a start runs with: each one given (checked), else the kept one, else
  *  its initial value; and what differs from the kept ones, as [what, was, now]. */
@@ -7694,16 +7703,16 @@ const unknownCommand = (word: string) => {
 const ENVIRONMENT: [string, string][] = [
   ['DJS_DATA_DIR', 'the data dir, as --data-dir (default: the nearest .data here or above)'],
   ['DJS_LOG_DIR', 'start, kept: the log dir, as --log-dir (first default ./logs)'],
-  ['DJS_KILL_GRACE', 'start, kept: seconds from SIGTERM to SIGKILL, as --kill-grace (default 10)'],
+  ['DJS_KILL_GRACE', `start, kept: seconds from SIGTERM to SIGKILL, as --kill-grace (default ${initialOf('DJS_KILL_GRACE')})`],
   ['DJS_HTTP', 'start, kept: serve the dashboard, API and metrics on [HOST:]PORT, as --http (empty: off)'],
   ['DJS_SSH_CONFIG', 'start, kept: an ssh config file for checks, probes and jobs (ssh -F)'],
   ['DJS_SSH_OPTIONS', 'start, kept: extra ssh words for checks and probes; jobs get it'],
-  ['DJS_SSH_TIMEOUT', 'start, kept: ssh connect timeout, seconds (default 10); jobs get it'],
-  ['DJS_PROBE_BACKOFF_MAX', 'start, kept: longest wait between probes of a down worker, s (default 300)'],
-  ['DJS_SLURM_CHECK', 'start, kept: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, s (default 30)'],
+  ['DJS_SSH_TIMEOUT', `start, kept: ssh connect timeout, seconds (default ${initialOf('DJS_SSH_TIMEOUT')}); jobs get it`],
+  ['DJS_PROBE_BACKOFF_MAX', `start, kept: longest wait between probes of a down worker, s (default ${initialOf('DJS_PROBE_BACKOFF_MAX')})`],
+  ['DJS_SLURM_CHECK', `start, kept: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, s (default ${initialOf('DJS_SLURM_CHECK')})`],
   ['DJS_SSH_SHARED', 'start, kept: 1 (default): one shared ssh connection per worker for checks and jobs; 0: none'],
-  ['DJS_SSH_SESSIONS', 'start, kept: slots of a worker that share one ssh connection (default 8; see sshd MaxSessions)'],
-  ['DJS_HEARTBEAT', 'start, kept: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
+  ['DJS_SSH_SESSIONS', `start, kept: slots of a worker that share one ssh connection (default ${initialOf('DJS_SSH_SESSIONS')}; see sshd MaxSessions)`],
+  ['DJS_HEARTBEAT', `start, kept: seconds between checks of busy workers (default ${initialOf('DJS_HEARTBEAT')}; down on a failed check or ${HEARTBEAT_MISSES} missed; 0: off)`],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default: what the open-files limit leaves, at most 1000)'],
   ['DJS_CLIENT_BYTES', 'start: bytes held for all clients together, each way: unread answers, unfinished requests (default 256 MiB, or 1/8 of the heap if less)'],
