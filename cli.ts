@@ -43,6 +43,23 @@ if (!process.features.typescript) {
  * slot by running the user's job script here with JOB_ID, SLAVE_IP and SLAVE_SLOT set;
  * the script moves data and runs work on the worker itself (rsync/ssh, or anything).
  *
+ * THE FILE, top to bottom, in the order data flows (each part under a banner):
+ *   this header and the bootstrap above it;
+ *   Vocabulary: job and worker states, the events, limits, the one error type;
+ *   the core, pure functions of the state (no fs, net, processes or clock): applyEvent,
+ *     the queue, plan and planStarts, the health of workers; then what each operation
+ *     decides, cli.py's state (load_status), bytes that are not UTF-8, the dashboard's
+ *     reads;
+ *   the journal: the state on disk, its loading and its writes;
+ *   the runner: the launcher, run files and checkRun, process identity, ssh and Slurm
+ *     checks of workers;
+ *   the server: the operation table (OPS), the flush loop, the process supervisor,
+ *     streams (list, wait, log -f), the socket and what its clients may cost, settings,
+ *     HTTP (the API and its description, /metrics, the dashboard page), server life
+ *     (start, recovery, stop);
+ *   the client: each command, its options and its output, the help;
+ *   main: parse, run, exit through one gate.
+ *
  * SYNOPSIS
  *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]
  *                                             run the server (-d: in the background;
