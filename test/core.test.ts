@@ -12,7 +12,7 @@ import {
   type Decision, type DecideContext, type Request, Journal, jobView, loadState, MAX_REQUEUES, newState, parseJobsFile,
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
-  admits, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
+  admits, lineSplitter, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
 import { prng } from './server.ts';
 
@@ -1933,5 +1933,34 @@ describe('first day: plan, re-added workers, pause of an unknown tag', () => {
     const rod = out('r', 'probe', 'no answer within 15s');
     assert.deepEqual(rod.events.map((e) => e.e), ['probe', 'kill'], 'with --requeue-on-down its running job is stopped to be queued again');
     assert.equal(rod.log, 'worker r is down: no answer within 15s');
+  });
+});
+
+// ---- lineSplitter ----------------------------------------------------------------
+
+describe('lineSplitter: the one line splitter (journal, socket requests, onLines)', () => {
+  test('lines cut anywhere by chunk ends come out whole, bytes or text; the unfinished rest waits', () => {
+    const text = 'first\n\nthird line, longer than a chunk\nä€😀 last\nunfinished';
+    for (const size of [1, 2, 3, 7, 64]) {
+      const bytes = Buffer.from(text);
+      const got: string[] = [];
+      const b = lineSplitter<Buffer>(Buffer.concat, (l) => { got.push(l.toString('utf8')); });
+      for (let i = 0; i < bytes.length; i += size) b.push(bytes.subarray(i, i + size));
+      assert.deepEqual(got, ['first', '', 'third line, longer than a chunk', 'ä€😀 last'], `chunks of ${size} bytes`);
+      assert.equal(b.pending, Buffer.byteLength('unfinished'));
+      assert.equal(b.rest().toString(), 'unfinished');
+      assert.equal(b.pending, 0);
+      const words: string[] = [];
+      const t = lineSplitter((p: string[]) => p.join(''), (l: string) => { words.push(l); });
+      for (let i = 0; i < text.length; i += size) t.push(text.slice(i, i + size));
+      assert.deepEqual(words, got, `text in chunks of ${size}`);
+    }
+  });
+
+  test('a line for which fn returns false stops the chunk there', () => {
+    const got: string[] = [];
+    const s = lineSplitter<Buffer>(Buffer.concat, (l) => { got.push(l.toString()); return l.toString() !== 'stop'; });
+    s.push(Buffer.from('a\nstop\nb\nc\n'));
+    assert.deepEqual(got, ['a', 'stop']);
   });
 });
