@@ -45,6 +45,23 @@ if (!process.features.typescript) {
  * A job added with --on-worker is a plain command instead, which djs runs on the worker
  * itself (see "commands run on the worker").
  *
+ * THE FILE, top to bottom, in the order data flows (each part under a banner):
+ *   this header and the bootstrap above it;
+ *   Vocabulary: job and worker states, the events, limits, the one error type;
+ *   the core, pure functions of the state (no fs, net, processes or clock): applyEvent,
+ *     the queue, plan and planStarts, the health of workers; then what each operation
+ *     decides, cli.py's state (load_status), bytes that are not UTF-8, the dashboard's
+ *     reads;
+ *   the journal: the state on disk, its loading and its writes;
+ *   the runner: the launcher, run files and checkRun, process identity, ssh and Slurm
+ *     checks of workers;
+ *   the server: the operation table (OPS), the flush loop, the process supervisor,
+ *     streams (list, wait, log -f), the socket and what its clients may cost, settings,
+ *     HTTP (the API and its description, /metrics, the dashboard page), server life
+ *     (start, recovery, stop);
+ *   the client: each command, its options and its output, the help;
+ *   main: parse, run, exit through one gate.
+ *
  * SYNOPSIS
  *   cli.ts start [-d] [--log-dir DIR] [--kill-grace S] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]
  *                                             run the server (-d: in the background;
@@ -2695,29 +2712,53 @@ const damaged = (file: string, line: number, what: string) =>
   new DamagedState(EXIT_FAILED, `damaged state file '${file}' line ${line}: ${what}`,
     'nothing was changed; move the file aside or repair it, then start again');
 
+/** Cuts chunks of a stream (a file, a socket, a pipe) into '\n'-terminated lines, the
+ *  one splitter of this file, for chunks of bytes or of text (`join` joins the pieces of
+ *  a line: Buffer.concat, or joinText): `push` calls `fn` with each line a chunk
+ *  completes, without its newline (a line cut by a chunk's end waits for the next
+ *  chunk), and stops at a line for which `fn` returns false. Each chunk is scanned once,
+ *  so a line may be many megabytes, far longer than a chunk. A line of bytes may be a
+ *  view of its chunk. `pending` is the length of the unfinished line; `rest` takes it. */
+export function lineSplitter<T extends Buffer | string>(join: (parts: T[]) => T, fn: (line: T) => boolean | void) {
+  let parts: T[] = [], pending = 0;
+  return {
+    get pending() { return pending; },
+    push(chunk: T): void {
+      let start = 0, nl: number;
+      // (A Buffer finds the byte 10 several times faster than the string '\n'.)
+      while ((nl = typeof chunk === 'string' ? chunk.indexOf('\n', start) : chunk.indexOf(10, start)) >= 0) {
+        const piece = chunk.slice(start, nl) as T;
+        const line = parts.length ? join([...parts, piece]) : piece;
+        parts = []; pending = 0;
+        start = nl + 1;
+        if (fn(line) === false) return;
+      }
+      if (start < chunk.length) { parts.push(chunk.slice(start) as T); pending += chunk.length - start; }
+    },
+    rest(): T {
+      const r = join(parts);
+      parts = []; pending = 0;
+      return r;
+    },
+  };
+}
+const joinText = (parts: string[]) => parts.join('');
+
 /** Calls fn(line, lineNo, endOffset) for every '\n'-terminated line in the first `limit`
  *  bytes of a file, reading it in chunks (a line may be far longer than a chunk); returns
  *  the bytes after the last newline, if any, and where they start. */
 function forEachLine(file: string, limit: number, fn: (line: string, no: number, end: number) => void): { tail: Buffer; tailAt: number } {
   const fd = fs.openSync(file, 'r');
   try {
-    let parts: Buffer[] = [], offset = 0, no = 0, n: number, read = 0;
+    let offset = 0, no = 0, n: number, read = 0;
+    const lines = lineSplitter<Buffer>(Buffer.concat, (line) => { offset += line.length + 1; fn(line.toString('utf8'), ++no, offset); });
     for (;;) {
       const chunk = Buffer.allocUnsafe(1 << 20);
       if ((n = fs.readSync(fd, chunk, 0, Math.min(chunk.length, limit - read), null)) <= 0) break;
       read += n;
-      let start = 0, nl: number;
-      while ((nl = chunk.indexOf(10, start)) >= 0 && nl < n) {
-        const piece = chunk.subarray(start, nl);
-        const line = parts.length ? Buffer.concat([...parts, piece]) : piece;
-        parts = [];
-        offset += line.length + 1;
-        fn(line.toString('utf8'), ++no, offset);
-        start = nl + 1;
-      }
-      if (start < n) parts.push(chunk.subarray(start, n));
+      lines.push(chunk.subarray(0, n));
     }
-    return { tail: Buffer.concat(parts), tailAt: offset };
+    return { tail: lines.rest(), tailAt: offset };
   } finally {
     fs.closeSync(fd);
   }
@@ -3294,10 +3335,7 @@ function runHolds(pgid: number, id: number, dataDir: string, file: fs.Stats): bo
     if (fields === null || Number(fields[2]) !== pgid) continue;
     if (fields[0] === 'Z') return true;
     try {
-      for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
-        const held = fs.statSync(`/proc/${name}/fd/${fd}`);
-        if (held.ino === file.ino && held.dev === file.dev) return true;
-      }
+      if (holdsOpen(name, file)) return true;
       const env = fs.readFileSync(`/proc/${name}/environ`, 'utf8').split('\0');
       if (env.includes(`JOB_ID=${id}`) && sameDir(env.find((e) => e.startsWith('DJS_DATA_DIR='))?.slice(13), dataDir)) return true;
     } catch (e) { if (!gone(e)) throw e; }
@@ -3321,13 +3359,21 @@ function runCreator(file: fs.Stats, dataDir: string): number | null {
   for (const name of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(name) || !launcherAlive(Number(name), dataDir)) continue;
     try {
-      for (const fd of fs.readdirSync(`/proc/${name}/fd`)) {
-        const held = fs.statSync(`/proc/${name}/fd/${fd}`);
-        if (held.ino === file.ino && held.dev === file.dev) return Number(name);
-      }
+      if (holdsOpen(name, file)) return Number(name);
     } catch (e) { if (!gone(e)) throw e; }
   }
   return null;
+}
+
+/** True if process `pid` holds `file` open (a descriptor of it is that inode). Throws
+ *  what reading its /proc entries throws: the caller tells a process gone meanwhile
+ *  (gone) from /proc that cannot be read. */
+function holdsOpen(pid: string, file: fs.Stats): boolean {
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    const held = fs.statSync(`/proc/${pid}/fd/${fd}`);
+    if (held.ino === file.ino && held.dev === file.dev) return true;
+  }
+  return false;
 }
 
 /** True while `pid` is a launcher of this data dir (or a child of one before its exec):
@@ -3436,22 +3482,22 @@ const CONTROL_PERSIST_S = 600;
 /** The server's ssh settings, from DJS_SSH_CONFIG, DJS_SSH_OPTIONS, DJS_SSH_TIMEOUT,
  *  DJS_SSH_SHARED, DJS_SSH_SESSIONS and DJS_HEARTBEAT; throws a usage error on a bad value. */
 export function sshSettings(env: Record<string, string | undefined>): SshSettings {
-  const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? 10);
+  const timeoutS = Number(env.DJS_SSH_TIMEOUT ?? initialOf('DJS_SSH_TIMEOUT'));
   const whole = (name: string, dflt: number, min: number) => {
     const v = env[name];
     if (v === undefined || v === '') return dflt;
     if (!/^\d+$/.test(v) || Number(v) < min) throw usage(`invalid ${name} ${quoteForError(v)}`, `a whole number, at least ${min}`);
     return Number(v);
   };
-  const shared = env.DJS_SSH_SHARED ?? '1';
+  const shared = env.DJS_SSH_SHARED ?? initialOf('DJS_SSH_SHARED');
   if (shared !== '0' && shared !== '1' && shared !== '') throw usage(`invalid DJS_SSH_SHARED ${quoteForError(shared)}`, '1 (shared connections, the default) or 0');
   return {
     config: env.DJS_SSH_CONFIG || undefined,
     options: (env.DJS_SSH_OPTIONS ?? '').split(/\s+/).filter(Boolean),
-    timeoutS: Number.isFinite(timeoutS) && timeoutS > 0 ? timeoutS : 10,
+    timeoutS: Number.isFinite(timeoutS) && timeoutS > 0 ? timeoutS : Number(initialOf('DJS_SSH_TIMEOUT')),
     shared: shared !== '0',
-    perConnection: whole('DJS_SSH_SESSIONS', SLOTS_PER_CONNECTION, 1),
-    heartbeatMs: whole('DJS_HEARTBEAT', 30, 0) * 1000,
+    perConnection: whole('DJS_SSH_SESSIONS', Number(initialOf('DJS_SSH_SESSIONS')), 1),
+    heartbeatMs: whole('DJS_HEARTBEAT', Number(initialOf('DJS_HEARTBEAT')), 0) * 1000,
     controlDir: '',
   };
 }
@@ -3580,19 +3626,28 @@ export function closeShared(host: string, ssh: SshSettings): void {
  *  for errors to show the command to be run by hand. */
 export const probeArgs = (host: string, ssh: SshSettings, command = 'true') => checkArgs(host, ssh, 0, command);
 
-function checkOnce(args: string[], ssh: SshSettings, result?: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
+/** Runs one ssh login check (checkArgs); see runCheck. */
+const checkOnce = (args: string[], ssh: SshSettings, result?: { out: string }, env?: NodeJS.ProcessEnv) =>
+  runCheck('ssh', args, ssh.timeoutS, { result, env, noAnswer: 'no answer', counts: (line) => !line.startsWith('Warning: Permanently added') });
+
+/** Runs a check of a worker (ssh, or sinfo), its output (64 KiB at the most) into
+ *  `result` when given, killed if it has not ended in timeoutS + 5 s. Resolves to null
+ *  once it exits 0, else to why not: the last line of its stderr that `counts` (or that
+ *  it exited with N), that it gave no answer in time, or that it could not be run. */
+function runCheck(cmd: string, args: string[], timeoutS: number, o: { result?: { out: string }; env?: NodeJS.ProcessEnv; noAnswer: string; counts?: (line: string) => boolean }): Promise<string | null> {
+  const { result, env, counts = () => true } = o;
   return new Promise((resolve) => {
     let err = '', done = false;
-    const child = spawn('ssh', args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'], env });
+    const child = spawn(cmd, args, { stdio: ['ignore', result ? 'pipe' : 'ignore', 'pipe'], env });
     child.stdout?.on('data', (d) => { if (result && result.out.length < 65536) result.out += d; });
     const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
-    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`no answer within ${ssh.timeoutS + 5}s`); }, (ssh.timeoutS + 5) * 1000);
+    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`${o.noAnswer} within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
     child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; }); // none if it did not start
-    child.on('error', (e) => finish(`cannot run ssh: ${e.message}`));
+    child.on('error', (e) => finish(`cannot run ${cmd}: ${e.message}`));
     child.on('close', (code) => {
       if (code === 0) return finish(null);
-      const lines = err.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('Warning: Permanently added'));
-      finish(lines.at(-1) ?? `ssh exited with ${code}`);
+      const lines = err.split('\n').map((l) => l.trim()).filter((l) => l && counts(l));
+      finish(lines.at(-1) ?? `${cmd} exited with ${code}`);
     });
   });
 }
@@ -3630,18 +3685,8 @@ export function slurmGpuVerdict(lines: string[], partition: string, gpus: number
 }
 
 /** Runs sinfo ARGS here, its output into result; resolves to null or to why it failed. */
-function runSinfo(args: string[], timeoutS: number, result: { out: string }, env?: NodeJS.ProcessEnv): Promise<string | null> {
-  return new Promise((resolve) => {
-    let err = '', done = false;
-    const child = spawn('sinfo', args, { stdio: ['ignore', 'pipe', 'pipe'], env });
-    const finish = (why: string | null) => { if (!done) { done = true; clearTimeout(timer); resolve(why); } };
-    const timer = setTimeout(() => { child.kill('SIGKILL'); finish(`sinfo gave no answer within ${timeoutS + 5}s`); }, (timeoutS + 5) * 1000);
-    child.stdout?.on('data', (d) => { if (result.out.length < 65536) result.out += d; }); // none if it did not start
-    child.stderr?.on('data', (d) => { if (err.length < 4096) err += d; });
-    child.on('error', (e) => finish(`cannot run sinfo: ${e.message}`));
-    child.on('close', (code) => finish(code === 0 ? null : (err.split('\n').map((l) => l.trim()).filter(Boolean).at(-1) ?? `sinfo exited with ${code}`)));
-  });
-}
+const runSinfo = (args: string[], timeoutS: number, result: { out: string }, env?: NodeJS.ProcessEnv) =>
+  runCheck('sinfo', args, timeoutS, { result, env, noAnswer: 'sinfo gave no answer' });
 
 /** Node states (sinfo %T, without its suffixes) in which a node takes or runs jobs. */
 const SLURM_NODE_USABLE = new Set(['idle', 'mixed', 'allocated', 'completing', 'planned', 'reserved']);
@@ -3728,6 +3773,7 @@ let launcher: ChildProcess | null = null;
 let watchedCheck: NodeJS.Timeout | null = null;
 let voidsKept = false;                     // void claims wait in run/ for earlier launchers to end
 let runDirWatch: fs.FSWatcher | null = null;
+const checks = { runs: 0, sweeps: 0 };    // checks of watched runs and sweeps of run/ made: status's server.checks
 const waiters = new Set<Waiter>();
 const followers = new Set<Follower>();
 let shuttingDown = false;
@@ -3762,13 +3808,13 @@ const fact = (ev: Event) => submit({ kind: 'fact', ev });
  *  and null is a value (of the wrong type, except where it is listed). On the socket,
  *  fields not listed are ignored, as a client of another release may send some; a POST
  *  over HTTP may carry no others. */
-type FieldType = { ok: (v: unknown) => boolean; what: string };
-const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false' };
-const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string' };
-const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number' };
-const LIST: FieldType = { ok: Array.isArray, what: 'a list' };
-const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty' };
-const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object' };
+type FieldType = { ok: (v: unknown) => boolean; what: string; schema?: Record<string, unknown> };
+const BOOL: FieldType = { ok: (v) => typeof v === 'boolean', what: 'true or false', schema: { type: 'boolean' } };
+const TEXT: FieldType = { ok: (v) => typeof v === 'string', what: 'a string', schema: { type: 'string' } };
+const NUMBER: FieldType = { ok: (v) => typeof v === 'number', what: 'a number', schema: { type: 'number' } };
+const LIST: FieldType = { ok: Array.isArray, what: 'a list', schema: { type: 'array' } };
+const IDS: FieldType = { ok: (v) => Array.isArray(v) && v.length > 0, what: 'a list of job ids, not empty', schema: { type: 'array', items: { type: 'integer' }, minItems: 1 } };
+const OBJECT: FieldType = { ok: (v) => typeof v === 'object' && v !== null && !Array.isArray(v), what: 'an object', schema: { type: 'object' } };
 /** The environment of the client's shell (NAME=VALUE words): the socket's only, since
  *  over HTTP there is no shell (POST refuses it; such adds run with the server's). */
 const ENVIRON: FieldType & { socketOnly: true } = { ok: (v) => Array.isArray(v), what: 'a list of NAME=VALUE words', socketOnly: true };
@@ -3790,9 +3836,10 @@ const serverInfo = () => ({
   pid: process.pid, dataDir: cfg.dataDir, logDir: cfg.logDir, settings: cfg.settings, http: httpUrl(),
   connections: { socket: cfg.maxConnections, http: cfg.httpMaxConnections, openFiles: Number.isFinite(cfg.caps.fdLimit) ? cfg.caps.fdLimit : null },
   launcher: launcherDown ? { error: launcherDown.why, failedStarts: launcherDown.tries, retryAt: iso(launcherDown.retryAt) } : null,
+  checks: { ...checks },
 });
 
-const OPS: Record<string, Op> = {
+export const OPS: Record<string, Op> = {
   ping: { kind: 'read', answer: serverInfo },
   new_token: { kind: 'read', answer: renewHttpToken },   // socket only; no job or worker changes, so nothing to journal
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
@@ -3817,7 +3864,7 @@ const OPS: Record<string, Op> = {
   resume: { kind: 'change', decide: decidePause, http: true, fields: { tag: TEXT } },
   policy: { kind: 'change', decide: decidePolicy, http: true, fields: { name: TEXT } },
   add_workers: { kind: 'check', check: checkLogins, decide: decideAddWorkers, http: true, fields: { workers: LIST, skipCheck: BOOL, requeueOnDown: BOOL, environ: ENVIRON } },
-  remove_workers: { kind: 'change', decide: decideRemoveWorkers, http: true, fields: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null' } } },
+  remove_workers: { kind: 'change', decide: decideRemoveWorkers, http: true, fields: { hosts: LIST, mode: { ok: (v) => v === null || v === 'wait' || v === 'kill', what: '"wait", "kill" or null', schema: { enum: ['wait', 'kill', null] } } } },
   load_status: { kind: 'check', check: checkLoadStatus, decide: decideLoadStatus, fields: { cwd: TEXT, status: OBJECT, alive: LIST, skipCheck: BOOL, environ: ENVIRON } },
   stop: { kind: 'shutdown' },
 };
@@ -4441,6 +4488,7 @@ function checkWatched(only?: number): void {
   for (const [id, p] of procs) {
     if (p.how !== 'watched' || (only !== undefined && id !== only)) continue;
     const r = checkRun(cfg.dataDir, id, p.run);
+    checks.runs++;
     if (r.is === 'running') {
       p.pid = r.pid;
       if (p.signal) { signalGroup(p.pid, p.signal); p.signal = null; }
@@ -4703,22 +4751,12 @@ function streamJobs(req: Request, conn: Conn): void {
 
 // ---- the socket ------------------------------------------------------------------
 
-/** Both ends of the socket speak newline-delimited JSON: splits a stream into lines,
- *  scanning each chunk once (a request line may be many megabytes). */
+/** Both ends of the socket speak newline-delimited JSON: calls fn with each line of a
+ *  stream, as text (see lineSplitter). */
 export function onLines(sock: Readable, fn: (line: string) => void): void {
-  let parts: string[] = [];
+  const lines = lineSplitter(joinText, (line) => { fn(line); });
   sock.setEncoding('utf8');
-  sock.on('data', (chunk: string) => {
-    let start = 0, nl: number;
-    while ((nl = chunk.indexOf('\n', start)) >= 0) {
-      const piece = chunk.slice(start, nl);
-      const line = parts.length ? parts.join('') + piece : piece;
-      parts = [];
-      start = nl + 1;
-      fn(line);
-    }
-    if (start < chunk.length) parts.push(chunk.slice(start));
-  });
+  sock.on('data', (chunk: string) => lines.push(chunk));
 }
 
 /** What one client may cost the server: a request line of at most MAX_REQUEST_BYTES
@@ -4729,6 +4767,80 @@ export function onLines(sock: Readable, fn: (line: string) => void): void {
 const MAX_REQUEST_BYTES = 16 << 20;
 const MAX_UNREAD_BYTES = 64 << 20;
 const connections = new Set<Conn>();
+
+/** A client of the socket: its request lines served one at a time, in order, within
+ *  what one client may cost (above) and what all of them may (hold, recount, roomFor). */
+function onConnection(sock: net.Socket): void {
+  const lines: Buffer[] = [];
+  let queuedBytes = 0, refused = false;
+  const conn: Conn = {
+    sock, busy: false, lastActive: Date.now(),
+    send: (msg) => {
+      if (sock.destroyed) return;
+      if (sock.writableLength > MAX_UNREAD_BYTES) { sock.destroy(); return; } // it does not read
+      const text = JSON.stringify(msg) + '\n';
+      if (!roomFor(sock, text.length)) return;
+      sock.write(text);
+      recount(sock);
+      if (msg.ok !== undefined && conn.busy) { conn.busy = false; conn.lastActive = Date.now(); setImmediate(next); }
+    },
+  };
+  sock.on('error', () => {});
+  sock.on('close', () => connections.delete(conn));
+  if (!admit(conn)) return;
+  const refuse = (error: string, code = EXIT_USAGE, hint?: string) => {
+    sock.removeAllListeners('data');
+    refused = true;
+    lines.length = 0; split.rest(); queuedBytes = 0;
+    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code, error, hint }) + '\n');
+  };
+  hold({
+    kind: 'socket', sock, out: () => sock.writableLength, in: () => split.pending + queuedBytes, counted: { out: 0, in: 0 }, closing: false,
+    // An error line would wait behind answers left unread.
+    drop: (way, error, hint) => (way === 'in' || sock.writableLength === 0 ? refuse(error, EXIT_FAILED, hint) : sock.destroy()),
+  });
+  sock.on('drain', () => recount(sock));
+  const next = () => {
+    while (!conn.busy && lines.length && !sock.destroyed) {
+      const line = lines.shift()!;
+      queuedBytes -= line.length;
+      conn.busy = true;
+      conn.lastActive = Date.now();
+      handleRequestLine(line.toString('utf8'), conn);
+    }
+    if (lines.length) sock.pause(); else if (!sock.destroyed) sock.resume();
+  };
+  // A queued line is a copy: a view would keep its whole chunk in memory.
+  const split = lineSplitter<Buffer>(Buffer.concat, (line) => {
+    if (line.length > MAX_REQUEST_BYTES) { refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`); return false; }
+    lines.push(Buffer.from(line));
+    queuedBytes += line.length;
+  });
+  sock.on('data', (chunk: Buffer) => {
+    split.push(chunk);
+    if (refused) return;
+    if (split.pending > MAX_REQUEST_BYTES || queuedBytes > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
+    recount(sock);
+    next();
+  });
+}
+
+/** Takes a new connection in, closing the connection idle the longest when there are
+ *  cfg.maxConnections already; if none is idle, the new one is refused. */
+function admit(conn: Conn): boolean {
+  if (connections.size >= cfg.maxConnections) {
+    let oldest: Conn | undefined;
+    for (const c of connections) if (!c.busy && (!oldest || c.lastActive < oldest.lastActive)) oldest = c;
+    if (!oldest) {
+      conn.sock.end(JSON.stringify({ ok: false, code: EXIT_FAILED, error: `the server has ${cfg.maxConnections} busy connections`, hint: 'try again later' }) + '\n');
+      return false;
+    }
+    oldest.sock.destroy();
+    connections.delete(oldest);
+  }
+  connections.add(conn);
+  return true;
+}
 
 // ---- what all clients may cost together -----------------------------------------------
 
@@ -4843,80 +4955,6 @@ function roomFor(sock: net.Socket | null | undefined, n: number, res?: http.Serv
   return false;
 }
 
-function onConnection(sock: net.Socket): void {
-  const lines: Buffer[] = [];
-  let parts: Buffer[] = [], partBytes = 0, queuedBytes = 0;
-  const conn: Conn = {
-    sock, busy: false, lastActive: Date.now(),
-    send: (msg) => {
-      if (sock.destroyed) return;
-      if (sock.writableLength > MAX_UNREAD_BYTES) { sock.destroy(); return; } // it does not read
-      const text = JSON.stringify(msg) + '\n';
-      if (!roomFor(sock, text.length)) return;
-      sock.write(text);
-      recount(sock);
-      if (msg.ok !== undefined && conn.busy) { conn.busy = false; conn.lastActive = Date.now(); setImmediate(next); }
-    },
-  };
-  sock.on('error', () => {});
-  sock.on('close', () => connections.delete(conn));
-  if (!admit(conn)) return;
-  const refuse = (error: string, code = EXIT_USAGE, hint?: string) => {
-    sock.removeAllListeners('data');
-    lines.length = 0; parts = []; partBytes = queuedBytes = 0;
-    if (!sock.destroyed) sock.end(JSON.stringify({ ok: false, code, error, hint }) + '\n');
-  };
-  hold({
-    kind: 'socket', sock, out: () => sock.writableLength, in: () => partBytes + queuedBytes, counted: { out: 0, in: 0 }, closing: false,
-    // An error line would wait behind answers left unread.
-    drop: (way, error, hint) => (way === 'in' || sock.writableLength === 0 ? refuse(error, EXIT_FAILED, hint) : sock.destroy()),
-  });
-  sock.on('drain', () => recount(sock));
-  const next = () => {
-    while (!conn.busy && lines.length && !sock.destroyed) {
-      const line = lines.shift()!;
-      queuedBytes -= line.length;
-      conn.busy = true;
-      conn.lastActive = Date.now();
-      handleRequestLine(line.toString('utf8'), conn);
-    }
-    if (lines.length) sock.pause(); else if (!sock.destroyed) sock.resume();
-  };
-  sock.on('data', (chunk: Buffer) => {
-    let start = 0, nl: number;
-    while ((nl = chunk.indexOf(10, start)) >= 0) {
-      const piece = chunk.subarray(start, nl);
-      const line = parts.length ? Buffer.concat([...parts, piece]) : Buffer.from(piece);
-      parts = []; partBytes = 0;
-      start = nl + 1;
-      if (line.length > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
-      lines.push(line);
-      queuedBytes += line.length;
-    }
-    if (start < chunk.length) { parts.push(chunk.subarray(start)); partBytes += chunk.length - start; }
-    if (partBytes > MAX_REQUEST_BYTES || queuedBytes > MAX_REQUEST_BYTES) return refuse(`request over ${MAX_REQUEST_BYTES >> 20} MiB`);
-    recount(sock);
-    next();
-  });
-}
-
-/** Takes a new connection in, closing the connection idle the longest when there are
- *  cfg.maxConnections already; if none is idle, the new one is refused. */
-function admit(conn: Conn): boolean {
-  if (connections.size >= cfg.maxConnections) {
-    let oldest: Conn | undefined;
-    for (const c of connections) if (!c.busy && (!oldest || c.lastActive < oldest.lastActive)) oldest = c;
-    if (!oldest) {
-      conn.sock.end(JSON.stringify({ ok: false, code: EXIT_FAILED, error: `the server has ${cfg.maxConnections} busy connections`, hint: 'try again later' }) + '\n');
-      return false;
-    }
-    oldest.sock.destroy();
-    connections.delete(oldest);
-  }
-  connections.add(conn);
-  return true;
-}
-
 // ---- settings --------------------------------------------------------------------
 
 /** A setting of the server: given to `start` by an option or an environment variable,
@@ -4948,6 +4986,11 @@ export const SETTINGS: Setting[] = [
   { env: 'DJS_SSH_SESSIONS', what: 'slots per ssh connection', initial: () => String(SLOTS_PER_CONNECTION), value: wholeNumber(1) },
   { env: 'DJS_HEARTBEAT', what: 'heartbeat (s)', initial: () => '30', value: wholeNumber(0) },
 ];
+
+/** The initial value of setting `env`, what a data dir that never had one gets: each
+ *  default is written once, in SETTINGS, and read from there by sshSettings and by the
+ *  help's list of variables (ENVIRONMENT). */
+export const initialOf = (env: string) => SETTINGS.find((s) => s.env === env)!.initial();
 
 /** The settings a start runs with: each one given (checked), else the kept one, else
  *  its initial value; and what differs from the kept ones, as [what, was, now]. */
@@ -5014,7 +5057,8 @@ export const describeChanges = (changed: [string, string, string][]) =>
 // (`Authorization: Bearer T` or `X-DJS-Token: T`) and nowhere else. Never in a cookie:
 // browsers send a cookie to every port of its host (SameSite ignores ports too), so a
 // web server of another local user on another port would get it. The page's shell (its
-// HTML, CSS, script and icon) holds no data and is served to anyone; its script takes the
+// HTML, CSS, script and icon) holds no data and is served to anyone, as is the API's
+// description (GET /api/openapi.json, made from OPS and GET_ROUTES); its script takes the
 // token from the URL's fragment (`/#token=T`, which browsers never send to a server),
 // keeps it in memory, and sends a session key (below) in a header on every request, its
 // live streams included (read with fetch: EventSource cannot send headers). `/?token=T`,
@@ -5314,6 +5358,7 @@ function serveHttp(req: http.IncomingMessage, res: http.ServerResponse): void {
     const asset = Object.hasOwn(ASSETS, url.pathname) ? ASSETS[url.pathname] : undefined;
     if (asset && (req.method === 'GET' || req.method === 'HEAD')) return serveAsset(req, res, url, asset);
     if (req.method === 'GET' && url.pathname === '/api/hello') return helloHttp(res, url.searchParams);
+    if (req.method === 'GET' && url.pathname === '/api/openapi.json') { onlyParams(url.searchParams, []); return sendJson(res, 200, openApi()); }
     if (!sameToken(given) && !sessionAccepted(req)) {
       res.setHeader('WWW-Authenticate', 'Bearer realm="djs"');
       if (/^DJS-Session /.test(req.headers.authorization ?? '')) return httpError(res, 401, EXIT_FAILED, 'no such session: the server restarted, or made a new token, since the page signed in', 'sign in again: open the URL that cli.ts dashboard prints');
@@ -5376,6 +5421,62 @@ function getRoute(req: http.IncomingMessage, res: http.ServerResponse, url: URL)
     return openJobLog(req, res, id, offset, tail, q.get('follow') === '1' || q.get('follow') === 'true');
   }
   httpError(res, 404, EXIT_USAGE, `no such resource ${quoteForError(p)}`, 'see the README for the routes of the API');
+}
+
+/** The GET routes that getRoute and serveHttp serve, for the API's description: what
+ *  each answers, its query parameters (each refused unless listed here), and whether it
+ *  goes without the token. The POST routes come from OPS (its `http` operations). */
+const GET_ROUTES: Record<string, { summary: string; query?: Record<string, Record<string, unknown>>; answer: 'json' | 'text' | 'events' | 'metrics'; open?: true }> = {
+  '/api/hello': { summary: "the page's sign-in: {session, proof}", query: { nonce: { type: 'string', pattern: '^[0-9a-f]{32,128}$' }, host: { type: 'string' } }, answer: 'json', open: true },
+  '/api/openapi.json': { summary: 'this description of the API', answer: 'json', open: true },
+  '/api/status': { summary: 'status --json, plus server.http', answer: 'json' },
+  '/api/workers': { summary: 'the workers of status --json', answer: 'json' },
+  '/api/jobs': {
+    summary: 'one page of jobs, newest first: {rows, next, total}', answer: 'json',
+    query: { state: { type: 'string' }, tag: { type: 'string' }, worker: { type: 'string' }, text: { type: 'string' }, limit: { type: 'integer', minimum: 1, maximum: 1000 }, before: { type: 'integer' } },
+  },
+  '/api/jobs/{id}': { summary: 'one job, as in list --json', answer: 'json' },
+  '/api/jobs/{id}/log': {
+    summary: 'its log as text from offset (or its last tail bytes); with follow=1, server-sent events log and end', answer: 'text',
+    query: { offset: { type: 'integer' }, tail: { type: 'integer' }, follow: { enum: ['1', 'true'] } },
+  },
+  '/api/events': { summary: 'server-sent events: status now and after every change', answer: 'events' },
+  '/metrics': { summary: 'Prometheus metrics', answer: 'metrics' },
+};
+
+/** GET /api/openapi.json: the API as OpenAPI 3.1, made from OPS and GET_ROUTES. */
+export function openApi(): Record<string, unknown> {
+  const json = (schema: Record<string, unknown>) => ({ content: { 'application/json': { schema } } });
+  const failed = { description: 'an error, with the exit code the CLI gives for it', ...json({ $ref: '#/components/schemas/Error' }) };
+  const errors = { 400: failed, 401: failed, 403: failed, 404: failed, 409: failed, 503: failed };
+  const paths: Record<string, Record<string, unknown>> = {};
+  const content = { json: 'application/json', text: 'text/plain', events: 'text/event-stream', metrics: 'text/plain; version=0.0.4' };
+  for (const [p, r] of Object.entries(GET_ROUTES)) {
+    const parameters = [
+      ...(p.includes('{id}') ? [{ name: 'id', in: 'path', required: true, schema: { type: 'integer', minimum: 1 } }] : []),
+      ...Object.entries(r.query ?? {}).map(([name, schema]) => ({ name, in: 'query', required: false, schema })),
+    ];
+    paths[p] = { get: { summary: r.summary, parameters, ...(r.open ? { security: [] } : {}), responses: { 200: { description: r.summary, content: { [content[r.answer]]: {} } }, ...errors } } };
+  }
+  for (const [name, op] of Object.entries(OPS)) {
+    if (!op.http) continue;
+    const properties = Object.fromEntries(Object.entries(op.fields ?? {}).filter(([, t]) => !('socketOnly' in t)).map(([k, t]) => [k, { ...t.schema, description: t.what }]));
+    paths[`/api/${name}`] = { post: {
+      operationId: name, summary: `the operation ${name}, as the CLI sends it over the socket`,
+      requestBody: { required: true, ...json({ type: 'object', properties, additionalProperties: false }) },
+      responses: { 200: { description: 'done', ...json({ type: 'object', properties: { ok: { const: true } }, required: ['ok'] }) }, 413: failed, 415: failed, ...errors },
+    } };
+  }
+  return {
+    openapi: '3.1.0',
+    info: { title: 'djs', version: '1', description: 'The JSON API of a djs server started with --http: a second door to the operations of its Unix socket. See the README.' },
+    components: {
+      securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'the token of DATA_DIR/http.token' }, header: { type: 'apiKey', in: 'header', name: 'X-DJS-Token' } },
+      schemas: { Error: { type: 'object', properties: { ok: { const: false }, error: { type: 'string' }, hint: { type: 'string' }, code: { type: 'integer' } }, required: ['ok', 'error', 'code'] } },
+    },
+    security: [{ bearer: [] }, { header: [] }],
+    paths,
+  };
 }
 
 /** A whole number from a query or a path (the operation checks its range). */
@@ -6653,6 +6754,7 @@ function watchRunningJobs(): void {
 function sweepRunDir(): void {
   const dir = path.join(cfg.dataDir, 'run');
   const keepVoid = otherLaunchers(cfg.dataDir);
+  checks.sweeps++;
   voidsKept = false;
   for (const name of fs.readdirSync(dir)) {
     const m = /^(\d+)\.(\d+)\.pid$/.exec(name);
@@ -7903,16 +8005,16 @@ const unknownCommand = (word: string) => {
 const ENVIRONMENT: [string, string][] = [
   ['DJS_DATA_DIR', 'the data dir, as --data-dir (default: the nearest .data here or above)'],
   ['DJS_LOG_DIR', 'start, kept: the log dir, as --log-dir (first default ./logs)'],
-  ['DJS_KILL_GRACE', 'start, kept: seconds from SIGTERM to SIGKILL, as --kill-grace (default 10)'],
+  ['DJS_KILL_GRACE', `start, kept: seconds from SIGTERM to SIGKILL, as --kill-grace (default ${initialOf('DJS_KILL_GRACE')})`],
   ['DJS_HTTP', 'start, kept: serve the dashboard, API and metrics on [HOST:]PORT, as --http (empty: off)'],
   ['DJS_SSH_CONFIG', 'start, kept: an ssh config file for checks, probes and jobs (ssh -F)'],
   ['DJS_SSH_OPTIONS', 'start, kept: extra ssh words for checks and probes; jobs get it'],
-  ['DJS_SSH_TIMEOUT', 'start, kept: ssh connect timeout, seconds (default 10); jobs get it'],
-  ['DJS_PROBE_BACKOFF_MAX', 'start, kept: longest wait between probes of a down worker, s (default 300)'],
-  ['DJS_SLURM_CHECK', 'start, kept: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, s (default 30)'],
+  ['DJS_SSH_TIMEOUT', `start, kept: ssh connect timeout, seconds (default ${initialOf('DJS_SSH_TIMEOUT')}); jobs get it`],
+  ['DJS_PROBE_BACKOFF_MAX', `start, kept: longest wait between probes of a down worker, s (default ${initialOf('DJS_PROBE_BACKOFF_MAX')})`],
+  ['DJS_SLURM_CHECK', `start, kept: how often an up Slurm worker (slurm:PARTITION) is asked with sinfo, s (default ${initialOf('DJS_SLURM_CHECK')})`],
   ['DJS_SSH_SHARED', 'start, kept: 1 (default): one shared ssh connection per worker for checks and jobs; 0: none'],
-  ['DJS_SSH_SESSIONS', 'start, kept: slots of a worker that share one ssh connection (default 8; see sshd MaxSessions)'],
-  ['DJS_HEARTBEAT', 'start, kept: seconds between checks of busy workers (default 30; down on a failed check or 3 missed; 0: off)'],
+  ['DJS_SSH_SESSIONS', `start, kept: slots of a worker that share one ssh connection (default ${initialOf('DJS_SSH_SESSIONS')}; see sshd MaxSessions)`],
+  ['DJS_HEARTBEAT', `start, kept: seconds between checks of busy workers (default ${initialOf('DJS_HEARTBEAT')}; down on a failed check or ${HEARTBEAT_MISSES} missed; 0: off)`],
   ['DJS_SNAPSHOT_MIN_BYTES', 'start: journal size that calls for a snapshot (default 32 MiB; for tests)'],
   ['DJS_MAX_CONNECTIONS', 'start: client connections at once; the longest idle goes first (default: what the open-files limit leaves, at most 1000)'],
   ['DJS_CLIENT_BYTES', 'start: bytes held for all clients together, each way: unread answers, unfinished requests (default 256 MiB, or 1/8 of the heap if less)'],

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  GATED, addJob, addWorkers, alive, pidOf, readIf, release, serve, socketClients, spawnCli, until, untilState, within, writeScript, type TestServer,
+  GATED, addJob, addWorkers, alive, idsOf, order, pidOf, readIf, release, serve, socketClients, spawnCli, until, untilState, within, writeScript, type TestServer,
 } from './server.ts';
 
 /** Counts its runs in count.$JOB_ID and fails (exit $1, default 1) until run $2 (default 3). */
@@ -472,8 +472,6 @@ const RECORD = `echo "$JOB_ID $*" >> order.txt
 printf '%s\\n' "$@" > "args.$JOB_ID"
 printf 'LR=%s\\nMSG=%s\\n' "$LR" "$MSG" > "env.$JOB_ID"
 exit "\${EXIT_WITH:-0}"`;
-const order = (s: TestServer) => readIf(path.join(s.dir, 'order.txt')).trim().split('\n').filter(Boolean).map((l) => Number(l.split(' ')[0]));
-const idsOf = (out: string) => out.trim().split('\n').map(Number);
 
 describe('campaigns', { concurrency: 4 }, () => {
   test('a sweep queues one job per combination in one request; {1} {2} {} are replaced, or the values appended; any file name works', async (t) => {

@@ -13,20 +13,11 @@ import {
   parseWorkerArg, planStarts, PROBE_BACKOFF_MAX_MS, PROBE_BACKOFF_MIN_MS, splitWords, statusView, UserError,
   validateHost, waitingJobs, JOB_STATES, type Event, type Job, type JobState, type State, type KillReason,
   commandText, idsNamed, sweepValues, fillPlaceholders, onWorkerLaunch, onWorkerInput, ON_WORKER_LINE, srunWords, isLocalWorker, workdirOf, nameOf, ON_WORKER_MAX_BYTES,
-  admits, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
+  admits, lineSplitter, textOf, bytesOf, shellQuote, checkSweep, sweepBytes, MAX_ADD_BYTES, manySlotsWarning, sweepJobs, decideSetPriority, decidePolicy, parseSize, needOf, describeNeed, PLAIN_NEED, decidePause, envOf, waitReason, queueReason, splitSweep, whyHeld,
 } from '../cli.ts';
+import { prng } from './server.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
-/** What plan() leaves to do at `now`, apart from starts: timeouts (as kills), SIGKILLs,
- *  probes; and the next deadline. */
-function dueActions(st: State, now: number, rt: Runtime = newRuntime()) {
-  const p = plan(st, rt, now, 5000);
-  const due = [
-    ...p.events.flatMap((e) => (e.e === 'kill' ? e.ids.map((id) => ({ kind: 'timeout', id })) : [])),
-    ...p.effects.map((f) => (f.kind === 'probe' ? { kind: 'probe', host: f.host } : f.kind === 'signal' ? { kind: 'sigkill', id: f.id } : f)),
-  ];
-  return { due, next: p.next };
-}
 const busy = (probing: string[], killSent: number[]): Runtime => ({ ...newRuntime(), probing: new Set(probing), killSent: new Set(killSent) });
 
 // ---- helpers -----------------------------------------------------------------
@@ -473,7 +464,7 @@ describe('applyEvent', () => {
 
   test('re-adding a worker with --skip_ssh_auth_check while it is being checked makes it usable again', () => {
     // The worker was checked over ssh (exit 255 set probeAt); the user then re-adds it
-    // without ssh. Workers without ssh are never probed (dueActions skips them), so
+    // without ssh. Workers without ssh are never probed (plan skips them), so
     // unless the re-add clears the check, nothing ever will: the worker takes no jobs.
     const st = newState();
     worker(st, 'a', 1, true);
@@ -482,7 +473,7 @@ describe('applyEvent', () => {
     end(st, 1, 255);
     assert.ok(st.workers.get('a')!.probeAt > 0, 'the worker is being checked');
     worker(st, 'a', 1, false);
-    assert.deepEqual(dueActions(st, T0 + 10_000_000).due, [], 'a worker without ssh is never probed');
+    assert.deepEqual(plan(st, newRuntime(), T0 + 10_000_000, 5000).effects, [], 'a worker without ssh is never probed');
     assert.equal(planStarts(st).length, 1, 'so it must be schedulable');
   });
 
@@ -494,9 +485,9 @@ describe('applyEvent', () => {
     end(st, 1, 255);               // probe started now
     worker(st, 'a', 1, false);     // add_slave --skip_ssh_auth_check a
     step(st, { e: 'probe', t: T0 + 5000, host: 'a', ok: false, err: 'timeout' }); // the probe in flight answers
-    const { due, next } = dueActions(st, T0 + 10_000_000);
+    const { effects, next } = plan(st, newRuntime(), T0 + 10_000_000, 5000);
     const w = st.workers.get('a')!;
-    assert.ok(w.state === 'up' && w.probeAt === 0 || due.length > 0 || next < Infinity,
+    assert.ok(w.state === 'up' && w.probeAt === 0 || effects.length > 0 || next < Infinity,
       `worker is ${w.state} with no probe ever due: it is stuck`);
   });
 
@@ -550,18 +541,6 @@ describe('applyEvent', () => {
 });
 
 // ---- the invariants under random events --------------------------------------
-
-/** mulberry32: a small seeded PRNG, so a failure can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Picks one valid or invalid event for the state; `invalid` is true for events that
  *  must change nothing. */
@@ -828,15 +807,15 @@ describe('planStarts', () => {
   });
 });
 
-// ---- dueActions ----------------------------------------------------------------
+// ---- plan: deadlines, kills and probes ----------------------------------------
 
-describe('dueActions', () => {
+describe('plan: deadlines, kills and probes', () => {
   test('nothing pending: nothing due and next is Infinity', () => {
     const st = newState();
     worker(st, 'a');
     add(st, 2);
     start(st, 1, 'a');
-    assert.deepEqual(dueActions(st, T0 + 1e9), { due: [], next: Infinity });
+    assert.deepEqual(plan(st, newRuntime(), T0 + 1e9, 5000), { events: [], effects: [], next: Infinity });
   });
 
   test('a timeout is due at start + timeout and named as the next deadline before', () => {
@@ -844,8 +823,10 @@ describe('dueActions', () => {
     worker(st, 'a');
     add(st, 1, { timeout: 10 });
     start(st, 1, 'a', 0, T0);
-    assert.deepEqual(dueActions(st, T0 + 9_999), { due: [], next: T0 + 10_000 });
-    assert.deepEqual(dueActions(st, T0 + 10_000).due, [{ kind: 'timeout', id: 1 }]);
+    assert.deepEqual(plan(st, newRuntime(), T0 + 9_999, 5000), { events: [], effects: [], next: T0 + 10_000 });
+    const p = plan(st, newRuntime(), T0 + 10_000, 5000);
+    assert.deepEqual(p.events, [{ e: 'kill', t: T0 + 10_000, ids: [1], why: 'timeout', grace: 5000 }]);
+    assert.deepEqual(p.effects, []);
   });
 
   test('a stopping job gets SIGKILL after killAt unless already sent, and no timeout', () => {
@@ -854,9 +835,11 @@ describe('dueActions', () => {
     add(st, 1, { timeout: 1 });
     start(st, 1, 'a', 0, T0);
     stop(st, [1], 'user', T0 + 100, 5000);
-    assert.deepEqual(dueActions(st, T0 + 2000), { due: [], next: T0 + 5100 });
-    assert.deepEqual(dueActions(st, T0 + 5100).due, [{ kind: 'sigkill', id: 1 }]);
-    assert.deepEqual(dueActions(st, T0 + 9000, busy([], [1])), { due: [], next: Infinity });
+    assert.deepEqual(plan(st, newRuntime(), T0 + 2000, 5000), { events: [], effects: [], next: T0 + 5100 });
+    const p = plan(st, newRuntime(), T0 + 5100, 5000);
+    assert.deepEqual(p.events, [], 'no timeout kill of a job being killed');
+    assert.deepEqual(p.effects, [{ kind: 'signal', id: 1, sig: 'SIGKILL' }]);
+    assert.deepEqual(plan(st, busy([], [1]), T0 + 9000, 5000), { events: [], effects: [], next: Infinity });
   });
 
   test('probes are due at probeAt unless one is already running', () => {
@@ -867,9 +850,11 @@ describe('dueActions', () => {
     start(st, 1, 'a');
     end(st, 1, 255, T0 + 50);
     step(st, { e: 'probe', t: T0, host: 'b', ok: false });
-    assert.deepEqual(dueActions(st, T0 + 50), { due: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
-    assert.deepEqual(dueActions(st, T0 + 50, busy(['a'], [])), { due: [], next: T0 + PROBE_BACKOFF_MIN_MS });
-    assert.deepEqual(dueActions(st, T0 + PROBE_BACKOFF_MIN_MS, busy(['a'], [])).due, [{ kind: 'probe', host: 'b' }]);
+    assert.deepEqual(plan(st, newRuntime(), T0 + 50, 5000), { events: [], effects: [{ kind: 'probe', host: 'a' }], next: T0 + PROBE_BACKOFF_MIN_MS });
+    assert.deepEqual(plan(st, busy(['a'], []), T0 + 50, 5000), { events: [], effects: [], next: T0 + PROBE_BACKOFF_MIN_MS });
+    const p = plan(st, busy(['a'], []), T0 + PROBE_BACKOFF_MIN_MS, 5000);
+    assert.deepEqual(p.events, []);
+    assert.deepEqual(p.effects, [{ kind: 'probe', host: 'b' }]);
   });
 });
 
@@ -2025,5 +2010,34 @@ describe('--on-worker, --workdir and --name in the core', () => {
     assert.deepEqual(srunWords('p', { id: 1, slots: 1, gpus: 0, timeout: 0 }), ['srun', '--job-name=djs-1', '--partition=p', '--ntasks=1', '--cpus-per-task=1']);
     assert.equal(isLocalWorker('local12'), true);
     assert.equal(isLocalWorker('localhost'), false);
+  });
+});
+
+// ---- lineSplitter ----------------------------------------------------------------
+
+describe('lineSplitter: the one line splitter (journal, socket requests, onLines)', () => {
+  test('lines cut anywhere by chunk ends come out whole, bytes or text; the unfinished rest waits', () => {
+    const text = 'first\n\nthird line, longer than a chunk\nä€😀 last\nunfinished';
+    for (const size of [1, 2, 3, 7, 64]) {
+      const bytes = Buffer.from(text);
+      const got: string[] = [];
+      const b = lineSplitter<Buffer>(Buffer.concat, (l) => { got.push(l.toString('utf8')); });
+      for (let i = 0; i < bytes.length; i += size) b.push(bytes.subarray(i, i + size));
+      assert.deepEqual(got, ['first', '', 'third line, longer than a chunk', 'ä€😀 last'], `chunks of ${size} bytes`);
+      assert.equal(b.pending, Buffer.byteLength('unfinished'));
+      assert.equal(b.rest().toString(), 'unfinished');
+      assert.equal(b.pending, 0);
+      const words: string[] = [];
+      const t = lineSplitter((p: string[]) => p.join(''), (l: string) => { words.push(l); });
+      for (let i = 0; i < text.length; i += size) t.push(text.slice(i, i + size));
+      assert.deepEqual(words, got, `text in chunks of ${size}`);
+    }
+  });
+
+  test('a line for which fn returns false stops the chunk there', () => {
+    const got: string[] = [];
+    const s = lineSplitter<Buffer>(Buffer.concat, (l) => { got.push(l.toString()); return l.toString() !== 'stop'; });
+    s.push(Buffer.from('a\nstop\nb\nc\n'));
+    assert.deepEqual(got, ['a', 'stop']);
   });
 });

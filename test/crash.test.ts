@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { applyEvent, newState, upgradeRecord, type Event } from '../cli.ts';
 import {
-  GATED, addJob, addWorkers, launcherOf, alive, delay, pidOf, procIds, readIf, release, removeDir, runCli, socketOp, startServer, tempDir, testDir, until, untilState,
+  GATED, addJob, addWorkers, launcherOf, alive, delay, moreChecks, pidOf, procIds, readIf, release, removeDir, runCli, socketOp, startServer, tempDir, testDir, until, untilState,
   writeScript,
 } from './server.ts';
 
@@ -413,7 +413,7 @@ exit $(( JOB_ID + 10 ))`);
     process.kill(launcherOf(s), 'SIGKILL');
     await until(() => /launcher ended/.test(s.output()), 'the server to notice');
     // Jobs 1 and 2 still run: they must stay running, holding their slots, across checks.
-    await delay(1500);
+    await moreChecks(s, 4);
     assert.deepEqual((await s.jobs()).map((j: any) => j.state), ['running', 'running', 'waiting', 'waiting']);
     for (let id = 1; id <= 4; id++) release(s, id);
     assert.equal((await s.cli(['wait', '--all'])).code, 1);
@@ -434,7 +434,7 @@ while [ ! -e "${dir}/go.$JOB_ID" ]; do sleep 0.05; done; echo "end $$" >> "${dir
     await until(() => /launcher ended/.test(s.output()), 'the server to notice');
     await s.crash();
     s = await s.restart();
-    await delay(1500); // a check of the job or two
+    await moreChecks(s, 2); // a check of the job or two
     assert.equal((await s.job(1)).state, 'running', 'a restarted server sees job 1 running');
     fs.rmSync(path.join(dir, 'pid.1'));
     release(s, 1);

@@ -7,13 +7,9 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { loadState } from '../cli.ts';
-import { cleanUp, startServer, until, writeScript, type TestServer } from './server.ts';
+import { cleanUp, prng, startServer, until, writeScript, type TestServer } from './server.ts';
 
 const SECONDS = Number(process.env.DJS_FUZZ_SECONDS ?? 6);
-
-function prng(seed: number) {
-  return () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32);
-}
 
 test(`fuzz: ${SECONDS} s of random and mutated requests; the server answers and equals a replay of its journal`, { timeout: (SECONDS + 60) * 1000 }, async (t) => {
   let s: TestServer | undefined;

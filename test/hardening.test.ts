@@ -8,7 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { CLI, cleanUp, launcherOf, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
+import { CLI, cleanUp, delay, launcherOf, moreChecks, rssMiB, runCli, socketOp, rawRequest, spawnCli, startServer, tempDir, until, writeScript, type TestServer } from './server.ts';
 
 /** A raw connection to the server's socket, with what it has received so far. */
 const connect = (s: TestServer) => connectTo({ path: path.join(s.dataDir, 'server.sock') });
@@ -27,7 +27,6 @@ function connectTo(to: net.NetConnectOpts): Promise<{ sock: net.Socket; got: () 
 }
 
 /** The server's resident memory in MiB. */
-const rssMiB = (s: TestServer) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${s.proc.pid}/status`, 'utf8'))![1]) / 1024;
 
 test('a request line over 16 MiB, finished or not, is refused and its connection closed; the server goes on', { timeout: 60_000 }, async (t) => {
   let s: TestServer | undefined;
@@ -124,7 +123,7 @@ test('a job\'s run time starts when its process does, not while its start waited
   const id = (await s.ok(['add_job', script])).trim();
   await until(async () => (await s!.job(id)).state === 'running', 'the start to be handed to the stopped launcher');
   const handed = Date.now();
-  await new Promise((r) => setTimeout(r, 1500)); // the launcher stays stopped this long: the fault itself
+  await delay(1500); // the fault itself, not a wait for anything: the launcher stays stopped 1.5 s
   process.kill(launcher, 'SIGCONT');
   assert.equal((await s.cli(['wait', id])).code, 0);
   const job = await s.job(id);
@@ -152,7 +151,7 @@ test('a launcher stopped with records unread, across a kill -9 and a new server:
   // claims while that launcher lives: give its sweeps (every second) time to go wrong.
   const voids = () => fs.readdirSync(path.join(s!.dataDir, 'run')).filter((f) => fs.readFileSync(path.join(s!.dataDir, 'run', f), 'utf8').startsWith('void'));
   await until(() => voids().length > 0, 'the unread runs to be voided');
-  await new Promise((r) => setTimeout(r, 2500));
+  await moreChecks(s, 2, 'sweeps');
   assert.ok(voids().length > 0, 'void claims are kept while the old launcher lives');
   process.kill(launcher, 'SIGCONT');
   assert.equal((await s.cli(['wait'])).code, 0);
@@ -184,7 +183,12 @@ test('out of file descriptors while an adopted job ends: the job is neither take
   // The job ends (its launcher, of the crashed server, records the code) while the
   // server cannot open a file; its checks of the job fail and must not count as "ended".
   await until(() => fs.readFileSync(path.join(s!.dataDir, 'run', '1.1.pid'), 'utf8').split('\n').length === 3, 'the job to end');
-  await new Promise((r) => setTimeout(r, 1500)); // at least one check of the job meanwhile
+  // At least one check of the job meanwhile (status cannot be asked now: the server has
+  // no descriptor left to accept with): one that failed for want of a descriptor says so
+  // in server.log; one that found the job ended has let go of its run file.
+  const failed = s.output().split('cannot check on job 1').length;
+  const runFile = path.join(s.dataDir, 'run', '1.1.pid');
+  await until(() => s!.output().split('cannot check on job 1').length > failed || !fs.existsSync(runFile), 'a check of the job since it ended');
   for (const c of conns) c.destroy();
   assert.equal((await s.cli(['wait', '1'])).code, 1);
   const job = await s.job(1);
@@ -246,7 +250,7 @@ echo run >> "${dir}/runs"; while [ ! -e "${dir}/go" ]; do sleep 0.05; done`);
   await s.crash();
   fs.symlinkSync(dir, path.join(dir, 'link'));
   s = await startServer({ dir: path.join(dir, 'link') });
-  await new Promise((r) => setTimeout(r, 1500)); // a check of the job or two
+  await moreChecks(s, 2); // a check of the job or two
   assert.equal((await s.job(1)).state, 'running', 'the job is still running');
   fs.writeFileSync(path.join(dir, 'go'), '');
   assert.equal((await s.cli(['wait', '1'])).code, 0);
@@ -273,8 +277,9 @@ test('a job that ended while no server ran is recorded as ending when it did, no
   fs.writeFileSync(path.join(dir, 'go'), '');
   const runFile = path.join(s.dataDir, 'run', '1.1.pid');
   await until(() => fs.readFileSync(runFile, 'utf8').split('\n').length === 3, 'the job to end and its code to be written');
-  const endedAt = fs.statSync(runFile).mtimeMs;
-  await new Promise((r) => setTimeout(r, 1500)); // no server for a while
+  // It ended an hour before a server looked (its exit code written then).
+  const endedAt = fs.statSync(runFile).mtimeMs - 3_600_000;
+  fs.utimesSync(runFile, endedAt / 1000, endedAt / 1000);
   s = await s.restart();
   assert.equal((await s.cli(['wait', '1'])).code, 0);
   const job = await s.job(1);

@@ -5,8 +5,9 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
   applyEvent, connectionOf, connectionsOf, controlDirFor, HEARTBEAT_MISSES, newHealth, newRuntime, newState, plan,
-  sharedConfigText, sshSettings, UserError, type Event, type Health, type HealthSettings, type Runtime, type State,
+  sharedConfigText, sshSettings, UserError, type Health, type HealthSettings, type Runtime, type State,
 } from '../cli.ts';
+import { apply } from './server.ts';
 
 const T0 = Date.UTC(2026, 0, 1, 12, 0, 0);
 const H = 1000; // heartbeat period of these tests
@@ -28,7 +29,6 @@ const runtime = (health: Record<string, Partial<Health>>): Runtime => {
 };
 const beats = (p: ReturnType<typeof plan>) => p.effects.filter((f) => f.kind === 'heartbeat').map((f) => (f as { host: string }).host).sort();
 const startedOn = (p: ReturnType<typeof plan>) => p.events.filter((e) => e.e === 'start').map((e) => (e as { host: string }).host).sort();
-const apply = (st: State, evs: Event[]) => { for (const ev of evs) applyEvent(st, ev); };
 
 describe('heartbeats', () => {
   test('idle workers with no waiting work are not checked; workers with running jobs or waiting work are, one check at a time, every period', () => {
@@ -38,7 +38,7 @@ describe('heartbeats', () => {
     assert.deepEqual(beats(idle), [], 'nothing runs or waits: no checks');
     assert.equal(idle.next, Infinity);
 
-    apply(st, [{ e: 'add', t: T0, id: 1, cwd: '/w', retries: 0, timeout: 0, jobs: [['/bin/job']] }]);
+    apply(st, { e: 'add', t: T0, id: 1, cwd: '/w', retries: 0, timeout: 0, jobs: [['/bin/job']] });
     const soon = plan(st, rt, T0 + H / 2, 5000, HS);
     assert.deepEqual(beats(soon), [], 'not due yet');
     assert.equal(soon.next, T0 + H, 'the next check is due one period after the last');
@@ -56,7 +56,7 @@ describe('heartbeats', () => {
     assert.deepEqual(beats(p), ['b'], 'b is checked first');
     // Its check answers: it takes jobs.
     Object.assign(rt.health.get('b')!, { okAt: T0 + H / 2, sentAt: T0 + H / 2 });
-    apply(st, p.events);
+    apply(st, ...p.events);
     assert.deepEqual(startedOn(plan(st, rt, T0 + H, 5000, HS)), ['b', 'b']);
     // A new server knows nothing of its workers: each is checked before its first job.
     const fresh = plan(setup(3), newRuntime(), T0, 5000, HS);
@@ -67,7 +67,7 @@ describe('heartbeats', () => {
   test(`a worker whose checks go unanswered for ${HEARTBEAT_MISSES} periods goes down, saying why; its jobs run on, unless it was added with --requeue-on-down`, () => {
     const st = setup(5);
     const rt = runtime({ a: { okAt: T0, sentAt: T0 }, b: { okAt: T0, sentAt: T0 } });
-    apply(st, plan(st, rt, T0, 5000, HS).events);
+    apply(st, ...plan(st, rt, T0, 5000, HS).events);
     assert.deepEqual([...st.workers.values()].map((w) => w.running.filter(Boolean).length), [2, 2, 1]);
     // Checks sent at T0 + H have not answered (one hangs, one was refused).
     Object.assign(rt.health.get('a')!, { sentAt: T0 + H, missingSince: T0 + H, busy: true });
@@ -84,14 +84,14 @@ describe('heartbeats', () => {
     const kills = p.events.filter((e) => e.e === 'kill');
     assert.deepEqual(kills.map((e) => [(e as { ids: number[] }).ids, (e as { why: string }).why]), [[st.workers.get('b')!.running.filter(Boolean), 'down']],
       'only b (--requeue-on-down) has its jobs stopped');
-    apply(st, p.events);
+    apply(st, ...p.events);
     assert.equal(st.workers.get('a')!.state, 'down');
     assert.equal(st.workers.get('b')!.state, 'down');
     assert.ok(st.workers.get('a')!.probeAt > at, 'a down worker is probed with backoff');
     // b's jobs end (SIGTERM): back to the front of the queue, not charged; one that
     // finished its work anyway is done.
     const [j1, j2] = st.workers.get('b')!.running.filter(Boolean);
-    apply(st, [{ e: 'end', t: at + 10, id: j1, run: 1, code: 143 }, { e: 'end', t: at + 10, id: j2, run: 1, code: 0 }]);
+    apply(st, { e: 'end', t: at + 10, id: j1, run: 1, code: 143 }, { e: 'end', t: at + 10, id: j2, run: 1, code: 0 });
     assert.deepEqual([st.jobs.get(j1)!.state, st.jobs.get(j1)!.reason, st.jobs.get(j1)!.retriesUsed, st.jobs.get(j1)!.avoid], ['waiting', 'worker down', 0, ['b']]);
     assert.equal(st.jobs.get(j1)!.history!.at(-1)!.reason, 'worker down');
     assert.equal(st.jobs.get(j2)!.state, 'done');
@@ -103,7 +103,7 @@ describe('heartbeats', () => {
   test('a probe under way (a job exited 255) sends no heartbeat, but missed ones still take the worker down', () => {
     const st = setup(2);
     const rt = runtime({ a: { okAt: T0, sentAt: T0 + H, missingSince: T0 + H, busy: true } });
-    apply(st, [{ e: 'start', t: T0, id: 1, host: 'a', slot: 0 }, { e: 'end', t: T0 + H, id: 1, run: 1, code: 255 }]);
+    apply(st, { e: 'start', t: T0, id: 1, host: 'a', slot: 0 }, { e: 'end', t: T0 + H, id: 1, run: 1, code: 255 });
     assert.ok(st.workers.get('a')!.probeAt > 0);
     rt.probing.add('a');
     rt.health.get('a')!.busy = false;

@@ -31,7 +31,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { allPids, packagesFor, procStat, removeDir, run, tempDir, until, which } from './server.ts';
+import type { TestContext } from 'node:test';
+import { allPids, packagesFor, procStat, removeDir, ROOT, run, serve, tempDir, until, which, writeScript, type TestServer } from './server.ts';
 
 // ---------------------------------------------------------------- vocabulary
 
@@ -523,3 +524,26 @@ export async function startHosts(n: number, options: HostsOptions = {}): Promise
     throw err;
   }
 }
+
+// ---------------------------------------------------------------- a server on the hosts
+
+const EXAMPLE_JOB = path.join(ROOT, 'example_job.sh');
+/** The ssh timeout (DJS_SSH_TIMEOUT, seconds) of a server of serveOnHosts. */
+export const SSH_TIMEOUT_S = 2;
+
+/** n ssh hosts and a server whose ssh reaches them (DJS_SSH_CONFIG, a 2 s ssh timeout,
+ *  probes backing off to 2 s, and `env`), with example_job.sh in its dir; all of it ends
+ *  with the test: the server (and its jobs) first, then the hosts. */
+export async function serveOnHosts(t: TestContext, n: number, opts: HostsOptions & { env?: NodeJS.ProcessEnv } = {}): Promise<{ hosts: TestHosts; s: TestServer }> {
+  const hosts = await startHosts(n, opts);
+  const s = await serve(t, { env: { DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: String(SSH_TIMEOUT_S), DJS_PROBE_BACKOFF_MAX: '2', ...opts.env } })
+    .catch(async (e) => { await hosts.close(); throw e; });
+  t.after(() => hosts.close());
+  fs.copyFileSync(EXAMPLE_JOB, path.join(s.dir, 'example_job.sh'));
+  fs.chmodSync(path.join(s.dir, 'example_job.sh'), 0o755);
+  return { hosts, s };
+}
+
+/** A job script in `dir`: example_job.sh with some environment of its own (`env`, as
+ *  NAME=VALUE words). */
+export const exampleVariant = (dir: string, name: string, env: string) => writeScript(dir, name, `${env} exec ${JSON.stringify(EXAMPLE_JOB)} "$@"`);

@@ -11,6 +11,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { GATED, addWorkers, pidOf, release, serve, until, untilState, within, writeScript, type ServerOptions, type TestServer } from './server.ts';
+import { OPS } from '../cli.ts';
+import { ROOT } from './server.ts';
 
 type Answer = { status: number; headers: http.IncomingHttpHeaders; text: string; json: any };
 
@@ -452,4 +454,64 @@ test('a thousand event streams at once: each gets the live status; the server st
   for (const st of streams) st.sock.destroy();
   assert.equal((await d.get('/api/status')).json.workers[0].host, 'w9');
   assert.equal(d.s.proc.exitCode, null, 'the server is up');
+});
+
+test('GET /api/openapi.json describes every route and every operation served over HTTP, with its fields and types', async (t) => {
+  const d = await serveHttp(t);
+  // No token needed: it holds no data.
+  const r = await httpRequest(`${d.base}/api/openapi.json`);
+  assert.equal(r.status, 200, r.text);
+  assert.match(String(r.headers['content-type']), /^application\/json/);
+  const doc = r.json;
+  assert.ok(doc, 'valid JSON');
+  assert.match(doc.openapi, /^3\.[01]\.\d+$/);
+  assert.equal(typeof doc.info?.title, 'string');
+  assert.equal(typeof doc.info?.version, 'string');
+  assert.equal(typeof doc.paths, 'object');
+  for (const scheme of doc.security) for (const name of Object.keys(scheme)) assert.ok(doc.components.securitySchemes[name], `security scheme ${name}`);
+
+  // Every operation the socket serves over HTTP is a POST with exactly its fields, and
+  // the type each field says is the one the server holds it to: a value of another
+  // type is refused naming the field.
+  const httpOps = Object.entries(OPS).filter(([, op]) => op.http);
+  assert.ok(httpOps.length >= 10, 'the operations over HTTP');
+  const other: Record<string, unknown> = { boolean: 'x', string: 1, number: 'x', integer: 'x', array: 'x', object: [] };
+  for (const [name, op] of httpOps) {
+    const post = doc.paths[`/api/${name}`]?.post;
+    assert.ok(post, `POST /api/${name} is described`);
+    const body = post.requestBody.content['application/json'].schema;
+    assert.equal(body.additionalProperties, false, name);
+    const fields = Object.entries(op.fields ?? {}).filter(([, f]) => !('socketOnly' in f)).map(([k]) => k);
+    assert.deepEqual(Object.keys(body.properties).sort(), fields.sort(), `the fields of ${name}`);
+    for (const [field, schema] of Object.entries<any>(body.properties)) {
+      assert.ok(schema.type || schema.enum, `${name}.${field} has a type`);
+      const wrong = schema.enum ? 'not one of them' : other[schema.type];
+      const a = await d.post(name, { [field]: wrong });
+      assert.equal(a.status, 400, `${name}.${field} = ${JSON.stringify(wrong)}: ${a.text}`);
+      assert.match(a.json.error, new RegExp(`^invalid ${field} `), `${name}.${field}`);
+    }
+  }
+  // Nothing else is a POST: an operation the socket keeps to itself is not described.
+  const posts = Object.keys(doc.paths).filter((p) => doc.paths[p].post).map((p) => p.slice('/api/'.length));
+  assert.deepEqual(posts.sort(), httpOps.map(([n]) => n).sort());
+
+  // Every GET route is served, with the query parameters it is described with: an
+  // unknown one is refused with the list of those it takes.
+  const gets = Object.keys(doc.paths).filter((p) => doc.paths[p].get);
+  for (const p of ['/api/status', '/api/workers', '/api/jobs', '/api/jobs/{id}', '/api/jobs/{id}/log', '/api/events', '/api/hello', '/metrics', '/api/openapi.json']) assert.ok(gets.includes(p), `GET ${p}`);
+  for (const p of gets) {
+    const get = doc.paths[p].get;
+    const query = get.parameters.filter((q: any) => q.in === 'query').map((q: any) => q.name);
+    const a = await d.get(`${p.replace('{id}', '1')}?zzz=1`);
+    assert.equal(a.status, 400, `GET ${p}?zzz=1: ${a.text}`);
+    const taken = /^parameters here: (.*)$/.exec(a.json.hint)?.[1].split(', ') ?? (a.json.hint === 'this takes no parameters' ? [] : [a.json.hint]);
+    assert.deepEqual(taken.sort(), query.sort(), `GET ${p}: its parameters`);
+    assert.equal(get.security?.length === 0, p === '/api/hello' || p === '/api/openapi.json', `GET ${p}: needs the token`);
+  }
+
+  // The README's API table names it, and every route it describes.
+  const readme = fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8');
+  const table = readme.slice(readme.indexOf('| request | what it does (CLI) |'), readme.indexOf('Unknown fields and parameters are refused'));
+  assert.match(table, /\| `GET \/api\/openapi\.json` \|/);
+  for (const p of Object.keys(doc.paths)) assert.ok(table.includes(p.replace('{id}', 'ID')), `the README's API table names ${p}`);
 });

@@ -8,16 +8,15 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import {
-  applyEvent, bytesOf, undocumentedOptions, exitColumn, formatStatus, statusView, formatDuration, formatProgress, idRanges, jobView, nearest, newRuntime, newState, plan,
-  resolveSettings, SETTINGS, splitWords, VERSION, whyWaiting, type Event, type State, type WaitCounts,
+  bytesOf, undocumentedOptions, exitColumn, formatStatus, statusView, formatDuration, formatProgress, idRanges, jobView, nearest, newRuntime, newState, plan,
+  resolveSettings, SETTINGS, splitWords, VERSION, whyWaiting, type WaitCounts,
 } from '../cli.ts';
 import {
-  addJob, addWorkers, GATED, release, ROOT, runCli, serve, spawnCli, socketClients, testDir, until, untilState, within,
+  addJob, addWorkers, apply, GATED, release, ROOT, runCli, serve, spawnCli, socketClients, testDir, until, untilState, within,
   writeScript,
 } from './server.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
-const apply = (st: State, ...evs: Event[]) => { for (const ev of evs) applyEvent(st, ev); };
 
 // ---- tier 1 -----------------------------------------------------------------------
 

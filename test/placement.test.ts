@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { GATED, pidOf, readIf, release, serve, untilState, writeScript, type TestServer } from './server.ts';
+import { GATED, idsOf, order, pidOf, readIf, release, serve, untilState, writeScript, type TestServer } from './server.ts';
 import { skipUnlessSsh, startHosts } from './hosts.ts';
 
 /** Records where and with what it ran: "SLAVE_IP|SLAVE_SLOT|SLAVE_SLOTS|SLAVE_GPUS|CUDA_HOME|MODE"
@@ -16,8 +16,6 @@ const PLACED = `printf '%s|%s|%s|%s|%s|%s\\n' "$SLAVE_IP" "$SLAVE_SLOT" "$SLAVE_
 echo "$JOB_ID" >> order.txt
 ${GATED}`;
 const where = (s: TestServer, id: number | string) => readIf(path.join(s.dir, `where.${id}`)).trim().split('|');
-const idsOf = (out: string) => out.trim().split('\n').map(Number);
-const order = (s: TestServer) => readIf(path.join(s.dir, 'order.txt')).trim().split('\n').filter(Boolean).map(Number);
 const addWorker = (s: TestServer, ...args: string[]) => s.ok(['add_slave', '--skip_ssh_auth_check', ...args]);
 
 describe('placement', { concurrency: 4 }, () => {

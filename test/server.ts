@@ -16,6 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { applyEvent, type Event, type State } from '../cli.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 /** The cli.ts under test: this checkout's, or another build's (DJS_TEST_CLI=/path/to/cli.ts,
@@ -270,6 +271,13 @@ export function readIf(file: string): string {
   try { return fs.readFileSync(file, 'utf8'); } catch { return ''; }
 }
 
+/** The job ids a client printed, one a line (add_job, add_jobs). */
+export const idsOf = (out: string) => out.trim().split('\n').map(Number);
+
+/** The job ids in the order their runs wrote them to order.txt in the test dir, one
+ *  line each, the id first (`echo "$JOB_ID ..." >> order.txt`). */
+export const order = (s: TestServer) => readIf(path.join(s.dir, 'order.txt')).trim().split('\n').filter(Boolean).map((l) => Number(l.split(' ')[0]));
+
 /** A job that writes its pid to pid.$JOB_ID in its directory, says it runs, waits until
  *  the file go.$JOB_ID appears there (see release), says so, and exits with $1 if that
  *  is a number, else 0. pidOf and release expect it to run in the server's test dir. */
@@ -411,6 +419,14 @@ export async function untilState(s: TestServer, id: string | number, state: stri
   return job;
 }
 
+/** Waits until the server has made `n` more checks of its watched runs (or, with
+ *  `sweeps`, sweeps of its run dir) than when called: the counts of status's
+ *  server.checks. What a test waits for instead of sleeping "a check or two". */
+export async function moreChecks(s: TestServer, n: number, kind: 'runs' | 'sweeps' = 'runs', ms = 15_000): Promise<void> {
+  const from: number = (await s.status()).server.checks[kind];
+  await until(async () => (await s.status()).server.checks[kind] >= from + n, `${n} more ${kind === 'runs' ? 'checks of watched runs' : 'sweeps of the run dir'}`, ms, 50);
+}
+
 // ---------------------------------------------------------------- the socket, bare
 
 /** Connects to the server socket of dataDir; a path too long for a socket address is
@@ -478,3 +494,20 @@ export function socketClients(dataDir: string): number {
 
 /** A server's resident memory in MiB. */
 export const rssMiB = (s: TestServer) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${s.proc.pid}/status`, 'utf8'))![1]) / 1024;
+
+// ---------------------------------------------------------------- tier 1: the pure core
+
+/** Applies events to a state in order (the core's applyEvent, as a replay does). */
+export const apply = (st: State, ...evs: Event[]) => { for (const ev of evs) applyEvent(st, ev); };
+
+/** mulberry32: a small seeded PRNG, so that a failure can be replayed from its seed. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

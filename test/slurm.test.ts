@@ -10,7 +10,7 @@ import { applyEvent, newRuntime, newState, parseWorkerArg, plan, sinfoVerdict, s
 import { slurmGpuVerdict } from '../cli.ts';
 import { sshSkip, startHosts, type TestHosts } from './hosts.ts';
 import { findProcesses } from './hosts.ts';
-import { ROOT, serve, testDir, until, untilState, type TestServer } from './server.ts';
+import { idsOf, ROOT, serve, testDir, until, untilState, type TestServer } from './server.ts';
 import { alive, processesUnder } from './server.ts';
 import { slurmSkip, startSlurm, type TestSlurm } from './slurm.ts';
 
@@ -109,7 +109,6 @@ describe('Slurm partitions as workers, on a real Slurm', { skip, concurrency: 1 
       return `f${i + 1}.txt`;
     });
   }
-  const idsOf = (out: string) => out.trim().split('\n').map(Number);
   const worker = async (s: TestServer, host: string) => (await s.status()).workers.find((w: any) => w.host === host);
   const [ssh1, ssh2] = [0, 1].map((i) => `127.0.0.${i + 2}`);
 

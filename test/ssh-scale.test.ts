@@ -6,22 +6,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { startHosts, skipUnlessSsh, type HostsOptions } from './hosts.ts';
-import { allPids, run, serve, writeScript, until, ROOT, type TestServer } from './server.ts';
+import { startHosts, skipUnlessSsh, serveOnHosts, exampleVariant, SSH_TIMEOUT_S } from './hosts.ts';
+import { allPids, run, serve, until, ROOT, type TestServer } from './server.ts';
 
 const EXAMPLE = path.join(ROOT, 'example_job.sh');
-const SSH_TIMEOUT_S = 2;
-
-/** n ssh hosts and a server whose ssh reaches them; all of it ends with the test. */
-async function setup(t: TestContext, n: number, opts: HostsOptions & { env?: NodeJS.ProcessEnv } = {}) {
-  const hosts = await startHosts(n, opts);
-  const s = await serve(t, { env: { DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: String(SSH_TIMEOUT_S), DJS_PROBE_BACKOFF_MAX: '2', ...opts.env } })
-    .catch(async (e) => { await hosts.close(); throw e; });
-  t.after(() => hosts.close());
-  fs.copyFileSync(EXAMPLE, path.join(s.dir, 'example_job.sh'));
-  fs.chmodSync(path.join(s.dir, 'example_job.sh'), 0o755);
-  return { hosts, s };
-}
 
 /** n small input files; returns their names. */
 function makeInputs(dir: string, n: number): string[] {
@@ -63,19 +51,16 @@ function masters(dir: string): number[] {
   });
 }
 
-/** A job script: example_job.sh with some environment of its own. */
-const variant = (dir: string, name: string, env: string) => writeScript(dir, name, `${env} exec ${JSON.stringify(EXAMPLE)} "$@"`);
-
 /** Runs 36 paced jobs over 3 hosts x 2 slots, stops host 2 (SIGSTOP) while it runs jobs
  *  and checks: down within the heartbeat limit, none of its jobs running past that plus
  *  ssh's own timeout, every job done exactly once; after SIGCONT it is up by itself. */
 async function hangMidRun(t: TestContext, requeueOnDown: boolean) {
   const HEARTBEAT_S = 1;
-  const { hosts, s } = await setup(t, 3, { env: { DJS_HEARTBEAT: String(HEARTBEAT_S) } });
+  const { hosts, s } = await serveOnHosts(t, 3, { env: { DJS_HEARTBEAT: String(HEARTBEAT_S) } });
   const hung = hosts.hosts[1];
   await s.ok(['add_slave', ...(requeueOnDown ? ['--requeue-on-down'] : []), ...hosts.hosts.map((h) => `${h.addr}:2`)]);
   const names = makeInputs(s.dir, 36);
-  const ids = await addJobs(s, names, variant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=1'));
+  const ids = await addJobs(s, names, exampleVariant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=1'));
   await until(async () => (await s.status()).counts.done >= 6 && (await workerOf(s, hung.addr)).running.length === 2, 'the run to get going on every host', 60_000);
   const stoppedAt = Date.now();
   hung.stop();
@@ -112,7 +97,7 @@ async function hangMidRun(t: TestContext, requeueOnDown: boolean) {
 describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
   test('one login per worker serves its login check, heartbeats and every job; a dead master (its socket left behind) makes no job fail and is replaced; remove_slave closes them', { timeout: 120_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 2, { env: { DJS_HEARTBEAT: '1' } });
+    const { hosts, s } = await serveOnHosts(t, 2, { env: { DJS_HEARTBEAT: '1' } });
     const [h0, h1] = hosts.hosts;
     const before = hosts.hosts.map((h) => h.logins()); // the harness's own check of each host
     await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:4`)]);
@@ -120,7 +105,7 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
     assert.equal(fs.statSync(controlDir).mode & 0o777, 0o700);
     assert.equal(masters(controlDir).length, 2, 'the login check opened one connection per host');
     const names = makeInputs(s.dir, 40);
-    const paced = variant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=0.1');
+    const paced = exampleVariant(s.dir, 'paced.sh', 'DJS_EXAMPLE_SLEEP=0.1');
     const first = await addJobs(s, names.slice(0, 20), paced);
     assert.equal((await s.cli(['wait'])).code, 0);
     // Kill host 1's master: its control socket stays behind, dead.
@@ -181,7 +166,7 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
 
   test('sshd at its default limits (MaxStartups 10:30:100, MaxSessions 10): 120 example_job.sh jobs on 16 slots of one host, no exit 255, nothing charged to the worker', { timeout: 240_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 1, { sshd: { MaxStartups: '10:30:100', MaxSessions: '10' }, env: { DJS_HEARTBEAT: '2' } });
+    const { hosts, s } = await serveOnHosts(t, 1, { sshd: { MaxStartups: '10:30:100', MaxSessions: '10' }, env: { DJS_HEARTBEAT: '2' } });
     const [h] = hosts.hosts;
     const before = h.logins();
     await s.ok(['add_slave', `${h.addr}:16`]);
@@ -211,7 +196,7 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
 
   test('a host that dies while idle is down before any job is sent to it', { timeout: 120_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 3, { env: { DJS_HEARTBEAT: '1' } });
+    const { hosts, s } = await serveOnHosts(t, 3, { env: { DJS_HEARTBEAT: '1' } });
     const dead = hosts.hosts[1];
     await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:2`)]);
     await dead.crash();
@@ -231,7 +216,7 @@ describe('ssh at scale on real hosts', { concurrency: 3 }, () => {
 
   test('add_slave of 10 hosts, one hanging: checked in parallel, bounded by the ssh timeout, none added; without it, the checks open the connections the jobs then use', { timeout: 120_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 10);
+    const { hosts, s } = await serveOnHosts(t, 10);
     const hung = hosts.hosts[9];
     hung.stop();
     t.after(() => hung.cont());

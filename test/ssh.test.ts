@@ -5,10 +5,8 @@ import { describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startHosts, skipUnlessSsh, findProcesses, type TestHosts } from './hosts.ts';
-import { serve, startServer, writeScript, until, within, ROOT } from './server.ts';
-
-const EXAMPLE = path.join(ROOT, 'example_job.sh');
+import { skipUnlessSsh, findProcesses, serveOnHosts, exampleVariant, type TestHosts } from './hosts.ts';
+import { startServer, writeScript, until, within } from './server.ts';
 
 /** Input files of different sizes, some with spaces in their names; returns name → words. */
 function makeInputs(dir: string, n: number): Map<string, number> {
@@ -26,32 +24,15 @@ function makeInputs(dir: string, n: number): Map<string, number> {
 const jobsFile = (names: Iterable<string>, script = './example_job.sh') =>
   [...names].map((n) => `${script} ${JSON.stringify(`input/${n}`)}`).join('\n') + '\n';
 
-/** A job script that runs example_job.sh with some environment of its own. */
-function variant(dir: string, name: string, env: string): string {
-  return writeScript(dir, name, `${env} exec ${JSON.stringify(EXAMPLE)} "$@"`);
-}
-
-/** n ssh hosts and a server whose ssh reaches them; all of it ends with the test. */
-async function setup(t: TestContext, n: number, opts: { noKeyHosts?: number[]; env?: NodeJS.ProcessEnv } = {}) {
-  const hosts = await startHosts(n, opts);
-  // The server (and its jobs) go first, then the hosts.
-  const s = await serve(t, { env: { DJS_SSH_CONFIG: hosts.sshConfig, DJS_SSH_TIMEOUT: '2', DJS_PROBE_BACKOFF_MAX: '2', ...opts.env } })
-    .catch(async (e) => { await hosts.close(); throw e; });
-  t.after(() => hosts.close());
-  fs.copyFileSync(EXAMPLE, path.join(s.dir, 'example_job.sh'));
-  fs.chmodSync(path.join(s.dir, 'example_job.sh'), 0o755);
-  return { hosts, s };
-}
-
 const addr = (hosts: TestHosts, i: number) => hosts.hosts[i].addr;
 
 /** Runs 60 jobs over 3 hosts and breaks host 2 (index 1) mid-run with `fault`; every
  *  job must end done, the host must go down, and come back up once healed. */
 async function runWithFault(t: TestContext, fault: (h: TestHosts['hosts'][number]) => Promise<void> | void, heal: (h: TestHosts['hosts'][number]) => Promise<void> | void) {
-  const { hosts, s } = await setup(t, 3);
+  const { hosts, s } = await serveOnHosts(t, 3);
   await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:2`)]);
   const words = makeInputs(s.dir, 60);
-  const paced = variant(s.dir, 'paced_job.sh', 'DJS_EXAMPLE_SLEEP=0.3');
+  const paced = exampleVariant(s.dir, 'paced_job.sh', 'DJS_EXAMPLE_SLEEP=0.3');
   const ids = (await s.ok(['add_jobs', '-'], { input: jobsFile(words.keys(), paced) })).trim().split('\n').map(Number);
   const broken = hosts.hosts[1];
   await until(async () => (await s.status()).counts.done >= 6, 'the run to get going', 60_000);
@@ -82,7 +63,7 @@ async function runWithFault(t: TestContext, fault: (h: TestHosts['hosts'][number
 describe('the scheduler on real ssh hosts', { concurrency: 3 }, () => {
   test('add_slave checks ssh logins first: a host without key access, one that refuses and one that hangs are named, and none is added', { timeout: 60_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 4, { noKeyHosts: [1] });
+    const { hosts, s } = await serveOnHosts(t, 4, { noKeyHosts: [1] });
     await hosts.hosts[2].kill();
     hosts.hosts[3].stop();
     t.after(() => hosts.hosts[3].cont());
@@ -111,7 +92,7 @@ describe('the scheduler on real ssh hosts', { concurrency: 3 }, () => {
   test('DJS_SSH_OPTIONS reaches the ssh of login checks and of probes', { timeout: 90_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
     // Options that point ssh at a closed port: the check fails, naming the host and the port.
-    const { hosts, s: first } = await setup(t, 1, { env: { DJS_SSH_OPTIONS: '-o Port=1' } });
+    const { hosts, s: first } = await serveOnHosts(t, 1, { env: { DJS_SSH_OPTIONS: '-o Port=1' } });
     let s = first;
     const host = addr(hosts, 0);
     const hostNamed = new RegExp(`'${host.replace(/\./g, '\\.')}'`);
@@ -155,10 +136,10 @@ echo $n > "count.$JOB_ID"
 
   test('40 files over 3 hosts x 2 slots: every job done, right word counts, all hosts used; a failing remote command fails only its job', { timeout: 120_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 3);
+    const { hosts, s } = await serveOnHosts(t, 3);
     await s.ok(['add_slave', ...hosts.hosts.map((h) => `${h.addr}:2`)]);
     const words = makeInputs(s.dir, 40);
-    const failing = variant(s.dir, 'failing_job.sh', 'DJS_EXAMPLE_FAIL=3');
+    const failing = exampleVariant(s.dir, 'failing_job.sh', 'DJS_EXAMPLE_FAIL=3');
     const ids = (await s.ok(['add_jobs', '-'], { input: jobsFile(words.keys()) + `${failing} input/part1.txt\n` })).trim().split('\n').map(Number);
     assert.equal(ids.length, 41);
     const w = await s.cli(['wait', '--all']);
@@ -180,10 +161,10 @@ echo $n > "count.$JOB_ID"
 
   test('kill during a long remote command leaves no process and no directory on the host', { timeout: 60_000 }, async (t) => {
     if (skipUnlessSsh(t)) return;
-    const { hosts, s } = await setup(t, 1);
+    const { hosts, s } = await serveOnHosts(t, 1);
     await s.ok(['add_slave', addr(hosts, 0)]);
     makeInputs(s.dir, 1);
-    const slow = variant(s.dir, 'slow_job.sh', 'DJS_EXAMPLE_SLEEP=37.5');
+    const slow = exampleVariant(s.dir, 'slow_job.sh', 'DJS_EXAMPLE_SLEEP=37.5');
     const id = (await s.ok(['add_job', slow, 'input/part1.txt'])).trim();
     await until(() => findProcesses(['sleep', '37.5']).length > 0, 'the remote sleep to run');
     const jobDir = path.join(hosts.hosts[0].scratch, '.djs-work', `${fs.readFileSync(path.join(s.dataDir, 'instance'), 'utf8').trim()}-${id}-1`); // DJS_RUN_NAME
