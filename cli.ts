@@ -253,6 +253,8 @@ const TAGS_SHOWN = 20;
 /** The journal is folded into a snapshot past this size (DJS_SNAPSHOT_MIN_BYTES lowers
  *  it, for tests). */
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
+/** A snapshot is written a slice of jobs per turn, of about this many ms of work. */
+const SNAPSHOT_SLICE_MS = 8;
 const MAX_HOST_LENGTH = 255;
 const MAX_SLOTS = 10_000;
 const MAX_GPUS = 1024;
@@ -375,7 +377,12 @@ export type State = {
   cascades: number;                    // jobs failed for a dependency so far (not kept; tells waiters)
   policy: Policy;                      // which free worker a job goes to
   environs: Map<string, string[]>;     // the environments of adds (keptEnviron), by content id; one copy each
+  saving: Saving | null;               // a snapshot being written (see touch)
 };
+
+/** A snapshot being written a slice per turn, of the state as it was at its start: the
+ *  jobs below id `below` that changed since, as they were then (snapshot lines). */
+export type Saving = { below: number; before: Map<number, string> };
 
 export type JobSpec = string[]; // [script, ...args]
 export type Event =
@@ -427,6 +434,7 @@ export function newState(): State {
     seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(), lanes: new Map(), prios: [],
     counts: noCounts(), tagCounts: new Map(), dependents: new Map(), forgotten: new Set(),
     paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0, policy: 'spread', environs: new Map(),
+    saving: null,
   };
 }
 const noCounts = (): Counts => ({ waiting: 0, running: 0, done: 0, failed: 0, killed: 0 });
@@ -453,7 +461,18 @@ function count(st: State, job: Job, state: JobState, delta: number): void {
   }
 }
 
+/** The snapshot line of a job (its queue entry is made anew on load). */
+export const snapshotLine = (job: Job) => JSON.stringify({ j: { ...job, qtok: 0 } });
+
+/** Called before a job changes: while a snapshot is being written, keeps the job as it
+ *  was when the snapshot began (copy on write), so the snapshot is of one moment. */
+function touch(st: State, job: Job): void {
+  const sv = st.saving;
+  if (sv && job.id < sv.below && !sv.before.has(job.id)) sv.before.set(job.id, snapshotLine(job));
+}
+
 function setJobState(st: State, job: Job, to: JobState): void {
+  touch(st, job);
   count(st, job, job.state, -1);
   count(st, job, to, 1);
   job.state = to;
@@ -634,6 +653,7 @@ function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'kill
         else still.push(job.id, job.qtok);
         continue;
       }
+      touch(st, job);
       job.blockers = 0;
       st.cascades++;
       job.reason = `dependency ${dep} ${outcome}`;
@@ -790,6 +810,7 @@ function freeSlot(st: State, job: Job): void {
 /** Sends a job whose attempt ended back to the queue, or ends it in `to` (and tells
  *  the jobs held for it). */
 function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | null, t: number): void {
+  touch(st, job);
   job.reason = reason;
   job.endedAt = t;
   job.notBefore = 0;
@@ -816,6 +837,7 @@ export const attemptsOf = (job: Job) => (job.history?.length ?? 0) + (job.state 
 /** Decides how an attempt that ended counts: done, failed, killed, or back to the queue. */
 function endAttempt(st: State, job: Job, code: number | null, why: string | undefined, t: number): void {
   const host = job.worker;
+  touch(st, job);
   (job.history ??= []).push({
     n: job.history.length + 1, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
     exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : job.killing === 'down' ? 'worker down' : (why ?? null),
@@ -916,6 +938,7 @@ export function applyEvent(st: State, ev: Event): void {
     case 'unstart': {
       const job = st.jobs.get(ev.id);
       if (!job || job.state !== 'running') break;
+      touch(st, job);
       freeSlot(st, job);
       const killed = job.killing === 'user';
       job.killing = null; job.killAt = 0;
@@ -927,6 +950,7 @@ export function applyEvent(st: State, ev: Event): void {
     case 'end': {
       const job = st.jobs.get(ev.id);
       if (!job || job.state !== 'running' || job.run !== ev.run) break;
+      touch(st, job);
       if (ev.began !== undefined && ev.began > job.startedAt && ev.began <= ev.t) job.startedAt = ev.began;
       endAttempt(st, job, ev.code, ev.why, ev.t);
       break;
@@ -937,6 +961,7 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of [...ev.ids].sort((a, b) => b - a)) {
         const job = st.jobs.get(id);
         if (!job) continue;
+        touch(st, job);
         if (job.state === 'running' && (job.killing === null || ev.why === 'user')) {
           // A user's kill overrides a timeout or requeue under way (and keeps its deadline).
           if (job.killing === null) job.killAt = ev.t + ev.grace;
@@ -956,6 +981,7 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || !isFinished(job.state)) continue;
+        touch(st, job);
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
         job.queuedAt = ev.t; job.notBefore = 0;
         setJobState(st, job, 'waiting');
@@ -976,6 +1002,7 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || job.state !== 'waiting' || job.priority === ev.priority) continue;
+        touch(st, job);
         job.priority = ev.priority;
         // A queued job moves to the back of its new priority (its old entry dies); a held
         // one is queued there when its dependencies are done.
@@ -2659,6 +2686,15 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
   const warnings: string[] = [];
   const snapFile = path.join(dataDir, 'snapshot'), journalFile = path.join(dataDir, 'journal');
   let snapshotSize = 0, journalSize = 0, oldest = FORMAT_VERSION;
+  /** Applies one journal event, unless the snapshot holds it already. */
+  const replayLine = (file: string, rec: Record<string, unknown>, no: number) => {
+    const n = rec.n;
+    if (typeof n !== 'number') throw damaged(file, no, 'event without a sequence number');
+    if (n <= st.seq) return;
+    if (n !== st.seq + 1) throw damaged(file, no, `event ${n} follows event ${st.seq}`);
+    try { applyEvent(st, rec as unknown as Event); } catch (e) { throw damaged(file, no, (e as Error).message); }
+    st.seq = n;
+  };
   if (fs.existsSync(snapFile)) {
     snapshotSize = fs.statSync(snapFile).size;
     let complete = false, version = FORMAT_VERSION;
@@ -2730,6 +2766,22 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
     });
     if (tail.length || !complete) throw damaged(snapFile, 0, 'incomplete snapshot (no end record)');
   }
+  // A snapshot being written when the server stopped left the journal of before its
+  // start as journal.1 (see Journal.startSnapshot): its events come first.
+  const earlier = path.join(dataDir, 'journal.1');
+  if (fs.existsSync(earlier)) {
+    let lastNo = 0, version = FORMAT_VERSION;
+    const { tail } = forEachLine(earlier, Infinity, (line, no) => {
+      lastNo = no;
+      const rec = upgradeRecord(parseLine(earlier, line, no), version);
+      if (no === 1) {
+        version = checkHeader(earlier, rec, 'djs-journal');
+        oldest = Math.min(oldest, version);
+        if (Number(rec.after) > st.seq) throw damaged(earlier, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
+      } else replayLine(earlier, rec, no);
+    });
+    if (tail.length) throw damaged(earlier, lastNo + 1, 'cut-off line');
+  }
   if (fs.existsSync(journalFile)) {
     let lastNo = 0, version = FORMAT_VERSION;
     const { tail, tailAt } = forEachLine(journalFile, journalLimit, (line, no, end) => {
@@ -2739,14 +2791,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         version = checkHeader(journalFile, rec, 'djs-journal');
         oldest = Math.min(oldest, version);
         if (Number(rec.after) > st.seq) throw damaged(journalFile, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
-      } else {
-        const n = rec.n;
-        if (typeof n !== 'number') throw damaged(journalFile, no, 'event without a sequence number');
-        if (n <= st.seq) { journalSize = end; return; }
-        if (n !== st.seq + 1) throw damaged(journalFile, no, `event ${n} follows event ${st.seq}`);
-        try { applyEvent(st, rec as unknown as Event); } catch (e) { throw damaged(journalFile, no, (e as Error).message); }
-        st.seq = n;
-      }
+      } else replayLine(journalFile, rec, no);
       journalSize = end;
     });
     if (lastNo === 0 && tail.length === 0) journalSize = 0;
@@ -2788,6 +2833,8 @@ export class Journal {
   snapshotSize: number;
   mustCut = false; // a failed write could not be cut back yet: the file is longer than `size`
   snapshotMinBytes: number;
+  saving: Saving | null = null; // the snapshot being written (startSnapshot)
+  stuck = false;                // one failed part-way: no other until the next start-up
   constructor(dir: string, size: number, snapshotSize: number, snapshotMinBytes = SNAPSHOT_MIN_JOURNAL_BYTES) {
     this.dir = dir;
     this.snapshotMinBytes = snapshotMinBytes;
@@ -2816,50 +2863,129 @@ export class Journal {
   }
 
   needsSnapshot(): boolean {
-    return this.size > this.snapshotMinBytes && this.size > this.snapshotSize / 2;
+    return !this.saving && !this.stuck && this.size > this.snapshotMinBytes && this.size > this.snapshotSize / 2;
   }
 
-  /** Writes the whole state as a new snapshot, then starts an empty journal after it.
-   *  A crash between the two renames leaves a snapshot and an old journal whose events
-   *  it already holds; loadState skips them by sequence number. */
+  /** Writes the whole state as a new snapshot at once, then starts an empty journal
+   *  after it (at start-up). A crash between the two renames leaves a snapshot and an
+   *  old journal whose events it already holds; loadState skips them by sequence number. */
   snapshot(st: State): void {
     const file = path.join(this.dir, 'snapshot');
     let written = 0;
+    const parts = snapshotParts(st);
     replaceFile(file, (fd) => {
-      let buf = JSON.stringify({ format: 'djs-snapshot', version: FORMAT_VERSION, seq: st.seq, nextId: st.nextId }) + '\n';
-      const put = (rec: unknown) => {
-        buf += JSON.stringify(rec) + '\n';
+      let buf = parts.head;
+      for (const j of parts.jobs) {
+        buf += snapshotLine(j) + '\n';
         if (buf.length > 1 << 20) { writeAll(fd, buf); written += Buffer.byteLength(buf); buf = ''; }
-      };
-      // The environments some job or worker runs with, once each; the others are dropped.
-      const used = new Set<string>();
-      for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
-      for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
-      for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
-      for (const [id, vars] of st.environs) put({ environ: { id, vars } });
-      for (const w of st.workers.values()) put({ w });
-      if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
-      const forgotten = [...st.forgotten];
-      for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
-      // Every job in id order (as list shows them), then the queue's order of start.
-      for (const j of st.jobs.values()) put({ j: { ...j, qtok: 0 } });
-      let order: number[] = [];
-      for (const j of waitingJobs(st)) {
-        order.push(j.id);
-        if (order.length === 10_000) { put({ queue: order }); order = []; }
       }
-      if (order.length) put({ queue: order });
-      put({ end: true, jobs: st.jobs.size });
+      buf += parts.tail;
       writeAll(fd, buf); written += Buffer.byteLength(buf);
     });
     const jfile = path.join(this.dir, 'journal');
     replaceFile(jfile, (fd) => writeAll(fd, journalHeader(st.seq)));
+    fs.rmSync(path.join(this.dir, 'journal.1'), { force: true });
     const fd = fs.openSync(jfile, 'r+');
     fs.closeSync(this.fd);
     this.fd = fd;
     this.size = fs.fstatSync(this.fd).size;
     this.snapshotSize = written;
+    this.stuck = false;
   }
+
+  /** Starts a snapshot of the state as it is now, written a slice of jobs per turn so
+   *  that requests are answered meanwhile; resolves with its size once it replaced the
+   *  old one. At its start the journal so far becomes journal.1 and a new journal
+   *  begins after this moment's event; jobs that change meanwhile are written as they
+   *  were (State.saving). Once the snapshot is complete (temp file, fsync, rename)
+   *  journal.1 is deleted. A crash at any point loads the old snapshot (or the new) and
+   *  both journals, skipping the events a snapshot holds. A snapshot that fails part-way
+   *  leaves both journals, and no other is started until the next start-up. */
+  startSnapshot(st: State): Promise<number> {
+    const file = path.join(this.dir, 'snapshot'), tmp = `${file}.tmp`;
+    const jfile = path.join(this.dir, 'journal'), earlier = path.join(this.dir, 'journal.1');
+    const parts = snapshotParts(st);
+    try {
+      if (this.mustCut) { fs.ftruncateSync(this.fd, this.size); this.mustCut = false; }
+      fs.renameSync(jfile, earlier);
+      replaceFile(jfile, (fd) => writeAll(fd, journalHeader(st.seq)));
+      const fd = fs.openSync(jfile, 'r+');
+      fs.closeSync(this.fd);
+      this.fd = fd;
+      this.size = fs.fstatSync(fd).size;
+    } catch (e) {
+      this.stuck = true;
+      return Promise.reject(e);
+    }
+    const sv: Saving = { below: st.nextId, before: new Map() };
+    st.saving = this.saving = sv;
+    const live = () => { if (this.saving !== sv) throw new Error('stopped (the state was reloaded)'); };
+    const write = async () => {
+      let written = 0;
+      const fh = await fs.promises.open(tmp, 'w', 0o600);
+      try {
+        const put = async (text: string) => { const b = Buffer.from(text); await fh.writeFile(b); written += b.length; };
+        await put(parts.head);
+        for (let i = 0; i < parts.jobs.length;) {
+          live();
+          const t0 = performance.now();
+          let buf = '';
+          while (i < parts.jobs.length && performance.now() - t0 < SNAPSHOT_SLICE_MS) {
+            for (const end = Math.min(parts.jobs.length, i + 200); i < end; i++) {
+              const j = parts.jobs[i];
+              buf += (sv.before.get(j.id) ?? snapshotLine(j)) + '\n';
+            }
+          }
+          await put(buf);
+        }
+        await put(parts.tail);
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      live();
+      fs.renameSync(tmp, file);
+      fsyncDir(this.dir);
+      fs.rmSync(earlier, { force: true });
+      fsyncDir(this.dir);
+      this.snapshotSize = written;
+      return written;
+    };
+    return write().then((n) => n, (e) => { this.stuck = true; throw e; }).finally(() => {
+      if (st.saving === sv) st.saving = null;
+      if (this.saving === sv) this.saving = null;
+    });
+  }
+
+  /** Drops the snapshot under way (its state is no longer the server's). */
+  stopSnapshot(): void { this.saving = null; }
+}
+
+/** A snapshot of the state now: the lines before the jobs, the jobs (in id order, as
+ *  list shows them), and the lines after them (the queue's order of start, the end). */
+function snapshotParts(st: State): { head: string; jobs: Job[]; tail: string } {
+  const lines: string[] = [JSON.stringify({ format: 'djs-snapshot', version: FORMAT_VERSION, seq: st.seq, nextId: st.nextId })];
+  const put = (rec: unknown) => { lines.push(JSON.stringify(rec)); };
+  // The environments some job or worker runs with, once each; the others are dropped.
+  const used = new Set<string>();
+  for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
+  for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
+  for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
+  for (const [id, vars] of st.environs) put({ environ: { id, vars } });
+  for (const w of st.workers.values()) put({ w });
+  if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
+  const forgotten = [...st.forgotten];
+  for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
+  const head = lines.join('\n') + '\n';
+  lines.length = 0;
+  let order: number[] = [];
+  for (const j of waitingJobs(st)) {
+    order.push(j.id);
+    if (order.length === 10_000) { put({ queue: order }); order = []; }
+  }
+  if (order.length) put({ queue: order });
+  put({ end: true, jobs: st.jobs.size });
+  return { head, jobs: [...st.jobs.values()], tail: lines.join('\n') + '\n' };
 }
 const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal', version: FORMAT_VERSION, after }) + '\n';
 
@@ -3919,6 +4045,7 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
   const what = `cannot write the journal '${path.join(cfg.dataDir, 'journal')}': ${e.message}`;
   log(`error: ${what}; ${turn.answers.length} request(s) refused, ${turn.facts.length} outcome(s) kept for retry`);
   try {
+    journal.stopSnapshot();
     st = loadState(cfg.dataDir, journal.size).state;
   } catch (e2) {
     log(`fatal: cannot reload the state after a failed write: ${(e2 as Error).message}; running jobs keep running`);
@@ -3931,14 +4058,12 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
   setTimeout(() => { for (const ev of turn.facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
 }
 
+/** Starts a snapshot, written a slice per turn while requests are served. */
 function takeSnapshot(): void {
-  const t0 = Date.now();
-  try {
-    journal.snapshot(st);
-    log(`snapshot of ${st.jobs.size} jobs written in ${Date.now() - t0} ms`);
-  } catch (e) {
-    log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
-  }
+  const t0 = Date.now(), jobs = st.jobs.size;
+  journal.startSnapshot(st).then(
+    (bytes) => log(`snapshot of ${jobs} jobs (${bytes} bytes) written in ${Date.now() - t0} ms`),
+    (e) => log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing until the next start`));
 }
 
 /** Sets the one timer to the next deadline the plan named. */
@@ -6358,6 +6483,9 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
     // A data dir of an earlier format is written anew in this one before anything is
     // appended to it, so no file mixes two versions.
     if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
+    // A snapshot cut short by a stop or crash left the journal of before it (journal.1):
+    // it is folded in now, so that the next snapshot has a place for its own.
+    else if (fs.existsSync(path.join(cfg.dataDir, 'journal.1'))) journal.snapshot(st);
     sweepRunDir();
     watchRunningJobs();
     if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);

@@ -1,0 +1,135 @@
+// A million jobs without a stall: snapshots written a slice per turn (tier 1 against
+// real temporary directories, and tier 2: a kill -9 of the server while one is written),
+// and filters answered from per-state indexes.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { applyEvent, Journal, loadState, newState, waitingJobs, type Event, type State } from '../cli.ts';
+
+const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
+
+const tmpDirs: string[] = [];
+function tempDir(): string {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'djs-scale-'));
+  tmpDirs.push(d);
+  return d;
+}
+after(() => { for (const d of tmpDirs) fs.rmSync(d, { recursive: true, force: true }); });
+
+/** A comparable, deep-copied picture of the state (queue internals and tokens aside). */
+function view(st: State) {
+  return JSON.parse(JSON.stringify({
+    seq: st.seq, nextId: st.nextId, counts: st.counts,
+    jobs: [...st.jobs.values()].sort((a, b) => a.id - b.id).map((j) => ({ ...j, qtok: 0, blockers: 0 })),
+    workers: [...st.workers.values()].sort((a, b) => (a.host < b.host ? -1 : 1)),
+    queue: [...waitingJobs(st)].map((j) => j.id),
+    paused: st.paused, pausedTags: [...st.pausedTags].sort(), forgotten: [...st.forgotten].sort((a, b) => a - b),
+    tagCounts: [...st.tagCounts].sort(),
+  }));
+}
+
+const addEv = (st: State, n: number, o: { retries?: number; after?: number[] } = {}): Event => ({
+  e: 'add', t: T0, id: st.nextId, cwd: '/work', retries: o.retries ?? 0, timeout: 0, tags: ['x'],
+  jobs: Array.from({ length: n }, (_, i) => ['/bin/job.sh', `arg${st.nextId + i}`]), ...(o.after ? { after: o.after } : {}),
+});
+
+/** A state with a journal in a temporary dir; commit applies events and appends them. */
+function journalled() {
+  const dir = tempDir();
+  const st = newState();
+  const journal = new Journal(dir, 0, 0);
+  const commit = (...evs: Event[]) => {
+    let text = '';
+    for (const ev of evs) { applyEvent(st, ev); st.seq++; text += JSON.stringify({ n: st.seq, ...ev }) + '\n'; }
+    journal.append(text);
+  };
+  return { dir, st, journal, commit };
+}
+
+/** Every file of a dir, copied to a new dir: the disk as a kill -9 would leave it. */
+function crashCopy(dir: string): string {
+  const to = tempDir();
+  for (const f of fs.readdirSync(dir)) fs.copyFileSync(path.join(dir, f), path.join(to, f));
+  return to;
+}
+
+const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+describe('snapshots written a slice per turn', () => {
+  test('events of every kind while a snapshot is written: the snapshot is of its start, and a crash at any moment loses nothing', async () => {
+    const j = journalled();
+    const { st, commit } = j;
+    commit({ e: 'worker', t: T0, host: 'a', slots: 4, ssh: false });
+    commit(addEv(st, 5000, { retries: 1 }));
+    commit(addEv(st, 3, { after: [1] })); // held for job 1
+    for (let id = 1; id <= 4; id++) commit({ e: 'start', t: T0 + 1, id, host: 'a', slot: id - 1 });
+    commit({ e: 'end', t: T0 + 2, id: 2, run: 1, code: 0 }, { e: 'end', t: T0 + 2, id: 3, run: 1, code: 7 }, { e: 'end', t: T0 + 2, id: 3, run: 1, code: 7 });
+    const before = view(st);
+    const saved = j.journal.startSnapshot(st);
+    assert.ok(fs.existsSync(path.join(j.dir, 'journal.1')), 'the journal so far is kept until the snapshot is complete');
+    // One event of each kind per turn, each touching jobs the snapshot has not written yet
+    // and jobs it has; after each, the disk as a crash would leave it.
+    const last = 5000;
+    const steps: Event[][] = [
+      [{ e: 'end', t: T0 + 3, id: 1, run: 1, code: 1 }],                 // a retry, and its held dependents stay held
+      [{ e: 'start', t: T0 + 4, id: 1, host: 'a', slot: 0 }, { e: 'start', t: T0 + 4, id: last, host: 'a', slot: 1 }],
+      [{ e: 'kill', t: T0 + 5, ids: [4, last - 1], why: 'user', grace: 1000 }],
+      [{ e: 'end', t: T0 + 6, id: 4, run: 1, code: 143 }, { e: 'end', t: T0 + 6, id: 1, run: 2, code: 2 }], // 1 fails: its dependents fail
+      [{ e: 'retry', t: T0 + 7, ids: [3, 4] }],
+      [{ e: 'unstart', t: T0 + 8, id: last }],
+      [{ e: 'priority', t: T0 + 9, ids: [last - 2, 10], priority: 5 }],
+      [{ e: 'remove', t: T0 + 10, ids: [last - 3, 11] }],
+      [addEv(st, 5)],
+      [{ e: 'clean', t: T0 + 11 }],
+      [{ e: 'pause', t: T0 + 12, tag: 'x' }],
+    ];
+    const crashes: { dir: string; view: unknown }[] = [];
+    for (const evs of steps) {
+      await turn();
+      if (evs[0].e === 'add') (evs[0] as { id: number }).id = st.nextId;
+      commit(...evs);
+      crashes.push({ dir: crashCopy(j.dir), view: view(st) });
+    }
+    assert.ok(st.saving, 'the events came while the snapshot was being written');
+    const bytes = await saved;
+    assert.ok(bytes > 0 && st.saving === null);
+    assert.ok(!fs.existsSync(path.join(j.dir, 'journal.1')), 'the earlier journal is gone once the snapshot is in place');
+    crashes.push({ dir: crashCopy(j.dir), view: view(st) });
+    fs.closeSync(j.journal.fd);
+
+    // The snapshot alone is the state at its start.
+    const only = crashCopy(j.dir);
+    fs.rmSync(path.join(only, 'journal'));
+    assert.deepEqual(view(loadState(only).state), before);
+    // Snapshot and journal: the live state; so is every crash copy.
+    assert.deepEqual(view(loadState(j.dir).state), view(st));
+    for (const [i, c] of crashes.entries()) {
+      const r = loadState(c.dir);
+      assert.deepEqual(r.warnings, []);
+      assert.deepEqual(view(r.state), c.view, `crash after step ${i + 1}`);
+    }
+  });
+
+  test('a snapshot that fails part-way keeps both journals, and the next start folds them in', async () => {
+    const j = journalled();
+    const { st, commit } = j;
+    commit(addEv(st, 5000));
+    const saved = j.journal.startSnapshot(st);
+    commit(addEv(st, 2), { e: 'remove', t: T0 + 1, ids: [5] });
+    j.journal.stopSnapshot(); // as when the state is reloaded after a failed write
+    await assert.rejects(saved, /stopped/);
+    assert.ok(j.journal.stuck && !j.journal.needsSnapshot(), 'no other snapshot would take journal.1 away');
+    commit({ e: 'remove', t: T0 + 2, ids: [6] });
+    fs.closeSync(j.journal.fd);
+    const r = loadState(j.dir);
+    assert.deepEqual(view(r.state), view(st));
+    const journal = new Journal(j.dir, r.journalSize, r.snapshotSize);
+    journal.snapshot(r.state);
+    fs.closeSync(journal.fd);
+    assert.ok(!fs.existsSync(path.join(j.dir, 'journal.1')));
+    assert.deepEqual(view(loadState(j.dir).state), view(st));
+  });
+});
