@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { applyEvent, Journal, loadState, newState, waitingJobs, type Event, type State } from '../cli.ts';
+import { socketOp, startServer, testDir, until, writeScript } from './server.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
 
@@ -131,5 +132,48 @@ describe('snapshots written a slice per turn', () => {
     fs.closeSync(journal.fd);
     assert.ok(!fs.existsSync(path.join(j.dir, 'journal.1')));
     assert.deepEqual(view(loadState(j.dir).state), view(st));
+  });
+});
+
+describe('a server writing a snapshot', () => {
+  test('answers requests while it writes one, and a kill -9 part-way loses nothing it acknowledged', { timeout: 120_000 }, async (t) => {
+    const dir = testDir(t);
+    const s = await startServer({ dir, env: { DJS_SNAPSHOT_MIN_BYTES: '65536' } });
+    const script = writeScript(dir, 'x.sh', 'exit 0');
+    const tmp = path.join(s.dataDir, 'snapshot.tmp'), earlier = path.join(s.dataDir, 'journal.1');
+    // 101,000 waiting jobs (no worker): the journal passes 64 KiB, and a snapshot of them
+    // takes many turns.
+    const values = (n: number) => Array.from({ length: n }, (_, i) => String(i));
+    const big = await socketOp(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, '{1}', '{2}']], sweep: [values(400), values(250)] }, () => {}, 100_000);
+    assert.ok(big.ok, big.error);
+    // A sweep is one short line in the journal: 1,000 jobs of long arguments pass 64 KiB.
+    const filler = await socketOp(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: Array.from({ length: 1000 }, (_, i) => [script, 'p'.repeat(100) + i]) });
+    assert.ok(filler.ok, filler.error);
+    await until(() => fs.existsSync(tmp), 'the server to be writing a snapshot', 30_000, 2);
+    // Asked and answered while it is written: a status, a kill of two jobs the snapshot
+    // holds (one it may have written already), a removal, an add.
+    const acked: string[] = [];
+    const status = await s.status();
+    assert.equal(status.counts.waiting, 101_000);
+    acked.push('status');
+    assert.ok((await socketOp(s.dataDir, { op: 'kill', ids: [1, 99_999] })).ok); acked.push('kill');
+    assert.ok((await socketOp(s.dataDir, { op: 'remove_jobs', ids: [50] })).ok); acked.push('remove');
+    const small = await socketOp(s.dataDir, { op: 'add_jobs', cwd: dir, jobs: [[script, 'late'], [script, 'later']] });
+    assert.ok(small.ok); acked.push('add');
+    assert.ok(fs.existsSync(earlier) && fs.existsSync(tmp), `the snapshot was still being written after ${acked.join(', ')} were answered`);
+    await s.crash();
+    assert.ok(fs.existsSync(earlier), 'the crash came before the snapshot was complete');
+
+    const again = await startServer({ dir });
+    const counts = (await again.status()).counts;
+    assert.deepEqual({ waiting: counts.waiting, killed: counts.killed }, { waiting: 101_000 - 3 + 2, killed: 2 });
+    const jobs = await again.jobs();
+    const byId = new Map(jobs.map((j) => [j.id, j]));
+    assert.equal(byId.get(1).state, 'killed');
+    assert.equal(byId.get(99_999).state, 'killed');
+    assert.equal(byId.has(50), false);
+    assert.deepEqual([byId.get(small.first).args, byId.get(small.first + 1).args], [['late'], ['later']]);
+    assert.equal(fs.existsSync(earlier), false, 'the start folded the earlier journal into a snapshot');
+    await again.stop();
   });
 });
