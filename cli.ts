@@ -4058,11 +4058,21 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
   setTimeout(() => { for (const ev of turn.facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
 }
 
-/** Starts a snapshot, written a slice per turn while requests are served. */
-function takeSnapshot(): void {
+/** Starts a snapshot, written a slice per turn while requests are served; or, at
+ *  start-up (`now`), writes it before the server is ready. */
+function takeSnapshot(now = false): void {
   const t0 = Date.now(), jobs = st.jobs.size;
+  if (now) {
+    try {
+      journal.snapshot(st);
+      log(`snapshot of ${jobs} jobs written in ${Date.now() - t0} ms`);
+    } catch (e) {
+      log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
+    }
+    return;
+  }
   journal.startSnapshot(st).then(
-    (bytes) => log(`snapshot of ${jobs} jobs (${bytes} bytes) written in ${Date.now() - t0} ms`),
+    (bytes) => log(`snapshot of ${jobs} jobs written in ${Date.now() - t0} ms (${bytes} bytes, a slice per turn)`),
     (e) => log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing until the next start`));
 }
 
@@ -6517,7 +6527,7 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
   process.on('SIGHUP', () => {});
   ensureLauncher();
-  if (journal.needsSnapshot()) takeSnapshot();
+  if (journal.needsSnapshot()) takeSnapshot(true);
   if (cfg.changed.length) log(`settings changed: ${describeChanges(cfg.changed)}`);
   if (cfg.caps.note) log(cfg.caps.note);
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers${cfg.http ? `; dashboard at ${httpUrl()} (its token: cli.ts dashboard)` : ''}`);
