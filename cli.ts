@@ -96,7 +96,9 @@ if (!process.features.typescript) {
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
- *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
+ *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename;
+ *                 written a slice per turn, of one moment (see Journal.startSnapshot)
+ *   journal.1     while a snapshot is written: the journal up to its moment
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
