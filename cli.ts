@@ -380,7 +380,26 @@ export type State = {
   policy: Policy;                      // which free worker a job goes to
   environs: Map<string, string[]>;     // the environments of adds (keptEnviron), by content id; one copy each
   saving: Saving | null;               // a snapshot being written (see touch)
+  byState: Record<JobState, IdBits>;   // the ids of the jobs in each state (for filters)
+  byWorker: Map<string, IdBits>;       // the ids of the jobs whose current or last attempt ran there
+  tagRanges: Map<string, number[]>;    // per tag, the id ranges [first, last, ...] of the adds that had it
 };
+
+/** A set of job ids as a bitmap (32 ids a word): a filter finds the matching ids of a
+ *  million jobs by skipping empty words, and an update costs one bit. */
+export class IdBits {
+  w = new Int32Array(64);
+  add(id: number): void {
+    const i = Math.floor(id / 32);
+    if (i >= this.w.length) { const w = new Int32Array(Math.max(i + 1, this.w.length * 2)); w.set(this.w); this.w = w; }
+    this.w[i] |= 1 << (id % 32);
+  }
+  delete(id: number): void {
+    const i = Math.floor(id / 32);
+    if (i < this.w.length) this.w[i] &= ~(1 << (id % 32));
+  }
+  has(id: number): boolean { const i = Math.floor(id / 32); return i < this.w.length && (this.w[i] & (1 << (id % 32))) !== 0; }
+}
 
 /** A snapshot being written a slice per turn, of the state as it was at its start: the
  *  jobs below id `below` that changed since, as they were then (snapshot lines). */
@@ -437,6 +456,8 @@ export function newState(): State {
     counts: noCounts(), tagCounts: new Map(), dependents: new Map(), forgotten: new Set(),
     paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0, policy: 'spread', environs: new Map(),
     saving: null,
+    byState: { waiting: new IdBits(), running: new IdBits(), done: new IdBits(), failed: new IdBits(), killed: new IdBits() },
+    byWorker: new Map(), tagRanges: new Map(),
   };
 }
 const noCounts = (): Counts => ({ waiting: 0, running: 0, done: 0, failed: 0, killed: 0 });
@@ -455,6 +476,7 @@ export const isFinished = (s: JobState) => s === 'done' || s === 'failed' || s =
 /** Counts a job in `state` (delta 1) or no longer (delta -1), overall and per tag. */
 function count(st: State, job: Job, state: JobState, delta: number): void {
   st.counts[state] += delta;
+  if (delta > 0) st.byState[state].add(job.id); else st.byState[state].delete(job.id);
   for (const tag of job.tags) {
     let c = st.tagCounts.get(tag);
     if (!c) st.tagCounts.set(tag, c = noCounts());
@@ -481,12 +503,36 @@ function setJobState(st: State, job: Job, to: JobState): void {
 }
 
 /** Adds a job to the state's jobs, or takes it out (a removed or cleaned job). */
-function addJob(st: State, job: Job): void { st.jobs.set(job.id, job); count(st, job, job.state, 1); }
+function addJob(st: State, job: Job): void {
+  st.jobs.set(job.id, job);
+  count(st, job, job.state, 1);
+  if (job.worker !== null) workerBits(st, job.worker).add(job.id);
+  for (const tag of job.tags) {
+    const r = st.tagRanges.get(tag);
+    if (!r) st.tagRanges.set(tag, [job.id, job.id]);
+    else if (r[r.length - 1] === job.id - 1) r[r.length - 1] = job.id;
+    else if (r[r.length - 1] < job.id) r.push(job.id, job.id);
+  }
+}
 function dropJob(st: State, job: Job): void {
   st.jobs.delete(job.id);
+  if (job.worker !== null) st.byWorker.get(job.worker)?.delete(job.id);
   st.dependents.delete(job.id); // a finished job's held dependents were told already
   count(st, job, job.state, -1);
   if (job.state !== 'done') st.forgotten.add(job.id);
+}
+
+function workerBits(st: State, host: string): IdBits {
+  let b = st.byWorker.get(host);
+  if (!b) st.byWorker.set(host, b = new IdBits());
+  return b;
+}
+
+/** Sets the worker of a job's current or last attempt. */
+function setWorker(st: State, job: Job, host: string | null): void {
+  if (job.worker !== null) st.byWorker.get(job.worker)?.delete(job.id);
+  job.worker = host === null ? null : intern(st, host);
+  if (host !== null) workerBits(st, host).add(job.id);
 }
 
 /** Jobs share a lane when they share priority, tags and needs. */
@@ -922,7 +968,7 @@ export function applyEvent(st: State, ev: Event): void {
       if (!job || job.state !== 'waiting' || !w) break;
       setJobState(st, job, 'running');
       job.run++;
-      job.worker = intern(st, ev.host); job.slot = ev.slot; job.startedAt = ev.t; job.endedAt = 0;
+      setWorker(st, job, ev.host); job.slot = ev.slot; job.startedAt = ev.t; job.endedAt = 0;
       job.exitCode = null; job.reason = null; job.killing = null; job.killAt = 0;
       job.slots = ev.slots ?? null; job.gpus = ev.gpus ?? null;
       for (const s of slotsOf(job)) {
@@ -970,7 +1016,7 @@ export function applyEvent(st: State, ev: Event): void {
           job.killing = ev.why;
         } else if (job.state === 'waiting' && ev.why === 'user') {
           // Nothing of an earlier attempt (it is in the history) is this one's.
-          job.startedAt = 0; job.worker = null; job.slot = -1;
+          job.startedAt = 0; setWorker(st, job, null); job.slot = -1;
           settle(st, job, 'killed', 'killed before it started', ev.t);
         }
       }
@@ -2416,12 +2462,47 @@ const optText = (v: unknown, name: string): string | undefined => {
   return v;
 };
 
+/** The ids of jobs in `states` (any state when undefined), on `worker`, of an add that
+ *  had `tag`, in [lo, hi]: highest first (down) or lowest first, from the indexes (a
+ *  million jobs are 31,250 words of bits, most skipped whole). */
+export function* matchingIds(st: State, f: { states?: readonly JobState[]; worker?: string; tag?: string }, lo: number, hi: number, down = true): Generator<number> {
+  // (The bitmaps are read as they are now: a list goes on over turns, and they grow.)
+  const of = (f.states ?? JOB_STATES).map((x) => st.byState[x]);
+  const wk = f.worker === undefined ? null : st.byWorker.get(f.worker) ?? new IdBits();
+  const word = (i: number) => {
+    let x = 0;
+    for (const b of of) if (i < b.w.length) x |= b.w[i];
+    if (wk) x &= i < wk.w.length ? wk.w[i] : 0;
+    return x;
+  };
+  const ranges = f.tag === undefined ? [lo, hi] : st.tagRanges.get(f.tag) ?? [];
+  const n = ranges.length / 2;
+  for (let k = 0; k < n; k++) {
+    const r = down ? n - 1 - k : k;
+    const a = Math.max(lo, ranges[2 * r]), z = Math.min(hi, ranges[2 * r + 1]);
+    if (a > z) continue;
+    const first = Math.floor(a / 32), last = Math.floor(z / 32);
+    for (let i = down ? last : first; down ? i >= first : i <= last; down ? i-- : i++) {
+      const x = word(i);
+      if (x === 0) continue;
+      for (let j = 0; j < 32; j++) {
+        const bit = down ? 31 - j : j, id = i * 32 + bit;
+        if ((x & (1 << bit)) !== 0 && id >= a && id <= z) yield id;
+      }
+    }
+  }
+}
+
 /** jobs {state, tag, worker, text, before, limit}: one page of the job list, newest
  *  first: up to `limit` jobs with ids below `before` that match every filter given
  *  (`text`: a substring of the script, an argument or the reason, or the id itself).
- *  `next` is the `before` of the following page (null at the end); `total`, the number
- *  of matches, is known only when no filter but `state` is given. */
-export function pageJobs(st: State, req: Request, now: number) {
+ *  State, worker and tag come from indexes, so the page holds every match up to the
+ *  limit; `text` is looked for in the jobs that match the others until `over(n)` says
+ *  the n looked at are enough for one answer (by default PAGE_SCAN_BUDGET; the server
+ *  gives a time), and the page holds what was found by then. `next` is the `before` of
+ *  the following page (null at the end); `total`, the number of matches, is known only
+ *  when no filter but `state` is given. */
+export function pageJobs(st: State, req: Request, now: number, over: (looked: number) => boolean = (n) => n >= PAGE_SCAN_BUDGET) {
   const state = optText(req.state, 'state');
   if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(state)}`, `states are ${JOB_STATES.join(', ')}`);
   const tag = optText(req.tag, 'tag'), worker = optText(req.worker, 'worker'), text = optText(req.text, 'text');
@@ -2429,21 +2510,23 @@ export function pageJobs(st: State, req: Request, now: number) {
   const before = num(req.before ?? st.nextId, 'before', 1);
   const textId = text !== undefined && /^\d+$/.test(text) ? Number(text) : -1;
   const rows: JobView[] = [], why = queueReason(st);
-  let id = Math.min(before, st.nextId) - 1;
-  for (let budget = PAGE_SCAN_BUDGET; id >= 1 && rows.length < limit && budget > 0; id--, budget--) {
-    const job = st.jobs.get(id);
-    if (!job || (state !== undefined && job.state !== state) || (worker !== undefined && job.worker !== worker)) continue;
-    if (tag !== undefined && !job.tags.includes(tag)) continue;
-    if (text !== undefined && id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text))) {
-      let hit = false;
-      for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
-      if (!hit) continue;
+  let next: number | null = null, looked = 0;
+  for (const id of matchingIds(st, { states: state === undefined ? undefined : [state as JobState], worker, tag }, 1, Math.min(before, st.nextId) - 1)) {
+    if (rows.length >= limit || (text !== undefined && over(looked))) { next = id + 1; break; }
+    const job = st.jobs.get(id)!;
+    if (text !== undefined) {
+      looked++;
+      if (id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text))) {
+        let hit = false;
+        for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
+        if (!hit) continue;
+      }
     }
     rows.push(jobView(st, job, now, why));
   }
   const filtered = tag !== undefined || worker !== undefined || text !== undefined;
   return {
-    rows, next: id >= 1 ? id + 1 : null,
+    rows, next,
     total: filtered ? null : state !== undefined ? st.counts[state as JobState] : st.jobs.size,
   };
 }
@@ -3709,7 +3792,7 @@ const OPS: Record<string, Op> = {
   new_token: { kind: 'read', answer: renewHttpToken },   // socket only; no job or worker changes, so nothing to journal
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
   list: { kind: 'stream', open: streamJobs, fields: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT } },
-  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
+  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now(), textBudget()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
   job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }), fields: { id: NUMBER } },
   log: { kind: 'stream', open: openLog, fields: { id: NUMBER, follow: BOOL } },
   wait: { kind: 'stream', open: openWait, fields: { ids: IDS, tag: TEXT, ranges: LIST, all: BOOL, hosts: { ok: (v) => Array.isArray(v) && v.length > 0 && v.every((h) => typeof h === 'string'), what: 'a list of host names' } } },
@@ -4571,6 +4654,21 @@ function openLog(req: Request, conn: Conn): void {
   watchUntilClose(conn, followers, f);
 }
 
+/** How long one `jobs` answer looks for a `text` (ms): what it found by then is the page,
+ *  with a `next` to go on from. */
+const TEXT_PAGE_MS = 30;
+function textBudget(): (looked: number) => boolean {
+  const end = performance.now() + TEXT_PAGE_MS;
+  return (n) => n % 256 === 0 && n > 0 && performance.now() > end;
+}
+
+function* matchingJobs(ids: Iterator<number>): Generator<Job> {
+  for (let r = ids.next(); !r.done; r = ids.next()) {
+    const job = st.jobs.get(r.value);
+    if (job) yield job;
+  }
+}
+
 /** list {state}: rows in chunks, waiting for the socket to drain, so a million jobs
  *  need neither one giant string nor a blocked server. */
 function streamJobs(req: Request, conn: Conn): void {
@@ -4580,7 +4678,10 @@ function streamJobs(req: Request, conn: Conn): void {
   const states = wanted && new Set(wanted as JobState[]);
   tagKnown(st, req); // as every command that takes --tag
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
-  const it = st.jobs.values(), sock = conn.sock;
+  // Filtered: the ids from the indexes, in id order (the order of st.jobs), so a few
+  // matches among a million jobs come at once.
+  const it = states || tag !== undefined ? matchingJobs(matchingIds(st, { states: states ? [...states] : undefined, tag }, 1, st.nextId, false)) : st.jobs.values();
+  const sock = conn.sock;
   const now = Date.now(), queue = queueReason(st);
   const pump = () => {
     while (!sock.destroyed) {

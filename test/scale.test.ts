@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
-import { applyEvent, Journal, loadState, newState, waitingJobs, type Event, type State } from '../cli.ts';
+import { applyEvent, Journal, JOB_STATES, loadState, matchingIds, newState, pageJobs, waitingJobs, type Event, type State } from '../cli.ts';
 import { socketOp, startServer, testDir, until, writeScript } from './server.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
@@ -175,5 +175,81 @@ describe('a server writing a snapshot', () => {
     assert.deepEqual([byId.get(small.first).args, byId.get(small.first + 1).args], [['late'], ['later']]);
     assert.equal(fs.existsSync(earlier), false, 'the start folded the earlier journal into a snapshot');
     await again.stop();
+  });
+});
+
+/** Checks every index against a scan of the jobs: ids by state, by worker, by tag, and
+ *  the first page of each filter of the dashboard. */
+function checkIndexes(st: State, when: string): void {
+  const jobs = [...st.jobs.values()].sort((a, b) => a.id - b.id);
+  const all = (f: Parameters<typeof matchingIds>[1]) => [...matchingIds(st, f, 1, st.nextId, false)];
+  for (const state of JOB_STATES) {
+    assert.deepEqual(all({ states: [state] }), jobs.filter((j) => j.state === state).map((j) => j.id), `${when}: ${state} jobs`);
+    const page = pageJobs(st, { op: 'jobs', state, limit: 5 }, T0).rows.map((r) => r.id);
+    assert.deepEqual(page, jobs.filter((j) => j.state === state).map((j) => j.id).reverse().slice(0, 5), `${when}: the page of ${state} jobs`);
+  }
+  assert.deepEqual(all({}), jobs.map((j) => j.id), `${when}: all jobs`);
+  for (const w of new Set(jobs.map((j) => j.worker).filter((w) => w !== null))) {
+    assert.deepEqual(all({ worker: w! }), jobs.filter((j) => j.worker === w).map((j) => j.id), `${when}: jobs on ${w}`);
+  }
+  for (const tag of ['x', 'y']) {
+    assert.deepEqual(all({ tag }), jobs.filter((j) => j.tags.includes(tag)).map((j) => j.id), `${when}: jobs tagged ${tag}`);
+    assert.deepEqual(all({ tag, states: ['failed', 'killed'] }), jobs.filter((j) => j.tags.includes(tag) && (j.state === 'failed' || j.state === 'killed')).map((j) => j.id), `${when}: ended badly, tagged ${tag}`);
+  }
+}
+
+describe('indexes of jobs by state, worker and tag', () => {
+  test('stay right through events of every kind, and a reload builds the same', () => {
+    const j = journalled();
+    const { st } = j;
+    const steps: [string, () => Event[]][] = [
+      ['workers', () => [{ e: 'worker', t: T0, host: 'a', slots: 3, ssh: false }, { e: 'worker', t: T0, host: 'b', slots: 2, ssh: false }]],
+      ['add', () => [addEv(st, 40, { retries: 1 })]],
+      ['add of another tag, held', () => [{ ...addEv(st, 3, { after: [1] }), tags: ['y'] }]],
+      ['start', () => [1, 2, 3].map((id, i) => ({ e: 'start', t: T0 + 1, id, host: 'a', slot: i })).concat([{ e: 'start', t: T0 + 1, id: 35, host: 'b', slot: 0 }])],
+      ['end: done, failed (retried), worker failure', () => [{ e: 'end', t: T0 + 2, id: 2, run: 1, code: 0 }, { e: 'end', t: T0 + 2, id: 3, run: 1, code: 4 }, { e: 'end', t: T0 + 2, id: 35, run: 1, code: 255 }]],
+      ['start again on b', () => [{ e: 'start', t: T0 + 3, id: 3, host: 'b', slot: 0 }, { e: 'start', t: T0 + 3, id: 35, host: 'b', slot: 1 }]],
+      ['end: failed for good, its dependents fail', () => [{ e: 'end', t: T0 + 4, id: 3, run: 2, code: 4 }, { e: 'end', t: T0 + 4, id: 1, run: 1, code: 9 }, { e: 'end', t: T0 + 4, id: 1, run: 1, code: 9 }]],
+      ['kill: running and waiting', () => [{ e: 'kill', t: T0 + 5, ids: [35, 10, 11], why: 'user', grace: 1000 }]],
+      ['unstart', () => [{ e: 'start', t: T0 + 6, id: 12, host: 'a', slot: 1 }, { e: 'unstart', t: T0 + 6, id: 12 }]],
+      ['end of the killed one', () => [{ e: 'end', t: T0 + 7, id: 35, run: 2, code: 143 }]],
+      ['retry', () => [{ e: 'retry', t: T0 + 8, ids: [1, 3, 10] }]],
+      ['kill of a waiting job that ran before', () => [{ e: 'kill', t: T0 + 8, ids: [3], why: 'user', grace: 1000 }]],
+      ['priority', () => [{ e: 'priority', t: T0 + 9, ids: [20, 21], priority: 3 }]],
+      ['remove', () => [{ e: 'remove', t: T0 + 10, ids: [20, 30, 31] }]],
+      ['clean of some', () => [{ e: 'clean', t: T0 + 11, ids: [2] }]],
+      ['clean', () => [{ e: 'clean', t: T0 + 12 }]],
+      ['add after a clean', () => [addEv(st, 2)]],
+    ];
+    for (const [what, evs] of steps) {
+      j.commit(...evs());
+      checkIndexes(st, what);
+    }
+    assert.ok(st.counts.failed + st.counts.killed === 0 && st.counts.waiting > 30, 'the history ends with a clean');
+    fs.closeSync(j.journal.fd);
+    checkIndexes(loadState(j.dir).state, 'replayed');
+    const k = new Journal(j.dir, 0, 0);
+    k.snapshot(loadState(j.dir).state);
+    fs.closeSync(k.fd);
+    checkIndexes(loadState(j.dir).state, 'loaded from a snapshot');
+  });
+
+  test('a page of a filter holds every match up to its limit, however few among many', () => {
+    const st = newState();
+    applyEvent(st, { e: 'worker', t: T0, host: 'a', slots: 1, ssh: false });
+    applyEvent(st, addEv(st, 100_000));
+    // Ten failed jobs, all among the oldest; one job that ran on a.
+    for (let id = 1; id <= 10; id++) {
+      applyEvent(st, { e: 'start', t: T0, id, host: 'a', slot: 0 });
+      applyEvent(st, { e: 'end', t: T0, id, run: 1, code: 1 });
+    }
+    const failed = pageJobs(st, { op: 'jobs', state: 'failed' }, T0);
+    assert.deepEqual(failed.rows.map((r) => r.id), [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]);
+    assert.equal(failed.next, null);
+    assert.deepEqual(pageJobs(st, { op: 'jobs', worker: 'a', limit: 3 }, T0).rows.map((r) => r.id), [10, 9, 8]);
+    // A text filter looks as far as its budget allows, and what it found is the page.
+    st.jobs.get(5)!.reason = 'needle';
+    const text = pageJobs(st, { op: 'jobs', text: 'needle' }, T0, () => false);
+    assert.deepEqual(text.rows.map((r) => r.id), [5]);
   });
 });
