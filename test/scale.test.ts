@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { applyEvent, Journal, JOB_STATES, loadState, matchingIds, newState, pageJobs, waitingJobs, type Event, type State } from '../cli.ts';
-import { socketOp, startServer, testDir, until, writeScript } from './server.ts';
+import { addWorkers, serve, socketOp, startServer, testDir, until, writeScript } from './server.ts';
 
 const T0 = Date.UTC(2025, 0, 1, 12, 0, 0);
 
@@ -251,5 +251,32 @@ describe('indexes of jobs by state, worker and tag', () => {
     st.jobs.get(5)!.reason = 'needle';
     const text = pageJobs(st, { op: 'jobs', text: 'needle' }, T0, () => false);
     assert.deepEqual(text.rows.map((r) => r.id), [5]);
+  });
+});
+
+describe('filters of a server with 100,000 jobs', () => {
+  test('10 failed jobs among 100,000 come in the first answer: the API\'s jobs by state and by worker, and list --state', { timeout: 120_000 }, async (t) => {
+    const s = await serve(t);
+    const fail = writeScript(s.dir, 'fail.sh', 'exit 1');
+    await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: Array.from({ length: 10 }, () => [fail]) });
+    await addWorkers(s, 'w1:2');
+    await until(async () => (await s.status()).counts.failed === 10, 'the 10 jobs to fail', 30_000);
+    await s.ok(['pause']);
+    const values = Array.from({ length: 400 }, (_, i) => String(i));
+    const big = await socketOp(s.dataDir, { op: 'add_jobs', cwd: s.dir, jobs: [[fail, '{1}', '{2}']], sweep: [values, values.slice(0, 250)] }, () => {}, 100_000);
+    assert.ok(big.ok, big.error);
+    assert.equal((await s.status()).counts.waiting, 100_000);
+    const ten = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1];
+    const failed = await socketOp(s.dataDir, { op: 'jobs', state: 'failed' });
+    assert.deepEqual(failed.rows.map((r: { id: number }) => r.id), ten, 'GET /api/jobs?state=failed');
+    assert.equal(failed.next, null);
+    const onW1 = await socketOp(s.dataDir, { op: 'jobs', worker: 'w1' });
+    assert.deepEqual(onW1.rows.map((r: { id: number }) => r.id), ten, 'GET /api/jobs?worker=w1');
+    const chunks: { id: number }[][] = [];
+    const end = await socketOp(s.dataDir, { op: 'list', state: 'failed' }, (m) => chunks.push(m.rows));
+    assert.ok(end.ok);
+    assert.deepEqual(chunks.map((c) => c.map((r) => r.id)), [ten.slice().reverse()], 'list --state failed: one chunk of the 10');
+    const out = await s.ok(['list', '--state', 'failed', '--json']);
+    assert.equal(JSON.parse(out).length, 10);
   });
 });
