@@ -402,8 +402,14 @@ export class IdBits {
 }
 
 /** A snapshot being written a slice per turn, of the state as it was at its start: the
- *  jobs below id `below` that changed since, as they were then (snapshot lines). */
-export type Saving = { below: number; before: Map<number, string> };
+ *  jobs below id `below` that changed since, as they were then (snapshot lines), and
+ *  their queue token then (`was`: 0 when not waiting), for the queue's order then. */
+export type Saving = {
+  below: number; before: Map<number, string>; was: Map<number, number>;
+  // The jobs are written in id order (the order of st.jobs) from the live map: those
+  // that leave it before they are written wait in `dropped`; `at`: the last id written.
+  at: number; dropped: Job[];
+};
 
 export type JobSpec = string[]; // [script, ...args]
 export type Event =
@@ -492,7 +498,12 @@ export const snapshotLine = (job: Job) => JSON.stringify({ j: { ...job, qtok: 0 
  *  was when the snapshot began (copy on write), so the snapshot is of one moment. */
 function touch(st: State, job: Job): void {
   const sv = st.saving;
-  if (sv && job.id < sv.below && !sv.before.has(job.id)) sv.before.set(job.id, snapshotLine(job));
+  if (sv && job.id < sv.below && !sv.before.has(job.id)) { sv.before.set(job.id, snapshotLine(job)); remember(st, job); }
+}
+/** Called before a job's queue token changes or it leaves: see touch. */
+function remember(st: State, job: Job): void {
+  const sv = st.saving;
+  if (sv && job.id < sv.below && !sv.was.has(job.id)) sv.was.set(job.id, job.state === 'waiting' ? job.qtok : 0);
 }
 
 function setJobState(st: State, job: Job, to: JobState): void {
@@ -515,6 +526,8 @@ function addJob(st: State, job: Job): void {
   }
 }
 function dropJob(st: State, job: Job): void {
+  remember(st, job);
+  if (st.saving && job.id < st.saving.below && job.id > st.saving.at) st.saving.dropped.push(job);
   st.jobs.delete(job.id);
   if (job.worker !== null) st.byWorker.get(job.worker)?.delete(job.id);
   st.dependents.delete(job.id); // a finished job's held dependents were told already
@@ -556,6 +569,7 @@ function laneOf(st: State, job: Job): Lane {
 
 /** Puts a waiting job in its lane: behind the others, or in front (requeued jobs). */
 function enqueue(st: State, job: Job, inFront: boolean): void {
+  remember(st, job);
   job.qtok = ++st.tok;
   const lane = laneOf(st, job);
   if (inFront) { lane.front.push(job.id); lane.frontTok.push(job.qtok); }
@@ -627,6 +641,51 @@ export function* waitingJobs(st: State, startable = false, skip?: Set<string>): 
   }
 }
 
+/** The lanes as they are now, for waitingAt: their fronts copied (a requeue or a trim
+ *  changes them in place), and of their backs the arrays and the part in use (they only
+ *  grow at the end, and are replaced when trimmed). */
+export type FrozenLane = { priority: number; front: number[]; frontTok: number[]; ids: number[]; toks: number[]; head: number; end: number };
+export function frozenLanes(st: State): FrozenLane[] {
+  const out: FrozenLane[] = [];
+  for (const priority of st.prios) {
+    for (const l of st.lanes.values()) {
+      if (l.priority === priority) out.push({ priority, front: l.front.slice(), frontTok: l.frontTok.slice(), ids: l.ids, toks: l.toks, head: l.head, end: l.ids.length });
+    }
+  }
+  return out;
+}
+
+/** The ids of the jobs waiting at the start of a snapshot, in the order they would have
+ *  started then (as waitingJobs orders them), from the lanes frozen then: an entry was
+ *  live when its job was waiting with that token (Saving.was for the jobs that changed
+ *  since). Lanes come by priority, highest first. */
+export function* waitingAt(st: State, sv: Saving, lanes: FrozenLane[]): Generator<number> {
+  const live = (id: number, tok: number) => {
+    const was = sv.was.get(id);
+    if (was !== undefined) return was === tok;
+    const j = st.jobs.get(id);
+    return j !== undefined && j.state === 'waiting' && j.qtok === tok;
+  };
+  type Cursor = { lane: FrozenLane; f: number; b: number; key: number };
+  const keyOf = (c: Cursor) => (c.f >= 0 ? -c.lane.frontTok[c.f] - 2 ** 52 : c.b < c.lane.end ? c.lane.toks[c.b] : Infinity);
+  for (let i = 0; i < lanes.length;) {
+    const priority = lanes[i].priority, heap: Cursor[] = [];
+    for (; i < lanes.length && lanes[i].priority === priority; i++) {
+      const c: Cursor = { lane: lanes[i], f: lanes[i].front.length - 1, b: lanes[i].head, key: 0 };
+      c.key = keyOf(c);
+      heap.push(c);
+    }
+    heap.sort((a, b) => a.key - b.key);
+    while (heap.length && heap[0].key !== Infinity) {
+      const c = heap[0];
+      const [id, tok] = c.f >= 0 ? [c.lane.front[c.f], c.lane.frontTok[c.f--]] : [c.lane.ids[c.b], c.lane.toks[c.b++]];
+      c.key = keyOf(c);
+      if (heap.length > 1) siftDown(heap, 0);
+      if (live(id, tok)) yield id;
+    }
+  }
+}
+
 function siftDown<T extends { key: number }>(heap: T[], i: number): void {
   for (;;) {
     const l = 2 * i + 1, r = l + 1;
@@ -665,6 +724,7 @@ function queueOrHold(st: State, job: Job, inFront: boolean): void {
   for (const d of job.after ?? NO_IDS) if (!depDone(st, d)) job.blockers++;
   for (const d of job.afterAny ?? NO_IDS) if (!depEnded(st, d)) job.blockers++;
   if (job.blockers === 0) { enqueue(st, job, inFront); return; }
+  remember(st, job);
   job.qtok = -(++st.tok);
   for (const d of job.afterAny ? [...(job.after ?? NO_IDS), ...job.afterAny] : job.after!) {
     if (!st.jobs.has(d)) continue; // cleaned after it ended done: done for good
@@ -2920,6 +2980,7 @@ export class Journal {
   snapshotMinBytes: number;
   saving: Saving | null = null; // the snapshot being written (startSnapshot)
   stuck = false;                // one failed part-way: no other until the next start-up
+  sliceMs = SNAPSHOT_SLICE_MS;
   constructor(dir: string, size: number, snapshotSize: number, snapshotMinBytes = SNAPSHOT_MIN_JOURNAL_BYTES) {
     this.dir = dir;
     this.snapshotMinBytes = snapshotMinBytes;
@@ -2989,7 +3050,7 @@ export class Journal {
   startSnapshot(st: State): Promise<number> {
     const file = path.join(this.dir, 'snapshot'), tmp = `${file}.tmp`;
     const jfile = path.join(this.dir, 'journal'), earlier = path.join(this.dir, 'journal.1');
-    const parts = snapshotParts(st);
+    const parts = snapshotParts(st, false);
     try {
       if (this.mustCut) { fs.ftruncateSync(this.fd, this.size); this.mustCut = false; }
       fs.renameSync(jfile, earlier);
@@ -3002,8 +3063,9 @@ export class Journal {
       this.stuck = true;
       return Promise.reject(e);
     }
-    const sv: Saving = { below: st.nextId, before: new Map() };
+    const sv: Saving = { below: st.nextId, before: new Map(), was: new Map(), at: 0, dropped: [] };
     st.saving = this.saving = sv;
+    const lanes = frozenLanes(st), count = st.jobs.size;
     const live = () => { if (this.saving !== sv) throw new Error('stopped (the state was reloaded)'); };
     const write = async () => {
       let written = 0;
@@ -3011,19 +3073,46 @@ export class Journal {
       try {
         const put = async (text: string) => { const b = Buffer.from(text); await fh.writeFile(b); written += b.length; };
         await put(parts.head);
-        for (let i = 0; i < parts.jobs.length;) {
+        // The jobs of that moment in id order: the live map's (it is in id order; the
+        // jobs added since come after them), and those that left it meanwhile.
+        const it = st.jobs.values();
+        let next = it.next(), left = count;
+        const lineOf = (j: Job) => { left--; sv.at = j.id; return (sv.before.get(j.id) ?? snapshotLine(j)) + '\n'; };
+        while (left > 0) {
           live();
           const t0 = performance.now();
           let buf = '';
-          while (i < parts.jobs.length && performance.now() - t0 < SNAPSHOT_SLICE_MS) {
-            for (const end = Math.min(parts.jobs.length, i + 200); i < end; i++) {
-              const j = parts.jobs[i];
-              buf += (sv.before.get(j.id) ?? snapshotLine(j)) + '\n';
+          do {
+            sv.dropped.sort((a, b) => b.id - a.id); // lowest last
+            for (let k = 0; k < 200 && left > 0; k++) {
+              const j = !next.done && next.value.id < sv.below ? next.value : null;
+              const d = sv.dropped.length ? sv.dropped[sv.dropped.length - 1] : null;
+              if (d && (!j || d.id < j.id)) { buf += lineOf(sv.dropped.pop()!); continue; }
+              if (!j) throw new Error(`${left} jobs of the snapshot not found`);
+              buf += lineOf(j);
+              next = it.next();
             }
-          }
+          } while (left > 0 && performance.now() - t0 < this.sliceMs);
           await put(buf);
         }
-        await put(parts.tail);
+        // The queue's order then, a slice per turn too.
+        const order = waitingAt(st, sv, lanes);
+        for (let done = false; !done;) {
+          live();
+          const t0 = performance.now();
+          let buf = '';
+          do {
+            const ids: number[] = [];
+            for (let r = order.next(); ; r = order.next()) {
+              if (r.done) { done = true; break; }
+              ids.push(r.value);
+              if (ids.length === 10_000) break;
+            }
+            if (ids.length) buf += JSON.stringify({ queue: ids }) + '\n';
+          } while (!done && performance.now() - t0 < this.sliceMs);
+          await put(buf);
+        }
+        await put(JSON.stringify({ end: true, jobs: count }) + '\n');
         await fh.sync();
       } finally {
         await fh.close();
@@ -3047,15 +3136,20 @@ export class Journal {
 }
 
 /** A snapshot of the state now: the lines before the jobs, the jobs (in id order, as
- *  list shows them), and the lines after them (the queue's order of start, the end). */
-function snapshotParts(st: State): { head: string; jobs: Job[]; tail: string } {
+ *  list shows them), and the lines after them (the queue's order of start, the end;
+ *  only when `whole`: a snapshot written a slice per turn makes them itself). */
+function snapshotParts(st: State, whole = true): { head: string; jobs: Job[]; tail: string } {
   const lines: string[] = [JSON.stringify({ format: 'djs-snapshot', version: FORMAT_VERSION, seq: st.seq, nextId: st.nextId })];
   const put = (rec: unknown) => { lines.push(JSON.stringify(rec)); };
-  // The environments some job or worker runs with, once each; the others are dropped.
-  const used = new Set<string>();
-  for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
-  for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
-  for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
+  // The environments some job or worker runs with, once each; the others are dropped
+  // (at once only: one written a slice per turn keeps them all, since an add made
+  // meanwhile may use one that no job used when it began).
+  if (whole) {
+    const used = new Set<string>();
+    for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
+    for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
+    for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
+  }
   for (const [id, vars] of st.environs) put({ environ: { id, vars } });
   for (const w of st.workers.values()) put({ w });
   if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
@@ -3063,6 +3157,7 @@ function snapshotParts(st: State): { head: string; jobs: Job[]; tail: string } {
   for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
   const head = lines.join('\n') + '\n';
   lines.length = 0;
+  if (!whole) return { head, jobs: [], tail: '' };
   let order: number[] = [];
   for (const j of waitingJobs(st)) {
     order.push(j.id);

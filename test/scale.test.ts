@@ -68,7 +68,9 @@ describe('snapshots written a slice per turn', () => {
     commit(addEv(st, 3, { after: [1] })); // held for job 1
     for (let id = 1; id <= 4; id++) commit({ e: 'start', t: T0 + 1, id, host: 'a', slot: id - 1 });
     commit({ e: 'end', t: T0 + 2, id: 2, run: 1, code: 0 }, { e: 'end', t: T0 + 2, id: 3, run: 1, code: 7 }, { e: 'end', t: T0 + 2, id: 3, run: 1, code: 7 });
+    commit({ e: 'priority', t: T0 + 2, ids: [100, 101], priority: 2 }); // two lanes, one requeued job in front
     const before = view(st);
+    j.journal.sliceMs = 0; // 200 jobs a turn: the events below come while it is written
     const saved = j.journal.startSnapshot(st);
     assert.ok(fs.existsSync(path.join(j.dir, 'journal.1')), 'the journal so far is kept until the snapshot is complete');
     // One event of each kind per turn, each touching jobs the snapshot has not written yet
@@ -81,8 +83,8 @@ describe('snapshots written a slice per turn', () => {
       [{ e: 'end', t: T0 + 6, id: 4, run: 1, code: 143 }, { e: 'end', t: T0 + 6, id: 1, run: 2, code: 2 }], // 1 fails: its dependents fail
       [{ e: 'retry', t: T0 + 7, ids: [3, 4] }],
       [{ e: 'unstart', t: T0 + 8, id: last }],
-      [{ e: 'priority', t: T0 + 9, ids: [last - 2, 10], priority: 5 }],
-      [{ e: 'remove', t: T0 + 10, ids: [last - 3, 11] }],
+      [{ e: 'priority', t: T0 + 9, ids: [last - 2, 10, 100], priority: 5 }],
+      [{ e: 'remove', t: T0 + 10, ids: [last - 3, 11, 3000, 3001] }],
       [addEv(st, 5)],
       [{ e: 'clean', t: T0 + 11 }],
       [{ e: 'pause', t: T0 + 12, tag: 'x' }],
@@ -206,7 +208,7 @@ describe('indexes of jobs by state, worker and tag', () => {
       ['workers', () => [{ e: 'worker', t: T0, host: 'a', slots: 3, ssh: false }, { e: 'worker', t: T0, host: 'b', slots: 2, ssh: false }]],
       ['add', () => [addEv(st, 40, { retries: 1 })]],
       ['add of another tag, held', () => [{ ...addEv(st, 3, { after: [1] }), tags: ['y'] }]],
-      ['start', () => [1, 2, 3].map((id, i) => ({ e: 'start', t: T0 + 1, id, host: 'a', slot: i })).concat([{ e: 'start', t: T0 + 1, id: 35, host: 'b', slot: 0 }])],
+      ['start', () => [1, 2, 3].map((id, i): Event => ({ e: 'start', t: T0 + 1, id, host: 'a', slot: i })).concat([{ e: 'start', t: T0 + 1, id: 35, host: 'b', slot: 0 }])],
       ['end: done, failed (retried), worker failure', () => [{ e: 'end', t: T0 + 2, id: 2, run: 1, code: 0 }, { e: 'end', t: T0 + 2, id: 3, run: 1, code: 4 }, { e: 'end', t: T0 + 2, id: 35, run: 1, code: 255 }]],
       ['start again on b', () => [{ e: 'start', t: T0 + 3, id: 3, host: 'b', slot: 0 }, { e: 'start', t: T0 + 3, id: 35, host: 'b', slot: 1 }]],
       ['end: failed for good, its dependents fail', () => [{ e: 'end', t: T0 + 4, id: 3, run: 2, code: 4 }, { e: 'end', t: T0 + 4, id: 1, run: 1, code: 9 }, { e: 'end', t: T0 + 4, id: 1, run: 1, code: 9 }]],
