@@ -407,8 +407,10 @@ export class IdBits {
 export type Saving = {
   below: number; before: Map<number, string>; was: Map<number, number>;
   // The jobs are written in id order (the order of st.jobs) from the live map: those
-  // that leave it before they are written wait in `dropped`; `at`: the last id written.
-  at: number; dropped: Job[];
+  // that leave it before they are written wait in `dropped` from `dropHead` on (in id
+  // order unless `unsorted`: a clean drops in id order, a remove highest first);
+  // `at`: the last id written.
+  at: number; dropped: Job[]; dropHead: number; unsorted: boolean;
 };
 
 export type JobSpec = string[]; // [script, ...args]
@@ -527,7 +529,11 @@ function addJob(st: State, job: Job): void {
 }
 function dropJob(st: State, job: Job): void {
   remember(st, job);
-  if (st.saving && job.id < st.saving.below && job.id > st.saving.at) st.saving.dropped.push(job);
+  const sv = st.saving;
+  if (sv && job.id < sv.below && job.id > sv.at) {
+    if (sv.dropped.length > sv.dropHead && sv.dropped[sv.dropped.length - 1].id > job.id) sv.unsorted = true;
+    sv.dropped.push(job);
+  }
   st.jobs.delete(job.id);
   if (job.worker !== null) st.byWorker.get(job.worker)?.delete(job.id);
   st.dependents.delete(job.id); // a finished job's held dependents were told already
@@ -3063,7 +3069,7 @@ export class Journal {
       this.stuck = true;
       return Promise.reject(e);
     }
-    const sv: Saving = { below: st.nextId, before: new Map(), was: new Map(), at: 0, dropped: [] };
+    const sv: Saving = { below: st.nextId, before: new Map(), was: new Map(), at: 0, dropped: [], dropHead: 0, unsorted: false };
     st.saving = this.saving = sv;
     const lanes = frozenLanes(st), count = st.jobs.size;
     const live = () => { if (this.saving !== sv) throw new Error('stopped (the state was reloaded)'); };
@@ -3083,11 +3089,11 @@ export class Journal {
           const t0 = performance.now();
           let buf = '';
           do {
-            sv.dropped.sort((a, b) => b.id - a.id); // lowest last
+            if (sv.unsorted) { sv.dropped = sv.dropped.slice(sv.dropHead).sort((a, b) => a.id - b.id); sv.dropHead = 0; sv.unsorted = false; }
             for (let k = 0; k < 200 && left > 0; k++) {
               const j = !next.done && next.value.id < sv.below ? next.value : null;
-              const d = sv.dropped.length ? sv.dropped[sv.dropped.length - 1] : null;
-              if (d && (!j || d.id < j.id)) { buf += lineOf(sv.dropped.pop()!); continue; }
+              const d = sv.dropHead < sv.dropped.length ? sv.dropped[sv.dropHead] : null;
+              if (d && (!j || d.id < j.id)) { buf += lineOf(d); sv.dropHead++; continue; }
               if (!j) throw new Error(`${left} jobs of the snapshot not found`);
               buf += lineOf(j);
               next = it.next();
