@@ -4784,13 +4784,15 @@ function streamJobs(req: Request, conn: Conn): void {
   const it = states || tag !== undefined ? matchingJobs(matchingIds(st, { states: states ? [...states] : undefined, tag }, 1, st.nextId, false)) : st.jobs.values();
   const sock = conn.sock;
   const now = Date.now(), queue = queueReason(st);
+  let chunk = 100; // the first rows go out at once; then chunks of 2,000
   const pump = () => {
     while (!sock.destroyed) {
       const rows: JobView[] = [];
       for (let r = it.next(); !r.done; r = it.next()) {
         if ((!states || states.has(r.value.state)) && (tag === undefined || r.value.tags.includes(tag))) rows.push(jobView(st, r.value, now, queue));
-        if (rows.length >= 2000) break;
+        if (rows.length >= chunk) break;
       }
+      chunk = 2000;
       if (rows.length === 0) { sock.end(JSON.stringify({ ok: true }) + '\n'); return; }
       const text = JSON.stringify({ rows }) + '\n';
       if (!roomFor(sock, text.length)) return;
