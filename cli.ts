@@ -3124,10 +3124,12 @@ export class Journal {
         await fh.close();
       }
       live();
-      fs.renameSync(tmp, file);
-      fsyncDir(this.dir);
-      fs.rmSync(earlier, { force: true });
-      fsyncDir(this.dir);
+      // In place, then journal.1 goes (a crash between: its events are in the snapshot).
+      const syncDir = async () => { const d = await fs.promises.open(this.dir, 'r'); try { await d.sync(); } finally { await d.close(); } };
+      await fs.promises.rename(tmp, file);
+      await syncDir();
+      await fs.promises.rm(earlier, { force: true });
+      await syncDir();
       this.snapshotSize = written;
       return written;
     };
