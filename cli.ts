@@ -3093,7 +3093,10 @@ export class Journal {
             for (let k = 0; k < 200 && left > 0; k++) {
               const j = !next.done && next.value.id < sv.below ? next.value : null;
               const d = sv.dropHead < sv.dropped.length ? sv.dropped[sv.dropHead] : null;
-              if (d && (!j || d.id < j.id)) { buf += lineOf(d); sv.dropHead++; continue; }
+              if (d && (!j || d.id <= j.id)) {
+                if (j && j.id === d.id) next = it.next(); // read last turn, dropped since: once
+                buf += lineOf(d); sv.dropHead++; continue;
+              }
               if (!j) throw new Error(`${left} jobs of the snapshot not found`);
               buf += lineOf(j);
               next = it.next();
