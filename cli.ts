@@ -3083,7 +3083,12 @@ export class Journal {
         // jobs added since come after them), and those that left it meanwhile.
         const it = st.jobs.values();
         let next = it.next(), left = count;
-        const lineOf = (j: Job) => { left--; sv.at = j.id; return (sv.before.get(j.id) ?? snapshotLine(j)) + '\n'; };
+        const lineOf = (j: Job) => {
+          // Never twice nor out of order: such a snapshot would not load, so it is dropped.
+          if (j.id <= sv.at) throw new Error(`job ${j.id} after job ${sv.at}`);
+          left--; sv.at = j.id;
+          return (sv.before.get(j.id) ?? snapshotLine(j)) + '\n';
+        };
         while (left > 0) {
           live();
           const t0 = performance.now();
