@@ -3181,7 +3181,10 @@ function snapshotParts(st: State, whole = true): { head: string; jobs: Job[]; ta
   }
   if (order.length) put({ queue: order });
   put({ end: true, jobs: st.jobs.size });
-  return { head, jobs: [...st.jobs.values()], tail: lines.join('\n') + '\n' };
+  // In id order, as the jobs are made (a snapshot written a slice per turn counts on it).
+  const jobs = [...st.jobs.values()];
+  for (let i = 1; i < jobs.length; i++) if (jobs[i].id < jobs[i - 1].id) { jobs.sort((a, b) => a.id - b.id); break; }
+  return { head, jobs, tail: lines.join('\n') + '\n' };
 }
 const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal', version: FORMAT_VERSION, after }) + '\n';
 
