@@ -119,7 +119,9 @@ if (!process.features.typescript) {
  *
  * FILES in the data dir (mode 0700)
  *   journal       one JSON event per line, appended and fsynced before a reply
- *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename
+ *   snapshot      the whole state as JSON lines; replaced by write-temp, fsync, rename;
+ *                 written a slice per turn, of one moment (see Journal.startSnapshot)
+ *   journal.1     while a snapshot is written: the journal up to its moment
  *   server.sock   the Unix socket clients talk to (mode 0600)
  *   server.pid    "PID START_TICKS" of the server that owns the dir
  *   lock.token    names the lock a server holds on the dir while it runs (holdDirLock)
@@ -277,6 +279,8 @@ const TAGS_SHOWN = 20;
 /** The journal is folded into a snapshot past this size (DJS_SNAPSHOT_MIN_BYTES lowers
  *  it, for tests). */
 const SNAPSHOT_MIN_JOURNAL_BYTES = 32 << 20;
+/** A snapshot is written a slice of jobs per turn, of about this many ms of work. */
+const SNAPSHOT_SLICE_MS = 8;
 const MAX_HOST_LENGTH = 255;
 const MAX_SLOTS = 10_000;
 const MAX_GPUS = 1024;
@@ -403,6 +407,38 @@ export type State = {
   cascades: number;                    // jobs failed for a dependency so far (not kept; tells waiters)
   policy: Policy;                      // which free worker a job goes to
   environs: Map<string, string[]>;     // the environments of adds (keptEnviron), by content id; one copy each
+  saving: Saving | null;               // a snapshot being written (see touch)
+  byState: Record<JobState, IdBits>;   // the ids of the jobs in each state (for filters)
+  byWorker: Map<string, IdBits>;       // the ids of the jobs whose current or last attempt ran there
+  tagRanges: Map<string, number[]>;    // per tag, the id ranges [first, last, ...] of the adds that had it
+};
+
+/** A set of job ids as a bitmap (32 ids a word): a filter finds the matching ids of a
+ *  million jobs by skipping empty words, and an update costs one bit. */
+export class IdBits {
+  w = new Int32Array(64);
+  add(id: number): void {
+    const i = Math.floor(id / 32);
+    if (i >= this.w.length) { const w = new Int32Array(Math.max(i + 1, this.w.length * 2)); w.set(this.w); this.w = w; }
+    this.w[i] |= 1 << (id % 32);
+  }
+  delete(id: number): void {
+    const i = Math.floor(id / 32);
+    if (i < this.w.length) this.w[i] &= ~(1 << (id % 32));
+  }
+  has(id: number): boolean { const i = Math.floor(id / 32); return i < this.w.length && (this.w[i] & (1 << (id % 32))) !== 0; }
+}
+
+/** A snapshot being written a slice per turn, of the state as it was at its start: the
+ *  jobs below id `below` that changed since, as they were then (snapshot lines), and
+ *  their queue token then (`was`: 0 when not waiting), for the queue's order then. */
+export type Saving = {
+  below: number; before: Map<number, string>; was: Map<number, number>;
+  // The jobs are written in id order (the order of st.jobs) from the live map: those
+  // that leave it before they are written wait in `dropped` from `dropHead` on (in id
+  // order unless `unsorted`: a clean drops in id order, a remove highest first);
+  // `at`: the last id written.
+  at: number; dropped: Job[]; dropHead: number; unsorted: boolean;
 };
 
 export type JobSpec = string[]; // [script, ...args]
@@ -456,6 +492,9 @@ export function newState(): State {
     seq: 0, nextId: 1, tok: 0, jobs: new Map(), workers: new Map(), lanes: new Map(), prios: [],
     counts: noCounts(), tagCounts: new Map(), dependents: new Map(), forgotten: new Set(),
     paused: false, pausedTags: new Set(), strings: new Map(), cascades: 0, policy: 'spread', environs: new Map(),
+    saving: null,
+    byState: { waiting: new IdBits(), running: new IdBits(), done: new IdBits(), failed: new IdBits(), killed: new IdBits() },
+    byWorker: new Map(), tagRanges: new Map(),
   };
 }
 const noCounts = (): Counts => ({ waiting: 0, running: 0, done: 0, failed: 0, killed: 0 });
@@ -474,6 +513,7 @@ export const isFinished = (s: JobState) => s === 'done' || s === 'failed' || s =
 /** Counts a job in `state` (delta 1) or no longer (delta -1), overall and per tag. */
 function count(st: State, job: Job, state: JobState, delta: number): void {
   st.counts[state] += delta;
+  if (delta > 0) st.byState[state].add(job.id); else st.byState[state].delete(job.id);
   for (const tag of job.tags) {
     let c = st.tagCounts.get(tag);
     if (!c) st.tagCounts.set(tag, c = noCounts());
@@ -482,19 +522,65 @@ function count(st: State, job: Job, state: JobState, delta: number): void {
   }
 }
 
+/** The snapshot line of a job (its queue entry is made anew on load). */
+export const snapshotLine = (job: Job) => JSON.stringify({ j: { ...job, qtok: 0 } });
+
+/** Called before a job changes: while a snapshot is being written, keeps the job as it
+ *  was when the snapshot began (copy on write), so the snapshot is of one moment. */
+function touch(st: State, job: Job): void {
+  const sv = st.saving;
+  if (sv && job.id < sv.below && !sv.before.has(job.id)) { sv.before.set(job.id, snapshotLine(job)); remember(st, job); }
+}
+/** Called before a job's queue token changes or it leaves: see touch. */
+function remember(st: State, job: Job): void {
+  const sv = st.saving;
+  if (sv && job.id < sv.below && !sv.was.has(job.id)) sv.was.set(job.id, job.state === 'waiting' ? job.qtok : 0);
+}
+
 function setJobState(st: State, job: Job, to: JobState): void {
+  touch(st, job);
   count(st, job, job.state, -1);
   count(st, job, to, 1);
   job.state = to;
 }
 
 /** Adds a job to the state's jobs, or takes it out (a removed or cleaned job). */
-function addJob(st: State, job: Job): void { st.jobs.set(job.id, job); count(st, job, job.state, 1); }
+function addJob(st: State, job: Job): void {
+  st.jobs.set(job.id, job);
+  count(st, job, job.state, 1);
+  if (job.worker !== null) workerBits(st, job.worker).add(job.id);
+  for (const tag of job.tags) {
+    const r = st.tagRanges.get(tag);
+    if (!r) st.tagRanges.set(tag, [job.id, job.id]);
+    else if (r[r.length - 1] === job.id - 1) r[r.length - 1] = job.id;
+    else if (r[r.length - 1] < job.id) r.push(job.id, job.id);
+  }
+}
 function dropJob(st: State, job: Job): void {
+  remember(st, job);
+  const sv = st.saving;
+  if (sv && job.id < sv.below && job.id > sv.at) {
+    if (sv.dropped.length > sv.dropHead && sv.dropped[sv.dropped.length - 1].id > job.id) sv.unsorted = true;
+    sv.dropped.push(job);
+  }
   st.jobs.delete(job.id);
+  if (job.worker !== null) st.byWorker.get(job.worker)?.delete(job.id);
   st.dependents.delete(job.id); // a finished job's held dependents were told already
   count(st, job, job.state, -1);
   if (job.state !== 'done') st.forgotten.add(job.id);
+}
+
+function workerBits(st: State, host: string): IdBits {
+  let b = st.byWorker.get(host);
+  if (!b) st.byWorker.set(host, b = new IdBits());
+  return b;
+}
+
+/** Sets the worker of a job's current or last attempt. */
+function setWorker(st: State, job: Job, host: string | null): void {
+  if (job.worker !== null) st.byWorker.get(job.worker)?.delete(job.id);
+  job.worker = host === null ? null : intern(st, host);
+  if (host !== null) workerBits(st, host).add(job.id);
 }
 
 /** Jobs share a lane when they share priority, tags and needs. */
@@ -518,6 +604,7 @@ function laneOf(st: State, job: Job): Lane {
 
 /** Puts a waiting job in its lane: behind the others, or in front (requeued jobs). */
 function enqueue(st: State, job: Job, inFront: boolean): void {
+  remember(st, job);
   job.qtok = ++st.tok;
   const lane = laneOf(st, job);
   if (inFront) { lane.front.push(job.id); lane.frontTok.push(job.qtok); }
@@ -589,6 +676,51 @@ export function* waitingJobs(st: State, startable = false, skip?: Set<string>): 
   }
 }
 
+/** The lanes as they are now, for waitingAt: their fronts copied (a requeue or a trim
+ *  changes them in place), and of their backs the arrays and the part in use (they only
+ *  grow at the end, and are replaced when trimmed). */
+export type FrozenLane = { priority: number; front: number[]; frontTok: number[]; ids: number[]; toks: number[]; head: number; end: number };
+export function frozenLanes(st: State): FrozenLane[] {
+  const out: FrozenLane[] = [];
+  for (const priority of st.prios) {
+    for (const l of st.lanes.values()) {
+      if (l.priority === priority) out.push({ priority, front: l.front.slice(), frontTok: l.frontTok.slice(), ids: l.ids, toks: l.toks, head: l.head, end: l.ids.length });
+    }
+  }
+  return out;
+}
+
+/** The ids of the jobs waiting at the start of a snapshot, in the order they would have
+ *  started then (as waitingJobs orders them), from the lanes frozen then: an entry was
+ *  live when its job was waiting with that token (Saving.was for the jobs that changed
+ *  since). Lanes come by priority, highest first. */
+export function* waitingAt(st: State, sv: Saving, lanes: FrozenLane[]): Generator<number> {
+  const live = (id: number, tok: number) => {
+    const was = sv.was.get(id);
+    if (was !== undefined) return was === tok;
+    const j = st.jobs.get(id);
+    return j !== undefined && j.state === 'waiting' && j.qtok === tok;
+  };
+  type Cursor = { lane: FrozenLane; f: number; b: number; key: number };
+  const keyOf = (c: Cursor) => (c.f >= 0 ? -c.lane.frontTok[c.f] - 2 ** 52 : c.b < c.lane.end ? c.lane.toks[c.b] : Infinity);
+  for (let i = 0; i < lanes.length;) {
+    const priority = lanes[i].priority, heap: Cursor[] = [];
+    for (; i < lanes.length && lanes[i].priority === priority; i++) {
+      const c: Cursor = { lane: lanes[i], f: lanes[i].front.length - 1, b: lanes[i].head, key: 0 };
+      c.key = keyOf(c);
+      heap.push(c);
+    }
+    heap.sort((a, b) => a.key - b.key);
+    while (heap.length && heap[0].key !== Infinity) {
+      const c = heap[0];
+      const [id, tok] = c.f >= 0 ? [c.lane.front[c.f], c.lane.frontTok[c.f--]] : [c.lane.ids[c.b], c.lane.toks[c.b++]];
+      c.key = keyOf(c);
+      if (heap.length > 1) siftDown(heap, 0);
+      if (live(id, tok)) yield id;
+    }
+  }
+}
+
 function siftDown<T extends { key: number }>(heap: T[], i: number): void {
   for (;;) {
     const l = 2 * i + 1, r = l + 1;
@@ -627,6 +759,7 @@ function queueOrHold(st: State, job: Job, inFront: boolean): void {
   for (const d of job.after ?? NO_IDS) if (!depDone(st, d)) job.blockers++;
   for (const d of job.afterAny ?? NO_IDS) if (!depEnded(st, d)) job.blockers++;
   if (job.blockers === 0) { enqueue(st, job, inFront); return; }
+  remember(st, job);
   job.qtok = -(++st.tok);
   for (const d of job.afterAny ? [...(job.after ?? NO_IDS), ...job.afterAny] : job.after!) {
     if (!st.jobs.has(d)) continue; // cleaned after it ended done: done for good
@@ -663,6 +796,7 @@ function releaseDependents(st: State, id: number, how: 'done' | 'failed' | 'kill
         else still.push(job.id, job.qtok);
         continue;
       }
+      touch(st, job);
       job.blockers = 0;
       st.cascades++;
       job.reason = `dependency ${dep} ${outcome}`;
@@ -839,6 +973,7 @@ function freeSlot(st: State, job: Job): void {
 /** Sends a job whose attempt ended back to the queue, or ends it in `to` (and tells
  *  the jobs held for it). */
 function settle(st: State, job: Job, to: JobState | 'requeue', reason: string | null, t: number): void {
+  touch(st, job);
   job.reason = reason;
   job.endedAt = t;
   job.notBefore = 0;
@@ -865,6 +1000,7 @@ export const attemptsOf = (job: Job) => (job.history?.length ?? 0) + (job.state 
 /** Decides how an attempt that ended counts: done, failed, killed, or back to the queue. */
 function endAttempt(st: State, job: Job, code: number | null, why: string | undefined, t: number): void {
   const host = job.worker;
+  touch(st, job);
   (job.history ??= []).push({
     n: job.history.length + 1, worker: host ?? '', slot: job.slot, startedAt: job.startedAt, endedAt: t,
     exitCode: code, reason: job.killing === 'timeout' ? 'timeout' : job.killing === 'user' ? 'killed' : job.killing === 'down' ? 'worker down' : (why ?? null),
@@ -950,7 +1086,7 @@ export function applyEvent(st: State, ev: Event): void {
       if (!job || job.state !== 'waiting' || !w) break;
       setJobState(st, job, 'running');
       job.run++;
-      job.worker = intern(st, ev.host); job.slot = ev.slot; job.startedAt = ev.t; job.endedAt = 0;
+      setWorker(st, job, ev.host); job.slot = ev.slot; job.startedAt = ev.t; job.endedAt = 0;
       job.exitCode = null; job.reason = null; job.killing = null; job.killAt = 0;
       job.slots = ev.slots ?? null; job.gpus = ev.gpus ?? null;
       for (const s of slotsOf(job)) {
@@ -968,6 +1104,7 @@ export function applyEvent(st: State, ev: Event): void {
     case 'unstart': {
       const job = st.jobs.get(ev.id);
       if (!job || job.state !== 'running') break;
+      touch(st, job);
       freeSlot(st, job);
       const killed = job.killing === 'user';
       job.killing = null; job.killAt = 0;
@@ -979,6 +1116,7 @@ export function applyEvent(st: State, ev: Event): void {
     case 'end': {
       const job = st.jobs.get(ev.id);
       if (!job || job.state !== 'running' || job.run !== ev.run) break;
+      touch(st, job);
       if (ev.began !== undefined && ev.began > job.startedAt && ev.began <= ev.t) job.startedAt = ev.began;
       endAttempt(st, job, ev.code, ev.why, ev.t);
       break;
@@ -989,13 +1127,14 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of [...ev.ids].sort((a, b) => b - a)) {
         const job = st.jobs.get(id);
         if (!job) continue;
+        touch(st, job);
         if (job.state === 'running' && (job.killing === null || ev.why === 'user')) {
           // A user's kill overrides a timeout or requeue under way (and keeps its deadline).
           if (job.killing === null) job.killAt = ev.t + ev.grace;
           job.killing = ev.why;
         } else if (job.state === 'waiting' && ev.why === 'user') {
           // Nothing of an earlier attempt (it is in the history) is this one's.
-          job.startedAt = 0; job.worker = null; job.slot = -1;
+          job.startedAt = 0; setWorker(st, job, null); job.slot = -1;
           settle(st, job, 'killed', 'killed before it started', ev.t);
         }
       }
@@ -1008,6 +1147,7 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || !isFinished(job.state)) continue;
+        touch(st, job);
         job.retriesUsed = 0; job.requeues = 0; job.reason = null; job.exitCode = null;
         job.queuedAt = ev.t; job.notBefore = 0;
         setJobState(st, job, 'waiting');
@@ -1028,6 +1168,7 @@ export function applyEvent(st: State, ev: Event): void {
       for (const id of ev.ids) {
         const job = st.jobs.get(id);
         if (!job || job.state !== 'waiting' || job.priority === ev.priority) continue;
+        touch(st, job);
         job.priority = ev.priority;
         // A queued job moves to the back of its new priority (its old entry dies); a held
         // one is queued there when its dependencies are done.
@@ -2507,12 +2648,47 @@ const optText = (v: unknown, name: string): string | undefined => {
   return v;
 };
 
+/** The ids of jobs in `states` (any state when undefined), on `worker`, of an add that
+ *  had `tag`, in [lo, hi]: highest first (down) or lowest first, from the indexes (a
+ *  million jobs are 31,250 words of bits, most skipped whole). */
+export function* matchingIds(st: State, f: { states?: readonly JobState[]; worker?: string; tag?: string }, lo: number, hi: number, down = true): Generator<number> {
+  // (The bitmaps are read as they are now: a list goes on over turns, and they grow.)
+  const of = (f.states ?? JOB_STATES).map((x) => st.byState[x]);
+  const wk = f.worker === undefined ? null : st.byWorker.get(f.worker) ?? new IdBits();
+  const word = (i: number) => {
+    let x = 0;
+    for (const b of of) if (i < b.w.length) x |= b.w[i];
+    if (wk) x &= i < wk.w.length ? wk.w[i] : 0;
+    return x;
+  };
+  const ranges = f.tag === undefined ? [lo, hi] : st.tagRanges.get(f.tag) ?? [];
+  const n = ranges.length / 2;
+  for (let k = 0; k < n; k++) {
+    const r = down ? n - 1 - k : k;
+    const a = Math.max(lo, ranges[2 * r]), z = Math.min(hi, ranges[2 * r + 1]);
+    if (a > z) continue;
+    const first = Math.floor(a / 32), last = Math.floor(z / 32);
+    for (let i = down ? last : first; down ? i >= first : i <= last; down ? i-- : i++) {
+      const x = word(i);
+      if (x === 0) continue;
+      for (let j = 0; j < 32; j++) {
+        const bit = down ? 31 - j : j, id = i * 32 + bit;
+        if ((x & (1 << bit)) !== 0 && id >= a && id <= z) yield id;
+      }
+    }
+  }
+}
+
 /** jobs {state, tag, worker, text, before, limit}: one page of the job list, newest
  *  first: up to `limit` jobs with ids below `before` that match every filter given
  *  (`text`: a substring of the script, an argument or the reason, or the id itself).
- *  `next` is the `before` of the following page (null at the end); `total`, the number
- *  of matches, is known only when no filter but `state` is given. */
-export function pageJobs(st: State, req: Request, now: number) {
+ *  State, worker and tag come from indexes, so the page holds every match up to the
+ *  limit; `text` is looked for in the jobs that match the others until `over(n)` says
+ *  the n looked at are enough for one answer (by default PAGE_SCAN_BUDGET; the server
+ *  gives a time), and the page holds what was found by then. `next` is the `before` of
+ *  the following page (null at the end); `total`, the number of matches, is known only
+ *  when no filter but `state` is given. */
+export function pageJobs(st: State, req: Request, now: number, over: (looked: number) => boolean = (n) => n >= PAGE_SCAN_BUDGET) {
   const state = optText(req.state, 'state');
   if (state !== undefined && !JOB_STATES.includes(state as JobState)) throw usage(`unknown state ${quoteForError(state)}`, `states are ${JOB_STATES.join(', ')}`);
   const tag = optText(req.tag, 'tag'), worker = optText(req.worker, 'worker'), text = optText(req.text, 'text');
@@ -2520,21 +2696,23 @@ export function pageJobs(st: State, req: Request, now: number) {
   const before = num(req.before ?? st.nextId, 'before', 1);
   const textId = text !== undefined && /^\d+$/.test(text) ? Number(text) : -1;
   const rows: JobView[] = [], why = queueReason(st);
-  let id = Math.min(before, st.nextId) - 1;
-  for (let budget = PAGE_SCAN_BUDGET; id >= 1 && rows.length < limit && budget > 0; id--, budget--) {
-    const job = st.jobs.get(id);
-    if (!job || (state !== undefined && job.state !== state) || (worker !== undefined && job.worker !== worker)) continue;
-    if (tag !== undefined && !job.tags.includes(tag)) continue;
-    if (text !== undefined && id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text)) && !job.name?.includes(text)) {
-      let hit = false;
-      for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
-      if (!hit) continue;
+  let next: number | null = null, looked = 0;
+  for (const id of matchingIds(st, { states: state === undefined ? undefined : [state as JobState], worker, tag }, 1, Math.min(before, st.nextId) - 1)) {
+    if (rows.length >= limit || (text !== undefined && over(looked))) { next = id + 1; break; }
+    const job = st.jobs.get(id)!;
+    if (text !== undefined) {
+      looked++;
+      if (id !== textId && !job.script.includes(text) && !(job.reason !== null && job.reason.includes(text)) && !job.name?.includes(text)) {
+        let hit = false;
+        for (let i = 0; i < job.args.length && !hit; i++) hit = job.args[i].includes(text);
+        if (!hit) continue;
+      }
     }
     rows.push(jobView(st, job, now, why));
   }
   const filtered = tag !== undefined || worker !== undefined || text !== undefined;
   return {
-    rows, next: id >= 1 ? id + 1 : null,
+    rows, next,
     total: filtered ? null : state !== undefined ? st.counts[state as JobState] : st.jobs.size,
   };
 }
@@ -2803,6 +2981,15 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
   const warnings: string[] = [];
   const snapFile = path.join(dataDir, 'snapshot'), journalFile = path.join(dataDir, 'journal');
   let snapshotSize = 0, journalSize = 0, oldest = FORMAT_VERSION;
+  /** Applies one journal event, unless the snapshot holds it already. */
+  const replayLine = (file: string, rec: Record<string, unknown>, no: number) => {
+    const n = rec.n;
+    if (typeof n !== 'number') throw damaged(file, no, 'event without a sequence number');
+    if (n <= st.seq) return;
+    if (n !== st.seq + 1) throw damaged(file, no, `event ${n} follows event ${st.seq}`);
+    try { applyEvent(st, rec as unknown as Event); } catch (e) { throw damaged(file, no, (e as Error).message); }
+    st.seq = n;
+  };
   if (fs.existsSync(snapFile)) {
     snapshotSize = fs.statSync(snapFile).size;
     let complete = false, version = FORMAT_VERSION;
@@ -2874,6 +3061,22 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
     });
     if (tail.length || !complete) throw damaged(snapFile, 0, 'incomplete snapshot (no end record)');
   }
+  // A snapshot being written when the server stopped left the journal of before its
+  // start as journal.1 (see Journal.startSnapshot): its events come first.
+  const earlier = path.join(dataDir, 'journal.1');
+  if (fs.existsSync(earlier)) {
+    let lastNo = 0, version = FORMAT_VERSION;
+    const { tail } = forEachLine(earlier, Infinity, (line, no) => {
+      lastNo = no;
+      const rec = upgradeRecord(parseLine(earlier, line, no), version);
+      if (no === 1) {
+        version = checkHeader(earlier, rec, 'djs-journal');
+        oldest = Math.min(oldest, version);
+        if (Number(rec.after) > st.seq) throw damaged(earlier, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
+      } else replayLine(earlier, rec, no);
+    });
+    if (tail.length) throw damaged(earlier, lastNo + 1, 'cut-off line');
+  }
   if (fs.existsSync(journalFile)) {
     let lastNo = 0, version = FORMAT_VERSION;
     const { tail, tailAt } = forEachLine(journalFile, journalLimit, (line, no, end) => {
@@ -2883,14 +3086,7 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
         version = checkHeader(journalFile, rec, 'djs-journal');
         oldest = Math.min(oldest, version);
         if (Number(rec.after) > st.seq) throw damaged(journalFile, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
-      } else {
-        const n = rec.n;
-        if (typeof n !== 'number') throw damaged(journalFile, no, 'event without a sequence number');
-        if (n <= st.seq) { journalSize = end; return; }
-        if (n !== st.seq + 1) throw damaged(journalFile, no, `event ${n} follows event ${st.seq}`);
-        try { applyEvent(st, rec as unknown as Event); } catch (e) { throw damaged(journalFile, no, (e as Error).message); }
-        st.seq = n;
-      }
+      } else replayLine(journalFile, rec, no);
       journalSize = end;
     });
     if (lastNo === 0 && tail.length === 0) journalSize = 0;
@@ -2932,6 +3128,9 @@ export class Journal {
   snapshotSize: number;
   mustCut = false; // a failed write could not be cut back yet: the file is longer than `size`
   snapshotMinBytes: number;
+  saving: Saving | null = null; // the snapshot being written (startSnapshot)
+  stuck = false;                // one failed part-way: no other until the next start-up
+  sliceMs = SNAPSHOT_SLICE_MS;
   constructor(dir: string, size: number, snapshotSize: number, snapshotMinBytes = SNAPSHOT_MIN_JOURNAL_BYTES) {
     this.dir = dir;
     this.snapshotMinBytes = snapshotMinBytes;
@@ -2960,50 +3159,176 @@ export class Journal {
   }
 
   needsSnapshot(): boolean {
-    return this.size > this.snapshotMinBytes && this.size > this.snapshotSize / 2;
+    return !this.saving && !this.stuck && this.size > this.snapshotMinBytes && this.size > this.snapshotSize / 2;
   }
 
-  /** Writes the whole state as a new snapshot, then starts an empty journal after it.
-   *  A crash between the two renames leaves a snapshot and an old journal whose events
-   *  it already holds; loadState skips them by sequence number. */
+  /** Writes the whole state as a new snapshot at once, then starts an empty journal
+   *  after it (at start-up). A crash between the two renames leaves a snapshot and an
+   *  old journal whose events it already holds; loadState skips them by sequence number. */
   snapshot(st: State): void {
     const file = path.join(this.dir, 'snapshot');
     let written = 0;
+    const parts = snapshotParts(st);
     replaceFile(file, (fd) => {
-      let buf = JSON.stringify({ format: 'djs-snapshot', version: FORMAT_VERSION, seq: st.seq, nextId: st.nextId }) + '\n';
-      const put = (rec: unknown) => {
-        buf += JSON.stringify(rec) + '\n';
+      let buf = parts.head;
+      for (const j of parts.jobs) {
+        buf += snapshotLine(j) + '\n';
         if (buf.length > 1 << 20) { writeAll(fd, buf); written += Buffer.byteLength(buf); buf = ''; }
-      };
-      // The environments some job or worker runs with, once each; the others are dropped.
-      const used = new Set<string>();
-      for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
-      for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
-      for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
-      for (const [id, vars] of st.environs) put({ environ: { id, vars } });
-      for (const w of st.workers.values()) put({ w });
-      if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
-      const forgotten = [...st.forgotten];
-      for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
-      // Every job in id order (as list shows them), then the queue's order of start.
-      for (const j of st.jobs.values()) put({ j: { ...j, qtok: 0 } });
-      let order: number[] = [];
-      for (const j of waitingJobs(st)) {
-        order.push(j.id);
-        if (order.length === 10_000) { put({ queue: order }); order = []; }
       }
-      if (order.length) put({ queue: order });
-      put({ end: true, jobs: st.jobs.size });
+      buf += parts.tail;
       writeAll(fd, buf); written += Buffer.byteLength(buf);
     });
     const jfile = path.join(this.dir, 'journal');
     replaceFile(jfile, (fd) => writeAll(fd, journalHeader(st.seq)));
+    fs.rmSync(path.join(this.dir, 'journal.1'), { force: true });
     const fd = fs.openSync(jfile, 'r+');
     fs.closeSync(this.fd);
     this.fd = fd;
     this.size = fs.fstatSync(this.fd).size;
     this.snapshotSize = written;
+    this.stuck = false;
   }
+
+  /** Starts a snapshot of the state as it is now, written a slice of jobs per turn so
+   *  that requests are answered meanwhile; resolves with its size once it replaced the
+   *  old one. At its start the journal so far becomes journal.1 and a new journal
+   *  begins after this moment's event; jobs that change meanwhile are written as they
+   *  were (State.saving). Once the snapshot is complete (temp file, fsync, rename)
+   *  journal.1 is deleted. A crash at any point loads the old snapshot (or the new) and
+   *  both journals, skipping the events a snapshot holds. A snapshot that fails part-way
+   *  leaves both journals, and no other is started until the next start-up. */
+  startSnapshot(st: State): Promise<number> {
+    const file = path.join(this.dir, 'snapshot'), tmp = `${file}.tmp`;
+    const jfile = path.join(this.dir, 'journal'), earlier = path.join(this.dir, 'journal.1');
+    const parts = snapshotParts(st, false);
+    try {
+      if (this.mustCut) { fs.ftruncateSync(this.fd, this.size); this.mustCut = false; }
+      fs.renameSync(jfile, earlier);
+      replaceFile(jfile, (fd) => writeAll(fd, journalHeader(st.seq)));
+      const fd = fs.openSync(jfile, 'r+');
+      fs.closeSync(this.fd);
+      this.fd = fd;
+      this.size = fs.fstatSync(fd).size;
+    } catch (e) {
+      this.stuck = true;
+      return Promise.reject(e);
+    }
+    const sv: Saving = { below: st.nextId, before: new Map(), was: new Map(), at: 0, dropped: [], dropHead: 0, unsorted: false };
+    st.saving = this.saving = sv;
+    const lanes = frozenLanes(st), count = st.jobs.size;
+    const live = () => { if (this.saving !== sv) throw new Error('stopped (the state was reloaded)'); };
+    const write = async () => {
+      let written = 0;
+      const fh = await fs.promises.open(tmp, 'w', 0o600);
+      try {
+        const put = async (text: string) => { const b = Buffer.from(text); await fh.writeFile(b); written += b.length; };
+        await put(parts.head);
+        // The jobs of that moment in id order: the live map's (it is in id order; the
+        // jobs added since come after them), and those that left it meanwhile.
+        const it = st.jobs.values();
+        let next = it.next(), left = count;
+        const lineOf = (j: Job) => {
+          // Never twice nor out of order: such a snapshot would not load, so it is dropped.
+          if (j.id <= sv.at) throw new Error(`job ${j.id} after job ${sv.at}`);
+          left--; sv.at = j.id;
+          return (sv.before.get(j.id) ?? snapshotLine(j)) + '\n';
+        };
+        while (left > 0) {
+          live();
+          const t0 = performance.now();
+          let buf = '';
+          do {
+            if (sv.unsorted) { sv.dropped = sv.dropped.slice(sv.dropHead).sort((a, b) => a.id - b.id); sv.dropHead = 0; sv.unsorted = false; }
+            for (let k = 0; k < 200 && left > 0; k++) {
+              const j = !next.done && next.value.id < sv.below ? next.value : null;
+              const d = sv.dropHead < sv.dropped.length ? sv.dropped[sv.dropHead] : null;
+              if (d && (!j || d.id <= j.id)) {
+                if (j && j.id === d.id) next = it.next(); // read last turn, dropped since: once
+                buf += lineOf(d); sv.dropHead++; continue;
+              }
+              if (!j) throw new Error(`${left} jobs of the snapshot not found`);
+              buf += lineOf(j);
+              next = it.next();
+            }
+          } while (left > 0 && performance.now() - t0 < this.sliceMs);
+          await put(buf);
+        }
+        // The queue's order then, a slice per turn too.
+        const order = waitingAt(st, sv, lanes);
+        for (let done = false; !done;) {
+          live();
+          const t0 = performance.now();
+          let buf = '';
+          do {
+            const ids: number[] = [];
+            for (let r = order.next(); ; r = order.next()) {
+              if (r.done) { done = true; break; }
+              ids.push(r.value);
+              if (ids.length === 10_000) break;
+            }
+            if (ids.length) buf += JSON.stringify({ queue: ids }) + '\n';
+          } while (!done && performance.now() - t0 < this.sliceMs);
+          await put(buf);
+        }
+        await put(JSON.stringify({ end: true, jobs: count }) + '\n');
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      live();
+      // In place, then journal.1 goes (a crash between: its events are in the snapshot).
+      const syncDir = async () => { const d = await fs.promises.open(this.dir, 'r'); try { await d.sync(); } finally { await d.close(); } };
+      await fs.promises.rename(tmp, file);
+      await syncDir();
+      await fs.promises.rm(earlier, { force: true });
+      await syncDir();
+      this.snapshotSize = written;
+      return written;
+    };
+    return write().then((n) => n, (e) => { this.stuck = true; throw e; }).finally(() => {
+      if (st.saving === sv) st.saving = null;
+      if (this.saving === sv) this.saving = null;
+    });
+  }
+
+  /** Drops the snapshot under way (its state is no longer the server's). */
+  stopSnapshot(): void { this.saving = null; }
+}
+
+/** A snapshot of the state now: the lines before the jobs, the jobs (in id order, as
+ *  list shows them), and the lines after them (the queue's order of start, the end;
+ *  only when `whole`: a snapshot written a slice per turn makes them itself). */
+function snapshotParts(st: State, whole = true): { head: string; jobs: Job[]; tail: string } {
+  const lines: string[] = [JSON.stringify({ format: 'djs-snapshot', version: FORMAT_VERSION, seq: st.seq, nextId: st.nextId })];
+  const put = (rec: unknown) => { lines.push(JSON.stringify(rec)); };
+  // The environments some job or worker runs with, once each; the others are dropped
+  // (at once only: one written a slice per turn keeps them all, since an add made
+  // meanwhile may use one that no job used when it began).
+  if (whole) {
+    const used = new Set<string>();
+    for (const w of st.workers.values()) if (w.environ) used.add(w.environ);
+    for (const j of st.jobs.values()) if (j.environ) used.add(j.environ);
+    for (const id of st.environs.keys()) if (!used.has(id)) st.environs.delete(id);
+  }
+  for (const [id, vars] of st.environs) put({ environ: { id, vars } });
+  for (const w of st.workers.values()) put({ w });
+  if (st.paused || st.pausedTags.size) put({ pause: { all: st.paused, tags: [...st.pausedTags] } });
+  const forgotten = [...st.forgotten];
+  for (let i = 0; i < forgotten.length; i += 10_000) put({ forgotten: forgotten.slice(i, i + 10_000) });
+  const head = lines.join('\n') + '\n';
+  lines.length = 0;
+  if (!whole) return { head, jobs: [], tail: '' };
+  let order: number[] = [];
+  for (const j of waitingJobs(st)) {
+    order.push(j.id);
+    if (order.length === 10_000) { put({ queue: order }); order = []; }
+  }
+  if (order.length) put({ queue: order });
+  put({ end: true, jobs: st.jobs.size });
+  // In id order, as the jobs are made (a snapshot written a slice per turn counts on it).
+  const jobs = [...st.jobs.values()];
+  for (let i = 1; i < jobs.length; i++) if (jobs[i].id < jobs[i - 1].id) { jobs.sort((a, b) => a.id - b.id); break; }
+  return { head, jobs, tail: lines.join('\n') + '\n' };
 }
 const journalHeader = (after: number) => JSON.stringify({ format: 'djs-journal', version: FORMAT_VERSION, after }) + '\n';
 
@@ -3844,7 +4169,7 @@ export const OPS: Record<string, Op> = {
   new_token: { kind: 'read', answer: renewHttpToken },   // socket only; no job or worker changes, so nothing to journal
   status: { kind: 'read', answer: () => ({ server: serverInfo(), ...statusView(st, rt.health) }) },
   list: { kind: 'stream', open: streamJobs, fields: { state: { ok: (v) => typeof v === 'string' || (Array.isArray(v) && v.length > 0), what: 'a state, or a list of states' }, tag: TEXT } },
-  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
+  jobs: { kind: 'read', answer: (req) => pageJobs(st, req, Date.now(), textBudget()), fields: { state: TEXT, tag: TEXT, worker: TEXT, text: TEXT, limit: NUMBER, before: NUMBER } },
   job: { kind: 'read', answer: (req) => ({ job: jobView(st, jobOrFail(st, num(req.id, 'job id', 1)), Date.now()) }), fields: { id: NUMBER } },
   find: { kind: 'read', answer: (req) => ({ ids: idsNamed(st, req.names) }), fields: { names: { ok: (v) => Array.isArray(v) && v.length > 0 && v.length <= 1000 && v.every((n) => typeof n === 'string'), what: 'a list of 1 to 1000 job names' } } },
   log: { kind: 'stream', open: openLog, fields: { id: NUMBER, follow: BOOL } },
@@ -4184,6 +4509,7 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
   const what = `cannot write the journal '${path.join(cfg.dataDir, 'journal')}': ${e.message}`;
   log(`error: ${what}; ${turn.answers.length} request(s) refused, ${turn.facts.length} outcome(s) kept for retry`);
   try {
+    journal.stopSnapshot();
     st = loadState(cfg.dataDir, journal.size).state;
   } catch (e2) {
     log(`fatal: cannot reload the state after a failed write: ${(e2 as Error).message}; running jobs keep running`);
@@ -4196,14 +4522,22 @@ function recoverFromWriteFailure(e: NodeJS.ErrnoException, turn: Turn): void {
   setTimeout(() => { for (const ev of turn.facts) fact(ev); submit({ kind: 'tick' }); }, writeRetryMs);
 }
 
-function takeSnapshot(): void {
-  const t0 = Date.now();
-  try {
-    journal.snapshot(st);
-    log(`snapshot of ${st.jobs.size} jobs written in ${Date.now() - t0} ms`);
-  } catch (e) {
-    log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
+/** Starts a snapshot, written a slice per turn while requests are served; or, at
+ *  start-up (`now`), writes it before the server is ready. */
+function takeSnapshot(now = false): void {
+  const t0 = Date.now(), jobs = st.jobs.size;
+  if (now) {
+    try {
+      journal.snapshot(st);
+      log(`snapshot of ${jobs} jobs written in ${Date.now() - t0} ms`);
+    } catch (e) {
+      log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing`);
+    }
+    return;
   }
+  journal.startSnapshot(st).then(
+    (bytes) => log(`snapshot of ${jobs} jobs written in ${Date.now() - t0} ms (${bytes} bytes, a slice per turn)`),
+    (e) => log(`warning: cannot write a snapshot: ${(e as Error).message}; the journal keeps growing until the next start`));
 }
 
 /** Sets the one timer to the next deadline the plan named. */
@@ -4720,6 +5054,21 @@ function openLog(req: Request, conn: Conn): void {
   watchUntilClose(conn, followers, f);
 }
 
+/** How long one `jobs` answer looks for a `text` (ms): what it found by then is the page,
+ *  with a `next` to go on from. */
+const TEXT_PAGE_MS = 30;
+function textBudget(): (looked: number) => boolean {
+  const end = performance.now() + TEXT_PAGE_MS;
+  return (n) => n % 256 === 0 && n > 0 && performance.now() > end;
+}
+
+function* matchingJobs(ids: Iterator<number>): Generator<Job> {
+  for (let r = ids.next(); !r.done; r = ids.next()) {
+    const job = st.jobs.get(r.value);
+    if (job) yield job;
+  }
+}
+
 /** list {state}: rows in chunks, waiting for the socket to drain, so a million jobs
  *  need neither one giant string nor a blocked server. */
 function streamJobs(req: Request, conn: Conn): void {
@@ -4729,15 +5078,20 @@ function streamJobs(req: Request, conn: Conn): void {
   const states = wanted && new Set(wanted as JobState[]);
   tagKnown(st, req); // as every command that takes --tag
   const tag = req.tag === undefined ? undefined : tagOf(req.tag);
-  const it = st.jobs.values(), sock = conn.sock;
+  // Filtered: the ids from the indexes, in id order (the order of st.jobs), so a few
+  // matches among a million jobs come at once.
+  const it = states || tag !== undefined ? matchingJobs(matchingIds(st, { states: states ? [...states] : undefined, tag }, 1, st.nextId, false)) : st.jobs.values();
+  const sock = conn.sock;
   const now = Date.now(), queue = queueReason(st);
+  let chunk = 100; // the first rows go out at once; then chunks of 2,000
   const pump = () => {
     while (!sock.destroyed) {
       const rows: JobView[] = [];
       for (let r = it.next(); !r.done; r = it.next()) {
         if ((!states || states.has(r.value.state)) && (tag === undefined || r.value.tags.includes(tag))) rows.push(jobView(st, r.value, now, queue));
-        if (rows.length >= 2000) break;
+        if (rows.length >= chunk) break;
       }
+      chunk = 2000;
       if (rows.length === 0) { sock.end(JSON.stringify({ ok: true }) + '\n'); return; }
       const text = JSON.stringify({ rows }) + '\n';
       if (!roomFor(sock, text.length)) return;
@@ -6699,6 +7053,9 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
     // A data dir of an earlier format is written anew in this one before anything is
     // appended to it, so no file mixes two versions.
     if (loaded.version < FORMAT_VERSION) journal.snapshot(st);
+    // A snapshot cut short by a stop or crash left the journal of before it (journal.1):
+    // it is folded in now, so that the next snapshot has a place for its own.
+    else if (fs.existsSync(path.join(cfg.dataDir, 'journal.1'))) journal.snapshot(st);
     sweepRunDir();
     watchRunningJobs();
     if (liveServerPid(cfg.dataDir) !== process.pid) throw failure(`another server took data dir '${cfg.dataDir}' while this one started`);
@@ -6730,7 +7087,7 @@ async function runServer(dataDir: string, given: Settings, tuning: Tuning): Prom
   for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => shutdown(sig));
   process.on('SIGHUP', () => {});
   ensureLauncher();
-  if (journal.needsSnapshot()) takeSnapshot();
+  if (journal.needsSnapshot()) takeSnapshot(true);
   if (cfg.changed.length) log(`settings changed: ${describeChanges(cfg.changed)}`);
   if (cfg.caps.note) log(cfg.caps.note);
   log(`djs server ready: pid ${process.pid}, data ${cfg.dataDir}, logs ${cfg.logDir}, ${st.jobs.size} jobs, ${st.workers.size} workers${cfg.http ? `; dashboard at ${httpUrl()} (its token: cli.ts dashboard)` : ''}`);

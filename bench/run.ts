@@ -2,13 +2,14 @@
 // Runs whole commands and servers from outside, each against baselines measured in the
 // same invocation, prints one table per benchmark, and writes the machine description
 // and the results to bench/last-run.md and bench/last-run.json.
-//   NAME: dispatch, client, queue (= addcost + scale), latency, durable, campaign,
+//   NAME: dispatch, client, queue (= addcost), latency, durable, campaign,
 //   placement; default all of these. Only when named: breakdown (where a start's CPU goes,
 //   by process and kernel path; --patched copies too), primitives (what fork, exec and
 //   file operations cost), dashboard (the HTTP side's reads with a million jobs) and ssh
 //   (jobs over real loopback sshd hosts against GNU parallel; see bench/ssh.ts), stall
-//   (how long a big request holds up the other clients; see bench/stall.ts) and
-//   on-worker (add_job --on-worker over 2 sshd hosts against parallel --controlmaster).
+//   (how long a big request holds up the other clients; see bench/stall.ts), on-worker
+//   (add_job --on-worker over 2 sshd hosts against parallel --controlmaster) and scale
+//   (a big queue: status while a snapshot is written, filters, restart; bench/scale.ts).
 //   --quick (or BENCH_QUICK=1): small sizes, one round: a smoke run of a minute or two.
 //   --runs N: rounds of the whole-run measurements (default 3).
 //   --patched PATH[,PATH...]: also run djs from other cli.ts files (modified copies) in the
@@ -36,10 +37,11 @@ import { dashboard } from './dashboard.ts';
 import { ssh } from './ssh.ts';
 import { stall } from './stall.ts';
 import { onWorkerBench } from './on-worker.ts';
+import { scale } from './scale.ts';
 
-const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, dashboard, ssh, stall, 'on-worker': onWorkerBench };
+const BENCHES: Record<string, (o: Opts) => Promise<BenchResult>> = { dispatch, client, queue, latency, durable, campaign, placement, breakdown, primitives, dashboard, ssh, stall, 'on-worker': onWorkerBench, scale };
 const DEFAULT = ['dispatch', 'client', 'queue', 'latency', 'durable', 'campaign', 'placement'];
-const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue', scale: 'queue' };
+const ALIASES: Record<string, string> = { addcost: 'queue', 'add-cost': 'queue' };
 
 /** A directory holding Node 24's `node`: DJS_NODE24, else the npm cache dir (installed on demand). */
 function findNode24(log: (m: string) => void): string | null {

@@ -41,12 +41,12 @@ describe('pageJobs', () => {
     applyEvent(st, { e: 'start', t: T0 + 1, id: 2, host: 'n1', slot: 0 });
     applyEvent(st, { e: 'start', t: T0 + 1, id: 5, host: 'n2', slot: 0 });
     applyEvent(st, { e: 'end', t: T0 + 2, id: 2, run: 1, code: 3 });
-    st.jobs.get(4)!.tags = ['sweep'];
+    applyEvent(st, { e: 'add', t: T0, id: 7, cwd: '/w', retries: 0, timeout: 0, tags: ['sweep'], jobs: [['/bin/job.sh', 'x']] });
     const failed = pageJobs(st, { op: 'jobs', state: 'failed' }, T0);
     assert.deepEqual(ids(failed), [2]);
     assert.equal(failed.total, 1);
     assert.deepEqual(ids(pageJobs(st, { op: 'jobs', worker: 'n2' }, T0)), [5]);
-    assert.deepEqual(ids(pageJobs(st, { op: 'jobs', tag: 'sweep' }, T0)), [4]);
+    assert.deepEqual(ids(pageJobs(st, { op: 'jobs', tag: 'sweep' }, T0)), [7]);
     const text = pageJobs(st, { op: 'jobs', text: 'arg-3' }, T0);
     assert.deepEqual(ids(text), [3]);
     assert.equal(text.total, null);
