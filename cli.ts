@@ -6873,11 +6873,23 @@ function makeDirs(dir: string): void {
  *  data dirs (whose job ids all start at 1). Jobs get it in DJS_RUN_NAME. */
 function instanceOf(dataDir: string): string {
   const file = path.join(dataDir, 'instance');
+  // Read as a plain file of a few bytes: never through a symlink, nor from a FIFO (which
+  // would hang the start) or a device (/dev/zero would be read until memory runs out).
+  const hint = 'remove it: the next start makes a new one';
+  let fd: number | null = null;
   try {
-    const kept = fs.readFileSync(file, 'utf8').trim();
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    if (!fs.fstatSync(fd).isFile()) throw failure(`the instance file '${file}' is not a plain file`, hint);
+    const buf = Buffer.alloc(64);
+    const kept = buf.subarray(0, fs.readSync(fd, buf, 0, 64, 0)).toString('utf8').trim();
     if (/^[a-z0-9]{8}$/.test(kept)) return kept;
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw failure(`cannot read '${file}': ${(e as Error).message}`);
+    if (e instanceof UserError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ELOOP') throw failure(`the instance file '${file}' is a symbolic link; djs reads only a plain file there`, hint);
+    if (code !== 'ENOENT') throw failure(`cannot read '${file}': ${(e as Error).message}`);
+  } finally {
+    if (fd !== null) fs.closeSync(fd);
   }
   const made = crypto.randomBytes(4).toString('hex');
   replaceFile(file, (fd) => writeAll(fd, made + '\n'));
