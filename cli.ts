@@ -5375,11 +5375,8 @@ const settingsFile = (dataDir: string) => path.join(dataDir, 'settings');
  *  kept none). A damaged file stops the start, naming it. */
 export function readSettings(dataDir: string): Settings | null {
   const file = settingsFile(dataDir);
-  let text: string;
-  try { text = fs.readFileSync(file, 'utf8'); } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw failure(`cannot read the settings '${file}': ${(e as Error).message}`);
-  }
+  const text = readSmallFile(file, 1 << 20, 'the settings', 'move it aside (the next start writes a new one from what it is given), then start again');
+  if (text === null) return null;
   let v: unknown;
   try { v = JSON.parse(text); } catch { v = null; }
   const rec = v as { format?: unknown; values?: unknown } | null;
@@ -6734,8 +6731,9 @@ const ASSETS: Record<string, { type: string; body: string }> = {
 /** The pid of the live server that owns a data dir (by its pid file, checked against
  *  the process's start time so a reused pid does not count), or null. */
 function liveServerPid(dataDir: string): number | null {
-  let text: string;
-  try { text = fs.readFileSync(path.join(dataDir, 'server.pid'), 'utf8'); } catch { return null; }
+  let text: string | null;
+  try { text = readSmallFile(path.join(dataDir, 'server.pid'), 64, 'the pid file', ''); } catch { return null; }
+  if (text === null) return null;
   const [pidText, ticks] = text.trim().split(' ');
   const pid = Number(pidText), now = pid > 0 ? processStartTicks(pid) : null;
   if (now === null) return null;
@@ -6783,7 +6781,9 @@ async function holdDirLock(dataDir: string): Promise<void> {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
   }
   for (let tries = 0; ; tries++) {
-    const token = fs.readFileSync(tokenFile, 'utf8').trim();
+    const text = readSmallFile(tokenFile, 256, 'the lock file', 'remove it (no server runs on this data dir while it is not a plain file), then start again');
+    if (text === null) throw failure(`the lock file '${tokenFile}' went away while this server started`, 'start again');
+    const token = text.trim();
     const dir = fs.statSync(dataDir);
     const name = `\0djs-${crypto.createHash('sha256').update(`${token}-${dir.dev}-${dir.ino}`).digest('hex')}-`.padEnd(108, 'x');
     const answer = (nonce: string) => crypto.createHmac('sha256', token).update(nonce).digest('hex');
@@ -6873,27 +6873,35 @@ function makeDirs(dir: string): void {
  *  data dirs (whose job ids all start at 1). Jobs get it in DJS_RUN_NAME. */
 function instanceOf(dataDir: string): string {
   const file = path.join(dataDir, 'instance');
-  // Read as a plain file of a few bytes: never through a symlink, nor from a FIFO (which
-  // would hang the start) or a device (/dev/zero would be read until memory runs out).
-  const hint = 'remove it: the next start makes a new one';
-  let fd: number | null = null;
-  try {
-    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
-    if (!fs.fstatSync(fd).isFile()) throw failure(`the instance file '${file}' is not a plain file`, hint);
-    const buf = Buffer.alloc(64);
-    const kept = buf.subarray(0, fs.readSync(fd, buf, 0, 64, 0)).toString('utf8').trim();
-    if (/^[a-z0-9]{8}$/.test(kept)) return kept;
-  } catch (e) {
-    if (e instanceof UserError) throw e;
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ELOOP') throw failure(`the instance file '${file}' is a symbolic link; djs reads only a plain file there`, hint);
-    if (code !== 'ENOENT') throw failure(`cannot read '${file}': ${(e as Error).message}`);
-  } finally {
-    if (fd !== null) fs.closeSync(fd);
-  }
+  const kept = readSmallFile(file, 64, 'the instance file', 'remove it: the next start makes a new one')?.trim();
+  if (kept !== undefined && /^[a-z0-9]{8}$/.test(kept)) return kept;
   const made = crypto.randomBytes(4).toString('hex');
   replaceFile(file, (fd) => writeAll(fd, made + '\n'));
   return made;
+}
+
+/** A small file of the data dir (instance, settings, lock.token, server.pid), read as a
+ *  plain file of at most `max` bytes: never through a symlink, nor from a FIFO (which
+ *  would hang the start) or a device (/dev/zero would be read until memory runs out).
+ *  null if there is none; anything else is a one-line error naming it as `what`. */
+function readSmallFile(file: string, max: number, what: string, hint: string): string | null {
+  let fd: number | null = null;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) throw failure(`${what} '${file}' is not a plain file`, hint);
+    if (stat.size > max) throw failure(`${what} '${file}' holds ${stat.size} bytes, more than the ${max} djs writes there`, hint);
+    const buf = Buffer.alloc(max);
+    return buf.subarray(0, fs.readSync(fd, buf, 0, max, 0)).toString('utf8');
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return null;
+    if (code === 'ELOOP') throw failure(`${what} '${file}' is a symbolic link; djs reads only a plain file there`, hint);
+    throw failure(`cannot read ${what} '${file}': ${(e as Error).message}`, hint);
+  } finally {
+    if (fd !== null) fs.closeSync(fd);
+  }
 }
 
 /** Names djs makes in a data dir (and their temporary files). */
