@@ -20,6 +20,9 @@ function withEnv(word: string): number[] {
   });
 }
 
+/** Whether a job's command has begun on a host (it touches `started` in its directory). */
+const started = (scratch: string) => fs.existsSync(path.join(scratch, '.djs-work')) && fs.readdirSync(path.join(scratch, '.djs-work')).some((d) => fs.existsSync(path.join(scratch, '.djs-work', d, 'started')));
+
 /** A file name with a space, a quote, a double quote, a newline and é in it. */
 const NASTY = 'in put\'s "x"\né.txt';
 
@@ -128,12 +131,28 @@ describe('tier 3: --transfer and --return on real sshd hosts without a shared di
     await s.ok(['add_slave', hosts.hosts[0].addr]);
     fs.writeFileSync(path.join(s.dir, 'in'), 'x');
     const mark = `DJS_XFER_MARK=${process.pid}-${Date.now()}`;
-    const id = (await s.ok(['add_job', '--on-worker', '-e', mark, '--transfer', 'in', '--return', 'out', '--cleanup', 'sh', '-c', 'sleep 600; echo > out'])).trim();
-    await until(() => withEnv(mark).length >= 2, 'the command running on the host', 30_000);
+    const id = (await s.ok(['add_job', '--on-worker', '-e', mark, '--transfer', 'in', '--return', 'out', '--cleanup', 'sh', '-c', 'touch started; sleep 600; echo > out'])).trim();
+    await until(() => started(hosts.hosts[0].scratch), 'the command running on the host', 30_000);
     await s.ok(['kill', id]);
     await untilState(s, id, 'killed', 30_000);
     await until(() => withEnv(mark).length === 0, 'no process of the job left', 10_000);
     const rsyncs = () => allPids().filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'latin1').startsWith('rsync\0') && fs.readFileSync(`/proc/${p}/cmdline`, 'latin1').includes(s.dir); } catch { return false; } });
     assert.deepEqual(rsyncs(), []);
+  });
+
+  test('a host that dies mid-run is a worker failure (exit 255): the job runs again and its files come back', { timeout: 90_000 }, async (t) => {
+    const { hosts, s } = await setup(t, 1);
+    const h = hosts.hosts[0];
+    await s.ok(['add_slave', h.addr]);
+    fs.writeFileSync(path.join(s.dir, 'in'), 'x\n');
+    const mark = `DJS_XFER_MARK=${process.pid}-${Date.now()}`;
+    const id = (await s.ok(['add_job', '--on-worker', '-e', mark, '--transfer', 'in', '--return', 'out', 'sh', '-c', 'if [ "$JOB_ATTEMPT" = 1 ]; then touch started; sleep 600; fi; echo "$JOB_ATTEMPT" | cat in - > out'])).trim();
+    await until(() => started(hosts.hosts[0].scratch), 'the command running on the host', 30_000);
+    await h.crash();
+    await until(async () => (await s.job(id)).attempts === 2 || (await s.job(id)).state !== 'running', 'the job to leave its first attempt', 30_000);
+    await h.restart();
+    const job = await untilState(s, id, 'done', 60_000);
+        assert.match(`${job.history[0].exitCode} ${job.history[0].reason}`, /255|worker/, 'a worker failure, not the job\'s');
+    assert.equal(fs.readFileSync(path.join(s.dir, 'out'), 'utf8'), 'x\n2\n');
   });
 });
