@@ -2599,6 +2599,13 @@ export function whyHeld(st: State, ids: Iterable<number>, sample = 1000): string
   return [...counts].sort((a, b) => b[1] - a[1]).slice(0, 2).map(([why]) => why).join('; ');
 }
 
+/** Where an --on-worker job with files to move runs, when not in --workdir: its own
+ *  directory on the worker (null: none, or a local worker, where it runs in place). */
+function jobDirOf(job: Job): string | null {
+  if (!(job.transfer || job.returns || job.cleanup) || (job.worker !== null && isLocalWorker(job.worker))) return null;
+  return `~/${JOB_DIR_PARENT}/${job.run > 0 && cfg ? runName(cfg.instance, job.id, job.run) : '$DJS_RUN_NAME'}`;
+}
+
 /** The public view of a job (list --json, status --json); field names are stable.
  *  `queue` is queueReason(st), computed once for many jobs. */
 export function jobView(st: State, job: Job, now: number, queue = queueReason(st)) {
@@ -2612,7 +2619,7 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
     // Where the command runs: on the worker (--on-worker, in workdir), or here, a script given SLAVE_IP.
-    name: job.name ?? null, onWorker: job.onWorker === true, workdir: job.onWorker ? job.workdir ?? job.cwd : null, runsOn: job.onWorker ? 'worker' : 'here',
+    name: job.name ?? null, onWorker: job.onWorker === true, workdir: job.onWorker ? job.workdir ?? jobDirOf(job) ?? job.cwd : null, transfer: job.transfer ?? [], return: job.returns ?? [], runsOn: job.onWorker ? 'worker' : 'here',
     tags: job.tags, priority: job.priority, after: job.after ?? [], afterAny: job.afterAny ?? [], env: job.env ?? [],
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],

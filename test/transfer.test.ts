@@ -79,6 +79,8 @@ describe('tier 3: --transfer and --return on real sshd hosts without a shared di
     assert.equal(where, path.join(fs.realpathSync(h.scratch), '.djs-work', run), 'run in ~/.djs-work/$DJS_RUN_NAME on the host');
     assert.match(run, new RegExp(`-${id}-\\d+$`), job.worker);
     assert.ok(fs.existsSync(path.join(where, 'sub', NASTY)), 'kept without --cleanup');
+    const listed = JSON.parse(await s.ok(['list', '--json'])).find((j: { id: number }) => String(j.id) === id);
+    assert.deepEqual([listed.workdir, listed.transfer, listed.return], [`~/.djs-work/${run}`, [`sub/${NASTY}`, path.join(s.dir, 'abs.txt')], [`res/${out}`, 'where']]);
     // --cleanup: nothing left of the job on the host.
     const c = (await s.ok(['add_job', '--on-worker', '--cleanup', '--transfer', 'abs.txt', '--return', 'got', 'sh', '-c', 'cp abs.txt got; echo "$DJS_RUN_NAME" > name'])).trim();
     await untilState(s, c, 'done', 30_000);
