@@ -3660,7 +3660,7 @@ export function onWorkerLaunch(j: { id: number; script: string; args: string[]; 
 // the --transfer files there with rsync over the same ssh connection and options, runs the
 // command there (or in --workdir) through the watcher, brings the --return files back into
 // the directory the job was queued in (also when the command failed), removes the job's
-// directory if --cleanup, and exits with the command's code. rsync -s (--protect-args,
+// directory if --cleanup, and exits with the command's code. rsync -rs (-r: a directory goes whole; -s: --protect-args,
 // called --secluded-args since 3.2.6, which still takes -s) sends file names as bytes, not
 // through the worker's shell. A kill here ends the whole process group: sh, rsync and ssh
 // (and so, through the watcher, the command). A connection failure of ssh or rsync exits
@@ -3686,14 +3686,14 @@ export function transferSh(j: { cwd: string } & TransferJob, host: string, xfer:
   const lines = [sshCmd, `ssh "$@" -- ${q(host)} ${q(`mkdir -p ${dir}`)} </dev/null || exit 255`];
   if (j.transfer?.length) {
     const from = j.transfer.map((f) => { const abs = path.resolve(j.cwd, f); return path.isAbsolute(f) ? `${path.dirname(abs)}/./${path.basename(abs)}` : `${j.cwd}/./${path.normalize(f)}`; });
-    lines.push(`rsync -sR -e "$e" -- ${from.map(q).join(' ')} ${q(`${host}:${dir}/`)} </dev/null; c=$?`,
+    lines.push(`rsync -rsR -e "$e" -- ${from.map(q).join(' ')} ${q(`${host}:${dir}/`)} </dev/null; c=$?`,
       `if [ $c != 0 ]; then ${link('$c')}; echo "djs: --transfer to ${host} failed (rsync exit $c)" >&2; exit 1; fi`);
   }
   lines.push(`printf %s "$DJS_ON_WORKER_INPUT" | ssh "$@" -- ${q(host)} ${q(ON_WORKER_LINE)}; code=$?`,
     'case $code in 255) exit 255;; 253) code=254;; esac');
   if (j.returns?.length) {
     const from = j.returns.map((f) => `${host}:${dir}/./${path.normalize(f)}`);
-    lines.push(`rsync -sR -e "$e" ${j.returnOptional ? '--ignore-missing-args ' : ''}-- ${from.map(q).join(' ')} ${q(`${j.cwd}/`)} </dev/null; c=$?`,
+    lines.push(`rsync -rsR -e "$e" ${j.returnOptional ? '--ignore-missing-args ' : ''}-- ${from.map(q).join(' ')} ${q(`${j.cwd}/`)} </dev/null; c=$?`,
       `if [ $c != 0 ]; then ${link('$c')}; echo "djs: --return from ${host} failed (rsync exit $c): a file is missing or unreadable there" >&2; [ $code = 0 ] && code=${RETURN_MISSING_EXIT}; fi`);
   }
   if (j.cleanup) lines.push(`ssh "$@" -- ${q(host)} ${q(`rm -rf ${dir}`)} </dev/null`);
@@ -8325,8 +8325,8 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--host HOST', 'only one of these workers (repeatable)'],
       ['--on-worker', 'SCRIPT is a command to run on the worker itself (ssh: through its shared connection, perl needed there; local/localN: here; Slurm: in srun), in the same directory path, with the job\'s environment; no script needed on a shared disk'],
       ['--workdir DIR', 'where an --on-worker command runs (default: the current directory\'s path; ~/DIR: in the worker\'s home)'],
-      ['--transfer FILE', 'no shared disk: send FILE (rsync, through the same ssh) to the job\'s own directory on the worker, ~/.djs-work/$DJS_RUN_NAME, where the command then runs (repeatable; --on-worker, ssh workers; local and Slurm ones run in place)'],
-      ['--return FILE', 'bring FILE back from the job\'s directory into the current directory after the command ends, failed or not; missing: the job fails, exit 253 (repeatable)'],
+      ['--transfer FILE', 'no shared disk: send FILE or directory (rsync, through the same ssh) to the job\'s own directory on the worker, ~/.djs-work/$DJS_RUN_NAME, where the command then runs (repeatable; --on-worker, ssh workers; local and Slurm ones run in place)'],
+      ['--return FILE', 'bring FILE (or directory) back from the job\'s directory into the current directory after the command ends, failed or not; missing: the job fails, exit 253 (repeatable)'],
       ['--return-optional', 'a missing --return file is not an error'],
       ['--cleanup', 'remove the job\'s directory on the worker afterwards'],
       ['--name NAME', 'name the job ({1} {2} {} filled from a sweep); log, kill, wait, retry take a name that is unique'],

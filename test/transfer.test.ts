@@ -112,13 +112,14 @@ describe('tier 3: --transfer and --return on real sshd hosts without a shared di
   test('a missing --return file fails the job, with a reason in list and the log; --return-optional does not', { timeout: 90_000 }, async (t) => {
     const { hosts, s } = await setup(t, 1);
     await s.ok(['add_slave', hosts.hosts[0].addr]);
-    const miss = (await s.ok(['add_job', '--on-worker', '--return', 'never', '--return', 'made', 'sh', '-c', 'echo x > made'])).trim();
+    const miss = (await s.ok(['add_job', '--on-worker', '--return', 'never', '--return', 'made', '--return', 'dir', 'sh', '-c', 'echo x > made; mkdir -p dir/e; echo y > dir/e/f'])).trim();
     const failed = await untilState(s, miss, 'failed', 30_000);
     assert.equal(failed.exitCode, 253);
     assert.match(failed.reason, /--return file is missing/);
     assert.match(await s.ok(['list']), /--return file is missing/);
     assert.match(fs.readFileSync(path.join(s.logDir, `${miss}.log`), 'utf8'), /djs: --return from .* failed/);
     assert.equal(fs.readFileSync(path.join(s.dir, 'made'), 'utf8'), 'x\n', 'the files that are there still come back');
+    assert.equal(fs.readFileSync(path.join(s.dir, 'dir', 'e', 'f'), 'utf8'), 'y\n', 'a directory comes back whole');
     // A command that failed keeps its own code, and its files still come back.
     const own = (await s.ok(['add_job', '--on-worker', '--return', 'made2', 'sh', '-c', 'echo y > made2; exit 7'])).trim();
     assert.equal((await untilState(s, own, 'failed', 30_000)).exitCode, 7);
