@@ -83,6 +83,8 @@ if (!process.features.typescript) {
  *                  --after ID[,ID]..., --after-any ID[,ID]..., -e|--env NAME=VALUE...,
  *                  --slots K, --gpus G, --require LABEL..., --avoid LABEL..., --host HOST...,
  *                  --on-worker [--workdir DIR] (SCRIPT is a command run on the worker;
+ *                  no shared disk: --transfer FILE..., --return FILE..., --return-optional,
+ *                  --cleanup, through ~/.djs-work/$DJS_RUN_NAME there, by rsync);
  *                  a bare SCRIPT name is otherwise looked up on PATH), --name NAME
  *                  (a job's name works where an ID does, when one job has it)
  *   cli.ts remove_job [-e NAME=VALUE]... SCRIPT [ARGS...] | --id ID... | --tag TAG
@@ -259,8 +261,8 @@ export type KillReason = 'user' | 'timeout' | 'requeue' | 'down';
  *  env, need and sweeps; `start` with slots and gpus; `end` with began; `worker` with
  *  labels, gpus and env; events `priority`, `pause`, `resume`, `policy`; `clean` of
  *  chosen ids. 4: event `environ` (an environment, by content id), `add` and `worker`
- *  with environ, `add` with afterAny (--after-any), onw, workdir and name (--on-worker,
- *  --workdir, --name); snapshot records `environ`. Data dirs of versions 1 to 3 load too
+ *  with environ, `add` with afterAny (--after-any), onw, workdir, name, xfer, ret, retopt and cleanup (--on-worker,
+ *  --workdir, --name, --transfer, --return, --return-optional, --cleanup); snapshot records `environ`. Data dirs of versions 1 to 3 load too
  *  (see upgradeRecord; their jobs and workers run with the server's environment); a
  *  program of version 2 refuses version 3, which it would misread (it would start a job
  *  before its dependencies), and one of version 3 refuses 4 (its jobs would lose their
@@ -344,6 +346,10 @@ export type Job = {
   onWorker?: true;                       // add_job --on-worker: script is a command run on the worker itself
   workdir?: string;                      // where an --on-worker command runs (absent: cwd; may start with ~)
   name?: string;                         // --name, its placeholders filled
+  transfer?: string[];                   // --transfer: files sent to the job's directory on the worker (relative to cwd, or absolute)
+  returns?: string[];                    // --return: files brought back from it into cwd (relative)
+  returnOptional?: true;                 // --return-optional: a missing --return file is no failure
+  cleanup?: true;                        // --cleanup: the job's directory on the worker is removed afterwards
 };
 
 /** What a job needs of a worker: slots and GPUs on one worker, labels it must have
@@ -452,6 +458,7 @@ export type Event =
     need?: Need;
     retryDelay?: number; // seconds before a first retry (see retryAt)
     onw?: true; workdir?: string; name?: string; // --on-worker, --workdir, --name (a template in a sweep)
+    xfer?: string[]; ret?: string[]; retopt?: true; cleanup?: true; // --transfer, --return, --return-optional, --cleanup
   }
   | { e: 'remove'; t: number; ids: number[] }
   | { e: 'start'; t: number; id: number; host: string; slot: number; slots?: number[]; gpus?: number[] } // slots: all, when more than one
@@ -932,6 +939,10 @@ function newJob(st: State, id: number, spec: JobSpec, ev: Extract<Event, { e: 'a
   if (ev.onw) job.onWorker = true;
   if (ev.workdir !== undefined) job.workdir = ev.workdir;
   if (name !== undefined) job.name = name;
+  if (ev.xfer) job.transfer = ev.xfer;
+  if (ev.ret) job.returns = ev.ret;
+  if (ev.retopt) job.returnOptional = true;
+  if (ev.cleanup) job.cleanup = true;
   return job;
 }
 
@@ -1034,7 +1045,7 @@ function endAttempt(st: State, job: Job, code: number | null, why: string | unde
     if (w && w.ssh && w.state === 'up' && w.probeAt === 0) w.probeAt = t;
     if (job.requeues >= MAX_REQUEUES) settle(st, job, 'failed', `exit 255 (worker failure) ${job.requeues} times`, t);
     else settle(st, job, 'requeue', 'exit 255: worker failure', t);
-  } else failOrRetry(null);
+  } else failOrRetry(code === RETURN_MISSING_EXIT && job.returns ? 'a --return file is missing on the worker (see the log)' : null);
 }
 
 /** An add event whose jobs are being made: `made` of them so far, in order. */
@@ -1861,6 +1872,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (onWorker) ev.onw = true;
   if (workdir !== undefined) ev.workdir = workdir;
   if (name !== undefined) ev.name = name;
+  Object.assign(ev, transferOf(req, onWorker, cwd));
   // Workers come and go, so such jobs are queued all the same; but say so.
   const answer: Record<string, unknown> = { first: id, count };
   // Jobs that nothing will run: the person adding them should know now, not at `wait`.
@@ -1876,6 +1888,29 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
 export const ON_WORKER_MAX_BYTES = 60_000;
 /** The longest --name. */
 const MAX_NAME_LENGTH = 200;
+
+/** The --transfer, --return, --return-optional and --cleanup of an add, checked, as the
+ *  add event's fields. Only for --on-worker commands. A --transfer file must exist now. */
+function transferOf(req: Request, onWorker: boolean, cwd: string): { xfer?: string[]; ret?: string[]; retopt?: true; cleanup?: true } {
+  const files = (v: unknown, what: string) => {
+    if (v === undefined) return [];
+    if (!Array.isArray(v) || v.length > 1000 || !v.every((f) => typeof f === 'string')) throw usage(`${what} is a list of file names`);
+    for (const f of v as string[]) {
+      if (f === '' || f.includes('\0') || f.split('/').includes('..')) throw usage(`invalid ${what} file ${quoteForError(f)}`, 'a file name without .. in it');
+      if (what === '--return' && path.isAbsolute(f)) throw usage(`invalid --return file ${quoteForError(f)}`, 'a --return file is a path in the job\'s directory on the worker, and comes back to the same path in the current directory');
+    }
+    return v as string[];
+  };
+  const xfer = files(req.transfer, '--transfer'), ret = files(req.return, '--return');
+  for (const k of ['returnOptional', 'cleanup'] as const) if (req[k] !== undefined && typeof req[k] !== 'boolean') throw usage(`${k} is true or false`);
+  const any = xfer.length > 0 || ret.length > 0 || req.returnOptional === true || req.cleanup === true;
+  if (!any) return {};
+  if (!onWorker) throw usage('--transfer, --return, --return-optional and --cleanup are for --on-worker commands', 'add --on-worker: the files go to the job\'s directory on the worker');
+  for (const f of xfer) {
+    try { fs.statSync(path.resolve(cwd, f)); } catch (e) { throw failure(`--transfer file ${quoteForError(f)}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`); }
+  }
+  return { ...(xfer.length ? { xfer } : {}), ...(ret.length ? { ret } : {}), ...(req.returnOptional ? { retopt: true as const } : {}), ...(req.cleanup ? { cleanup: true as const } : {}) };
+}
 
 /** A --workdir, checked: absolute, or ~ or ~/... (the worker's home directory). */
 export function workdirOf(v: unknown): string {
@@ -2564,6 +2599,13 @@ export function whyHeld(st: State, ids: Iterable<number>, sample = 1000): string
   return [...counts].sort((a, b) => b[1] - a[1]).slice(0, 2).map(([why]) => why).join('; ');
 }
 
+/** Where an --on-worker job with files to move runs, when not in --workdir: its own
+ *  directory on the worker (null: none, or a local worker, where it runs in place). */
+function jobDirOf(job: Job): string | null {
+  if (!(job.transfer || job.returns || job.cleanup) || (job.worker !== null && isLocalWorker(job.worker))) return null;
+  return `~/${JOB_DIR_PARENT}/${job.run > 0 && cfg ? runName(cfg.instance, job.id, job.run) : '$DJS_RUN_NAME'}`;
+}
+
 /** The public view of a job (list --json, status --json); field names are stable.
  *  `queue` is queueReason(st), computed once for many jobs. */
 export function jobView(st: State, job: Job, now: number, queue = queueReason(st)) {
@@ -2577,7 +2619,7 @@ export function jobView(st: State, job: Job, now: number, queue = queueReason(st
     runtimeMs: job.startedAt && end >= job.startedAt ? end - job.startedAt : null,
     script: job.script, args: job.args, cwd: job.cwd,
     // Where the command runs: on the worker (--on-worker, in workdir), or here, a script given SLAVE_IP.
-    name: job.name ?? null, onWorker: job.onWorker === true, workdir: job.onWorker ? job.workdir ?? job.cwd : null, runsOn: job.onWorker ? 'worker' : 'here',
+    name: job.name ?? null, onWorker: job.onWorker === true, workdir: job.onWorker ? job.workdir ?? jobDirOf(job) ?? job.cwd : null, transfer: job.transfer ?? [], return: job.returns ?? [], runsOn: job.onWorker ? 'worker' : 'here',
     tags: job.tags, priority: job.priority, after: job.after ?? [], afterAny: job.afterAny ?? [], env: job.env ?? [],
     need: { slots: job.need.slots, gpus: job.need.gpus, require: job.need.require, avoid: job.need.exclude, hosts: job.need.hosts },
     slots: job.slot >= 0 ? slotsOf(job) : [], gpus: job.gpus ?? [],
@@ -3591,8 +3633,8 @@ export function srunWords(partition: string, j: { id: number; slots: number; gpu
 /** What the launcher runs for an --on-worker job (see above): the program, its
  *  arguments, the directory here to start it in, and more environment for it. `env` is
  *  what the job gets (JOB_ID... included); `sshWords` are ssh's options for this slot. */
-export function onWorkerLaunch(j: { id: number; script: string; args: string[]; cwd: string; workdir?: string; slots: number; gpus: number[]; timeout: number },
-  worker: { host: string; slurm: SlurmTarget | null }, env: string[], sshWords: string[], graceS: number, home: string): { script: string; args: string[]; cwd: string; env: string[] } {
+export function onWorkerLaunch(j: { id: number; script: string; args: string[]; cwd: string; workdir?: string; slots: number; gpus: number[]; timeout: number } & TransferJob,
+  worker: { host: string; slurm: SlurmTarget | null }, env: string[], sshWords: string[], graceS: number, home: string, xfer?: { run: string }): { script: string; args: string[]; cwd: string; env: string[] } {
   const dir = j.workdir ?? j.cwd;
   const cuda = j.gpus.length && !worker.slurm ? [`CUDA_VISIBLE_DEVICES=${j.gpus.join(',')}`] : [];
   if (isLocalWorker(worker.host)) {
@@ -3604,8 +3646,59 @@ export function onWorkerLaunch(j: { id: number; script: string; args: string[]; 
     return { script: srun[0], args: [...srun.slice(1), `--chdir=${chdir}`, j.script, ...j.args], cwd: j.cwd, env: [] };
   }
   const host = worker.slurm?.login ?? worker.host;
+  if (xfer) {
+    const input = onWorkerInput([...srun, j.script, ...j.args], [...env, ...cuda], j.workdir ?? `~/${JOB_DIR_PARENT}/${xfer.run}`, graceS);
+    return { script: '/bin/sh', args: ['-c', transferSh(j, host, xfer), 'djs-on-worker', ...sshWords], cwd: '/', env: [`DJS_ON_WORKER_INPUT=${input}`] };
+  }
   const input = onWorkerInput([...srun, j.script, ...j.args], [...env, ...cuda], dir, graceS);
   return { script: '/bin/sh', args: ['-c', ON_WORKER_SH, 'djs-on-worker', ...sshWords, '--', host, ON_WORKER_LINE], cwd: '/', env: [`DJS_ON_WORKER_INPUT=${input}`] };
+}
+
+// ---- files for hosts without a shared disk (--transfer, --return, --cleanup) -----------
+// Such a job's ssh worker gets a small sh program here in place of the plain ssh: it makes
+// the job's directory on the worker (~/.djs-work/DJS_RUN_NAME, as example_job.sh), sends
+// the --transfer files there with rsync over the same ssh connection and options, runs the
+// command there (or in --workdir) through the watcher, brings the --return files back into
+// the directory the job was queued in (also when the command failed), removes the job's
+// directory if --cleanup, and exits with the command's code. rsync -rs (-r: a directory goes whole; -s: --protect-args,
+// called --secluded-args since 3.2.6, which still takes -s) sends file names as bytes, not
+// through the worker's shell. A kill here ends the whole process group: sh, rsync and ssh
+// (and so, through the watcher, the command). A connection failure of ssh or rsync exits
+// 255 (the worker failed: the job is requeued); the command's own 253 and 255 come back
+// as 254, and 253 means a --return file was missing.
+
+/** Fields of a job with files to move. */
+type TransferJob = { transfer?: string[]; returns?: string[]; returnOptional?: true; cleanup?: true };
+/** The exit code of a job whose command ended but a --return file was missing. */
+export const RETURN_MISSING_EXIT = 253;
+/** Where the job directories are, in the worker's home directory. */
+const JOB_DIR_PARENT = '.djs-work';
+
+/** The sh program (see above) of a job with files to move, run as
+ *  `sh -c PROGRAM djs-on-worker SSH_OPTIONS...` with the watcher's input in its
+ *  environment. */
+export function transferSh(j: { cwd: string } & TransferJob, host: string, xfer: { run: string }): string {
+  const q = (w: string) => `'${w.replace(/'/g, `'\\''`)}'`; // POSIX sh's quoting (shellQuote's $'...' is bash's)
+  const dir = `${JOB_DIR_PARENT}/${xfer.run}`; // relative: in the home directory, for ssh and rsync alike
+  // rsync's -e is split on spaces by rsync itself, which honours single and double quotes.
+  const sshCmd = String.raw`e="ssh"; for w in "$@"; do case $w in *\'*) e="$e \"$w\"";; *) e="$e '$w'";; esac; done`;
+  const link = (c: string) => `case ${c} in 5|10|12|30|35|255) exit 255;; esac`; // rsync's codes of a failed connection
+  const lines = [sshCmd, `ssh "$@" -- ${q(host)} ${q(`mkdir -p ${dir}`)} </dev/null || exit 255`];
+  if (j.transfer?.length) {
+    const from = j.transfer.map((f) => { const abs = path.resolve(j.cwd, f); return path.isAbsolute(f) ? `${path.dirname(abs)}/./${path.basename(abs)}` : `${j.cwd}/./${path.normalize(f)}`; });
+    lines.push(`rsync -rsR -e "$e" -- ${from.map(q).join(' ')} ${q(`${host}:${dir}/`)} </dev/null; c=$?`,
+      `if [ $c != 0 ]; then ${link('$c')}; echo "djs: --transfer to ${host} failed (rsync exit $c)" >&2; exit 1; fi`);
+  }
+  lines.push(`printf %s "$DJS_ON_WORKER_INPUT" | ssh "$@" -- ${q(host)} ${q(ON_WORKER_LINE)}; code=$?`,
+    'case $code in 255) exit 255;; 253) code=254;; esac');
+  if (j.returns?.length) {
+    const from = j.returns.map((f) => `${host}:${dir}/./${path.normalize(f)}`);
+    lines.push(`rsync -rsR -e "$e" ${j.returnOptional ? '--ignore-missing-args ' : ''}-- ${from.map(q).join(' ')} ${q(`${j.cwd}/`)} </dev/null; c=$?`,
+      `if [ $c != 0 ]; then ${link('$c')}; echo "djs: --return from ${host} failed (rsync exit $c): a file is missing or unreadable there" >&2; [ $code = 0 ] && code=${RETURN_MISSING_EXIT}; fi`);
+  }
+  if (j.cleanup) lines.push(`ssh "$@" -- ${q(host)} ${q(`rm -rf ${dir}`)} </dev/null`);
+  lines.push('exit $code');
+  return lines.join('\n');
 }
 
 /** Run files are named by the job and its run number, which is never reused. */
@@ -4178,6 +4271,7 @@ export const OPS: Record<string, Op> = {
     kind: 'check', check: checkScripts, decide: decideAddJobs, http: true, fields: {
       cwd: TEXT, jobs: LIST, retries: NUMBER, timeout: NUMBER, retryDelay: NUMBER, tags: LIST, priority: NUMBER, after: LIST, afterAny: LIST, env: LIST,
       sweep: LIST, slots: NUMBER, gpus: NUMBER, require: LIST, avoid: LIST, hosts: LIST, environ: ENVIRON, onWorker: BOOL, workdir: TEXT, name: TEXT,
+      transfer: LIST, return: LIST, returnOptional: BOOL, cleanup: BOOL,
     },
   },
   remove_jobs: { kind: 'change', decide: decideRemoveJobs, http: true, fields: { ids: IDS, tag: TEXT, script: TEXT, command: TEXT, args: LIST, env: LIST } },
@@ -4668,7 +4762,8 @@ function launchJob(id: number): void {
     // server's, nor its add's, nor the path of a config file here).
     const w = st.workers.get(job.worker) ?? { host: job.worker, slurm: null };
     const ours = [`JOB_ID=${id}`, `SLAVE_IP=${job.worker}`, `SLAVE_SLOT=${job.slot}`, `JOB_ATTEMPT=${attempt}`, ...(env as string[])];
-    const launch = onWorkerLaunch({ ...job, slots: slotsOf(job).length, gpus: job.gpus ?? NO_IDS }, w, ours, onWorkerSshWords(job.slot), cfg.killGraceMs / 1000, os.homedir());
+    const moves = job.transfer || job.returns || job.cleanup ? { run: runName(cfg.instance, id, job.run) } : undefined;
+    const launch = onWorkerLaunch({ ...job, slots: slotsOf(job).length, gpus: job.gpus ?? NO_IDS }, w, ours, onWorkerSshWords(job.slot), cfg.killGraceMs / 1000, os.homedir(), moves);
     ({ script, args, cwd } = launch);
     env.push(...launch.env);
   }
@@ -7744,6 +7839,10 @@ function jobOptions(p: Parsed): Record<string, unknown> {
     ...(p.values['on-worker'] ? { onWorker: true } : {}),
     ...(p.values.workdir !== undefined ? { workdir: workdirGiven(p.values.workdir as string, Boolean(p.values['on-worker'])) } : {}),
     ...(p.values.name !== undefined ? { name: p.values.name } : {}),
+    ...(p.values.transfer !== undefined ? { transfer: p.values.transfer } : {}),
+    ...(p.values.return !== undefined ? { return: p.values.return } : {}),
+    ...(p.values['return-optional'] ? { returnOptional: true } : {}),
+    ...(p.values.cleanup ? { cleanup: true } : {}),
   };
 }
 
@@ -8143,9 +8242,10 @@ const JOB_OPTIONS: OptSpec = {
   slots: { type: 'string' }, gpus: { type: 'string' }, require: { type: 'string', multiple: true }, avoid: { type: 'string', multiple: true },
   host: { type: 'string', multiple: true },
   'on-worker': { type: 'boolean' }, workdir: { type: 'string' }, name: { type: 'string' },
+  transfer: { type: 'string', multiple: true }, return: { type: 'string', multiple: true }, 'return-optional': { type: 'boolean' }, cleanup: { type: 'boolean' },
 };
 const JOB_SYNOPSIS = '[--retries N] [--timeout SECONDS] [--retry-delay S] [--tag TAG]... [--priority N] [--after ID[,ID]]... [--after-any ID[,ID]]... [-e|--env NAME=VALUE]... ' +
-  '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]... [--on-worker [--workdir DIR]] [--name NAME]';
+  '[--slots K] [--gpus G] [--require LABEL]... [--avoid LABEL]... [--host HOST]... [--on-worker [--workdir DIR] [--transfer FILE]... [--return FILE]... [--return-optional] [--cleanup]] [--name NAME]';
 const TAG: OptSpec = { tag: { type: 'string' } };
 const COMMANDS: Record<string, Command> = {
   start: { run: cmdStart, options: { 'log-dir': { type: 'string' }, log_dir: { type: 'string' }, 'kill-grace': { type: 'string' }, detach: { type: 'boolean', short: 'd' }, http: { type: 'string' } }, synopsis: 'start [--detach] [--log-dir DIR] [--kill-grace SECONDS] [--http [HOST:]PORT] [DATA_DIR] [LOG_DIR]' },
@@ -8233,6 +8333,10 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--host HOST', 'only one of these workers (repeatable)'],
       ['--on-worker', 'SCRIPT is a command to run on the worker itself (ssh: through its shared connection, perl needed there; local/localN: here; Slurm: in srun), in the same directory path, with the job\'s environment; no script needed on a shared disk'],
       ['--workdir DIR', 'where an --on-worker command runs (default: the current directory\'s path; ~/DIR: in the worker\'s home)'],
+      ['--transfer FILE', 'no shared disk: send FILE or directory (rsync, through the same ssh) to the job\'s own directory on the worker, ~/.djs-work/$DJS_RUN_NAME, where the command then runs (repeatable; --on-worker, ssh workers; local and Slurm ones run in place)'],
+      ['--return FILE', 'bring FILE (or directory) back from the job\'s directory into the current directory after the command ends, failed or not; missing: the job fails, exit 253 (repeatable)'],
+      ['--return-optional', 'a missing --return file is not an error'],
+      ['--cleanup', 'remove the job\'s directory on the worker afterwards'],
       ['--name NAME', 'name the job ({1} {2} {} filled from a sweep); log, kill, wait, retry take a name that is unique'],
       ['::: V... [::: W...]', 'a sweep: one job per combination; {1}, {2} ({} = {1}) in ARGS are replaced, else the values are appended'],
     ],
@@ -8245,6 +8349,7 @@ const COMMAND_HELP: Record<string, { about: string; options: [string, string][];
       ['--priority N', 'as add_job'], ['--after ID[,ID]', 'as add_job'], ['--after-any ID[,ID]', 'as add_job'], ['-e, --env NAME=VALUE (--env,-e=NAME=VALUE)', 'as add_job'],
       ['--slots K', 'as add_job'], ['--gpus G', 'as add_job'], ['--require LABEL', 'as add_job'], ['--avoid LABEL', 'as add_job'], ['--host HOST', 'as add_job'],
       ['--on-worker', 'as add_job: each line is a command run on the worker'], ['--workdir DIR', 'as add_job'], ['--name NAME', 'as add_job: every job of the file gets it'],
+      ['--transfer FILE', 'as add_job'], ['--return FILE', 'as add_job'], ['--return-optional', 'as add_job'], ['--cleanup', 'as add_job'],
     ],
     examples: ["printf './example_job.sh %q\\n' data/*.txt | cli.ts add_jobs -"],
   },
