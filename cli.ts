@@ -8429,6 +8429,10 @@ export const VERSION = '0.1.0';
 export function nearest(word: string, names: string[]): string | undefined {
   const norm = (w: string) => w.toLowerCase().replace(/-/g, '_');
   const stem = word.length >= 4 ? norm(word).slice(0, -1) : null;
+  // The word's plural or singular first (--retry: --retries, though --return is one edit nearer).
+  const w = norm(word), forms = [w + 's', w + 'es', w.replace(/y$/, 'ies'), w.replace(/e?s$/, ''), w.replace(/ies$/, 'y')];
+  const other = names.some((name) => norm(name) === w) ? undefined : names.find((name) => forms.includes(norm(name)));
+  if (other !== undefined) return other;
   let best: string | undefined, bestD = Infinity, begun: string | undefined, begunD = Infinity;
   for (const name of names) {
     const d = editDistance(norm(word), norm(name));
