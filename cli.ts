@@ -1872,7 +1872,7 @@ export function decideAddJobs(st: State, req: Request, c: DecideContext): Decisi
   if (onWorker) ev.onw = true;
   if (workdir !== undefined) ev.workdir = workdir;
   if (name !== undefined) ev.name = name;
-  Object.assign(ev, transferOf(req, onWorker, cwd));
+  Object.assign(ev, transferOf(req, onWorker));
   // Workers come and go, so such jobs are queued all the same; but say so.
   const answer: Record<string, unknown> = { first: id, count };
   // Jobs that nothing will run: the person adding them should know now, not at `wait`.
@@ -1890,8 +1890,9 @@ export const ON_WORKER_MAX_BYTES = 60_000;
 const MAX_NAME_LENGTH = 200;
 
 /** The --transfer, --return, --return-optional and --cleanup of an add, checked, as the
- *  add event's fields. Only for --on-worker commands. A --transfer file must exist now. */
-function transferOf(req: Request, onWorker: boolean, cwd: string): { xfer?: string[]; ret?: string[]; retopt?: true; cleanup?: true } {
+ *  add event's fields. Only for --on-worker commands. (That a --transfer file exists now
+ *  is checked before, with the scripts: checkScripts.) */
+function transferOf(req: Request, onWorker: boolean): { xfer?: string[]; ret?: string[]; retopt?: true; cleanup?: true } {
   const files = (v: unknown, what: string) => {
     if (v === undefined) return [];
     if (!Array.isArray(v) || v.length > 1000 || !v.every((f) => typeof f === 'string')) throw usage(`${what} is a list of file names`);
@@ -1906,9 +1907,6 @@ function transferOf(req: Request, onWorker: boolean, cwd: string): { xfer?: stri
   const any = xfer.length > 0 || ret.length > 0 || req.returnOptional === true || req.cleanup === true;
   if (!any) return {};
   if (!onWorker) throw usage('--transfer, --return, --return-optional and --cleanup are for --on-worker commands', 'add --on-worker: the files go to the job\'s directory on the worker');
-  for (const f of xfer) {
-    try { fs.statSync(path.resolve(cwd, f)); } catch (e) { throw failure(`--transfer file ${quoteForError(f)}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`); }
-  }
   return { ...(xfer.length ? { xfer } : {}), ...(ret.length ? { ret } : {}), ...(req.returnOptional ? { retopt: true as const } : {}), ...(req.cleanup ? { cleanup: true as const } : {}) };
 }
 
@@ -4374,6 +4372,13 @@ function sendError(reply: Reply, e: unknown): void {
  *  a million jobs takes a second), so that the decision need not check them again. */
 async function checkScripts(req: Request): Promise<Request> {
   const seen = new Set<string>();
+  // The files an --on-worker job sends to its worker must be here now.
+  if (req.onWorker === true && Array.isArray(req.transfer) && typeof req.cwd === 'string') {
+    for (const f of req.transfer) {
+      if (typeof f !== 'string') continue; // transferOf says what is wrong
+      try { fs.statSync(path.resolve(req.cwd, f)); } catch (e) { throw failure(`--transfer file ${quoteForError(f)}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`); }
+    }
+  }
   // An --on-worker command is found on the worker, when it runs: nothing to check here.
   for (const spec of Array.isArray(req.jobs) && req.onWorker !== true ? req.jobs : []) {
     const script = Array.isArray(spec) ? spec[0] : undefined;
