@@ -16,7 +16,7 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 
 /** The files that take longest here (30 s and more alone), longest first; the rest follow
  *  in name order. A new slow file belongs in this list. */
-const SLOWEST = ['ssh-scale', 'newcomer', 'on-worker', 'slurm', 'crash', 'scale', 'hardening', 'bounded', 'campaign', 'dashboard', 'hardening3', 'firstday-env', 'ssh', 'http', 'cli', 'clipy'];
+const SLOWEST = ['ssh-scale', 'newcomer', 'on-worker', 'transfer', 'slurm', 'crash', 'scale', 'hardening', 'bounded', 'campaign', 'dashboard', 'hardening3', 'firstday-env', 'ssh', 'http', 'cli', 'clipy'];
 
 const stale = SLOWEST.filter((n) => !fs.existsSync(path.join(HERE, `${n}.test.ts`)));
 assert.deepEqual(stale, [], 'SLOWEST names test files that are not there (renamed?)');
