@@ -3101,35 +3101,32 @@ export function loadState(dataDir: string, journalLimit = Infinity): LoadResult 
     });
     if (tail.length || !complete) throw damaged(snapFile, 0, 'incomplete snapshot (no end record)');
   }
+  /** Replays a journal file (after its header, which must not start after the state's
+   *  last event); what ends it short of a newline is the caller's to judge. */
+  const replayJournal = (file: string, limit: number) => {
+    let lastNo = 0, version = FORMAT_VERSION, size = 0;
+    const { tail, tailAt } = forEachLine(file, limit, (line, no, end) => {
+      lastNo = no;
+      const rec = upgradeRecord(parseLine(file, line, no), version);
+      if (no === 1) {
+        version = checkHeader(file, rec, 'djs-journal');
+        oldest = Math.min(oldest, version);
+        if (Number(rec.after) > st.seq) throw damaged(file, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
+      } else replayLine(file, rec, no);
+      size = end;
+    });
+    return { tail, tailAt, lastNo, size };
+  };
   // A snapshot being written when the server stopped left the journal of before its
   // start as journal.1 (see Journal.startSnapshot): its events come first.
   const earlier = path.join(dataDir, 'journal.1');
   if (fs.existsSync(earlier)) {
-    let lastNo = 0, version = FORMAT_VERSION;
-    const { tail } = forEachLine(earlier, Infinity, (line, no) => {
-      lastNo = no;
-      const rec = upgradeRecord(parseLine(earlier, line, no), version);
-      if (no === 1) {
-        version = checkHeader(earlier, rec, 'djs-journal');
-        oldest = Math.min(oldest, version);
-        if (Number(rec.after) > st.seq) throw damaged(earlier, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
-      } else replayLine(earlier, rec, no);
-    });
+    const { tail, lastNo } = replayJournal(earlier, Infinity);
     if (tail.length) throw damaged(earlier, lastNo + 1, 'cut-off line');
   }
   if (fs.existsSync(journalFile)) {
-    let lastNo = 0, version = FORMAT_VERSION;
-    const { tail, tailAt } = forEachLine(journalFile, journalLimit, (line, no, end) => {
-      lastNo = no;
-      const rec = upgradeRecord(parseLine(journalFile, line, no), version);
-      if (no === 1) {
-        version = checkHeader(journalFile, rec, 'djs-journal');
-        oldest = Math.min(oldest, version);
-        if (Number(rec.after) > st.seq) throw damaged(journalFile, 1, `starts after event ${String(rec.after)} but the snapshot ends at ${st.seq}`);
-      } else replayLine(journalFile, rec, no);
-      journalSize = end;
-    });
-    if (lastNo === 0 && tail.length === 0) journalSize = 0;
+    const { tail, tailAt, lastNo, size } = replayJournal(journalFile, journalLimit);
+    journalSize = size;
     if (tail.length) {
       if (lastNo === 0) throw damaged(journalFile, 1, 'cut-off header');
       warnings.push(`journal '${journalFile}' ends in a cut-off line ${lastNo + 1} (${tail.length} bytes, from a crash during a write); loaded everything before it`);
