@@ -4757,14 +4757,15 @@ function launchJob(id: number): void {
   // The worker's environment, then the job's own (which wins), then the slots and GPUs,
   // this run's name, and the shared ssh connection of its (first) slot.
   const env: (string | Buffer)[] = [...(st.workers.get(job.worker)?.env ?? NO_ARGS), ...(job.env ?? NO_ARGS), `SLAVE_SLOTS=${slotsOf(job).join(',')}`, `SLAVE_GPUS=${(job.gpus ?? NO_IDS).join(',')}`, `JOB_TIMEOUT=${job.timeout}`];
-  env.push(`DJS_RUN_NAME=${runName(cfg.instance, id, job.run)}`);
+  const run = runName(cfg.instance, id, job.run);
+  env.push(`DJS_RUN_NAME=${run}`);
   let { script, args, cwd } = job;
   if (job.onWorker) {
     // The command runs on the worker: it gets the job's environment there (not this
     // server's, nor its add's, nor the path of a config file here).
     const w = st.workers.get(job.worker) ?? { host: job.worker, slurm: null };
     const ours = [`JOB_ID=${id}`, `SLAVE_IP=${job.worker}`, `SLAVE_SLOT=${job.slot}`, `JOB_ATTEMPT=${attempt}`, ...(env as string[])];
-    const moves = job.transfer || job.returns || job.cleanup ? { run: runName(cfg.instance, id, job.run) } : undefined;
+    const moves = job.transfer || job.returns || job.cleanup ? { run } : undefined;
     const launch = onWorkerLaunch({ ...job, slots: slotsOf(job).length, gpus: job.gpus ?? NO_IDS }, w, ours, onWorkerSshWords(job.slot), cfg.killGraceMs / 1000, os.homedir(), moves);
     ({ script, args, cwd } = launch);
     env.push(...launch.env);
